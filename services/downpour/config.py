@@ -1,0 +1,188 @@
+"""The job configuration: one typed spec, from YAML, environment and flags.
+
+Precedence, lowest first: the defaults below, a YAML file (``--config``),
+environment variables ``DOWNPOUR_<FIELD>`` (``DOWNPOUR_REPLICAS=4``,
+``DOWNPOUR_OPTIMIZER__LR=0.1`` for nested fields), then command-line flags.
+Unknown keys and wrong types are rejected with the setting's name and what is
+allowed, so a typo never silently trains the wrong job.
+
+The model is a preset name, optionally replaced by a full ``model:`` mapping
+(see ``downpour.nn.spec``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from downpour.nn import presets
+from downpour.nn.spec import NetworkSpec, from_dict, to_dict
+
+OPTIMIZERS = ("adagrad", "sgd")
+DEVICES = ("cpu", "gpu")
+
+
+@dataclass
+class OptimizerConfig:
+    kind: str = "adagrad"
+    lr: float = 0.02
+    eps: float = 1e-6  # Adagrad: w -= lr * g / (sqrt(acc) + eps)
+
+
+@dataclass
+class JobConfig:
+    preset: str = "small"
+    model: dict | None = None  # a full network spec; replaces the preset when given
+    replicas: int = 2
+    shards: int = 2
+    partitions: str = "1x1"  # RxC spatial grid per replica
+    steps: int = 300  # minibatch steps per replica
+    batch_size: int = 32
+    n_fetch: int = 1  # pull parameters every n_fetch steps
+    n_push: int = 1  # push accumulated gradients every n_push steps
+    warm_start: int = 0  # replica 0 trains this many steps before the others join
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: str = "default"
+    supervised: bool = False
+    checkpoint_every: int = 100  # steps of the slowest replica between checkpoints
+    keep_checkpoints: int = 3
+    lease_seconds: float = 6.0  # a worker silent this long loses its slot
+    seed: int = 0
+    device: str = "cpu"
+
+    def network_spec(self) -> NetworkSpec:
+        if self.model is not None:
+            return from_dict(self.model)
+        return presets.get(self.preset)
+
+    def grid(self) -> tuple[int, int]:
+        return parse_grid(self.partitions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        d = self.to_dict()
+        if d["model"] is None:
+            d.pop("model")
+        return yaml.safe_dump(d, sort_keys=False)
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"partitions={text!r} must look like RxC with R, C >= 1, e.g. 2x2")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _coerce(where: str, default: Any, value: Any, from_text: bool) -> Any:
+    """Check (and, for environment strings, parse) one value against its default's type."""
+    if from_text and isinstance(value, str) and not isinstance(default, str):
+        value = yaml.safe_load(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        value = str(value)
+    return value
+
+
+def _apply(obj: Any, data: Mapping[str, Any], prefix: str, from_text: bool = False) -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(f"unknown setting {where!r}; allowed: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
+            _apply(current, value, where + ".", from_text)
+        elif key == "model":
+            if from_text and isinstance(value, str):
+                value = yaml.safe_load(value)
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"{where} must be a mapping (a network spec), got {value!r}")
+            setattr(obj, key, None if value is None else dict(value))
+        else:
+            setattr(obj, key, _coerce(where, current, value, from_text))
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith("DOWNPOUR_") or name in ("DOWNPOUR_CONFIG",):
+            continue
+        path = name[len("DOWNPOUR_"):].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def validate(cfg: JobConfig) -> None:
+    if cfg.model is None and cfg.preset not in presets.names():
+        raise ValueError(f"preset={cfg.preset!r} is unknown; allowed: {', '.join(presets.names())}")
+    cfg.network_spec()  # raises with the offending model setting
+    for name in ("replicas", "shards", "steps", "batch_size", "n_fetch", "n_push", "checkpoint_every",
+                 "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.warm_start < 0:
+        raise ValueError(f"warm_start={cfg.warm_start} must be >= 0")
+    if cfg.lease_seconds <= 0:
+        raise ValueError(f"lease_seconds={cfg.lease_seconds} must be > 0")
+    if cfg.optimizer.kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer.kind={cfg.optimizer.kind!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+    if cfg.optimizer.lr <= 0 or cfg.optimizer.eps <= 0:
+        raise ValueError("optimizer.lr and optimizer.eps must be > 0")
+    if cfg.device not in DEVICES:
+        raise ValueError(f"device={cfg.device!r} is unknown; allowed: {', '.join(DEVICES)}")
+    parse_grid(cfg.partitions)
+    if cfg.supervised and not cfg.network_spec().classes:
+        raise ValueError("supervised=true needs a model with classes > 0")
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> JobConfig:
+    """Defaults <- YAML file <- DOWNPOUR_* environment <- explicit overrides (flags)."""
+    cfg = JobConfig()
+    if path:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{path}: a job config must be a YAML mapping")
+        _apply(cfg, data, "")
+    _apply(cfg, _env_overrides(os.environ if env is None else env), "", from_text=True)
+    if overrides:
+        _apply(cfg, {k: v for k, v in overrides.items() if v is not None}, "")
+    validate(cfg)
+    return cfg
+
+
+def from_yaml(text: str) -> JobConfig:
+    """A config from YAML text alone (what travels in JobSpec.spec_yaml)."""
+    cfg = JobConfig()
+    data = yaml.safe_load(text) or {}
+    _apply(cfg, data, "")
+    validate(cfg)
+    return cfg
+
+
+def spec_to_model_dict(spec: NetworkSpec) -> dict[str, Any]:
+    return to_dict(spec)
