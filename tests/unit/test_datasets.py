@@ -190,3 +190,11 @@ def test_missing_and_empty_and_unknown(tmp_path):
         open_dataset(tmp_path / "empty", {"normalize": "sphere"})
     with pytest.raises(ValueError, match="unknown split"):
         open_dataset("default:validation")
+
+
+def test_folder_reads_16bit_rgba_and_palette_images(tmp_path):
+    Image.fromarray(np.full((6, 6), 40000, np.uint16)).save(tmp_path / "a.png")  # 16-bit grey
+    Image.fromarray(np.full((6, 6, 4), 255, np.uint8)).save(tmp_path / "b.png")  # RGBA
+    Image.fromarray(np.full((6, 6), 128, np.uint8)).convert("P").save(tmp_path / "c.gif")  # palette
+    x, _ = open_dataset(tmp_path).get(range(3))
+    assert np.allclose(x.reshape(3, -1).mean(1), [40000 / 65535, 1.0, 128 / 255], atol=1e-4)

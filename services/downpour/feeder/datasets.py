@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 KINDS = ("default", "default:<split>", "directory of images", ".npy", ".npz", "IDX file")
+# grey modes kept as they are: uint8, uint16 (16-bit PNG; scaled by 65535) and float
+GREY_MODES = ("L", "I;16", "F")
 SkipCallback = Callable[[str, str], None]
 
 
@@ -190,9 +192,10 @@ class FolderDataset(Dataset):
     def _load(self, i: int) -> np.ndarray | None:
         try:
             with Image.open(self.files[i]) as im:
-                if im.mode not in ("L", "F"):
-                    im = im.convert("RGB")  # palette, RGBA, CMYK, 16-bit... -> one common form
-                return np.asarray(im)[None] if im.mode in ("L", "F") else np.moveaxis(np.asarray(im), -1, 0)
+                if im.mode not in GREY_MODES:
+                    im = im.convert("RGB")  # palette, RGBA, CMYK, bilevel... -> one common form
+                a = np.asarray(im)
+                return a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
         except Exception as e:  # Pillow raises many types for bad files
             self.bad.add(i)
             self._skip(str(self.files[i]), f"{type(e).__name__}: {e}")
