@@ -48,7 +48,7 @@ def test_epochs_are_permutations_reproducible_and_differ():
 def test_batches_are_full_and_visit_each_example_once_per_epoch(n, bs):
     shard = np.arange(100, 100 + n)
     it = batches(shard, bs, seed=1)
-    stream = np.concatenate([next(it) for _ in range((3 * n) // bs + 1)])
+    stream = np.concatenate([next(it) for _ in range((3 * n) // bs + 2)])
     assert all(len(b) == bs for b in [next(it) for _ in range(3)])
     for e in range(len(stream) // n):
         assert np.array_equal(np.sort(stream[e * n:(e + 1) * n]), shard)
