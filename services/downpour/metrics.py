@@ -1,0 +1,52 @@
+"""Every Prometheus metric of downpour, defined in one place.
+
+Names follow Prometheus conventions (base units, ``_total``, ``_seconds``,
+``_bytes``). Services import the objects they update; ``downpour.rpc.server``
+exposes them on ``/metrics``. Add new services' metrics here too, so that the
+dashboards have one list to read.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# -- every gRPC server (downpour.rpc.server's interceptor) ---------------------
+GRPC_SERVER_STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", ["grpc_service", "grpc_method", "grpc_type"]
+)
+GRPC_SERVER_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
+    ["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
+)
+GRPC_SERVER_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from the start of an RPC to its completion on the server.",
+    ["grpc_service", "grpc_method", "grpc_type"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SERVICE_READY = Gauge("downpour_service_ready", "1 once the service reports SERVING.", ["service"])
+
+# -- parameter server -------------------------------------------------------------
+PS_PULL_BYTES = Counter("downpour_paramserver_pull_bytes_total", "Parameter bytes sent by Pull.", ["shard"])
+PS_PUSH_BYTES = Counter("downpour_paramserver_push_bytes_total", "Gradient bytes applied by Push.", ["shard"])
+PS_PUSHES = Counter(
+    "downpour_paramserver_pushes_total", "Pushes by outcome (applied, duplicate, rejected).", ["shard", "outcome"]
+)
+PS_UPDATES = Counter("downpour_paramserver_block_updates_total", "Block updates applied.", ["shard"])
+PS_STALENESS = Histogram(
+    "downpour_paramserver_staleness_versions",
+    "Version lag of a pushed gradient: block version at apply minus the version it was computed on.",
+    ["shard"],
+    buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128),
+)
+PS_APPLY_SECONDS = Histogram(
+    "downpour_paramserver_apply_seconds", "Time to apply one push's update under the block locks.", ["shard"]
+)
+PS_BLOCKS = Gauge("downpour_paramserver_blocks", "Blocks held by the shard.", ["shard"])
+PS_PARAMETERS = Gauge("downpour_paramserver_parameters", "float32 parameters held by the shard.", ["shard"])
+CHECKPOINT_SECONDS = Histogram(
+    "downpour_checkpoint_duration_seconds", "Time to write a checkpoint.", ["component"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+CHECKPOINT_BYTES = Gauge("downpour_checkpoint_bytes", "Size of the last checkpoint written.", ["component"])
