@@ -1,0 +1,224 @@
+"""A ps-lite-sized client for a set of parameter shards.
+
+    ps = ParamClient(["127.0.0.1:7100", "127.0.0.1:7101"], worker_id="r0p1")
+    ps.init({"stage1.W1": w1, "stage1.W2": w2})   # places blocks (size-balanced) and creates them
+    params = ps.pull()                             # {name: array}, all shards in parallel
+    t = ps.push({"stage1.W1": g1})                 # returns at once with a ticket
+    ps.wait(t)                                     # raises grpc.RpcError if a shard refused it
+
+Blocks go to shards by size-balanced placement (largest first onto the least
+loaded shard), or by a placement the coordinator hands out (``placement=``).
+Every push carries (worker_id, seq); a push that fails in transit is retried
+with the same seq, and the shards apply it at most once. The client remembers
+the version of each block it pulled and sends it with the gradient, so the
+shards can measure staleness.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Iterator, Mapping
+
+import grpc
+import numpy as np
+
+from downpour.paramserver.server import CREATE_PAYLOAD, PULL_PAYLOAD, PUSH_PAYLOAD, SERVICE
+from downpour.rpc import codec
+from downpour.rpc.channel import ChannelConfig, open_channel, wait_ready
+from downpour.v1 import common_pb2, paramserver_pb2 as pb
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def balanced_placement(block_sizes: Mapping[str, int], num_shards: int) -> dict[str, int]:
+    """Greedy size balancing: largest block first, onto the least-loaded shard."""
+    load = [0] * num_shards
+    out: dict[str, int] = {}
+    for name, size in sorted(block_sizes.items(), key=lambda kv: (-kv[1], kv[0])):
+        shard = min(range(num_shards), key=lambda s: (load[s], s))
+        out[name] = shard
+        load[shard] += size
+    return out
+
+
+class _Shard:
+    def __init__(self, address: str, config: ChannelConfig) -> None:
+        self.address = address
+        self.channel = open_channel(address, config)
+        self.create = self.channel.stream_unary(
+            f"/{SERVICE}/CreateBlocks", request_serializer=None, response_deserializer=pb.CreateBlocksResponse.FromString)
+        self.pull = self.channel.unary_stream(
+            f"/{SERVICE}/Pull", request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=lambda b: codec.decode(pb.PullResponse, b, PULL_PAYLOAD))
+        self.push = self.channel.stream_unary(
+            f"/{SERVICE}/Push", request_serializer=None, response_deserializer=pb.PushResponse.FromString)
+        self.list_blocks = self.channel.unary_unary(
+            f"/{SERVICE}/ListBlocks", request_serializer=pb.ListBlocksRequest.SerializeToString,
+            response_deserializer=pb.ListBlocksResponse.FromString)
+        self.checkpoint = self.channel.unary_unary(
+            f"/{SERVICE}/Checkpoint", request_serializer=pb.CheckpointRequest.SerializeToString,
+            response_deserializer=pb.CheckpointResponse.FromString)
+        self.restore = self.channel.unary_unary(
+            f"/{SERVICE}/Restore", request_serializer=pb.RestoreRequest.SerializeToString,
+            response_deserializer=pb.RestoreResponse.FromString)
+
+
+def _flat(name: str, a: np.ndarray) -> np.ndarray:
+    arr = np.ascontiguousarray(a, dtype="<f4").reshape(-1)
+    if arr.dtype != np.float32:
+        raise ValueError(f"block {name!r}: cannot send dtype {a.dtype} as float32")
+    return arr
+
+
+class ParamClient:
+    def __init__(self, shard_addresses: Iterable[str], *, worker_id: str = "", placement: Mapping[str, int] | None = None,
+                 channel_config: ChannelConfig | None = None, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+                 timeout: float = 120.0, retries: int = 3) -> None:
+        cfg = channel_config or ChannelConfig()
+        self.shards = [_Shard(a, cfg) for a in shard_addresses]
+        if not self.shards:
+            raise ValueError("ParamClient needs at least one shard address")
+        self.worker_id = worker_id or f"client-{uuid.uuid4().hex[:12]}"
+        self.placement: dict[str, int] = dict(placement or {})
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.versions: dict[str, int] = {}
+        self.chunk_bytes = min(chunk_bytes, cfg.max_message_bytes - (64 << 10))
+        self.timeout, self.retries = timeout, retries
+        self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(self.shards)), thread_name_prefix="ps-client")
+        self._seq = itertools.count(1)
+        self._tickets: dict[int, list[Future]] = {}
+        self._lock = threading.Lock()
+
+    # -- placement -----------------------------------------------------------
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        for s in self.shards:
+            wait_ready(s.channel, timeout)
+
+    def assign(self, block_sizes: Mapping[str, int]) -> dict[str, int]:
+        self.placement.update(balanced_placement(block_sizes, len(self.shards)))
+        return dict(self.placement)
+
+    def _by_shard(self, names: Iterable[str]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for n in names:
+            if n not in self.placement:
+                raise KeyError(f"block {n!r} is not placed on any shard (call assign or init first)")
+            out.setdefault(self.placement[n], []).append(n)
+        return out
+
+    def _all_shards(self, fn, groups: Mapping[int, list[str]]) -> list:
+        futs = [self._pool.submit(fn, s, names) for s, names in groups.items()]
+        return [f.result() for f in futs]
+
+    # -- the API ----------------------------------------------------------------
+    def init(self, blocks: Mapping[str, np.ndarray], overwrite: bool = False) -> None:
+        """Place (if not placed yet) and create blocks with initial values."""
+        flat = {n: _flat(n, a) for n, a in blocks.items()}
+        self.assign({n: a.size for n, a in flat.items() if n not in self.placement})
+
+        def create(shard: int, names: list[str]) -> None:
+            def reqs() -> Iterator[bytes]:
+                for n in names:
+                    shape = tuple(np.shape(blocks[n]))
+                    for a, b in codec.chunk_spans(flat[n].size, 4, self.chunk_bytes):
+                        hdr = common_pb2.TensorChunk(name=n, dtype=common_pb2.DTYPE_FLOAT32, shape=shape, offset=a,
+                                                     last=b >= flat[n].size)
+                        yield codec.encode(pb.CreateBlocksRequest(chunk=hdr, overwrite=overwrite), CREATE_PAYLOAD, flat[n][a:b])
+            resp = self.shards[shard].create(reqs(), timeout=self.timeout)
+            for info in resp.blocks:
+                self.shapes[info.name] = tuple(info.shape)
+                self.versions[info.name] = info.version
+
+        self._all_shards(create, self._by_shard(flat))
+
+    def pull(self, names: Iterable[str] | None = None, *, out: Mapping[str, np.ndarray] | None = None,
+             accumulators: bool = False) -> dict[str, np.ndarray]:
+        """Current values of ``names`` (default: every placed block), from all shards in parallel.
+
+        ``out`` may supply preallocated float32 arrays to fill (no allocation).
+        """
+        names = list(self.placement if names is None else names)
+        result: dict[str, np.ndarray] = {}
+        part = pb.BLOCK_PART_ACCUMULATOR if accumulators else pb.BLOCK_PART_WEIGHTS
+
+        def pull_shard(shard: int, group: list[str]) -> None:
+            req = pb.PullRequest(names=group, max_chunk_bytes=self.chunk_bytes, part=part)
+            for msg, payload in self.shards[shard].pull(req, timeout=self.timeout):
+                c = msg.chunk
+                dst = result.get(c.name)
+                if dst is None:
+                    n = int(np.prod(c.shape, dtype=np.int64)) if c.shape else 1
+                    given = None if out is None else out.get(c.name)
+                    dst = given.reshape(-1) if given is not None else np.empty(n, np.float32)
+                    result[c.name] = dst
+                    if not accumulators:
+                        self.versions[c.name] = msg.version
+                    self.shapes[c.name] = tuple(c.shape)
+                g = np.frombuffer(payload, dtype="<f4")
+                dst[c.offset:c.offset + g.shape[0]] = g
+
+        self._all_shards(pull_shard, self._by_shard(names))
+        return {n: result[n].reshape(self.shapes[n]) for n in names}
+
+    def push(self, grads: Mapping[str, np.ndarray]) -> int:
+        """Send gradients to their shards in the background; returns a ticket for wait()."""
+        seq = next(self._seq)
+        flat = {n: _flat(n, g) for n, g in grads.items()}
+        futs = [self._pool.submit(self._push_shard, s, names, flat, seq) for s, names in self._by_shard(flat).items()]
+        with self._lock:
+            self._tickets[seq] = futs
+        return seq
+
+    def wait(self, ticket: int) -> list[pb.PushResponse]:
+        """Block until every shard has answered the push; raise the first error."""
+        with self._lock:
+            futs = self._tickets.pop(ticket)
+        return [f.result() for f in futs]
+
+    def _push_shard(self, shard: int, names: list[str], flat: Mapping[str, np.ndarray], seq: int) -> pb.PushResponse:
+        def reqs() -> Iterator[bytes]:
+            for n in names:
+                g = flat[n]
+                shape = self.shapes.get(n, (g.size,))
+                for a, b in codec.chunk_spans(g.size, 4, self.chunk_bytes):
+                    hdr = common_pb2.TensorChunk(name=n, dtype=common_pb2.DTYPE_FLOAT32, shape=shape, offset=a, last=b >= g.size)
+                    yield codec.encode(pb.PushRequest(worker_id=self.worker_id, seq=seq, chunk=hdr,
+                                                      base_version=self.versions.get(n, 0)), PUSH_PAYLOAD, g[a:b])
+
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self.shards[shard].push(reqs(), timeout=self.timeout)
+                break
+            except grpc.RpcError as e:
+                # Same (worker_id, seq) on every attempt: the shard applies it at most once.
+                if e.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+        return resp
+
+    # -- administration ------------------------------------------------------------
+    def list_blocks(self) -> list[pb.ListBlocksResponse]:
+        return [s.list_blocks(pb.ListBlocksRequest(), timeout=self.timeout) for s in self.shards]
+
+    def checkpoint(self, checkpoint_id: str) -> list[pb.CheckpointResponse]:
+        futs = [self._pool.submit(s.checkpoint, pb.CheckpointRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
+                for s in self.shards]
+        return [f.result() for f in futs]
+
+    def restore(self, checkpoint_id: str) -> list[pb.RestoreResponse]:
+        futs = [self._pool.submit(s.restore, pb.RestoreRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
+                for s in self.shards]
+        return [f.result() for f in futs]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for s in self.shards:
+            s.channel.close()
+
+    def __enter__(self) -> "ParamClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

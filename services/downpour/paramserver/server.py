@@ -1,0 +1,328 @@
+"""The ParameterServer service: one shard.
+
+    downpour serve paramserver --port 7100 --shard-index 0 \\
+        --checkpoint-dir /data/ckpt --lr 0.01 --eps 1e-8 [--restore step-000100]
+
+Blocks are created by the CreateBlocks RPC (normally from the client or the
+coordinator) or restored from a checkpoint. The hot RPCs (CreateBlocks, Pull,
+Push) use downpour.rpc.codec's raw-payload (de)serialisers: the wire bytes
+are ordinary protobuf, but gradients are applied straight from the received
+buffer and parameters are copied once, under the block's lock, into the
+outgoing message.
+
+Status codes: INVALID_ARGUMENT for a malformed push (NaN/Inf, wrong shape or
+dtype, truncated data, chunks out of order); NOT_FOUND for an unknown block;
+RESOURCE_EXHAUSTED for a message over --max-message-bytes (from gRPC itself);
+ALREADY_EXISTS, FAILED_PRECONDITION, DATA_LOSS for create, checkpoint and
+restore problems. A rejected push changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+
+from downpour import metrics, optim
+from downpour.paramserver import checkpoint as ckpt
+from downpour.paramserver.store import Block, OptimizerConfig, ShardStore, StoreError
+from downpour.rpc import codec
+from downpour.rpc.server import Server, ServerConfig
+from downpour.v1 import common_pb2, paramserver_pb2 as pb
+
+log = logging.getLogger("downpour.paramserver")
+
+SERVICE = "downpour.v1.ParameterServer"
+CREATE_PAYLOAD = (1, 15)  # CreateBlocksRequest.chunk.data
+PULL_PAYLOAD = (1, 15)  # PullResponse.chunk.data
+PUSH_PAYLOAD = (3, 15)  # PushRequest.chunk.data
+HEADER_ROOM = 64 << 10  # bytes reserved for a chunk's non-payload fields
+
+_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "exists": grpc.StatusCode.ALREADY_EXISTS,
+}
+
+_OPT_KINDS = {common_pb2.OPTIMIZER_KIND_ADAGRAD: "adagrad", common_pb2.OPTIMIZER_KIND_SGD: "sgd"}
+
+
+def _opt_to_proto(o: OptimizerConfig) -> common_pb2.OptimizerSpec:
+    kind = {v: k for k, v in _OPT_KINDS.items()}[o.kind]
+    return common_pb2.OptimizerSpec(kind=kind, learning_rate=o.lr, eps=o.eps, initial_accumulator=o.initial_accumulator)
+
+
+def _info(b: Block) -> pb.BlockInfo:
+    return pb.BlockInfo(name=b.name, dtype=common_pb2.DTYPE_FLOAT32, shape=b.shape, num_elements=b.size, version=b.version)
+
+
+class _Assembly:
+    """Validates a block's chunks as they arrive (in order, float32, right shape)."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], size: int) -> None:
+        self.name, self.shape, self.size = name, shape, size
+        self.next = 0
+        self.chunks: list[tuple[int, np.ndarray]] = []
+
+    def add(self, chunk: common_pb2.TensorChunk, payload: memoryview, check_finite: bool) -> None:
+        name = self.name
+        if chunk.dtype != common_pb2.DTYPE_FLOAT32:
+            raise StoreError("invalid", f"block {name!r}: dtype {codec.dtype_name(chunk.dtype)}, expected float32")
+        if tuple(chunk.shape) != self.shape:
+            raise StoreError("invalid", f"block {name!r}: shape {list(chunk.shape)} does not match the block's {list(self.shape)}")
+        if payload.nbytes % 4:
+            raise StoreError("invalid", f"block {name!r}: chunk at offset {chunk.offset} has {payload.nbytes} bytes, "
+                                        "not a whole number of float32 values (truncated?)")
+        if self.next >= self.size and self.size:
+            raise StoreError("invalid", f"block {name!r} appears twice in one request")
+        if chunk.offset != self.next:
+            raise StoreError("invalid", f"block {name!r}: chunk at offset {chunk.offset}, expected {self.next} (chunks must arrive in order)")
+        g = np.frombuffer(payload, dtype="<f4")
+        if self.next + g.shape[0] > self.size:
+            raise StoreError("invalid", f"block {name!r}: expected {self.size} float32 values, got at least {self.next + g.shape[0]}")
+        if check_finite and not optim.all_finite(g):
+            raise StoreError("invalid", f"block {name!r}: gradient contains NaN or Inf (chunk at offset {chunk.offset})")
+        self.chunks.append((chunk.offset, g))
+        self.next += g.shape[0]
+
+    def check_complete(self) -> None:
+        if self.next != self.size:
+            raise StoreError("invalid", f"block {self.name!r}: expected {self.size} float32 values, got {self.next}")
+
+
+class ParameterServer:
+    def __init__(self, store: ShardStore, checkpoint_dir: str = "", chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+                 max_message_bytes: int = 64 << 20) -> None:
+        self.store = store
+        self.checkpoint_dir = checkpoint_dir
+        self.chunk_bytes = max(4, min(chunk_bytes, max_message_bytes - HEADER_ROOM))
+        self.shard = str(store.shard_index)
+
+    # -- helpers ---------------------------------------------------------------
+    def _gauges(self) -> None:
+        metrics.PS_BLOCKS.labels(self.shard).set(len(self.store.blocks))
+        metrics.PS_PARAMETERS.labels(self.shard).set(self.store.num_parameters)
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        raw = lambda cls, path: (lambda data: codec.decode(cls, data, path))  # noqa: E731
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "CreateBlocks": grpc.stream_unary_rpc_method_handler(
+                self.CreateBlocks, request_deserializer=raw(pb.CreateBlocksRequest, CREATE_PAYLOAD),
+                response_serializer=pb.CreateBlocksResponse.SerializeToString),
+            "Pull": grpc.unary_stream_rpc_method_handler(
+                self.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=None),
+            "Push": grpc.stream_unary_rpc_method_handler(
+                self.Push, request_deserializer=raw(pb.PushRequest, PUSH_PAYLOAD),
+                response_serializer=pb.PushResponse.SerializeToString),
+            "ListBlocks": grpc.unary_unary_rpc_method_handler(
+                self.ListBlocks, request_deserializer=pb.ListBlocksRequest.FromString,
+                response_serializer=pb.ListBlocksResponse.SerializeToString),
+            "Checkpoint": grpc.unary_unary_rpc_method_handler(
+                self.Checkpoint, request_deserializer=pb.CheckpointRequest.FromString,
+                response_serializer=pb.CheckpointResponse.SerializeToString),
+            "Restore": grpc.unary_unary_rpc_method_handler(
+                self.Restore, request_deserializer=pb.RestoreRequest.FromString,
+                response_serializer=pb.RestoreResponse.SerializeToString),
+            "SetOptimizer": grpc.unary_unary_rpc_method_handler(
+                self.SetOptimizer, request_deserializer=pb.SetOptimizerRequest.FromString,
+                response_serializer=pb.SetOptimizerResponse.SerializeToString),
+        })
+
+    # -- RPCs --------------------------------------------------------------------
+    def CreateBlocks(self, requests: Iterator[tuple[pb.CreateBlocksRequest, memoryview]], context: Any) -> pb.CreateBlocksResponse:
+        pending: dict[str, tuple[np.ndarray, _Assembly, bool]] = {}
+        try:
+            for req, payload in requests:
+                c = req.chunk
+                if c.name not in pending:
+                    shape = tuple(int(s) for s in c.shape)
+                    if any(s < 0 for s in shape):
+                        raise StoreError("invalid", f"block {c.name!r}: negative shape {list(shape)}")
+                    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+                    pending[c.name] = (np.empty(n, np.float32), _Assembly(c.name, shape, n), req.overwrite)
+                buf, asm, _ = pending[c.name]
+                asm.add(c, payload, check_finite=True)
+                off, g = asm.chunks.pop()  # copy now: the received buffer is not kept
+                buf[off:off + g.shape[0]] = g
+            for buf, asm, _ in pending.values():
+                asm.check_complete()
+                if not asm.name:
+                    raise StoreError("invalid", "block name is empty")
+                if not pending[asm.name][2] and asm.name in self.store.blocks:
+                    raise StoreError("exists", f"block {asm.name!r} already exists on shard {self.store.shard_index}")
+            created = [self.store.create(a.name, a.shape, buf, overwrite=ow) for buf, a, ow in pending.values()]
+        except StoreError as e:
+            context.abort(_CODES[e.kind], str(e))
+        self._gauges()
+        return pb.CreateBlocksResponse(blocks=[_info(b) for b in created])
+
+    def Pull(self, request: pb.PullRequest, context: Any) -> Iterator[bytes]:
+        try:
+            names = list(request.names) or list(self.store.blocks)
+            blocks = [self.store.get(n) for n in names]
+        except StoreError as e:
+            context.abort(_CODES[e.kind], str(e))
+        limit = self.chunk_bytes if request.max_chunk_bytes <= 0 else min(request.max_chunk_bytes, self.chunk_bytes)
+        acc = request.part == pb.BLOCK_PART_ACCUMULATOR
+        part = pb.BLOCK_PART_ACCUMULATOR if acc else pb.BLOCK_PART_WEIGHTS
+        sent = 0
+        for blk in blocks:
+            # Encode a whole block under its lock (one copy, which is also the
+            # snapshot), then send it without holding the lock.
+            with blk.lock:
+                arr = blk.acc if acc else blk.w
+                msgs = [
+                    codec.encode(
+                        pb.PullResponse(chunk=common_pb2.TensorChunk(
+                            name=blk.name, dtype=common_pb2.DTYPE_FLOAT32, shape=blk.shape, offset=a, last=b >= blk.size),
+                            version=blk.version, part=part),
+                        PULL_PAYLOAD, arr[a:b])
+                    for a, b in codec.chunk_spans(blk.size, 4, limit)
+                ]
+            for m in msgs:
+                yield m
+            sent += blk.size * 4
+            del msgs
+        metrics.PS_PULL_BYTES.labels(self.shard).inc(sent)
+
+    def Push(self, requests: Iterator[tuple[pb.PushRequest, memoryview]], context: Any) -> pb.PushResponse:
+        store = self.store
+        worker, seq = "", 0
+        blocks: dict[str, tuple[Block, _Assembly, int]] = {}
+        try:
+            for i, (req, payload) in enumerate(requests):
+                if i == 0:
+                    worker, seq = req.worker_id, req.seq
+                    if not worker:
+                        raise StoreError("invalid", "push without worker_id (needed to apply a retried push at most once)")
+                elif (req.worker_id and req.worker_id != worker) or (req.seq and req.seq != seq):
+                    raise StoreError("invalid", f"push mixes ({req.worker_id!r}, {req.seq}) into ({worker!r}, {seq})")
+                c = req.chunk
+                if c.name not in blocks:
+                    blk = store.get(c.name)
+                    blocks[c.name] = (blk, _Assembly(c.name, blk.shape, blk.size), req.base_version)
+                blocks[c.name][1].add(c, payload, check_finite=True)
+            for _, asm, _ in blocks.values():
+                asm.check_complete()
+        except StoreError as e:
+            metrics.PS_PUSHES.labels(self.shard, "rejected").inc()
+            context.abort(_CODES[e.kind], str(e))
+        # Validated: apply all or (for a repeat of an applied push) nothing.
+        if not store.claim(worker, seq):
+            metrics.PS_PUSHES.labels(self.shard, "duplicate").inc()
+            return pb.PushResponse(blocks=[_info(b) for b, _, _ in blocks.values()], duplicate=True)
+        applied = False
+        t0 = time.perf_counter()
+        store.rw.acquire_shared()
+        try:
+            nbytes = 0
+            for blk, asm, base in blocks.values():
+                before = store.apply(blk, asm.chunks)
+                metrics.PS_STALENESS.labels(self.shard).observe(max(0, before - base))
+                nbytes += asm.size * 4
+            applied = True
+        finally:
+            store.rw.release_shared()
+            store.release(worker, seq, applied)
+        metrics.PS_APPLY_SECONDS.labels(self.shard).observe(time.perf_counter() - t0)
+        metrics.PS_PUSHES.labels(self.shard, "applied").inc()
+        metrics.PS_UPDATES.labels(self.shard).inc(len(blocks))
+        metrics.PS_PUSH_BYTES.labels(self.shard).inc(nbytes)
+        return pb.PushResponse(blocks=[_info(b) for b, _, _ in blocks.values()])
+
+    def ListBlocks(self, request: pb.ListBlocksRequest, context: Any) -> pb.ListBlocksResponse:
+        return pb.ListBlocksResponse(shard_index=self.store.shard_index,
+                                     blocks=[_info(b) for b in list(self.store.blocks.values())],
+                                     optimizer=_opt_to_proto(self.store.optimizer))
+
+    def _path(self, checkpoint_id: str, context: Any):
+        if not self.checkpoint_dir:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this shard has no --checkpoint-dir")
+        try:
+            return ckpt.shard_path(self.checkpoint_dir, checkpoint_id, self.store.shard_index)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def Checkpoint(self, request: pb.CheckpointRequest, context: Any) -> pb.CheckpointResponse:
+        path = self._path(request.checkpoint_id, context)
+        t0 = time.perf_counter()
+        n, size, crc = ckpt.save(self.store, path)
+        metrics.CHECKPOINT_SECONDS.labels("paramserver").observe(time.perf_counter() - t0)
+        metrics.CHECKPOINT_BYTES.labels("paramserver").set(size)
+        log.info("checkpoint %s: %d blocks, %d bytes", path, n, size)
+        return pb.CheckpointResponse(path=str(path), num_blocks=n, num_bytes=size, crc32=crc)
+
+    def restore(self, path) -> list[Block]:
+        shard, opt, blocks, dedup = ckpt.load(path)
+        if shard != self.store.shard_index:
+            raise ckpt.CheckpointError(f"{path} belongs to shard {shard}, this is shard {self.store.shard_index}")
+        self.store.rw.acquire_exclusive()
+        try:
+            self.store.optimizer = opt
+            self.store.replace_all(blocks, dedup)
+        finally:
+            self.store.rw.release_exclusive()
+        self._gauges()
+        log.info("restored %s: %d blocks", path, len(blocks))
+        return blocks
+
+    def Restore(self, request: pb.RestoreRequest, context: Any) -> pb.RestoreResponse:
+        path = self._path(request.checkpoint_id, context)
+        try:
+            blocks = self.restore(path)
+        except ckpt.CheckpointError as e:
+            code = grpc.StatusCode.NOT_FOUND if "not found" in str(e) else grpc.StatusCode.DATA_LOSS
+            context.abort(code, str(e))
+        return pb.RestoreResponse(path=str(path), blocks=[_info(b) for b in blocks])
+
+    def SetOptimizer(self, request: pb.SetOptimizerRequest, context: Any) -> pb.SetOptimizerResponse:
+        o = request.optimizer
+        kind = _OPT_KINDS.get(o.kind)
+        if kind is None or not (o.learning_rate > 0) or o.eps < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid optimizer: kind {o.kind}, learning_rate {o.learning_rate}, eps {o.eps}")
+        self.store.optimizer = OptimizerConfig(kind, o.learning_rate, o.eps, o.initial_accumulator)
+        return pb.SetOptimizerResponse(optimizer=_opt_to_proto(self.store.optimizer))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="downpour serve paramserver", description="one parameter-server shard")
+    ServerConfig.add_arguments(ap, port=7100)
+    ap.add_argument("--shard-index", type=int, default=0)
+    ap.add_argument("--checkpoint-dir", default="", help="where Checkpoint writes <id>/shard-<i>.ckpt")
+    ap.add_argument("--restore", default="", metavar="ID", help="load this checkpoint before serving")
+    ap.add_argument("--optimizer", choices=("adagrad", "sgd"), default="adagrad")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--eps", type=float, default=1e-8)
+    ap.add_argument("--initial-accumulator", type=float, default=0.0)
+    ap.add_argument("--chunk-bytes", type=int, default=codec.DEFAULT_CHUNK_BYTES, help="payload bytes per Pull message")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ServerConfig.from_args(args)
+    store = ShardStore(args.shard_index, OptimizerConfig(args.optimizer, args.lr, args.eps, args.initial_accumulator))
+    ps = ParameterServer(store, args.checkpoint_dir, args.chunk_bytes, cfg.max_message_bytes)
+    server = Server(f"paramserver-{args.shard_index}", cfg)
+    server.add(lambda s: s.add_generic_rpc_handlers((ps.handlers(),)), SERVICE)
+    port = server.start()
+    print(f"paramserver shard {args.shard_index} listening on port {port}", file=sys.stderr, flush=True)
+    if args.restore:
+        try:
+            ps.restore(ckpt.shard_path(args.checkpoint_dir, args.restore, args.shard_index))
+        except (ckpt.CheckpointError, ValueError) as e:
+            print(f"paramserver: cannot restore: {e}", file=sys.stderr)
+            server.stop(0)
+            return 1
+    ps._gauges()
+    server.set_serving()
+    server.wait()
+    return 0
