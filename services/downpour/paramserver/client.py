@@ -127,6 +127,7 @@ class ParamClient:
                         hdr = common_pb2.TensorChunk(name=n, dtype=common_pb2.DTYPE_FLOAT32, shape=shape, offset=a,
                                                      last=b >= flat[n].size)
                         yield codec.encode(pb.CreateBlocksRequest(chunk=hdr, overwrite=overwrite), CREATE_PAYLOAD, flat[n][a:b])
+                yield pb.CreateBlocksRequest(commit=True).SerializeToString()
             resp = self.shards[shard].create(reqs(), timeout=self.timeout)
             for info in resp.blocks:
                 self.shapes[info.name] = tuple(info.shape)
@@ -187,6 +188,7 @@ class ParamClient:
                     hdr = common_pb2.TensorChunk(name=n, dtype=common_pb2.DTYPE_FLOAT32, shape=shape, offset=a, last=b >= g.size)
                     yield codec.encode(pb.PushRequest(worker_id=self.worker_id, seq=seq, chunk=hdr,
                                                       base_version=self.versions.get(n, 0)), PUSH_PAYLOAD, g[a:b])
+            yield pb.PushRequest(worker_id=self.worker_id, seq=seq, commit=True).SerializeToString()
 
         for attempt in range(self.retries + 1):
             try:

@@ -136,8 +136,14 @@ class ParameterServer:
     # -- RPCs --------------------------------------------------------------------
     def CreateBlocks(self, requests: Iterator[tuple[pb.CreateBlocksRequest, memoryview]], context: Any) -> pb.CreateBlocksResponse:
         pending: dict[str, tuple[np.ndarray, _Assembly, bool]] = {}
+        committed = False
         try:
             for req, payload in requests:
+                if committed:
+                    raise StoreError("invalid", "message after commit")
+                committed = req.commit
+                if not req.HasField("chunk"):
+                    continue
                 c = req.chunk
                 if c.name not in pending:
                     shape = tuple(int(s) for s in c.shape)
@@ -149,6 +155,8 @@ class ParameterServer:
                 asm.add(c, payload, check_finite=True)
                 off, g = asm.chunks.pop()  # copy now: the received buffer is not kept
                 buf[off:off + g.shape[0]] = g
+            if not committed or not context.is_active():
+                raise StoreError("invalid", "stream ended without commit: nothing created")
             for buf, asm, _ in pending.values():
                 asm.check_complete()
                 if not asm.name:
@@ -194,19 +202,29 @@ class ParameterServer:
         store = self.store
         worker, seq = "", 0
         blocks: dict[str, tuple[Block, _Assembly, int]] = {}
+        committed = False
         try:
             for i, (req, payload) in enumerate(requests):
+                if committed:
+                    raise StoreError("invalid", "push message after commit")
+                committed = req.commit
                 if i == 0:
                     worker, seq = req.worker_id, req.seq
                     if not worker:
                         raise StoreError("invalid", "push without worker_id (needed to apply a retried push at most once)")
                 elif (req.worker_id and req.worker_id != worker) or (req.seq and req.seq != seq):
                     raise StoreError("invalid", f"push mixes ({req.worker_id!r}, {req.seq}) into ({worker!r}, {seq})")
+                if not req.HasField("chunk"):
+                    continue
                 c = req.chunk
                 if c.name not in blocks:
                     blk = store.get(c.name)
                     blocks[c.name] = (blk, _Assembly(c.name, blk.shape, blk.size), req.base_version)
                 blocks[c.name][1].add(c, payload, check_finite=True)
+            # gRPC ends the request iterator quietly when the call fails (a
+            # message over the limit, a cancel): only a commit proves the end.
+            if not committed or not context.is_active():
+                raise StoreError("invalid", "push ended without commit: nothing applied")
             for _, asm, _ in blocks.values():
                 asm.check_complete()
         except StoreError as e:

@@ -83,8 +83,14 @@ class CreateBlocksRequest(_message.Message):
 
     CHUNK_FIELD_NUMBER: _builtins.int
     OVERWRITE_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
     overwrite: _builtins.bool
     """Replace an existing block of the same name instead of failing."""
+    commit: _builtins.bool
+    """Set on the last message: nothing is created unless the stream ends with
+    it, so a stream cut short (cancelled, a message over the size limit)
+    can never pass for a complete one.
+    """
     @_builtins.property
     def chunk(self) -> _common_pb2.TensorChunk: ...
     def __init__(
@@ -92,10 +98,11 @@ class CreateBlocksRequest(_message.Message):
         *,
         chunk: _common_pb2.TensorChunk | None = ...,
         overwrite: _builtins.bool = ...,
+        commit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "overwrite", b"overwrite"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "commit", b"commit", "overwrite", b"overwrite"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -187,6 +194,7 @@ class PushRequest(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     BASE_VERSION_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Identify the push: a (worker_id, seq) pair already applied is
     acknowledged again without being applied (at-most-once on retry).
@@ -195,6 +203,11 @@ class PushRequest(_message.Message):
     base_version: _builtins.int
     """Version of the block the gradient was computed against; the difference
     to the current version is recorded as staleness.
+    """
+    commit: _builtins.bool
+    """Set on the last message of the push (which may carry no chunk): nothing
+    is applied unless the stream ends with it, so a stream cut short can
+    never pass for a complete push.
     """
     @_builtins.property
     def chunk(self) -> _common_pb2.TensorChunk:
@@ -207,10 +220,11 @@ class PushRequest(_message.Message):
         seq: _builtins.int = ...,
         chunk: _common_pb2.TensorChunk | None = ...,
         base_version: _builtins.int = ...,
+        commit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "chunk", b"chunk", "seq", b"seq", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "chunk", b"chunk", "commit", b"commit", "seq", b"seq", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
