@@ -1,0 +1,291 @@
+"""The parameter server against real shard processes on 127.0.0.1.
+
+Each test starts `python -m downpour.cli serve paramserver` subprocesses,
+waits for gRPC health SERVING and checks exact, analytically known results.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from downpour.paramserver.client import ParamClient
+from downpour.paramserver.server import PUSH_PAYLOAD
+from downpour.rpc import codec
+from downpour.rpc.channel import open_channel, wait_ready
+from downpour.v1 import common_pb2, paramserver_pb2 as pb
+
+
+class Shard:
+    """One shard process; its port is read from its log line."""
+
+    def __init__(self, tmp: Path, *flags: str, name: str = "shard") -> None:
+        self.log = tmp / f"{name}-{time.monotonic_ns()}.log"
+        self.flags = flags
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "downpour.cli", "serve", "paramserver", "--host", "127.0.0.1", "--port", "0", *flags],
+                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        self.port = self._read_port()
+        self.address = f"127.0.0.1:{self.port}"
+        ch = open_channel(self.address)
+        wait_ready(ch, timeout=30)
+        ch.close()
+
+    def _read_port(self) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            m = re.search(r"listening on port (\d+)", self.log.read_text())
+            if m:
+                return int(m.group(1))
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"shard exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"shard did not start:\n{self.log.read_text()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    started: list[Shard] = []
+
+    def start(*flags: str) -> Shard:
+        s = Shard(tmp_path, *flags)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.kill()
+
+
+def adagrad_expected(w0, grads, lr, eps):
+    """Adagrad in float64, straight from the formula."""
+    w, acc = np.asarray(w0, np.float64).copy(), np.zeros(np.shape(w0))
+    for g in grads:
+        acc += np.asarray(g, np.float64) ** 2
+        w -= lr * g / (np.sqrt(acc) + eps)
+    return w, acc
+
+
+def test_adagrad_exact_after_known_pushes(shards):
+    lr, eps = 0.1, 1e-3
+    s = shards("--lr", str(lr), "--eps", str(eps))
+    # 5000 values in chunks of 4 KiB: every block arrives in several chunks.
+    with ParamClient([s.address], worker_id="w", chunk_bytes=4096) as ps:
+        w0 = np.linspace(-1, 1, 5000, dtype=np.float32).reshape(50, 100)
+        b0 = np.array([1.0, 2.0, 3.0], np.float32)
+        ps.init({"stage1.W": w0, "bias": b0})
+        g1 = np.full((50, 100), 2.0, np.float32)
+        g2 = np.arange(5000, dtype=np.float32).reshape(50, 100) / 1000
+        ps.wait(ps.push({"stage1.W": g1, "bias": np.array([0.5, -1.0, 0.0], np.float32)}))
+        ps.wait(ps.push({"stage1.W": g2}))
+        got = ps.pull()
+        acc = ps.pull(accumulators=True)
+        w_exp, acc_exp = adagrad_expected(w0, [g1, g2], lr, eps)
+        np.testing.assert_allclose(got["stage1.W"], w_exp, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(acc["stage1.W"], acc_exp, rtol=1e-6)
+        # bias: acc = g*g; w -= 0.1 * g / (|g| + eps)
+        b_exp, bacc_exp = adagrad_expected(b0, [np.array([0.5, -1.0, 0.0])], lr, eps)
+        np.testing.assert_allclose(got["bias"], b_exp, rtol=1e-6)
+        np.testing.assert_array_equal(acc["bias"], bacc_exp.astype(np.float32))
+        assert got["stage1.W"].shape == (50, 100)
+        versions = {b.name: b.version for b in ps.list_blocks()[0].blocks}
+        assert versions == {"stage1.W": 2, "bias": 1}
+
+
+def test_four_concurrent_pushers_lose_nothing(shards):
+    lr, eps, n_each = 0.05, 1e-8, 25
+    addrs = [shards("--lr", str(lr), "--eps", str(eps)).address for _ in range(2)]
+    blocks = {f"b{i}": np.full(1000 * (i + 1), 1.0, np.float32) for i in range(4)}
+    with ParamClient(addrs, worker_id="init") as ps:
+        ps.init(blocks)
+        placement = dict(ps.placement)
+    assert set(placement.values()) == {0, 1}
+
+    def pusher(k: int) -> None:
+        with ParamClient(addrs, worker_id=f"pusher-{k}", placement=placement) as c:
+            ones = {n: np.ones_like(v) for n, v in blocks.items()}
+            tickets = [c.push(ones) for _ in range(n_each)]
+            for t in tickets:
+                c.wait(t)
+
+    threads = [threading.Thread(target=pusher, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = 4 * n_each
+    with ParamClient(addrs, placement=placement) as ps:
+        got, acc = ps.pull(), ps.pull(accumulators=True)
+        versions = {b.name: b.version for r in ps.list_blocks() for b in r.blocks}
+    # With g = 1 everywhere the order does not matter: after k pushes acc = k,
+    # and the k-th push subtracts lr / (sqrt(k) + eps).
+    w_exp = 1.0 - sum(lr / (np.sqrt(k) + eps) for k in range(1, total + 1))
+    for n in blocks:
+        np.testing.assert_array_equal(acc[n], np.full_like(blocks[n], total))
+        np.testing.assert_allclose(got[n], w_exp, rtol=1e-5)
+        assert versions[n] == total
+
+
+def test_retried_push_is_applied_once(shards):
+    s = shards("--lr", "0.5", "--eps", "0")
+    with ParamClient([s.address], worker_id="w7") as ps:
+        ps.init({"x": np.ones(8, np.float32)})
+        g = {"x": np.ones(8, np.float32)}
+        first = ps._push_shard(0, ["x"], g, seq=41)
+        retry = ps._push_shard(0, ["x"], g, seq=41)
+        assert not first.duplicate and retry.duplicate
+        # applied once: acc = 1, w = 1 - 0.5 * 1 / 1
+        np.testing.assert_array_equal(ps.pull()["x"], np.full(8, 0.5, np.float32))
+        assert retry.blocks[0].version == 1
+        # another seq from the same worker is a new push
+        ps._push_shard(0, ["x"], g, seq=42)
+        np.testing.assert_allclose(ps.pull()["x"], 0.5 - 0.5 / np.sqrt(2), rtol=1e-6)
+
+
+def test_checkpoint_sigkill_restart_identical(shards, tmp_path):
+    ck = tmp_path / "ckpt"
+    flags = ("--lr", "0.1", "--checkpoint-dir", str(ck), "--shard-index", "0")
+    s = shards(*flags)
+    rng = np.random.default_rng(0)
+    blocks = {f"layer{i}": rng.standard_normal((64, 33)).astype(np.float32) for i in range(3)}
+    with ParamClient([s.address], worker_id="w", chunk_bytes=2048) as ps:
+        ps.init(blocks)
+        for _ in range(3):
+            ps.wait(ps.push({n: rng.standard_normal(v.shape).astype(np.float32) for n, v in blocks.items()}))
+        resp = ps.checkpoint("step-3")[0]
+        assert resp.num_blocks == 3 and Path(resp.path).exists()
+        w_before, acc_before = ps.pull(), ps.pull(accumulators=True)
+        versions = {b.name: b.version for b in ps.list_blocks()[0].blocks}
+        applied = ps._push_shard(0, ["layer0"], {"layer0": np.zeros(64 * 33, np.float32)}, seq=999)
+        assert not applied.duplicate
+    assert s.kill(signal.SIGKILL) == -signal.SIGKILL
+    assert not list(ck.rglob("*.tmp-*")), "no temporary files left behind"
+
+    s2 = shards(*flags, "--restore", "step-3")
+    with ParamClient([s2.address], worker_id="w", placement={n: 0 for n in blocks}) as ps:
+        w_after, acc_after = ps.pull(), ps.pull(accumulators=True)
+        for n in blocks:
+            np.testing.assert_array_equal(w_after[n], w_before[n])
+            np.testing.assert_array_equal(acc_after[n], acc_before[n])
+        assert {b.name: b.version for b in ps.list_blocks()[0].blocks} == versions
+        # seq 999 came after the checkpoint: it is not remembered and applies now;
+        # seqs before the checkpoint still count as applied.
+        assert not ps._push_shard(0, ["layer0"], {"layer0": np.zeros(64 * 33, np.float32)}, seq=999).duplicate
+        assert ps._push_shard(0, ["layer0"], {"layer0": np.zeros(64 * 33, np.float32)}, seq=3).duplicate
+
+
+def _raw_push(address: str, chunks: list[tuple[common_pb2.TensorChunk, bytes]], worker="bad", seq=1, commit=True):
+    ch = open_channel(address)
+    try:
+        push = ch.stream_unary(f"/downpour.v1.ParameterServer/Push", request_serializer=None,
+                               response_deserializer=pb.PushResponse.FromString)
+        msgs = [codec.encode(pb.PushRequest(worker_id=worker, seq=seq, chunk=c), PUSH_PAYLOAD, data) for c, data in chunks]
+        if commit:
+            msgs.append(pb.PushRequest(worker_id=worker, seq=seq, commit=True).SerializeToString())
+        return push(iter(msgs), timeout=30)
+    finally:
+        ch.close()
+
+
+def _chunk(name, shape, dtype=common_pb2.DTYPE_FLOAT32, offset=0, last=True):
+    return common_pb2.TensorChunk(name=name, dtype=dtype, shape=shape, offset=offset, last=last)
+
+
+GOOD = np.ones(4096, np.float32)
+BAD_INPUTS = {
+    "nan": ([(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 17, np.nan, 1).astype(np.float32).tobytes())],
+            grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': gradient contains NaN or Inf"),
+    "inf": ([(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 4095, -np.inf, 1).astype(np.float32).tobytes())],
+            grpc.StatusCode.INVALID_ARGUMENT, r"NaN or Inf"),
+    "wrong_shape": ([(_chunk("stage1.W1", [4096]), GOOD.tobytes())],
+                    grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': shape \[4096\] does not match the block's \[64, 64\]"),
+    "wrong_dtype": ([(_chunk("stage1.W1", [64, 64], dtype=common_pb2.DTYPE_FLOAT64), np.ones(4096).tobytes())],
+                    grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': dtype float64, expected float32"),
+    "unknown_block": ([(_chunk("stage9.W", [64, 64]), GOOD.tobytes())],
+                      grpc.StatusCode.NOT_FOUND, r"unknown block 'stage9.W'"),
+    "truncated_values": ([(_chunk("stage1.W1", [64, 64]), GOOD[:4095].tobytes())],
+                         grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': expected 4096 float32 values, got 4095"),
+    "truncated_bytes": ([(_chunk("stage1.W1", [64, 64]), GOOD.tobytes()[:-3])],
+                        grpc.StatusCode.INVALID_ARGUMENT, r"16381 bytes, not a whole number of float32 values"),
+    "out_of_order": ([(_chunk("stage1.W1", [64, 64], offset=2048, last=False), GOOD[:2048].tobytes())],
+                     grpc.StatusCode.INVALID_ARGUMENT, r"chunk at offset 2048, expected 0"),
+    # a good block first: the bad one after it must stop the whole push
+    "good_then_nan": ([(_chunk("other", [10]), np.ones(10, np.float32).tobytes()),
+                       (_chunk("stage1.W1", [64, 64]), np.full(4096, np.nan, np.float32).tobytes())],
+                      grpc.StatusCode.INVALID_ARGUMENT, r"NaN or Inf"),
+    "over_limit": ([(_chunk("stage1.W1", [64, 64]), GOOD.tobytes()), (_chunk("other", [10]), np.ones(300_000, np.float32).tobytes())],
+                   grpc.StatusCode.RESOURCE_EXHAUSTED, r"(?i)larger than max"),
+}
+
+
+@pytest.fixture(scope="module")
+def strict_shard(tmp_path_factory):
+    s = Shard(tmp_path_factory.mktemp("strict"), "--lr", "0.1", "--max-message-bytes", str(1 << 20))
+    with ParamClient([s.address], worker_id="init", chunk_bytes=64 << 10) as ps:
+        ps.init({"stage1.W1": np.arange(4096, dtype=np.float32).reshape(64, 64), "other": np.zeros(10, np.float32)})
+    yield s
+    s.kill()
+
+
+@pytest.mark.parametrize("case", [*BAD_INPUTS, "no_commit"])
+def test_bad_push_is_refused_and_changes_nothing(strict_shard, case):
+    if case == "no_commit":  # a stream that stops early must not pass for a whole push
+        chunks, code, pattern = [(_chunk("stage1.W1", [64, 64]), GOOD.tobytes())], grpc.StatusCode.INVALID_ARGUMENT, "without commit"
+    else:
+        chunks, code, pattern = BAD_INPUTS[case]
+    with ParamClient([strict_shard.address], placement={"stage1.W1": 0, "other": 0}, chunk_bytes=64 << 10) as ps:
+        before = (ps.pull(), ps.pull(accumulators=True), [(b.name, b.version) for b in ps.list_blocks()[0].blocks])
+        with pytest.raises(grpc.RpcError) as err:
+            _raw_push(strict_shard.address, chunks, commit=case != "no_commit")
+        assert err.value.code() == code, err.value.details()
+        assert re.search(pattern, err.value.details()), err.value.details()
+        after = (ps.pull(), ps.pull(accumulators=True), [(b.name, b.version) for b in ps.list_blocks()[0].blocks])
+    for a, b in zip(before[:2], after[:2]):
+        for n in a:
+            np.testing.assert_array_equal(a[n], b[n])
+    assert before[2] == after[2]
+
+
+def test_pull_unknown_block_is_not_found(strict_shard):
+    with ParamClient([strict_shard.address], placement={"nope": 0}) as ps:
+        with pytest.raises(grpc.RpcError) as err:
+            ps.pull(["nope"])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in err.value.details()
+
+
+def test_metrics_health_and_graceful_sigterm(shards, tmp_path):
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        mport = sk.getsockname()[1]
+    s = shards("--metrics-port", str(mport))
+    with ParamClient([s.address], worker_id="m") as ps:
+        ps.init({"a": np.zeros(16, np.float32)})
+        ps.wait(ps.push({"a": np.ones(16, np.float32)}))
+        ps.wait(ps.push({"a": np.ones(16, np.float32)}))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+    assert re.search(r'grpc_server_handled_total\{grpc_code="OK",grpc_method="Push",grpc_service="downpour.v1.ParameterServer",grpc_type="client_stream"\} 2.0', text)
+    assert 'grpc_server_handling_seconds_count{grpc_method="Push"' in text
+    # both pushes were computed against version 0: lags 0 and 1
+    assert 'downpour_paramserver_staleness_versions_count{shard="0"} 2.0' in text
+    assert 'downpour_paramserver_staleness_versions_sum{shard="0"} 1.0' in text
+    assert s.kill(signal.SIGTERM) == 0
