@@ -54,14 +54,22 @@ RTOL = 1e-4
 
 
 def median_ms(fn, reps: int, warmup: int) -> float:
+    return interleaved_ms([fn], reps, warmup)[0]
+
+
+def interleaved_ms(fns, reps: int, warmup: int) -> list[float]:
+    """Median ms of each function, calling them in turn every repetition so
+    that all of them see the same load on a shared, noisy machine."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        for fn in fns:
+            fn()
+    ts = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts) * 1e3)
+        for fn, t in zip(fns, ts):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [float(np.median(t) * 1e3) for t in ts]
 
 
 def check(name: str, ours, ref) -> float:
@@ -135,9 +143,7 @@ def bench_local_filter(rng, reps, warmup, rows):
              check("LocalFilter dW (hwcb)", dw, wh.grad.numpy())]
 
     flops = 3 * 2 * L * M * K * B  # forward 2LMKB, backward (dW and dx) twice that
-    t_ours = median_ms(ours, reps, warmup)
-    t_a = median_ms(torch_nchw, reps, warmup)
-    t_b = median_ms(torch_hwcb, reps, warmup)
+    t_ours, t_a, t_b = interleaved_ms([ours, torch_nchw, torch_hwcb], reps, warmup)
     t_torch = min(t_a, t_b)
     rows += [("LocalFilter f+b", "ours (H,W,C,B), row-blocked", t_ours, flops),
              ("LocalFilter f+b", "torch NCHW unfold+einsum", t_a, flops),
@@ -191,10 +197,8 @@ def bench_pool_lcn(rng, reps, warmup, rows):
     xt = torch.from_numpy(x.transpose(3, 2, 0, 1).copy()).requires_grad_()
     gt = torch.from_numpy(g.transpose(3, 2, 0, 1).copy())
     variants = [("torch NCHW 5x5 conv2d", make(blur2d)), ("torch NCHW separable conv2d", make(blur_sep))]
-    errs, times = [], []
+    errs, runs = [], []
     flops = 3 * B * (pool.flops() + lcn.flops())  # forward from the layers' counts; backward ~2x
-    t_ours = median_ms(ours, reps, warmup)
-    rows.append(("L2Pool+LCN f+b", "ours (H,W,C,B)", t_ours, flops))
     for name, f in variants:
         def run(f=f):
             xt.grad = None
@@ -204,9 +208,10 @@ def bench_pool_lcn(rng, reps, warmup, rows):
         yt = run()
         errs += [check(f"L2Pool+LCN y ({name})", y, yt.detach().numpy().transpose(2, 3, 1, 0)),
                  check(f"L2Pool+LCN dx ({name})", dx, xt.grad.numpy().transpose(2, 3, 1, 0))]
-        t = median_ms(run, reps, warmup)
-        times.append(t)
-        rows.append(("L2Pool+LCN f+b", name, t, flops))
+        runs.append(run)
+    t_ours, *times = interleaved_ms([ours, *runs], reps, warmup)
+    rows.append(("L2Pool+LCN f+b", "ours (H,W,C,B)", t_ours, flops))
+    rows += [("L2Pool+LCN f+b", name, t, flops) for (name, _), t in zip(variants, times)]
     return min(times) / t_ours, max(errs)
 
 
