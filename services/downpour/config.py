@@ -25,6 +25,7 @@ from downpour.nn.spec import NetworkSpec, from_dict, to_dict
 
 OPTIMIZERS = ("adagrad", "sgd")
 DEVICES = ("cpu", "gpu")
+NORMALIZE = ("none", "standardize", "minmax")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class JobConfig:
     warm_start: int = 0  # replica 0 trains this many steps before the others join
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: str = "default"
+    # Feeder preprocessing beyond what the model fixes (channels and size come
+    # from the model's input): normalize (none | standardize | minmax), crop.
+    normalize: str = "standardize"
     supervised: bool = False
     checkpoint_every: int = 100  # steps of the slowest replica between checkpoints
     keep_checkpoints: int = 3
@@ -151,6 +155,8 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError(f"optimizer.kind={cfg.optimizer.kind!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
     if cfg.optimizer.lr <= 0 or cfg.optimizer.eps <= 0:
         raise ValueError("optimizer.lr and optimizer.eps must be > 0")
+    if cfg.normalize not in NORMALIZE:
+        raise ValueError(f"normalize={cfg.normalize!r} is unknown; allowed: {', '.join(NORMALIZE)}")
     if cfg.device not in DEVICES:
         raise ValueError(f"device={cfg.device!r} is unknown; allowed: {', '.join(DEVICES)}")
     parse_grid(cfg.partitions)

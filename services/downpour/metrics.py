@@ -50,3 +50,11 @@ CHECKPOINT_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 CHECKPOINT_BYTES = Gauge("downpour_checkpoint_bytes", "Size of the last checkpoint written.", ["component"])
+
+# -- training: coordinator and workers ------------------------------------------
+TRAINING_LOSS = Gauge("downpour_training_loss", "Last training loss reported, per replica.", ["replica"])
+WORKER_STEPS = Counter("downpour_worker_steps_total", "Minibatch steps computed by this worker.")
+WORKER_EXAMPLES = Counter("downpour_worker_examples_total", "Examples processed by this worker.")
+WORKER_HEARTBEATS = Counter("downpour_worker_heartbeats_total", "Heartbeats answered by the coordinator.")
+COORDINATOR_MEMBERS = Gauge("downpour_coordinator_members", "Workers known to the coordinator.")
+COORDINATOR_HEARTBEATS = Counter("downpour_coordinator_heartbeats_total", "Heartbeats received.")

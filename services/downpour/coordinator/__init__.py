@@ -1,0 +1,1 @@
+"""The coordinator: membership, assignment, leases, checkpoints and job state."""

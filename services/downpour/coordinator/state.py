@@ -1,0 +1,275 @@
+"""The coordinator's job state, free of any transport so it can be tested alone.
+
+Slots are (replica, partition) pairs. A worker that registers takes a free
+slot (never held, or whose holder's lease ran out) and the step its replica
+had reached; a worker that finds none waits as a spare and takes the next slot
+that frees up. Replica 0 may train alone for ``warm_start`` steps before the
+other replicas' slots open (Dean et al.'s warm start).
+
+The state is saved to ``state.json`` in the state directory (write to a
+temporary file, fsync, rename) whenever membership, progress or checkpoints
+change, so that a restarted coordinator re-adopts the running cluster: the
+workers' next heartbeats find their slots where they left them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from downpour.config import JobConfig, from_yaml
+
+
+@dataclass
+class Slot:
+    replica: int
+    partition: int
+    member_id: str = ""
+    address: str = ""
+    lease_until: float = 0.0
+    last_heartbeat: float = 0.0
+
+
+@dataclass
+class ReplicaProgress:
+    step: int = 0
+    loss: float = float("nan")
+    examples: int = 0
+
+
+@dataclass
+class Checkpoint:
+    checkpoint_id: str
+    step: int
+    manifest_path: str
+    replica_steps: list[int]
+    shards: list[dict]
+    created: float
+
+
+@dataclass
+class Member:
+    member_id: str
+    address: str
+    replica: int = -1  # -1: a spare waiting for a slot
+    partition: int = -1
+    lease_until: float = 0.0
+    generation: int = 0
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class JobState:
+    def __init__(self, cfg: JobConfig, state_dir: str | None = None, clock=time.monotonic):
+        self.cfg = cfg
+        self.clock = clock
+        self.state_dir = state_dir
+        self.lock = threading.RLock()
+        rows, cols = cfg.grid()
+        self.partitions = rows * cols
+        self.job_id = uuid.uuid4().hex[:12]
+        self.generation = 1
+        self.slots = {(r, p): Slot(r, p) for r in range(cfg.replicas) for p in range(self.partitions)}
+        self.progress = [ReplicaProgress() for _ in range(cfg.replicas)]
+        self.members: dict[str, Member] = {}
+        self.checkpoints: list[Checkpoint] = []
+        self.started = time.time()
+        self.initialized = False  # parameters created or restored on the shards
+        self.stopped = False
+        self._examples_window: list[tuple[float, int]] = []
+
+    # ------------------------------------------------------------- membership
+    def _slot_free(self, slot: Slot, now: float) -> bool:
+        return not slot.member_id or slot.lease_until < now
+
+    def _open_replicas(self) -> range:
+        # Warm start: only replica 0 trains until it has taken warm_start steps.
+        if self.cfg.warm_start and self.progress[0].step < self.cfg.warm_start:
+            return range(1)
+        return range(self.cfg.replicas)
+
+    def register(self, address: str, member_id: str = "") -> Member:
+        with self.lock:
+            now = self.clock()
+            mid = member_id if member_id in self.members else (member_id or uuid.uuid4().hex[:12])
+            m = self.members.get(mid) or Member(mid, address)
+            m.address = address
+            m.lease_until = now + self.cfg.lease_seconds
+            self.members[mid] = m
+            if m.replica < 0 or self.slots[(m.replica, m.partition)].member_id != mid:
+                m.replica = m.partition = -1
+                self._place(m, now)
+            self._save()
+            return m
+
+    def _place(self, m: Member, now: float) -> bool:
+        if self.done:
+            return False
+        for r in self._open_replicas():
+            for p in range(self.partitions):
+                slot = self.slots[(r, p)]
+                if self._slot_free(slot, now):
+                    if slot.member_id and slot.member_id != m.member_id:
+                        # The old holder's lease ran out: whoever it was, it is out now.
+                        old = self.members.get(slot.member_id)
+                        if old is not None:
+                            old.replica = old.partition = -1
+                    self.generation += 1
+                    slot.member_id, slot.address = m.member_id, m.address
+                    slot.lease_until, slot.last_heartbeat = m.lease_until, now
+                    m.replica, m.partition, m.generation = r, p, self.generation
+                    return True
+        return False
+
+    def heartbeat(self, member_id: str, step: int | None = None) -> tuple[str, Member | None]:
+        """Renew a lease. Returns (action, member): continue, reassign (new slot), wait, stop or unknown."""
+        with self.lock:
+            now = self.clock()
+            m = self.members.get(member_id)
+            if m is None:
+                return "unknown", None
+            if self.done or self.stopped:
+                return "stop", m
+            m.lease_until = now + self.cfg.lease_seconds
+            if m.replica >= 0:
+                slot = self.slots[(m.replica, m.partition)]
+                if slot.member_id == member_id:
+                    slot.lease_until, slot.last_heartbeat = m.lease_until, now
+                    return "continue", m
+                m.replica = m.partition = -1  # lost the slot while silent
+            if self._place(m, now):
+                self._save()
+                return "reassign", m
+            return "wait", m
+
+    def deregister(self, member_id: str) -> None:
+        with self.lock:
+            m = self.members.pop(member_id, None)
+            if m is not None and m.replica >= 0:
+                slot = self.slots[(m.replica, m.partition)]
+                if slot.member_id == member_id:
+                    slot.member_id, slot.address, slot.lease_until = "", "", 0.0
+            self._save()
+
+    def peers(self, replica: int) -> list[tuple[int, str]]:
+        with self.lock:
+            return [(p, self.slots[(replica, p)].address) for p in range(self.partitions)
+                    if self.slots[(replica, p)].member_id]
+
+    # --------------------------------------------------------------- progress
+    def report(self, member_id: str, step: int, loss: float, examples: int) -> bool:
+        """Record a replica's progress; False tells the worker to stop."""
+        with self.lock:
+            m = self.members.get(member_id)
+            if m is None or m.replica < 0:
+                return not self.done
+            pr = self.progress[m.replica]
+            if m.partition == 0 or self.partitions == 1:
+                if step > pr.step:
+                    pr.examples += examples
+                    self._examples_window.append((time.time(), examples))
+                pr.step = max(pr.step, step)
+                pr.loss = loss
+            return not self.done
+
+    @property
+    def step(self) -> int:
+        """The job's step: that of its slowest replica."""
+        return min(p.step for p in self.progress)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.steps
+
+    def examples_per_second(self, window: float = 10.0) -> float:
+        with self.lock:
+            now = time.time()
+            self._examples_window = [(t, n) for t, n in self._examples_window if now - t <= window]
+            if not self._examples_window:
+                return 0.0
+            span = max(now - self._examples_window[0][0], 1e-3)
+            return sum(n for _, n in self._examples_window) / span
+
+    # ------------------------------------------------------------ checkpoints
+    def add_checkpoint(self, ck: Checkpoint) -> list[Checkpoint]:
+        """Record a committed checkpoint; returns those that fall out of retention."""
+        with self.lock:
+            self.checkpoints.append(ck)
+            dropped = self.checkpoints[:-self.cfg.keep_checkpoints]
+            self.checkpoints = self.checkpoints[-self.cfg.keep_checkpoints:]
+            self._save()
+            return dropped
+
+    def adopt_checkpoint(self, ck: Checkpoint) -> None:
+        """Continue from a checkpoint: every replica resumes at its recorded step."""
+        with self.lock:
+            for r, s in enumerate(ck.replica_steps[: self.cfg.replicas]):
+                self.progress[r].step = s
+            if len(ck.replica_steps) < self.cfg.replicas:  # more replicas now: they start with the slowest
+                for r in range(len(ck.replica_steps), self.cfg.replicas):
+                    self.progress[r].step = min(ck.replica_steps) if ck.replica_steps else 0
+            self.checkpoints = [ck]
+            self.initialized = True
+            self._save()
+
+    # ------------------------------------------------------------ persistence
+    def to_json(self) -> dict:
+        wall_offset = time.time() - self.clock()  # leases are monotonic; store wall time
+        return {
+            "job_id": self.job_id, "generation": self.generation, "config": self.cfg.to_yaml(),
+            "initialized": self.initialized, "started": self.started,
+            "slots": [dict(asdict(s), lease_until=s.lease_until + wall_offset) for s in self.slots.values()],
+            "members": [dict(asdict(m), lease_until=m.lease_until + wall_offset) for m in self.members.values()],
+            "progress": [asdict(p) for p in self.progress],
+            "checkpoints": [asdict(c) for c in self.checkpoints],
+        }
+
+    def _save(self) -> None:
+        if not self.state_dir:
+            return
+        os.makedirs(self.state_dir, exist_ok=True)
+        atomic_write(os.path.join(self.state_dir, "state.json"), json.dumps(self.to_json()).encode())
+
+    def save(self) -> None:
+        with self.lock:
+            self._save()
+
+    @classmethod
+    def load(cls, state_dir: str, clock=time.monotonic) -> "JobState | None":
+        """The state a previous coordinator left in ``state_dir``, or None."""
+        path = os.path.join(state_dir, "state.json")
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        st = cls(from_yaml(d["config"]), state_dir, clock)
+        offset = st.clock() - time.time()
+        # Leases restart from now: the workers get a full lease to find us again.
+        grace = st.clock() + st.cfg.lease_seconds
+        st.job_id, st.generation = d["job_id"], d["generation"]
+        st.initialized, st.started = d["initialized"], d["started"]
+        for s in d["slots"]:
+            slot = Slot(**dict(s, lease_until=max(s["lease_until"] + offset, grace) if s["member_id"] else 0.0))
+            st.slots[(slot.replica, slot.partition)] = slot
+        for m in d["members"]:
+            member = Member(**dict(m, lease_until=grace))
+            st.members[member.member_id] = member
+        st.progress = [ReplicaProgress(**p) for p in d["progress"]]
+        st.checkpoints = [Checkpoint(**c) for c in d["checkpoints"]]
+        return st

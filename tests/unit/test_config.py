@@ -1,0 +1,47 @@
+"""Job config precedence: defaults < YAML < DOWNPOUR_* environment < flags."""
+
+import pytest
+
+from downpour import config
+
+
+def test_precedence(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("preset: tiny\nreplicas: 3\nsteps: 50\noptimizer: {lr: 0.5}\n")
+    cfg = config.load(str(p), env={"DOWNPOUR_STEPS": "70", "DOWNPOUR_OPTIMIZER__EPS": "0.001"},
+                      overrides={"steps": 90, "shards": None})
+    assert cfg.preset == "tiny" and cfg.replicas == 3  # from YAML
+    assert cfg.optimizer.lr == 0.5 and cfg.optimizer.eps == 0.001  # YAML and env merge per field
+    assert cfg.steps == 90  # the flag wins over env and YAML
+    assert cfg.shards == config.JobConfig().shards  # a flag left unset changes nothing
+
+
+def test_yaml_round_trip_and_custom_model():
+    cfg = config.load(env={}, overrides={"model": {"input": [1, 12, 12], "stages": [{"filter": {"maps": 2, "field": 3}}]}})
+    again = config.from_yaml(cfg.to_yaml())
+    assert again == cfg
+    assert again.network_spec().input == (1, 12, 12)
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"DOWNPOUR_REPLICAZ": "2"}, "replicaz"),
+    ({"DOWNPOUR_REPLICAS": "two"}, "replicas"),
+    ({"DOWNPOUR_OPTIMIZER__MOMENTUM": "0.9"}, "optimizer.momentum"),
+    ({"DOWNPOUR_SUPERVISED": "true"}, "classes"),
+])
+def test_bad_environment_is_rejected(env, needle):
+    with pytest.raises(ValueError, match=needle):
+        config.load(env=env)
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("preset: tiny\nmodel: {input: [1, 8, 8], stages: [{filter: {maps: 2, field: 3, strid: 1}}]}\n")
+    with pytest.raises(ValueError, match="strid"):
+        config.load(str(p), env={})
+
+
+def test_grid_parsing():
+    assert config.parse_grid("2x3") == (2, 3)
+    with pytest.raises(ValueError, match="RxC"):
+        config.parse_grid("0x2")
