@@ -65,10 +65,11 @@ def sgd_(w: np.ndarray, g: np.ndarray, lr: float, scratch: Scratch | None = None
 def all_finite(g: np.ndarray) -> bool:
     """True when g has no NaN or Inf.
 
-    A sum is a single vectorised pass with no temporary; it is finite only if
-    every element is. If it is not (a NaN, an Inf, or a merely overflowing sum)
-    the exact element-wise test decides.
+    A float32 sum is a single vectorised pass with no temporary; it is finite
+    only if every element is. If it is not (a NaN, an Inf, or a merely
+    overflowing sum) the exact element-wise test decides.
     """
-    if np.isfinite(np.add.reduce(g, dtype=np.float64)):
-        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(g)):
+            return True
     return bool(np.isfinite(g).all())

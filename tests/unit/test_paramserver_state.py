@@ -19,14 +19,15 @@ def test_balanced_placement_largest_first_least_loaded():
     assert balanced_placement({"x": 1}, 4) == {"x": 0}
 
 
-def test_dedup_and_concurrent_claim():
+def test_dedup_is_per_block_of_a_push():
     st = ShardStore()
-    assert st.claim("w", 1)
-    st.release("w", 1, applied=True)
-    assert not st.claim("w", 1)
-    assert st.claim("w", 2)
-    st.release("w", 2, applied=False)  # failed: a retry may apply it
-    assert st.claim("w", 2)
+    assert st.claim("w", 1, "a")
+    st.release("w", 1, "a", applied=True)
+    assert not st.claim("w", 1, "a")  # a retry does not update "a" again
+    assert st.claim("w", 1, "b")  # ...but does update what the first attempt missed
+    st.release("w", 1, "b", applied=False)  # failed: a retry may apply it
+    assert st.claim("w", 1, "b")
+    assert st.claim("w", 2, "a")
 
 
 def _store():
@@ -35,8 +36,8 @@ def _store():
     for i in range(3):
         b = st.create(f"b{i}", (5, 7), rng.standard_normal(35))
         st.apply(b, [(0, rng.standard_normal(35).astype(np.float32))])
-    st.claim("w", 9)
-    st.release("w", 9, applied=True)
+    st.claim("w", 9, "b1")
+    st.release("w", 9, "b1", applied=True)
     return st
 
 
@@ -47,7 +48,7 @@ def test_checkpoint_roundtrip(tmp_path):
     assert n == 3 and path.stat().st_size == size
     assert not [p for p in path.parent.iterdir() if p.name != path.name], "temporary file left behind"
     shard, opt, blocks, dedup = ckpt.load(path)
-    assert shard == 3 and opt == st.optimizer and dedup == {"w": [9]}
+    assert shard == 3 and opt == st.optimizer and dedup == {"w": [[9, ["b1"]]]}
     for b in blocks:
         orig = st.blocks[b.name]
         assert b.shape == orig.shape and b.version == orig.version == 1

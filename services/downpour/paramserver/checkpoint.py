@@ -6,8 +6,9 @@ File layout (little-endian)::
     then, per block in header order: weights (float32), accumulator (float32)
 
 The header lists every block (name, shape, version, crc32 of its weights and
-of its accumulator) plus the optimiser and the dedup window, so that a
-restored shard still refuses a retried push it had applied.
+of its accumulator) plus the optimiser and the dedup window (which blocks
+each recent (worker, seq) has updated), so that a restored shard still
+applies a retried push at most once.
 
 Writing is atomic: a temporary file in the same directory, fsync, rename over
 the final name, fsync of the directory. Reading verifies every crc32 and
@@ -95,7 +96,7 @@ def save(store: ShardStore, path: Path) -> tuple[int, int, int]:
     return len(snap), size, crc
 
 
-def load(path: Path) -> tuple[int, OptimizerConfig, list[Block], dict[str, list[int]]]:
+def load(path: Path) -> tuple[int, OptimizerConfig, list[Block], dict[str, list[list]]]:
     """Read and verify a checkpoint: (shard_index, optimizer, blocks, dedup)."""
     try:
         data = Path(path).read_bytes()

@@ -10,11 +10,18 @@ are ordinary protobuf, but gradients are applied straight from the received
 buffer and parameters are copied once, under the block's lock, into the
 outgoing message.
 
+A push is applied block by block, each block as soon as all its chunks have
+arrived and passed validation, on a small pool of apply threads so that
+receiving the next block overlaps applying the last. The block is the unit of
+atomicity (see store.py): a rejected block changes nothing; blocks completed
+earlier in the same push stay applied, the error says which, and a retry with
+the same (worker_id, seq) applies only the rest.
+
 Status codes: INVALID_ARGUMENT for a malformed push (NaN/Inf, wrong shape or
 dtype, truncated data, chunks out of order); NOT_FOUND for an unknown block;
 RESOURCE_EXHAUSTED for a message over --max-message-bytes (from gRPC itself);
 ALREADY_EXISTS, FAILED_PRECONDITION, DATA_LOSS for create, checkpoint and
-restore problems. A rejected push changes nothing.
+restore problems.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import grpc
@@ -97,8 +105,10 @@ class _Assembly:
 
 class ParameterServer:
     def __init__(self, store: ShardStore, checkpoint_dir: str = "", chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = 64 << 20) -> None:
+                 max_message_bytes: int = 64 << 20, apply_threads: int = 2, max_pending_blocks: int = 2) -> None:
         self.store = store
+        self._appliers = ThreadPoolExecutor(max_workers=apply_threads, thread_name_prefix="apply")
+        self.max_pending_blocks = max_pending_blocks
         self.checkpoint_dir = checkpoint_dir
         self.chunk_bytes = max(4, min(chunk_bytes, max_message_bytes - HEADER_ROOM))
         self.shard = str(store.shard_index)
@@ -198,11 +208,30 @@ class ParameterServer:
             del msgs
         metrics.PS_PULL_BYTES.labels(self.shard).inc(sent)
 
+    def _apply_block(self, worker: str, seq: int, blk: Block, asm: "_Assembly", base: int) -> bool:
+        t0 = time.perf_counter()
+        before = self.store.apply_once(worker, seq, blk, asm.chunks)
+        asm.chunks = []  # let the received buffers go
+        if before is None:
+            return False
+        metrics.PS_APPLY_SECONDS.labels(self.shard).observe(time.perf_counter() - t0)
+        metrics.PS_STALENESS.labels(self.shard).observe(max(0, before - base))
+        metrics.PS_UPDATES.labels(self.shard).inc()
+        metrics.PS_PUSH_BYTES.labels(self.shard).inc(asm.size * 4)
+        return True
+
     def Push(self, requests: Iterator[tuple[pb.PushRequest, memoryview]], context: Any) -> pb.PushResponse:
+        """Validate each block as its chunks arrive; apply it as soon as it is complete.
+
+        Applying happens on the shard's apply threads, so the next block is
+        being received while the previous one is applied.
+        """
         store = self.store
         worker, seq = "", 0
-        blocks: dict[str, tuple[Block, _Assembly, int]] = {}
+        asms: dict[str, tuple[Block, _Assembly, int]] = {}
+        jobs: list[tuple[Block, Any]] = []
         committed = False
+        error: StoreError | None = None
         try:
             for i, (req, payload) in enumerate(requests):
                 if committed:
@@ -217,41 +246,33 @@ class ParameterServer:
                 if not req.HasField("chunk"):
                     continue
                 c = req.chunk
-                if c.name not in blocks:
+                entry = asms.get(c.name)
+                if entry is None:
                     blk = store.get(c.name)
-                    blocks[c.name] = (blk, _Assembly(c.name, blk.shape, blk.size), req.base_version)
-                blocks[c.name][1].add(c, payload, check_finite=True)
+                    entry = asms[c.name] = (blk, _Assembly(c.name, blk.shape, blk.size), req.base_version)
+                blk, asm, base = entry
+                asm.add(c, payload, check_finite=True)
+                if asm.next == asm.size:
+                    # Bound the memory held by blocks waiting to be applied.
+                    while sum(not f.done() for _, f in jobs) >= self.max_pending_blocks:
+                        next(f for _, f in jobs if not f.done()).result()
+                    jobs.append((blk, self._appliers.submit(self._apply_block, worker, seq, blk, asm, base)))
             # gRPC ends the request iterator quietly when the call fails (a
             # message over the limit, a cancel): only a commit proves the end.
             if not committed or not context.is_active():
-                raise StoreError("invalid", "push ended without commit: nothing applied")
-            for _, asm, _ in blocks.values():
+                raise StoreError("invalid", "push ended without commit")
+            for _, asm, _ in asms.values():
                 asm.check_complete()
         except StoreError as e:
+            error = e
+        applied = [(blk, f.result()) for blk, f in jobs]  # finish what was started, then answer
+        if error is not None:
+            done = [b.name for b, ok in applied]
             metrics.PS_PUSHES.labels(self.shard, "rejected").inc()
-            context.abort(_CODES[e.kind], str(e))
-        # Validated: apply all or (for a repeat of an applied push) nothing.
-        if not store.claim(worker, seq):
-            metrics.PS_PUSHES.labels(self.shard, "duplicate").inc()
-            return pb.PushResponse(blocks=[_info(b) for b, _, _ in blocks.values()], duplicate=True)
-        applied = False
-        t0 = time.perf_counter()
-        store.rw.acquire_shared()
-        try:
-            nbytes = 0
-            for blk, asm, base in blocks.values():
-                before = store.apply(blk, asm.chunks)
-                metrics.PS_STALENESS.labels(self.shard).observe(max(0, before - base))
-                nbytes += asm.size * 4
-            applied = True
-        finally:
-            store.rw.release_shared()
-            store.release(worker, seq, applied)
-        metrics.PS_APPLY_SECONDS.labels(self.shard).observe(time.perf_counter() - t0)
-        metrics.PS_PUSHES.labels(self.shard, "applied").inc()
-        metrics.PS_UPDATES.labels(self.shard).inc(len(blocks))
-        metrics.PS_PUSH_BYTES.labels(self.shard).inc(nbytes)
-        return pb.PushResponse(blocks=[_info(b) for b, _, _ in blocks.values()])
+            context.abort(_CODES[error.kind], f"{error}" + (f"; blocks completed before it were applied: {done}" if done else ""))
+        duplicate = bool(applied) and not any(ok for _, ok in applied)
+        metrics.PS_PUSHES.labels(self.shard, "duplicate" if duplicate else "applied").inc()
+        return pb.PushResponse(blocks=[_info(b) for b, _ in applied], duplicate=duplicate)
 
     def ListBlocks(self, request: pb.ListBlocksRequest, context: Any) -> pb.ListBlocksResponse:
         return pb.ListBlocksResponse(shard_index=self.store.shard_index,
@@ -318,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eps", type=float, default=1e-8)
     ap.add_argument("--initial-accumulator", type=float, default=0.0)
     ap.add_argument("--chunk-bytes", type=int, default=codec.DEFAULT_CHUNK_BYTES, help="payload bytes per Pull message")
+    ap.add_argument("--apply-threads", type=int, default=2, help="threads applying pushed blocks")
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -328,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServerConfig.from_args(args)
     store = ShardStore(args.shard_index, OptimizerConfig(args.optimizer, args.lr, args.eps, args.initial_accumulator))
-    ps = ParameterServer(store, args.checkpoint_dir, args.chunk_bytes, cfg.max_message_bytes)
+    ps = ParameterServer(store, args.checkpoint_dir, args.chunk_bytes, cfg.max_message_bytes, args.apply_threads)
     server = Server(f"paramserver-{args.shard_index}", cfg)
     server.add(lambda s: s.add_generic_rpc_handlers((ps.handlers(),)), SERVICE)
     port = server.start()

@@ -1,12 +1,19 @@
 """The state of one parameter shard, independent of gRPC.
 
 Blocks are named flat float32 arrays with an Adagrad accumulator and a version
-(the number of updates applied). Each block has its own lock; a push is
-validated completely before anything is applied, then applied block by block
-under each block's lock, so a push is all-or-nothing and a pull never sees a
-half-updated block. Pushes are identified by (worker_id, seq): the shard
-remembers recent sequence numbers per worker and acknowledges a repeat without
-applying it again (at most once, also across a checkpoint/restore).
+(the number of updates applied). Each block has its own lock.
+
+The unit of atomicity is the block: a block's gradient is validated in full
+(every chunk) before any of it is applied, then applied under the block's
+lock, so a block is updated completely or not at all and a pull never sees a
+half-updated block. A push spanning several shards can never be atomic as a
+whole, so nothing pretends it is inside one shard either.
+
+Pushes are identified by (worker_id, seq). The shard remembers, for a window
+of recent sequence numbers per worker, which blocks each push has already
+updated; a retried push (same worker_id and seq) updates only the blocks the
+first attempt did not reach: every block at most once. The window travels in
+checkpoints, so this holds across a restore too.
 """
 
 from __future__ import annotations
@@ -88,15 +95,22 @@ class RWLock:
 
 
 class _Dedup:
+    """Blocks applied per recent sequence number of one worker."""
+
     def __init__(self) -> None:
-        self.seen: set[int] = set()
+        self.applied: dict[int, set[str]] = {}
         self.order: deque[int] = deque()
 
-    def add(self, seq: int) -> None:
-        self.seen.add(seq)
-        self.order.append(seq)
-        if len(self.order) > DEDUP_WINDOW:
-            self.seen.discard(self.order.popleft())
+    def add(self, seq: int, name: str) -> None:
+        if seq not in self.applied:
+            self.applied[seq] = set()
+            self.order.append(seq)
+            if len(self.order) > DEDUP_WINDOW:
+                self.applied.pop(self.order.popleft(), None)
+        self.applied[seq].add(name)
+
+    def has(self, seq: int, name: str) -> bool:
+        return name in self.applied.get(seq, ())
 
 
 class ShardStore:
@@ -107,7 +121,7 @@ class ShardStore:
         self.rw = RWLock()
         self._meta = threading.Lock()  # guards the dicts below and `blocks` membership
         self._dedup: dict[str, _Dedup] = {}
-        self._in_flight: set[tuple[str, int]] = set()
+        self._in_flight: set[tuple[str, int, str]] = set()
         self._flight_done = threading.Condition(self._meta)
         self._local = threading.local()
 
@@ -135,47 +149,68 @@ class ShardStore:
         except KeyError:
             raise StoreError("not_found", f"unknown block {name!r} on shard {self.shard_index}") from None
 
-    def replace_all(self, blocks: Iterable[Block], dedup: dict[str, list[int]]) -> None:
+    def replace_all(self, blocks: Iterable[Block], dedup: dict[str, list[list]]) -> None:
         """Swap in restored state (callers hold ``rw`` exclusively)."""
         with self._meta:
             self.blocks = {b.name: b for b in blocks}
             self._dedup = {}
-            for worker, seqs in dedup.items():
+            for worker, entries in dedup.items():
                 d = self._dedup[worker] = _Dedup()
-                for s in seqs:
-                    d.add(int(s))
+                for seq, names in entries:
+                    for n in names:
+                        d.add(int(seq), n)
 
-    def dedup_state(self) -> dict[str, list[int]]:
+    def dedup_state(self) -> dict[str, list[list]]:
+        """{worker: [[seq, [block, ...]], ...]}, oldest first (JSON-friendly)."""
         with self._meta:
-            return {w: list(d.order) for w, d in self._dedup.items()}
+            return {w: [[q, sorted(d.applied[q])] for q in d.order] for w, d in self._dedup.items()}
 
     @property
     def num_parameters(self) -> int:
         return sum(b.size for b in self.blocks.values())
 
     # -- pushes ----------------------------------------------------------------
-    def claim(self, worker_id: str, seq: int) -> bool:
-        """Reserve (worker_id, seq) for applying; False if it was already applied.
+    def claim(self, worker_id: str, seq: int, name: str) -> bool:
+        """Reserve block ``name`` of push (worker_id, seq); False if already applied.
 
-        A concurrent retry of the same push waits for the first to finish, so
-        that it can answer truthfully whether the push took effect.
+        A concurrent retry of the same push waits for the first attempt's
+        apply to finish, so that it can answer truthfully.
         """
-        key = (worker_id, seq)
+        key = (worker_id, seq, name)
         with self._meta:
             while key in self._in_flight:
                 self._flight_done.wait()
             d = self._dedup.get(worker_id)
-            if d is not None and seq in d.seen:
+            if d is not None and d.has(seq, name):
                 return False
             self._in_flight.add(key)
             return True
 
-    def release(self, worker_id: str, seq: int, applied: bool) -> None:
+    def release(self, worker_id: str, seq: int, name: str, applied: bool) -> None:
         with self._meta:
-            self._in_flight.discard((worker_id, seq))
+            self._in_flight.discard((worker_id, seq, name))
             if applied:
-                self._dedup.setdefault(worker_id, _Dedup()).add(seq)
+                self._dedup.setdefault(worker_id, _Dedup()).add(seq, name)
             self._flight_done.notify_all()
+
+    def apply_once(self, worker_id: str, seq: int, blk: Block, chunks: list[tuple[int, np.ndarray]]) -> int | None:
+        """Apply a validated block gradient unless this push already did.
+
+        Returns the block version before the update, or None for a repeat.
+        Holds ``rw`` shared, so a checkpoint sees every block either before
+        or after an update.
+        """
+        if not self.claim(worker_id, seq, blk.name):
+            return None
+        applied = False
+        self.rw.acquire_shared()
+        try:
+            before = self.apply(blk, chunks)
+            applied = True
+        finally:
+            self.rw.release_shared()
+            self.release(worker_id, seq, blk.name, applied)
+        return before
 
     def _scratch(self) -> optim.Scratch:
         s = getattr(self._local, "scratch", None)

@@ -4,8 +4,10 @@ isort:skip_file
 ParameterServer: one shard of the model's parameters. Owns named float32
 blocks, their Adagrad accumulators and a version per block. Pull streams
 blocks out in bounded chunks; Push streams gradients in and applies the
-optimiser under each block's lock. A push is identified by
-(worker_id, seq): a retried push is applied at most once.
+optimiser under each block's lock. The block is the unit of atomicity: a
+block's gradient is validated in full, then applied completely or not at
+all. A push is identified by (worker_id, seq): a retried push updates each
+block at most once.
 """
 
 from collections import abc as _abc
@@ -205,9 +207,9 @@ class PushRequest(_message.Message):
     to the current version is recorded as staleness.
     """
     commit: _builtins.bool
-    """Set on the last message of the push (which may carry no chunk): nothing
-    is applied unless the stream ends with it, so a stream cut short can
-    never pass for a complete push.
+    """Set on the last message of the push (which may carry no chunk). A stream
+    that ends without it (cut short by a cancel or a message over the size
+    limit) is answered with an error, never taken for a complete push.
     """
     @_builtins.property
     def chunk(self) -> _common_pb2.TensorChunk:
@@ -237,7 +239,9 @@ class PushResponse(_message.Message):
     BLOCKS_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
     duplicate: _builtins.bool
-    """True when (worker_id, seq) had already been applied: nothing was changed."""
+    """True when every block of (worker_id, seq) had already been applied:
+    nothing was changed.
+    """
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockInfo]:
         """New version of every block touched by the push."""

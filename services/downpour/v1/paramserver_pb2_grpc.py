@@ -90,8 +90,10 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request_iterator, context):
-        """Stream gradients in; the optimiser is applied as chunks arrive. The
-        whole push is validated chunk by chunk before each chunk is applied.
+        """Stream gradients in; each block is applied as soon as all its chunks
+        have arrived and been validated. On an error, the blocks completed
+        before it stay applied (the error names them); a retry with the same
+        (worker_id, seq) applies only the others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

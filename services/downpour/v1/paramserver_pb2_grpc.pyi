@@ -4,8 +4,10 @@ isort:skip_file
 ParameterServer: one shard of the model's parameters. Owns named float32
 blocks, their Adagrad accumulators and a version per block. Pull streams
 blocks out in bounded chunks; Push streams gradients in and applies the
-optimiser under each block's lock. A push is identified by
-(worker_id, seq): a retried push is applied at most once.
+optimiser under each block's lock. The block is the unit of atomicity: a
+block's gradient is validated in full, then applied completely or not at
+all. A push is identified by (worker_id, seq): a retried push updates each
+block at most once.
 """
 
 from collections import abc as _abc
@@ -43,8 +45,10 @@ class ParameterServerStub:
     Pull: _grpc.UnaryStreamMultiCallable[_paramserver_pb2.PullRequest, _paramserver_pb2.PullResponse]
     """Stream the current values of blocks out, chunk by chunk."""
     Push: _grpc.StreamUnaryMultiCallable[_paramserver_pb2.PushRequest, _paramserver_pb2.PushResponse]
-    """Stream gradients in; the optimiser is applied as chunks arrive. The
-    whole push is validated chunk by chunk before each chunk is applied.
+    """Stream gradients in; each block is applied as soon as all its chunks
+    have arrived and been validated. On an error, the blocks completed
+    before it stay applied (the error names them); a retry with the same
+    (worker_id, seq) applies only the others.
     """
     ListBlocks: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.ListBlocksRequest, _paramserver_pb2.ListBlocksResponse]
     """Names, shapes and versions of the blocks held by this shard."""
@@ -65,8 +69,10 @@ class ParameterServerAsyncStub(ParameterServerStub):
     Pull: _aio.UnaryStreamMultiCallable[_paramserver_pb2.PullRequest, _paramserver_pb2.PullResponse]  # type: ignore[assignment]
     """Stream the current values of blocks out, chunk by chunk."""
     Push: _aio.StreamUnaryMultiCallable[_paramserver_pb2.PushRequest, _paramserver_pb2.PushResponse]  # type: ignore[assignment]
-    """Stream gradients in; the optimiser is applied as chunks arrive. The
-    whole push is validated chunk by chunk before each chunk is applied.
+    """Stream gradients in; each block is applied as soon as all its chunks
+    have arrived and been validated. On an error, the blocks completed
+    before it stay applied (the error names them); a retry with the same
+    (worker_id, seq) applies only the others.
     """
     ListBlocks: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.ListBlocksRequest, _paramserver_pb2.ListBlocksResponse]  # type: ignore[assignment]
     """Names, shapes and versions of the blocks held by this shard."""
@@ -102,8 +108,10 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_paramserver_pb2.PushRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_paramserver_pb2.PushResponse, _abc.Awaitable[_paramserver_pb2.PushResponse]]:
-        """Stream gradients in; the optimiser is applied as chunks arrive. The
-        whole push is validated chunk by chunk before each chunk is applied.
+        """Stream gradients in; each block is applied as soon as all its chunks
+        have arrived and been validated. On an error, the blocks completed
+        before it stay applied (the error names them); a retry with the same
+        (worker_id, seq) applies only the others.
         """
 
     @_abc_1.abstractmethod
