@@ -313,3 +313,31 @@ def test_metrics_health_and_graceful_sigterm(shards, tmp_path):
     assert 'downpour_paramserver_staleness_versions_count{shard="0"} 2.0' in text
     assert 'downpour_paramserver_staleness_versions_sum{shard="0"} 1.0' in text
     assert s.kill(signal.SIGTERM) == 0
+
+
+def test_reflection_lists_the_services(strict_shard):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    ch = open_channel(strict_shard.address)
+    try:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    finally:
+        ch.close()
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"downpour.v1.ParameterServer", "grpc.health.v1.Health"} <= names
+
+
+def test_bearer_token_hook(shards, tmp_path):
+    from downpour.rpc.channel import ChannelConfig
+
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    s = shards("--token-file", str(token))  # health needs no token: the fixture got SERVING
+    with ParamClient([s.address], channel_config=ChannelConfig(token="wrong")) as ps:
+        with pytest.raises(grpc.RpcError) as err:
+            ps.list_blocks()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with ParamClient([s.address], channel_config=ChannelConfig(token="s3cret")) as ps:
+        ps.init({"a": np.zeros(4, np.float32)})
+        assert [b.name for b in ps.list_blocks()[0].blocks] == ["a"]

@@ -42,7 +42,7 @@ _NP_OF = {
 }
 _DT_OF = {v.str.lstrip("<|"): k for k, v in _NP_OF.items() if k != common_pb2.DTYPE_BFLOAT16}
 
-DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = 1 << 20  # cheapest per byte here: copies of a 1 MiB message stay in L2 (benchmarks/transport.py)
 
 
 def np_dtype(dtype: int) -> np.dtype:
