@@ -30,7 +30,7 @@ import argparse
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
 import grpc
@@ -107,7 +107,7 @@ class ParameterServer:
     def __init__(self, store: ShardStore, checkpoint_dir: str = "", chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = 64 << 20, apply_threads: int = 2, max_pending_blocks: int = 2) -> None:
         self.store = store
-        self._appliers = ThreadPoolExecutor(max_workers=apply_threads, thread_name_prefix="apply")
+        self._appliers = ThreadPoolExecutor(apply_threads, thread_name_prefix="apply") if apply_threads > 0 else None
         self.max_pending_blocks = max_pending_blocks
         self.checkpoint_dir = checkpoint_dir
         self.chunk_bytes = max(4, min(chunk_bytes, max_message_bytes - HEADER_ROOM))
@@ -256,7 +256,12 @@ class ParameterServer:
                     # Bound the memory held by blocks waiting to be applied.
                     while sum(not f.done() for _, f in jobs) >= self.max_pending_blocks:
                         next(f for _, f in jobs if not f.done()).result()
-                    jobs.append((blk, self._appliers.submit(self._apply_block, worker, seq, blk, asm, base)))
+                    if self._appliers is None:  # --apply-threads 0: apply inline
+                        fut: Any = Future()
+                        fut.set_result(self._apply_block(worker, seq, blk, asm, base))
+                    else:
+                        fut = self._appliers.submit(self._apply_block, worker, seq, blk, asm, base)
+                    jobs.append((blk, fut))
             # gRPC ends the request iterator quietly when the call fails (a
             # message over the limit, a cancel): only a commit proves the end.
             if not committed or not context.is_active():
@@ -339,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eps", type=float, default=1e-8)
     ap.add_argument("--initial-accumulator", type=float, default=0.0)
     ap.add_argument("--chunk-bytes", type=int, default=codec.DEFAULT_CHUNK_BYTES, help="payload bytes per Pull message")
-    ap.add_argument("--apply-threads", type=int, default=2, help="threads applying pushed blocks")
+    ap.add_argument("--apply-threads", type=int, default=2, help="threads applying pushed blocks (0: apply on the receiving thread)")
     ap.add_argument("--log-level", default="INFO")
     return ap
 
