@@ -58,3 +58,25 @@ WORKER_EXAMPLES = Counter("downpour_worker_examples_total", "Examples processed 
 WORKER_HEARTBEATS = Counter("downpour_worker_heartbeats_total", "Heartbeats answered by the coordinator.")
 COORDINATOR_MEMBERS = Gauge("downpour_coordinator_members", "Workers known to the coordinator.")
 COORDINATOR_HEARTBEATS = Counter("downpour_coordinator_heartbeats_total", "Heartbeats received.")
+
+# -- data feeder ------------------------------------------------------------------
+FEEDER_BATCHES = Counter("downpour_feeder_batches_total", "Minibatches sent by StreamBatches.", ["split"])
+FEEDER_EXAMPLES = Counter("downpour_feeder_examples_total", "Examples sent by StreamBatches.", ["split"])
+FEEDER_QUEUE_DEPTH = Gauge(
+    "downpour_feeder_queue_depth", "Batches prepared and waiting to be sent, over all open streams."
+)
+FEEDER_STREAMS = Gauge("downpour_feeder_streams", "StreamBatches calls in progress.")
+FEEDER_SKIPPED_FILES = Counter(
+    "downpour_feeder_skipped_files_total", "Dataset files that could not be decoded (each counted once)."
+)
+
+# -- neurons service -----------------------------------------------------------------
+NEURONS_PARAMETERS_VERSION = Gauge(
+    "downpour_neurons_parameters_version", "Version of the parameters the neurons service answers with."
+)
+NEURONS_REFRESHES = Counter(
+    "downpour_neurons_refreshes_total", "Parameter refreshes by the neurons service, by outcome.", ["outcome"]
+)
+NEURONS_IMAGES = Counter(
+    "downpour_neurons_images_total", "Images run through the network by the neurons service.", ["method"]
+)

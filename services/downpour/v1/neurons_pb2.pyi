@@ -58,24 +58,48 @@ class GetActivationsRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     NEURONS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    ENCODED_IMAGES_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    NEURON_IDS_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     checkpoint_id: _builtins.str
     """Empty: the live parameters; otherwise a committed checkpoint."""
+    layer: _builtins.str
+    """With `neurons` empty: the layer to read (e.g. "stage3.pool"), and the units
+    by flat index ((map * height) + y) * width + x into it; no ids: every unit.
+    """
+    raw: _builtins.bool
+    """Feed the images as they are. Default: scale integer images to [0, 1] and
+    apply the job's per-example normalisation, as the feeder did in training.
+    """
     @_builtins.property
     def images(self) -> _common_pb2.Tensor:
         """[batch, height, width, channels], float32."""
 
     @_builtins.property
     def neurons(self) -> _containers.RepeatedCompositeFieldContainer[Global___NeuronRef]: ...
+    @_builtins.property
+    def encoded_images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Encoded images (PNG, JPEG, ...), instead of `images`. Each must decode to
+        the model's input height and width; colour is converted to the model's channels.
+        """
+
+    @_builtins.property
+    def neuron_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         images: _common_pb2.Tensor | None = ...,
         neurons: _abc.Iterable[Global___NeuronRef] | None = ...,
         checkpoint_id: _builtins.str = ...,
+        encoded_images: _abc.Iterable[_builtins.bytes] | None = ...,
+        layer: _builtins.str = ...,
+        neuron_ids: _abc.Iterable[_builtins.int] | None = ...,
+        raw: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["images", b"images"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "images", b"images", "neurons", b"neurons"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "encoded_images", b"encoded_images", "images", b"images", "layer", b"layer", "neuron_ids", b"neuron_ids", "neurons", b"neurons", "raw", b"raw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -87,20 +111,30 @@ class GetActivationsResponse(_message.Message):
 
     ACTIVATIONS_FIELD_NUMBER: _builtins.int
     PARAMETERS_VERSION_FIELD_NUMBER: _builtins.int
+    LAYER_SHAPE_FIELD_NUMBER: _builtins.int
+    NEURON_IDS_FIELD_NUMBER: _builtins.int
     parameters_version: _builtins.int
     @_builtins.property
     def activations(self) -> _common_pb2.Tensor:
         """[batch, len(neurons)], float32."""
 
+    @_builtins.property
+    def layer_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """When `layer` was given: its [maps, height, width] and the flat ids of the columns."""
+
+    @_builtins.property
+    def neuron_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         activations: _common_pb2.Tensor | None = ...,
         parameters_version: _builtins.int = ...,
+        layer_shape: _abc.Iterable[_builtins.int] | None = ...,
+        neuron_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "parameters_version", b"parameters_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "layer_shape", b"layer_shape", "neuron_ids", b"neuron_ids", "parameters_version", b"parameters_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -116,6 +150,7 @@ class TopInputsRequest(_message.Message):
     MAX_EXAMPLES_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_IMAGES_FIELD_NUMBER: _builtins.int
+    INCLUDE_THUMBNAILS_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     dataset: _builtins.str
     """Dataset to scan (as the feeder names it); empty: the job's dataset."""
@@ -123,6 +158,8 @@ class TopInputsRequest(_message.Message):
     """Scan at most this many examples; 0: all."""
     checkpoint_id: _builtins.str
     include_images: _builtins.bool
+    include_thumbnails: _builtins.bool
+    """A PNG thumbnail of each input (the network's input, min-max scaled to 8 bits)."""
     @_builtins.property
     def neuron(self) -> Global___NeuronRef: ...
     def __init__(
@@ -134,10 +171,11 @@ class TopInputsRequest(_message.Message):
         max_examples: _builtins.int = ...,
         checkpoint_id: _builtins.str = ...,
         include_images: _builtins.bool = ...,
+        include_thumbnails: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["neuron", b"neuron"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "dataset", b"dataset", "include_images", b"include_images", "k", b"k", "max_examples", b"max_examples", "neuron", b"neuron"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "dataset", b"dataset", "include_images", b"include_images", "include_thumbnails", b"include_thumbnails", "k", b"k", "max_examples", b"max_examples", "neuron", b"neuron"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -151,9 +189,12 @@ class ScoredInput(_message.Message):
     ACTIVATION_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    THUMBNAIL_PNG_FIELD_NUMBER: _builtins.int
     example_id: _builtins.int
     activation: _builtins.float
     label: _builtins.int
+    thumbnail_png: _builtins.bytes
+    """Set when include_thumbnails was asked for."""
     @_builtins.property
     def image(self) -> _common_pb2.Tensor:
         """Set when include_images was asked for: [height, width, channels]."""
@@ -165,10 +206,11 @@ class ScoredInput(_message.Message):
         activation: _builtins.float = ...,
         image: _common_pb2.Tensor | None = ...,
         label: _builtins.int = ...,
+        thumbnail_png: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "example_id", b"example_id", "image", b"image", "label", b"label"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "example_id", b"example_id", "image", b"image", "label", b"label", "thumbnail_png", b"thumbnail_png"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -180,7 +222,9 @@ class TopInputsResponse(_message.Message):
 
     INPUTS_FIELD_NUMBER: _builtins.int
     EXAMPLES_SCANNED_FIELD_NUMBER: _builtins.int
+    PARAMETERS_VERSION_FIELD_NUMBER: _builtins.int
     examples_scanned: _builtins.int
+    parameters_version: _builtins.int
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredInput]: ...
     def __init__(
@@ -188,10 +232,11 @@ class TopInputsResponse(_message.Message):
         *,
         inputs: _abc.Iterable[Global___ScoredInput] | None = ...,
         examples_scanned: _builtins.int = ...,
+        parameters_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_scanned", b"examples_scanned", "inputs", b"inputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_scanned", b"examples_scanned", "inputs", b"inputs", "parameters_version", b"parameters_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -206,10 +251,16 @@ class OptimalStimulusRequest(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    NORM_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     learning_rate: _builtins.float
     seed: _builtins.int
     checkpoint_id: _builtins.str
+    restarts: _builtins.int
+    """Random starting points ascended together; the best is returned (0: 8)."""
+    norm: _builtins.float
+    """L2 norm of the constraint (0: 1, the unit norm of Le et al. 2012)."""
     @_builtins.property
     def neuron(self) -> Global___NeuronRef: ...
     def __init__(
@@ -220,10 +271,12 @@ class OptimalStimulusRequest(_message.Message):
         learning_rate: _builtins.float = ...,
         seed: _builtins.int = ...,
         checkpoint_id: _builtins.str = ...,
+        restarts: _builtins.int = ...,
+        norm: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["neuron", b"neuron"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "learning_rate", b"learning_rate", "neuron", b"neuron", "seed", b"seed", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "learning_rate", b"learning_rate", "neuron", b"neuron", "norm", b"norm", "restarts", b"restarts", "seed", b"seed", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -235,7 +288,19 @@ class OptimalStimulusResponse(_message.Message):
 
     STIMULUS_FIELD_NUMBER: _builtins.int
     ACTIVATION_FIELD_NUMBER: _builtins.int
+    RANDOM_ACTIVATION_MEAN_FIELD_NUMBER: _builtins.int
+    RANDOM_ACTIVATION_MAX_FIELD_NUMBER: _builtins.int
+    PARAMETERS_VERSION_FIELD_NUMBER: _builtins.int
+    PNG_FIELD_NUMBER: _builtins.int
     activation: _builtins.float
+    random_activation_mean: _builtins.float
+    """The neuron's mean and max activation over random inputs of the same norm
+    (the baseline the stimulus is to beat).
+    """
+    random_activation_max: _builtins.float
+    parameters_version: _builtins.int
+    png: _builtins.bytes
+    """The stimulus min-max scaled to an 8-bit PNG."""
     @_builtins.property
     def stimulus(self) -> _common_pb2.Tensor:
         """[height, width, channels], unit L2 norm."""
@@ -245,11 +310,116 @@ class OptimalStimulusResponse(_message.Message):
         *,
         stimulus: _common_pb2.Tensor | None = ...,
         activation: _builtins.float = ...,
+        random_activation_mean: _builtins.float = ...,
+        random_activation_max: _builtins.float = ...,
+        parameters_version: _builtins.int = ...,
+        png: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stimulus", b"stimulus"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "stimulus", b"stimulus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "parameters_version", b"parameters_version", "png", b"png", "random_activation_max", b"random_activation_max", "random_activation_mean", b"random_activation_mean", "stimulus", b"stimulus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OptimalStimulusResponse: _TypeAlias = OptimalStimulusResponse  # noqa: Y015
+
+@_typing.final
+class DescribeModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    checkpoint_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        checkpoint_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeModelRequest: _TypeAlias = DescribeModelRequest  # noqa: Y015
+
+@_typing.final
+class LayerInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """[maps, height, width]."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerInfo: _TypeAlias = LayerInfo  # noqa: Y015
+
+@_typing.final
+class DescribeModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYERS_FIELD_NUMBER: _builtins.int
+    INPUT_SHAPE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PARAMETERS_VERSION_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    NORMALIZE_FIELD_NUMBER: _builtins.int
+    MAX_IMAGES_FIELD_NUMBER: _builtins.int
+    DATASETS_FIELD_NUMBER: _builtins.int
+    SECONDS_SINCE_REFRESH_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Where the parameters come from, e.g. "shards 127.0.0.1:7100,..." or "checkpoint <id>"."""
+    parameters_version: _builtins.int
+    checkpoint_id: _builtins.str
+    """The checkpoint served (empty for live shards) and its step."""
+    step: _builtins.int
+    normalize: _builtins.str
+    """The per-example normalisation applied to non-raw images."""
+    max_images: _builtins.int
+    seconds_since_refresh: _builtins.float
+    """Seconds since the parameters were last refreshed."""
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerInfo]: ...
+    @_builtins.property
+    def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The network's input as images are sent: [height, width, channels]."""
+
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Datasets TopInputs can scan."""
+
+    def __init__(
+        self,
+        *,
+        layers: _abc.Iterable[Global___LayerInfo] | None = ...,
+        input_shape: _abc.Iterable[_builtins.int] | None = ...,
+        source: _builtins.str = ...,
+        parameters_version: _builtins.int = ...,
+        checkpoint_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        normalize: _builtins.str = ...,
+        max_images: _builtins.int = ...,
+        datasets: _abc.Iterable[_builtins.str] | None = ...,
+        seconds_since_refresh: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "datasets", b"datasets", "input_shape", b"input_shape", "layers", b"layers", "max_images", b"max_images", "normalize", b"normalize", "parameters_version", b"parameters_version", "seconds_since_refresh", b"seconds_since_refresh", "source", b"source", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeModelResponse: _TypeAlias = DescribeModelResponse  # noqa: Y015

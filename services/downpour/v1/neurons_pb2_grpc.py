@@ -49,6 +49,11 @@ class NeuronsStub:
                 request_serializer=downpour_dot_v1_dot_neurons__pb2.OptimalStimulusRequest.SerializeToString,
                 response_deserializer=downpour_dot_v1_dot_neurons__pb2.OptimalStimulusResponse.FromString,
                 _registered_method=True)
+        self.DescribeModel = channel.unary_unary(
+                '/downpour.v1.Neurons/DescribeModel',
+                request_serializer=downpour_dot_v1_dot_neurons__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=downpour_dot_v1_dot_neurons__pb2.DescribeModelResponse.FromString,
+                _registered_method=True)
 
 
 class NeuronsServicer:
@@ -75,6 +80,13 @@ class NeuronsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeModel(self, request, context):
+        """The layers that can be queried, their shapes, and where the parameters come from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NeuronsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_NeuronsServicer_to_server(servicer, server):
                     servicer.OptimalStimulus,
                     request_deserializer=downpour_dot_v1_dot_neurons__pb2.OptimalStimulusRequest.FromString,
                     response_serializer=downpour_dot_v1_dot_neurons__pb2.OptimalStimulusResponse.SerializeToString,
+            ),
+            'DescribeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeModel,
+                    request_deserializer=downpour_dot_v1_dot_neurons__pb2.DescribeModelRequest.FromString,
+                    response_serializer=downpour_dot_v1_dot_neurons__pb2.DescribeModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class Neurons:
             '/downpour.v1.Neurons/OptimalStimulus',
             downpour_dot_v1_dot_neurons__pb2.OptimalStimulusRequest.SerializeToString,
             downpour_dot_v1_dot_neurons__pb2.OptimalStimulusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.Neurons/DescribeModel',
+            downpour_dot_v1_dot_neurons__pb2.DescribeModelRequest.SerializeToString,
+            downpour_dot_v1_dot_neurons__pb2.DescribeModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

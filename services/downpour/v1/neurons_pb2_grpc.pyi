@@ -39,6 +39,8 @@ class NeuronsStub:
     """The k inputs of a dataset that excite a neuron most."""
     OptimalStimulus: _grpc.UnaryUnaryMultiCallable[_neurons_pb2.OptimalStimulusRequest, _neurons_pb2.OptimalStimulusResponse]
     """The input of unit norm that maximises a neuron's activation."""
+    DescribeModel: _grpc.UnaryUnaryMultiCallable[_neurons_pb2.DescribeModelRequest, _neurons_pb2.DescribeModelResponse]
+    """The layers that can be queried, their shapes, and where the parameters come from."""
 
 @_typing.type_check_only
 class NeuronsAsyncStub(NeuronsStub):
@@ -49,6 +51,8 @@ class NeuronsAsyncStub(NeuronsStub):
     """The k inputs of a dataset that excite a neuron most."""
     OptimalStimulus: _aio.UnaryUnaryMultiCallable[_neurons_pb2.OptimalStimulusRequest, _neurons_pb2.OptimalStimulusResponse]  # type: ignore[assignment]
     """The input of unit norm that maximises a neuron's activation."""
+    DescribeModel: _aio.UnaryUnaryMultiCallable[_neurons_pb2.DescribeModelRequest, _neurons_pb2.DescribeModelResponse]  # type: ignore[assignment]
+    """The layers that can be queried, their shapes, and where the parameters come from."""
 
 class NeuronsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -74,5 +78,13 @@ class NeuronsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_neurons_pb2.OptimalStimulusResponse, _abc.Awaitable[_neurons_pb2.OptimalStimulusResponse]]:
         """The input of unit norm that maximises a neuron's activation."""
+
+    @_abc_1.abstractmethod
+    def DescribeModel(
+        self,
+        request: _neurons_pb2.DescribeModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_neurons_pb2.DescribeModelResponse, _abc.Awaitable[_neurons_pb2.DescribeModelResponse]]:
+        """The layers that can be queried, their shapes, and where the parameters come from."""
 
 def add_NeuronsServicer_to_server(servicer: NeuronsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,232 @@
+"""Where the Neurons service gets its parameters.
+
+* ``ShardSource``: the live parameter shards, pulled again every
+  ``refresh_seconds`` in a background thread, so that neurons can be watched
+  while the job trains. The version is the sum of the blocks' versions.
+* ``CheckpointSource``: a checkpoint directory of committed checkpoints
+  (``<dir>/<id>/MANIFEST.json`` naming each shard's file); the newest one is
+  served and a newer one is picked up on the refresh interval.
+* ``NpzSource``: named blocks in an .npz file (what ``downpour eval`` saves).
+* ``RandomSource``: a seeded initialisation (demos and tests).
+
+Every source yields a ``NeuronModel``; a job config (YAML) gives the network
+spec and the normalisation the feeder used (a checkpoint carries its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from downpour import config as jobconfig
+from downpour import metrics
+from downpour.neurons.model import NeuronModel
+from downpour.nn.spec import NetworkSpec
+
+log = logging.getLogger("downpour.neurons")
+MANIFEST = "MANIFEST.json"
+
+
+class SourceError(RuntimeError):
+    pass
+
+
+def list_manifests(checkpoint_dir: str) -> list[dict]:
+    """Committed checkpoints (readable MANIFEST.json), oldest first."""
+    from downpour.coordinator.server import list_manifests as _list
+
+    return _list(checkpoint_dir)
+
+
+def load_checkpoint(checkpoint_dir: str, manifest: dict) -> tuple[jobconfig.JobConfig, dict[str, np.ndarray]]:
+    """The job config and every block of one committed checkpoint."""
+    from downpour.paramserver import checkpoint as ckpt
+
+    cfg = jobconfig.from_yaml(manifest["config"])
+    blocks: dict[str, np.ndarray] = {}
+    ck_id = manifest["checkpoint_id"]
+    for part in manifest["shards"]:
+        path = Path(part.get("path", ""))
+        if not path.is_file():  # a moved/copied checkpoint folder: the conventional name
+            path = Path(checkpoint_dir) / ck_id / f"shard-{int(part['shard'])}.ckpt"
+        _, _, bl, _ = ckpt.load(path)
+        for b in bl:
+            blocks[b.name] = b.w
+    return cfg, blocks
+
+
+class Source:
+    """Holds the current model; ``refresh()`` replaces it when the parameters changed."""
+
+    description = ""
+    checkpoint_dir = ""
+
+    def __init__(self) -> None:
+        self._model: NeuronModel | None = None
+        self.checkpoint_id = ""
+        self.step = 0
+        self.normalize = "standardize"
+        self.data = "default"
+        self.refreshed_at = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> NeuronModel:
+        if self._model is None:
+            raise SourceError(f"no parameters loaded yet from {self.description}")
+        return self._model
+
+    def _set(self, model: NeuronModel) -> None:
+        with self._lock:
+            self._model = model
+            self.refreshed_at = time.time()
+
+    def refresh(self) -> bool:
+        return False
+
+    def checkpoint(self, checkpoint_id: str) -> NeuronModel:
+        """The model of a named committed checkpoint in ``checkpoint_dir``."""
+        if not self.checkpoint_dir:
+            raise SourceError("this server has no checkpoint directory; start it with --checkpoint-dir")
+        for m in list_manifests(self.checkpoint_dir):
+            if m["checkpoint_id"] == checkpoint_id:
+                cfg, blocks = load_checkpoint(self.checkpoint_dir, m)
+                return NeuronModel(cfg.network_spec(), blocks, version=int(m["step"]))
+        raise KeyError(f"no committed checkpoint {checkpoint_id!r} in {self.checkpoint_dir}")
+
+    def close(self) -> None:
+        pass
+
+
+class StaticSource(Source):
+    def __init__(self, spec: NetworkSpec, params: dict, description: str, normalize: str = "standardize",
+                 data: str = "default", checkpoint_dir: str = "") -> None:
+        super().__init__()
+        self.description, self.normalize, self.data = description, normalize, data
+        self.checkpoint_dir = checkpoint_dir
+        self._set(NeuronModel(spec, params))
+
+
+def random_source(spec: NetworkSpec, seed: int, **kw) -> StaticSource:
+    from downpour.nn import Network
+
+    return StaticSource(spec, Network(spec).init_params(seed), f"random initialisation (seed {seed})", **kw)
+
+
+def npz_source(path: str, spec: NetworkSpec, **kw) -> StaticSource:
+    with np.load(path, allow_pickle=False) as z:
+        params = {k: z[k] for k in z.files}
+    return StaticSource(spec, params, f"parameters file {path}", **kw)
+
+
+class CheckpointSource(Source):
+    def __init__(self, checkpoint_dir: str) -> None:
+        super().__init__()
+        self.checkpoint_dir = checkpoint_dir
+        self.description = f"checkpoints in {checkpoint_dir}"
+        if not self.refresh():
+            raise SourceError(f"no committed checkpoint (no {MANIFEST}) under {checkpoint_dir}")
+
+    def refresh(self) -> bool:
+        found = list_manifests(self.checkpoint_dir)
+        if not found or found[-1]["checkpoint_id"] == self.checkpoint_id:
+            return False
+        m = found[-1]
+        cfg, blocks = load_checkpoint(self.checkpoint_dir, m)
+        self._set(NeuronModel(cfg.network_spec(), blocks, version=int(m["step"])))
+        self.checkpoint_id, self.step = m["checkpoint_id"], int(m["step"])
+        self.normalize, self.data = cfg.normalize, cfg.data
+        self.description = f"checkpoint {self.checkpoint_id} (step {self.step}) in {self.checkpoint_dir}"
+        log.info("serving %s", self.description)
+        return True
+
+
+class ShardSource(Source):
+    def __init__(self, shards: list[str], cfg: jobconfig.JobConfig, checkpoint_dir: str = "",
+                 channel_config=None, timeout: float = 60.0) -> None:
+        from downpour.nn import Network
+        from downpour.paramserver.client import ParamClient, balanced_placement
+
+        super().__init__()
+        self.spec = cfg.network_spec()
+        self.normalize, self.data = cfg.normalize, cfg.data
+        self.checkpoint_dir = checkpoint_dir
+        sizes = Network(self.spec).block_sizes()
+        # the coordinator places blocks the same way (size-balanced over the shards)
+        self.client = ParamClient(shards, worker_id="neurons", placement=balanced_placement(sizes, len(shards)),
+                                  channel_config=channel_config, timeout=timeout)
+        self.names = list(sizes)
+        self.description = "shards " + ",".join(shards)
+        self._version = -1
+
+    def refresh(self) -> bool:
+        params = self.client.pull(self.names)
+        version = int(sum(self.client.versions.get(n, 0) for n in self.names))
+        if version == self._version and self._model is not None:
+            self.refreshed_at = time.time()
+            return False
+        self._set(NeuronModel(self.spec, params, version=version))
+        self._version = version
+        return True
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Refresher:
+    """Calls ``source.refresh()`` every ``interval`` seconds in a daemon thread; errors are logged."""
+
+    def __init__(self, source: Source, interval: float) -> None:
+        self.source, self.interval = source, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="neurons-refresh", daemon=True)
+
+    def start(self) -> "Refresher":
+        if self.interval > 0:
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                changed = self.source.refresh()
+                metrics.NEURONS_REFRESHES.labels("changed" if changed else "unchanged").inc()
+                if changed:
+                    metrics.NEURONS_PARAMETERS_VERSION.set(self.source.model.version)
+                    log.info("parameters refreshed from %s (version %d)", self.source.description,
+                             self.source.model.version)
+            except Exception as e:  # keep serving the last good parameters
+                metrics.NEURONS_REFRESHES.labels("failed").inc()
+                log.warning("refresh from %s failed: %s", self.source.description, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def wait_for_first(source: Source, timeout: float) -> None:
+    """Retry ``refresh()`` until the source has parameters (shards may still be starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            source.refresh()
+            source.model
+            return
+        except Exception as e:
+            if time.monotonic() > deadline:
+                raise SourceError(f"no parameters from {source.description} after {timeout:.0f}s: {e}") from e
+            time.sleep(0.5)
+
+
+def job_config_from(path: str = "", preset: str = "") -> jobconfig.JobConfig:
+    if path:
+        return jobconfig.load(path, env={})
+    return jobconfig.load(None, env={}, overrides={"preset": preset or "small"})
+
+
+__all__ = ["Source", "StaticSource", "CheckpointSource", "ShardSource", "Refresher", "random_source",
+           "npz_source", "load_checkpoint", "list_manifests", "job_config_from", "wait_for_first",
+           "SourceError"]
