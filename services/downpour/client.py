@@ -1,0 +1,231 @@
+"""A Python client of the Neurons service, and the ``downpour query`` command.
+
+    from downpour.client import NeuronsClient
+    with NeuronsClient("127.0.0.1:7300") as nc:
+        info = nc.describe()                                   # layers, shapes, source
+        acts = nc.activations(["face.png"], "stage3.pool")     # (1, units) every unit
+        acts = nc.activations(batch_bhwc, "stage3.pool", neurons=[5, 17])
+        top = nc.top_inputs("stage3.pool", (2, 4, 4), dataset="heldout", k=9)
+        stim = nc.optimal_stimulus("stage3.pool", (2, 4, 4))   # unit-norm [H, W, C]
+
+    downpour query --addr 127.0.0.1:7300 --image face.png --layer stage3.pool --neurons 5,17 [--json]
+
+Images are file paths / encoded bytes (sent as encoded images, so the server
+decodes them) or arrays [batch, height, width, channels] (uint8 or float in
+[0, 1]). A neuron is a flat id into its layer, or a (map, y, x) triple.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from downpour.rpc import codec
+from downpour.rpc.channel import ChannelConfig, open_channel, wait_ready
+from downpour.v1 import neurons_pb2 as pb
+from downpour.v1 import neurons_pb2_grpc
+
+NeuronSpec = int | tuple[int, int, int]
+
+
+@dataclass
+class Activations:
+    values: np.ndarray  # (images, neurons) float32
+    neuron_ids: list[int]  # flat ids, one per column (when a layer was queried)
+    layer_shape: tuple[int, ...]  # (maps, height, width)
+    parameters_version: int
+
+
+@dataclass
+class TopInput:
+    example_id: int
+    activation: float
+    label: int
+    image: np.ndarray | None  # [H, W, C]
+    thumbnail_png: bytes
+
+
+@dataclass
+class Stimulus:
+    image: np.ndarray  # [H, W, C], L2 norm as asked (1 by default)
+    activation: float
+    random_activation_mean: float
+    random_activation_max: float
+    parameters_version: int
+    png: bytes
+
+
+def _encoded(images) -> tuple[list[bytes], np.ndarray | None]:
+    """Paths or bytes -> encoded list; an array -> (.., array)."""
+    if isinstance(images, np.ndarray):
+        return [], images
+    out = []
+    for im in images:
+        if isinstance(im, (bytes, bytearray)):
+            out.append(bytes(im))
+        elif isinstance(im, (str, os.PathLike)):
+            with open(im, "rb") as f:
+                out.append(f.read())
+        else:
+            raise TypeError(f"an image must be a path, encoded bytes or one array of all images, got {type(im)}")
+    return out, None
+
+
+class NeuronsClient:
+    def __init__(self, address: str, channel_config: ChannelConfig | None = None, timeout: float = 60.0) -> None:
+        self.address, self.timeout = address, timeout
+        self.channel = open_channel(address, channel_config)
+        self.stub = neurons_pb2_grpc.NeuronsStub(self.channel)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wait_ready(self.channel, timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "NeuronsClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _ref(layer: str, neuron: NeuronSpec) -> pb.NeuronRef:
+        m, y, x = neuron
+        return pb.NeuronRef(layer=layer, map=int(m), y=int(y), x=int(x))
+
+    def describe(self, checkpoint_id: str = "") -> pb.DescribeModelResponse:
+        return self.stub.DescribeModel(pb.DescribeModelRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
+
+    def activations(self, images, layer: str, neurons: Sequence[NeuronSpec] | None = None, *,
+                    raw: bool = False, checkpoint_id: str = "") -> Activations:
+        """Activations of ``neurons`` (flat ids or (map, y, x); None: every unit) of ``layer``."""
+        enc, arr = _encoded(images)
+        req = pb.GetActivationsRequest(encoded_images=enc, raw=raw, checkpoint_id=checkpoint_id)
+        if arr is not None:
+            req.images.CopyFrom(codec.tensor_to_proto(np.ascontiguousarray(arr)))
+        neurons = list(neurons or [])
+        if neurons and all(isinstance(n, (tuple, list)) for n in neurons):
+            req.neurons.extend(self._ref(layer, n) for n in neurons)
+        else:
+            req.layer = layer
+            req.neuron_ids.extend(int(n) for n in neurons)
+        r = self.stub.GetActivations(req, timeout=self.timeout)
+        ids = list(r.neuron_ids) if r.neuron_ids else [n for n in range(len(neurons))]
+        return Activations(codec.tensor_from_proto(r.activations).copy(), ids, tuple(r.layer_shape),
+                           r.parameters_version)
+
+    def top_inputs(self, layer: str, neuron: tuple[int, int, int], *, dataset: str = "", k: int = 9,
+                   max_examples: int = 0, images: bool = False, thumbnails: bool = False,
+                   checkpoint_id: str = "") -> list[TopInput]:
+        r = self.stub.TopInputs(pb.TopInputsRequest(
+            neuron=self._ref(layer, neuron), k=k, dataset=dataset, max_examples=max_examples,
+            include_images=images, include_thumbnails=thumbnails, checkpoint_id=checkpoint_id), timeout=self.timeout)
+        return [TopInput(s.example_id, s.activation, s.label,
+                         codec.tensor_from_proto(s.image).copy() if s.HasField("image") else None, s.thumbnail_png)
+                for s in r.inputs]
+
+    def optimal_stimulus(self, layer: str, neuron: tuple[int, int, int], *, steps: int = 200,
+                         learning_rate: float = 0.1, restarts: int = 8, norm: float = 1.0, seed: int = 0,
+                         checkpoint_id: str = "") -> Stimulus:
+        r = self.stub.OptimalStimulus(pb.OptimalStimulusRequest(
+            neuron=self._ref(layer, neuron), steps=steps, learning_rate=learning_rate, restarts=restarts,
+            norm=norm, seed=seed, checkpoint_id=checkpoint_id), timeout=max(self.timeout, 300.0))
+        return Stimulus(codec.tensor_from_proto(r.stimulus).copy(), r.activation, r.random_activation_mean,
+                        r.random_activation_max, r.parameters_version, r.png)
+
+
+# -- downpour query -----------------------------------------------------------------------
+
+def parse_neurons(text: str) -> list[NeuronSpec]:
+    """"5,17" -> [5, 17]; "0:1:2;3:0:0" (map:y:x) -> [(0, 1, 2), (3, 0, 0)]."""
+    out: list[NeuronSpec] = []
+    for part in [p for p in text.replace(";", ",").split(",") if p.strip()]:
+        if ":" in part:
+            bits = part.split(":")
+            if len(bits) != 3:
+                raise ValueError(f"neuron {part!r}: write a flat id (17) or map:y:x (2:4:4)")
+            out.append(tuple(int(b) for b in bits))  # type: ignore[arg-type]
+        else:
+            out.append(int(part))
+    kinds = {isinstance(n, tuple) for n in out}
+    if len(kinds) > 1:
+        raise ValueError("--neurons: use either flat ids or map:y:x triples, not both")
+    return out
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    import grpc
+
+    from downpour.rpc.channel import ChannelConfig
+
+    token = ""
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    cc = ChannelConfig(ca=args.ca, cert=args.cert, key=args.key, token=token)
+    try:
+        neurons = parse_neurons(args.neurons) if args.neurons else None
+        with NeuronsClient(args.addr, cc, timeout=args.timeout) as nc:
+            r = nc.activations(args.image, args.layer, neurons, raw=args.raw, checkpoint_id=args.checkpoint_id)
+    except grpc.RpcError as e:
+        print(f"downpour query: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"downpour query: {e}", file=sys.stderr)
+        return 2
+    cols = [f"{n[0]}:{n[1]}:{n[2]}" for n in neurons] if neurons and isinstance(neurons[0], tuple) else \
+        [str(i) for i in r.neuron_ids]
+    if args.json:
+        print(json.dumps({"layer": args.layer, "layer_shape": list(r.layer_shape), "neurons": cols,
+                          "parameters_version": r.parameters_version,
+                          "images": [{"image": im, "activations": [float(v) for v in row]}
+                                     for im, row in zip(args.image, r.values)]}, indent=1))
+        return 0
+    shape = "x".join(map(str, r.layer_shape)) if r.layer_shape else ""
+    print(f"{args.layer}{' [' + shape + ']' if shape else ''}, parameters version {r.parameters_version}")
+    for im, row in zip(args.image, r.values):
+        if len(row) <= 16:
+            vals = "  ".join(f"{c}={v:.4g}" for c, v in zip(cols, row))
+        else:
+            top = np.argsort(-row)[:8]
+            vals = (f"{len(row)} units: mean {row.mean():.4g}, max {row.max():.4g}; top "
+                    + "  ".join(f"{cols[j]}={row[j]:.4g}" for j in top))
+        print(f"{im}: {vals}")
+    return 0
+
+
+def add_query_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``downpour query`` to a ``downpour`` subparsers object."""
+    q = subparsers.add_parser("query", help="activations of neurons for images, from a neurons service")
+    q.add_argument("--addr", default="127.0.0.1:7300", help="the neurons service's address")
+    q.add_argument("--image", nargs="+", required=True, metavar="F", help="image files (PNG, JPEG, ...)")
+    q.add_argument("--layer", required=True, help="e.g. stage3.pool (see the service's DescribeModel)")
+    q.add_argument("--neurons", default="", help="flat ids '5,17' or map:y:x triples '2:4:4,0:0:1'; default all")
+    q.add_argument("--raw", action="store_true", help="skip the job's per-image normalisation")
+    q.add_argument("--checkpoint-id", default="", help="a committed checkpoint instead of the live parameters")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--timeout", type=float, default=60.0)
+    q.add_argument("--ca", default="", help="PEM CA of the server (TLS)")
+    q.add_argument("--cert", default="", help="PEM client certificate (mutual TLS)")
+    q.add_argument("--key", default="", help="PEM client key (mutual TLS)")
+    q.add_argument("--token-file", default="", help="file holding the bearer token")
+    q.set_defaults(func=_cmd_query)
+    return q
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="downpour")
+    add_query_parser(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
