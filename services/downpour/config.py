@@ -31,7 +31,7 @@ NORMALIZE = ("none", "standardize", "minmax")
 @dataclass
 class OptimizerConfig:
     kind: str = "adagrad"
-    lr: float = 0.02
+    lr: float = 0.01
     eps: float = 1e-6  # Adagrad: w -= lr * g / (sqrt(acc) + eps)
 
 

@@ -1,0 +1,294 @@
+"""``downpour up``: the whole cluster as local processes on 127.0.0.1.
+
+Starts S parameter shards, the data feeder, the coordinator and R x P model
+workers, each its own ``downpour serve <role>`` process on free ports; waits
+for their health checks; shows the training progress per replica; restarts a
+child that dies (a killed worker's slot is taken by its replacement, which
+resumes the replica's step); and when the job reaches its step count, or on
+Ctrl-C, takes a last checkpoint and stops every child with SIGTERM.
+
+The run directory (``--out``) gets the job spec (``job.yaml``), the
+checkpoints, every child's log, ``metrics.json`` (loss and examples/s per
+replica over time) and ``loss.png``. ``--resume DIR`` continues a run from its
+last committed checkpoint, step count included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from downpour import config as jobconfig
+
+ROLE_ORDER = ("paramserver", "feeder", "coordinator", "worker")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    name: str
+    role: str
+    args: list[str]
+    port: int
+    metrics_port: int
+    log_path: str
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    extra_env: dict = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        cmd = [sys.executable, "-m", "downpour.cli", "serve", self.role, "--host", "127.0.0.1",
+               "--port", str(self.port), "--metrics-port", str(self.metrics_port), *self.args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
+        # Children ignore the terminal's Ctrl-C: the launcher stops them in order.
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_healthy(address: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until ``address`` answers SERVING on the gRPC health service."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the service at {address} exited with code {proc.returncode} during start-up")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the service at {address} was not healthy within {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+class Cluster:
+    """The children of one ``downpour up`` and what it takes to run them."""
+
+    def __init__(self, cfg: jobconfig.JobConfig, out: str, resume: bool, secure_env: dict | None = None):
+        self.cfg, self.out, self.resume = cfg, os.path.abspath(out), resume
+        self.children: list[Child] = []
+        self.logs = os.path.join(self.out, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.ckpt_dir = os.path.join(self.out, "checkpoints")
+        self.job_path = os.path.join(self.out, "job.yaml")
+        if not resume:
+            with open(self.job_path, "w", encoding="utf-8") as f:
+                f.write(cfg.to_yaml())
+        self.env = secure_env or {}
+
+    def _child(self, name: str, role: str, args: list[str]) -> Child:
+        c = Child(name, role, args, free_port(), free_port(), os.path.join(self.logs, f"{name}.log"),
+                  extra_env=self.env)
+        self.children.append(c)
+        return c
+
+    def start(self, timeout: float = 60.0) -> None:
+        cfg = self.cfg
+        shards = [self._child(f"paramserver-{i}", "paramserver",
+                              ["--shard-index", str(i), "--checkpoint-dir", self.ckpt_dir])
+                  for i in range(cfg.shards)]
+        feeder = self._child("feeder", "feeder", ["--config", self.job_path])
+        for c in shards + [feeder]:
+            c.start()
+        for c in shards + [feeder]:
+            wait_healthy(c.address, timeout, c.proc)
+        coord_args = ["--config", self.job_path, "--shards", ",".join(s.address for s in shards),
+                      "--feeder", feeder.address, "--state-dir", os.path.join(self.out, "coordinator"),
+                      "--checkpoint-dir", self.ckpt_dir]
+        if self.resume:
+            coord_args.append("--resume")
+        self.coordinator = self._child("coordinator", "coordinator", coord_args)
+        self.coordinator.start()
+        wait_healthy(self.coordinator.address, timeout, self.coordinator.proc)
+        rows, cols = cfg.grid()
+        for r in range(cfg.replicas):
+            for p in range(rows * cols):
+                self._child(f"worker-{r}-{p}", "worker", ["--coordinator", self.coordinator.address]).start()
+
+    def supervise(self) -> list[str]:
+        """Restart children that died (a non-zero exit); returns what was restarted.
+
+        A worker exits 0 when the coordinator tells it the job is over: that one stays down.
+        """
+        restarted = []
+        for c in self.children:
+            code = c.proc.poll() if c.proc is not None else None
+            if code is not None and code != 0:
+                c.restarts += 1
+                c.start()
+                restarted.append(f"{c.name} (exit code {code})")
+        return restarted
+
+    def stop(self) -> None:
+        # Workers first so that no push is cut off, then the coordinator, then the data and the shards.
+        for role in reversed(ROLE_ORDER):
+            for c in self.children:
+                if c.role == role:
+                    c.stop()
+
+
+def job_status(address: str, timeout: float = 2.0):
+    from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        return coordinator_pb2_grpc.CoordinatorStub(ch).JobStatus(coordinator_pb2.JobStatusRequest(),
+                                                                    timeout=timeout)
+
+
+def request_checkpoint(address: str, timeout: float = 60.0):
+    from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        return coordinator_pb2_grpc.CoordinatorStub(ch).CreateCheckpoint(
+            coordinator_pb2.CreateCheckpointRequest(), timeout=timeout)
+
+
+def write_outputs(out: str, history: list[dict], cfg: jobconfig.JobConfig) -> None:
+    """metrics.json and loss.png from the progress seen while training."""
+    summary = {"config": cfg.to_dict(), "history": history}
+    if history:
+        last = history[-1]
+        summary["final"] = {"step": last["step"], "replicas": last["replicas"]}
+        rates = [h["examples_per_second"] for h in history if h["examples_per_second"] > 0]
+        summary["examples_per_second_mean"] = sum(rates) / len(rates) if rates else 0.0
+    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for r in range(cfg.replicas):
+        pts = [(h["replicas"][r]["step"], h["replicas"][r]["loss"]) for h in history
+               if r < len(h["replicas"]) and h["replicas"][r]["loss"] == h["replicas"][r]["loss"]]
+        if pts:
+            xs, ys = zip(*sorted(set(pts)))
+            ax.plot(xs, ys, label=f"replica {r}")
+    ax.set_xlabel("step (per replica)")
+    ax.set_ylabel("training loss" + (" (TICA)" if not cfg.supervised else " (cross-entropy)"))
+    ax.set_title(f"downpour: {cfg.preset if cfg.model is None else 'custom'}, "
+                 f"{cfg.replicas} replicas, {cfg.shards} shards")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"))
+    plt.close(fig)
+
+
+def _snapshot(status) -> dict:
+    reps: dict[int, dict] = {}
+    for s in status.slots:
+        if s.partition == 0:
+            reps[s.replica] = {"step": int(s.step), "loss": float(s.loss), "member": s.member_id}
+    n = max(reps) + 1 if reps else 0
+    return {"time": time.time(), "step": int(status.step), "examples_per_second": float(status.examples_per_second),
+            "replicas": [reps.get(r, {"step": 0, "loss": float("nan"), "member": ""}) for r in range(n)]}
+
+
+def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = False,
+        start_timeout: float = 90.0) -> int:
+    """Run a job to its step count. Returns a process exit code."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True, quiet=quiet)
+    cluster = Cluster(cfg, out, resume)
+    history: list[dict] = []
+    interrupted = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigint)
+    code = 0
+    try:
+        console.print(f"[bold]downpour up[/]: {cfg.replicas} replicas x {cfg.partitions} partitions, "
+                      f"{cfg.shards} shards, {cfg.steps} steps, run dir {cluster.out}")
+        cluster.start(start_timeout)
+        console.print(f"coordinator at {cluster.coordinator.address}  (downpour status --coordinator "
+                      f"{cluster.coordinator.address})")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                      disable=quiet) as progress:
+            bars = [progress.add_task(f"replica {r}", total=cfg.steps, info="") for r in range(cfg.replicas)]
+            while not interrupted:
+                for what in cluster.supervise():
+                    console.print(f"[yellow]restarted[/] {what}")
+                try:
+                    status = job_status(cluster.coordinator.address)
+                except grpc.RpcError:
+                    time.sleep(0.5)
+                    continue
+                snap = _snapshot(status)
+                history.append(snap)
+                for r, rep in enumerate(snap["replicas"][: cfg.replicas]):
+                    progress.update(bars[r], completed=min(rep["step"], cfg.steps),
+                                    info=f"loss {rep['loss']:.4g}  {snap['examples_per_second']:.0f} ex/s")
+                from downpour.v1 import coordinator_pb2
+
+                if status.state == coordinator_pb2.JOB_STATE_SUCCEEDED:
+                    break
+                time.sleep(0.5)
+        if interrupted:
+            console.print("[yellow]interrupted[/]: checkpointing and stopping every service")
+            code = 130
+            try:
+                request_checkpoint(cluster.coordinator.address)
+            except (grpc.RpcError, AttributeError):
+                pass
+    except (RuntimeError, TimeoutError) as e:
+        console.print(f"[red]downpour up failed[/]: {e}; logs in {cluster.logs}")
+        code = 1
+    finally:
+        cluster.stop()
+        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        write_outputs(cluster.out, history, cfg)
+    if code == 0 and history:
+        last = history[-1]
+        losses = ", ".join(f"{r['loss']:.4g}" for r in last["replicas"])
+        console.print(f"done: step {last['step']}, final loss per replica {losses}; "
+                      f"checkpoints, metrics.json and loss.png in {cluster.out}")
+    return code

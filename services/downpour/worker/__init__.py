@@ -1,0 +1,1 @@
+"""The model worker: one partition of one model replica running Downpour SGD."""

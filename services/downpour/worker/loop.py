@@ -1,0 +1,130 @@
+"""The Downpour SGD loop of one model replica (Dean et al. 2012), transport-free.
+
+Every ``n_fetch`` steps the replica pulls fresh parameters; every step it
+takes a minibatch and computes gradients; every ``n_push`` steps it pushes the
+gradients accumulated since the last push. Fetch and push run in background
+threads so that they overlap compute: a pull started at step t is used from
+step t+1, and at most one push is in flight (the next one waits for it, which
+is the backpressure that keeps a fast replica from flooding the shards).
+
+The parameter store is anything with ``pull(names) -> {name: array}``,
+``push(grads) -> ticket`` and ``wait(ticket)``: the parameter-server client in
+a worker, an in-memory store (``LocalStore``) for the no-RPC baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    examples: int
+    seconds: float
+
+
+class LocalStore:
+    """Parameters and Adagrad state in this process: the baseline without RPC."""
+
+    def __init__(self, params: dict[str, np.ndarray], lr: float, eps: float, kind: str = "adagrad"):
+        self.w = {k: np.array(v, dtype=np.float32).reshape(-1) for k, v in params.items()}
+        self.acc = {k: np.zeros_like(v) for k, v in self.w.items()}
+        self.lr, self.eps, self.kind = np.float32(lr), np.float32(eps), kind
+
+    def pull(self, names):
+        return {k: self.w[k].copy() for k in names}
+
+    def push(self, grads):
+        for k, g in grads.items():
+            w, acc = self.w[k], self.acc[k]
+            if self.kind == "sgd":
+                w -= self.lr * g
+                continue
+            acc += g * g
+            d = np.sqrt(acc)
+            d += self.eps
+            np.divide(g, d, out=d)
+            d *= self.lr
+            w -= d
+        return None
+
+    def wait(self, ticket) -> None:
+        return None
+
+
+class DownpourLoop:
+    """Runs steps of one replica against a parameter store and a batch source."""
+
+    def __init__(self, compute: Callable, store, names: list[str], batches: Iterator,
+                 n_fetch: int = 1, n_push: int = 1, overlap: bool = True):
+        self.compute = compute  # (params, x, y) -> (loss, grads)
+        self.store, self.names, self.batches = store, list(names), batches
+        self.n_fetch, self.n_push, self.overlap = n_fetch, n_push, overlap
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="downpour-io") if overlap else None
+        self._pull: Future | None = None
+        self._push: Future | None = None
+        self._acc: dict[str, np.ndarray] | None = None
+        self._nacc = 0
+        self.params: dict | None = None
+
+    def _submit(self, fn, *args):
+        if self._pool is None:
+            f: Future = Future()
+            f.set_result(fn(*args))
+            return f
+        return self._pool.submit(fn, *args)
+
+    def _do_push(self, grads):
+        self.store.wait(self.store.push(grads))
+
+    def flush(self) -> None:
+        """Push what has been accumulated and wait for every push in flight."""
+        if self._acc is not None and self._nacc:
+            if self._push is not None:
+                self._push.result()
+            self._do_push(self._acc)
+            self._acc, self._nacc = None, 0
+        if self._push is not None:
+            self._push.result()
+            self._push = None
+
+    def step(self, step: int, first: bool = False) -> StepResult:
+        t0 = time.perf_counter()
+        if first or self.params is None:
+            self.params = self.store.pull(self.names)
+        elif self._pull is not None:
+            self.params = self._pull.result()
+            self._pull = None
+        # Start the next fetch now so that it overlaps this step's compute.
+        if (step + 1) % self.n_fetch == 0:
+            self._pull = self._submit(self.store.pull, self.names)
+        x, y = next(self.batches)
+        loss, grads = self.compute(self.params, x, y)
+        if self._acc is None:
+            self._acc = {k: np.asarray(v, dtype=np.float32).copy() for k, v in grads.items()}
+        else:
+            for k, v in grads.items():
+                self._acc[k] += v
+        self._nacc += 1
+        if self._nacc >= self.n_push:
+            if self._push is not None:
+                self._push.result()  # at most one push in flight
+            self._push = self._submit(self._do_push, self._acc)
+            self._acc, self._nacc = None, 0
+        return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._pull is not None:
+                self._pull.cancel()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)

@@ -1,0 +1,264 @@
+"""``downpour serve worker``: one model worker running Downpour SGD.
+
+    downpour serve worker --coordinator H:P [--port P] [--metrics-port M] [--advertise H]
+
+The worker registers with the coordinator and gets an assignment: its replica
+and partition, the parameter shards and which blocks live where, the feeder,
+and the step its replica has reached. Without a free slot it waits as a spare
+and heartbeats until one frees up. It then runs the Downpour loop
+(``worker.loop``) from that step, reporting progress, and heartbeats in the
+background: a coordinator that says STOP ends it (exit 0), one that gives it a
+new slot restarts the loop there, one that does not know it (it restarted
+without our membership) gets a fresh registration. A coordinator that is
+down does not stop training: the loop carries on and heartbeats retry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from downpour import config as jobconfig
+from downpour import metrics
+from downpour.rpc.channel import ChannelConfig, open_channel
+from downpour.rpc.server import Server, ServerConfig
+from downpour.v1 import coordinator_pb2 as cpb, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from downpour.worker.loop import DownpourLoop
+
+log = logging.getLogger("downpour.worker")
+
+
+class Stop(Exception):
+    """The coordinator ended this worker's part in the job."""
+
+
+class Reassigned(Exception):
+    """The coordinator moved this worker to another slot."""
+
+
+class Worker(worker_pb2_grpc.ModelWorkerServicer):
+    def __init__(self, coordinator: str, address: str, chcfg: ChannelConfig, device: str = "cpu"):
+        self.coordinator_addr, self.address, self.chcfg, self.device = coordinator, address, chcfg, device
+        self.coord = coordinator_pb2_grpc.CoordinatorStub(open_channel(coordinator, chcfg))
+        self.member_id = ""
+        self.assignment = None
+        self.job = None
+        self.state = worker_pb2.WORKER_STATE_WAITING
+        self.step = 0
+        self.loss = float("nan")
+        self.rate = 0.0
+        self.lease = 5.0
+        self._pending: str | None = None  # "stop" or "reassign", set by the heartbeat thread
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------- RPCs
+    def Status(self, request, context):
+        r = worker_pb2.StatusResponse(member_id=self.member_id, state=self.state, step=self.step, loss=self.loss,
+                                      examples_per_second=self.rate, device=self.device)
+        if self.assignment is not None:
+            r.assignment.CopyFrom(self.assignment)
+        return r
+
+    def Exchange(self, request_iterator, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      "this worker's replica is not partitioned (1x1): there are no halos to exchange")
+
+    # ------------------------------------------------------- coordinator
+    def _call(self, fn, request, timeout: float = 5.0):
+        """A coordinator call retried with backoff until it answers or we are stopped."""
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                return fn(request, timeout=timeout)
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise
+                log.info("coordinator unavailable (%s); retrying in %.1fs", e.code().name, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 2.0)
+        raise Stop()
+
+    def register(self) -> None:
+        r = self._call(self.coord.Register, cpb.RegisterRequest(role=cpb.ROLE_WORKER, address=self.address,
+                                                                member_id=self.member_id))
+        self.member_id, self.job, self.lease = r.member_id, r.job, r.lease_seconds or 5.0
+        self.assignment = r.assignment if r.HasField("assignment") else None
+
+    def heartbeat_loop(self) -> None:
+        while not self._stop.wait(max(0.2, self.lease / 4)):
+            if not self.member_id:
+                continue
+            try:
+                r = self.coord.Heartbeat(cpb.HeartbeatRequest(member_id=self.member_id, step=self.step), timeout=2.0)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    self._pending = "reregister"  # a coordinator that lost us: register again
+                continue  # coordinator down: keep training, try again later
+            metrics.WORKER_HEARTBEATS.inc()
+            if r.action == cpb.ACTION_STOP:
+                self._pending = "stop"
+            elif r.action == cpb.ACTION_REASSIGN:
+                with self._lock:
+                    self.assignment = r.assignment
+                self._pending = "reassign"
+
+    def wait_for_slot(self) -> None:
+        while self.assignment is None:
+            self.state = worker_pb2.WORKER_STATE_WAITING
+            if self._pending == "stop":
+                raise Stop()
+            if self._pending in ("reassign", "reregister"):
+                if self._pending == "reregister":
+                    self.register()
+                self._pending = None
+                continue
+            self._stop.wait(0.2)
+
+    # ------------------------------------------------------------ training
+    def train_once(self) -> None:
+        """Run the current assignment until its replica is done or we are moved."""
+        from downpour.feeder.client import batch_stream
+        from downpour.nn import Network
+        from downpour.paramserver.client import ParamClient
+
+        a = self.assignment
+        cfg = jobconfig.from_yaml(self.job.spec_yaml)
+        net = Network(cfg.network_spec())
+        placement = {b.name: b.shard for b in a.blocks}
+        names = [b.name for b in a.blocks]
+        client = ParamClient(list(a.shard_addresses), placement=placement, channel_config=self.chcfg,
+                             worker_id=self.member_id or self.address)
+        supervised = cfg.supervised
+
+        def compute(params, x, y):
+            if supervised:
+                loss, grads, _ = net.supervised(params, x, y)
+            else:
+                loss, grads, _ = net.tica(params, x)
+            return loss, grads
+
+        batches = batch_stream(a.feeder_address, a.replica, a.num_replicas, cfg.batch_size,
+                               start_batch=int(a.start_step), with_labels=supervised, seed=cfg.seed,
+                               channel_config=self.chcfg)
+        loop = DownpourLoop(compute, client, names, batches, cfg.n_fetch, cfg.n_push)
+        self.state = worker_pb2.WORKER_STATE_TRAINING
+        step = int(a.start_step)
+        self.step = step
+        log.info("replica %d partition %d: training from step %d to %d", a.replica, a.partition, step, cfg.steps)
+        last_report, t_rate, n_rate = 0.0, time.perf_counter(), 0
+        loss_sum, loss_n = 0.0, 0  # report the mean loss since the last report: less noise than one batch
+        try:
+            first = True
+            n_steps = 0
+            while step < cfg.steps:
+                if self._pending in ("stop", "reassign", "reregister"):
+                    break
+                res = loop.step(step, first=first)
+                first = False
+                step += 1
+                n_steps += 1
+                self.step, self.loss = step, res.loss
+                n_rate += res.examples
+                loss_sum, loss_n = loss_sum + res.loss, loss_n + 1
+                metrics.WORKER_STEPS.inc()
+                metrics.WORKER_EXAMPLES.inc(res.examples)
+                metrics.TRAINING_LOSS.labels(str(a.replica)).set(res.loss)
+                now = time.perf_counter()
+                if now - last_report > 0.25 or step == cfg.steps:
+                    self.rate = n_rate / max(now - t_rate, 1e-9)
+                    t_rate, n_rate, last_report = now, 0, now
+                    loop.flush()  # what we report as done has reached the shards
+                    self._report(a, step, loss_sum / loss_n, n_steps * cfg.batch_size)
+                    loss_sum, loss_n, n_steps = 0.0, 0, 0
+        finally:
+            loop.close()
+            client.close()
+            batches.close() if hasattr(batches, "close") else None
+        if step >= cfg.steps:
+            self._report(a, step, self.loss, 0)
+
+    def _report(self, a, step: int, loss: float, examples: int) -> None:
+        try:
+            r = self.coord.ReportProgress(cpb.ReportProgressRequest(
+                member_id=self.member_id, replica=a.replica, partition=a.partition, step=step,
+                loss=loss if np.isfinite(loss) else 0.0, examples=examples), timeout=2.0)
+            if not r.keep_running:
+                self._pending = self._pending or "stop"
+        except grpc.RpcError:
+            pass  # the coordinator is down: keep training, it will catch up from the next report
+
+    def run(self) -> int:
+        threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
+        try:
+            self.register()
+            while True:
+                self.wait_for_slot()
+                self.train_once()
+                if self._pending == "reassign":
+                    self._pending = None
+                    continue
+                if self._pending == "reregister":
+                    self._pending = None
+                    self.assignment = None
+                    self.register()
+                    continue
+                # Our replica is done: wait for the coordinator to end the job.
+                self.state = worker_pb2.WORKER_STATE_PAUSED
+                while self._pending not in ("stop", "reassign") and not self._stop.is_set():
+                    self._stop.wait(0.2)
+                if self._pending == "reassign":
+                    self._pending = None
+                    continue
+                raise Stop()
+        except Stop:
+            self.state = worker_pb2.WORKER_STATE_STOPPED
+            log.info("stopped by the coordinator at step %d", self.step)
+            return 0
+        finally:
+            self._stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="downpour serve worker", description=__doc__.splitlines()[0])
+    ServerConfig.add_arguments(ap, port=0)
+    ap.add_argument("--coordinator", required=True, help="the coordinator's address (host:port)")
+    ap.add_argument("--advertise", default="", help="host name peers reach this worker at (default: this host)")
+    ap.add_argument("--device", default="cpu", choices=["cpu"], help="compute device")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    scfg = ServerConfig.from_args(args)
+    server = Server("worker", scfg)
+    chcfg = ChannelConfig(max_message_bytes=scfg.max_message_bytes, token=scfg.token)
+    host = args.advertise or ("127.0.0.1" if args.host in ("127.0.0.1", "localhost") else socket.gethostname())
+    worker = Worker(args.coordinator, "", chcfg, args.device)
+    server.add(lambda s: worker_pb2_grpc.add_ModelWorkerServicer_to_server(worker, s), "downpour.v1.ModelWorker")
+    port = server.start()
+    worker.address = f"{host}:{port}"
+    server.set_serving()
+    done = threading.Event()
+    result = {"code": 0}
+
+    def train():
+        try:
+            result["code"] = worker.run()
+        except Exception:  # noqa: BLE001 - log, exit non-zero so a supervisor restarts us
+            log.exception("training failed")
+            result["code"] = 1
+        finally:
+            done.set()
+            server.stop(grace=1.0)
+
+    threading.Thread(target=train, name="train", daemon=True).start()
+    server.wait()
+    worker._stop.set()
+    done.wait(10)
+    return result["code"]
