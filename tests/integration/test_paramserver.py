@@ -113,7 +113,8 @@ def test_adagrad_exact_after_known_pushes(shards):
 def test_four_concurrent_pushers_lose_nothing(shards):
     lr, eps, n_each = 0.05, 1e-8, 25
     addrs = [shards("--lr", str(lr), "--eps", str(eps)).address for _ in range(2)]
-    blocks = {f"b{i}": np.full(1000 * (i + 1), 1.0, np.float32) for i in range(4)}
+    # 2-D blocks too: the pushers never pull, so shapes come from their gradients
+    blocks = {f"b{i}": np.full((10 * (i + 1), 100), 1.0, np.float32) for i in range(4)}
     with ParamClient(addrs, worker_id="init") as ps:
         ps.init(blocks)
         placement = dict(ps.placement)
@@ -306,9 +307,13 @@ def test_metrics_health_and_graceful_sigterm(shards, tmp_path):
         ps.init({"a": np.zeros(16, np.float32)})
         ps.wait(ps.push({"a": np.ones(16, np.float32)}))
         ps.wait(ps.push({"a": np.ones(16, np.float32)}))
+        with pytest.raises(grpc.RpcError):
+            ps.wait(ps.push({"a": np.full(16, np.nan, np.float32)}))
     text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
     assert re.search(r'grpc_server_handled_total\{grpc_code="OK",grpc_method="Push",grpc_service="downpour.v1.ParameterServer",grpc_type="client_stream"\} 2.0', text)
+    assert re.search(r'grpc_server_handled_total\{grpc_code="INVALID_ARGUMENT",grpc_method="Push",[^}]*\} 1.0', text)
     assert 'grpc_server_handling_seconds_count{grpc_method="Push"' in text
+    assert 'downpour_paramserver_pushes_total{outcome="rejected",shard="0"} 1.0' in text
     # both pushes were computed against version 0: lags 0 and 1
     assert 'downpour_paramserver_staleness_versions_count{shard="0"} 2.0' in text
     assert 'downpour_paramserver_staleness_versions_sum{shard="0"} 1.0' in text

@@ -67,10 +67,11 @@ class _Shard:
 
 
 def _flat(name: str, a: np.ndarray) -> np.ndarray:
-    arr = np.ascontiguousarray(a, dtype="<f4").reshape(-1)
-    if arr.dtype != np.float32:
+    """Flat little-endian float32 (float16/float64 are converted, others refused)."""
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"block {name!r}: cannot send dtype {a.dtype} as float32")
-    return arr
+    return np.ascontiguousarray(a, dtype="<f4").reshape(-1)
 
 
 class ParamClient:
@@ -153,7 +154,12 @@ class ParamClient:
                 if dst is None:
                     n = int(np.prod(c.shape, dtype=np.int64)) if c.shape else 1
                     given = None if out is None else out.get(c.name)
-                    dst = given.reshape(-1) if given is not None else np.empty(n, np.float32)
+                    if given is None:
+                        dst = np.empty(n, np.float32)
+                    elif given.dtype != np.float32 or given.size != n or not given.flags.c_contiguous:
+                        raise ValueError(f"out[{c.name!r}] must be a C-contiguous float32 array of {n} values")
+                    else:
+                        dst = given.reshape(-1)
                     result[c.name] = dst
                     if not accumulators:
                         self.versions[c.name] = msg.version
@@ -168,6 +174,8 @@ class ParamClient:
         """Send gradients to their shards in the background; returns a ticket for wait()."""
         seq = next(self._seq)
         flat = {n: _flat(n, g) for n, g in grads.items()}
+        for n, g in grads.items():  # the block's shape, as pulled or as given
+            self.shapes.setdefault(n, tuple(np.shape(g)))
         futs = [self._pool.submit(self._push_shard, s, names, flat, seq) for s, names in self._by_shard(flat).items()]
         with self._lock:
             self._tickets[seq] = futs
