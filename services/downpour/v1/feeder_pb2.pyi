@@ -102,7 +102,7 @@ class StreamBatchesResponse(_message.Message):
     epoch: _builtins.int
     @_builtins.property
     def examples(self) -> _common_pb2.Tensor:
-        """[batch, height, width, channels], float32."""
+        """[batch, channels, height, width], float32 (the layout downpour.nn takes)."""
 
     @_builtins.property
     def labels(self) -> _common_pb2.Tensor:
