@@ -1,0 +1,5 @@
+import sys
+
+from downpour.evals import main
+
+sys.exit(main())
