@@ -1,0 +1,41 @@
+"""downpour.partition: model parallelism within a replica, as math.
+
+A replica's layers are cut into an R x C grid of tiles (``plan``); partition p
+owns its tile of every layer and the parameter blocks of those locations
+(``split_params`` / ``join_params``). ``PartitionRuntime`` computes one
+partition's share of a step and says, as ``Halo`` messages, everything it
+needs from or owes to the others; ``LocalReplica`` / ``run_partitioned`` run
+all partitions of a replica in one process. No gRPC, no files, no threads:
+the worker carries the messages.
+"""
+
+from .plan import (
+    HALO_MODES,
+    KINDS,
+    Layer,
+    PartitionPlan,
+    Region,
+    StageLayers,
+    block_shapes,
+    join_params,
+    plan,
+    split_params,
+)
+from .runtime import (
+    BACKWARD,
+    FORWARD,
+    Exchange,
+    ExchangeStats,
+    Halo,
+    LocalReplica,
+    PartitionResult,
+    PartitionRuntime,
+    ReplicaResult,
+    run_partitioned,
+)
+
+__all__ = [
+    "HALO_MODES", "KINDS", "Layer", "PartitionPlan", "Region", "StageLayers", "block_shapes", "join_params",
+    "plan", "split_params", "BACKWARD", "FORWARD", "Exchange", "ExchangeStats", "Halo",
+    "LocalReplica", "PartitionResult", "PartitionRuntime", "ReplicaResult", "run_partitioned",
+]
