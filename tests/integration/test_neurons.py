@@ -343,3 +343,42 @@ def test_live_shards_are_refreshed_and_checkpoints_are_served(procs, tmp_path):
         d = nc.describe()
         assert d.checkpoint_id == "ck-1" and d.step == 1
         np.testing.assert_allclose(nc.activations(u8, "stage3.output").values, a0.values, rtol=1e-6)
+
+
+def test_coordinator_source_reads_the_job_and_its_shards(procs, tmp_path):
+    """`--coordinator` (how `downpour up` starts the service): spec and shard addresses from JobStatus."""
+    from concurrent import futures
+
+    from downpour.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+    shard = procs("paramserver", "--shard-index", "0")
+    net = Network(SPEC)
+    params = net.init_params(2)
+    ps = ParamClient([shard.address], worker_id="test", placement=balanced_placement(net.block_sizes(), 1))
+    ps.wait_ready(30)
+    ps.init({k: np.asarray(v) for k, v in params.items()})
+    ps.close()
+    cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 1, "normalize": "minmax"})
+
+    class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
+        def JobStatus(self, request, context):
+            return coordinator_pb2.JobStatusResponse(
+                job=common_pb2.JobSpec(job_id="j", spec_yaml=cfg.to_yaml(), checkpoint_dir=str(tmp_path)),
+                shard_addresses=[shard.address])
+
+    srv = grpc.server(futures.ThreadPoolExecutor(2))
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(Coordinator(), srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        p = procs("neurons", "--coordinator", f"127.0.0.1:{port}")
+        u8 = images(2, seed=4)
+        with client(p) as nc:
+            d = nc.describe()
+            assert d.normalize == "minmax" and d.source == f"shards {shard.address}"
+            got = nc.activations(u8, "stage2.pool").values
+        x = preprocess.normalize(np.moveaxis(u8.astype(np.float32) / 255.0, -1, 1), "minmax")
+        np.testing.assert_allclose(got, NeuronModel(SPEC, params).layer_activations(x, "stage2.pool"),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        srv.stop(0)

@@ -145,9 +145,20 @@ def run(out: str, *, checkpoint: str = "", preset: str = "small", steps: int = 4
         {"template": (x.reshape(len(x), -1) @ templates.T).astype(np.float32)},
         f"{len(templates)} templates")
     row("best first-stage neuron", {k: v for k, v in trained_acts.items() if k.startswith("stage1.")})
-    row("same network, random weights", C.activations(net, net.init_params(seed), x))
+    random_acts = C.activations(net, net.init_params(seed), x)
+    row("same network, random weights", random_acts)
     best = row("trained network (best neuron)", trained_acts)
-    row("trained without LCN", C.activations(nolcn_net, tr2.params, x))
+    nolcn_acts = C.activations(nolcn_net, tr2.params, x)
+    row("trained without LCN", nolcn_acts)
+    # where the best neuron is, stage by stage (does depth help?)
+    by_stage = {}
+    for name, acts in (("trained", trained_acts), ("random weights", random_acts), ("without LCN", nolcn_acts)):
+        by_stage[name] = {}
+        for s in range(1, len(spec.stages) + 1):
+            sub = {k: v for k, v in acts.items() if k.startswith(f"stage{s}.")}
+            by_stage[name][f"stage{s}"] = C.best_single_neuron(sub, y, half).accuracy
+    log("  best neuron per stage: " + "; ".join(
+        f"{n}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in d.items()) for n, d in by_stage.items()))
 
     # the best face neuron: pictures and curves ----------------------------------------------
     model = NeuronModel(spec, trained_params)
@@ -167,7 +178,7 @@ def run(out: str, *, checkpoint: str = "", preset: str = "small", steps: int = 4
         "spec": "checkpoint" if checkpoint else preset, "normalize": normalize,
         "checkpoint": None if manifest is None else {"dir": checkpoint, "id": manifest["checkpoint_id"],
                                                       "step": manifest["step"]},
-        "training": training, "rows": rows,
+        "training": training, "rows": rows, "best_neuron_by_stage": by_stage,
         "best_neuron": {"layer": unit.layer, "map": unit.map, "y": unit.y, "x": unit.x,
                         "threshold": best.choice.threshold},
         "top_inputs": [{"index": int(i), "activation": float(a), "group": GROUPS[groups[i]]}
@@ -239,6 +250,8 @@ def write_html(out: str, results: dict) -> None:
         f"<tr><td>{html.escape(r['row'])}</td><td>{100 * r['accuracy']:.1f}%</td>"
         f"<td>{html.escape(folds(r))}</td></tr>"
         for r in results["rows"])
+    stage_rows = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{100 * v:.1f}%</td>" for v in d.values())
+                         + "</tr>" for n, d in results["best_neuron_by_stage"].items())
     b = results["best_neuron"]
     tr = "".join(f"<li>{html.escape(k)}: {v['steps']} steps in {v['seconds']:.0f}s, TICA loss "
                  f"{v['loss_first']:.4g} &rarr; {v['loss_last']:.4g}</li>" for k, v in results["training"].items())
@@ -248,6 +261,7 @@ def write_html(out: str, results: dict) -> None:
 <p>{html.escape(table_caption(results))}. {html.escape(results['test_set']['protocol'])}.</p>
 <table><tr><th>row</th><th>balanced accuracy</th><th>neuron chosen on each validation half</th></tr>{rows}</table>
 <p>Targets: trained &minus; random = {results['targets']['trained_minus_random_points']:+.1f} points.</p>
+<p>Best single neuron restricted to one stage (same protocol):</p><table><tr><th>network</th>{''.join(f"<th>{k}</th>" for k in next(iter(results['best_neuron_by_stage'].values())))}</tr>{stage_rows}</table>
 <img src="table.png"><h2>Training</h2><ul>{tr}</ul>
 <h2>The best face neuron: {html.escape(b['layer'])} (map {b['map']}, y {b['y']}, x {b['x']})</h2>
 <h3>Top held-out inputs</h3><img src="top_inputs.png">

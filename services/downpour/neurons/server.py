@@ -318,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-dir", default="", help="committed checkpoints; with live shards: for checkpoint_id")
     g.add_argument("--params", default="", help=".npz file of named parameter blocks")
     g.add_argument("--random-seed", type=int, default=None, help="serve a seeded random initialisation")
+    g.add_argument("--peer-ca", default="", help="PEM CA of the coordinator and shards (TLS)")
+    g.add_argument("--peer-cert", default="", help="PEM client certificate for them (mutual TLS)")
+    g.add_argument("--peer-key", default="", help="PEM client key for them (mutual TLS)")
+    g.add_argument("--peer-token-file", default="", help="bearer token the coordinator and shards expect")
     ap.add_argument("--config", default="", help="job config (YAML): the model and its normalisation")
     ap.add_argument("--preset", default="", help="network preset when there is no --config (default small)")
     ap.add_argument("--refresh-seconds", type=float, default=5.0, help="re-pull live parameters this often (0: never)")
@@ -330,6 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _channel_config(args: argparse.Namespace):
+    """How this service calls the coordinator and the shards (TLS and token as they require)."""
+    from downpour.rpc.channel import ChannelConfig
+
+    token = ""
+    if args.peer_token_file:
+        with open(args.peer_token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    return ChannelConfig(max_message_bytes=args.max_message_bytes, ca=args.peer_ca, cert=args.peer_cert,
+                         key=args.peer_key, token=token)
+
+
 def make_source(args: argparse.Namespace) -> sources.Source:
     chosen = [n for n, v in (("--coordinator", args.coordinator), ("--shards", args.shards),
                              ("--params", args.params), ("--random-seed", args.random_seed is not None)) if v]
@@ -337,14 +353,19 @@ def make_source(args: argparse.Namespace) -> sources.Source:
         raise ValueError(f"choose one parameter source, got {', '.join(chosen)}")
     if args.coordinator:
         from downpour import config as jobconfig
-        from downpour.up import job_status
+        from downpour.rpc.channel import open_channel
+        from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-        st = job_status(args.coordinator, timeout=10.0)
+        with open_channel(args.coordinator, _channel_config(args)) as ch:
+            st = coordinator_pb2_grpc.CoordinatorStub(ch).JobStatus(coordinator_pb2.JobStatusRequest(), timeout=10.0,
+                                                                    wait_for_ready=True)
         cfg = jobconfig.from_yaml(st.job.spec_yaml)
-        return sources.ShardSource(list(st.shard_addresses), cfg, args.checkpoint_dir or st.job.checkpoint_dir)
+        return sources.ShardSource(list(st.shard_addresses), cfg, args.checkpoint_dir or st.job.checkpoint_dir,
+                                   channel_config=_channel_config(args))
     if args.shards:
         cfg = sources.job_config_from(args.config, args.preset)
-        return sources.ShardSource([s for s in args.shards.split(",") if s], cfg, args.checkpoint_dir)
+        return sources.ShardSource([s for s in args.shards.split(",") if s], cfg, args.checkpoint_dir,
+                                   channel_config=_channel_config(args))
     cfg = sources.job_config_from(args.config, args.preset)
     kw = dict(normalize=cfg.normalize, data=cfg.data, checkpoint_dir=args.checkpoint_dir)
     if args.params:
