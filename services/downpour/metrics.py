@@ -33,6 +33,9 @@ PS_PUSH_BYTES = Counter("downpour_paramserver_push_bytes_total", "Gradient bytes
 PS_PUSHES = Counter(
     "downpour_paramserver_pushes_total", "Pushes by outcome (applied, duplicate, rejected).", ["shard", "outcome"]
 )
+# One series per worker id: bounded by the workers a job ever had (restarts included).
+PS_WORKER_PUSHES = Counter("downpour_paramserver_worker_pushes_total", "Pushes applied, per pushing worker.",
+                           ["shard", "worker"])
 PS_UPDATES = Counter("downpour_paramserver_block_updates_total", "Block updates applied.", ["shard"])
 PS_STALENESS = Histogram(
     "downpour_paramserver_staleness_versions",

@@ -138,9 +138,41 @@ class Cluster:
         self.coordinator.start()
         wait_healthy(self.coordinator.address, timeout, self.coordinator.proc)
         rows, cols = cfg.grid()
-        for r in range(cfg.replicas):
-            for p in range(rows * cols):
-                self._child(f"worker-{r}-{p}", "worker", ["--coordinator", self.coordinator.address]).start()
+        # Workers are interchangeable: the coordinator decides which slot each one fills.
+        for i in range(cfg.replicas * rows * cols):
+            self._child(f"worker-{i}", "worker", ["--coordinator", self.coordinator.address]).start()
+        self.describe()
+
+    def describe(self) -> None:
+        """Write cluster.json: every child's role, addresses and pid (for operators and tests)."""
+        rows = [{"name": c.name, "role": c.role, "address": c.address, "metrics_port": c.metrics_port,
+                 "pid": c.proc.pid if c.proc else None, "restarts": c.restarts} for c in self.children]
+        tmp = os.path.join(self.out, ".cluster.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, os.path.join(self.out, "cluster.json"))
+
+    def scrape_shards(self) -> dict[str, dict]:
+        """The parameter shards' downpour_* metrics, read from their /metrics endpoints."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out = {}
+        for c in self.children:
+            if c.role != "paramserver" or not c.alive():
+                continue
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            samples = []
+            for fam in text_string_to_metric_families(text):
+                if fam.name.startswith("downpour_paramserver"):
+                    samples += [{"name": sm.name, "labels": sm.labels, "value": sm.value} for sm in fam.samples]
+            out[c.name] = samples
+        return out
 
     def supervise(self) -> list[str]:
         """Restart children that died (a non-zero exit); returns what was restarted.
@@ -154,6 +186,8 @@ class Cluster:
                 c.restarts += 1
                 c.start()
                 restarted.append(f"{c.name} (exit code {code})")
+        if restarted:
+            self.describe()
         return restarted
 
     def stop(self) -> None:
@@ -180,9 +214,9 @@ def request_checkpoint(address: str, timeout: float = 60.0):
             coordinator_pb2.CreateCheckpointRequest(), timeout=timeout)
 
 
-def write_outputs(out: str, history: list[dict], cfg: jobconfig.JobConfig) -> None:
+def write_outputs(out: str, history: list[dict], cfg: jobconfig.JobConfig, shards: dict | None = None) -> None:
     """metrics.json and loss.png from the progress seen while training."""
-    summary = {"config": cfg.to_dict(), "history": history}
+    summary = {"config": cfg.to_dict(), "history": history, "shards": shards or {}}
     if history:
         last = history[-1]
         summary["final"] = {"step": last["step"], "replicas": last["replicas"]}
@@ -231,7 +265,11 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True, quiet=quiet)
+    console = Console(stderr=True)  # restarts and failures are always told; quiet drops the rest
+
+    def say(*a, **kw):
+        if not quiet:
+            console.print(*a, **kw)
     cluster = Cluster(cfg, out, resume)
     history: list[dict] = []
     interrupted = False
@@ -244,10 +282,10 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
     signal.signal(signal.SIGTERM, on_sigint)
     code = 0
     try:
-        console.print(f"[bold]downpour up[/]: {cfg.replicas} replicas x {cfg.partitions} partitions, "
+        say(f"[bold]downpour up[/]: {cfg.replicas} replicas x {cfg.partitions} partitions, "
                       f"{cfg.shards} shards, {cfg.steps} steps, run dir {cluster.out}")
         cluster.start(start_timeout)
-        console.print(f"coordinator at {cluster.coordinator.address}  (downpour status --coordinator "
+        say(f"coordinator at {cluster.coordinator.address}  (downpour status --coordinator "
                       f"{cluster.coordinator.address})")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
@@ -270,7 +308,7 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
 
                 if status.state == coordinator_pb2.JOB_STATE_SUCCEEDED:
                     break
-                time.sleep(0.5)
+                time.sleep(0.25)
         if interrupted:
             console.print("[yellow]interrupted[/]: checkpointing and stopping every service")
             code = 130
@@ -282,13 +320,14 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
         console.print(f"[red]downpour up failed[/]: {e}; logs in {cluster.logs}")
         code = 1
     finally:
+        shard_metrics = cluster.scrape_shards()
         cluster.stop()
         signal.signal(signal.SIGINT, old)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        write_outputs(cluster.out, history, cfg)
+        write_outputs(cluster.out, history, cfg, shard_metrics)
     if code == 0 and history:
         last = history[-1]
         losses = ", ".join(f"{r['loss']:.4g}" for r in last["replicas"])
-        console.print(f"done: step {last['step']}, final loss per replica {losses}; "
+        say(f"done: step {last['step']}, final loss per replica {losses}; "
                       f"checkpoints, metrics.json and loss.png in {cluster.out}")
     return code

@@ -207,6 +207,9 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                    "stop": pb.ACTION_STOP}
         if action == "unknown":
             context.abort(grpc.StatusCode.NOT_FOUND, f"member {request.member_id!r} is not registered; register again")
+        if action == "reassign":
+            log.info("member %s at %s -> replica %d partition %d (slot freed)", m.member_id, m.address, m.replica,
+                     m.partition)
         resp = pb.HeartbeatResponse(action=actions[action], lease_seconds=self.cfg.lease_seconds)
         if action in ("reassign", "continue"):
             a = self._assignment(m)

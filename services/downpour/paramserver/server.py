@@ -277,6 +277,8 @@ class ParameterServer:
             context.abort(_CODES[error.kind], f"{error}" + (f"; blocks completed before it were applied: {done}" if done else ""))
         duplicate = bool(applied) and not any(ok for _, ok in applied)
         metrics.PS_PUSHES.labels(self.shard, "duplicate" if duplicate else "applied").inc()
+        if not duplicate:
+            metrics.PS_WORKER_PUSHES.labels(self.shard, worker).inc()
         return pb.PushResponse(blocks=[_info(b) for b, _ in applied], duplicate=duplicate)
 
     def ListBlocks(self, request: pb.ListBlocksRequest, context: Any) -> pb.ListBlocksResponse:

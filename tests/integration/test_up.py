@@ -1,0 +1,132 @@
+"""``downpour up`` end to end: real coordinator, shards, feeder and workers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def up(args, out, env=None, **kw):
+    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), *args]
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=240, **kw)
+
+
+def history(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def reported_losses(hist, replica):
+    return [h["replicas"][replica]["loss"] for h in hist["history"]
+            if len(h["replicas"]) > replica and not math.isnan(h["replicas"][replica]["loss"])
+            and h["replicas"][replica]["step"] > 0]
+
+
+def test_two_replicas_two_shards_train_and_the_loss_falls(tmp_path):
+    out = tmp_path / "run"
+    r = up(["--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", "60"], out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = history(out)
+    last = m["history"][-1]
+    assert [rep["step"] for rep in last["replicas"]] == [60, 60]
+    for replica in (0, 1):
+        losses = reported_losses(m, replica)
+        assert losses, f"replica {replica} never reported a loss"
+        assert losses[-1] < 0.8 * losses[0], (replica, losses)
+    # Both shards applied pushes from both replicas' workers.
+    workers = {rep["member"] for rep in last["replicas"]}
+    assert len(workers) == 2
+    for shard in ("paramserver-0", "paramserver-1"):
+        samples = m["shards"][shard]
+        pushers = {s["labels"].get("worker") for s in samples
+                   if s["name"] == "downpour_paramserver_worker_pushes_total" and s["value"] > 0}
+        assert workers <= pushers, (shard, workers, pushers)
+    # The run directory has what a user needs afterwards.
+    for name in ("job.yaml", "loss.png", "cluster.json"):
+        assert (out / name).exists(), name
+    manifests = list((out / "checkpoints").glob("*/MANIFEST.json"))
+    assert manifests, "no committed checkpoint"
+
+
+def _coordinator(out):
+    with open(os.path.join(out, "cluster.json")) as f:
+        rows = json.load(f)
+    return {r["name"]: r for r in rows}
+
+
+def _status(address):
+    from downpour.up import job_status
+
+    return job_status(address, timeout=2.0)
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_the_job_reaches_its_step_count(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
+           "--replicas", "2", "--shards", "1", "--steps", "300"]
+    env = dict(os.environ, DOWNPOUR_LEASE_SECONDS="2", DOWNPOUR_CHECKPOINT_EVERY="50")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        victim = None
+        while time.monotonic() < deadline and victim is None:
+            time.sleep(0.2)
+            if not (out / "cluster.json").exists():
+                continue
+            rows = _coordinator(out)
+            try:
+                st = _status(rows["coordinator"]["address"])
+            except Exception:  # noqa: BLE001 - not up yet
+                continue
+            slot = {s.replica: s for s in st.slots}.get(1)
+            if slot is not None and slot.step >= 30:
+                # whichever worker process holds replica 1's slot
+                victim = next(r for r in rows.values() if r["address"] == slot.address)
+                killed_at, killed_member = slot.step, slot.member_id
+                os.kill(victim["pid"], signal.SIGKILL)
+        assert victim is not None, "the job never reached step 30"
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"restarted {victim['name']}" in stderr
+    assert killed_at < 300
+    last = history(out)["history"][-1]
+    assert [rep["step"] for rep in last["replicas"]] == [300, 300]
+    # replica 1's slot went to another member, which resumed the replica's step rather than starting at 0
+    assert last["replicas"][1]["member"] != killed_member
+    coord_log = (out / "logs" / "coordinator.log").read_text()
+    assert coord_log.count("-> replica 1 partition 0") >= 2
+    starts = [int(line.split("from step ")[1].split()[0])
+              for logf in (out / "logs").glob("worker-*.log") for line in logf.read_text().splitlines()
+              if "replica 1 partition 0: training from step" in line]
+    assert max(starts) >= killed_at, starts
+
+
+def test_resume_continues_the_step_count_from_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    env = {"DOWNPOUR_CHECKPOINT_EVERY": "20"}
+    r = up(["--preset", "tiny", "--replicas", "1", "--shards", "2", "--steps", "40"], out, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = history(out)
+    first_losses = reported_losses(first, 0)
+    r = up(["--resume", str(out), "--steps", "80"], out, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = history(out)
+    steps = [h["replicas"][0]["step"] for h in second["history"] if h["replicas"]]
+    assert steps[-1] == 80
+    assert min(s for s in steps if s > 0) >= 40  # no step below the checkpoint's was run again
+    assert "resumed from checkpoint" in (out / "logs" / "coordinator.log").read_text()
+    # the parameters came back too: training goes on from the trained loss, not the initial one
+    assert reported_losses(second, 0)[0] < 0.9 * first_losses[0]
