@@ -15,7 +15,9 @@ spec and the normalisation the feeder used (a checkpoint carries its own).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -36,10 +38,20 @@ class SourceError(RuntimeError):
 
 
 def list_manifests(checkpoint_dir: str) -> list[dict]:
-    """Committed checkpoints (readable MANIFEST.json), oldest first."""
-    from downpour.coordinator.server import list_manifests as _list
-
-    return _list(checkpoint_dir)
+    """Committed checkpoints (a readable MANIFEST.json, the coordinator's commit point), oldest first."""
+    found = []
+    if not os.path.isdir(checkpoint_dir):
+        return found
+    for name in sorted(os.listdir(checkpoint_dir)):
+        try:
+            with open(os.path.join(checkpoint_dir, name, MANIFEST), encoding="utf-8") as f:
+                m = json.load(f)
+        except (OSError, ValueError):
+            continue  # no manifest or a torn one: not committed
+        if isinstance(m, dict) and "checkpoint_id" in m and "shards" in m:
+            found.append(m)
+    found.sort(key=lambda m: (m.get("step", 0), m.get("created", 0)))
+    return found
 
 
 def load_checkpoint(checkpoint_dir: str, manifest: dict) -> tuple[jobconfig.JobConfig, dict[str, np.ndarray]]:
