@@ -31,6 +31,17 @@ from downpour import config as jobconfig
 ROLE_ORDER = ("paramserver", "feeder", "coordinator", "worker")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the launching process dies (Linux)."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: Ctrl-C and the normal stop still work
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,9 +69,11 @@ class Child:
         cmd = [sys.executable, "-m", "downpour.cli", "serve", self.role, "--host", "127.0.0.1",
                "--port", str(self.port), "--metrics-port", str(self.metrics_port), *self.args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
-        # Children ignore the terminal's Ctrl-C: the launcher stops them in order.
+        # Children ignore the terminal's Ctrl-C (their own session): the launcher
+        # stops them in order. If the launcher itself is killed, the kernel sends
+        # them SIGTERM, so no cluster outlives its ``downpour up``.
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
 
     def alive(self) -> bool:
