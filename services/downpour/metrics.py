@@ -83,3 +83,4 @@ NEURONS_REFRESHES = Counter(
 NEURONS_IMAGES = Counter(
     "downpour_neurons_images_total", "Images run through the network by the neurons service.", ["method"]
 )
+WORKER_HALO_BYTES = Counter("downpour_worker_halo_bytes_total", "Halo tensor bytes sent to peer partitions.")

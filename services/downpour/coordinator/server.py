@@ -69,8 +69,17 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         from downpour.nn import Network
 
         self.net = Network(self.spec)
-        self.shapes = self.net.param_shapes()
-        self.place = balanced_placement(self.net.block_sizes(), len(shards))
+        rows, cols = self.cfg.grid()
+        self.plan = None
+        if rows * cols > 1:
+            # Model parallelism: every partition owns its own blocks of each layer.
+            from downpour.partition import block_shapes, plan
+
+            self.plan = plan(self.spec, rows, cols)
+            self.shapes = block_shapes(self.plan)
+        else:
+            self.shapes = self.net.param_shapes()
+        self.place = balanced_placement({k: _prod(s) for k, s in self.shapes.items()}, len(shards))
         self._ck_lock = threading.Lock()
         self._stop = threading.Event()
         self.succeeded = False
@@ -91,7 +100,12 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         with self._client() as client:
             client.wait_ready(60)
             self._set_optimizer(client)
-            client.init(self.net.init_params(self.cfg.seed), overwrite=True)
+            params = self.net.init_params(self.cfg.seed)
+            if self.plan is not None:
+                from downpour.partition import split_params
+
+                params = split_params(self.plan, params)
+            client.init(params, overwrite=True)
         self.state.initialized = True
         self.state.save()
 
@@ -155,13 +169,16 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             return None
         rows, cols = self.cfg.grid()
         a = common_pb2.Assignment(
-            job_id=self.state.job_id, generation=m.generation, replica=m.replica, partition=m.partition,
+            job_id=self.state.job_id, generation=self.state.replica_generation[m.replica], replica=m.replica,
+            partition=m.partition,
             num_replicas=self.cfg.replicas, num_partitions=rows * cols,
             shard_addresses=self.shards, feeder_address=self.feeder,
-            start_step=self.state.progress[m.replica].step)
+            start_step=self.state.replica_start[m.replica])
         for p, addr in self.state.peers(m.replica):
             a.peers.add(partition=p, address=addr)
-        for name, shape in self.shapes.items():
+        names = self.plan.blocks_pulled(m.partition) if self.plan is not None else list(self.shapes)
+        for name in names:
+            shape = self.shapes[name]
             a.blocks.add(name=name, shard=self.place[name], num_elements=int(_prod(shape)), shape=list(shape))
         return a
 

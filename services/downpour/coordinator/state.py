@@ -85,6 +85,11 @@ class JobState:
         self.partitions = rows * cols
         self.job_id = uuid.uuid4().hex[:12]
         self.generation = 1
+        # Bumped whenever any slot of a replica changes hands: its partitions
+        # then restart their step together with the new peer set.
+        self.replica_generation = [1] * cfg.replicas
+        self.replica_start = [0] * cfg.replicas  # the step every partition restarts at in this generation
+        self.slot_loss: dict[tuple[int, int], float] = {}
         self.slots = {(r, p): Slot(r, p) for r in range(cfg.replicas) for p in range(self.partitions)}
         self.progress = [ReplicaProgress() for _ in range(cfg.replicas)]
         self.members: dict[str, Member] = {}
@@ -131,6 +136,8 @@ class JobState:
                         if old is not None:
                             old.replica = old.partition = -1
                     self.generation += 1
+                    self.replica_generation[r] = self.generation
+                    self.replica_start[r] = self.progress[r].step
                     slot.member_id, slot.address = m.member_id, m.address
                     slot.lease_until, slot.last_heartbeat = m.lease_until, now
                     m.replica, m.partition, m.generation = r, p, self.generation
@@ -180,12 +187,14 @@ class JobState:
             if m is None or m.replica < 0:
                 return not self.done
             pr = self.progress[m.replica]
-            if m.partition == 0 or self.partitions == 1:
+            # Partitions report their shares of the loss; partition 0 speaks for the step.
+            self.slot_loss[(m.replica, m.partition)] = loss
+            if m.partition == 0:
                 if step > pr.step:
                     pr.examples += examples
                     self._examples_window.append((time.time(), examples))
                 pr.step = max(pr.step, step)
-                pr.loss = loss
+                pr.loss = sum(self.slot_loss.get((m.replica, p), 0.0) for p in range(self.partitions))
             return not self.done
 
     @property
@@ -220,10 +229,10 @@ class JobState:
         """Continue from a checkpoint: every replica resumes at its recorded step."""
         with self.lock:
             for r, s in enumerate(ck.replica_steps[: self.cfg.replicas]):
-                self.progress[r].step = s
+                self.progress[r].step = self.replica_start[r] = s
             if len(ck.replica_steps) < self.cfg.replicas:  # more replicas now: they start with the slowest
                 for r in range(len(ck.replica_steps), self.cfg.replicas):
-                    self.progress[r].step = min(ck.replica_steps) if ck.replica_steps else 0
+                    self.progress[r].step = self.replica_start[r] = min(ck.replica_steps) if ck.replica_steps else 0
             self.checkpoints = [ck]
             self.initialized = True
             self._save()
@@ -233,6 +242,7 @@ class JobState:
         wall_offset = time.time() - self.clock()  # leases are monotonic; store wall time
         return {
             "job_id": self.job_id, "generation": self.generation, "config": self.cfg.to_yaml(),
+            "replica_generation": self.replica_generation, "replica_start": self.replica_start,
             "initialized": self.initialized, "started": self.started,
             "slots": [dict(asdict(s), lease_until=s.lease_until + wall_offset) for s in self.slots.values()],
             "members": [dict(asdict(m), lease_until=m.lease_until + wall_offset) for m in self.members.values()],
@@ -263,6 +273,8 @@ class JobState:
         # Leases restart from now: the workers get a full lease to find us again.
         grace = st.clock() + st.cfg.lease_seconds
         st.job_id, st.generation = d["job_id"], d["generation"]
+        st.replica_generation = d.get("replica_generation", st.replica_generation)
+        st.replica_start = d.get("replica_start", st.replica_start)
         st.initialized, st.started = d["initialized"], d["started"]
         for s in d["slots"]:
             slot = Slot(**dict(s, lease_until=max(s["lease_until"] + offset, grace) if s["member_id"] else 0.0))

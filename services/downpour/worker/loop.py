@@ -73,6 +73,8 @@ class DownpourLoop:
         self._acc: dict[str, np.ndarray] | None = None
         self._nacc = 0
         self.params: dict | None = None
+        # Seconds this loop spent blocked, by cause: what overlap did not hide.
+        self.waited = {"pull": 0.0, "push": 0.0, "batch": 0.0}
 
     def _submit(self, fn, *args):
         if self._pool is None:
@@ -99,23 +101,31 @@ class DownpourLoop:
         t0 = time.perf_counter()
         if first or self.params is None:
             self.params = self.store.pull(self.names)
+            self.waited["pull"] += time.perf_counter() - t0
         elif self._pull is not None:
+            t = time.perf_counter()
             self.params = self._pull.result()
+            self.waited["pull"] += time.perf_counter() - t
             self._pull = None
         # Start the next fetch now so that it overlaps this step's compute.
         if (step + 1) % self.n_fetch == 0:
             self._pull = self._submit(self.store.pull, self.names)
+        t = time.perf_counter()
         x, y = next(self.batches)
+        self.waited["batch"] += time.perf_counter() - t
         loss, grads = self.compute(self.params, x, y)
         if self._acc is None:
-            self._acc = {k: np.asarray(v, dtype=np.float32).copy() for k, v in grads.items()}
+            # The gradients are fresh arrays each step: take them over instead of copying.
+            self._acc = {k: np.asarray(v, dtype=np.float32) for k, v in grads.items()}
         else:
             for k, v in grads.items():
                 self._acc[k] += v
         self._nacc += 1
         if self._nacc >= self.n_push:
             if self._push is not None:
+                t = time.perf_counter()
                 self._push.result()  # at most one push in flight
+                self.waited["push"] += time.perf_counter() - t
             self._push = self._submit(self._do_push, self._acc)
             self._acc, self._nacc = None, 0
         return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0)

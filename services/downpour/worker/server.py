@@ -30,6 +30,7 @@ from downpour import metrics
 from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.rpc.server import Server, ServerConfig
 from downpour.v1 import coordinator_pb2 as cpb, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from downpour.worker.exchange import Mailbox, PeerLinks, PeerLost, drive, serve_exchange
 from downpour.worker.loop import DownpourLoop
 
 log = logging.getLogger("downpour.worker")
@@ -58,6 +59,8 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         self._pending: str | None = None  # "stop" or "reassign", set by the heartbeat thread
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self.mailbox = Mailbox()  # halos from the other partitions of our replica
+        self.halo_timeout = 30.0  # a peer silent this long is lost: the replica resynchronises
 
     # ------------------------------------------------------------- RPCs
     def Status(self, request, context):
@@ -68,8 +71,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         return r
 
     def Exchange(self, request_iterator, context):
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                      "this worker's replica is not partitioned (1x1): there are no halos to exchange")
+        return serve_exchange(self.mailbox, request_iterator, context)
 
     # ------------------------------------------------------- coordinator
     def _call(self, fn, request, timeout: float = 5.0):
@@ -106,7 +108,10 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
             metrics.WORKER_HEARTBEATS.inc()
             if r.action == cpb.ACTION_STOP:
                 self._pending = "stop"
-            elif r.action == cpb.ACTION_REASSIGN:
+            elif r.action == cpb.ACTION_REASSIGN or (
+                    r.action == cpb.ACTION_CONTINUE and r.HasField("assignment") and self.assignment is not None
+                    and r.assignment.generation != self.assignment.generation):
+                # A new slot, or a peer partition of our replica was replaced: restart there.
                 with self._lock:
                     self.assignment = r.assignment
                 self._pending = "reassign"
@@ -138,13 +143,45 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         client = ParamClient(list(a.shard_addresses), placement=placement, channel_config=self.chcfg,
                              worker_id=self.member_id or self.address)
         supervised = cfg.supervised
+        links = None
+        cur = {"step": int(a.start_step)}
 
-        def compute(params, x, y):
-            if supervised:
-                loss, grads, _ = net.supervised(params, x, y)
-            else:
-                loss, grads, _ = net.tica(params, x)
-            return loss, grads
+        if a.num_partitions > 1:
+            # Model parallelism: this worker computes its tile of every layer and
+            # trades halos with the other partitions of the replica.
+            from downpour.nn import to_internal
+            from downpour.partition import PartitionRuntime, plan
+
+            rows, cols = cfg.grid()
+            pl = plan(cfg.network_spec(), rows, cols)
+            peers = {q.partition: q.address for q in a.peers if q.partition != a.partition}
+            if len(peers) < a.num_partitions - 1:
+                log.info("replica %d partition %d: waiting for %d more partition(s) to join", a.replica,
+                         a.partition, a.num_partitions - 1 - len(peers))
+                client.close()
+                # The coordinator bumps the replica's generation when a slot fills.
+                while self._pending is None and not self._stop.is_set():
+                    self._stop.wait(0.2)
+                return
+            self.mailbox.reset(a.generation, a.replica, a.partition)
+            links = PeerLinks(peers, self.chcfg)
+            runtime = PartitionRuntime(pl, a.partition, replica=a.replica, generation=a.generation)
+            y0, y1, x0, x1 = pl.tile(0, a.partition)
+
+            def compute(params, x, y):
+                tile = to_internal(np, x)[y0:y1, x0:x1]
+                gen = (runtime.supervised(params, tile, y, cur["step"]) if supervised
+                       else runtime.tica(params, tile, cur["step"]))
+                res = drive(gen, links, self.mailbox, a.generation, cur["step"], self.halo_timeout,
+                            cancelled=lambda: self._pending is not None or self._stop.is_set())
+                return res.loss, res.grads
+        else:
+            def compute(params, x, y):
+                if supervised:
+                    loss, grads, _ = net.supervised(params, x, y)
+                else:
+                    loss, grads, _ = net.tica(params, x)
+                return loss, grads
 
         batches = batch_stream(a.feeder_address, a.replica, a.num_replicas, cfg.batch_size,
                                start_batch=int(a.start_step), with_labels=supervised, seed=cfg.seed,
@@ -162,6 +199,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
             while step < cfg.steps:
                 if self._pending in ("stop", "reassign", "reregister"):
                     break
+                cur["step"] = step
                 res = loop.step(step, first=first)
                 first = False
                 step += 1
@@ -180,6 +218,8 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
                     self._report(a, step, loss_sum / loss_n, n_steps * cfg.batch_size)
                     loss_sum, loss_n, n_steps = 0.0, 0, 0
         finally:
+            if links is not None:
+                links.close()
             loop.close()
             client.close()
             batches.close() if hasattr(batches, "close") else None
@@ -196,13 +236,41 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         except grpc.RpcError:
             pass  # the coordinator is down: keep training, it will catch up from the next report
 
+    def _resync(self) -> None:
+        """Give our slot back and take it again: the replica gets a new generation."""
+        gen = self.assignment.generation if self.assignment is not None else -1
+        try:
+            self._call(self.coord.Deregister, cpb.DeregisterRequest(member_id=self.member_id))
+        except grpc.RpcError:
+            pass
+        self.assignment = None
+        self.register()
+        # Wait (bounded) until the peers' heartbeats can see the new generation too.
+        deadline = time.monotonic() + self.lease
+        while self.assignment is not None and self.assignment.generation == gen and time.monotonic() < deadline:
+            self._stop.wait(0.2)
+
     def run(self) -> int:
         threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
         try:
             self.register()
             while True:
                 self.wait_for_slot()
-                self.train_once()
+                try:
+                    self.train_once()
+                except PeerLost as e:
+                    if self._pending is None:
+                        # Nobody moved: ask for a fresh generation so that every
+                        # partition of the replica restarts together.
+                        log.warning("%s; resynchronising the replica", e)
+                        self._resync()
+                    else:
+                        log.info("replica changed while exchanging halos (%s); restarting the step", self._pending)
+                    if self._pending == "stop":
+                        raise Stop() from None
+                    if self._pending == "reassign":
+                        self._pending = None
+                    continue
                 if self._pending == "reassign":
                     self._pending = None
                     continue
