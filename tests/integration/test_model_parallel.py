@@ -71,3 +71,49 @@ def test_two_replicas_of_2x2_partitions_train_end_to_end(tmp_path):
     started = [line for f in logs for line in f.read_text().splitlines() if "training from step 0" in line]
     assert {line.split("replica ")[1].split(":")[0] for line in started} == {
         f"{r} partition {p}" for r in range(2) for p in range(4)}
+
+
+def test_a_dead_partition_stalls_only_its_replica_which_resumes_when_the_slot_is_refilled(tmp_path):
+    import signal
+    import time
+
+    from downpour.up import job_status
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
+           "--replicas", "2", "--partitions", "1x2", "--shards", "1", "--steps", "250"]
+    env = dict(os.environ, DOWNPOUR_LEASE_SECONDS="2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        killed = None
+        trace = []  # (time, step of replica 0, step of replica 1) after the kill
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if not (out / "cluster.json").exists():
+                continue
+            rows = {r["name"]: r for r in json.loads((out / "cluster.json").read_text())}
+            try:
+                st = job_status(rows["coordinator"]["address"])
+            except Exception:  # noqa: BLE001 - not up yet
+                continue
+            slots = {(s.replica, s.partition): s for s in st.slots}
+            if killed is None and slots[(1, 1)].step >= 20 and slots[(0, 0)].step < 150:
+                victim = next(r for r in rows.values() if r["address"] == slots[(1, 1)].address)
+                os.kill(victim["pid"], signal.SIGKILL)
+                killed = (time.monotonic(), slots[(0, 0)].step, slots[(1, 0)].step)
+            elif killed is not None:
+                trace.append((time.monotonic() - killed[0], slots[(0, 0)].step, slots[(1, 0)].step))
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "never reached the kill point"
+    assert proc.returncode == 0, stderr[-3000:]
+    # While replica 1 waited for its lease to run out and its slot to be refilled (>= 2 s),
+    # replica 0 went on training.
+    early = [t for t in trace if t[0] < 1.5]
+    assert early and early[-1][1] > killed[1] + 5, (killed, early)
+    assert max(t[2] for t in early) <= killed[2] + 3, (killed, early)
+    last = json.loads((out / "metrics.json").read_text())["history"][-1]
+    assert [r["step"] for r in last["replicas"]] == [250, 250]
