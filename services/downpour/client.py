@@ -37,7 +37,7 @@ NeuronSpec = int | tuple[int, int, int]
 @dataclass
 class Activations:
     values: np.ndarray  # (images, neurons) float32
-    neuron_ids: list[int]  # flat ids, one per column (when a layer was queried)
+    neuron_ids: list[int]  # flat ids, one per column, when queried by layer (empty for (map, y, x) neurons)
     layer_shape: tuple[int, ...]  # (maps, height, width)
     parameters_version: int
 
@@ -117,8 +117,7 @@ class NeuronsClient:
             req.layer = layer
             req.neuron_ids.extend(int(n) for n in neurons)
         r = self.stub.GetActivations(req, timeout=self.timeout)
-        ids = list(r.neuron_ids) if r.neuron_ids else [n for n in range(len(neurons))]
-        return Activations(codec.tensor_from_proto(r.activations).copy(), ids, tuple(r.layer_shape),
+        return Activations(codec.tensor_from_proto(r.activations).copy(), list(r.neuron_ids), tuple(r.layer_shape),
                            r.parameters_version)
 
     def top_inputs(self, layer: str, neuron: tuple[int, int, int], *, dataset: str = "", k: int = 9,

@@ -4,8 +4,9 @@ neuron, and the single-neuron classifier of Le et al. (2012).
 A *single-neuron classifier* predicts "positive" when one neuron's activation
 exceeds a threshold. The neuron and the threshold are chosen on a validation
 half and the accuracy is measured on the other (test) half; the halves are
-then swapped and the two test accuracies averaged (2-fold), so that a lucky
-split does not decide a row. Accuracy is *balanced* (the mean of the
+then swapped, and this is repeated over several random stratified halvings;
+the row is the mean test accuracy over all those folds (with its spread), so
+that a lucky split does not decide a row. Accuracy is *balanced* (the mean of the
 true-positive and true-negative rates: every class weighs the same), so
 chance is 50% whatever the class mix.
 """
@@ -170,24 +171,36 @@ class NeuronChoice:
 
 @dataclass
 class SingleNeuronResult:
-    accuracy: float  # mean test accuracy over the two folds
+    accuracy: float  # mean test accuracy over every fold
     folds: list[NeuronChoice]
 
     @property
     def choice(self) -> NeuronChoice:
+        """The neuron chosen on the first validation half."""
         return self.folds[0]
 
+    @property
+    def std(self) -> float:
+        """Spread of the test accuracy over the folds."""
+        return float(np.std([f.test_accuracy for f in self.folds]))
 
-def best_single_neuron(layers: dict[str, np.ndarray], y: np.ndarray, first_half: np.ndarray) -> SingleNeuronResult:
-    """Pick neuron + threshold on one half, measure on the other; both ways round."""
+
+def best_single_neuron(layers: dict[str, np.ndarray], y: np.ndarray, first_half: np.ndarray | list[np.ndarray]
+                       ) -> SingleNeuronResult:
+    """Pick neuron + threshold on one half, measure on the other; both ways round.
+
+    ``first_half`` is one mask or a list of masks (repeated random halvings):
+    the accuracy is then the mean over all 2 x len(masks) folds."""
     names = list(layers)
     A = np.concatenate([layers[k] for k in names], axis=1)
     offsets = np.cumsum([0] + [layers[k].shape[1] for k in names])
+    masks = [first_half] if isinstance(first_half, np.ndarray) else list(first_half)
     folds = []
-    for val in (first_half, ~first_half):
-        thr, acc = fit_thresholds(A[val], y[val])
-        j = int(acc.argmax())
-        li = int(np.searchsorted(offsets, j, side="right") - 1)
-        test = balanced_accuracy(A[~val, j], y[~val], thr[j])
-        folds.append(NeuronChoice(names[li], j - int(offsets[li]), float(thr[j]), float(acc[j]), test))
+    for half in masks:
+        for val in (half, ~half):
+            thr, acc = fit_thresholds(A[val], y[val])
+            j = int(acc.argmax())
+            li = int(np.searchsorted(offsets, j, side="right") - 1)
+            test = balanced_accuracy(A[~val, j], y[~val], thr[j])
+            folds.append(NeuronChoice(names[li], j - int(offsets[li]), float(thr[j]), float(acc[j]), test))
     return SingleNeuronResult(float(np.mean([f.test_accuracy for f in folds])), folds)

@@ -5,8 +5,9 @@ training: 50 LFW faces, 50 LFW non-faces and 200 distractors (textured
 natural-image crops whose mean and contrast match the faces', so that no
 neuron wins on brightness or contrast alone). For each row, the best single
 neuron and its threshold are chosen on a stratified validation half and the
-balanced accuracy is measured on the other half, then the halves swap and the
-two are averaged (``downpour.evals.common``). Chance is 50%.
+balanced accuracy is measured on the other half, then the halves swap; this is
+repeated over ``--splits`` random halvings and the folds are averaged
+(``downpour.evals.common``). Chance is 50%.
 
 Rows, in the paper's order: chance; the best linear filter (every training
 example used as a template); the best first-stage neuron of the trained
@@ -92,7 +93,7 @@ def invariance(model: NeuronModel, unit, faces_raw: np.ndarray, normalize: str, 
 
 def run(out: str, *, checkpoint: str = "", preset: str = "small", steps: int = 4000, batch_size: int = 32,
         lr: float = C.DEFAULT_LR, seed: int = 0, time_budget: float | None = None, stimulus_steps: int = 200,
-        log=print) -> dict:
+        n_splits: int = 5, log=print) -> dict:
     t_start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     manifest = None
@@ -108,7 +109,7 @@ def run(out: str, *, checkpoint: str = "", preset: str = "small", steps: int = 4
     raw = bundled.build(C.preprocess_for(spec, "none"))
     x, y = splits.heldout.get(np.arange(len(splits.heldout)))
     groups = np.repeat(np.arange(3), [len(splits.heldout_faces), len(splits.heldout_nonfaces), len(splits.distractors)])
-    half = C.stratified_halves(groups, seed)
+    halves = [C.stratified_halves(groups, seed + i) for i in range(n_splits)]
     net = Network(spec)
     training = {}
     if trained_params is None:
@@ -134,13 +135,13 @@ def run(out: str, *, checkpoint: str = "", preset: str = "small", steps: int = 4
     rows = []
 
     def row(name, layers, note=""):
-        r = C.best_single_neuron(layers, y, half)
-        rows.append({"row": name, "accuracy": r.accuracy, "note": note,
+        r = C.best_single_neuron(layers, y, halves)
+        rows.append({"row": name, "accuracy": r.accuracy, "std": r.std, "note": note,
                      "folds": [f.__dict__ for f in r.folds]})
-        log(f"  {name:<40} {100 * r.accuracy:5.1f}%  ({r.choice.layer} #{r.choice.index})")
+        log(f"  {name:<48} {100 * r.accuracy:5.1f}% +- {100 * r.std:3.1f}  ({r.choice.layer} #{r.choice.index})")
         return r
 
-    rows.append({"row": "chance", "accuracy": 0.5, "note": "balanced accuracy", "folds": []})
+    rows.append({"row": "chance", "accuracy": 0.5, "std": 0.0, "note": "balanced accuracy", "folds": []})
     row("best linear filter (training-sample template)",
         {"template": (x.reshape(len(x), -1) @ templates.T).astype(np.float32)},
         f"{len(templates)} templates")
@@ -156,7 +157,7 @@ def run(out: str, *, checkpoint: str = "", preset: str = "small", steps: int = 4
         by_stage[name] = {}
         for s in range(1, len(spec.stages) + 1):
             sub = {k: v for k, v in acts.items() if k.startswith(f"stage{s}.")}
-            by_stage[name][f"stage{s}"] = C.best_single_neuron(sub, y, half).accuracy
+            by_stage[name][f"stage{s}"] = C.best_single_neuron(sub, y, halves).accuracy
     log("  best neuron per stage: " + "; ".join(
         f"{n}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in d.items()) for n, d in by_stage.items()))
 
@@ -173,8 +174,9 @@ def run(out: str, *, checkpoint: str = "", preset: str = "small", steps: int = 4
     results = {
         "test_set": {"make_up": make_up, "total": int(len(y)), "faces": int(y.sum()),
                      "chance_balanced": 0.5, "majority_class_rate": float(1 - y.mean()),
-                     "protocol": "best single neuron + threshold chosen on a stratified validation half, balanced "
-                                 "accuracy on the other half, halves swapped, mean of the two"},
+                     "protocol": f"best single neuron + threshold chosen on a stratified validation half, balanced "
+                                 f"accuracy on the other half, halves swapped; mean (+- spread) over {2 * n_splits} "
+                                 f"folds of {n_splits} random halvings"},
         "spec": "checkpoint" if checkpoint else preset, "normalize": normalize,
         "checkpoint": None if manifest is None else {"dir": checkpoint, "id": manifest["checkpoint_id"],
                                                       "step": manifest["step"]},
@@ -229,11 +231,11 @@ def table_caption(results: dict) -> str:
 
 
 def format_table(results: dict) -> str:
-    lines = [table_caption(results), f"{'row':<48} {'accuracy':>8}   neuron (fold 1)"]
+    lines = [table_caption(results), f"{'row':<48} {'accuracy':>8} {'+-':>5}   neuron (fold 1)"]
     for r in results["rows"]:
         f = r["folds"][0] if r["folds"] else None
         where = f"{f['layer']} #{f['index']}" if f else ""
-        lines.append(f"{r['row']:<48} {100 * r['accuracy']:7.1f}%   {where}")
+        lines.append(f"{r['row']:<48} {100 * r['accuracy']:7.1f}% {100 * r.get('std', 0):5.1f}   {where}")
     t = results["targets"]
     lines.append(f"trained - random = {t['trained_minus_random_points']:+.1f} points "
                  f"(target +15: {'met' if t['trained_ge_random_plus_15'] else 'missed'}); paper's order: "
@@ -244,10 +246,10 @@ def format_table(results: dict) -> str:
 def write_html(out: str, results: dict) -> None:
     def folds(r):
         return " / ".join("%s #%d: val %.1f%%, test %.1f%%" % (f["layer"], f["index"], 100 * f["val_accuracy"],
-                                                               100 * f["test_accuracy"]) for f in r["folds"])
+                                                               100 * f["test_accuracy"]) for f in r["folds"][:2])
 
     rows = "".join(
-        f"<tr><td>{html.escape(r['row'])}</td><td>{100 * r['accuracy']:.1f}%</td>"
+        f"<tr><td>{html.escape(r['row'])}</td><td>{100 * r['accuracy']:.1f}% &plusmn; {100 * r.get('std', 0):.1f}</td>"
         f"<td>{html.escape(folds(r))}</td></tr>"
         for r in results["rows"])
     stage_rows = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{100 * v:.1f}%</td>" for v in d.values())
@@ -259,7 +261,7 @@ def write_html(out: str, results: dict) -> None:
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .6em;border-bottom:1px solid #ddd}}</style>
 </head><body><h1>Face neurons (Le et al. 2012, table 1)</h1>
 <p>{html.escape(table_caption(results))}. {html.escape(results['test_set']['protocol'])}.</p>
-<table><tr><th>row</th><th>balanced accuracy</th><th>neuron chosen on each validation half</th></tr>{rows}</table>
+<table><tr><th>row</th><th>balanced accuracy (mean &plusmn; spread over folds)</th><th>neuron chosen on the first two validation halves</th></tr>{rows}</table>
 <p>Targets: trained &minus; random = {results['targets']['trained_minus_random_points']:+.1f} points.</p>
 <p>Best single neuron restricted to one stage (same protocol):</p><table><tr><th>network</th>{''.join(f"<th>{k}</th>" for k in next(iter(results['best_neuron_by_stage'].values())))}</tr>{stage_rows}</table>
 <img src="table.png"><h2>Training</h2><ul>{tr}</ul>
@@ -284,10 +286,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=C.DEFAULT_LR, help="Adagrad learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=None, help="stop each training after this many seconds")
+    p.add_argument("--splits", type=int, default=5, help="random validation/test halvings (each used both ways)")
     p.add_argument("--out", default="eval-faces", help="output folder (report.html, PNGs, results.json)")
 
 
 def cmd(args: argparse.Namespace) -> int:
     run(args.out, checkpoint=args.checkpoint, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, time_budget=args.time_budget)
+        lr=args.lr, seed=args.seed, time_budget=args.time_budget, n_splits=args.splits)
     return 0
