@@ -42,12 +42,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-# Run as a script, this file's folder is first on sys.path, where a sibling
-# benchmark module may be named like the package; import the package instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from downpour import optim  # noqa: E402
-from downpour.paramserver.client import ParamClient  # noqa: E402
+from downpour import optim
+from downpour.paramserver.client import ParamClient
 from downpour.rpc.channel import ChannelConfig  # noqa: E402
 from downpour.v1 import common_pb2  # noqa: E402
 

@@ -262,6 +262,18 @@ def write_outputs(out: str, history: list[dict], cfg: jobconfig.JobConfig, shard
     plt.close(fig)
 
 
+def steady_rate(history: list[dict], steps: int, batch_size: int, skip: float = 0.2) -> float:
+    """Examples/s over the steady part of a run: past ``skip`` of the steps, before the first replica ends."""
+    def total(h):
+        return sum(r["step"] for r in h["replicas"])
+
+    warm = [h for h in history if h["replicas"] and min(r["step"] for r in h["replicas"]) >= steps * skip]
+    end = [h for h in warm if max(r["step"] for r in h["replicas"]) < steps] or warm
+    if len(end) < 2 or end[-1]["time"] <= warm[0]["time"]:
+        raise ValueError("the run was too short to measure a steady rate; give it more steps")
+    return (total(end[-1]) - total(warm[0])) * batch_size / (end[-1]["time"] - warm[0]["time"])
+
+
 def _snapshot(status) -> dict:
     reps: dict[int, dict] = {}
     for s in status.slots:
