@@ -382,3 +382,23 @@ def test_coordinator_source_reads_the_job_and_its_shards(procs, tmp_path):
                                    rtol=1e-5, atol=1e-5)
     finally:
         srv.stop(0)
+
+
+def test_partitioned_job_blocks_are_joined(procs, tmp_path):
+    """A 2x2 model-parallel job keeps one block per partition on the shards; the service joins them."""
+    from downpour.partition import plan, split_params
+
+    shard = procs("paramserver", "--shard-index", "0")
+    params = Network(SPEC).init_params(8)
+    blocks = split_params(plan(SPEC, 2, 2), params)
+    ps = ParamClient([shard.address], worker_id="test", placement={k: 0 for k in blocks})
+    ps.wait_ready(30)
+    ps.init(blocks)
+    ps.close()
+    cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 1, "partitions": "2x2"})
+    (tmp_path / "job.yaml").write_text(cfg.to_yaml())
+    p = procs("neurons", "--shards", shard.address, "--config", str(tmp_path / "job.yaml"))
+    u8 = images(2, seed=6)
+    with client(p) as nc:
+        got = nc.activations(u8, "stage3.output").values
+    np.testing.assert_allclose(got, expected(NeuronModel(SPEC, params), u8, "stage3.output"), rtol=1e-5, atol=1e-5)

@@ -54,6 +54,22 @@ def list_manifests(checkpoint_dir: str) -> list[dict]:
     return found
 
 
+def block_layout(cfg: jobconfig.JobConfig):
+    """(block name -> size, blocks -> full parameters) of a job: with a partition grid, every
+    partition owns its own block of each layer (``stage1.W1[p=3]``), joined back here."""
+    from downpour.nn import Network
+
+    spec = cfg.network_spec()
+    rows, cols = cfg.grid()
+    if rows * cols == 1:
+        return Network(spec).block_sizes(), dict
+    from downpour.partition import block_shapes, join_params, plan
+
+    pl = plan(spec, rows, cols)
+    sizes = {k: int(np.prod(v)) for k, v in block_shapes(pl).items()}
+    return sizes, lambda blocks: join_params(pl, blocks)
+
+
 def load_checkpoint(checkpoint_dir: str, manifest: dict) -> tuple[jobconfig.JobConfig, dict[str, np.ndarray]]:
     """The job config and every block of one committed checkpoint."""
     from downpour.paramserver import checkpoint as ckpt
@@ -68,7 +84,8 @@ def load_checkpoint(checkpoint_dir: str, manifest: dict) -> tuple[jobconfig.JobC
         _, _, bl, _ = ckpt.load(path)
         for b in bl:
             blocks[b.name] = b.w
-    return cfg, blocks
+    _, join = block_layout(cfg)
+    return cfg, join(blocks)
 
 
 class Source:
@@ -160,14 +177,13 @@ class CheckpointSource(Source):
 class ShardSource(Source):
     def __init__(self, shards: list[str], cfg: jobconfig.JobConfig, checkpoint_dir: str = "",
                  channel_config=None, timeout: float = 60.0) -> None:
-        from downpour.nn import Network
         from downpour.paramserver.client import ParamClient, balanced_placement
 
         super().__init__()
         self.spec = cfg.network_spec()
         self.normalize, self.data = cfg.normalize, cfg.data
         self.checkpoint_dir = checkpoint_dir
-        sizes = Network(self.spec).block_sizes()
+        sizes, self._join = block_layout(cfg)
         # the coordinator places blocks the same way (size-balanced over the shards)
         self.client = ParamClient(shards, worker_id="neurons", placement=balanced_placement(sizes, len(shards)),
                                   channel_config=channel_config, timeout=timeout)
@@ -181,7 +197,7 @@ class ShardSource(Source):
         if version == self._version and self._model is not None:
             self.refreshed_at = time.time()
             return False
-        self._set(NeuronModel(self.spec, params, version=version))
+        self._set(NeuronModel(self.spec, self._join(params), version=version))
         self._version = version
         return True
 
