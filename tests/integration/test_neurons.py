@@ -402,3 +402,24 @@ def test_partitioned_job_blocks_are_joined(procs, tmp_path):
     with client(p) as nc:
         got = nc.activations(u8, "stage3.output").values
     np.testing.assert_allclose(got, expected(NeuronModel(SPEC, params), u8, "stage3.output"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", list(layer_shapes(presets.get("tiny"))) + ["head.logits"])
+def test_input_gradient_of_a_unit_matches_central_differences(layer):
+    """The gradient OptimalStimulus climbs, for a unit of every layer (float64 network)."""
+    import dataclasses
+
+    spec = dataclasses.replace(SPEC, classes=3)
+    model = NeuronModel(spec, Network(spec).init_params(1))
+    model.net = Network(spec, dtype=np.float64)
+    model.params = {k: v.astype(np.float64) for k, v in model.params.items()}
+    shape = layer_shapes(spec)[layer]
+    u = model.unit(layer, int(np.prod(shape)) // 2 + 1 if layer != "head.logits" else 2)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2,) + spec.input)
+    v, g = model.input_gradient(x, u)
+    np.testing.assert_allclose(v, model.activations(x, [u])[:, 0], rtol=1e-6)
+    d = rng.standard_normal(x.shape)
+    h = 1e-5
+    fd = (model.input_gradient(x + h * d, u)[0] - model.input_gradient(x - h * d, u)[0]) / (2 * h)
+    np.testing.assert_allclose((g * d).reshape(2, -1).sum(1), fd, rtol=1e-4, atol=1e-7)

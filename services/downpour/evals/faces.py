@@ -205,13 +205,13 @@ def run(out: str, *, checkpoint: str = "", preset: str = "small", steps: int = 4
                       f"top 16 held-out inputs of {unit.layer} ({unit.map},{unit.y},{unit.x})")
     report.image_grid(os.path.join(out, "optimal_stimulus.png"), stim["stimulus"][None],
                       [f"act {stim['activation']:.3g} (random max {stim['random_max']:.3g})"],
-                      "optimal stimulus (unit norm)", scale=6)
+                      "optimal stimulus (unit norm)", scale=3)
     centre = w1.shape[0] // 2
     k = net.stages[0].filter.k
     cin = spec.input[0]
     filters = w1[centre].reshape(w1.shape[1], k, k, cin).transpose(0, 3, 1, 2)
     report.image_grid(os.path.join(out, "filters.png"), filters, [f"map {m}" for m in range(len(filters))],
-                      "first-stage filters (W1) at the central location", scale=6)
+                      "first-stage filters (W1) at the central location", scale=1.6)
     report.curves(os.path.join(out, "invariance.png"), curves, best.choice.threshold,
                   f"invariance of {unit.layer} ({unit.map},{unit.y},{unit.x}) on {len(faces_raw)} held-out faces")
     report.table_png(os.path.join(out, "table.png"), rows, table_caption(results))

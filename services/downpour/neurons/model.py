@@ -94,7 +94,7 @@ class NeuronModel:
                              f"{tuple(x.shape[2:])} x {x.shape[1] if x.ndim == 4 else '?'} channel(s)")
         if not np.all(np.isfinite(x)):
             raise QueryError("images contain NaN or Inf")
-        return np.ascontiguousarray(x, np.float32)
+        return np.ascontiguousarray(x, self.net.dtype)
 
     def layer_activations(self, x_bchw: np.ndarray, layer: str, batch: int = 256) -> np.ndarray:
         """(B, units) float32 activations of every unit of ``layer``."""
