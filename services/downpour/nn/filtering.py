@@ -116,29 +116,119 @@ class LocalFilter:
             raise ValueError(f"input of shape {tuple(x.shape)} does not match (H, W, C) = "
                              f"{(self.H, self.W, self.C)} (+ batch)")
 
-    # encoder ------------------------------------------------------------------
-    # Both directions walk the Ho rows of output locations. One row's patches
-    # (Wo, K, B) are ~1.5 MB at the benchmark shape, so the im2col copy, the
-    # GEMMs that read it and the col2im adds all stay in L2 instead of
-    # streaming a 40 MB patch matrix (and its gradient) through memory.
-    def _row_patches(self, x, i, out):
-        """Copy the patches of output row i, (Wo, k, k, C, B), into ``out``."""
+    # row walks ----------------------------------------------------------------
+    # Every direction walks the Ho rows of output locations instead of
+    # building an (L, K, B) patch matrix (40 MB at the kernel benchmark
+    # shape), so that copies, GEMMs and col2im adds stay in cache.
+    #
+    # The GEMM-only walks (forward, dW, decode_backward) go one row at a
+    # time: its patches (Wo, K, B) are at most ~1.5 MB and the GEMMs read
+    # them while they are hot; measured, one row beats larger blocks at every
+    # preset shape. The col2im walks (decode, dx) go in blocks of rows of
+    # about ``COL2IM_BYTES``: a block of n >= k/s rows needs (k/s)^2 adds
+    # where n single rows need n*k/s, and on small layers the per-call cost
+    # of those adds (a few us each) is what dominates.
+    COL2IM_BYTES = 4 << 20
+    # Below this, a GEMM walk takes all rows at once: the per-row NumPy calls
+    # cost more than the copy saves (tiny layers, e.g. the ``tiny`` preset).
+    GEMM_WHOLE_BYTES = 512 << 10
+
+    def _gemm_rows(self, B: int, itemsize: int) -> int:
+        return self.Ho if self.L * self.K * B * itemsize <= self.GEMM_WHOLE_BYTES else 1
+
+    def _col2im_rows(self, B: int, itemsize: int) -> int:
+        row = self.Wo * self.K * B * itemsize
+        nmax = max(1, min(self.Ho, self.COL2IM_BYTES // max(row, 1)))
+        nblocks = -(-self.Ho // nmax)
+        return -(-self.Ho // nblocks)  # even blocks: no short tail block
+
+    def _row_patches(self, view, i0, n, out):
+        """Copy the patches of output rows i0..i0+n-1 into ``out``; (n*Wo, K, B)."""
+        out = out[:n * self.Wo]
+        out.reshape(n, *view.shape[1:])[...] = view[i0:i0 + n]  # (a reshape of the view would copy)
+        return out.reshape(n * self.Wo, self.K, out.shape[-1])
+
+    def _patches(self, x):
+        """Read-only (Ho, Wo, k, k, C, B) view of every patch of x; no copy."""
+        return sliding_view(self.xp, x, (0, 1), (self.k, self.k), (self.s, self.s))
+
+    def _groups(self):
+        """Offsets inside the field, grouped for col2im: (start, width) runs.
+
+        Offsets d = s*t + e with a whole run of s offsets land location j on
+        positions s*(j+t) .. s*(j+t)+s-1: one reshaped view per run. Offsets
+        left over when s does not divide k (or s > k) go one at a time.
+        """
         k, s = self.k, self.s
-        out[...] = sliding_view(self.xp, x[s * i:s * i + k], (0, 1), (k, k), (s, s))[0]
-        return out.reshape(self.Wo, self.K, x.shape[3])
+        return [(s * t, s) for t in range(k // s)] + [(d, 1) for d in range(s * (k // s), k)]
 
-    def _add_row_cols(self, rows, T):
-        """col2im of one output row: add T (Wo, k, k, C, B) into rows (k, W, C, B)."""
-        k, s, Wo = self.k, self.s, self.Wo
-        # Offsets dx = s*t + e with a whole block of s columns: location j lands
-        # on columns s*(j+t) .. s*(j+t)+s-1, one (k, Wo, s*C*B) view per t.
-        nt = k // s
-        for t in range(nt):
-            dst = rows[:, s * t:s * t + s * Wo].reshape(k, Wo, s, *rows.shape[2:])
-            dst += T[:, :, s * t:s * t + s].transpose(1, 0, 2, 3, 4)
-        for d in range(s * nt, k):  # the offsets left over when s does not divide k
-            rows[:, d:d + s * (Wo - 1) + 1:s] += T[:, :, d].transpose(1, 0, 2, 3)
+    def _add_block_cols(self, rows, T, n: int):
+        """col2im of a row block: add T (n*Wo, k, k, C, B) into rows, the
+        (s*(n-1)+k, W, C, B) input rows that output rows i0..i0+n-1 cover."""
+        s, Wo = self.s, self.Wo
+        T = T.reshape(n, Wo, *T.shape[1:])
+        gx, gy = self._groups(), self._groups()
+        if n < len(gy):
+            # Few rows: row by row, each add covering the field's whole
+            # height (one output row's k offsets dy land on distinct rows).
+            for i in range(n):
+                self._add_cols(rows[s * i:s * i + self.k], T[i:i + 1], None, gx)
+        else:
+            self._add_cols(rows, T, gy, gx)
 
+    def _add_cols(self, rows, T, gy, gx):
+        """Add T (n, Wo, k, k, C, B) into rows; ``gy`` None: one row, all k dy at once."""
+        s, Wo, n = self.s, self.Wo, T.shape[0]
+        for a, wy in gy or [(0, self.k)]:
+            if gy is None:
+                dy_view = rows[None]  # (1, k, W, C, B)
+            elif wy == s:
+                dy_view = rows[a:a + s * n].reshape(n, s, *rows.shape[1:])
+            else:
+                dy_view = rows[a:a + s * (n - 1) + 1:s, None]
+            for b, wx in gx:
+                if wx == s:
+                    dst = dy_view[:, :, b:b + s * Wo].reshape(n, wy, Wo, s, *dy_view.shape[3:])
+                else:
+                    dst = dy_view[:, :, b:b + s * (Wo - 1) + 1:s, None]
+                dst += T[:, :, a:a + wy, b:b + wx].transpose(0, 2, 1, 3, 4, 5)
+
+    def _gemm_col2im(self, wt, Z, r):
+        """r += col2im(wt @ Z) for wt (1 or L, K, M) (any strides), Z (L, M, B)."""
+        xp, Wo, K, k, s = self.xp, self.Wo, self.K, self.k, self.s
+        B = Z.shape[2]
+        nr = self._col2im_rows(B, r.dtype.itemsize)
+        if self.C == 1 and s == 1:
+            # One map, stride 1: the GEMMs write offset-major (K, n*Wo, B)
+            # (row stride n*Wo*B), so that every offset's (n, Wo, B) block is
+            # contiguous and lands on contiguous runs of Wo*B in r; with the
+            # (n*Wo, K, B) layout each add moves runs of only B values.
+            T = self._scratch("TK", (K * nr * Wo * B,), r.dtype)
+        else:
+            T = self._scratch("T", (nr * Wo, k, k, self.C, B), r.dtype)
+        for i0 in range(0, self.Ho, nr):
+            n = min(nr, self.Ho - i0)
+            loc = slice(i0 * Wo, (i0 + n) * Wo)
+            rows = r[s * i0:s * (i0 + n - 1) + k]
+            wi = wt[0] if self.tied else wt[loc]
+            if self.C == 1 and s == 1:
+                Tk = T[:K * n * Wo * B].reshape(k, k, n, Wo, 1, B)
+                xp.matmul(wi, Z[loc], out=Tk.reshape(K, n * Wo, B).transpose(1, 0, 2))
+                if n < k:
+                    for i in range(n):
+                        for dx in range(k):
+                            rows[i:i + k, dx:dx + Wo] += Tk[:, dx, i]
+                else:
+                    for dy in range(k):
+                        for dx in range(k):
+                            rows[dy:dy + n, dx:dx + Wo] += Tk[dy, dx]
+            else:
+                Tb = T[:n * Wo]
+                xp.matmul(wi, Z[loc], out=Tb.reshape(n * Wo, K, B))
+                self._add_block_cols(rows, Tb, n)
+        return r
+
+    # encoder ------------------------------------------------------------------
     def forward(self, w, x):
         """y = W @ im2col(x). Returns (y as (Ho, Wo, M, B), context for backward)."""
         self._check(x)
@@ -146,10 +236,13 @@ class LocalFilter:
         xp, Ho, Wo, M, K, k, C = self.xp, self.Ho, self.Wo, self.M, self.K, self.k, self.C
         w3 = w.reshape(self.weight_shape)
         y = xp.empty((Ho, Wo, M, B), dtype=xp.result_type(w3.dtype, x.dtype))
-        pr = self._scratch("Pr", (Wo, k, k, C, B), x.dtype)
-        for i in range(Ho):
-            wi = w3[0] if self.tied else w3[i * Wo:(i + 1) * Wo]
-            xp.matmul(wi, self._row_patches(x, i, pr), out=y[i])
+        Y = y.reshape(self.L, M, B)
+        nr = self._gemm_rows(B, x.dtype.itemsize)
+        pr = self._scratch("Pr", (nr * Wo, k, k, C, B), x.dtype)
+        view = self._patches(x)
+        for i0 in range(0, Ho, nr):
+            loc = slice(i0 * Wo, (i0 + nr) * Wo)
+            xp.matmul(w3[0] if self.tied else w3[loc], self._row_patches(view, i0, nr, pr), out=Y[loc])
         # The patches are rebuilt row by row in backward, so the context is the
         # input itself: no patch matrix outlives the call.
         return y, x
@@ -161,50 +254,76 @@ class LocalFilter:
         B = dy.shape[3]
         dt = xp.result_type(w.dtype, x.dtype, dy.dtype)
         w3 = w.reshape(self.weight_shape)
-        dY = dy.reshape(Ho, Wo, M, B)
+        dY = dy.reshape(self.L, M, B)
         # dW_l = dY_l P_l^T is computed as (P_l dY_l^T)^T: BLAS runs the
         # (K x B)(B x M) product ~2.5x faster than (M x B)(B x K) with a
         # transposed operand, and the transpose back is a cheap in-cache copy.
-        dYT = self._scratch("dYT", (Ho, Wo, B, M), dy.dtype)
-        dYT[...] = dY.transpose(0, 1, 3, 2)
-        pr = self._scratch("Pr", (Wo, k, k, C, B), x.dtype)
-        R = self._scratch("R", (Wo, K, M), dt)
+        dYT = self._scratch("dYT", (self.L, B, M), dy.dtype)
+        dYT[...] = dY.transpose(0, 2, 1)
+        nr = self._gemm_rows(B, max(x.dtype.itemsize, dt.itemsize))
+        pr = self._scratch("Pr", (nr * Wo, k, k, C, B), x.dtype)
+        R = self._scratch("R", (nr * Wo, K, M), dt)
+        view = self._patches(x)
         dW = xp.empty(self.weight_shape, dtype=dt)
         if self.tied:
             dW[...] = 0
-        dx = None
-        if need_dx:
-            dx = xp.zeros((self.H, self.W, C, B), dtype=dt)
-            T = self._scratch("T", (Wo, k, k, C, B), dt)
-        for i in range(Ho):
-            loc = slice(i * Wo, (i + 1) * Wo)
-            xp.matmul(self._row_patches(x, i, pr), dYT[i], out=R)
+        for i0 in range(0, Ho, nr):
+            loc = slice(i0 * Wo, (i0 + nr) * Wo)
+            xp.matmul(self._row_patches(view, i0, nr, pr), dYT[loc], out=R)
             if self.tied:
                 dW[0] += R.sum(axis=0).T
             else:
                 dW[loc] = R.transpose(0, 2, 1)
-            if need_dx:
-                wt = (w3[0] if self.tied else w3[loc]).swapaxes(-1, -2)  # (K, M) or (Wo, K, M)
-                xp.matmul(wt, dY[i], out=T.reshape(Wo, K, B))
-                self._add_row_cols(dx[self.s * i:self.s * i + k], T)
-        return dx, dW
+        if not need_dx:  # stage 1 never needs dx: no buffer, GEMM or col2im
+            return None, dW
+        # dx = col2im(W^T dY): the decoder's computation with W^T for W2.
+        dx = xp.zeros((self.H, self.W, C, B), dtype=dt)
+        return self._gemm_col2im(w3.swapaxes(-1, -2), dY, dx), dW
 
     # decoder (the transpose) --------------------------------------------------
+    # decode is backward's dx path with W2 in place of W1^T; decode_backward
+    # is forward plus backward's dW on the patches of dr. Neither materialises
+    # an (L, K, B) matrix.
     def decode(self, w2, z):
         """r = col2im(W2 @ z): maps (Ho, Wo, M, B) responses back to (H, W, C, B)."""
+        xp = self.xp
         B = z.shape[3]
-        Z = z.reshape(self.L, self.M, B)
-        R = self.xp.matmul(w2.reshape(self.decoder_shape), Z)  # (L, K, B)
-        return col2im(self.xp, R, (self.H, self.W, self.C, B), self.k, self.s)
+        w3 = w2.reshape(self.decoder_shape)
+        r = xp.zeros((self.H, self.W, self.C, B), dtype=xp.result_type(w3.dtype, z.dtype))
+        return self._gemm_col2im(w3, z.reshape(self.L, self.M, B), r)
 
     def decode_backward(self, w2, z, dr):
         """Gradients of decode: (dz as (Ho, Wo, M, B), dW2 with W2's shape)."""
-        xp = self.xp
+        xp, Ho, Wo, M, K, k, C = self.xp, self.Ho, self.Wo, self.M, self.K, self.k, self.C
         B = z.shape[3]
-        dR = im2col(xp, dr, self.k, self.s, out=self._scratch("dR", (self.L * self.K * B,), dr.dtype))
-        Z = z.reshape(self.L, self.M, B)
-        dW2 = xp.matmul(dR, Z.transpose(0, 2, 1))  # (L, K, M)
+        w3 = w2.reshape(self.decoder_shape)
+        dt = xp.result_type(dr.dtype, z.dtype)
+        # dW2_l = dR_l Z_l^T, written straight into dW2. With Z transposed
+        # once up front the (K x B)(B x M) GEMMs run ~1.4x faster at K >= 288;
+        # at small K the copy costs more than it saves.
+        ZT = z.reshape(self.L, M, B).transpose(0, 2, 1)
+        if K >= 128:
+            ZT = self._scratch("ZT", (self.L, B, M), z.dtype)
+            ZT[...] = z.reshape(self.L, M, B).transpose(0, 2, 1)
+        dz = xp.empty((Ho, Wo, M, B), dtype=xp.result_type(w3.dtype, dr.dtype))
+        dZ = dz.reshape(self.L, M, B)
+        nr = self._gemm_rows(B, max(dr.dtype.itemsize, dt.itemsize))
+        pr = self._scratch("Pr", (nr * Wo, k, k, C, B), dr.dtype)
+        view = self._patches(dr)
+        w2t = w3.swapaxes(-1, -2)  # (1 or L, M, K)
         if self.tied:
-            dW2 = dW2.sum(axis=0, keepdims=True)
-        dz = xp.matmul(w2.reshape(self.decoder_shape).transpose(0, 2, 1), dR)  # (L, M, B)
-        return dz.reshape(self.Ho, self.Wo, self.M, B), dW2
+            dW2 = xp.zeros(self.decoder_shape, dtype=dt)
+            R = self._scratch("R", (nr * Wo, K, M), dt)
+        else:
+            dW2 = xp.empty(self.decoder_shape, dtype=dt)
+        for i0 in range(0, Ho, nr):
+            loc = slice(i0 * Wo, (i0 + nr) * Wo)
+            P = self._row_patches(view, i0, nr, pr)
+            if self.tied:
+                xp.matmul(P, ZT[loc], out=R)
+                dW2[0] += R.sum(axis=0)
+                xp.matmul(w2t[0], P, out=dZ[loc])
+            else:
+                xp.matmul(P, ZT[loc], out=dW2[loc])
+                xp.matmul(w2t[loc], P, out=dZ[loc])
+        return dz, dW2
