@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/kernels_cpu.py [--reps N] [--warmup N]
 
-Two workloads, forward + backward each:
+Three workloads, forward + backward each:
 
 * ``LocalFilter``: B=32, 3x64x64 input, 12x12 field, stride 2, 8 maps
   (untied weights, 27x27 output locations).
 * ``L2Pool + LCN`` on (B, C, H, W) = (32, 8, 27, 27): L2 pooling 3x3 stride 1
   (eps 1e-2) to 25x25, then LCN with a 5x5 Gaussian (sigma = 5/4).
+* ``TICA rec``: the reconstruction part of a first-stage TICA step on the
+  LocalFilter shape: z = W1 x, r = decode(W2, z) (col2im of W2 z), loss
+  sum((r - x)^2) / B, gradients of W1 and W2 (no dx: a first stage does not
+  need it). PyTorch: the (L, K, B) patch stack + bmm, F.fold for col2im.
 
 Layouts: each side gets its natural layout, converted outside the timed
 region. Ours is (H, W, C, B), weights (L, M, K) with K in (dy, dx, c) order.
@@ -151,6 +155,53 @@ def bench_local_filter(rng, reps, warmup, rows):
     return t_torch / t_ours, max(errs), (L, M, K, B)
 
 
+# --------------------------------------------------------------------------- TICA reconstruction
+def bench_tica_rec(rng, reps, warmup, rows):
+    B, C, H, W, k, s, M = 32, 3, 64, 64, 12, 2, 8
+    lf = LocalFilter((C, H, W), M, k, s)
+    Ho, Wo, L, K = lf.Ho, lf.Wo, lf.L, lf.K
+    x = rng.standard_normal((H, W, C, B)).astype(np.float32)
+    w1 = (rng.standard_normal(lf.weight_shape) * 0.05).astype(np.float32)  # (L, M, K)
+    w2 = (rng.standard_normal(lf.decoder_shape) * 0.05).astype(np.float32)  # (L, K, M)
+
+    def ours():
+        z, ctx = lf.forward(w1, x)
+        err = lf.decode(w2, z) - x
+        loss = float(np.vdot(err.ravel(), err.ravel())) / B
+        dr = err * np.float32(2.0 / B)
+        dz, dw2 = lf.decode_backward(w2, z, dr)
+        _, dw1 = lf.backward(w1, ctx, dz, need_dx=False)
+        return loss, dw1, dw2
+
+    loss, dw1, dw2 = ours()
+
+    xh = torch.from_numpy(x.copy())
+    xn = torch.from_numpy(x.transpose(3, 2, 0, 1).copy())  # (B, C, H, W) for the error
+    w1h = torch.from_numpy(w1.copy()).requires_grad_()
+    w2h = torch.from_numpy(w2.copy()).requires_grad_()
+
+    def torch_bmm_fold():
+        w1h.grad = w2h.grad = None
+        P = xh.unfold(0, k, s).unfold(1, k, s).permute(0, 1, 4, 5, 2, 3).reshape(L, K, B)
+        z = torch.bmm(w1h, P)  # (L, M, B)
+        R = torch.bmm(w2h, z)  # (L, K, B), K = (dy, dx, c)
+        cols = R.reshape(L, k, k, C, B).permute(4, 3, 1, 2, 0).reshape(B, C * k * k, L)
+        r = F.fold(cols, (H, W), k, stride=s)
+        lt = ((r - xn) ** 2).sum() / B
+        lt.backward()
+        return lt
+
+    lt = torch_bmm_fold()
+    errs = [check("TICA rec loss", loss, lt.item()),
+            check("TICA rec dW1", dw1, w1h.grad.numpy()),
+            check("TICA rec dW2", dw2, w2h.grad.numpy())]
+    flops = 4 * 2 * L * M * K * B  # forward, decode, decode_backward (2x), dW1
+    t_ours, t_torch = interleaved_ms([ours, torch_bmm_fold], reps, warmup)
+    rows += [("TICA rec f+b", "ours (H,W,C,B), row-blocked", t_ours, flops),
+             ("TICA rec f+b", "torch (L,K,B) bmm+fold", t_torch, flops)]
+    return t_torch / t_ours, max(errs)
+
+
 # --------------------------------------------------------------------------- L2Pool + LCN
 def bench_pool_lcn(rng, reps, warmup, rows):
     B, C, H, W = 32, 8, 27, 27
@@ -241,6 +292,7 @@ def main() -> None:
     rows: list = []
     lf_ratio, lf_err, shape = bench_local_filter(rng, args.reps, args.warmup, rows)
     pl_ratio, pl_err = bench_pool_lcn(rng, args.reps, args.warmup, rows)
+    tr_ratio, tr_err = bench_tica_rec(rng, args.reps, args.warmup, rows)
     gemm_big, gemm_loc = roofline(rng, args.reps, args.warmup, shape)
 
     print(f"{'workload':<17}{'implementation':<32}{'ms':>9}{'GFLOP/s':>10}")
@@ -250,7 +302,9 @@ def main() -> None:
           f"per-location stack (L,M,K)@(L,K,B)={shape[0]}x({shape[1]}x{shape[2]})@({shape[2]}x{shape[3]}) "
           f"{gemm_loc:.1f} GFLOP/s")
     print(f"agreement: max relative error LocalFilter {lf_err:.1e}, L2Pool+LCN {pl_err:.1e} (limit {RTOL:.0e})")
+    print(f"agreement: max relative error TICA rec {tr_err:.1e} (limit {RTOL:.0e})")
     print(json.dumps({"local_filter_speedup": round(lf_ratio, 3), "l2pool_lcn_speedup": round(pl_ratio, 3),
+                      "tica_rec_speedup": round(tr_ratio, 3),
                       "sgemm_gflops": round(gemm_big, 1), "targets": {"local_filter": 2.0, "l2pool_lcn": 1.5}}))
 
 
