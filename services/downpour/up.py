@@ -79,10 +79,15 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def terminate(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (if not sent yet), then SIGKILL after ``timeout`` seconds."""
         if not self.alive():
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -206,9 +211,11 @@ class Cluster:
     def stop(self) -> None:
         # Workers first so that no push is cut off, then the coordinator, then the data and the shards.
         for role in reversed(ROLE_ORDER):
-            for c in self.children:
-                if c.role == role:
-                    c.stop()
+            group = [c for c in self.children if c.role == role]
+            for c in group:  # the whole role at once: their graceful stops overlap
+                c.terminate()
+            for c in group:
+                c.stop()
 
 
 def job_status(address: str, timeout: float = 2.0):

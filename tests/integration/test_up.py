@@ -130,3 +130,37 @@ def test_resume_continues_the_step_count_from_the_checkpoint(tmp_path):
     assert "resumed from checkpoint" in (out / "logs" / "coordinator.log").read_text()
     # the parameters came back too: training goes on from the trained loss, not the initial one
     assert reported_losses(second, 0)[0] < 0.9 * first_losses[0]
+
+
+def test_status_shows_the_running_cluster_and_ctrl_c_stops_every_child(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
+           "--replicas", "2", "--shards", "2", "--steps", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            if not (out / "cluster.json").exists():
+                continue
+            addr = _coordinator(out)["coordinator"]["address"]
+            r = subprocess.run([sys.executable, "-m", "downpour.cli", "status", "--coordinator", addr],
+                               capture_output=True, text=True, timeout=30)
+            if r.returncode == 0 and "JOB_STATE_RUNNING" in r.stdout:
+                status = r.stdout
+                break
+        assert status is not None, "the cluster never reported RUNNING"
+        assert status.count("127.0.0.1:") >= 2 + 2  # two workers and two shards listed
+        pids = [row["pid"] for row in _coordinator(out).values()]
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    time.sleep(0.5)
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+    assert not alive, f"children still running after Ctrl-C: {alive}"
+    # Ctrl-C took a checkpoint first, so the run can be resumed.
+    assert list((out / "checkpoints").glob("*/MANIFEST.json"))

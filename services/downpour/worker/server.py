@@ -197,7 +197,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
             first = True
             n_steps = 0
             while step < cfg.steps:
-                if self._pending in ("stop", "reassign", "reregister"):
+                if self._pending in ("stop", "reassign", "reregister") or self._stop.is_set():
                     break
                 cur["step"] = step
                 res = loop.step(step, first=first)
