@@ -122,9 +122,10 @@ class LocalFilter:
     # shape), so that copies, GEMMs and col2im adds stay in cache.
     #
     # The GEMM-only walks (forward, dW, decode_backward) go one row at a
-    # time: its patches (Wo, K, B) are at most ~1.5 MB and the GEMMs read
-    # them while they are hot; measured, one row beats larger blocks at every
-    # preset shape. The col2im walks (decode, dx) go in blocks of rows of
+    # time: a row's patches (Wo, K, B) are at most ~1.5 MB at these shapes
+    # and the GEMMs read them while they are hot; measured, one row beat
+    # blocks of 2..Ho rows at the ``small`` and kernel benchmark shapes. The
+    # col2im walks (decode, dx) go in blocks of rows of
     # about ``COL2IM_BYTES``: a block of n >= k/s rows needs (k/s)^2 adds
     # where n single rows need n*k/s, and on small layers the per-call cost
     # of those adds (a few us each) is what dominates.
