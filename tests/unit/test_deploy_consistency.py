@@ -1,0 +1,276 @@
+"""docker-compose.yml and deploy/k8s run the same roles, commands and ports.
+
+Renders the kustomize base and every overlay (``kubectl kustomize`` when
+kubectl is installed, else a small renderer for the features deploy/k8s uses:
+resources, images, JSON 6902 patches; with kubectl both are run and must
+agree), validates each against the Kubernetes schemas (kubernetes-validate),
+then compares, role by role, the ``downpour serve`` flags of compose and
+Kubernetes, the ports their services, probes and Prometheus use.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ["base", "overlays/gpu", "overlays/secure"]
+K8S_VERSION = "1.30"  # the oldest Kubernetes deploy/k8s is validated against (>= 1.28 needed)
+ROLES = {"coordinator", "paramserver", "worker", "feeder", "neurons"}
+PORTS = {"coordinator": 7070, "paramserver": 7100, "feeder": 7060, "worker": 7050, "neurons": 7300}
+METRICS_PORT = 9100
+ADDRESS_FLAGS = {"--coordinator", "--feeder", "--shards"}
+# Kubernetes-only flags, and why: pod names of a Deployment do not resolve, so
+# a worker advertises its pod IP (in compose its container hostname resolves).
+K8S_ONLY = {"worker": {"--advertise"}}
+
+
+# -- a minimal kustomize ------------------------------------------------------------
+
+def _load_all(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _pointer(path: str) -> list[str]:
+    return [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")]
+
+
+def _json_patch(doc: dict, ops: list[dict]) -> None:
+    for op in ops:
+        *parents, last = _pointer(op["path"])
+        node = doc
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        kind = op["op"]
+        if kind not in ("add", "replace", "remove"):
+            raise NotImplementedError(f"JSON patch op {kind}")
+        if isinstance(node, list):
+            if kind == "add":
+                node.insert(len(node) if last == "-" else int(last), copy.deepcopy(op["value"]))
+            elif kind == "replace":
+                node[int(last)] = copy.deepcopy(op["value"])
+            else:
+                del node[int(last)]
+        else:
+            if kind == "replace" and last not in node:
+                raise KeyError(f"replace of a missing {op['path']}")
+            if kind == "remove":
+                del node[last]
+            else:
+                node[last] = copy.deepcopy(op["value"])
+
+
+def _matches(doc: dict, target: dict) -> bool:
+    group, _, version = doc["apiVersion"].rpartition("/")
+    if "group" in target and target["group"] != group:
+        return False
+    if "version" in target and target["version"] != version:
+        return False
+    if "kind" in target and target["kind"] != doc["kind"]:
+        return False
+    if "name" in target and target["name"] != doc["metadata"]["name"]:
+        return False
+    for term in filter(None, target.get("labelSelector", "").split(",")):
+        k, v = term.split("=", 1)
+        if doc["metadata"].get("labels", {}).get(k.strip()) != v.strip():
+            return False
+    return True
+
+
+def render_python(directory: Path) -> list[dict]:
+    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(k) - {"apiVersion", "kind", "resources", "images", "patches"}
+    if unknown:
+        raise NotImplementedError(f"{directory}: kustomization fields {sorted(unknown)}")
+    docs: list[dict] = []
+    for r in k.get("resources", []):
+        p = directory / r
+        docs += render_python(p) if p.is_dir() else _load_all(p)
+    for patch in k.get("patches", []):
+        ops = yaml.safe_load((directory / patch["path"]).read_text())
+        for d in docs:
+            if _matches(d, patch.get("target", {})):
+                _json_patch(d, ops)
+    for img in k.get("images", []):
+        for d in docs:
+            for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                name, _, tag = c["image"].partition(":")
+                if name == img["name"]:
+                    c["image"] = f"{img.get('newName', name)}:{img.get('newTag', tag or 'latest')}"
+    return docs
+
+
+def render_kubectl(directory: Path) -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _by_key(docs: list[dict]) -> dict:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict]]:
+    directory = K8S / request.param
+    docs = render_python(directory)
+    if shutil.which("kubectl"):
+        assert _by_key(render_kubectl(directory)) == _by_key(docs), \
+            f"kubectl kustomize and the built-in renderer disagree on {request.param}"
+    return request.param, docs
+
+
+# -- reading the two deployments --------------------------------------------------
+
+def _flags(args: list[str]) -> dict[str, str]:
+    assert args[0] == "serve", args
+    out, rest = {}, [str(a) for a in args[2:]]
+    i = 0
+    while i < len(rest):
+        assert rest[i].startswith("--"), rest
+        if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            out[rest[i]] = rest[i + 1]
+            i += 2
+        else:
+            out[rest[i]] = ""
+            i += 1
+    return out
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def compose_roles(profiles: tuple[str, ...] = ()) -> dict[str, list[tuple[str, dict]]]:
+    """role -> [(service name, flags)] for the downpour services (default profile)."""
+    out: dict[str, list] = {}
+    for name, svc in compose()["services"].items():
+        cmd = svc.get("command") or []
+        if cmd[:1] != ["serve"] or (svc.get("profiles") and not set(svc["profiles"]) & set(profiles)):
+            continue
+        out.setdefault(cmd[1], []).append((name, _flags(cmd)))
+    return out
+
+
+def k8s_roles(docs: list[dict]) -> dict[str, list[tuple[dict, dict]]]:
+    """role -> [(workload, flags)]."""
+    out: dict[str, list] = {}
+    for d in docs:
+        if d["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        assert "command" not in c, f"{d['metadata']['name']}: keep the image's entrypoint (use args)"
+        out.setdefault(c["args"][1], []).append((d, _flags(c["args"])))
+    return out
+
+
+def _port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+# -- the checks ----------------------------------------------------------------------
+
+def test_manifests_validate_against_kubernetes_schemas(rendered, tmp_path):
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+    name, docs = rendered
+    for d in docs:
+        try:
+            kv.validate(d, K8S_VERSION, strict=True)
+        except kv.ValidationError as e:  # pragma: no cover - the message is the point
+            pytest.fail(f"{name}: {d['kind']}/{d['metadata']['name']}: {e.message} at {list(e.path)}")
+
+
+def test_compose_and_k8s_run_the_same_roles_with_the_same_commands(rendered):
+    name, docs = rendered
+    c, k = compose_roles(), k8s_roles(docs)
+    assert set(c) == ROLES and set(k) == ROLES, (sorted(c), sorted(k))
+    job = yaml.safe_load((ROOT / "deploy" / "compose" / "job.yaml").read_text())
+    for role in ROLES:
+        kflags_all = [f for _, f in k[role]]
+        assert len(kflags_all) == 1, f"{role}: one workload per role in k8s"
+        kflags = kflags_all[0]
+        for svc, cflags in c[role]:
+            extra = set(kflags) - set(cflags)
+            allowed = K8S_ONLY.get(role, set())
+            if name.endswith("secure"):
+                allowed = allowed | {"--tls-cert", "--tls-key", "--token-file", "--peer-ca", "--peer-token-file"}
+            if name.endswith("gpu") and role == "worker":
+                allowed = allowed | {"--device"}
+            assert extra <= allowed, f"{role}: only k8s passes {sorted(extra - allowed)}"
+            missing = set(cflags) - set(kflags)
+            assert not missing, f"{role}: only compose ({svc}) passes {sorted(missing)}"
+            for flag, value in cflags.items():
+                if flag in ADDRESS_FLAGS:
+                    cp = [_port_of(a) for a in value.split(",")]
+                    kp = [_port_of(a) for a in kflags[flag].split(",")]
+                    assert cp == kp, f"{role} {flag}: compose {value} vs k8s {kflags[flag]}"
+                elif flag != "--shard-index":
+                    assert kflags[flag] == value, f"{role} {flag}: compose {value!r} vs k8s {kflags[flag]!r}"
+            assert int(cflags["--port"]) == PORTS[role] and int(cflags["--metrics-port"]) == METRICS_PORT
+    # Two shards, indices 0..n-1 in compose; the StatefulSet's ordinal in k8s.
+    shard_idx = sorted(int(f["--shard-index"]) for _, f in c["paramserver"])
+    ps = k["paramserver"][0][0]
+    assert shard_idx == list(range(ps["spec"]["replicas"])) == list(range(job["shards"]))
+    assert k["paramserver"][0][1]["--shard-index"] == "$(SHARD_INDEX)"
+    assert len(c["coordinator"][0][1]["--shards"].split(",")) == len(k["coordinator"][0][1]["--shards"].split(","))
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "downpour-job")
+    assert yaml.safe_load(cm["data"]["job.yaml"]) == job, "the k8s job ConfigMap and deploy/compose/job.yaml differ"
+
+
+def test_ports_agree_across_services_probes_and_prometheus(rendered):
+    name, docs = rendered
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for role, items in k8s_roles(docs).items():
+        for d, flags in items:
+            c = d["spec"]["template"]["spec"]["containers"][0]
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert ports == {"grpc": PORTS[role], "metrics": METRICS_PORT}, (role, ports)
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                p = c[probe]
+                if "grpc" in p:
+                    assert p["grpc"]["port"] == PORTS[role], (role, probe)
+                else:
+                    assert name.endswith("secure") and "healthcheck.py" in " ".join(p["exec"]["command"])
+            sec = c["securityContext"]
+            assert sec["readOnlyRootFilesystem"] and sec["capabilities"]["drop"] == ["ALL"]
+            assert d["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"]
+            assert c["resources"]["requests"] and c["resources"]["limits"]
+            for flag in ADDRESS_FLAGS & set(flags):
+                for addr in flags[flag].split(","):
+                    host = addr.rsplit(":", 1)[0].split(".")[-1]
+                    svc = services[host]
+                    assert _port_of(addr) in [p["port"] for p in svc["spec"]["ports"]], (role, flag, addr)
+    for role in ROLES - {"worker"}:
+        svc_ports = {p["name"]: p["port"] for p in services[role]["spec"]["ports"]}
+        assert svc_ports == {"grpc": PORTS[role], "metrics": METRICS_PORT}, (role, svc_ports)
+    assert services["paramserver"]["spec"]["clusterIP"] == "None"
+
+
+def test_compose_ports_prometheus_and_scaling():
+    spec = compose()
+    svcs = spec["services"]
+    # --scale worker=N: no container_name, no host ports.
+    assert "container_name" not in svcs["worker"] and "ports" not in svcs["worker"]
+    published = [p.split(":")[-1] for p in svcs["neurons"]["ports"]]
+    assert str(PORTS["neurons"]) in published
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    static = {t.rsplit(":", 1)[0]: int(t.rsplit(":", 1)[1]) for job in prom["scrape_configs"]
+              for sc in job.get("static_configs", []) for t in sc["targets"]}
+    dns = {n: sd["port"] for job in prom["scrape_configs"] for sd in job.get("dns_sd_configs", []) for n in sd["names"]}
+    for name, svc in svcs.items():
+        cmd = svc.get("command") or []
+        if cmd[:1] == ["serve"]:
+            port = static.get(name, dns.get(name))
+            assert port == int(_flags(cmd)["--metrics-port"]), f"Prometheus does not scrape {name}"
+        if name != "grafana" and "profiles" not in svc and cmd[:1] == ["serve"]:
+            for dep, cond in (svc.get("depends_on") or {}).items():
+                assert cond == {"condition": "service_healthy"}, (name, dep)
+    assert "checkpoints" in spec["volumes"]
+    dash = (ROOT / "deploy" / "grafana" / "dashboards" / "downpour.json")
+    import json
+    assert json.loads(dash.read_text())["panels"]
