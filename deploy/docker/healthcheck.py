@@ -3,8 +3,9 @@
 Exit 0 when it answers SERVING, 1 otherwise. The port is ``HEALTHCHECK_PORT``
 or the ``--port`` of the ``downpour serve <role>`` process running here (else
 the role's default). A service started with ``--tls-cert`` is checked over TLS:
-``HEALTHCHECK_CA`` (default: its ``--tls-client-ca``), ``HEALTHCHECK_CERT`` /
-``HEALTHCHECK_KEY`` (a client certificate, for mutual TLS) and
+``HEALTHCHECK_CA`` (default: its ``--tls-ca``, else ``--tls-client-ca``),
+``HEALTHCHECK_CERT`` / ``HEALTHCHECK_KEY`` (a client certificate for mutual
+TLS; default: the service's own ``--tls-cert``/``--tls-key``) and
 ``HEALTHCHECK_SERVER_NAME`` (the name in its certificate) say how.
 """
 
@@ -51,10 +52,12 @@ def main() -> int:
     if _flag(argv, "--tls-cert"):
         def read(path: str) -> bytes | None:
             return open(path, "rb").read() if path else None
+        mutual = bool(_flag(argv, "--tls-client-ca"))
         creds = grpc.ssl_channel_credentials(
-            root_certificates=read(os.environ.get("HEALTHCHECK_CA") or _flag(argv, "--tls-client-ca")),
-            private_key=read(os.environ.get("HEALTHCHECK_KEY", "")),
-            certificate_chain=read(os.environ.get("HEALTHCHECK_CERT", "")))
+            root_certificates=read(os.environ.get("HEALTHCHECK_CA") or _flag(argv, "--tls-ca")
+                                   or _flag(argv, "--tls-client-ca")),
+            private_key=read(os.environ.get("HEALTHCHECK_KEY") or (_flag(argv, "--tls-key") if mutual else "")),
+            certificate_chain=read(os.environ.get("HEALTHCHECK_CERT") or (_flag(argv, "--tls-cert") if mutual else "")))
         name = os.environ.get("HEALTHCHECK_SERVER_NAME", "")
         options = [("grpc.ssl_target_name_override", name)] if name else []
         channel = grpc.secure_channel(target, creds, options=options)

@@ -198,7 +198,7 @@ def test_compose_and_k8s_run_the_same_roles_with_the_same_commands(rendered):
             extra = set(kflags) - set(cflags)
             allowed = K8S_ONLY.get(role, set())
             if name.endswith("secure"):
-                allowed = allowed | {"--tls-cert", "--tls-key", "--token-file", "--peer-ca", "--peer-token-file"}
+                allowed = allowed | {"--tls-cert", "--tls-key", "--tls-ca", "--token-file", "--peer-ca", "--peer-token-file"}
             if name.endswith("gpu") and role == "worker":
                 allowed = allowed | {"--device"}
             assert extra <= allowed, f"{role}: only k8s passes {sorted(extra - allowed)}"
