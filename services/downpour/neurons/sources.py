@@ -219,9 +219,13 @@ class Refresher:
         return self
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self.interval):
             try:
                 changed = self.source.refresh()
+                if failing:
+                    log.info("refresh from %s works again", self.source.description)
+                failing = False
                 metrics.NEURONS_REFRESHES.labels("changed" if changed else "unchanged").inc()
                 if changed:
                     metrics.NEURONS_PARAMETERS_VERSION.set(self.source.model.version)
@@ -229,7 +233,10 @@ class Refresher:
                              self.source.model.version)
             except Exception as e:  # keep serving the last good parameters
                 metrics.NEURONS_REFRESHES.labels("failed").inc()
-                log.warning("refresh from %s failed: %s", self.source.description, e)
+                msg = e.details() if hasattr(e, "details") else str(e)
+                (log.debug if failing else log.warning)(
+                    "refresh from %s failed (serving the last parameters): %s", self.source.description, msg)
+                failing = True
 
     def stop(self) -> None:
         self._stop.set()
