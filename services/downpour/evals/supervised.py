@@ -35,6 +35,7 @@ import numpy as np
 from downpour.evals import common as C
 from downpour.feeder import bundled
 from downpour.feeder.datasets import ArrayDataset, open_dataset
+from downpour.feeder.preprocess import PreprocessSpec
 from downpour.nn import Network, presets
 from downpour.nn.spec import NetworkSpec
 
@@ -158,8 +159,9 @@ def run(out: str, *, data: str = "", test_data: str = "", preset: str = "small",
     log(what)
     spec = NetworkSpec(input=base.input, stages=base.stages, classes=classes)
     unsup_net, net = Network(base), Network(spec)
-    unlabeled = ArrayDataset(xu, None, None)
-    labeled = ArrayDataset(xl, yl, None)
+    as_is = PreprocessSpec(channels=base.input[0])  # already preprocessed: keep channels, no normalisation
+    unlabeled = ArrayDataset(xu, None, as_is)
+    labeled = ArrayDataset(xl, yl, as_is)
     rows, training = [], {}
 
     def add(name, acc, note=""):
