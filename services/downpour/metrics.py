@@ -84,3 +84,17 @@ NEURONS_IMAGES = Counter(
     "downpour_neurons_images_total", "Images run through the network by the neurons service.", ["method"]
 )
 WORKER_HALO_BYTES = Counter("downpour_worker_halo_bytes_total", "Halo tensor bytes sent to peer partitions.")
+
+# -- security and fault handling ------------------------------------------------------
+GRPC_UNAUTHENTICATED = Counter(
+    "downpour_grpc_unauthenticated_total",
+    "RPCs refused with UNAUTHENTICATED, by reason (missing_token, bad_token, client_certificate).",
+    ["grpc_service", "grpc_method", "reason"],
+)
+COORDINATOR_SHARD_RECOVERIES = Counter(
+    "downpour_coordinator_shard_recoveries_total",
+    "Parameter shards found empty (restarted) and refilled, by source (checkpoint, initial).", ["shard", "source"],
+)
+PARAM_CLIENT_RETRIES = Counter(
+    "downpour_param_client_retries_total", "Pull/push attempts to a shard retried after a failure.", ["op", "code"]
+)

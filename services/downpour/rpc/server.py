@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import signal
 import threading
 import time
@@ -51,6 +52,16 @@ class ServerConfig:
     tls_client_ca: str = ""  # PEM CA; when set, clients must present a certificate (mTLS)
     token: str = ""  # when set, every RPC but health needs "authorization: Bearer <token>"
     grace_seconds: float = 10.0
+    tls_ca: str = ""  # PEM CA that signed the *servers* this service calls (its client side)
+    tls_client_names: tuple[str, ...] = ()  # mTLS: client certificate names (CN or DNS SAN) allowed in
+
+    def channel_config(self) -> "Any":
+        """How this service calls its peers: the same CA, certificate (as a client) and token."""
+        from downpour.rpc.channel import ChannelConfig
+
+        ca = self.tls_ca or (self.tls_client_ca if self.tls_cert else "")
+        return ChannelConfig(max_message_bytes=self.max_message_bytes, ca=ca,
+                             cert=self.tls_cert if ca else "", key=self.tls_key if ca else "", token=self.token)
 
     @classmethod
     def add_arguments(cls, ap: Any, port: int) -> None:
@@ -60,10 +71,19 @@ class ServerConfig:
         ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
         ap.add_argument("--max-message-bytes", type=int, default=cls.max_message_bytes)
         ap.add_argument("--max-concurrent-rpcs", type=int, default=cls.max_concurrent_rpcs)
-        ap.add_argument("--tls-cert", default="", help="PEM certificate chain (enables TLS)")
-        ap.add_argument("--tls-key", default="", help="PEM private key")
-        ap.add_argument("--tls-client-ca", default="", help="PEM CA for client certificates (mutual TLS)")
-        ap.add_argument("--token-file", default="", help="file holding the bearer token clients must send")
+        # Security comes from flags or, for every service at once, from DOWNPOUR_* variables.
+        env = os.environ.get
+        ap.add_argument("--tls-cert", default=env("DOWNPOUR_TLS_CERT", ""),
+                        help="PEM certificate chain (enables TLS; also this service's client certificate)")
+        ap.add_argument("--tls-key", default=env("DOWNPOUR_TLS_KEY", ""), help="PEM private key")
+        ap.add_argument("--tls-client-ca", default=env("DOWNPOUR_TLS_CLIENT_CA", ""),
+                        help="PEM CA for client certificates (mutual TLS)")
+        ap.add_argument("--tls-ca", default=env("DOWNPOUR_TLS_CA", ""),
+                        help="PEM CA of the servers this service calls (default: --tls-client-ca when TLS is on)")
+        ap.add_argument("--tls-client-names", default=env("DOWNPOUR_TLS_CLIENT_NAMES", ""),
+                        help="comma-separated client certificate names (CN or DNS SAN) let in under mTLS")
+        ap.add_argument("--token-file", default=env("DOWNPOUR_TOKEN_FILE", ""),
+                        help="file holding the bearer token clients must send (and this service sends)")
         ap.add_argument("--grace-seconds", type=float, default=cls.grace_seconds)
 
     @classmethod
@@ -74,6 +94,8 @@ class ServerConfig:
             max_message_bytes=args.max_message_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_workers=max(4, args.max_concurrent_rpcs), tls_cert=args.tls_cert, tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca, token=token, grace_seconds=args.grace_seconds,
+            tls_ca=getattr(args, "tls_ca", ""),
+            tls_client_names=tuple(n.strip() for n in getattr(args, "tls_client_names", "").split(",") if n.strip()),
         )
 
 
@@ -83,6 +105,10 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # A restarted peer (same address) is found again within a couple of
+        # seconds, not after gRPC's default reconnect backoff of up to 120 s.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
 
 
@@ -167,9 +193,21 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return _rewrap(handler, wrap)
 
 
+def _deny(handler: grpc.RpcMethodHandler, method: str, reason: str, message: str) -> grpc.RpcMethodHandler:
+    """A handler that answers UNAUTHENTICATED (and counts it) instead of running the RPC."""
+    service, name = _split(method)
+
+    def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        metrics.GRPC_UNAUTHENTICATED.labels(service, name, reason).inc()
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return _rewrap(handler, lambda fn: deny)
+
+
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Rejects RPCs without ``authorization: Bearer <token>`` (health is exempt,
-    so that orchestrators' probes need no secret)."""
+    so that orchestrators' probes need no secret). Every rejection is counted
+    in ``downpour_grpc_unauthenticated_total``."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
@@ -177,21 +215,51 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
         if handler_call_details.method.startswith(f"/{HEALTH_SERVICE}/"):
             return continuation(handler_call_details)
-        got = b""
+        got, present = b"", False
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
-                got = value.encode() if isinstance(value, str) else value
+                got, present = (value.encode() if isinstance(value, str) else value), True
         # compare_digest: the time taken must not reveal how much of the token matched.
         if hmac.compare_digest(got, self._expected):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        reason = "bad_token" if present else "missing_token"
+        return _deny(handler, handler_call_details.method, reason, "missing or invalid bearer token")
 
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
-        return _rewrap(handler, lambda fn: deny)
+class ClientNameInterceptor(grpc.ServerInterceptor):
+    """Under mutual TLS, lets in only client certificates issued to one of ``names``.
+
+    The TLS handshake already refused certificates that the client CA did not
+    sign (the client sees UNAVAILABLE: there is no call to answer); this
+    answers UNAUTHENTICATED, counted, to a validly signed certificate issued to
+    a name that is not allowed (e.g. another cluster's, from a shared CA).
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._names = {n.encode() for n in names}
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            return handler
+        allowed, method = self._names, handler_call_details.method
+        service, name = _split(method)
+
+        def wrap(fn: Callable) -> Callable:
+            def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+                auth = context.auth_context() or {}
+                got = set(auth.get("x509_common_name", ())) | set(auth.get("x509_subject_alternative_name", ()))
+                if not got & allowed:
+                    metrics.GRPC_UNAUTHENTICATED.labels(service, name, "client_certificate").inc()
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                  "client certificate is not issued to an allowed name")
+                return fn(request, context)
+            return guarded
+
+        return _rewrap(handler, wrap)
 
 
 # -- the server -------------------------------------------------------------------
@@ -206,6 +274,8 @@ class Server:
         chain: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
         if config.token:
             chain.insert(0, TokenAuthInterceptor(config.token))
+        if config.tls_client_names and config.tls_client_ca:
+            chain.insert(0, ClientNameInterceptor(config.tls_client_names))
         chain.extend(interceptors)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max(config.max_workers, 4), thread_name_prefix=name),
