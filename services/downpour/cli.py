@@ -1,6 +1,10 @@
 """The ``downpour`` command.
 
     downpour model --preset small [--json]     layer shapes, parameters, FLOPs
+    downpour up [options]                      the whole cluster as local processes
+    downpour status --coordinator ADDR         a running cluster's state
+    downpour query --addr ADDR --image F ...   neuron activations from a neurons service
+    downpour eval {faces,supervised}           the paper's experiments
     downpour serve <role> [options]            run one service (paramserver, ...)
 
 Each role lives in ``downpour.<role>.server`` and exposes ``main(argv)``; this
@@ -51,7 +55,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     else:
         cfg = jobconfig.load(args.config, overrides=overrides)
         out = args.out or os.path.join("runs", _time.strftime("%Y%m%d-%H%M%S"))
-    return run(cfg, out, resume=bool(args.resume), quiet=args.quiet)
+    return run(cfg, out, resume=bool(args.resume), quiet=args.quiet, secure=args.secure)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -114,12 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", help="run directory (default runs/<time>)")
     u.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     u.add_argument("--quiet", action="store_true", help="no progress display")
+    u.add_argument("--secure", action="store_true", help="mutual TLS and a bearer token between every service")
     u.set_defaults(func=_cmd_up)
 
     st = sub.add_parser("status", help="the state of a running cluster")
     st.add_argument("--coordinator", default="127.0.0.1:7070", help="the coordinator's address")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
+
+    from downpour.client import add_query_parser
+    from downpour.evals import add_eval_parser
+
+    add_query_parser(sub)
+    add_eval_parser(sub)
 
     sub.add_parser("serve", help="run one service: " + ", ".join(ROLES), add_help=False)
     return p
