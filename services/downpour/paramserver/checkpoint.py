@@ -36,8 +36,12 @@ class CheckpointError(Exception):
 
 
 def shard_path(directory: str | Path, checkpoint_id: str, shard_index: int) -> Path:
-    if not checkpoint_id or "/" in checkpoint_id or checkpoint_id in (".", ".."):
-        raise ValueError(f"invalid checkpoint id {checkpoint_id!r}")
+    from downpour.checkpoints import valid_id
+
+    # One safe path component: letters, digits and ._-, no leading dot, no NUL.
+    if not valid_id(checkpoint_id):
+        raise ValueError(f"invalid checkpoint id {checkpoint_id!r}: letters, digits and ._- only, "
+                         "not starting with a dot, at most 128 characters")
     return Path(directory) / checkpoint_id / f"shard-{shard_index}.ckpt"
 
 

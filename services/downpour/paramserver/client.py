@@ -12,12 +12,21 @@ Every push carries (worker_id, seq); a push that fails in transit is retried
 with the same seq, and the shards apply it at most once. The client remembers
 the version of each block it pulled and sends it with the gradient, so the
 shards can measure staleness.
+
+With ``retry_deadline`` > 0 (what a worker uses), a pull or push that fails
+because a shard is down, restarting or not yet refilled (UNAVAILABLE,
+DEADLINE_EXCEEDED, NOT_FOUND, CANCELLED) is retried with exponential backoff
+until it succeeds or ``retry_deadline`` seconds have passed; each attempt has
+its own ``timeout``. Without it, only UNAVAILABLE and DEADLINE_EXCEEDED are
+retried, ``retries`` times, at once.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator, Mapping
@@ -31,6 +40,10 @@ from downpour.rpc.channel import ChannelConfig, open_channel, wait_ready
 from downpour.v1 import common_pb2, paramserver_pb2 as pb
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A shard that restarted answers NOT_FOUND until the coordinator has refilled it.
+RETRYABLE_UNDER_DEADLINE = RETRYABLE + (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED)
+
+log = logging.getLogger("downpour.paramserver.client")
 
 
 def balanced_placement(block_sizes: Mapping[str, int], num_shards: int) -> dict[str, int]:
@@ -77,7 +90,8 @@ def _flat(name: str, a: np.ndarray) -> np.ndarray:
 class ParamClient:
     def __init__(self, shard_addresses: Iterable[str], *, worker_id: str = "", placement: Mapping[str, int] | None = None,
                  channel_config: ChannelConfig | None = None, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 timeout: float = 120.0, retries: int = 3) -> None:
+                 timeout: float = 120.0, retries: int = 3, retry_deadline: float = 0.0,
+                 backoff_initial: float = 0.1, backoff_max: float = 2.0) -> None:
         cfg = channel_config or ChannelConfig()
         self.shards = [_Shard(a, cfg) for a in shard_addresses]
         if not self.shards:
@@ -88,6 +102,8 @@ class ParamClient:
         self.versions: dict[str, int] = {}
         self.chunk_bytes = min(chunk_bytes, cfg.max_message_bytes - (64 << 10))
         self.timeout, self.retries = timeout, retries
+        self.retry_deadline, self.backoff = retry_deadline, (backoff_initial, backoff_max)
+        self._closed = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(self.shards)), thread_name_prefix="ps-client")
         self._seq = itertools.count(1)
         self._tickets: dict[int, list[Future]] = {}
@@ -167,7 +183,7 @@ class ParamClient:
                 g = np.frombuffer(payload, dtype="<f4")
                 dst[c.offset:c.offset + g.shape[0]] = g
 
-        self._all_shards(pull_shard, self._by_shard(names))
+        self._all_shards(lambda s, g: self._retrying("pull", s, lambda: pull_shard(s, g)), self._by_shard(names))
         return {n: result[n].reshape(self.shapes[n]) for n in names}
 
     def push(self, grads: Mapping[str, np.ndarray]) -> int:
@@ -198,6 +214,9 @@ class ParamClient:
                                                       base_version=self.versions.get(n, 0)), PUSH_PAYLOAD, g[a:b])
             yield pb.PushRequest(worker_id=self.worker_id, seq=seq, commit=True).SerializeToString()
 
+        if self.retry_deadline > 0:
+            # Same (worker_id, seq) on every attempt: the shard applies it at most once.
+            return self._retrying("push", shard, lambda: self.shards[shard].push(reqs(), timeout=self.timeout))
         for attempt in range(self.retries + 1):
             try:
                 resp = self.shards[shard].push(reqs(), timeout=self.timeout)
@@ -207,6 +226,28 @@ class ParamClient:
                 if e.code() not in RETRYABLE or attempt == self.retries:
                     raise
         return resp
+
+    def _retrying(self, op: str, shard: int, call):
+        """``call()`` retried with exponential backoff until ``retry_deadline`` (when set)."""
+        if self.retry_deadline <= 0:
+            return call()
+        from downpour import metrics
+
+        give_up = time.monotonic() + self.retry_deadline
+        delay, cap = self.backoff
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as e:
+                code = e.code()
+                if code not in RETRYABLE_UNDER_DEADLINE or time.monotonic() + delay > give_up or self._closed.is_set():
+                    raise
+                metrics.PARAM_CLIENT_RETRIES.labels(op, code.name).inc()
+                log.warning("%s on shard %d (%s) failed: %s; retrying in %.1fs", op, shard,
+                            self.shards[shard].address, code.name, delay)
+                if self._closed.wait(delay):
+                    raise
+                delay = min(cap, delay * 2)
 
     # -- administration ------------------------------------------------------------
     def list_blocks(self) -> list[pb.ListBlocksResponse]:
@@ -223,6 +264,7 @@ class ParamClient:
         return [f.result() for f in futs]
 
     def close(self) -> None:
+        self._closed.set()  # ends retries in progress
         self._pool.shutdown(wait=True)
         for s in self.shards:
             s.channel.close()

@@ -50,6 +50,7 @@ CREATE_PAYLOAD = (1, 15)  # CreateBlocksRequest.chunk.data
 PULL_PAYLOAD = (1, 15)  # PullResponse.chunk.data
 PUSH_PAYLOAD = (3, 15)  # PushRequest.chunk.data
 HEADER_ROOM = 64 << 10  # bytes reserved for a chunk's non-payload fields
+MAX_BLOCK_BYTES = 8 << 30  # one block's weights; a larger shape is refused before anything is allocated
 
 _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -112,6 +113,7 @@ class ParameterServer:
         self.checkpoint_dir = checkpoint_dir
         self.chunk_bytes = max(4, min(chunk_bytes, max_message_bytes - HEADER_ROOM))
         self.shard = str(store.shard_index)
+        self.max_block_bytes = MAX_BLOCK_BYTES
 
     # -- helpers ---------------------------------------------------------------
     def _gauges(self) -> None:
@@ -159,21 +161,29 @@ class ParameterServer:
                     shape = tuple(int(s) for s in c.shape)
                     if any(s < 0 for s in shape):
                         raise StoreError("invalid", f"block {c.name!r}: negative shape {list(shape)}")
-                    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-                    pending[c.name] = (np.empty(n, np.float32), _Assembly(c.name, shape, n), req.overwrite)
-                buf, asm, _ = pending[c.name]
+                    n = 1
+                    for s in shape:  # Python ints: no int64 overflow on hostile shapes
+                        n *= s
+                    if n * 4 > self.max_block_bytes:
+                        raise StoreError("invalid", f"block {c.name!r}: shape {list(shape)} is {n * 4} bytes, over "
+                                                    f"this shard's limit of {self.max_block_bytes} per block")
+                    # The values are kept as they arrive and joined at the commit: memory
+                    # follows the data actually sent, not the shape a message claims.
+                    pending[c.name] = ([], _Assembly(c.name, shape, n), req.overwrite)
+                parts, asm, _ = pending[c.name]
                 asm.add(c, payload, check_finite=True)
-                off, g = asm.chunks.pop()  # copy now: the received buffer is not kept
-                buf[off:off + g.shape[0]] = g
+                _, g = asm.chunks.pop()
+                parts.append(g.copy())  # copy now: the received buffer is not kept
             if not committed or not context.is_active():
                 raise StoreError("invalid", "stream ended without commit: nothing created")
-            for buf, asm, _ in pending.values():
+            for parts, asm, _ in pending.values():
                 asm.check_complete()
                 if not asm.name:
                     raise StoreError("invalid", "block name is empty")
                 if not pending[asm.name][2] and asm.name in self.store.blocks:
                     raise StoreError("exists", f"block {asm.name!r} already exists on shard {self.store.shard_index}")
-            created = [self.store.create(a.name, a.shape, buf, overwrite=ow) for buf, a, ow in pending.values()]
+            created = [self.store.create(a.name, a.shape, np.concatenate(parts) if parts else np.empty(0, np.float32),
+                                         overwrite=ow) for parts, a, ow in pending.values()]
         except StoreError as e:
             context.abort(_CODES[e.kind], str(e))
         self._gauges()
