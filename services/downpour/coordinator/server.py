@@ -10,8 +10,18 @@ committed checkpoint instead and continues every replica's step count; when
 running cluster without touching the shards.
 
 Checkpoints are consistent by construction of the commit point: each shard
-writes its part, then the coordinator writes the manifest (atomically, last).
-A checkpoint without a manifest never happened.
+writes its part, then the coordinator verifies the files (size and crc32 as
+the shard reported them, every placed block present) and writes the manifest
+(atomically, last), which records a crc32 per block. A checkpoint without a
+manifest never happened; one whose files no longer verify is skipped in favour
+of the previous one (``downpour.checkpoints.newest_valid``). The newest
+``keep_checkpoints`` are kept; uncommitted leftovers are removed.
+
+A shard watchdog asks every shard for its blocks each second. A shard that
+answers without its blocks has restarted empty: it is told to restore its part
+of the newest valid checkpoint (or, before the first checkpoint, to recreate
+its blocks with their initial values) while the other shards keep their state.
+Progress lost on that shard is at most one checkpoint interval.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import time
 
 import grpc
 
+from downpour import checkpoints as cks
 from downpour import config as jobconfig
 from downpour import metrics
 from downpour.coordinator.state import Checkpoint, JobState, atomic_write
@@ -37,23 +48,8 @@ from downpour.v1 import common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc,
 
 log = logging.getLogger("downpour.coordinator")
 
-MANIFEST = "MANIFEST.json"
-
-
-def list_manifests(checkpoint_dir: str) -> list[dict]:
-    """Committed checkpoints in ``checkpoint_dir``, oldest first (those with a readable manifest)."""
-    found = []
-    if not os.path.isdir(checkpoint_dir):
-        return found
-    for name in sorted(os.listdir(checkpoint_dir)):
-        path = os.path.join(checkpoint_dir, name, MANIFEST)
-        try:
-            with open(path, encoding="utf-8") as f:
-                found.append(json.load(f))
-        except (OSError, ValueError):
-            continue  # no manifest or a torn one: not committed
-    found.sort(key=lambda m: (m["step"], m["created"]))
-    return found
+MANIFEST = cks.MANIFEST
+list_manifests = cks.list_manifests  # kept here for callers that import it from the coordinator
 
 
 class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
@@ -83,6 +79,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self._ck_lock = threading.Lock()
         self._stop = threading.Event()
         self.succeeded = False
+        self.shard_check_seconds = 1.0
+        self.shard_down: list[bool] = [False] * len(shards)
 
     # ------------------------------------------------------------ shard calls
     def _client(self) -> ParamClient:
@@ -120,7 +118,10 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             manifest["shards"], manifest["created"]))
 
     def checkpoint(self, checkpoint_id: str = "") -> Checkpoint:
-        """Each shard writes its part, then the manifest commits the checkpoint."""
+        """Each shard writes its part; verified, the manifest commits the checkpoint."""
+        if checkpoint_id and not cks.valid_id(checkpoint_id):
+            raise ValueError(f"invalid checkpoint id {checkpoint_id!r}: letters, digits and ._- only, "
+                             "not starting with a dot, at most 128 characters")
         with self._ck_lock:
             t0 = time.perf_counter()
             with self.state.lock:
@@ -131,22 +132,148 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                 parts = [{"shard": i, "path": r.path, "num_bytes": r.num_bytes, "crc32": r.crc32,
                           "num_blocks": r.num_blocks} for i, r in enumerate(client.checkpoint(ck_id))]
             folder = os.path.join(self.checkpoint_dir, ck_id)
+            blocks = self._verify_parts(ck_id, parts)
             os.makedirs(folder, exist_ok=True)
             manifest_path = os.path.join(folder, MANIFEST)
             ck = Checkpoint(ck_id, step, manifest_path, replica_steps, parts, time.time())
             body = dict(ck.__dict__, job_id=self.state.job_id, placement=self.place,
-                        config=self.cfg.to_yaml())
+                        config=self.cfg.to_yaml(), blocks=blocks)
             atomic_write(manifest_path, json.dumps(body, indent=1).encode())  # the commit point
             for old in self.state.add_checkpoint(ck):
                 shutil.rmtree(os.path.dirname(old.manifest_path), ignore_errors=True)
+            self._remove_uncommitted(keep=ck_id)
             metrics.CHECKPOINT_SECONDS.labels("coordinator").observe(time.perf_counter() - t0)
             log.info("checkpoint %s committed at step %d", ck_id, step)
             return ck
 
+    def _verify_parts(self, ck_id: str, parts: list[dict]) -> dict[str, dict]:
+        """The shards' files as written: sizes and crc32s as reported, every placed block there.
+
+        A shard that restarted empty between its last push and this checkpoint
+        would otherwise commit a checkpoint without its blocks.
+        """
+        paths = {}
+        for p in parts:
+            path = p["path"]
+            if not os.path.isfile(path):  # the shard wrote to a path we do not see: the conventional one
+                path = os.path.join(self.checkpoint_dir, ck_id, f"shard-{p['shard']}.ckpt")
+            crc, size = cks.file_crc32(path)
+            if crc != p["crc32"] or size != p["num_bytes"]:
+                raise CheckpointFailed(f"checkpoint {ck_id}: shard {p['shard']}'s file does not match what it reported")
+            paths[p["shard"]] = path
+        table = cks.block_table(paths)
+        missing = [n for n in self.place if n not in table or table[n]["shard"] != self.place[n]]
+        if missing:
+            raise CheckpointFailed(f"checkpoint {ck_id}: {len(missing)} block(s) missing on their shards "
+                                   f"(e.g. {missing[0]!r}); a shard is being refilled")
+        return table
+
+    def _remove_uncommitted(self, keep: str) -> None:
+        """Folders the shards wrote for a checkpoint that was never committed (a coordinator died mid-way)."""
+        committed = {os.path.basename(os.path.dirname(c.manifest_path)) for c in self.state.checkpoints}
+        try:
+            names = os.listdir(self.checkpoint_dir)
+        except OSError:
+            return
+        for name in names:
+            folder = os.path.join(self.checkpoint_dir, name)
+            if name in committed or name == keep or not os.path.isdir(folder):
+                continue
+            if not os.path.exists(os.path.join(folder, MANIFEST)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # ----------------------------------------------------------- shard watchdog
+    def check_shards(self, client: ParamClient) -> list[int]:
+        """Refill every shard that answers without its blocks; returns the shards refilled."""
+        if not self.state.initialized:
+            return []
+        refilled = []
+        for i, shard in enumerate(client.shards):
+            try:
+                have = {b.name for b in shard.list_blocks(paramserver_pb2.ListBlocksRequest(), timeout=2.0).blocks}
+            except grpc.RpcError:
+                if not self.shard_down[i]:
+                    log.warning("shard %d at %s is not answering; waiting for it", i, shard.address)
+                self.shard_down[i] = True
+                continue
+            if self.shard_down[i]:
+                log.info("shard %d at %s answers again", i, shard.address)
+            self.shard_down[i] = False
+            want = {n for n, s in self.place.items() if s == i}
+            if want <= have:
+                continue
+            log.warning("shard %d at %s lacks %d of its %d blocks (restarted?): refilling it", i, shard.address,
+                        len(want - have), len(want))
+            with self._ck_lock:  # no checkpoint while a shard is being refilled
+                self._refill(client, i)
+            refilled.append(i)
+        return refilled
+
+    def _refill(self, client: ParamClient, i: int) -> None:
+        shard = client.shards[i]
+        bad: tuple[str, ...] = ()
+        while True:
+            m = cks.newest_valid(self.checkpoint_dir, exclude=bad)
+            if m is None or m.get("placement", self.place) != self.place:
+                break
+            try:
+                shard.restore(paramserver_pb2.RestoreRequest(checkpoint_id=m["checkpoint_id"]), timeout=60)
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.NOT_FOUND):
+                    log.warning("shard %d cannot restore %s (%s); trying an older checkpoint", i,
+                                m["checkpoint_id"], e.details())
+                    bad += (m["checkpoint_id"],)
+                    continue
+                raise
+            paramserver_pb2_grpc.ParameterServerStub(shard.channel).SetOptimizer(
+                paramserver_pb2.SetOptimizerRequest(optimizer=self._optimizer()), timeout=30)
+            metrics.COORDINATOR_SHARD_RECOVERIES.labels(str(i), "checkpoint").inc()
+            log.info("shard %d restored from checkpoint %s (step %d)", i, m["checkpoint_id"], m["step"])
+            return
+        # No usable checkpoint yet: the shard's blocks start again from their initial values.
+        params = self.net.init_params(self.cfg.seed)
+        if self.plan is not None:
+            from downpour.partition import split_params
+
+            params = split_params(self.plan, params)
+        mine = {n: v for n, v in params.items() if self.place.get(n) == i}
+        paramserver_pb2_grpc.ParameterServerStub(shard.channel).SetOptimizer(
+            paramserver_pb2.SetOptimizerRequest(optimizer=self._optimizer()), timeout=30)
+        client.init(mine, overwrite=True)
+        metrics.COORDINATOR_SHARD_RECOVERIES.labels(str(i), "initial").inc()
+        log.info("shard %d refilled with initial values (no checkpoint yet)", i)
+
+    def watch_shards(self) -> None:
+        """The watchdog thread: ``check_shards`` every ``shard_check_seconds``."""
+        client = ParamClient(self.shards, placement=self.place, channel_config=self.chcfg, worker_id="coordinator",
+                             timeout=60)
+        try:
+            while not self._stop.wait(self.shard_check_seconds):
+                try:
+                    self.check_shards(client)
+                except (grpc.RpcError, OSError, cks.CheckpointInvalid) as e:
+                    log.warning("refilling a shard failed, will retry: %s", e.details() if hasattr(e, "details") else e)
+        finally:
+            client.close()
+
     def background(self) -> None:
-        """Periodic checkpoints, and the last one when the job reaches its step count."""
-        last = self.state.checkpoints[-1].step if self.state.checkpoints else self.state.step
+        """Periodic checkpoints, and the last one when the job reaches its step count.
+
+        The interval counts the steps of all replicas together (``checkpoint_every``
+        per replica): a replica that stalls (its worker died) does not hold the
+        checkpoints back while the others train, so a shard that dies never
+        loses more than one interval of updates.
+        """
+        def total() -> int:
+            with self.state.lock:
+                return sum(p.step for p in self.state.progress)
+
+        last = sum(self.state.checkpoints[-1].replica_steps) if self.state.checkpoints else total()
+        saved = time.monotonic()
         while not self._stop.wait(0.25):
+            if time.monotonic() - saved > 1.0:  # progress too, for a coordinator that restarts
+                self.state.save()
+                saved = time.monotonic()
             try:
                 if self.state.done:
                     if not self.succeeded:
@@ -155,10 +282,11 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                         self.succeeded = True
                         log.info("job complete at step %d", self.state.step)
                     continue
-                if self.state.step >= last + self.cfg.checkpoint_every:
-                    last = self.checkpoint().step
-            except grpc.RpcError as e:
+                if total() >= last + self.cfg.checkpoint_every * self.cfg.replicas:
+                    last = sum(self.checkpoint().replica_steps)
+            except (grpc.RpcError, CheckpointFailed, OSError, cks.CheckpointInvalid) as e:
                 log.warning("checkpoint failed, will retry: %s", e.details() if hasattr(e, "details") else e)
+                self._stop.wait(1.0)
 
     def stop(self) -> None:
         self._stop.set()
@@ -200,8 +328,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
 
     def Register(self, request, context):
         if request.role not in (pb.ROLE_WORKER, pb.ROLE_UNSPECIFIED):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"only workers register; got role {pb.Role.Name(request.role)}")
+            name = pb.Role.Name(request.role) if request.role in pb.Role.values() else str(request.role)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"only workers register; got role {name}")
         if not request.address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs the worker's address (host:port)")
         m = self.state.register(request.address, request.member_id)
@@ -263,13 +391,21 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     def CreateCheckpoint(self, request, context):
         try:
             ck = self.checkpoint(request.checkpoint_id)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except grpc.RpcError as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"a shard failed to checkpoint: {e.details()}")
+        except (CheckpointFailed, OSError, cks.CheckpointInvalid) as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"checkpoint not committed: {e}")
         return pb.CreateCheckpointResponse(checkpoint=_ck_info(ck))
 
     def ListCheckpoints(self, request, context):
         with self.state.lock:
             return pb.ListCheckpointsResponse(checkpoints=[_ck_info(c) for c in self.state.checkpoints])
+
+
+class CheckpointFailed(Exception):
+    """The shards' files did not verify: the checkpoint is not committed."""
 
 
 def _prod(shape) -> int:
@@ -308,25 +444,31 @@ def main(argv: list[str] | None = None) -> int:
     # --resume: a new cluster continues from the newest checkpoint; otherwise a
     # state directory left by a previous coordinator means the cluster is still
     # running and is re-adopted as it is.
-    manifests = list_manifests(args.checkpoint_dir) if args.resume else []
+    manifests = cks.valid_manifests(args.checkpoint_dir) if args.resume else []
     if args.resume and not manifests:
-        ap.error(f"--resume: no committed checkpoint (no {MANIFEST}) under {args.checkpoint_dir}")
+        ap.error(f"--resume: no committed checkpoint whose files verify (no valid {MANIFEST}) "
+                 f"under {args.checkpoint_dir}")
     state = None if args.resume or not args.state_dir else JobState.load(args.state_dir)
     adopted = state is not None
     if state is None:
         state = JobState(cfg, args.state_dir or None)
-    coord = Coordinator(state, shards, args.feeder, args.checkpoint_dir)
-    server = Server("coordinator", ServerConfig.from_args(args))
+    scfg = ServerConfig.from_args(args)
+    coord = Coordinator(state, shards, args.feeder, args.checkpoint_dir, scfg.channel_config())
+    server = Server("coordinator", scfg)
     server.add(lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coord, s), "downpour.v1.Coordinator")
     server.start()
-    if adopted:
+    if adopted and state.initialized:
         log.info("re-adopted job %s at step %d from %s", state.job_id, state.step, args.state_dir)
+    elif adopted:  # the previous coordinator died before the parameters existed
+        log.info("re-adopted job %s before its parameters were created: creating them", state.job_id)
+        coord.init_parameters()
     elif manifests:
         coord.restore(manifests[-1])
         log.info("resumed from checkpoint %s at step %d", manifests[-1]["checkpoint_id"], manifests[-1]["step"])
     else:
         coord.init_parameters()
     threading.Thread(target=coord.background, name="checkpoints", daemon=True).start()
+    threading.Thread(target=coord.watch_shards, name="shard-watchdog", daemon=True).start()
     server.set_serving()
     server.wait()
     coord.stop()
