@@ -11,6 +11,17 @@ The run directory (``--out``) gets the job spec (``job.yaml``), the
 checkpoints, every child's log, ``metrics.json`` (loss and examples/s per
 replica over time) and ``loss.png``. ``--resume DIR`` continues a run from its
 last committed checkpoint, step count included.
+
+``--secure`` runs the cluster with mutual TLS and a bearer token: a CA, a
+node certificate and a token are made in ``<out>/tls`` and every child gets
+them through ``DOWNPOUR_TLS_*`` / ``DOWNPOUR_TOKEN_FILE``; the launcher's own
+calls (health, status, the last checkpoint) use them too.
+
+Failures are the cluster's business, not the launcher's: a shard restarted
+here comes back empty and the coordinator refills it from the last valid
+checkpoint; a restarted coordinator re-adopts the running cluster from its
+state directory (a restart never repeats ``--resume``); workers wait for a
+restarted feeder or shard and carry on.
 """
 
 from __future__ import annotations
@@ -95,12 +106,31 @@ class Child:
             self.proc.wait()
 
 
-def wait_healthy(address: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+def _channel(address: str, chcfg=None) -> grpc.Channel:
+    if chcfg is None:
+        return grpc.insecure_channel(address)
+    from downpour.rpc.channel import open_channel
+
+    return open_channel(address, chcfg)
+
+
+def secure_setup(out: str) -> tuple[dict, "object"]:
+    """(environment for the children, ChannelConfig for the launcher) of a cluster with mTLS and a token."""
+    from downpour.rpc.certs import make_cluster_pki
+    from downpour.rpc.channel import ChannelConfig
+
+    pki = make_cluster_pki(os.path.join(out, "tls"))
+    env = {"DOWNPOUR_TLS_CERT": pki["cert"], "DOWNPOUR_TLS_KEY": pki["key"], "DOWNPOUR_TLS_CLIENT_CA": pki["ca"],
+           "DOWNPOUR_TLS_CA": pki["ca"], "DOWNPOUR_TOKEN_FILE": pki["token_file"]}
+    return env, ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"], token=pki["token"])
+
+
+def wait_healthy(address: str, timeout: float, proc: subprocess.Popen | None = None, chcfg=None) -> None:
     """Block until ``address`` answers SERVING on the gRPC health service."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with _channel(address, chcfg) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             if proc is not None and proc.poll() is not None:
@@ -119,7 +149,8 @@ def wait_healthy(address: str, timeout: float, proc: subprocess.Popen | None = N
 class Cluster:
     """The children of one ``downpour up`` and what it takes to run them."""
 
-    def __init__(self, cfg: jobconfig.JobConfig, out: str, resume: bool, secure_env: dict | None = None):
+    def __init__(self, cfg: jobconfig.JobConfig, out: str, resume: bool, secure_env: dict | None = None,
+                 chcfg=None):
         self.cfg, self.out, self.resume = cfg, os.path.abspath(out), resume
         self.children: list[Child] = []
         self.logs = os.path.join(self.out, "logs")
@@ -130,6 +161,7 @@ class Cluster:
             with open(self.job_path, "w", encoding="utf-8") as f:
                 f.write(cfg.to_yaml())
         self.env = secure_env or {}
+        self.chcfg = chcfg  # how the launcher itself calls the services (None: plaintext)
 
     def _child(self, name: str, role: str, args: list[str]) -> Child:
         c = Child(name, role, args, free_port(), free_port(), os.path.join(self.logs, f"{name}.log"),
@@ -146,7 +178,7 @@ class Cluster:
         for c in shards + [feeder]:
             c.start()
         for c in shards + [feeder]:
-            wait_healthy(c.address, timeout, c.proc)
+            wait_healthy(c.address, timeout, c.proc, self.chcfg)
         coord_args = ["--config", self.job_path, "--shards", ",".join(s.address for s in shards),
                       "--feeder", feeder.address, "--state-dir", os.path.join(self.out, "coordinator"),
                       "--checkpoint-dir", self.ckpt_dir]
@@ -154,7 +186,10 @@ class Cluster:
             coord_args.append("--resume")
         self.coordinator = self._child("coordinator", "coordinator", coord_args)
         self.coordinator.start()
-        wait_healthy(self.coordinator.address, timeout, self.coordinator.proc)
+        wait_healthy(self.coordinator.address, timeout, self.coordinator.proc, self.chcfg)
+        # A restarted coordinator re-adopts the cluster from its state directory:
+        # restoring the checkpoint again would throw away the progress since.
+        self.coordinator.args = [a for a in coord_args if a != "--resume"]
         rows, cols = cfg.grid()
         # Workers are interchangeable: the coordinator decides which slot each one fills.
         for i in range(cfg.replicas * rows * cols):
@@ -218,18 +253,18 @@ class Cluster:
                 c.stop()
 
 
-def job_status(address: str, timeout: float = 2.0):
+def job_status(address: str, timeout: float = 2.0, chcfg=None):
     from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    with _channel(address, chcfg) as ch:
         return coordinator_pb2_grpc.CoordinatorStub(ch).JobStatus(coordinator_pb2.JobStatusRequest(),
                                                                     timeout=timeout)
 
 
-def request_checkpoint(address: str, timeout: float = 60.0):
+def request_checkpoint(address: str, timeout: float = 60.0, chcfg=None):
     from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    with _channel(address, chcfg) as ch:
         return coordinator_pb2_grpc.CoordinatorStub(ch).CreateCheckpoint(
             coordinator_pb2.CreateCheckpointRequest(), timeout=timeout)
 
@@ -292,7 +327,7 @@ def _snapshot(status) -> dict:
 
 
 def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = False,
-        start_timeout: float = 90.0) -> int:
+        start_timeout: float = 90.0, secure: bool = False) -> int:
     """Run a job to its step count. Returns a process exit code."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -302,7 +337,8 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
     def say(*a, **kw):
         if not quiet:
             console.print(*a, **kw)
-    cluster = Cluster(cfg, out, resume)
+    env, chcfg = secure_setup(os.path.abspath(out)) if secure else ({}, None)
+    cluster = Cluster(cfg, out, resume, env, chcfg)
     history: list[dict] = []
     interrupted = False
 
@@ -315,7 +351,8 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
     code = 0
     try:
         say(f"[bold]downpour up[/]: {cfg.replicas} replicas x {cfg.partitions} partitions, "
-                      f"{cfg.shards} shards, {cfg.steps} steps, run dir {cluster.out}")
+                      f"{cfg.shards} shards, {cfg.steps} steps, run dir {cluster.out}"
+            + (" (mutual TLS and a bearer token: certificates in tls/)" if secure else ""))
         cluster.start(start_timeout)
         say(f"coordinator at {cluster.coordinator.address}  (downpour status --coordinator "
                       f"{cluster.coordinator.address})")
@@ -327,7 +364,7 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
                 for what in cluster.supervise():
                     console.print(f"[yellow]restarted[/] {what}")
                 try:
-                    status = job_status(cluster.coordinator.address)
+                    status = job_status(cluster.coordinator.address, chcfg=chcfg)
                 except grpc.RpcError:
                     time.sleep(0.5)
                     continue
@@ -345,7 +382,7 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
             console.print("[yellow]interrupted[/]: checkpointing and stopping every service")
             code = 130
             try:
-                request_checkpoint(cluster.coordinator.address)
+                request_checkpoint(cluster.coordinator.address, chcfg=chcfg)
             except (grpc.RpcError, AttributeError):
                 pass
     except (RuntimeError, TimeoutError) as e:

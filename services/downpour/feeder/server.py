@@ -62,6 +62,7 @@ log = logging.getLogger("downpour.feeder")
 SERVICE = "downpour.v1.DataFeeder"
 DEFAULT_PORT = 7060
 MAX_BATCH_SIZE = 4096
+MAX_START_BATCH = 1 << 40  # batch indices seed random generators: keep them far from 2**63
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 2012
 # How often a waiting stream or producer looks at whether it should stop.
@@ -265,8 +266,8 @@ class Feeder(feeder_pb2_grpc.DataFeederServicer):
             context.abort(bad, f"batch_size must be in [1, {MAX_BATCH_SIZE}], got {req.batch_size}")
         if req.max_batches < 0:
             context.abort(bad, f"max_batches must be >= 0 (0: endless), got {req.max_batches}")
-        if req.start_batch < 0:
-            context.abort(bad, f"start_batch must be >= 0, got {req.start_batch}")
+        if not 0 <= req.start_batch <= MAX_START_BATCH:
+            context.abort(bad, f"start_batch must be in [0, {MAX_START_BATCH}], got {req.start_batch}")
         split = self._split(req.split, context)
         pre = grpc.StatusCode.FAILED_PRECONDITION
         if split is None:

@@ -11,6 +11,12 @@ background: a coordinator that says STOP ends it (exit 0), one that gives it a
 new slot restarts the loop there, one that does not know it (it restarted
 without our membership) gets a fresh registration. A coordinator that is
 down does not stop training: the loop carries on and heartbeats retry.
+
+A parameter shard that is down or restarting makes pulls and pushes retry
+with backoff (``PARAM_RETRY_SECONDS``); a feeder that is down makes the batch
+stream reconnect. If either stays away past its deadline, the worker gives
+its slot back and takes one again (a fresh start at its replica's step)
+instead of exiting.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from downpour.worker.exchange import Mailbox, PeerLinks, PeerLost, drive, serve_
 from downpour.worker.loop import DownpourLoop
 
 log = logging.getLogger("downpour.worker")
+
+PARAM_TIMEOUT_SECONDS = 30.0  # one pull or push attempt
+PARAM_RETRY_SECONDS = 120.0  # retrying a shard that is down, before giving the slot back
 
 
 class Stop(Exception):
@@ -141,7 +150,8 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         placement = {b.name: b.shard for b in a.blocks}
         names = [b.name for b in a.blocks]
         client = ParamClient(list(a.shard_addresses), placement=placement, channel_config=self.chcfg,
-                             worker_id=self.member_id or self.address)
+                             worker_id=self.member_id or self.address, timeout=PARAM_TIMEOUT_SECONDS,
+                             retry_deadline=PARAM_RETRY_SECONDS)
         supervised = cfg.supervised
         links = None
         cur = {"step": int(a.start_step)}
@@ -251,6 +261,8 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
             self._stop.wait(0.2)
 
     def run(self) -> int:
+        from downpour.feeder.client import FeederUnavailable
+
         threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
         try:
             self.register()
@@ -258,6 +270,17 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
                 self.wait_for_slot()
                 try:
                     self.train_once()
+                except (grpc.RpcError, FeederUnavailable) as e:
+                    # A shard or the feeder stayed away past the retry deadline:
+                    # start over in a fresh generation rather than exit.
+                    what = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
+                    log.warning("training interrupted (%s); taking the slot again", what)
+                    if self._pending == "stop":
+                        raise Stop() from None
+                    self._pending = None
+                    self._stop.wait(1.0)
+                    self._resync()
+                    continue
                 except PeerLost as e:
                     if self._pending is None:
                         # Nobody moved: ask for a fresh generation so that every
@@ -305,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     scfg = ServerConfig.from_args(args)
     server = Server("worker", scfg)
-    chcfg = ChannelConfig(max_message_bytes=scfg.max_message_bytes, token=scfg.token)
+    chcfg = scfg.channel_config()
     host = args.advertise or ("127.0.0.1" if args.host in ("127.0.0.1", "localhost") else socket.gethostname())
     worker = Worker(args.coordinator, "", chcfg, args.device)
     server.add(lambda s: worker_pb2_grpc.add_ModelWorkerServicer_to_server(worker, s), "downpour.v1.ModelWorker")
