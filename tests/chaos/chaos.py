@@ -1,0 +1,175 @@
+"""Seeded random SIGKILLs against a ``downpour up`` cluster, and the figures of the run.
+
+    python tests/chaos/chaos.py --kills 20 --steps 600     # prints the figures as JSON
+
+``run_job(out, steps, kills=N, seed=S)`` starts ``downpour up`` (tiny preset,
+2 replicas, 2 shards), and once training has begun kills a random live child
+(worker, shard, feeder or coordinator, from a seeded generator) every
+``interval`` seconds until N kills are done, then lets the job finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROLES = ("worker", "paramserver", "feeder", "coordinator")
+ENV = {"DOWNPOUR_LEASE_SECONDS": "2", "DOWNPOUR_CHECKPOINT_EVERY": "20", "DOWNPOUR_KEEP_CHECKPOINTS": "3"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie (exited, not yet reaped by the launcher) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _cluster(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _step(out: Path) -> int:
+    """The job's step as the coordinator reports it (0 when it does not answer)."""
+    from downpour.up import job_status
+
+    rows = {r["name"]: r for r in _cluster(out)}
+    if "coordinator" not in rows:
+        return 0
+    try:
+        return int(job_status(rows["coordinator"]["address"], timeout=1.0).step)
+    except Exception:  # noqa: BLE001 - down or restarting
+        return -1
+
+
+def final_losses(out: Path, tail: int = 8) -> list[float]:
+    """The last ``tail`` losses each replica reported (from metrics.json)."""
+    hist = json.loads((out / "metrics.json").read_text())["history"]
+    vals = []
+    for r in range(2):
+        seen = []
+        for h in hist:
+            reps = h["replicas"]
+            if len(reps) > r and reps[r]["step"] > 0 and not math.isnan(reps[r]["loss"]):
+                if not seen or seen[-1] != (reps[r]["step"], reps[r]["loss"]):
+                    seen.append((reps[r]["step"], reps[r]["loss"]))
+        vals += [loss for _, loss in seen[-tail:]]
+    return vals
+
+
+def heldout_loss(out: Path) -> float:
+    """The TICA loss of the run's final committed (and verified) parameters on the bundled held-out split."""
+    import numpy as np
+
+    from downpour import checkpoints as cks
+    from downpour.evals.common import preprocess_for
+    from downpour.feeder import bundled
+    from downpour.nn import Network
+
+    m = cks.newest_valid(out / "checkpoints")
+    cfg, blocks = cks.load_checkpoint(out / "checkpoints", m)
+    spec = cfg.network_spec()
+    x = bundled.build(preprocess_for(spec, cfg.normalize)).heldout
+    xs, _ = x.get(np.arange(len(x)))
+    net = Network(spec)
+    losses = [net.tica(blocks, xs[i:i + 50])[0] for i in range(0, len(xs) - 49, 50)]
+    return float(np.mean(losses))
+
+
+def run_job(out: Path, steps: int, kills: int = 0, seed: int = 0, interval: float = 1.0,
+            roles: tuple[str, ...] = ROLES, timeout: float = 400.0, quiet_tail: float = 0.3) -> dict:
+    """Run a job, killing ``kills`` children at random (none in the last ``quiet_tail`` of the steps)."""
+    out = Path(out)
+    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
+           "--replicas", "2", "--shards", "2", "--steps", str(steps)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **ENV))
+    rng = random.Random(seed)
+    done: list[dict] = []
+    try:
+        # Kill only once training is under way, and stop before the last stretch.
+        while kills and proc.poll() is None and _step(out) < 5:
+            time.sleep(0.2)
+            if time.monotonic() - t0 > 90:
+                raise TimeoutError("the job never started training")
+        while len(done) < kills and proc.poll() is None:
+            time.sleep(interval * (0.5 + rng.random()))
+            if _step(out) >= steps * (1 - quiet_tail):
+                break  # the rest of the job runs undisturbed
+            role = rng.choice(roles)
+            live = [r for r in _cluster(out) if r["role"] == role and r["pid"] and _alive(r["pid"])]
+            if not live:
+                continue
+            victim = rng.choice(live)
+            os.kill(victim["pid"], signal.SIGKILL)
+            done.append({"t": round(time.monotonic() - t0, 2), "name": victim["name"], "step": _step(out)})
+        stdout, stderr = proc.communicate(timeout=max(10.0, timeout - (time.monotonic() - t0)))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    from downpour import checkpoints as cks
+
+    manifests = cks.list_manifests(out / "checkpoints")
+    corrupt = []
+    for m in manifests:
+        try:
+            cks.verify(out / "checkpoints", m)
+        except Exception as e:  # noqa: BLE001 - report every kind of damage
+            corrupt.append(f"{m['checkpoint_id']}: {e}")
+    logs = out / "logs"
+    coord_log = "".join(p.read_text(errors="replace") for p in sorted(logs.glob("coordinator.log")))
+    losses = final_losses(out) if (out / "metrics.json").exists() else []
+    try:
+        held = heldout_loss(out)
+    except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
+        held = float("nan")
+        corrupt.append(f"final checkpoint unusable: {e}")
+    return {
+        "returncode": proc.returncode, "seconds": round(time.monotonic() - t0, 1), "kills": done,
+        "kills_by_role": {r: sum(k["name"].startswith(r) for k in done) for r in ROLES},
+        "restarts": stderr.count("restarted "), "final_loss": sum(losses) / len(losses) if losses else float("nan"),
+        "heldout_loss": held,
+        "final_losses": losses, "manifests": len(manifests), "corrupt": corrupt,
+        "shard_refills": coord_log.count("restored from checkpoint") + coord_log.count("refilled with initial"),
+        "readoptions": coord_log.count("re-adopted job"), "stderr_tail": stderr[-2000:],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--out", default="runs/chaos")
+    a = ap.parse_args()
+    base = run_job(Path(a.out) / "baseline", a.steps)
+    chaos = run_job(Path(a.out) / "chaos", a.steps, kills=a.kills, seed=a.seed, interval=a.interval)
+    for r in (base, chaos):
+        r.pop("stderr_tail")
+    print(json.dumps({"baseline": base, "chaos": chaos}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
