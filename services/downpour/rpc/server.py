@@ -129,8 +129,10 @@ def _rpc_type(h: grpc.RpcMethodHandler) -> str:
     return "unary"
 
 
-def _rewrap(h: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
-    kw = dict(request_deserializer=h.request_deserializer, response_serializer=h.response_serializer)
+def _rewrap(h: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable],
+            request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
+    kw = dict(request_deserializer=request_deserializer or h.request_deserializer,
+              response_serializer=h.response_serializer)
     if h.unary_unary:
         return grpc.unary_unary_rpc_method_handler(wrap(h.unary_unary), **kw)
     if h.unary_stream:
@@ -147,6 +149,53 @@ def _code_of(context: grpc.ServicerContext, exc: BaseException | None) -> str:
     if isinstance(code, grpc.StatusCode):
         return code.name
     return str(code)
+
+
+class _Undecodable:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class DecodeGuardInterceptor(grpc.ServerInterceptor):
+    """Bytes that are not a valid request message get INVALID_ARGUMENT.
+
+    gRPC's own answer to a request it cannot deserialise is INTERNAL, which
+    reads as a server bug; a malformed message is the client's.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def guarded_decode(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as e:  # noqa: BLE001 - any decoding failure is the sender's
+                return _Undecodable(e)
+
+        def reject(context: grpc.ServicerContext, bad: _Undecodable) -> None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {bad.error}")
+
+        def wrap(fn: Callable) -> Callable:
+            if handler.request_streaming:
+                def checked_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                    def it() -> Iterator[Any]:
+                        for r in requests:
+                            if isinstance(r, _Undecodable):
+                                reject(context, r)
+                            yield r
+                    return fn(it(), context)
+                return checked_stream
+
+            def checked(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    reject(context, request)
+                return fn(request, context)
+            return checked
+
+        return _rewrap(handler, wrap, guarded_decode)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -277,6 +326,7 @@ class Server:
         if config.tls_client_names and config.tls_client_ca:
             chain.insert(0, ClientNameInterceptor(config.tls_client_names))
         chain.extend(interceptors)
+        chain.append(DecodeGuardInterceptor())  # innermost: wraps the service's own deserialisers
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max(config.max_workers, 4), thread_name_prefix=name),
             interceptors=chain,
