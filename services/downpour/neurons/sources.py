@@ -15,15 +15,13 @@ spec and the normalisation the feeder used (a checkpoint carries its own).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
+from downpour import checkpoints
 from downpour import config as jobconfig
 from downpour import metrics
 from downpour.neurons.model import NeuronModel
@@ -37,21 +35,8 @@ class SourceError(RuntimeError):
     pass
 
 
-def list_manifests(checkpoint_dir: str) -> list[dict]:
-    """Committed checkpoints (a readable MANIFEST.json, the coordinator's commit point), oldest first."""
-    found = []
-    if not os.path.isdir(checkpoint_dir):
-        return found
-    for name in sorted(os.listdir(checkpoint_dir)):
-        try:
-            with open(os.path.join(checkpoint_dir, name, MANIFEST), encoding="utf-8") as f:
-                m = json.load(f)
-        except (OSError, ValueError):
-            continue  # no manifest or a torn one: not committed
-        if isinstance(m, dict) and "checkpoint_id" in m and "shards" in m:
-            found.append(m)
-    found.sort(key=lambda m: (m.get("step", 0), m.get("created", 0)))
-    return found
+# Committed checkpoints are read (and verified) in one place for every service.
+list_manifests = checkpoints.list_manifests
 
 
 def block_layout(cfg: jobconfig.JobConfig):
@@ -71,19 +56,11 @@ def block_layout(cfg: jobconfig.JobConfig):
 
 
 def load_checkpoint(checkpoint_dir: str, manifest: dict) -> tuple[jobconfig.JobConfig, dict[str, np.ndarray]]:
-    """The job config and every block of one committed checkpoint."""
-    from downpour.paramserver import checkpoint as ckpt
-
-    cfg = jobconfig.from_yaml(manifest["config"])
-    blocks: dict[str, np.ndarray] = {}
-    ck_id = manifest["checkpoint_id"]
-    for part in manifest["shards"]:
-        path = Path(part.get("path", ""))
-        if not path.is_file():  # a moved/copied checkpoint folder: the conventional name
-            path = Path(checkpoint_dir) / ck_id / f"shard-{int(part['shard'])}.ckpt"
-        _, _, bl, _ = ckpt.load(path)
-        for b in bl:
-            blocks[b.name] = b.w
+    """The job config and every block of one committed checkpoint (crc32s verified)."""
+    try:
+        cfg, blocks = checkpoints.load_checkpoint(checkpoint_dir, manifest)
+    except checkpoints.CheckpointInvalid as e:
+        raise SourceError(str(e)) from None
     _, join = block_layout(cfg)
     return cfg, join(blocks)
 
@@ -161,10 +138,9 @@ class CheckpointSource(Source):
             raise SourceError(f"no committed checkpoint (no {MANIFEST}) under {checkpoint_dir}")
 
     def refresh(self) -> bool:
-        found = list_manifests(self.checkpoint_dir)
-        if not found or found[-1]["checkpoint_id"] == self.checkpoint_id:
+        m = checkpoints.newest_valid(self.checkpoint_dir)  # past a corrupt or partial newest one
+        if m is None or m["checkpoint_id"] == self.checkpoint_id:
             return False
-        m = found[-1]
         cfg, blocks = load_checkpoint(self.checkpoint_dir, m)
         self._set(NeuronModel(cfg.network_spec(), blocks, version=int(m["step"])))
         self.checkpoint_id, self.step = m["checkpoint_id"], int(m["step"])
