@@ -1,7 +1,7 @@
 """Corrupt and hostile images against the feeder (a dataset folder) and the neurons service (encoded_images).
 
 Truncated files, random bytes, empty files, a PNG whose header claims
-100000 x 100000 pixels (a decompression bomb), a valid 12000 x 12000 PNG, and
+100000 x 100000 pixels (a decompression bomb), a valid 6000 x 6000 PNG, and
 images in every awkward mode (CMYK, 16-bit, palette, RGBA, 1-bit, LA). The
 feeder must skip what it cannot read (and count it) and serve the rest; the
 neurons service must answer each with OK or INVALID_ARGUMENT; both must live on.
@@ -56,7 +56,7 @@ def hostile(size=16) -> dict[str, bytes]:
         "bad_random.png": rng.bytes(500),
         "bad_text.png": b"this is not an image\n" * 10,
         "bad_bomb.png": bomb_png(),
-        "bad_huge_valid.png": _encode(Image.new("L", (12000, 12000)), "PNG"),
+        "bad_huge_valid.png": _encode(Image.new("L", (6000, 6000)), "PNG"),
         "ok_cmyk.jpg": _encode(grey.convert("CMYK"), "JPEG"),
         "ok_16bit.png": _encode(Image.fromarray((np.asarray(grey).astype(np.uint16) * 257)), "PNG"),
         "ok_palette.gif": _encode(grey.convert("P"), "GIF"),
@@ -111,7 +111,7 @@ def test_the_feeder_skips_hostile_files_and_serves_the_rest(tmp_path):
         skipped = [float(line.split()[-1]) for line in text.splitlines()
                    if line.startswith("downpour_feeder_skipped_files_total ")]
         bad = sum(n.startswith("bad_") for n in files)
-        assert skipped and skipped[0] >= bad - 1, (skipped, bad)  # the 12000x12000 one may decode
+        assert skipped and skipped[0] >= bad - 1, (skipped, bad)  # the 6000x6000 one may decode
         assert p.poll() is None
     finally:
         _stop(p)
