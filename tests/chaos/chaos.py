@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROLES = ("worker", "paramserver", "feeder", "coordinator")
-ENV = {"DOWNPOUR_LEASE_SECONDS": "2", "DOWNPOUR_CHECKPOINT_EVERY": "20", "DOWNPOUR_KEEP_CHECKPOINTS": "3"}
+ENV = {"DOWNPOUR_LEASE_SECONDS": "2", "DOWNPOUR_CHECKPOINT_EVERY": "10", "DOWNPOUR_KEEP_CHECKPOINTS": "3"}
 
 
 def _alive(pid: int) -> bool:
@@ -99,7 +99,8 @@ def run_job(out: Path, steps: int, kills: int = 0, seed: int = 0, interval: floa
            "--replicas", "2", "--shards", "2", "--steps", str(steps)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **ENV))
+                            env=dict({k: v for k, v in os.environ.items() if not k.startswith("DOWNPOUR_CHAOS_")},
+                                     **ENV))  # the test's own knobs are not job settings
     rng = random.Random(seed)
     done: list[dict] = []
     try:
