@@ -126,10 +126,17 @@ def _apply(obj: Any, data: Mapping[str, Any], prefix: str, from_text: bool = Fal
             setattr(obj, key, _coerce(where, current, value, from_text))
 
 
+# DOWNPOUR_* variables that are not job settings: security and deployment
+# knobs read elsewhere. Every other DOWNPOUR_* name must be a job setting.
+NOT_JOB_SETTINGS = ("DOWNPOUR_CONFIG", "DOWNPOUR_JOB", "DOWNPOUR_TLS_", "DOWNPOUR_TOKEN", "DOWNPOUR_E2E",
+                    "DOWNPOUR_FASHION_MNIST", "DOWNPOUR_IMAGE", "DOWNPOUR_GPU_IMAGE", "DOWNPOUR_FUZZ_",
+                    "DOWNPOUR_CHAOS_")
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in env.items():
-        if not name.startswith("DOWNPOUR_") or name in ("DOWNPOUR_CONFIG",):
+        if not name.startswith("DOWNPOUR_") or name.startswith(NOT_JOB_SETTINGS):
             continue
         path = name[len("DOWNPOUR_"):].lower().split("__")
         node = out

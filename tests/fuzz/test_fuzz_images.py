@@ -152,15 +152,10 @@ def test_the_neurons_service_refuses_hostile_images_cleanly(tmp_path):
     finally:
         _stop(p)
     print("\nneurons answers:", {k: v.name for k, v in codes.items()})
-    # Known: the neurons service's decode_image does not catch PIL's DecompressionBombError,
-    # so a PNG header claiming 10^10 pixels is answered UNKNOWN (the service lives on).
-    bomb = codes.pop("bad_bomb.png")
     allowed = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
     assert all(c in allowed for c in codes.values()), codes
     for name, c in codes.items():
         if name.startswith("bad_") or name in ("tensor_huge_dims", "tensor_short_data", "tensor_wrong_dtype",
                                                "tensor_wrong_size"):
             assert c == grpc.StatusCode.INVALID_ARGUMENT, (name, c)
-    if bomb != grpc.StatusCode.INVALID_ARGUMENT:
-        pytest.xfail(f"decompression-bomb PNG answered {bomb.name}: neurons decode_image must catch "
-                     "PIL.Image.DecompressionBombError")
+    assert codes["bad_bomb.png"] == grpc.StatusCode.INVALID_ARGUMENT

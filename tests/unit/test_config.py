@@ -45,3 +45,9 @@ def test_grid_parsing():
     assert config.parse_grid("2x3") == (2, 3)
     with pytest.raises(ValueError, match="RxC"):
         config.parse_grid("0x2")
+
+
+def test_security_and_deployment_variables_are_not_job_settings():
+    env = {"DOWNPOUR_TLS_CERT": "/x.pem", "DOWNPOUR_TOKEN_FILE": "/t", "DOWNPOUR_JOB": "/job.yaml",
+           "DOWNPOUR_STEPS": "7"}
+    assert config.load(env=env).steps == 7

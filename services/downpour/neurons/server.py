@@ -68,7 +68,8 @@ def decode_image(data: bytes, channels: int, index: int) -> np.ndarray:
     try:
         im = Image.open(io.BytesIO(data))
         im.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    # DecompressionBombError: a header claiming billions of pixels is refused, not decoded.
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise QueryError(f"encoded_images[{index}]: not a decodable image ({e})") from None
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im, np.float32) / (65535.0 if im.mode.startswith("I;16") else float(max(np.asarray(im).max(), 1)))
