@@ -57,14 +57,15 @@ def test_one_training_step_with_partitions_equals_one_without(tmp_path):
     assert any(not np.allclose(a[k], init[k]) for k in a)
 
 
-def test_two_replicas_of_2x2_partitions_train_end_to_end(tmp_path):
+def test_two_replicas_of_2x2_partitions_train_end_to_end(tmp_path, initial_loss):
     out = tmp_path / "run"
     up(out, "--replicas", "2", "--partitions", "2x2", "--shards", "2", "--steps", "30")
     m = json.loads((out / "metrics.json").read_text())
     last = m["history"][-1]
     assert [r["step"] for r in last["replicas"]] == [30, 30]
-    losses = [h["replicas"][0]["loss"] for h in m["history"] if h["replicas"] and h["replicas"][0]["step"] > 0]
-    assert losses[-1] < 0.8 * losses[0]
+    # The first report may already average many steps; compare with the initial parameters' loss instead.
+    for replica in (0, 1):
+        assert last["replicas"][replica]["loss"] < 0.5 * initial_loss("tiny"), (last, initial_loss("tiny"))
     # eight workers, every one exchanged halos with its peers
     logs = list((out / "logs").glob("worker-*.log"))
     assert len(logs) == 8

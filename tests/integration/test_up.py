@@ -32,7 +32,7 @@ def reported_losses(hist, replica):
             and h["replicas"][replica]["step"] > 0]
 
 
-def test_two_replicas_two_shards_train_and_the_loss_falls(tmp_path):
+def test_two_replicas_two_shards_train_and_the_loss_falls(tmp_path, initial_loss):
     out = tmp_path / "run"
     r = up(["--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", "60"], out)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -42,7 +42,8 @@ def test_two_replicas_two_shards_train_and_the_loss_falls(tmp_path):
     for replica in (0, 1):
         losses = reported_losses(m, replica)
         assert losses, f"replica {replica} never reported a loss"
-        assert losses[-1] < 0.8 * losses[0], (replica, losses)
+        # against the initial parameters' loss: the first report may already average many steps
+        assert losses[-1] < 0.5 * initial_loss("tiny"), (replica, losses, initial_loss("tiny"))
     # Both shards applied pushes from both replicas' workers.
     workers = {rep["member"] for rep in last["replicas"]}
     assert len(workers) == 2
@@ -114,7 +115,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_job_reaches_its_step_count(
     assert max(starts) >= killed_at, starts
 
 
-def test_resume_continues_the_step_count_from_the_checkpoint(tmp_path):
+def test_resume_continues_the_step_count_from_the_checkpoint(tmp_path, initial_loss):
     out = tmp_path / "run"
     env = {"DOWNPOUR_CHECKPOINT_EVERY": "20"}
     r = up(["--preset", "tiny", "--replicas", "1", "--shards", "2", "--steps", "40"], out, env=env)
@@ -129,7 +130,8 @@ def test_resume_continues_the_step_count_from_the_checkpoint(tmp_path):
     assert min(s for s in steps if s > 0) >= 40  # no step below the checkpoint's was run again
     assert "resumed from checkpoint" in (out / "logs" / "coordinator.log").read_text()
     # the parameters came back too: training goes on from the trained loss, not the initial one
-    assert reported_losses(second, 0)[0] < 0.9 * first_losses[0]
+    assert first_losses
+    assert reported_losses(second, 0)[0] < 0.5 * initial_loss("tiny")
 
 
 def test_status_shows_the_running_cluster_and_ctrl_c_stops_every_child(tmp_path):

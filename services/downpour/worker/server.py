@@ -25,6 +25,7 @@ import argparse
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -351,5 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=train, name="train", daemon=True).start()
     server.wait()
     worker._stop.set()
-    done.wait(10)
-    return result["code"]
+    if not done.wait(10):
+        log.warning("training did not stop within 10 s of shutdown")
+    # I/O threads still retrying a pull or push against a dead peer would hold
+    # the interpreter's exit (it joins every executor thread, daemon or not): a
+    # stopped worker exits now, whatever they are waiting for. The last push
+    # was flushed by the loop if it could be.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(result["code"])
