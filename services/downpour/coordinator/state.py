@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from downpour.config import JobConfig, from_yaml
 

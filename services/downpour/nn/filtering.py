@@ -234,7 +234,7 @@ class LocalFilter:
         """y = W @ im2col(x). Returns (y as (Ho, Wo, M, B), context for backward)."""
         self._check(x)
         B = x.shape[3]
-        xp, Ho, Wo, M, K, k, C = self.xp, self.Ho, self.Wo, self.M, self.K, self.k, self.C
+        xp, Ho, Wo, M, k, C = self.xp, self.Ho, self.Wo, self.M, self.k, self.C
         w3 = w.reshape(self.weight_shape)
         y = xp.empty((Ho, Wo, M, B), dtype=xp.result_type(w3.dtype, x.dtype))
         Y = y.reshape(self.L, M, B)

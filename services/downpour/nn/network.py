@@ -43,6 +43,19 @@ def to_external(xp: ModuleType, x):
     return xp.ascontiguousarray(x.transpose(3, 2, 0, 1))
 
 
+def softmax_cross_entropy(xp: ModuleType, logits, y):
+    """Batch-mean cross-entropy of (classes, B) logits against labels y, and its gradient."""
+    B = logits.shape[1]
+    e = xp.exp(logits - logits.max(axis=0, keepdims=True))  # shifted: no overflow
+    prob = e / e.sum(axis=0, keepdims=True)
+    cols = xp.arange(B)
+    loss = float(-xp.log(prob[y, cols] + 1e-30).mean())
+    dlog = prob
+    dlog[y, cols] -= 1
+    dlog /= B
+    return loss, dlog
+
+
 class Stage:
     """filter -> pool -> LCN on (H, W, C, B) activations, each part optional."""
 
@@ -282,14 +295,7 @@ class Network:
             ctxs.append(ctx)
         B = h.shape[3]
         logits = self._logits(params, h)  # (classes, B)
-        shifted = logits - logits.max(axis=0, keepdims=True)
-        e = xp.exp(shifted)
-        prob = e / e.sum(axis=0, keepdims=True)
-        cols = xp.arange(B)
-        loss = float(-xp.log(prob[y, cols] + 1e-30).mean())
-        dlog = prob.copy()
-        dlog[y, cols] -= 1
-        dlog /= B
+        loss, dlog = softmax_cross_entropy(xp, logits, y)
         feats = h.reshape(self.features, B)
         W = params["head.W"].reshape(self.spec.classes, self.features)
         grads = {"head.W": (dlog @ feats.T).reshape(-1), "head.b": dlog.sum(axis=1)}

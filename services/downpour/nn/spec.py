@@ -125,7 +125,7 @@ def validate(spec: NetworkSpec) -> None:
     if not spec.stages:
         raise ValueError("stages must list at least one stage")
     _check_int("classes", spec.classes, 0)
-    c, h, w = spec.input
+    _, h, w = spec.input
     for i, st in enumerate(spec.stages, 1):
         at = f"stages[{i}]"
         if not isinstance(st, StageSpec):
@@ -139,7 +139,6 @@ def validate(spec: NetworkSpec) -> None:
             if not isinstance(f.tied, bool):
                 raise ValueError(f"{at}.filter.tied must be true or false, got {f.tied!r}")
             h, w = filter_out((h, w), f)
-            c = f.maps
         if st.pool is not None:
             p = st.pool
             if p.kind not in POOL_KINDS:

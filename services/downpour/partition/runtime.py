@@ -39,7 +39,7 @@ import numpy
 from downpour.nn.backend import to_numpy
 from downpour.nn.filtering import LocalFilter
 from downpour.nn.lcn import gaussian_1d
-from downpour.nn.network import to_external, to_internal
+from downpour.nn.network import softmax_cross_entropy, to_external, to_internal
 from downpour.nn.pooling import Pool
 
 from .plan import KINDS, PartitionPlan, Region, crop, grow, intersect, size
@@ -498,14 +498,7 @@ class PartitionRuntime:
         if self.p == 0:
             part = part + blocks["head.b"][:, None]
         logits = (yield from self._allreduce(pl.stages[-1].output, "logits", part.T.copy(), FORWARD)).T
-        shifted = logits - logits.max(axis=0, keepdims=True)
-        e = xp.exp(shifted)
-        prob = e / e.sum(axis=0, keepdims=True)
-        cols = xp.arange(B)
-        loss = float(-xp.log(prob[y, cols] + 1e-30).mean())
-        dlog = prob.copy()
-        dlog[y, cols] -= 1
-        dlog /= B
+        loss, dlog = softmax_cross_entropy(xp, logits, y)
         grads = {pl.block("head.W", self.p): (dlog @ feats.T).reshape(-1)}
         info = {}
         if self.p == 0:
