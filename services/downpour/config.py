@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 from downpour.nn import presets
-from downpour.nn.spec import NetworkSpec, from_dict, to_dict
+from downpour.nn.spec import NetworkSpec, from_dict
 
 OPTIMIZERS = ("adagrad", "sgd")
 DEVICES = ("cpu", "gpu")
@@ -196,6 +196,3 @@ def from_yaml(text: str) -> JobConfig:
     validate(cfg)
     return cfg
 
-
-def spec_to_model_dict(spec: NetworkSpec) -> dict[str, Any]:
-    return to_dict(spec)

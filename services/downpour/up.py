@@ -107,8 +107,6 @@ class Child:
 
 
 def _channel(address: str, chcfg=None) -> grpc.Channel:
-    if chcfg is None:
-        return grpc.insecure_channel(address)
     from downpour.rpc.channel import open_channel
 
     return open_channel(address, chcfg)
@@ -126,24 +124,17 @@ def secure_setup(out: str) -> tuple[dict, "object"]:
 
 
 def wait_healthy(address: str, timeout: float, proc: subprocess.Popen | None = None, chcfg=None) -> None:
-    """Block until ``address`` answers SERVING on the gRPC health service."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    """Block until ``address`` answers SERVING on the gRPC health service (and ``proc`` is still running)."""
+    from downpour.rpc.channel import wait_ready
 
-    deadline = time.monotonic() + timeout
+    alive = None if proc is None else (lambda: proc.poll() is None)
     with _channel(address, chcfg) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"the service at {address} exited with code {proc.returncode} during start-up")
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the service at {address} was not healthy within {timeout:.0f} s")
-            time.sleep(0.1)
+        try:
+            wait_ready(ch, timeout, alive=alive)
+        except RuntimeError:
+            raise RuntimeError(f"the service at {address} exited with code {proc.returncode} during start-up") from None
+        except TimeoutError as e:
+            raise TimeoutError(f"the service at {address} was not healthy within {timeout:.0f} s ({e})") from None
 
 
 class Cluster:

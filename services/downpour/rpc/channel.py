@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -86,14 +86,21 @@ def open_channel(address: str, config: ChannelConfig | None = None) -> grpc.Chan
     return grpc.intercept_channel(ch, _TokenInterceptor(c.token)) if c.token else ch
 
 
-def wait_ready(channel: grpc.Channel, timeout: float = 30.0, service: str = "") -> None:
-    """Block until the server's health check answers SERVING (TimeoutError otherwise)."""
+def wait_ready(channel: grpc.Channel, timeout: float = 30.0, service: str = "",
+               alive: Callable[[], bool] | None = None) -> None:
+    """Block until the server's health check answers SERVING (TimeoutError otherwise).
+
+    ``alive``, when given, is asked before every try: a server process that
+    exited raises RuntimeError at once instead of waiting out the timeout.
+    """
     import time
 
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise RuntimeError("the server process exited before it was SERVING")
         try:
             r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0, wait_for_ready=True)
             if r.status == health_pb2.HealthCheckResponse.SERVING:
