@@ -55,7 +55,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     else:
         cfg = jobconfig.load(args.config, overrides=overrides)
         out = args.out or os.path.join("runs", _time.strftime("%Y%m%d-%H%M%S"))
-    return run(cfg, out, resume=bool(args.resume), quiet=args.quiet, secure=args.secure)
+    return run(cfg, out, resume=bool(args.resume), quiet=args.quiet, secure=args.secure,
+               neurons=not args.no_neurons)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     u.add_argument("--quiet", action="store_true", help="no progress display")
     u.add_argument("--secure", action="store_true", help="mutual TLS and a bearer token between every service")
+    u.add_argument("--no-neurons", action="store_true",
+                   help="do not start the neurons service (by default it serves the live parameters)")
     u.set_defaults(func=_cmd_up)
 
     st = sub.add_parser("status", help="the state of a running cluster")

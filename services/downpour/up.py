@@ -1,8 +1,9 @@
 """``downpour up``: the whole cluster as local processes on 127.0.0.1.
 
-Starts S parameter shards, the data feeder, the coordinator and R x P model
-workers, each its own ``downpour serve <role>`` process on free ports; waits
-for their health checks; shows the training progress per replica; restarts a
+Starts S parameter shards, the data feeder, the coordinator, R x P model
+workers and the neurons service (the live parameters, re-pulled every 5 s, for
+``downpour query`` while the job trains), each its own ``downpour serve
+<role>`` process on free ports; waits for their health checks; shows the training progress per replica; restarts a
 child that dies (a killed worker's slot is taken by its replacement, which
 resumes the replica's step); and when the job reaches its step count, or on
 Ctrl-C, takes a last checkpoint and stops every child with SIGTERM.
@@ -39,7 +40,8 @@ import grpc
 
 from downpour import config as jobconfig
 
-ROLE_ORDER = ("paramserver", "feeder", "coordinator", "worker")
+# Start order; stops run in reverse (the neurons service and the workers first).
+ROLE_ORDER = ("paramserver", "feeder", "coordinator", "worker", "neurons")
 
 
 def _die_with_parent() -> None:
@@ -141,8 +143,9 @@ class Cluster:
     """The children of one ``downpour up`` and what it takes to run them."""
 
     def __init__(self, cfg: jobconfig.JobConfig, out: str, resume: bool, secure_env: dict | None = None,
-                 chcfg=None):
-        self.cfg, self.out, self.resume = cfg, os.path.abspath(out), resume
+                 chcfg=None, neurons: bool = True):
+        self.cfg, self.out, self.resume, self.with_neurons = cfg, os.path.abspath(out), resume, neurons
+        self.neurons: Child | None = None
         self.children: list[Child] = []
         self.logs = os.path.join(self.out, "logs")
         os.makedirs(self.logs, exist_ok=True)
@@ -185,6 +188,12 @@ class Cluster:
         # Workers are interchangeable: the coordinator decides which slot each one fills.
         for i in range(cfg.replicas * rows * cols):
             self._child(f"worker-{i}", "worker", ["--coordinator", self.coordinator.address]).start()
+        if self.with_neurons:
+            # Watch neurons while they train: live parameters from the shards, re-pulled every 5 s.
+            # Not waited for: it turns healthy once it holds parameters, and training does not need it.
+            self.neurons = self._child("neurons", "neurons", ["--coordinator", self.coordinator.address,
+                                                             "--refresh-seconds", "5"])
+            self.neurons.start()
         self.describe()
 
     def describe(self) -> None:
@@ -318,7 +327,7 @@ def _snapshot(status) -> dict:
 
 
 def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = False,
-        start_timeout: float = 90.0, secure: bool = False) -> int:
+        start_timeout: float = 90.0, secure: bool = False, neurons: bool = True) -> int:
     """Run a job to its step count. Returns a process exit code."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -329,7 +338,7 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
         if not quiet:
             console.print(*a, **kw)
     env, chcfg = secure_setup(os.path.abspath(out)) if secure else ({}, None)
-    cluster = Cluster(cfg, out, resume, env, chcfg)
+    cluster = Cluster(cfg, out, resume, env, chcfg, neurons=neurons)
     history: list[dict] = []
     interrupted = False
 
@@ -347,6 +356,10 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
         cluster.start(start_timeout)
         say(f"coordinator at {cluster.coordinator.address}  (downpour status --coordinator "
                       f"{cluster.coordinator.address})")
+        if cluster.neurons is not None:
+            say(f"neurons at {cluster.neurons.address}  (downpour query --addr {cluster.neurons.address} "
+                "--image F --layer stage3.output" + (" with --ca/--cert/--key/--token-file from tls/)" if secure
+                                                     else ")"))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                       disable=quiet) as progress:

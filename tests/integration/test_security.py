@@ -170,11 +170,11 @@ def test_message_size_and_concurrency_limits_answer_resource_exhausted(tmp_path)
 def test_downpour_up_secure_trains_with_mtls_and_a_token_everywhere(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "downpour.cli", "up", "--secure", "--quiet", "--out", str(out),
-                        "--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", "30"],
+                        "--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", "60"],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
-    roles = ("coordinator", "feeder", "paramserver-0", "paramserver-1", "worker-0", "worker-1")
+    roles = ("coordinator", "feeder", "paramserver-0", "paramserver-1", "worker-0", "worker-1", "neurons")
     for role in roles:
         assert "(tls=True)" in logs[f"{role}.log"], role
     assert list((out / "checkpoints").glob("*/MANIFEST.json"))

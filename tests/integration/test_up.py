@@ -154,6 +154,19 @@ def test_status_shows_the_running_cluster_and_ctrl_c_stops_every_child(tmp_path)
                 break
         assert status is not None, "the cluster never reported RUNNING"
         assert status.count("127.0.0.1:") >= 2 + 2  # two workers and two shards listed
+        # ``up`` also serves the neurons of the live parameters, pulled from the shards
+        import numpy as np
+
+        from downpour.client import NeuronsClient
+
+        rows = _coordinator(out)
+        assert rows["neurons"]["role"] == "neurons"
+        with NeuronsClient(rows["neurons"]["address"]) as nc:
+            nc.wait_ready(60)
+            info = nc.describe()
+            acts = nc.activations(np.random.default_rng(0).random((2, 16, 16, 1)), "stage3.output")
+        assert info.source.startswith("shards 127.0.0.1:"), info.source
+        assert acts.values.shape[0] == 2 and acts.values.shape[1] > 0 and np.isfinite(acts.values).all()
         pids = [row["pid"] for row in _coordinator(out).values()]
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=90)

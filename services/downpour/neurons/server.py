@@ -336,9 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _channel_config(args: argparse.Namespace):
-    """How this service calls the coordinator and the shards (TLS and token as they require)."""
+    """How this service calls the coordinator and the shards (TLS and token as they require).
+
+    Without ``--peer-*`` flags it calls them as every other service calls its
+    peers: with its own CA, certificate and token (``DOWNPOUR_TLS_*``, as
+    ``downpour up --secure`` sets them).
+    """
     from downpour.rpc.channel import ChannelConfig
 
+    if not (args.peer_ca or args.peer_cert or args.peer_key or args.peer_token_file):
+        return ServerConfig.from_args(args).channel_config()
     token = ""
     if args.peer_token_file:
         with open(args.peer_token_file, encoding="utf-8") as f:
