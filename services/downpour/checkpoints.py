@@ -9,6 +9,8 @@ block, the shard it lives on and the crc32 of its weights and accumulator.
     for m in reversed(list_manifests(d)): ...     # committed, newest last
     m = newest_valid(d)                           # the newest one whose files verify, or None
     blocks = load_checkpoint(d, m)                # {name: weights}, every crc32 checked
+    cfg, params = load_params(d, m)               # partitioned blocks joined into whole layers
+    params, taken, m = warm_start(d, fresh)       # a new job's start from another job's checkpoint
 
 A manifest whose files are missing, truncated or corrupt is skipped by
 ``newest_valid`` (and logged), so a restore falls back to the previous
@@ -187,3 +189,47 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, manifest: dict):
     from downpour import config as jobconfig
 
     return jobconfig.from_yaml(manifest["config"]), load_blocks(checkpoint_dir, manifest)
+
+
+def load_params(checkpoint_dir: str | os.PathLike, manifest: dict):
+    """(job config, the network's parameters) of one committed checkpoint, verified; the blocks of
+    a model-parallel job (``stage1.W1[p=3]``) joined back into whole layers."""
+    cfg, blocks = load_checkpoint(checkpoint_dir, manifest)
+    rows, cols = cfg.grid()
+    if rows * cols > 1:
+        from downpour.partition import join_params, plan
+
+        blocks = join_params(plan(cfg.network_spec(), rows, cols), blocks)
+    return cfg, blocks
+
+
+def warm_start(checkpoint_dir: str | os.PathLike, fresh: dict) -> tuple[dict, list[str], dict]:
+    """A new job's starting parameters: ``fresh`` (its own seeded initial values) with every block
+    of the newest valid checkpoint in ``checkpoint_dir`` that the new model has under the same
+    name put in its place (e.g. the stages of an unsupervised job under a new supervised head).
+
+    Returns (parameters, the names taken, the manifest). Raises ValueError, naming the problem,
+    when there is no valid checkpoint, when a shared name has another shape (another model), or
+    when no block is shared at all: a job must never silently start from scratch instead.
+    """
+    d = os.fspath(checkpoint_dir)
+    m = newest_valid(d)
+    if m is None:
+        raise ValueError(f"init_from={d}: no committed checkpoint whose files verify there")
+    try:
+        _, old = load_params(d, m)
+    except CheckpointInvalid as e:
+        raise ValueError(f"init_from={d}: {e}") from None
+    out, taken = dict(fresh), []
+    for name, w in old.items():
+        if name not in fresh:
+            continue
+        if tuple(np.shape(fresh[name])) != tuple(w.shape):
+            raise ValueError(f"init_from={d}: block {name!r} has shape {tuple(w.shape)} in checkpoint "
+                             f"{m['checkpoint_id']} but {tuple(np.shape(fresh[name]))} in this model")
+        out[name] = np.asarray(w, dtype=np.float32)
+        taken.append(name)
+    if not taken:
+        raise ValueError(f"init_from={d}: checkpoint {m['checkpoint_id']} shares no block with this model "
+                         f"(it has {', '.join(sorted(old)[:4])}{', ...' if len(old) > 4 else ''})")
+    return out, sorted(taken), m

@@ -53,6 +53,10 @@ class JobConfig:
     # from the model's input): normalize (none | standardize | minmax), crop.
     normalize: str = "standardize"
     supervised: bool = False
+    # A checkpoint directory to start from instead of fresh values: every block of its newest
+    # valid checkpoint that this model has under the same name (unsupervised stages under a
+    # new supervised head); the rest start fresh.
+    init_from: str = ""
     checkpoint_every: int = 100  # steps of the slowest replica between checkpoints
     keep_checkpoints: int = 3
     lease_seconds: float = 6.0  # a worker silent this long loses its slot
@@ -88,6 +92,12 @@ def _coerce(where: str, default: Any, value: Any, from_text: bool) -> Any:
     """Check (and, for environment strings, parse) one value against its default's type."""
     if from_text and isinstance(value, str) and not isinstance(default, str):
         value = yaml.safe_load(value)
+    if isinstance(default, float) and isinstance(value, str):
+        # YAML 1.1 reads "1e-7" (no dot) as a string; it is a number to anyone writing it
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {value!r}")

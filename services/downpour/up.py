@@ -329,6 +329,13 @@ def _snapshot(status) -> dict:
 def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = False,
         start_timeout: float = 90.0, secure: bool = False, neurons: bool = True) -> int:
     """Run a job to its step count. Returns a process exit code."""
+    if cfg.init_from and not resume:
+        # The children run elsewhere (their own working directory in a container): an absolute path.
+        cfg.init_from = os.path.abspath(cfg.init_from)
+        from downpour import checkpoints as cks
+
+        if cks.newest_valid(cfg.init_from) is None:
+            raise ValueError(f"init_from={cfg.init_from}: no committed checkpoint whose files verify there")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -51,3 +51,18 @@ def test_security_and_deployment_variables_are_not_job_settings():
     env = {"DOWNPOUR_TLS_CERT": "/x.pem", "DOWNPOUR_TOKEN_FILE": "/t", "DOWNPOUR_JOB": "/job.yaml",
            "DOWNPOUR_STEPS": "7"}
     assert config.load(env=env).steps == 7
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-7 as a string; from a file, the environment or a flag it is the number
+    p = tmp_path / "job.yaml"
+    p.write_text("optimizer: {lr: 1e-7}\n")
+    assert config.load(str(p), env={}).optimizer.lr == 1e-7
+    assert config.load(env={"DOWNPOUR_OPTIMIZER__EPS": "1e-9"}).optimizer.eps == 1e-9
+    with pytest.raises(ValueError, match="optimizer.lr must be a number"):
+        config.load(env={"DOWNPOUR_OPTIMIZER__LR": "fast"})
+
+
+def test_init_from_is_a_setting():
+    assert config.load(env={"DOWNPOUR_INIT_FROM": "/runs/a/checkpoints"}).init_from == "/runs/a/checkpoints"
+    assert config.JobConfig().init_from == ""

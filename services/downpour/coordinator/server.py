@@ -93,16 +93,28 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             paramserver_pb2_grpc.ParameterServerStub(shard.channel).SetOptimizer(
                 paramserver_pb2.SetOptimizerRequest(optimizer=self._optimizer()), timeout=30)
 
-    def init_parameters(self) -> None:
-        """Create every block on its shard with fresh initial values and the job's optimizer."""
+    def initial_params(self) -> dict:
+        """The job's starting blocks: seeded fresh values, with ``init_from``'s matching blocks in
+        their place, cut into the partitions' blocks for a model-parallel job.
+        Raises ValueError when ``init_from`` cannot be used."""
+        params = self.net.init_params(self.cfg.seed)
+        if self.cfg.init_from:
+            params, taken, m = cks.warm_start(self.cfg.init_from, params)
+            log.info("initial values of %d of %d blocks from checkpoint %s (step %d) in %s; fresh: %s",
+                     len(taken), len(params), m["checkpoint_id"], m["step"], self.cfg.init_from,
+                     ", ".join(sorted(set(params) - set(taken))) or "none")
+        if self.plan is not None:
+            from downpour.partition import split_params
+
+            params = split_params(self.plan, params)
+        return params
+
+    def init_parameters(self, params: dict | None = None) -> None:
+        """Create every block on its shard with its initial values and the job's optimizer."""
+        params = self.initial_params() if params is None else params
         with self._client() as client:
             client.wait_ready(60)
             self._set_optimizer(client)
-            params = self.net.init_params(self.cfg.seed)
-            if self.plan is not None:
-                from downpour.partition import split_params
-
-                params = split_params(self.plan, params)
             client.init(params, overwrite=True)
         self.state.initialized = True
         self.state.save()
@@ -231,11 +243,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             log.info("shard %d restored from checkpoint %s (step %d)", i, m["checkpoint_id"], m["step"])
             return
         # No usable checkpoint yet: the shard's blocks start again from their initial values.
-        params = self.net.init_params(self.cfg.seed)
-        if self.plan is not None:
-            from downpour.partition import split_params
-
-            params = split_params(self.plan, params)
+        params = self.initial_params()
         mine = {n: v for n, v in params.items() if self.place.get(n) == i}
         paramserver_pb2_grpc.ParameterServerStub(shard.channel).SetOptimizer(
             paramserver_pb2.SetOptimizerRequest(optimizer=self._optimizer()), timeout=30)
@@ -454,6 +462,12 @@ def main(argv: list[str] | None = None) -> int:
         state = JobState(cfg, args.state_dir or None)
     scfg = ServerConfig.from_args(args)
     coord = Coordinator(state, shards, args.feeder, args.checkpoint_dir, scfg.channel_config())
+    initial = None
+    if not (adopted and state.initialized) and not manifests:
+        try:  # a bad init_from stops the start-up with its reason, before anything is served
+            initial = coord.initial_params()
+        except ValueError as e:
+            ap.error(str(e))
     server = Server("coordinator", scfg)
     server.add(lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coord, s), "downpour.v1.Coordinator")
     server.start()
@@ -461,12 +475,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("re-adopted job %s at step %d from %s", state.job_id, state.step, args.state_dir)
     elif adopted:  # the previous coordinator died before the parameters existed
         log.info("re-adopted job %s before its parameters were created: creating them", state.job_id)
-        coord.init_parameters()
+        coord.init_parameters(initial)
     elif manifests:
         coord.restore(manifests[-1])
         log.info("resumed from checkpoint %s at step %d", manifests[-1]["checkpoint_id"], manifests[-1]["step"])
     else:
-        coord.init_parameters()
+        coord.init_parameters(initial)
+        initial = None  # the shards hold them now
     threading.Thread(target=coord.background, name="checkpoints", daemon=True).start()
     threading.Thread(target=coord.watch_shards, name="shard-watchdog", daemon=True).start()
     server.set_serving()

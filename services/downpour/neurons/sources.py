@@ -58,11 +58,9 @@ def block_layout(cfg: jobconfig.JobConfig):
 def load_checkpoint(checkpoint_dir: str, manifest: dict) -> tuple[jobconfig.JobConfig, dict[str, np.ndarray]]:
     """The job config and every block of one committed checkpoint (crc32s verified)."""
     try:
-        cfg, blocks = checkpoints.load_checkpoint(checkpoint_dir, manifest)
+        return checkpoints.load_params(checkpoint_dir, manifest)
     except checkpoints.CheckpointInvalid as e:
         raise SourceError(str(e)) from None
-    _, join = block_layout(cfg)
-    return cfg, join(blocks)
 
 
 class Source:
