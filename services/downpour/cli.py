@@ -86,6 +86,9 @@ def _cmd_serve(argv: list[str]) -> int:
         print("usage: downpour serve {%s} [options]" % ",".join(ROLES))
         return 0 if argv else 2
     role = argv[0]
+    from downpour.up import die_with_launcher
+
+    die_with_launcher()
     if role not in ROLES:
         print(f"downpour serve: unknown role {role!r}; choose one of {', '.join(ROLES)}", file=sys.stderr)
         return 2

@@ -140,7 +140,7 @@ def _apply(obj: Any, data: Mapping[str, Any], prefix: str, from_text: bool = Fal
 # knobs read elsewhere. Every other DOWNPOUR_* name must be a job setting.
 NOT_JOB_SETTINGS = ("DOWNPOUR_CONFIG", "DOWNPOUR_JOB", "DOWNPOUR_TLS_", "DOWNPOUR_TOKEN", "DOWNPOUR_E2E",
                     "DOWNPOUR_FASHION_MNIST", "DOWNPOUR_IMAGE", "DOWNPOUR_GPU_IMAGE", "DOWNPOUR_FUZZ_",
-                    "DOWNPOUR_CHAOS_")
+                    "DOWNPOUR_CHAOS_", "DOWNPOUR_LAUNCHER_PID")
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:

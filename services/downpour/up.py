@@ -44,15 +44,28 @@ from downpour import config as jobconfig
 ROLE_ORDER = ("paramserver", "feeder", "coordinator", "worker", "neurons")
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the launching process dies (Linux)."""
+LAUNCHER_PID = "DOWNPOUR_LAUNCHER_PID"
+
+
+def die_with_launcher() -> None:
+    """In a child of ``downpour up`` (``serve`` calls this first): SIGTERM when the launcher dies.
+
+    Done by the child itself rather than in a ``preexec_fn``: code run between fork and
+    exec in a launcher with threads (gRPC's, an evaluation's) can deadlock on a lock some
+    other thread held at the fork. Linux only; elsewhere Ctrl-C and the normal stop still work.
+    """
+    parent = os.environ.get(LAUNCHER_PID, "")
+    if not parent.isdigit():
+        return
     try:
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: Ctrl-C and the normal stop still work
-        pass
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the launcher died before the signal was armed
+        sys.exit(1)
 
 
 def free_port() -> int:
@@ -81,13 +94,27 @@ class Child:
         log = open(self.log_path, "ab")
         cmd = [sys.executable, "-m", "downpour.cli", "serve", self.role, "--host", "127.0.0.1",
                "--port", str(self.port), "--metrics-port", str(self.metrics_port), *self.args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env, **{LAUNCHER_PID: str(os.getpid())})
         # Children ignore the terminal's Ctrl-C (their own session): the launcher
         # stops them in order. If the launcher itself is killed, the kernel sends
-        # them SIGTERM, so no cluster outlives its ``downpour up``.
+        # them SIGTERM (``die_with_launcher``), so no cluster outlives its ``downpour up``.
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True)
         log.close()
+
+    def lost_its_port(self) -> bool:
+        """Whether the child exited because its port was taken: ports are chosen free but
+        only bound by the child, so another program can take one in between."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - 4096))
+                tail = f.read().decode(errors="replace").lower()
+        except OSError:
+            return False
+        return any(m in tail for m in ("cannot bind", "failed to bind", "address already in use"))
+
+    def new_ports(self) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -172,7 +199,7 @@ class Cluster:
         for c in shards + [feeder]:
             c.start()
         for c in shards + [feeder]:
-            wait_healthy(c.address, timeout, c.proc, self.chcfg)
+            self._wait_started(c, timeout)
         coord_args = ["--config", self.job_path, "--shards", ",".join(s.address for s in shards),
                       "--feeder", feeder.address, "--state-dir", os.path.join(self.out, "coordinator"),
                       "--checkpoint-dir", self.ckpt_dir]
@@ -180,7 +207,7 @@ class Cluster:
             coord_args.append("--resume")
         self.coordinator = self._child("coordinator", "coordinator", coord_args)
         self.coordinator.start()
-        wait_healthy(self.coordinator.address, timeout, self.coordinator.proc, self.chcfg)
+        self._wait_started(self.coordinator, timeout)
         # A restarted coordinator re-adopts the cluster from its state directory:
         # restoring the checkpoint again would throw away the progress since.
         self.coordinator.args = [a for a in coord_args if a != "--resume"]
@@ -195,6 +222,18 @@ class Cluster:
                                                              "--refresh-seconds", "5"])
             self.neurons.start()
         self.describe()
+
+    def _wait_started(self, c: Child, timeout: float, attempts: int = 3) -> None:
+        """Wait for ``c`` to turn healthy; a child whose port was taken starts again on new ports."""
+        for attempt in range(attempts):
+            try:
+                wait_healthy(c.address, timeout, c.proc, self.chcfg)
+                return
+            except RuntimeError:
+                if attempt == attempts - 1 or not c.lost_its_port():
+                    raise
+                c.new_ports()
+                c.start()
 
     def describe(self) -> None:
         """Write cluster.json: every child's role, addresses and pid (for operators and tests)."""
@@ -237,6 +276,8 @@ class Cluster:
             code = c.proc.poll() if c.proc is not None else None
             if code is not None and code != 0:
                 c.restarts += 1
+                if c.role in ("worker", "neurons") and c.lost_its_port():
+                    c.new_ports()  # they tell the coordinator (or nobody needs) their address
                 c.start()
                 restarted.append(f"{c.name} (exit code {code})")
         if restarted:

@@ -94,7 +94,10 @@ def _status(out):
 def _wait(out, proc, pred, what, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"downpour up ended early while waiting for {what}"
+        if proc.poll() is not None:
+            logs = "".join(f"\n== {p.name}\n" + p.read_text()[-1500:] for p in sorted((out / "logs").glob("*.log")))
+            raise AssertionError(f"downpour up ended early (exit {proc.returncode}) while waiting for {what}: "
+                                 f"{proc.stderr.read()[-2000:]}{logs}")
         st = _status(out)
         if st is not None and pred(st):
             return st

@@ -179,3 +179,62 @@ def test_status_shows_the_running_cluster_and_ctrl_c_stops_every_child(tmp_path)
     assert not alive, f"children still running after Ctrl-C: {alive}"
     # Ctrl-C took a checkpoint first, so the run can be resumed.
     assert list((out / "checkpoints").glob("*/MANIFEST.json"))
+
+
+def test_children_die_with_a_killed_launcher(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
+           "--replicas", "1", "--shards", "1", "--steps", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (out / "cluster.json").exists():
+            time.sleep(0.2)
+        rows = _coordinator(out)
+        assert {"paramserver-0", "feeder", "coordinator", "worker-0", "neurons"} <= set(rows)
+        pids = [r["pid"] for r in rows.values()]
+        time.sleep(2)  # every child is past its start-up
+        proc.kill()  # no chance to stop anything: the kernel must tell the children
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    def alive():
+        return [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not alive(), f"children outlived their launcher: {alive()}"
+
+
+def test_a_child_whose_port_was_taken_starts_again_on_another(tmp_path, monkeypatch):
+    """Ports are picked free but bound later by the child: another program may take one first."""
+    import socket
+
+    from downpour import config as jobconfig
+    from downpour import up as upmod
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    real, calls = upmod.free_port, []
+
+    def free_port():  # the first shard is handed the taken port
+        calls.append(1)
+        return port if len(calls) == 1 else real()
+
+    monkeypatch.setattr(upmod, "free_port", free_port)
+    cfg = jobconfig.load(env={}, overrides={"preset": "tiny", "replicas": 1, "shards": 1, "steps": 5})
+    cluster = upmod.Cluster(cfg, str(tmp_path / "run"), resume=False, neurons=False)
+    try:
+        cluster.start(60)
+        shard = next(c for c in cluster.children if c.role == "paramserver")
+        assert shard.port != port and shard.alive()
+        assert "cannot bind" in (tmp_path / "run" / "logs" / "paramserver-0.log").read_text().lower()
+        upmod.wait_healthy(shard.address, 10)
+    finally:
+        cluster.stop()
+        taken.close()

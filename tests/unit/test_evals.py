@@ -111,27 +111,6 @@ def test_eval_faces_from_a_checkpoint_directory(tmp_path):
     assert res["checkpoint"]["id"] == "step-7" and "trained" not in res["training"]
 
 
-def test_eval_supervised_on_tiny(tmp_path):
-    from downpour.evals import supervised
-
-    rng = np.random.default_rng(0)
-    # a small labeled .npz: three classes told apart by where a bright bar is
-    x = rng.random((300, 1, 16, 16)).astype(np.float32) * 0.3
-    y = rng.integers(0, 3, 300)
-    for i, c in enumerate(y):
-        x[i, 0, 2 + 5 * c:5 + 5 * c, :] += 0.7
-    np.savez(tmp_path / "d.npz", x=x, y=y)
-    res = supervised.run(str(tmp_path / "out"), data=str(tmp_path / "d.npz"), preset="tiny", pretrain_steps=40,
-                         finetune_steps=60, n_labeled=240, n_test=60, log=lambda *a: None)
-    names = [r["row"] for r in res["rows"]]
-    assert names == ["chance (most frequent test class)", "linear classifier on pixels",
-                     "linear classifier on deep features (pretrained, frozen)", "network trained from random weights",
-                     "network fine-tuned from unsupervised pretraining"]
-    assert res["classes"] == 3
-    assert res["rows"][1]["accuracy"] > 0.9  # the task is learnable
-    assert (tmp_path / "out" / "results.json").exists()
-
-
 def test_eval_supervised_bundled_fallback_loads_18_classes():
     from downpour.evals import supervised
     from downpour.nn import presets

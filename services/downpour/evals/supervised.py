@@ -18,9 +18,13 @@ image, 500 test patches from the held-out right quarter). Any labeled folder,
 .npz (x, y) or IDX file works with ``--data`` (a seeded 80/20 split, or
 ``--test-data``).
 
-Training runs in this process with the Downpour loop against an in-memory
-Adagrad store (``downpour.worker.loop``), the same update rule the parameter
-shards apply.
+Every network is trained through the distributed system (``downpour.evals.jobs``):
+a ``downpour up`` cluster per training, ``--replicas`` model replicas running
+asynchronous Downpour SGD against ``--shards`` Adagrad parameter shards. The
+pretraining job is unsupervised (TICA); the fine-tuning job starts from its last
+checkpoint (``init_from``: the stages from there, a fresh softmax head) and
+trains every layer with labels; the from-random job is the same job without
+``init_from``. Run folders: ``<out>/jobs/{pretrain,from_random,fine_tune}``.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ import time
 import numpy as np
 
 from downpour.evals import common as C
+from downpour.evals.jobs import train_job
 from downpour.feeder import bundled
-from downpour.feeder.datasets import ArrayDataset, open_dataset
-from downpour.feeder.preprocess import PreprocessSpec
+from downpour.feeder.datasets import open_dataset
 from downpour.nn import Network, presets
 from downpour.nn.spec import NetworkSpec
 
@@ -147,9 +151,10 @@ def network_accuracy(net: Network, params: dict, x: np.ndarray, y: np.ndarray) -
     return float((logits.argmax(1) == y).mean())
 
 
-def run(out: str, *, data: str = "", test_data: str = "", preset: str = "small", pretrain_steps: int = 3000,
-        finetune_steps: int = 1500, batch_size: int = 32, lr: float = C.DEFAULT_LR, n_unlabeled: int = 20000,
-        n_labeled: int = 2000, n_test: int = 2000, seed: int = 0, log=print) -> dict:
+def run(out: str, *, data: str = "", test_data: str = "", preset: str = "small", pretrain_steps: int = 1500,
+        finetune_steps: int = 750, replicas: int = 2, shards: int = 2, batch_size: int = 32,
+        lr: float = C.DEFAULT_LR, n_unlabeled: int = 20000, n_labeled: int = 2000, n_test: int = 2000, seed: int = 0,
+        log=print) -> dict:
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     base = presets.get(preset)
@@ -159,42 +164,40 @@ def run(out: str, *, data: str = "", test_data: str = "", preset: str = "small",
     log(what)
     spec = NetworkSpec(input=base.input, stages=base.stages, classes=classes)
     unsup_net, net = Network(base), Network(spec)
-    as_is = PreprocessSpec(channels=base.input[0])  # already preprocessed: keep channels, no normalisation
-    unlabeled = ArrayDataset(xu, None, as_is)
-    labeled = ArrayDataset(xl, yl, as_is)
+    jobs = os.path.join(os.path.abspath(out), "jobs")
+    kw = dict(replicas=replicas, shards=shards, batch_size=batch_size, lr=lr, seed=seed, log=log)
     rows, training = [], {}
 
     def add(name, acc, note=""):
         rows.append({"row": name, "accuracy": acc, "note": note})
         log(f"  {name:<52} {100 * acc:5.1f}%")
 
+    def record(name, tr):
+        training[name] = {"steps_per_replica": tr.steps, "replicas": replicas, "seconds": tr.seconds,
+                          "loss_first": tr.first_loss, "loss_last": tr.last_loss,
+                          "run_dir": os.path.join(jobs, name)}
+
     counts = np.bincount(yt, minlength=classes)
     add("chance (most frequent test class)", float(counts.max() / counts.sum()))
     add("linear classifier on pixels", linear_accuracy(xl.reshape(len(xl), -1).astype(np.float64), yl,
                                                        xt.reshape(len(xt), -1).astype(np.float64), yt, classes))
-    log(f"unsupervised pretraining: {pretrain_steps} TICA steps on {len(xu)} unlabeled images")
-    pre = C.train(unsup_net, unlabeled, steps=pretrain_steps, batch_size=batch_size, lr=lr, seed=seed, log=log)
-    training["pretrain"] = {"steps": pre.steps, "seconds": pre.seconds, "loss_first": pre.first_loss,
-                            "loss_last": pre.last_loss}
+    log(f"unsupervised pretraining: TICA on {len(xu)} unlabeled images")
+    pre = train_job(os.path.join(jobs, "pretrain"), base, xu, steps=pretrain_steps, **kw)
+    record("pretrain", pre)
     add("linear classifier on deep features (pretrained, frozen)",
         linear_accuracy(features(unsup_net, pre.params, xl), yl, features(unsup_net, pre.params, xt), yt, classes))
-    log(f"supervised from random: {finetune_steps} steps on {len(xl)} labeled images")
-    init = net.init_params(seed)
-    scratch = C.train(net, labeled, steps=finetune_steps, batch_size=batch_size, lr=lr, seed=seed,
-                      supervised=True, params=init, log=log)
-    training["from_random"] = {"steps": scratch.steps, "seconds": scratch.seconds,
-                               "loss_first": scratch.first_loss, "loss_last": scratch.last_loss}
+    log(f"supervised from random weights: {len(xl)} labeled images")
+    scratch = train_job(os.path.join(jobs, "from_random"), spec, xl, yl, steps=finetune_steps, **kw)
+    record("from_random", scratch)
     add("network trained from random weights", network_accuracy(net, scratch.params, xt, yt))
-    log(f"fine-tuning the pretrained network: {finetune_steps} steps")
-    warm = dict(init)
-    warm.update({k: v for k, v in pre.params.items()})  # the stages from TICA, a fresh head
-    ft = C.train(net, labeled, steps=finetune_steps, batch_size=batch_size, lr=lr, seed=seed, supervised=True,
-                 params=warm, log=log)
-    training["fine_tune"] = {"steps": ft.steps, "seconds": ft.seconds, "loss_first": ft.first_loss,
-                             "loss_last": ft.last_loss}
+    log("fine-tuning the pretrained network (same job, starting from the pretraining's checkpoint)")
+    ft = train_job(os.path.join(jobs, "fine_tune"), spec, xl, yl, steps=finetune_steps,
+                   init_from=os.path.join(jobs, "pretrain", "checkpoints"), **kw)
+    record("fine_tune", ft)
     add("network fine-tuned from unsupervised pretraining", network_accuracy(net, ft.params, xt, yt))
     results = {"data": what, "classes": classes, "preset": preset, "rows": rows, "training": training,
-               "in_process": "trained in this process: Downpour loop + in-memory Adagrad store (downpour.worker.loop)",
+               "trained_by": f"downpour up: {replicas} replicas (asynchronous Downpour SGD), {shards} Adagrad "
+                             f"parameter shards, local processes",
                "seconds": time.perf_counter() - t0}
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
@@ -205,7 +208,7 @@ def run(out: str, *, data: str = "", test_data: str = "", preset: str = "small",
 def format_table(results: dict) -> str:
     lines = [f"data: {results['data']}", f"{'row':<56} {'test accuracy':>13}"]
     lines += [f"{r['row']:<56} {100 * r['accuracy']:12.1f}%" for r in results["rows"]]
-    lines.append(f"({results['in_process']}; {results['seconds']:.0f}s)")
+    lines.append(f"(trained by {results['trained_by']}; {results['seconds']:.0f}s)")
     return "\n".join(lines)
 
 
@@ -214,8 +217,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                               "(default: Fashion-MNIST if installed, else bundled)")
     p.add_argument("--test-data", default="", help="a separate labeled test set (default: 20%% of --data)")
     p.add_argument("--preset", default="small")
-    p.add_argument("--pretrain-steps", type=int, default=3000, help="unsupervised (TICA) steps")
-    p.add_argument("--finetune-steps", type=int, default=1500, help="supervised steps, per network")
+    p.add_argument("--pretrain-steps", type=int, default=1500, help="unsupervised (TICA) steps per replica")
+    p.add_argument("--finetune-steps", type=int, default=750, help="supervised steps per replica, per network")
+    p.add_argument("--replicas", type=int, default=2, help="model replicas of every training job")
+    p.add_argument("--shards", type=int, default=2, help="parameter shards of every training job")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=C.DEFAULT_LR)
     p.add_argument("--unlabeled", type=int, default=20000, help="images for pretraining")
@@ -227,6 +232,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd(args: argparse.Namespace) -> int:
     run(args.out, data=args.data, test_data=args.test_data, preset=args.preset, pretrain_steps=args.pretrain_steps,
-        finetune_steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr, n_unlabeled=args.unlabeled,
-        n_labeled=args.labeled, n_test=args.test, seed=args.seed)
+        finetune_steps=args.finetune_steps, replicas=args.replicas, shards=args.shards, batch_size=args.batch_size,
+        lr=args.lr, n_unlabeled=args.unlabeled, n_labeled=args.labeled, n_test=args.test, seed=args.seed)
     return 0

@@ -362,13 +362,19 @@ class Server:
         self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         addr = f"{self.config.host}:{self.config.port}"
         creds = self._credentials()
-        self.port = self._grpc.add_secure_port(addr, creds) if creds else self._grpc.add_insecure_port(addr)
+        try:  # older grpcio returns 0 on a failed bind, newer raises
+            self.port = self._grpc.add_secure_port(addr, creds) if creds else self._grpc.add_insecure_port(addr)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"{self.name}: cannot bind {addr}")
+            raise RuntimeError(f"{self.name}: cannot bind {addr} (address already in use?)")
         self._grpc.start()
         if self.config.metrics_port:
             from prometheus_client import start_http_server
-            start_http_server(self.config.metrics_port)
+            try:
+                start_http_server(self.config.metrics_port)
+            except OSError as e:
+                raise RuntimeError(f"{self.name}: cannot bind metrics port {self.config.metrics_port}: {e}") from None
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
