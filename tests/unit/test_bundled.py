@@ -88,3 +88,22 @@ def test_small_images_are_upscaled_for_large_patches():
     s = bundled.build(PreprocessSpec(size=100), n_train_patches=20, n_heldout_patches=20, n_distractors=4)
     x = s.heldout_natural.get(range(20))[0]
     assert x.shape == (20, 1, 100, 100)
+
+
+def test_face_frames_are_jittered_views_of_the_training_faces_only(splits):
+    s = bundled.build(face_frames=2)
+    assert len(s.train) == 2100 + 2 * 50
+    x = _all(s.train)[0]
+    assert np.array_equal(x[:2100], _all(splits.train)[0])  # the plain train split comes first, unchanged
+    frames = x[2100:]
+    assert frames.shape == (100, 1, 32, 32) and 0 <= frames.min() and frames.max() <= 1
+    seen = {row.tobytes() for row in x[:2100].reshape(2100, -1)}
+    assert not any(row.tobytes() in seen for row in frames.reshape(100, -1))  # views, not copies
+    # each view stays close to its own face (rows 2i, 2i+1 come from training face i)
+    faces = x[2000:2050]  # the 50 training faces (train_lfw: faces, then non-faces)
+    views = np.concatenate([faces, faces[..., ::-1]]).reshape(100, -1)  # a frame may be mirrored
+    nearest = np.argmax(np.corrcoef(frames.reshape(100, -1), views)[:100, 100:], axis=1) % 50
+    assert (nearest == np.repeat(np.arange(50), 2)).mean() > 0.8
+    assert np.array_equal(bundled.face_frames(bundled.lfw()[0:100:2], 2), bundled.bundled_frames(2))
+    for name in ("heldout_faces", "heldout_nonfaces", "distractors"):
+        assert np.array_equal(_all(s.split(name))[0], _all(splits.split(name))[0]), name

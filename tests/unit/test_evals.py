@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from downpour.evals import common as C
+from downpour.nn import presets
 
 
 def brute_force(a: np.ndarray, y: np.ndarray) -> float:
@@ -71,6 +72,9 @@ def test_eval_faces_on_tiny(tmp_path):
     assert names == ["chance", "best linear filter (training-sample template)", "best first-stage neuron",
                      "same network, random weights", "trained network (best neuron)", "trained without LCN"]
     assert res["test_set"]["make_up"] == {"faces": 50, "LFW non-faces": 50, "distractors": 200}
+    td = res["training_data"]  # by default the plain train split and the preset's sparsity
+    assert td["examples"] == 2100 and td["faces"] == 50 and td["face_frames_per_face"] == 0
+    assert td["lam"] == [s.lam for s in presets.get("tiny").stages]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in res["rows"])
     for f in ("report.html", "results.json", "top_inputs.png", "optimal_stimulus.png", "filters.png",
               "invariance.png", "table.png", "params.npz"):
@@ -109,6 +113,17 @@ def test_eval_faces_from_a_checkpoint_directory(tmp_path):
         np.testing.assert_array_equal(blocks[k], v)
     res = faces.run(str(tmp_path / "out"), checkpoint=str(tmp_path), steps=20, stimulus_steps=5, log=lambda *a: None)
     assert res["checkpoint"]["id"] == "step-7" and "trained" not in res["training"]
+
+
+def test_eval_faces_experiment_levers(tmp_path):
+    from downpour.evals import faces
+
+    res = faces.run(str(tmp_path / "out"), preset="tiny", steps=10, stimulus_steps=5, n_splits=1, face_frames=2,
+                    lam=0.05, log=lambda *a: None)
+    td = res["training_data"]
+    assert td["examples"] == 2100 + 2 * 50 and td["faces"] == 150 and td["lam"] == [0.05] * 3
+    # the template row still uses the plain training examples only, not the frames
+    assert res["rows"][1]["note"] == "2100 templates"
 
 
 def test_eval_supervised_bundled_fallback_loads_18_classes():

@@ -36,6 +36,14 @@ Splits (at the default 32x32 example size; any ``size`` works)
                     contrast are distributed as the faces' are.
   heldout           300 labelled: heldout_faces + heldout_nonfaces + distractors.
 
+Face frames (``build(face_frames=k)``, off by default; ``downpour eval faces
+--face-frames k``): ``train`` gets k jittered views of each of its 50 training faces
+appended (``face_frames``: shifts up to 2 pixels, scales within about 10%,
+rotations up to 10 degrees, mirrored half the time, from a fixed seed), the
+way a video shows one face in many frames. With k=20 train holds 3100
+examples, 1050 of them faces (34%). Only training faces are jittered: no
+held-out image is touched.
+
 Patches are cut at native resolution, at positions drawn from a fixed seed
 (``SAMPLING_SEED``) so every process builds the same dataset; a region smaller
 than the patch is first upscaled to fit. Near-flat patches (std < 0.02 on the
@@ -75,6 +83,10 @@ MIN_DISTRACTOR_STD = 0.05  # low-contrast sources would need large gains and the
 MATCH_TOL = 0.01
 SAMPLING_SEED = 2012
 N_FACES = 100  # lfw_subset: [0, 100) faces, [100, 200) non-faces
+FRAME_SEED = 25  # draws the jitter of the face frames (``build(face_frames=...)``)
+FRAME_SHIFT = 2.0  # pixels, at the LFW images' 25x25
+FRAME_LOG_SCALE = 0.1  # scale factor in exp(+-0.1): about +-10%
+FRAME_ROTATION = 10.0  # degrees
 SPLITS = ("train", "heldout_faces", "heldout_nonfaces", "heldout_natural", "distractors", "heldout")
 
 
@@ -96,6 +108,33 @@ def lfw() -> np.ndarray:
     from skimage import data
 
     return data.lfw_subset().astype(np.float32)[:, None]
+
+
+def face_frames(images: np.ndarray, per_image: int, seed: int = FRAME_SEED) -> np.ndarray:
+    """``per_image`` jittered views of each (1, H, W) image: what a video shows of one face.
+
+    Each view is shifted by up to ``FRAME_SHIFT`` pixels, scaled by up to about
+    ``FRAME_LOG_SCALE``, rotated by up to ``FRAME_ROTATION`` degrees about the
+    centre (edges repeated) and mirrored with probability 1/2. The views of
+    image ``i`` are rows ``i * per_image`` to ``(i + 1) * per_image - 1``.
+    """
+    from skimage.transform import AffineTransform, warp
+
+    rng = np.random.default_rng(seed)
+    n, c, h, w = images.shape
+    centre = np.array([(w - 1) / 2, (h - 1) / 2])
+    out = np.empty((n * per_image, c, h, w), np.float32)
+    for i in range(n):
+        for j in range(per_image):
+            t = (AffineTransform(translation=-centre)
+                 + AffineTransform(scale=np.exp(rng.uniform(-FRAME_LOG_SCALE, FRAME_LOG_SCALE)),
+                                   rotation=np.deg2rad(rng.uniform(-FRAME_ROTATION, FRAME_ROTATION)))
+                 + AffineTransform(translation=centre + rng.uniform(-FRAME_SHIFT, FRAME_SHIFT, 2)))
+            mirror = rng.random() < 0.5
+            for k in range(c):
+                v = warp(images[i, k], t.inverse, mode="edge", preserve_range=True)
+                out[i * per_image + j, k] = v[:, ::-1] if mirror else v
+    return out
 
 
 def _region(img: np.ndarray, split: str, size: tuple[int, int]) -> np.ndarray:
@@ -195,8 +234,12 @@ class BundledSplits:
 
 def build(spec: PreprocessSpec | None = None, *, n_train_patches: int = N_TRAIN_PATCHES,
           n_heldout_patches: int = N_HELDOUT_PATCHES, n_distractors: int = N_DISTRACTORS,
-          seed: int = SAMPLING_SEED) -> BundledSplits:
-    """Build all splits; examples are ``spec.size`` (default 32x32) with ``spec.channels``."""
+          seed: int = SAMPLING_SEED, face_frames: int = 0) -> BundledSplits:
+    """Build all splits; examples are ``spec.size`` (default 32x32) with ``spec.channels``.
+
+    ``face_frames`` > 0 appends that many jittered views (``face_frames()``) of
+    each of the 50 training faces to ``train``, after its 2100 examples.
+    """
     spec = spec or PreprocessSpec()
     if spec.size is None:
         spec = dataclasses.replace(spec, size=DEFAULT_SIZE)
@@ -232,10 +275,19 @@ def build(spec: PreprocessSpec | None = None, *, n_train_patches: int = N_TRAIN_
     distractors = PatchDataset(held_regions, dpos, size, spec, labels=np.zeros(len(dpos), np.int64),
                                gain=gain, bias=bias)
 
-    train = ConcatDataset([train_patches, train_lfw], spec)
+    parts = [train_patches, train_lfw]
+    if face_frames > 0:
+        parts.append(ArrayDataset(bundled_frames(face_frames), None, spec, name="lfw_subset[train face frames]"))
+    train = ConcatDataset(parts, spec)
     heldout = ConcatDataset([heldout_faces, heldout_nonfaces, distractors], spec)
     heldout._num_classes = 2
     return BundledSplits(train, heldout_faces, heldout_nonfaces, heldout_natural, distractors, heldout)
+
+
+@functools.lru_cache(maxsize=2)
+def bundled_frames(per_image: int) -> np.ndarray:
+    """The jittered views of the training faces (even LFW positions below ``N_FACES``)."""
+    return face_frames(lfw()[0:N_FACES:2], per_image)
 
 
 def open_split(split: str, spec: PreprocessSpec | None = None) -> Dataset:
