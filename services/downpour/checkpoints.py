@@ -191,16 +191,28 @@ def load_checkpoint(checkpoint_dir: str | os.PathLike, manifest: dict):
     return jobconfig.from_yaml(manifest["config"]), load_blocks(checkpoint_dir, manifest)
 
 
+def block_layout(cfg):
+    """(block name -> size, blocks -> full parameters) of a job: with a partition grid, every
+    partition owns its own block of each layer (``stage1.W1[p=3]``), joined back here."""
+    from downpour.nn import Network
+
+    spec = cfg.network_spec()
+    rows, cols = cfg.grid()
+    if rows * cols == 1:
+        return Network(spec).block_sizes(), dict
+    from downpour.partition import block_shapes, join_params, plan
+
+    pl = plan(spec, rows, cols)
+    sizes = {k: int(np.prod(v)) for k, v in block_shapes(pl).items()}
+    return sizes, lambda blocks: join_params(pl, blocks)
+
+
 def load_params(checkpoint_dir: str | os.PathLike, manifest: dict):
     """(job config, the network's parameters) of one committed checkpoint, verified; the blocks of
     a model-parallel job (``stage1.W1[p=3]``) joined back into whole layers."""
     cfg, blocks = load_checkpoint(checkpoint_dir, manifest)
-    rows, cols = cfg.grid()
-    if rows * cols > 1:
-        from downpour.partition import join_params, plan
-
-        blocks = join_params(plan(cfg.network_spec(), rows, cols), blocks)
-    return cfg, blocks
+    _, join = block_layout(cfg)
+    return cfg, join(blocks)
 
 
 def warm_start(checkpoint_dir: str | os.PathLike, fresh: dict) -> tuple[dict, list[str], dict]:

@@ -3,10 +3,11 @@
 Starts S parameter shards, the data feeder, the coordinator, R x P model
 workers and the neurons service (the live parameters, re-pulled every 5 s, for
 ``downpour query`` while the job trains), each its own ``downpour serve
-<role>`` process on free ports; waits for their health checks; shows the training progress per replica; restarts a
-child that dies (a killed worker's slot is taken by its replacement, which
-resumes the replica's step); and when the job reaches its step count, or on
-Ctrl-C, takes a last checkpoint and stops every child with SIGTERM.
+<role>`` process on free ports; waits for their health checks; shows the
+training progress per replica; restarts a child that dies (a killed worker's
+slot is taken by its replacement, which resumes the replica's step); and when
+the job reaches its step count, or on Ctrl-C, takes a last checkpoint and stops
+every child with SIGTERM.
 
 The run directory (``--out``) gets the job spec (``job.yaml``), the
 checkpoints, every child's log, ``metrics.json`` (loss and examples/s per
@@ -371,7 +372,7 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
         start_timeout: float = 90.0, secure: bool = False, neurons: bool = True) -> int:
     """Run a job to its step count. Returns a process exit code."""
     if cfg.init_from and not resume:
-        # The children run elsewhere (their own working directory in a container): an absolute path.
+        # job.yaml must mean the same folder to whoever reads it later, whatever its working directory.
         cfg.init_from = os.path.abspath(cfg.init_from)
         from downpour import checkpoints as cks
 

@@ -12,6 +12,7 @@ network come from there, its softmax head starts fresh.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -20,14 +21,12 @@ import numpy as np
 
 from downpour import checkpoints as cks
 from downpour import config as jobconfig
-from downpour.evals.common import TrainResult
+from downpour.evals.common import DEFAULT_EPS, DEFAULT_LR, TrainResult
 from downpour.nn.spec import NetworkSpec, to_dict
 
 
 def job_losses(run_dir: str) -> list[float]:
     """The mean training losses the replicas reported, in time order (from the run's metrics.json)."""
-    import json
-
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as f:
         history = json.load(f)["history"]
     seen, out = set(), []
@@ -41,7 +40,7 @@ def job_losses(run_dir: str) -> list[float]:
 
 
 def train_job(run_dir: str, spec: NetworkSpec, x: np.ndarray, y: np.ndarray | None = None, *, steps: int,
-              replicas: int = 2, shards: int = 2, batch_size: int = 32, lr: float = 0.02, eps: float = 1e-6,
+              replicas: int = 2, shards: int = 2, batch_size: int = 32, lr: float = DEFAULT_LR, eps: float = DEFAULT_EPS,
               seed: int = 0, init_from: str = "", log=None) -> TrainResult:
     """Train ``spec`` on ``x`` (TICA) or on ``x, y`` (supervised, ``spec.classes`` > 0) with a
     ``downpour up`` cluster; ``steps`` per replica. Returns the last checkpoint's parameters."""

@@ -39,20 +39,8 @@ class SourceError(RuntimeError):
 list_manifests = checkpoints.list_manifests
 
 
-def block_layout(cfg: jobconfig.JobConfig):
-    """(block name -> size, blocks -> full parameters) of a job: with a partition grid, every
-    partition owns its own block of each layer (``stage1.W1[p=3]``), joined back here."""
-    from downpour.nn import Network
-
-    spec = cfg.network_spec()
-    rows, cols = cfg.grid()
-    if rows * cols == 1:
-        return Network(spec).block_sizes(), dict
-    from downpour.partition import block_shapes, join_params, plan
-
-    pl = plan(spec, rows, cols)
-    sizes = {k: int(np.prod(v)) for k, v in block_shapes(pl).items()}
-    return sizes, lambda blocks: join_params(pl, blocks)
+# How a job's blocks are laid out on the shards (partitioned or not), in one place.
+block_layout = checkpoints.block_layout
 
 
 def load_checkpoint(checkpoint_dir: str, manifest: dict) -> tuple[jobconfig.JobConfig, dict[str, np.ndarray]]:
