@@ -304,14 +304,15 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         if m is None or m.replica < 0:
             return None
         rows, cols = self.cfg.grid()
-        a = common_pb2.Assignment(
-            job_id=self.state.job_id, generation=self.state.replica_generation[m.replica], replica=m.replica,
-            partition=m.partition,
-            num_replicas=self.cfg.replicas, num_partitions=rows * cols,
-            shard_addresses=self.shards, feeder_address=self.feeder,
-            start_step=self.state.replica_start[m.replica])
-        for p, addr in self.state.peers(m.replica):
-            a.peers.add(partition=p, address=addr)
+        with self.state.lock:  # the generation and the peers it names, read together
+            a = common_pb2.Assignment(
+                job_id=self.state.job_id, generation=self.state.replica_generation[m.replica], replica=m.replica,
+                partition=m.partition,
+                num_replicas=self.cfg.replicas, num_partitions=rows * cols,
+                shard_addresses=self.shards, feeder_address=self.feeder,
+                start_step=self.state.replica_start[m.replica])
+            for p, addr in self.state.peers(m.replica):
+                a.peers.add(partition=p, address=addr)
         names = self.plan.blocks_pulled(m.partition) if self.plan is not None else list(self.shapes)
         for name in names:
             shape = self.shapes[name]

@@ -60,7 +60,9 @@ class Mailbox:
     def reset(self, generation: int, replica: int, partition: int) -> None:
         with self._cond:
             self.generation, self.replica, self.partition = generation, replica, partition
-            self._box = {k: v for k, v in self._box.items() if k[0] == generation}
+            # Keep what a peer already sent in a newer generation, as ``put`` does: a peer that
+            # learned of the new generation first may have sent its halos before we start it.
+            self._box = {k: v for k, v in self._box.items() if k[0] >= generation}
             self._cond.notify_all()
 
     def put(self, h: Halo) -> bool:
