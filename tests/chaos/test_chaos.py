@@ -22,14 +22,17 @@ from chaos import ROLES, run_job  # noqa: E402
 pytestmark = pytest.mark.slow
 
 KILLS = int(os.environ.get("DOWNPOUR_CHAOS_KILLS", "20"))
-STEPS = int(os.environ.get("DOWNPOUR_CHAOS_STEPS", "800"))
+STEPS = int(os.environ.get("DOWNPOUR_CHAOS_STEPS", "1200"))
 SEED = int(os.environ.get("DOWNPOUR_CHAOS_SEED", "0"))
 
 
 def test_the_job_survives_random_kills_of_every_role(tmp_path):
     base = run_job(tmp_path / "baseline", STEPS)
     assert base["returncode"] == 0, base["stderr_tail"]
-    chaos = run_job(tmp_path / "chaos", STEPS, kills=KILLS, seed=SEED)
+    # Kills come about every `interval` s until 70% of the steps: pace them by the baseline's
+    # length so that all of them fit on a fast machine too (at most one a second).
+    interval = min(1.0, base["seconds"] * 0.7 / (1.5 * KILLS))
+    chaos = run_job(tmp_path / "chaos", STEPS, kills=KILLS, seed=SEED, interval=interval)
     figures = {
         "kills": len(chaos["kills"]), "kills_by_role": chaos["kills_by_role"], "restarts": chaos["restarts"],
         "shard_refills": chaos["shard_refills"], "coordinator_readoptions": chaos["readoptions"],
