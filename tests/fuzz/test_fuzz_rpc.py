@@ -52,6 +52,8 @@ RPCS = [
     ("paramserver", "/downpour.v1.ParameterServer/Checkpoint", U, ppb.CheckpointRequest),
     ("paramserver", "/downpour.v1.ParameterServer/Restore", U, ppb.RestoreRequest),
     ("paramserver", "/downpour.v1.ParameterServer/SetOptimizer", U, ppb.SetOptimizerRequest),
+    ("paramserver", "/downpour.v1.ParameterServer/AttachShared", U, ppb.AttachSharedRequest),
+    ("paramserver", "/downpour.v1.ParameterServer/PushPullShared", U, ppb.PushPullSharedRequest),
     ("coordinator", "/downpour.v1.Coordinator/Register", U, cpb.RegisterRequest),
     ("coordinator", "/downpour.v1.Coordinator/Deregister", U, cpb.DeregisterRequest),
     ("coordinator", "/downpour.v1.Coordinator/Heartbeat", U, cpb.HeartbeatRequest),

@@ -19,12 +19,20 @@ DEADLINE_EXCEEDED, NOT_FOUND, CANCELLED) is retried with exponential backoff
 until it succeeds or ``retry_deadline`` seconds have passed; each attempt has
 its own ``timeout``. Without it, only UNAVAILABLE and DEADLINE_EXCEEDED are
 retried, ``retries`` times, at once.
+
+With ``shared=True`` the client maps a shared-memory file with each shard on
+its host (``paramserver.shared``) after its first pull of a set of blocks;
+from then on pulls and pushes of that set move no tensor bytes through gRPC,
+and ``push_pull`` pushes and pulls in one round trip. A shard elsewhere
+refuses the file and the client keeps to Pull and Push, block for block the
+same results.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -34,6 +42,7 @@ from typing import Iterable, Iterator, Mapping
 import grpc
 import numpy as np
 
+from downpour.paramserver import shared as shm
 from downpour.paramserver.server import CREATE_PAYLOAD, PULL_PAYLOAD, PUSH_PAYLOAD, SERVICE
 from downpour.rpc import codec
 from downpour.rpc.channel import ChannelConfig, open_channel, wait_ready
@@ -77,6 +86,21 @@ class _Shard:
         self.restore = self.channel.unary_unary(
             f"/{SERVICE}/Restore", request_serializer=pb.RestoreRequest.SerializeToString,
             response_deserializer=pb.RestoreResponse.FromString)
+        self.attach_shared = self.channel.unary_unary(
+            f"/{SERVICE}/AttachShared", request_serializer=pb.AttachSharedRequest.SerializeToString,
+            response_deserializer=pb.AttachSharedResponse.FromString)
+        self.push_pull_shared = self.channel.unary_unary(
+            f"/{SERVICE}/PushPullShared", request_serializer=pb.PushPullSharedRequest.SerializeToString,
+            response_deserializer=pb.PushPullSharedResponse.FromString)
+
+
+class _Link:
+    """A shared-memory file mapped by this client and one shard."""
+
+    def __init__(self, region: shm.Region, names: list[str], sizes: list[int]) -> None:
+        self.region, self.names = region, names
+        self.index = dict(zip(names, shm.layout(sizes)))
+        self.lock = threading.Lock()  # the regions hold one call's data at a time
 
 
 def _flat(name: str, a: np.ndarray) -> np.ndarray:
@@ -91,7 +115,7 @@ class ParamClient:
     def __init__(self, shard_addresses: Iterable[str], *, worker_id: str = "", placement: Mapping[str, int] | None = None,
                  channel_config: ChannelConfig | None = None, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                  timeout: float = 120.0, retries: int = 3, retry_deadline: float = 0.0,
-                 backoff_initial: float = 0.1, backoff_max: float = 2.0) -> None:
+                 backoff_initial: float = 0.1, backoff_max: float = 2.0, shared: bool = False) -> None:
         cfg = channel_config or ChannelConfig()
         self.shards = [_Shard(a, cfg) for a in shard_addresses]
         if not self.shards:
@@ -108,6 +132,8 @@ class ParamClient:
         self._seq = itertools.count(1)
         self._tickets: dict[int, list[Future]] = {}
         self._lock = threading.Lock()
+        self.shared = shared and shm.usable()
+        self._links: dict[int, _Link | bool] = {}  # False: this shard cannot map our files
 
     # -- placement -----------------------------------------------------------
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -160,6 +186,14 @@ class ParamClient:
         """
         names = list(self.placement if names is None else names)
         result: dict[str, np.ndarray] = {}
+        self._all_shards(lambda s, g: self._pull_group(s, g, result, out, accumulators), self._by_shard(names))
+        return {n: result[n].reshape(self.shapes[n]) for n in names}
+
+    def _pull_group(self, shard: int, group: list[str], result: dict, out: Mapping[str, np.ndarray] | None,
+                    accumulators: bool = False) -> None:
+        link = None if accumulators else self._link(shard, group, exact=False)
+        if link is not None and self._call_shared(shard, group, link, None, 0, result, out):
+            return
         part = pb.BLOCK_PART_ACCUMULATOR if accumulators else pb.BLOCK_PART_WEIGHTS
 
         def pull_shard(shard: int, group: list[str]) -> None:
@@ -183,8 +217,28 @@ class ParamClient:
                 g = np.frombuffer(payload, dtype="<f4")
                 dst[c.offset:c.offset + g.shape[0]] = g
 
-        self._all_shards(lambda s, g: self._retrying("pull", s, lambda: pull_shard(s, g)), self._by_shard(names))
-        return {n: result[n].reshape(self.shapes[n]) for n in names}
+        self._retrying("pull", shard, lambda: pull_shard(shard, group))
+
+    def push_pull(self, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Push ``grads``, wait until every shard applied them, and return the blocks' new values.
+
+        One round trip per shard over a shared-memory link, else a push and a pull.
+        """
+        seq = next(self._seq)
+        flat = {n: _flat(n, g) for n, g in grads.items()}
+        for n, g in grads.items():
+            self.shapes.setdefault(n, tuple(np.shape(g)))
+        result: dict[str, np.ndarray] = {}
+
+        def shard_push_pull(shard: int, group: list[str]) -> None:
+            link = self._link(shard, group, exact=True)
+            if link is not None and self._call_shared(shard, group, link, flat, seq, result, None):
+                return
+            self._push_shard(shard, group, flat, seq)
+            self._pull_group(shard, group, result, None)
+
+        self._all_shards(shard_push_pull, self._by_shard(flat))
+        return {n: result[n].reshape(self.shapes[n]) for n in flat}
 
     def push(self, grads: Mapping[str, np.ndarray]) -> int:
         """Send gradients to their shards in the background; returns a ticket for wait()."""
@@ -204,6 +258,13 @@ class ParamClient:
         return [f.result() for f in futs]
 
     def _push_shard(self, shard: int, names: list[str], flat: Mapping[str, np.ndarray], seq: int) -> pb.PushResponse:
+        link = self._link(shard, names, exact=True)
+        if link is not None:
+            got: dict[str, np.ndarray] = {}
+            resp = self._call_shared(shard, names, link, flat, seq, got, None, pull=False)
+            if resp:
+                return pb.PushResponse(duplicate=resp.duplicate, blocks=[
+                    pb.BlockInfo(name=n, version=v) for n, v in zip(link.names, resp.versions)])
         def reqs() -> Iterator[bytes]:
             for n in names:
                 g = flat[n]
@@ -249,6 +310,83 @@ class ParamClient:
                     raise
                 delay = min(cap, delay * 2)
 
+    # -- the shared-memory data plane --------------------------------------------------
+    def _link(self, shard: int, names: list[str], exact: bool) -> _Link | None:
+        """This shard's shared link if it covers ``names`` (exactly, for a push); maps one if none yet."""
+        if not self.shared:
+            return None
+        with self._lock:
+            link = self._links.get(shard)
+            if link is None and all(n in self.shapes for n in names):
+                link = self._links[shard] = self._attach(shard, names) or False
+        if not isinstance(link, _Link):
+            return None
+        if (set(names) != set(link.names)) if exact else not set(names) <= set(link.index):
+            return None
+        return link
+
+    def _attach(self, shard: int, names: list[str]) -> _Link | None:
+        sizes = [int(np.prod(self.shapes[n], dtype=np.int64)) for n in names]
+        region, token = shm.Region.create(int(sum(sizes)))
+        try:
+            self.shards[shard].attach_shared(pb.AttachSharedRequest(
+                worker_id=self.worker_id, path=region.path, token=token, names=names), timeout=self.timeout)
+        except grpc.RpcError as e:
+            region.close(unlink=True)
+            log.info("shard %d (%s) does not map shared memory (%s: %s): pulls and pushes go through gRPC",
+                     shard, self.shards[shard].address, e.code().name, e.details())
+            return None
+        # Both sides hold the mapping now: the name can go, so nothing is left behind if either dies.
+        os.unlink(region.path)
+        log.info("shard %d (%s): %d blocks through shared memory", shard, self.shards[shard].address, len(names))
+        return _Link(region, names, sizes)
+
+    def _call_shared(self, shard: int, group: list[str], link: _Link, flat: Mapping[str, np.ndarray] | None,
+                     seq: int, result: dict, out: Mapping[str, np.ndarray] | None, pull: bool = True):
+        """Push ``flat`` (if given) and/or pull ``group`` through the link; None to fall back to gRPC.
+
+        A shard that lost our mapping (it restarted) gets a fresh file; one that
+        cannot map it any more sends us back to Pull and Push.
+        """
+        for _ in range(2):
+            try:
+                return self._retrying("push" if flat is not None else "pull", shard,
+                                      lambda: self._shared_once(shard, group, link, flat, seq, result, out, pull))
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                with self._lock:
+                    fresh = self._attach(shard, link.names)
+                    self._links[shard] = fresh or False
+                    old, link = link, fresh
+                old.region.close()
+                if fresh is None:
+                    return None
+        return None
+
+    def _shared_once(self, shard: int, group: list[str], link: _Link, flat, seq: int, result: dict, out, pull: bool):
+        with link.lock:
+            if flat is not None:
+                for n in link.names:
+                    a, b = link.index[n]
+                    link.region.grads[a:b] = flat[n]
+            resp = self.shards[shard].push_pull_shared(pb.PushPullSharedRequest(
+                worker_id=self.worker_id, seq=seq, push=flat is not None, pull=pull,
+                base_versions=[self.versions.get(n, 0) for n in link.names] if flat is not None else []),
+                timeout=self.timeout)
+            if pull:
+                for n, v in zip(link.names, resp.versions):
+                    self.versions[n] = v
+                for n in group:
+                    a, b = link.index[n]
+                    given = None if out is None else out.get(n)
+                    dst = np.empty(b - a, np.float32) if given is None else given.reshape(-1)
+                    if dst.size != b - a or dst.dtype != np.float32:
+                        raise ValueError(f"out[{n!r}] must be a C-contiguous float32 array of {b - a} values")
+                    dst[:] = link.region.weights[a:b]
+                    result[n] = dst
+        return resp
+
     # -- administration ------------------------------------------------------------
     def list_blocks(self) -> list[pb.ListBlocksResponse]:
         return [s.list_blocks(pb.ListBlocksRequest(), timeout=self.timeout) for s in self.shards]
@@ -266,6 +404,10 @@ class ParamClient:
     def close(self) -> None:
         self._closed.set()  # ends retries in progress
         self._pool.shutdown(wait=True)
+        for link in self._links.values():
+            if isinstance(link, _Link):
+                link.region.close()
+        self._links = {}
         for s in self.shards:
             s.channel.close()
 

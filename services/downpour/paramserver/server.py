@@ -38,6 +38,7 @@ import numpy as np
 
 from downpour import metrics, optim
 from downpour.paramserver import checkpoint as ckpt
+from downpour.paramserver.shared import Attachments, SharedPlane
 from downpour.paramserver.store import Block, OptimizerConfig, ShardStore, StoreError
 from downpour.rpc import codec
 from downpour.rpc.server import Server, ServerConfig
@@ -104,7 +105,7 @@ class _Assembly:
             raise StoreError("invalid", f"block {self.name!r}: expected {self.size} float32 values, got {self.next}")
 
 
-class ParameterServer:
+class ParameterServer(SharedPlane):
     def __init__(self, store: ShardStore, checkpoint_dir: str = "", chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = 64 << 20, apply_threads: int = 2, max_pending_blocks: int = 2) -> None:
         self.store = store
@@ -114,6 +115,7 @@ class ParameterServer:
         self.chunk_bytes = max(4, min(chunk_bytes, max_message_bytes - HEADER_ROOM))
         self.shard = str(store.shard_index)
         self.max_block_bytes = MAX_BLOCK_BYTES
+        self.attachments = Attachments()  # co-located clients' shared-memory files (shared.py)
 
     # -- helpers ---------------------------------------------------------------
     def _gauges(self) -> None:
@@ -143,6 +145,12 @@ class ParameterServer:
             "SetOptimizer": grpc.unary_unary_rpc_method_handler(
                 self.SetOptimizer, request_deserializer=pb.SetOptimizerRequest.FromString,
                 response_serializer=pb.SetOptimizerResponse.SerializeToString),
+            "AttachShared": grpc.unary_unary_rpc_method_handler(
+                self.AttachShared, request_deserializer=pb.AttachSharedRequest.FromString,
+                response_serializer=pb.AttachSharedResponse.SerializeToString),
+            "PushPullShared": grpc.unary_unary_rpc_method_handler(
+                self.PushPullShared, request_deserializer=pb.PushPullSharedRequest.FromString,
+                response_serializer=pb.PushPullSharedResponse.SerializeToString),
         })
 
     # -- RPCs --------------------------------------------------------------------

@@ -434,3 +434,129 @@ class SetOptimizerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetOptimizerResponse: _TypeAlias = SetOptimizerResponse  # noqa: Y015
+
+@_typing.final
+class AttachSharedRequest(_message.Message):
+    """The shared file: a 64-byte header whose first 16 bytes are `token`, then
+    the weight region, then the gradient region, each the named blocks in the
+    request's order as little-endian float32, back to back.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    path: _builtins.str
+    """Absolute path of a regular file under the shard's shared-memory
+    directory (/dev/shm), named downpour-*, of exactly 64 + 8 * N bytes
+    for N float32 values in all.
+    """
+    token: _builtins.bytes
+    """16 random bytes the client wrote at the start of the file: proves the
+    shard opened the client's file and not a namesake.
+    """
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        token: _builtins.bytes = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["names", b"names", "path", b"path", "token", b"token", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachSharedRequest: _TypeAlias = AttachSharedRequest  # noqa: Y015
+
+@_typing.final
+class AttachSharedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockInfo]: ...
+    def __init__(
+        self,
+        *,
+        blocks: _abc.Iterable[Global___BlockInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachSharedResponse: _TypeAlias = AttachSharedResponse  # noqa: Y015
+
+@_typing.final
+class PushPullSharedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    PUSH_FIELD_NUMBER: _builtins.int
+    PULL_FIELD_NUMBER: _builtins.int
+    BASE_VERSIONS_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    seq: _builtins.int
+    """With push: identifies the push as in PushRequest (at most once on retry)."""
+    push: _builtins.bool
+    pull: _builtins.bool
+    @_builtins.property
+    def base_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With push: the version of each block (in the attached order) that the
+        gradient was computed against, for the staleness metric.
+        """
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        push: _builtins.bool = ...,
+        pull: _builtins.bool = ...,
+        base_versions: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_versions", b"base_versions", "pull", b"pull", "push", b"push", "seq", b"seq", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushPullSharedRequest: _TypeAlias = PushPullSharedRequest  # noqa: Y015
+
+@_typing.final
+class PushPullSharedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    duplicate: _builtins.bool
+    """With push: every block of (worker_id, seq) had already been applied."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Each block's version after the call, in the attached order; with pull,
+        the version of the weights now in the weight region.
+        """
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[_builtins.int] | None = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushPullSharedResponse: _TypeAlias = PushPullSharedResponse  # noqa: Y015

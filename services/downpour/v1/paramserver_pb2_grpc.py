@@ -69,6 +69,16 @@ class ParameterServerStub:
                 request_serializer=downpour_dot_v1_dot_paramserver__pb2.SetOptimizerRequest.SerializeToString,
                 response_deserializer=downpour_dot_v1_dot_paramserver__pb2.SetOptimizerResponse.FromString,
                 _registered_method=True)
+        self.AttachShared = channel.unary_unary(
+                '/downpour.v1.ParameterServer/AttachShared',
+                request_serializer=downpour_dot_v1_dot_paramserver__pb2.AttachSharedRequest.SerializeToString,
+                response_deserializer=downpour_dot_v1_dot_paramserver__pb2.AttachSharedResponse.FromString,
+                _registered_method=True)
+        self.PushPullShared = channel.unary_unary(
+                '/downpour.v1.ParameterServer/PushPullShared',
+                request_serializer=downpour_dot_v1_dot_paramserver__pb2.PushPullSharedRequest.SerializeToString,
+                response_deserializer=downpour_dot_v1_dot_paramserver__pb2.PushPullSharedResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -127,6 +137,26 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachShared(self, request, context):
+        """Co-located data plane (client and shard on one host): the client creates
+        a shared-memory file holding a weight region and a gradient region for a
+        list of blocks and asks the shard to map it. FAILED_PRECONDITION when the
+        shard cannot open that file (another host or container): the client then
+        keeps to Pull and Push.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushPullShared(self, request, context):
+        """Apply the gradient region (push) and/or copy the current weights into the
+        weight region (pull) of an attached file, in that order, in one round
+        trip. Only control travels over gRPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +194,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.SetOptimizer,
                     request_deserializer=downpour_dot_v1_dot_paramserver__pb2.SetOptimizerRequest.FromString,
                     response_serializer=downpour_dot_v1_dot_paramserver__pb2.SetOptimizerResponse.SerializeToString,
+            ),
+            'AttachShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachShared,
+                    request_deserializer=downpour_dot_v1_dot_paramserver__pb2.AttachSharedRequest.FromString,
+                    response_serializer=downpour_dot_v1_dot_paramserver__pb2.AttachSharedResponse.SerializeToString,
+            ),
+            'PushPullShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPullShared,
+                    request_deserializer=downpour_dot_v1_dot_paramserver__pb2.PushPullSharedRequest.FromString,
+                    response_serializer=downpour_dot_v1_dot_paramserver__pb2.PushPullSharedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +395,60 @@ class ParameterServer:
             '/downpour.v1.ParameterServer/SetOptimizer',
             downpour_dot_v1_dot_paramserver__pb2.SetOptimizerRequest.SerializeToString,
             downpour_dot_v1_dot_paramserver__pb2.SetOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/AttachShared',
+            downpour_dot_v1_dot_paramserver__pb2.AttachSharedRequest.SerializeToString,
+            downpour_dot_v1_dot_paramserver__pb2.AttachSharedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPullShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/PushPullShared',
+            downpour_dot_v1_dot_paramserver__pb2.PushPullSharedRequest.SerializeToString,
+            downpour_dot_v1_dot_paramserver__pb2.PushPullSharedResponse.FromString,
             options,
             channel_credentials,
             insecure,

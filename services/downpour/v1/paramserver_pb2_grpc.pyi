@@ -58,6 +58,18 @@ class ParameterServerStub:
     """Replace this shard's state with a checkpoint (crc32 per block verified)."""
     SetOptimizer: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.SetOptimizerRequest, _paramserver_pb2.SetOptimizerResponse]
     """Change the optimiser (kind, learning rate, eps)."""
+    AttachShared: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.AttachSharedRequest, _paramserver_pb2.AttachSharedResponse]
+    """Co-located data plane (client and shard on one host): the client creates
+    a shared-memory file holding a weight region and a gradient region for a
+    list of blocks and asks the shard to map it. FAILED_PRECONDITION when the
+    shard cannot open that file (another host or container): the client then
+    keeps to Pull and Push.
+    """
+    PushPullShared: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.PushPullSharedRequest, _paramserver_pb2.PushPullSharedResponse]
+    """Apply the gradient region (push) and/or copy the current weights into the
+    weight region (pull) of an attached file, in that order, in one round
+    trip. Only control travels over gRPC.
+    """
 
 @_typing.type_check_only
 class ParameterServerAsyncStub(ParameterServerStub):
@@ -82,6 +94,18 @@ class ParameterServerAsyncStub(ParameterServerStub):
     """Replace this shard's state with a checkpoint (crc32 per block verified)."""
     SetOptimizer: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.SetOptimizerRequest, _paramserver_pb2.SetOptimizerResponse]  # type: ignore[assignment]
     """Change the optimiser (kind, learning rate, eps)."""
+    AttachShared: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.AttachSharedRequest, _paramserver_pb2.AttachSharedResponse]  # type: ignore[assignment]
+    """Co-located data plane (client and shard on one host): the client creates
+    a shared-memory file holding a weight region and a gradient region for a
+    list of blocks and asks the shard to map it. FAILED_PRECONDITION when the
+    shard cannot open that file (another host or container): the client then
+    keeps to Pull and Push.
+    """
+    PushPullShared: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.PushPullSharedRequest, _paramserver_pb2.PushPullSharedResponse]  # type: ignore[assignment]
+    """Apply the gradient region (push) and/or copy the current weights into the
+    weight region (pull) of an attached file, in that order, in one round
+    trip. Only control travels over gRPC.
+    """
 
 class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -145,5 +169,29 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_paramserver_pb2.SetOptimizerResponse, _abc.Awaitable[_paramserver_pb2.SetOptimizerResponse]]:
         """Change the optimiser (kind, learning rate, eps)."""
+
+    @_abc_1.abstractmethod
+    def AttachShared(
+        self,
+        request: _paramserver_pb2.AttachSharedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_paramserver_pb2.AttachSharedResponse, _abc.Awaitable[_paramserver_pb2.AttachSharedResponse]]:
+        """Co-located data plane (client and shard on one host): the client creates
+        a shared-memory file holding a weight region and a gradient region for a
+        list of blocks and asks the shard to map it. FAILED_PRECONDITION when the
+        shard cannot open that file (another host or container): the client then
+        keeps to Pull and Push.
+        """
+
+    @_abc_1.abstractmethod
+    def PushPullShared(
+        self,
+        request: _paramserver_pb2.PushPullSharedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_paramserver_pb2.PushPullSharedResponse, _abc.Awaitable[_paramserver_pb2.PushPullSharedResponse]]:
+        """Apply the gradient region (push) and/or copy the current weights into the
+        weight region (pull) of an attached file, in that order, in one round
+        trip. Only control travels over gRPC.
+        """
 
 def add_ParameterServerServicer_to_server(servicer: ParameterServerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,172 @@
+"""The co-located data plane (paramserver.shared) against a real shard process.
+
+The shard maps the client's /dev/shm file; pulls and pushes through it must
+give exactly what Pull and Push give (Adagrad checked against the formula in
+float64), a retried push must apply at most once, and every hostile attach
+or gradient must be refused with its status code and change nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_paramserver import adagrad_expected, shards  # noqa: E402,F401 - the fixture is used by name
+
+from downpour.paramserver import shared as shm  # noqa: E402
+from downpour.paramserver.client import ParamClient  # noqa: E402
+from downpour.rpc.channel import open_channel  # noqa: E402
+from downpour.v1 import paramserver_pb2 as pb  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not shm.usable(), reason="no writable /dev/shm on this machine")
+
+LR, EPS = 0.1, 1e-3
+PLACE = {"a": 0, "b": 0}
+
+
+def _blocks():
+    return {"a": np.linspace(-1, 1, 3000, dtype=np.float32).reshape(30, 100),
+            "b": np.array([1.0, 2.0, 3.0], np.float32)}
+
+
+def _stub(address: str):
+    ch = open_channel(address)
+    attach = ch.unary_unary("/downpour.v1.ParameterServer/AttachShared",
+                            request_serializer=pb.AttachSharedRequest.SerializeToString,
+                            response_deserializer=pb.AttachSharedResponse.FromString)
+    pp = ch.unary_unary("/downpour.v1.ParameterServer/PushPullShared",
+                        request_serializer=pb.PushPullSharedRequest.SerializeToString,
+                        response_deserializer=pb.PushPullSharedResponse.FromString)
+    return ch, attach, pp
+
+
+def test_shared_pushes_and_pulls_are_exact_and_link_is_used(shards):
+    s = shards("--lr", str(LR), "--eps", str(EPS))
+    w0 = _blocks()
+    g1 = {"a": np.full((30, 100), 2.0, np.float32), "b": np.array([0.5, -1.0, 0.0], np.float32)}
+    g2 = {"a": np.arange(3000, dtype=np.float32).reshape(30, 100) / 1000, "b": np.array([1.0, 1.0, 1.0], np.float32)}
+    with ParamClient([s.address], worker_id="init") as ps:
+        ps.init(w0)
+    with ParamClient([s.address], worker_id="w", shared=True, placement=PLACE) as ps:
+        first = ps.pull(["a", "b"])  # through gRPC: the client learns the shapes, then maps a file
+        np.testing.assert_array_equal(first["a"], w0["a"])
+        assert ps.pull(["a", "b"])["b"].tolist() == [1.0, 2.0, 3.0]
+        assert ps._links and all(isinstance(v, object) and v is not False for v in ps._links.values())
+        link = ps._links[0]
+        assert set(link.names) == {"a", "b"} and not os.path.exists(link.region.path)  # unlinked once mapped
+        ps.wait(ps.push(g1))
+        got = ps.push_pull(g2)
+        versions = {b.name: b.version for b in ps.list_blocks()[0].blocks}
+    for n in w0:
+        w_exp, _ = adagrad_expected(w0[n], [g1[n], g2[n]], LR, EPS)
+        np.testing.assert_allclose(got[n], w_exp, rtol=1e-6, atol=1e-7)
+    assert got["a"].shape == (30, 100)
+    assert versions == {"a": 2, "b": 2}
+    # The same result through plain gRPC, read independently.
+    with ParamClient([s.address], worker_id="reader", placement=PLACE) as ps:
+        plain = ps.pull(["a", "b"])
+        acc = ps.pull(["a"], accumulators=True)
+    np.testing.assert_array_equal(plain["a"], got["a"])
+    np.testing.assert_allclose(acc["a"], (g1["a"].astype(np.float64) ** 2 + g2["a"].astype(np.float64) ** 2), rtol=1e-6)
+
+
+def test_retried_shared_push_applies_once_and_bad_gradients_change_nothing(shards):
+    s = shards("--lr", str(LR), "--eps", str(EPS))
+    w0 = _blocks()
+    with ParamClient([s.address], worker_id="init") as ps:
+        ps.init(w0)
+    ch, attach, pp = _stub(s.address)
+    n = 3003
+    region, token = shm.Region.create(n)
+    try:
+        r = attach(pb.AttachSharedRequest(worker_id="raw", path=region.path, token=token, names=["a", "b"]), timeout=10)
+        assert [b.name for b in r.blocks] == ["a", "b"]
+        region.grads[:] = 1.0
+        first = pp(pb.PushPullSharedRequest(worker_id="raw", seq=7, push=True, pull=True), timeout=10)
+        again = pp(pb.PushPullSharedRequest(worker_id="raw", seq=7, push=True, pull=True), timeout=10)
+        assert not first.duplicate and again.duplicate
+        assert list(again.versions) == [1, 1]
+        after_one = region.weights.copy()
+        np.testing.assert_allclose(after_one[:3000], w0["a"].reshape(-1) - LR / (1 + EPS), rtol=1e-6)
+        # A NaN anywhere: refused, nothing applied (checked through plain gRPC).
+        region.grads[3001] = np.nan
+        with pytest.raises(grpc.RpcError) as e:
+            pp(pb.PushPullSharedRequest(worker_id="raw", seq=8, push=True), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            pp(pb.PushPullSharedRequest(worker_id="raw", seq=0, push=True), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with ParamClient([s.address], worker_id="reader", placement=PLACE) as ps:
+            now = ps.pull(["a", "b"])
+        np.testing.assert_array_equal(np.concatenate([now["a"].reshape(-1), now["b"]]), after_one)
+        with pytest.raises(grpc.RpcError) as e:
+            pp(pb.PushPullSharedRequest(worker_id="nobody", pull=True), timeout=10)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        region.close(unlink=True)
+        ch.close()
+
+
+def test_hostile_attach_requests_are_refused(shards, tmp_path):
+    s = shards()
+    with ParamClient([s.address], worker_id="init") as ps:
+        ps.init(_blocks())
+    ch, attach, _ = _stub(s.address)
+    region, token = shm.Region.create(3003)
+    link = os.path.join(shm.SHM_DIR, f"downpour-link-{os.getpid()}")
+    os.symlink(region.path, link)
+    cases = [
+        ("/etc/passwd", token, ["a", "b"], grpc.StatusCode.INVALID_ARGUMENT),
+        (str(tmp_path / "downpour-x"), token, ["a", "b"], grpc.StatusCode.INVALID_ARGUMENT),
+        (os.path.join(shm.SHM_DIR, "..", "etc", "downpour-x"), token, ["a", "b"], grpc.StatusCode.INVALID_ARGUMENT),
+        (link, token, ["a", "b"], grpc.StatusCode.FAILED_PRECONDITION),  # O_NOFOLLOW
+        (region.path, b"\0" * 16, ["a", "b"], grpc.StatusCode.FAILED_PRECONDITION),
+        (region.path, b"short", ["a", "b"], grpc.StatusCode.INVALID_ARGUMENT),
+        (region.path, token, ["a"], grpc.StatusCode.INVALID_ARGUMENT),  # size does not match the blocks
+        (region.path, token, ["a", "a"], grpc.StatusCode.INVALID_ARGUMENT),
+        (region.path, token, ["nope"], grpc.StatusCode.NOT_FOUND),
+        (os.path.join(shm.SHM_DIR, "downpour-missing-0"), token, ["a", "b"], grpc.StatusCode.FAILED_PRECONDITION),
+    ]
+    try:
+        for path, tok, names, code in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                attach(pb.AttachSharedRequest(worker_id="h", path=path, token=tok, names=names), timeout=10)
+            assert e.value.code() == code, (path, names, e.value.details())
+    finally:
+        os.unlink(link)
+        region.close(unlink=True)
+        ch.close()
+    with ParamClient([s.address], worker_id="reader", placement=PLACE) as ps:
+        np.testing.assert_array_equal(ps.pull(["b"])["b"], [1.0, 2.0, 3.0])
+
+
+def test_client_falls_back_to_grpc_where_the_shard_cannot_map_its_file(shards, monkeypatch):
+    """A shard on another host: simulated by a client whose files the shard cannot see."""
+    s = shards("--lr", str(LR), "--eps", str(EPS))
+    w0 = _blocks()
+    with ParamClient([s.address], worker_id="init") as ps:
+        ps.init(w0)
+    real_create = shm.Region.create
+    elsewhere = {}
+
+    def create_and_hide(n, directory=shm.SHM_DIR):
+        region, token = real_create(n, directory)
+        hidden = region.path + "-moved"
+        os.rename(region.path, hidden)  # the shard looks for region.path and finds nothing
+        elsewhere[hidden] = region
+        return region, token
+
+    monkeypatch.setattr(shm.Region, "create", staticmethod(create_and_hide))
+    g = {"a": np.ones((30, 100), np.float32), "b": np.ones(3, np.float32)}
+    with ParamClient([s.address], worker_id="w", shared=True, placement=PLACE) as ps:
+        ps.pull(["a", "b"])
+        got = ps.push_pull(g)
+        assert ps._links == {0: False}
+    for path in elsewhere:
+        os.unlink(path)
+    np.testing.assert_allclose(got["b"], w0["b"] - LR / (1 + EPS), rtol=1e-6)
