@@ -26,6 +26,7 @@ from downpour.nn.spec import NetworkSpec, from_dict
 OPTIMIZERS = ("adagrad", "sgd")
 DEVICES = ("cpu", "gpu")
 NORMALIZE = ("none", "standardize", "minmax")
+SCHEDULES = ("pushpull", "overlap")
 
 
 @dataclass
@@ -46,6 +47,13 @@ class JobConfig:
     batch_size: int = 32
     n_fetch: int = 1  # pull parameters every n_fetch steps
     n_push: int = 1  # push accumulated gradients every n_push steps
+    # pushpull: each push returns the updated parameters (one round trip), so a replica never
+    # computes without its own last update; overlap: Downpour's background fetch and push
+    # (n_fetch applies), which hides transfers but computes on parameters a step or two old.
+    schedule: str = "pushpull"
+    # Workers and shards on one host move tensors through shared memory (gRPC for control only);
+    # elsewhere, or with false, through gRPC.
+    shared_memory: bool = True
     warm_start: int = 0  # replica 0 trains this many steps before the others join
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: str = "default"
@@ -172,6 +180,8 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError(f"optimizer.kind={cfg.optimizer.kind!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
     if cfg.optimizer.lr <= 0 or cfg.optimizer.eps <= 0:
         raise ValueError("optimizer.lr and optimizer.eps must be > 0")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule={cfg.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
     if cfg.normalize not in NORMALIZE:
         raise ValueError(f"normalize={cfg.normalize!r} is unknown; allowed: {', '.join(NORMALIZE)}")
     if cfg.device not in DEVICES:

@@ -29,6 +29,7 @@ restarted feeder or shard and carry on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -311,6 +312,18 @@ def request_checkpoint(address: str, timeout: float = 60.0, chcfg=None):
             coordinator_pb2.CreateCheckpointRequest(), timeout=timeout)
 
 
+def _finite_or_null(obj):
+    """``obj`` with every NaN or infinity replaced by None: strict JSON has no NaN (a replica
+    that has not reported yet has no loss)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_outputs(out: str, history: list[dict], cfg: jobconfig.JobConfig, shards: dict | None = None) -> None:
     """metrics.json and loss.png from the progress seen while training."""
     summary = {"config": cfg.to_dict(), "history": history, "shards": shards or {}}
@@ -320,7 +333,7 @@ def write_outputs(out: str, history: list[dict], cfg: jobconfig.JobConfig, shard
         rates = [h["examples_per_second"] for h in history if h["examples_per_second"] > 0]
         summary["examples_per_second_mean"] = sum(rates) / len(rates) if rates else 0.0
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(_finite_or_null(summary), f, indent=1, allow_nan=False)
     try:
         import matplotlib
 

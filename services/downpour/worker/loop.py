@@ -1,15 +1,27 @@
 """The Downpour SGD loop of one model replica (Dean et al. 2012), transport-free.
 
-Every ``n_fetch`` steps the replica pulls fresh parameters; every step it
-takes a minibatch and computes gradients; every ``n_push`` steps it pushes the
-gradients accumulated since the last push. Fetch and push run in background
-threads so that they overlap compute: a pull started at step t is used from
-step t+1, and at most one push is in flight (the next one waits for it, which
-is the backpressure that keeps a fast replica from flooding the shards).
+Every step the replica takes a minibatch and computes gradients; every
+``n_push`` steps it pushes the gradients accumulated since the last push. Two
+schedules decide which parameters a step computes with:
+
+``pushpull`` (the default): the push and the next pull are one round trip
+    (``store.push_pull``): the shards apply the replica's gradients and send
+    back the result, so a replica never computes on parameters that lack its
+    own updates. With one replica this is exactly synchronous SGD; with R
+    replicas a gradient misses only the updates the other R - 1 made during
+    its step. The wait is short where the data plane is shared memory.
+``overlap``: Downpour's background fetch and push, as in Algorithm 7.1 run
+    asynchronously: every ``n_fetch`` steps a pull starts in the background
+    and is used from the next step; at most one push is in flight (the next
+    one waits for it: backpressure). Transfers hide behind compute, but a
+    step computes on parameters that lack the replica's last one or two
+    updates, which early in training, while Adagrad's steps are large, costs
+    a lot of loss (docs/benchmarks.md).
 
 The parameter store is anything with ``pull(names) -> {name: array}``,
-``push(grads) -> ticket`` and ``wait(ticket)``: the parameter-server client in
-a worker, an in-memory store (``LocalStore``) for the no-RPC baseline.
+``push(grads) -> ticket``, ``wait(ticket)`` and ``push_pull(grads) -> {name:
+array}``: the parameter-server client in a worker, an in-memory store
+(``LocalStore``) for the no-RPC baseline.
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
+
+from downpour.config import SCHEDULES
 
 
 @dataclass
@@ -58,16 +72,24 @@ class LocalStore:
     def wait(self, ticket) -> None:
         return None
 
+    def push_pull(self, grads):
+        self.push(grads)
+        return self.pull(list(grads))
+
 
 class DownpourLoop:
     """Runs steps of one replica against a parameter store and a batch source."""
 
     def __init__(self, compute: Callable, store, names: list[str], batches: Iterator,
-                 n_fetch: int = 1, n_push: int = 1, overlap: bool = True):
+                 n_fetch: int = 1, n_push: int = 1, overlap: bool = True, schedule: str = "overlap"):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
         self.compute = compute  # (params, x, y) -> (loss, grads)
         self.store, self.names, self.batches = store, list(names), batches
-        self.n_fetch, self.n_push, self.overlap = n_fetch, n_push, overlap
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="downpour-io") if overlap else None
+        self.n_fetch, self.n_push, self.schedule = n_fetch, n_push, schedule
+        # Background threads only where the schedule overlaps transfers with compute.
+        self.overlap = overlap and schedule == "overlap"
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="downpour-io") if self.overlap else None
         self._pull: Future | None = None
         self._push: Future | None = None
         self._acc: dict[str, np.ndarray] | None = None
@@ -88,6 +110,11 @@ class DownpourLoop:
 
     def flush(self) -> None:
         """Push what has been accumulated and wait for every push in flight."""
+        if self.schedule == "pushpull":
+            if self._acc is not None and self._nacc:
+                self.params = {**self.params, **self.store.push_pull(self._acc)}
+                self._acc, self._nacc = None, 0
+            return
         if self._acc is not None and self._nacc:
             if self._push is not None:
                 self._push.result()
@@ -98,6 +125,8 @@ class DownpourLoop:
             self._push = None
 
     def step(self, step: int, first: bool = False) -> StepResult:
+        if self.schedule == "pushpull":
+            return self._step_pushpull(step, first)
         t0 = time.perf_counter()
         if first or self.params is None:
             self.params = self.store.pull(self.names)
@@ -114,13 +143,7 @@ class DownpourLoop:
         x, y = next(self.batches)
         self.waited["batch"] += time.perf_counter() - t
         loss, grads = self.compute(self.params, x, y)
-        if self._acc is None:
-            # The gradients are fresh arrays each step: take them over instead of copying.
-            self._acc = {k: np.asarray(v, dtype=np.float32) for k, v in grads.items()}
-        else:
-            for k, v in grads.items():
-                self._acc[k] += v
-        self._nacc += 1
+        self._accumulate(grads)
         if self._nacc >= self.n_push:
             if self._push is not None:
                 t = time.perf_counter()
@@ -129,6 +152,34 @@ class DownpourLoop:
             self._push = self._submit(self._do_push, self._acc)
             self._acc, self._nacc = None, 0
         return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0)
+
+    def _step_pushpull(self, step: int, first: bool) -> StepResult:
+        t0 = time.perf_counter()
+        if first or self.params is None:
+            self.params = self.store.pull(self.names)
+            self.waited["pull"] += time.perf_counter() - t0
+        t = time.perf_counter()
+        x, y = next(self.batches)
+        self.waited["batch"] += time.perf_counter() - t
+        loss, grads = self.compute(self.params, x, y)
+        self._accumulate(grads)
+        if self._nacc >= self.n_push:
+            t = time.perf_counter()
+            # The shards apply our gradients and hand back the result: the next
+            # step computes on parameters that include this replica's own updates.
+            self.params = {**self.params, **self.store.push_pull(self._acc)}
+            self.waited["push"] += time.perf_counter() - t
+            self._acc, self._nacc = None, 0
+        return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0)
+
+    def _accumulate(self, grads) -> None:
+        if self._acc is None:
+            # The gradients are fresh arrays each step: take them over instead of copying.
+            self._acc = {k: np.asarray(v, dtype=np.float32) for k, v in grads.items()}
+        else:
+            for k, v in grads.items():
+                self._acc[k] += v
+        self._nacc += 1
 
     def close(self) -> None:
         try:

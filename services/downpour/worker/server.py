@@ -152,7 +152,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         names = [b.name for b in a.blocks]
         client = ParamClient(list(a.shard_addresses), placement=placement, channel_config=self.chcfg,
                              worker_id=self.member_id or self.address, timeout=PARAM_TIMEOUT_SECONDS,
-                             retry_deadline=PARAM_RETRY_SECONDS)
+                             retry_deadline=PARAM_RETRY_SECONDS, shared=cfg.shared_memory)
         supervised = cfg.supervised
         links = None
         cur = {"step": int(a.start_step)}
@@ -197,7 +197,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         batches = batch_stream(a.feeder_address, a.replica, a.num_replicas, cfg.batch_size,
                                start_batch=int(a.start_step), with_labels=supervised, seed=cfg.seed,
                                channel_config=self.chcfg)
-        loop = DownpourLoop(compute, client, names, batches, cfg.n_fetch, cfg.n_push)
+        loop = DownpourLoop(compute, client, names, batches, cfg.n_fetch, cfg.n_push, schedule=cfg.schedule)
         self.state = worker_pb2.WORKER_STATE_TRAINING
         step = int(a.start_step)
         self.step = step

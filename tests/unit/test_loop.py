@@ -1,0 +1,123 @@
+"""The Downpour loop's schedule against a fake store that counts what it is asked.
+
+The fake store holds one value ``w``; a push adds the gradient to it, so the
+value a step computes with says exactly which updates it saw: with every
+gradient 1, ``w`` is the number of examples' updates applied before that step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from downpour.worker.loop import DownpourLoop, LocalStore
+
+
+class CountingStore:
+    def __init__(self, push_seconds: float = 0.0) -> None:
+        self.w = 0.0
+        self.pulls = self.pushes = self.push_pulls = 0
+        self.in_flight = self.max_in_flight = 0
+        self.push_seconds = push_seconds
+        self._lock = threading.Lock()
+
+    def pull(self, names):
+        with self._lock:
+            self.pulls += 1
+            return {"w": np.array([self.w], np.float32)}
+
+    def push(self, grads):
+        with self._lock:
+            self.pushes += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        time.sleep(self.push_seconds)
+        with self._lock:
+            self.w += float(grads["w"][0])
+            self.in_flight -= 1
+        return None
+
+    def wait(self, ticket) -> None:
+        return None
+
+    def push_pull(self, grads):
+        with self._lock:
+            self.push_pulls += 1
+            self.w += float(grads["w"][0])
+            return {"w": np.array([self.w], np.float32)}
+
+
+def run(store, steps: int, **kw) -> list[float]:
+    seen: list[float] = []
+
+    def compute(params, x, y):
+        seen.append(float(params["w"][0]))
+        return 0.0, {"w": np.ones(1, np.float32)}
+
+    batches = iter([(np.zeros((1, 1)), None)] * steps)
+    loop = DownpourLoop(compute, store, ["w"], batches, **kw)
+    for s in range(steps):
+        loop.step(s, first=s == 0)
+    loop.close()
+    return seen
+
+
+def test_pushpull_computes_with_every_own_update():
+    store = CountingStore()
+    seen = run(store, 10, schedule="pushpull")
+    assert seen == list(range(10))  # zero staleness: step t sees all t earlier updates
+    assert (store.pulls, store.push_pulls, store.pushes) == (1, 10, 0)
+    assert store.w == 10
+
+
+def test_pushpull_accumulates_n_push_steps_into_one_round_trip():
+    store = CountingStore()
+    seen = run(store, 9, schedule="pushpull", n_push=3)
+    assert seen == [0, 0, 0, 3, 3, 3, 6, 6, 6]
+    assert store.push_pulls == 3 and store.w == 9
+
+
+def test_pushpull_flushes_a_partial_accumulation_on_close():
+    store = CountingStore()
+    run(store, 7, schedule="pushpull", n_push=3)
+    assert store.push_pulls == 3 and store.w == 7  # 3 + 3 + the last 1 at close
+
+
+def test_overlap_without_threads_is_one_step_stale():
+    store = CountingStore()
+    seen = run(store, 6, schedule="overlap", overlap=False)
+    # The fetch for step t+1 starts before step t's push: it misses that push.
+    assert seen == [0, 0, 1, 2, 3, 4]
+    assert store.pushes == 6 and store.pulls == 1 + 6 and store.w == 6
+
+
+def test_overlap_fetches_every_n_fetch_steps():
+    store = CountingStore()
+    seen = run(store, 10, schedule="overlap", overlap=False, n_fetch=2, n_push=2)
+    assert store.pulls == 1 + 5 and store.pushes == 5 and store.w == 10
+    assert seen == [0, 0, 0, 0, 2, 2, 4, 4, 6, 6]
+
+
+def test_overlap_keeps_at_most_one_push_in_flight():
+    store = CountingStore(push_seconds=0.02)
+    run(store, 12, schedule="overlap")
+    assert store.max_in_flight == 1  # backpressure: the next push waits for the last
+    assert store.pushes == 12 and store.w == 12  # close() waited for every push
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="schedule='sync'"):
+        DownpourLoop(lambda *a: None, CountingStore(), ["w"], iter([]), schedule="sync")
+
+
+def test_local_store_push_pull_equals_push_then_pull():
+    w0 = {"a": np.linspace(-1, 1, 7, dtype=np.float32)}
+    g = {"a": np.arange(7, dtype=np.float32) - 3}
+    s1, s2 = LocalStore(w0, 0.1, 1e-6), LocalStore(w0, 0.1, 1e-6)
+    got = s1.push_pull(g)
+    s2.push(g)
+    np.testing.assert_array_equal(got["a"], s2.pull(["a"])["a"])
+    assert not np.array_equal(got["a"], w0["a"])
