@@ -14,8 +14,10 @@ class Clock:
         return self.t
 
 
-def make(replicas=2, partitions="1x1", **kw):
-    cfg = JobConfig(preset="tiny", replicas=replicas, partitions=partitions, steps=10, lease_seconds=5.0, **kw)
+def make(replicas=2, partitions="1x1", warm_start=0, **kw):
+    # Slot logic without the default warm start (tested on its own below).
+    cfg = JobConfig(preset="tiny", replicas=replicas, partitions=partitions, steps=10, lease_seconds=5.0,
+                    warm_start=warm_start, **kw)
     clock = Clock()
     return JobState(cfg, None, clock), clock
 
@@ -79,13 +81,23 @@ def test_warm_start_opens_other_replicas_after_replica_0_has_trained():
     assert action == "reassign" and m.replica == 1
 
 
+def test_warm_start_longer_than_the_job_does_not_lock_the_others_out():
+    st, _ = make(replicas=2, warm_start=50)  # make() gives steps=10
+    a = st.register("h:1")
+    b = st.register("h:2")
+    assert b.replica == -1
+    st.report(a.member_id, 10, 1.0, 32)  # replica 0 is done before the warm start would end
+    action, m = st.heartbeat(b.member_id)
+    assert action == "reassign" and m.replica == 1
+
+
 def test_unknown_member_is_told_so():
     st, _ = make()
     assert st.heartbeat("nobody") == ("unknown", None)
 
 
 def test_state_survives_a_restart(tmp_path):
-    cfg = JobConfig(preset="tiny", replicas=2, steps=10, lease_seconds=5.0)
+    cfg = JobConfig(preset="tiny", replicas=2, steps=10, lease_seconds=5.0, warm_start=0)
     st = JobState(cfg, str(tmp_path))
     a, b = st.register("h:1"), st.register("h:2")
     st.report(a.member_id, 6, 0.25, 32)

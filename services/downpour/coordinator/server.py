@@ -322,7 +322,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     def _optimizer(self) -> common_pb2.OptimizerSpec:
         o = self.cfg.optimizer
         kind = {"adagrad": common_pb2.OPTIMIZER_KIND_ADAGRAD, "sgd": common_pb2.OPTIMIZER_KIND_SGD}[o.kind]
-        return common_pb2.OptimizerSpec(kind=kind, learning_rate=o.lr, eps=o.eps)
+        return common_pb2.OptimizerSpec(kind=kind, learning_rate=o.lr, eps=o.eps,
+                                         initial_accumulator=o.initial_accumulator)
 
     def _job(self) -> common_pb2.JobSpec:
         c = self.cfg

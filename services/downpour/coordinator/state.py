@@ -104,8 +104,9 @@ class JobState:
         return not slot.member_id or slot.lease_until < now
 
     def _open_replicas(self) -> range:
-        # Warm start: only replica 0 trains until it has taken warm_start steps.
-        if self.cfg.warm_start and self.progress[0].step < self.cfg.warm_start:
+        # Warm start: only replica 0 trains until it has taken warm_start steps (or all its
+        # steps, in a job shorter than the warm start: the others must not wait forever).
+        if self.cfg.warm_start and self.progress[0].step < min(self.cfg.warm_start, self.cfg.steps):
             return range(1)
         return range(self.cfg.replicas)
 

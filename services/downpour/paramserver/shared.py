@@ -29,6 +29,7 @@ import secrets
 import stat
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 import grpc
 import numpy as np
@@ -182,6 +183,7 @@ class SharedPlane:
     store: ShardStore
     shard: str
     attachments: Attachments
+    _appliers: ThreadPoolExecutor | None
 
     def _shared_abort(self, context, e: Exception) -> None:
         codes = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "precondition": grpc.StatusCode.FAILED_PRECONDITION,
@@ -196,6 +198,13 @@ class SharedPlane:
         except (SharedError, StoreError) as e:
             self._shared_abort(context, e)
         return pb.AttachSharedResponse(blocks=[_block_info(b) for b in blocks])
+
+    def _apply_shared(self, worker: str, seq: int, blk, g: np.ndarray) -> int | None:
+        t0 = time.perf_counter()
+        before = self.store.apply_once(worker, seq, blk, [(0, g)])
+        if before is not None:
+            metrics.PS_APPLY_SECONDS.labels(self.shard).observe(time.perf_counter() - t0)
+        return before
 
     def PushPullShared(self, request, context):
         worker, seq = request.worker_id, request.seq
@@ -220,14 +229,16 @@ class SharedPlane:
                     for blk, g in zip(blocks, grads):
                         if not optim.all_finite(g):
                             raise SharedError("invalid", f"block {blk.name!r}: gradient contains NaN or Inf")
+                    # The client waits for this call: spread the blocks over the apply threads.
+                    pool = self._appliers
+                    jobs = [pool.submit(self._apply_shared, worker, seq, blk, g) if pool is not None
+                            else _done(self._apply_shared(worker, seq, blk, g)) for blk, g in zip(blocks, grads)]
                     applied = 0
-                    for i, (blk, g) in enumerate(zip(blocks, grads)):
-                        t0 = time.perf_counter()
-                        before = self.store.apply_once(worker, seq, blk, [(0, g)])
+                    for i, (blk, job) in enumerate(zip(blocks, jobs)):
+                        before = job.result()
                         if before is None:
                             continue
                         applied += 1
-                        metrics.PS_APPLY_SECONDS.labels(self.shard).observe(time.perf_counter() - t0)
                         if bases:
                             metrics.PS_STALENESS.labels(self.shard).observe(max(0, before - bases[i]))
                         metrics.PS_UPDATES.labels(self.shard).inc()
@@ -249,6 +260,12 @@ class SharedPlane:
         except (SharedError, StoreError) as e:
             self._shared_abort(context, e)
         return pb.PushPullSharedResponse(versions=versions, duplicate=duplicate)
+
+
+def _done(value) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
 
 
 def _block_info(b):

@@ -47,9 +47,10 @@ class StepResult:
 class LocalStore:
     """Parameters and Adagrad state in this process: the baseline without RPC."""
 
-    def __init__(self, params: dict[str, np.ndarray], lr: float, eps: float, kind: str = "adagrad"):
+    def __init__(self, params: dict[str, np.ndarray], lr: float, eps: float, kind: str = "adagrad",
+                 initial_accumulator: float = 0.0):
         self.w = {k: np.array(v, dtype=np.float32).reshape(-1) for k, v in params.items()}
-        self.acc = {k: np.zeros_like(v) for k, v in self.w.items()}
+        self.acc = {k: np.full_like(v, initial_accumulator) for k, v in self.w.items()}
         self.lr, self.eps, self.kind = np.float32(lr), np.float32(eps), kind
 
     def pull(self, names):
