@@ -27,6 +27,7 @@ OPTIMIZERS = ("adagrad", "sgd")
 DEVICES = ("cpu", "gpu")
 NORMALIZE = ("none", "standardize", "minmax")
 SCHEDULES = ("pushpull", "overlap")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -57,6 +58,9 @@ class JobConfig:
     # Workers and shards on one host move tensors through shared memory (gRPC for control only);
     # elsewhere, or with false, through gRPC.
     shared_memory: bool = True
+    # How parameters and gradients travel through gRPC: float32, or bfloat16 / float16 for half
+    # the bytes (the shards keep float32 master weights); shared memory is always float32.
+    wire_dtype: str = "float32"
     # Replica 0 trains this many steps alone before the others join (DistBelief's warm start): the
     # first steps, while Adagrad's accumulators are small, are where staleness costs most.
     warm_start: int = 30
@@ -187,6 +191,8 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError("optimizer.lr and optimizer.eps must be > 0")
     if not cfg.optimizer.initial_accumulator >= 0:
         raise ValueError(f"optimizer.initial_accumulator={cfg.optimizer.initial_accumulator} must be >= 0")
+    if cfg.wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype={cfg.wire_dtype!r} is unknown; allowed: {', '.join(WIRE_DTYPES)}")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"schedule={cfg.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
     if cfg.normalize not in NORMALIZE:

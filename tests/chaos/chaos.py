@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import signal
@@ -65,7 +64,7 @@ def final_losses(out: Path, tail: int = 8) -> list[float]:
         seen = []
         for h in hist:
             reps = h["replicas"]
-            if len(reps) > r and reps[r]["step"] > 0 and not math.isnan(reps[r]["loss"]):
+            if len(reps) > r and reps[r]["step"] > 0 and reps[r]["loss"] is not None:
                 if not seen or seen[-1] != (reps[r]["step"], reps[r]["loss"]):
                     seen.append((reps[r]["step"], reps[r]["loss"]))
         vals += [loss for _, loss in seen[-tail:]]

@@ -170,3 +170,33 @@ def test_client_falls_back_to_grpc_where_the_shard_cannot_map_its_file(shards, m
     for path in elsewhere:
         os.unlink(path)
     np.testing.assert_allclose(got["b"], w0["b"] - LR / (1 + EPS), rtol=1e-6)
+
+
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_reduced_precision_on_the_wire_is_applied_in_float32(shards, wire):
+    """A 16-bit gradient is widened exactly and applied to float32 master weights;
+    a 16-bit pull is the shard's float32 values rounded once."""
+    s = shards("--lr", str(LR), "--eps", str(EPS))
+    w0 = _blocks()
+    rng = np.random.default_rng(1)
+    g = {"a": rng.standard_normal((30, 100)).astype(np.float32), "b": np.array([0.3, -0.7, 1e-3], np.float32)}
+    from downpour.rpc import lowp
+    from downpour.v1 import common_pb2
+
+    dt = lowp.WIRE_DTYPES[wire]
+    with ParamClient([s.address], worker_id="init") as ps:
+        ps.init(w0)
+    with ParamClient([s.address], worker_id="w", placement=PLACE, wire_dtype=wire) as ps:
+        ps.wait(ps.push(g))
+        low = ps.pull(["a", "b"])
+    with ParamClient([s.address], worker_id="reader", placement=PLACE) as ps:
+        full = ps.pull(["a", "b"])
+    for n in w0:
+        sent = lowp.decode(lowp.encode(g[n].reshape(-1), dt).tobytes(), dt).reshape(g[n].shape)
+        w_exp, _ = adagrad_expected(w0[n], [sent], LR, EPS)
+        np.testing.assert_allclose(full[n], w_exp, rtol=1e-6, atol=1e-7)  # float32 master weights
+        rounded = lowp.decode(lowp.encode(full[n].reshape(-1), dt).tobytes(), dt).reshape(full[n].shape)
+        np.testing.assert_array_equal(low[n], rounded)
+    assert common_pb2.DTYPE_FLOAT32 != dt
+    with pytest.raises(ValueError, match="wire_dtype"):
+        ParamClient([s.address], wire_dtype="int8")

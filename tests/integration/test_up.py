@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -21,14 +20,18 @@ def up(args, out, env=None, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=240, **kw)
 
 
+def _no_nan(token):
+    raise AssertionError(f"metrics.json holds {token}, which strict JSON parsers reject")
+
+
 def history(out):
     with open(os.path.join(out, "metrics.json")) as f:
-        return json.load(f)
+        return json.load(f, parse_constant=_no_nan)
 
 
 def reported_losses(hist, replica):
     return [h["replicas"][replica]["loss"] for h in hist["history"]
-            if len(h["replicas"]) > replica and not math.isnan(h["replicas"][replica]["loss"])
+            if len(h["replicas"]) > replica and h["replicas"][replica]["loss"] is not None
             and h["replicas"][replica]["step"] > 0]
 
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from downpour.paramserver import shared as shm
 from downpour.paramserver.server import CREATE_PAYLOAD, PULL_PAYLOAD, PUSH_PAYLOAD, SERVICE
-from downpour.rpc import codec
+from downpour.rpc import codec, lowp
 from downpour.rpc.channel import ChannelConfig, open_channel, wait_ready
 from downpour.v1 import common_pb2, paramserver_pb2 as pb
 
@@ -115,7 +115,8 @@ class ParamClient:
     def __init__(self, shard_addresses: Iterable[str], *, worker_id: str = "", placement: Mapping[str, int] | None = None,
                  channel_config: ChannelConfig | None = None, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                  timeout: float = 120.0, retries: int = 3, retry_deadline: float = 0.0,
-                 backoff_initial: float = 0.1, backoff_max: float = 2.0, shared: bool = False) -> None:
+                 backoff_initial: float = 0.1, backoff_max: float = 2.0, shared: bool = False,
+                 wire_dtype: str = "float32") -> None:
         cfg = channel_config or ChannelConfig()
         self.shards = [_Shard(a, cfg) for a in shard_addresses]
         if not self.shards:
@@ -133,6 +134,10 @@ class ParamClient:
         self._tickets: dict[int, list[Future]] = {}
         self._lock = threading.Lock()
         self.shared = shared and shm.usable()
+        if wire_dtype not in lowp.WIRE_DTYPES:
+            raise ValueError(f"wire_dtype={wire_dtype!r} is unknown; allowed: {', '.join(lowp.WIRE_DTYPES)}")
+        # How weights and gradients travel through gRPC (the shared-memory path is float32).
+        self.wire = lowp.WIRE_DTYPES[wire_dtype]
         self._links: dict[int, _Link | bool] = {}  # False: this shard cannot map our files
 
     # -- placement -----------------------------------------------------------
@@ -197,7 +202,8 @@ class ParamClient:
         part = pb.BLOCK_PART_ACCUMULATOR if accumulators else pb.BLOCK_PART_WEIGHTS
 
         def pull_shard(shard: int, group: list[str]) -> None:
-            req = pb.PullRequest(names=group, max_chunk_bytes=self.chunk_bytes, part=part)
+            req = pb.PullRequest(names=group, max_chunk_bytes=self.chunk_bytes, part=part,
+                                 dtype=common_pb2.DTYPE_FLOAT32 if accumulators else self.wire)
             for msg, payload in self.shards[shard].pull(req, timeout=self.timeout):
                 c = msg.chunk
                 dst = result.get(c.name)
@@ -214,15 +220,20 @@ class ParamClient:
                     if not accumulators:
                         self.versions[c.name] = msg.version
                     self.shapes[c.name] = tuple(c.shape)
-                g = np.frombuffer(payload, dtype="<f4")
-                dst[c.offset:c.offset + g.shape[0]] = g
+                item = lowp.ITEMSIZE.get(c.dtype)
+                if item is None or payload.nbytes % item:
+                    raise ValueError(f"block {c.name!r}: shard sent {payload.nbytes} bytes of dtype {c.dtype}")
+                lowp.decode(payload, c.dtype, out=dst[c.offset:c.offset + payload.nbytes // item])
 
         self._retrying("pull", shard, lambda: pull_shard(shard, group))
 
-    def push_pull(self, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def push_pull(self, grads: Mapping[str, np.ndarray], views: bool = False) -> dict[str, np.ndarray]:
         """Push ``grads``, wait until every shard applied them, and return the blocks' new values.
 
-        One round trip per shard over a shared-memory link, else a push and a pull.
+        One round trip per shard over a shared-memory link, else a push and a pull. With
+        ``views`` the values of linked blocks are read-only views of the shared weight region,
+        not copies: valid until this client's next pull or push_pull (what a synchronous loop
+        needs, with no copy and no allocation per step).
         """
         seq = next(self._seq)
         flat = {n: _flat(n, g) for n, g in grads.items()}
@@ -232,7 +243,7 @@ class ParamClient:
 
         def shard_push_pull(shard: int, group: list[str]) -> None:
             link = self._link(shard, group, exact=True)
-            if link is not None and self._call_shared(shard, group, link, flat, seq, result, None):
+            if link is not None and self._call_shared(shard, group, link, flat, seq, result, None, views=views):
                 return
             self._push_shard(shard, group, flat, seq)
             self._pull_group(shard, group, result, None)
@@ -269,10 +280,11 @@ class ParamClient:
             for n in names:
                 g = flat[n]
                 shape = self.shapes.get(n, (g.size,))
-                for a, b in codec.chunk_spans(g.size, 4, self.chunk_bytes):
-                    hdr = common_pb2.TensorChunk(name=n, dtype=common_pb2.DTYPE_FLOAT32, shape=shape, offset=a, last=b >= g.size)
+                for a, b in codec.chunk_spans(g.size, lowp.ITEMSIZE[self.wire], self.chunk_bytes):
+                    hdr = common_pb2.TensorChunk(name=n, dtype=self.wire, shape=shape, offset=a, last=b >= g.size)
                     yield codec.encode(pb.PushRequest(worker_id=self.worker_id, seq=seq, chunk=hdr,
-                                                      base_version=self.versions.get(n, 0)), PUSH_PAYLOAD, g[a:b])
+                                                      base_version=self.versions.get(n, 0)), PUSH_PAYLOAD,
+                                       lowp.encode(g[a:b], self.wire))
             yield pb.PushRequest(worker_id=self.worker_id, seq=seq, commit=True).SerializeToString()
 
         if self.retry_deadline > 0:
@@ -342,7 +354,8 @@ class ParamClient:
         return _Link(region, names, sizes)
 
     def _call_shared(self, shard: int, group: list[str], link: _Link, flat: Mapping[str, np.ndarray] | None,
-                     seq: int, result: dict, out: Mapping[str, np.ndarray] | None, pull: bool = True):
+                     seq: int, result: dict, out: Mapping[str, np.ndarray] | None, pull: bool = True,
+                     views: bool = False):
         """Push ``flat`` (if given) and/or pull ``group`` through the link; None to fall back to gRPC.
 
         A shard that lost our mapping (it restarted) gets a fresh file; one that
@@ -351,7 +364,8 @@ class ParamClient:
         for _ in range(2):
             try:
                 return self._retrying("push" if flat is not None else "pull", shard,
-                                      lambda: self._shared_once(shard, group, link, flat, seq, result, out, pull))
+                                      lambda: self._shared_once(shard, group, link, flat, seq, result, out, pull,
+                                                                views))
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
                     raise
@@ -364,7 +378,8 @@ class ParamClient:
                     return None
         return None
 
-    def _shared_once(self, shard: int, group: list[str], link: _Link, flat, seq: int, result: dict, out, pull: bool):
+    def _shared_once(self, shard: int, group: list[str], link: _Link, flat, seq: int, result: dict, out, pull: bool,
+                     views: bool = False):
         with link.lock:
             if flat is not None:
                 for n in link.names:
@@ -379,6 +394,11 @@ class ParamClient:
                     self.versions[n] = v
                 for n in group:
                     a, b = link.index[n]
+                    if views:
+                        v = link.region.weights[a:b]
+                        v.flags.writeable = False
+                        result[n] = v
+                        continue
                     given = None if out is None else out.get(n)
                     dst = np.empty(b - a, np.float32) if given is None else given.reshape(-1)
                     if dst.size != b - a or dst.dtype != np.float32:

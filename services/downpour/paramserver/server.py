@@ -40,7 +40,7 @@ from downpour import metrics, optim
 from downpour.paramserver import checkpoint as ckpt
 from downpour.paramserver.shared import Attachments, SharedPlane
 from downpour.paramserver.store import Block, OptimizerConfig, ShardStore, StoreError
-from downpour.rpc import codec
+from downpour.rpc import codec, lowp
 from downpour.rpc.server import Server, ServerConfig
 from downpour.v1 import common_pb2, paramserver_pb2 as pb
 
@@ -74,25 +74,28 @@ def _info(b: Block) -> pb.BlockInfo:
 class _Assembly:
     """Validates a block's chunks as they arrive (in order, float32, right shape)."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], size: int) -> None:
+    def __init__(self, name: str, shape: tuple[int, ...], size: int, reduced: bool = False) -> None:
         self.name, self.shape, self.size = name, shape, size
+        self.reduced = reduced  # gradients may arrive as bfloat16 or float16 (initial values may not)
         self.next = 0
         self.chunks: list[tuple[int, np.ndarray]] = []
 
     def add(self, chunk: common_pb2.TensorChunk, payload: memoryview, check_finite: bool) -> None:
         name = self.name
-        if chunk.dtype != common_pb2.DTYPE_FLOAT32:
-            raise StoreError("invalid", f"block {name!r}: dtype {codec.dtype_name(chunk.dtype)}, expected float32")
+        item = lowp.ITEMSIZE.get(chunk.dtype) if self.reduced else 4 if chunk.dtype == common_pb2.DTYPE_FLOAT32 else None
+        if item is None:
+            allowed = "float32, bfloat16 or float16" if self.reduced else "float32"
+            raise StoreError("invalid", f"block {name!r}: dtype {codec.dtype_name(chunk.dtype)}, expected {allowed}")
         if tuple(chunk.shape) != self.shape:
             raise StoreError("invalid", f"block {name!r}: shape {list(chunk.shape)} does not match the block's {list(self.shape)}")
-        if payload.nbytes % 4:
+        if payload.nbytes % item:
             raise StoreError("invalid", f"block {name!r}: chunk at offset {chunk.offset} has {payload.nbytes} bytes, "
-                                        "not a whole number of float32 values (truncated?)")
+                                        f"not a whole number of {codec.dtype_name(chunk.dtype)} values (truncated?)")
         if self.next >= self.size and self.size:
             raise StoreError("invalid", f"block {name!r} appears twice in one request")
         if chunk.offset != self.next:
             raise StoreError("invalid", f"block {name!r}: chunk at offset {chunk.offset}, expected {self.next} (chunks must arrive in order)")
-        g = np.frombuffer(payload, dtype="<f4")
+        g = lowp.decode(payload, chunk.dtype)  # float32: a view of what arrived, or a widened copy
         if self.next + g.shape[0] > self.size:
             raise StoreError("invalid", f"block {name!r}: expected {self.size} float32 values, got at least {self.next + g.shape[0]}")
         if check_finite and not optim.all_finite(g):
@@ -206,6 +209,10 @@ class ParameterServer(SharedPlane):
         limit = self.chunk_bytes if request.max_chunk_bytes <= 0 else min(request.max_chunk_bytes, self.chunk_bytes)
         acc = request.part == pb.BLOCK_PART_ACCUMULATOR
         part = pb.BLOCK_PART_ACCUMULATOR if acc else pb.BLOCK_PART_WEIGHTS
+        dt = request.dtype or common_pb2.DTYPE_FLOAT32
+        if dt not in lowp.ITEMSIZE or (acc and dt != common_pb2.DTYPE_FLOAT32):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dtype {codec.dtype_name(dt)}: weights travel as float32, "
+                                                            "bfloat16 or float16, accumulators as float32")
         sent = 0
         for blk in blocks:
             # Encode a whole block under its lock (one copy, which is also the
@@ -215,14 +222,14 @@ class ParameterServer(SharedPlane):
                 msgs = [
                     codec.encode(
                         pb.PullResponse(chunk=common_pb2.TensorChunk(
-                            name=blk.name, dtype=common_pb2.DTYPE_FLOAT32, shape=blk.shape, offset=a, last=b >= blk.size),
+                            name=blk.name, dtype=dt, shape=blk.shape, offset=a, last=b >= blk.size),
                             version=blk.version, part=part),
-                        PULL_PAYLOAD, arr[a:b])
-                    for a, b in codec.chunk_spans(blk.size, 4, limit)
+                        PULL_PAYLOAD, lowp.encode(arr[a:b], dt))
+                    for a, b in codec.chunk_spans(blk.size, lowp.ITEMSIZE[dt], limit)
                 ]
             for m in msgs:
                 yield m
-            sent += blk.size * 4
+            sent += blk.size * lowp.ITEMSIZE[dt]
             del msgs
         metrics.PS_PULL_BYTES.labels(self.shard).inc(sent)
 
@@ -267,7 +274,7 @@ class ParameterServer(SharedPlane):
                 entry = asms.get(c.name)
                 if entry is None:
                     blk = store.get(c.name)
-                    entry = asms[c.name] = (blk, _Assembly(c.name, blk.shape, blk.size), req.base_version)
+                    entry = asms[c.name] = (blk, _Assembly(c.name, blk.shape, blk.size, reduced=True), req.base_version)
                 blk, asm, base = entry
                 asm.add(c, payload, check_finite=True)
                 if asm.next == asm.size:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from downpour.v1 import common_pb2 as downpour_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ownpour/v1/paramserver.proto\x12\x0b\x64ownpour.v1\x1a\x18\x64ownpour/v1/common.proto\"r\n\tBlockInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.downpour.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0cnum_elements\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x04\"a\n\x13\x43reateBlocksRequest\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x11\n\toverwrite\x18\x02 \x01(\x08\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\">\n\x14\x43reateBlocksResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"[\n\x0bPullRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\x12$\n\x04part\x18\x03 \x01(\x0e\x32\x16.downpour.v1.BlockPart\"n\n\x0cPullResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12$\n\x04part\x18\x03 \x01(\x0e\x32\x16.downpour.v1.BlockPart\"|\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\'\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x05 \x01(\x08\"I\n\x0cPushResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x13\n\x11ListBlocksRequest\"\x80\x01\n\x12ListBlocksResponse\x12\x13\n\x0bshard_index\x18\x01 \x01(\x05\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\x12-\n\toptimizer\x18\x03 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"*\n\x11\x43heckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"X\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"\'\n\x0eRestoreRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"G\n\x0fRestoreResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"D\n\x13SetOptimizerRequest\x12-\n\toptimizer\x18\x01 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"E\n\x14SetOptimizerResponse\x12-\n\toptimizer\x18\x01 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"T\n\x13\x41ttachSharedRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x0c\x12\r\n\x05names\x18\x04 \x03(\t\">\n\x14\x41ttachSharedResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"j\n\x15PushPullSharedRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04push\x18\x03 \x01(\x08\x12\x0c\n\x04pull\x18\x04 \x01(\x08\x12\x15\n\rbase_versions\x18\x05 \x03(\x04\"=\n\x16PushPullSharedResponse\x12\x10\n\x08versions\x18\x01 \x03(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08*[\n\tBlockPart\x12\x1a\n\x16\x42LOCK_PART_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42LOCK_PART_WEIGHTS\x10\x01\x12\x1a\n\x16\x42LOCK_PART_ACCUMULATOR\x10\x02\x32\xcf\x05\n\x0fParameterServer\x12U\n\x0c\x43reateBlocks\x12 .downpour.v1.CreateBlocksRequest\x1a!.downpour.v1.CreateBlocksResponse(\x01\x12=\n\x04Pull\x12\x18.downpour.v1.PullRequest\x1a\x19.downpour.v1.PullResponse0\x01\x12=\n\x04Push\x12\x18.downpour.v1.PushRequest\x1a\x19.downpour.v1.PushResponse(\x01\x12M\n\nListBlocks\x12\x1e.downpour.v1.ListBlocksRequest\x1a\x1f.downpour.v1.ListBlocksResponse\x12M\n\nCheckpoint\x12\x1e.downpour.v1.CheckpointRequest\x1a\x1f.downpour.v1.CheckpointResponse\x12\x44\n\x07Restore\x12\x1b.downpour.v1.RestoreRequest\x1a\x1c.downpour.v1.RestoreResponse\x12S\n\x0cSetOptimizer\x12 .downpour.v1.SetOptimizerRequest\x1a!.downpour.v1.SetOptimizerResponse\x12S\n\x0c\x41ttachShared\x12 .downpour.v1.AttachSharedRequest\x1a!.downpour.v1.AttachSharedResponse\x12Y\n\x0ePushPullShared\x12\".downpour.v1.PushPullSharedRequest\x1a#.downpour.v1.PushPullSharedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ownpour/v1/paramserver.proto\x12\x0b\x64ownpour.v1\x1a\x18\x64ownpour/v1/common.proto\"r\n\tBlockInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.downpour.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0cnum_elements\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x04\"a\n\x13\x43reateBlocksRequest\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x11\n\toverwrite\x18\x02 \x01(\x08\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\">\n\x14\x43reateBlocksResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"~\n\x0bPullRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\x12$\n\x04part\x18\x03 \x01(\x0e\x32\x16.downpour.v1.BlockPart\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.downpour.v1.DType\"n\n\x0cPullResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12$\n\x04part\x18\x03 \x01(\x0e\x32\x16.downpour.v1.BlockPart\"|\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\'\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x05 \x01(\x08\"I\n\x0cPushResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x13\n\x11ListBlocksRequest\"\x80\x01\n\x12ListBlocksResponse\x12\x13\n\x0bshard_index\x18\x01 \x01(\x05\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\x12-\n\toptimizer\x18\x03 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"*\n\x11\x43heckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"X\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"\'\n\x0eRestoreRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"G\n\x0fRestoreResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"D\n\x13SetOptimizerRequest\x12-\n\toptimizer\x18\x01 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"E\n\x14SetOptimizerResponse\x12-\n\toptimizer\x18\x01 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"T\n\x13\x41ttachSharedRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x0c\x12\r\n\x05names\x18\x04 \x03(\t\">\n\x14\x41ttachSharedResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"j\n\x15PushPullSharedRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04push\x18\x03 \x01(\x08\x12\x0c\n\x04pull\x18\x04 \x01(\x08\x12\x15\n\rbase_versions\x18\x05 \x03(\x04\"=\n\x16PushPullSharedResponse\x12\x10\n\x08versions\x18\x01 \x03(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08*[\n\tBlockPart\x12\x1a\n\x16\x42LOCK_PART_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42LOCK_PART_WEIGHTS\x10\x01\x12\x1a\n\x16\x42LOCK_PART_ACCUMULATOR\x10\x02\x32\xcf\x05\n\x0fParameterServer\x12U\n\x0c\x43reateBlocks\x12 .downpour.v1.CreateBlocksRequest\x1a!.downpour.v1.CreateBlocksResponse(\x01\x12=\n\x04Pull\x12\x18.downpour.v1.PullRequest\x1a\x19.downpour.v1.PullResponse0\x01\x12=\n\x04Push\x12\x18.downpour.v1.PushRequest\x1a\x19.downpour.v1.PushResponse(\x01\x12M\n\nListBlocks\x12\x1e.downpour.v1.ListBlocksRequest\x1a\x1f.downpour.v1.ListBlocksResponse\x12M\n\nCheckpoint\x12\x1e.downpour.v1.CheckpointRequest\x1a\x1f.downpour.v1.CheckpointResponse\x12\x44\n\x07Restore\x12\x1b.downpour.v1.RestoreRequest\x1a\x1c.downpour.v1.RestoreResponse\x12S\n\x0cSetOptimizer\x12 .downpour.v1.SetOptimizerRequest\x1a!.downpour.v1.SetOptimizerResponse\x12S\n\x0c\x41ttachShared\x12 .downpour.v1.AttachSharedRequest\x1a!.downpour.v1.AttachSharedResponse\x12Y\n\x0ePushPullShared\x12\".downpour.v1.PushPullSharedRequest\x1a#.downpour.v1.PushPullSharedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'downpour.v1.paramserver_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BLOCKPART']._serialized_start=1619
-  _globals['_BLOCKPART']._serialized_end=1710
+  _globals['_BLOCKPART']._serialized_start=1654
+  _globals['_BLOCKPART']._serialized_end=1745
   _globals['_BLOCKINFO']._serialized_start=72
   _globals['_BLOCKINFO']._serialized_end=186
   _globals['_CREATEBLOCKSREQUEST']._serialized_start=188
@@ -41,37 +41,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEBLOCKSRESPONSE']._serialized_start=287
   _globals['_CREATEBLOCKSRESPONSE']._serialized_end=349
   _globals['_PULLREQUEST']._serialized_start=351
-  _globals['_PULLREQUEST']._serialized_end=442
-  _globals['_PULLRESPONSE']._serialized_start=444
-  _globals['_PULLRESPONSE']._serialized_end=554
-  _globals['_PUSHREQUEST']._serialized_start=556
-  _globals['_PUSHREQUEST']._serialized_end=680
-  _globals['_PUSHRESPONSE']._serialized_start=682
-  _globals['_PUSHRESPONSE']._serialized_end=755
-  _globals['_LISTBLOCKSREQUEST']._serialized_start=757
-  _globals['_LISTBLOCKSREQUEST']._serialized_end=776
-  _globals['_LISTBLOCKSRESPONSE']._serialized_start=779
-  _globals['_LISTBLOCKSRESPONSE']._serialized_end=907
-  _globals['_CHECKPOINTREQUEST']._serialized_start=909
-  _globals['_CHECKPOINTREQUEST']._serialized_end=951
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=953
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=1041
-  _globals['_RESTOREREQUEST']._serialized_start=1043
-  _globals['_RESTOREREQUEST']._serialized_end=1082
-  _globals['_RESTORERESPONSE']._serialized_start=1084
-  _globals['_RESTORERESPONSE']._serialized_end=1155
-  _globals['_SETOPTIMIZERREQUEST']._serialized_start=1157
-  _globals['_SETOPTIMIZERREQUEST']._serialized_end=1225
-  _globals['_SETOPTIMIZERRESPONSE']._serialized_start=1227
-  _globals['_SETOPTIMIZERRESPONSE']._serialized_end=1296
-  _globals['_ATTACHSHAREDREQUEST']._serialized_start=1298
-  _globals['_ATTACHSHAREDREQUEST']._serialized_end=1382
-  _globals['_ATTACHSHAREDRESPONSE']._serialized_start=1384
-  _globals['_ATTACHSHAREDRESPONSE']._serialized_end=1446
-  _globals['_PUSHPULLSHAREDREQUEST']._serialized_start=1448
-  _globals['_PUSHPULLSHAREDREQUEST']._serialized_end=1554
-  _globals['_PUSHPULLSHAREDRESPONSE']._serialized_start=1556
-  _globals['_PUSHPULLSHAREDRESPONSE']._serialized_end=1617
-  _globals['_PARAMETERSERVER']._serialized_start=1713
-  _globals['_PARAMETERSERVER']._serialized_end=2432
+  _globals['_PULLREQUEST']._serialized_end=477
+  _globals['_PULLRESPONSE']._serialized_start=479
+  _globals['_PULLRESPONSE']._serialized_end=589
+  _globals['_PUSHREQUEST']._serialized_start=591
+  _globals['_PUSHREQUEST']._serialized_end=715
+  _globals['_PUSHRESPONSE']._serialized_start=717
+  _globals['_PUSHRESPONSE']._serialized_end=790
+  _globals['_LISTBLOCKSREQUEST']._serialized_start=792
+  _globals['_LISTBLOCKSREQUEST']._serialized_end=811
+  _globals['_LISTBLOCKSRESPONSE']._serialized_start=814
+  _globals['_LISTBLOCKSRESPONSE']._serialized_end=942
+  _globals['_CHECKPOINTREQUEST']._serialized_start=944
+  _globals['_CHECKPOINTREQUEST']._serialized_end=986
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=988
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1076
+  _globals['_RESTOREREQUEST']._serialized_start=1078
+  _globals['_RESTOREREQUEST']._serialized_end=1117
+  _globals['_RESTORERESPONSE']._serialized_start=1119
+  _globals['_RESTORERESPONSE']._serialized_end=1190
+  _globals['_SETOPTIMIZERREQUEST']._serialized_start=1192
+  _globals['_SETOPTIMIZERREQUEST']._serialized_end=1260
+  _globals['_SETOPTIMIZERRESPONSE']._serialized_start=1262
+  _globals['_SETOPTIMIZERRESPONSE']._serialized_end=1331
+  _globals['_ATTACHSHAREDREQUEST']._serialized_start=1333
+  _globals['_ATTACHSHAREDREQUEST']._serialized_end=1417
+  _globals['_ATTACHSHAREDRESPONSE']._serialized_start=1419
+  _globals['_ATTACHSHAREDRESPONSE']._serialized_end=1481
+  _globals['_PUSHPULLSHAREDREQUEST']._serialized_start=1483
+  _globals['_PUSHPULLSHAREDREQUEST']._serialized_end=1589
+  _globals['_PUSHPULLSHAREDRESPONSE']._serialized_start=1591
+  _globals['_PUSHPULLSHAREDRESPONSE']._serialized_end=1652
+  _globals['_PARAMETERSERVER']._serialized_start=1748
+  _globals['_PARAMETERSERVER']._serialized_end=2467
 # @@protoc_insertion_point(module_scope)

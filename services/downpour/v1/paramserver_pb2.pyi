@@ -137,9 +137,15 @@ class PullRequest(_message.Message):
     NAMES_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     PART_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
     max_chunk_bytes: _builtins.int
     """Upper bound on the payload of one chunk; 0 means the server's default."""
     part: Global___BlockPart.ValueType
+    dtype: _common_pb2.DType.ValueType
+    """How the chunks' values travel: DTYPE_FLOAT32 (also for UNSPECIFIED),
+    DTYPE_BFLOAT16 or DTYPE_FLOAT16, rounded from the shard's float32 values
+    (half the bytes). Accumulators always travel as float32.
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Blocks to send, in this order; empty means all blocks of the shard."""
@@ -150,10 +156,11 @@ class PullRequest(_message.Message):
         names: _abc.Iterable[_builtins.str] | None = ...,
         max_chunk_bytes: _builtins.int = ...,
         part: Global___BlockPart.ValueType = ...,
+        dtype: _common_pb2.DType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "names", b"names", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "max_chunk_bytes", b"max_chunk_bytes", "names", b"names", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -213,7 +220,9 @@ class PushRequest(_message.Message):
     """
     @_builtins.property
     def chunk(self) -> _common_pb2.TensorChunk:
-        """Gradient chunk for block chunk.name (dtype float32, shape of the block)."""
+        """Gradient chunk for block chunk.name (the block's shape; dtype float32,
+        or bfloat16 or float16 to halve the bytes: the shard applies it in float32).
+        """
 
     def __init__(
         self,

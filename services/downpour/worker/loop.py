@@ -73,7 +73,7 @@ class LocalStore:
     def wait(self, ticket) -> None:
         return None
 
-    def push_pull(self, grads):
+    def push_pull(self, grads, views: bool = False):
         self.push(grads)
         return self.pull(list(grads))
 
@@ -113,7 +113,7 @@ class DownpourLoop:
         """Push what has been accumulated and wait for every push in flight."""
         if self.schedule == "pushpull":
             if self._acc is not None and self._nacc:
-                self.params = {**self.params, **self.store.push_pull(self._acc)}
+                self.params = {**self.params, **self.store.push_pull(self._acc, views=True)}
                 self._acc, self._nacc = None, 0
             return
         if self._acc is not None and self._nacc:
@@ -168,7 +168,8 @@ class DownpourLoop:
             t = time.perf_counter()
             # The shards apply our gradients and hand back the result: the next
             # step computes on parameters that include this replica's own updates.
-            self.params = {**self.params, **self.store.push_pull(self._acc)}
+            # Nothing else pulls meanwhile, so views of the shared region will do.
+            self.params = {**self.params, **self.store.push_pull(self._acc, views=True)}
             self.waited["push"] += time.perf_counter() - t
             self._acc, self._nacc = None, 0
         return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0)

@@ -152,7 +152,8 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         names = [b.name for b in a.blocks]
         client = ParamClient(list(a.shard_addresses), placement=placement, channel_config=self.chcfg,
                              worker_id=self.member_id or self.address, timeout=PARAM_TIMEOUT_SECONDS,
-                             retry_deadline=PARAM_RETRY_SECONDS, shared=cfg.shared_memory)
+                             retry_deadline=PARAM_RETRY_SECONDS, shared=cfg.shared_memory,
+                             wire_dtype=cfg.wire_dtype)
         supervised = cfg.supervised
         links = None
         cur = {"step": int(a.start_step)}
