@@ -215,12 +215,13 @@ class Cluster:
         rows, cols = cfg.grid()
         # Workers are interchangeable: the coordinator decides which slot each one fills.
         for i in range(cfg.replicas * rows * cols):
-            self._child(f"worker-{i}", "worker", ["--coordinator", self.coordinator.address]).start()
+            self._child(f"worker-{i}", "worker", ["--coordinator", self.coordinator.address,
+                                                  "--device", cfg.device]).start()
         if self.with_neurons:
             # Watch neurons while they train: live parameters from the shards, re-pulled every 5 s.
             # Not waited for: it turns healthy once it holds parameters, and training does not need it.
             self.neurons = self._child("neurons", "neurons", ["--coordinator", self.coordinator.address,
-                                                             "--refresh-seconds", "5"])
+                                                             "--refresh-seconds", "5", "--device", cfg.device])
             self.neurons.start()
         self.describe()
 
@@ -378,6 +379,17 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
 
         if cks.newest_valid(cfg.init_from) is None:
             raise ValueError(f"init_from={cfg.init_from}: no committed checkpoint whose files verify there")
+    if cfg.device != "cpu":
+        # Checked here, once: a worker that cannot use the device would exit at start, be restarted, exit...
+        from downpour import device as devices
+
+        if cfg.grid() != (1, 1):
+            raise ValueError(f"device={cfg.device}: model-parallel partitions ({cfg.partitions}) compute on the "
+                             "CPU only; use partitions 1x1 or device cpu")
+        try:
+            devices.array_module(cfg.device)
+        except devices.DeviceError as e:
+            raise ValueError(str(e)) from None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

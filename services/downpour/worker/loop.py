@@ -63,8 +63,10 @@ class DownpourLoop:
     """Runs steps of one replica against a parameter store and a batch source."""
 
     def __init__(self, compute: Callable, store, names: list[str], batches: Iterator,
-                 n_fetch: int = 1, n_push: int = 1, overlap: bool = True):
+                 n_fetch: int = 1, n_push: int = 1, overlap: bool = True, to_host: Callable | None = None):
         self.compute = compute  # (params, x, y) -> (loss, grads)
+        # Gradients on a GPU stay there while they accumulate; to_host copies them once per push.
+        self.to_host = to_host
         self.store, self.names, self.batches = store, list(names), batches
         self.n_fetch, self.n_push, self.overlap = n_fetch, n_push, overlap
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="downpour-io") if overlap else None
@@ -84,6 +86,8 @@ class DownpourLoop:
         return self._pool.submit(fn, *args)
 
     def _do_push(self, grads):
+        if self.to_host is not None:
+            grads = self.to_host(grads)
         self.store.wait(self.store.push(grads))
 
     def flush(self) -> None:
@@ -116,7 +120,7 @@ class DownpourLoop:
         loss, grads = self.compute(self.params, x, y)
         if self._acc is None:
             # The gradients are fresh arrays each step: take them over instead of copying.
-            self._acc = {k: np.asarray(v, dtype=np.float32) for k, v in grads.items()}
+            self._acc = {k: v if self.to_host else np.asarray(v, dtype=np.float32) for k, v in grads.items()}
         else:
             for k, v in grads.items():
                 self._acc[k] += v
