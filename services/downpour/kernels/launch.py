@@ -34,7 +34,7 @@ def ctype_of(dtype) -> str:
 
 def nvrtc_options(real: str) -> tuple[str, ...]:
     """NVRTC options for the source built for element type ``real`` (besides -arch)."""
-    return (f"-Dreal={real}", "--std=c++14")
+    return (f"-Dreal={real}",)
 
 
 class Launcher:

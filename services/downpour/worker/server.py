@@ -339,14 +339,18 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
             self._stop.set()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="downpour serve worker", description=__doc__.splitlines()[0])
     ServerConfig.add_arguments(ap, port=0)
     ap.add_argument("--coordinator", required=True, help="the coordinator's address (host:port)")
     ap.add_argument("--advertise", default="", help="host name peers reach this worker at (default: this host)")
     ap.add_argument("--device", default="cpu", choices=devices.DEVICES,
                     help="compute device: cpu (NumPy) or gpu (CuPy, one CUDA GPU)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     try:
         xp = devices.array_module(args.device)
