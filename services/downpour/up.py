@@ -381,15 +381,16 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
             raise ValueError(f"init_from={cfg.init_from}: no committed checkpoint whose files verify there")
     if cfg.device != "cpu":
         # Checked here, once: a worker that cannot use the device would exit at start, be restarted, exit...
-        from downpour import device as devices
-
         if cfg.grid() != (1, 1):
             raise ValueError(f"device={cfg.device}: model-parallel partitions ({cfg.partitions}) compute on the "
                              "CPU only; use partitions 1x1 or device cpu")
-        try:
-            devices.array_module(cfg.device)
-        except devices.DeviceError as e:
-            raise ValueError(str(e)) from None
+        # In a child process: the launcher itself keeps no GPU context for the whole run.
+        probe = ("import sys\nfrom downpour import device as d\ntry:\n    d.array_module(sys.argv[1])\n"
+                 "except d.DeviceError as e:\n    sys.exit(str(e))\n")
+        r = subprocess.run([sys.executable, "-c", probe, cfg.device], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ValueError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else
+                             f"device={cfg.device}: the device check exited {r.returncode}")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -1,13 +1,14 @@
 """--device: cpu runs NumPy; gpu needs CuPy and a CUDA GPU, and says which is missing at start.
 
 The service tests start the real commands in a subprocess; they stop before
-serving anything, so no network is involved. "CuPy is missing" is produced in
-the child by making ``import cupy`` fail (``sys.modules['cupy'] = None``);
+serving anything, so no network is involved. "CuPy is missing" is produced by a
+``sitecustomize`` that makes ``import cupy`` fail in the child and everything it starts;
 "no GPU" is what a machine without one gives (skipped where there is one).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -64,10 +65,16 @@ def test_to_host_gives_float32_numpy():
     np.testing.assert_array_equal(out["a"], [0, 1, 2])
 
 
-def _run(argv: list[str], block_cupy: bool) -> subprocess.CompletedProcess:
-    pre = "import sys; sys.modules['cupy'] = None; " if block_cupy else "import sys; "
-    code = pre + f"from downpour.cli import main; sys.exit(main({argv!r}))"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def _run(argv: list[str], block_cupy: bool, tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if block_cupy:
+        # A sitecustomize on PYTHONPATH makes `import cupy` fail in the child and in any process it starts.
+        site = tmp_path / "no-cupy"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text("import sys\nsys.modules['cupy'] = None\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+    code = f"import sys; from downpour.cli import main; sys.exit(main({argv!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
 
 
 SERVICES = {
@@ -83,7 +90,7 @@ def test_services_with_device_gpu_stop_at_start_with_the_reason(role, missing, t
     if missing == "gpu" and CUPY != "no-gpu":
         pytest.skip(f"needs CuPy installed and no GPU (here: {CUPY})")
     argv = SERVICES[role] + (["--out", str(tmp_path / "run")] if role == "up" else [])
-    r = _run(argv, block_cupy=missing == "cupy")
+    r = _run(argv, block_cupy=missing == "cupy", tmp_path=tmp_path)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert (NO_CUPY if missing == "cupy" else NO_GPU) in r.stderr, r.stderr[-2000:]
     assert "listening" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -93,7 +100,7 @@ def test_services_with_device_gpu_stop_at_start_with_the_reason(role, missing, t
 
 def test_up_refuses_gpu_with_model_parallel_partitions(tmp_path):
     r = _run(["up", "--preset", "tiny", "--steps", "1", "--device", "gpu", "--partitions", "1x2", "--quiet",
-              "--out", str(tmp_path / "run")], block_cupy=False)
+              "--out", str(tmp_path / "run")], block_cupy=False, tmp_path=tmp_path)
     assert r.returncode == 2 and "model-parallel partitions (1x2) compute on the CPU only" in r.stderr, r.stderr
 
 
