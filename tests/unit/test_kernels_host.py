@@ -236,3 +236,15 @@ def test_source_signatures_use_only_launchable_types():
     assert set(sig) == {"im2col", "col2im_add", "l2pool_fwd", "l2pool_bwd", "blur_axis"}
     with pytest.raises(ValueError, match="parameter type 'float' is not one of"):
         kernels.signatures('extern "C" __global__ void f(float a) {')
+
+
+def test_kernels_import_no_grpc_no_threads_and_no_cupy():
+    """downpour.kernels is math: no gRPC, no threads; CuPy only arrives with a CuPy backend."""
+    import subprocess
+
+    code = ("import sys, downpour.kernels, downpour.nn; "
+            "bad = [m for m in ('grpc', 'downpour.rpc', 'downpour.worker', 'concurrent.futures', 'threading', 'cupy') "
+            "if m in sys.modules and not (m == 'threading' and sys.modules[m].active_count() == 1)]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
