@@ -43,7 +43,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     overrides = {"preset": args.preset, "replicas": args.replicas, "shards": args.shards, "steps": args.steps,
                  "data": args.data, "partitions": args.partitions, "batch_size": args.batch_size,
-                 "init_from": args.init_from}
+                 "init_from": args.init_from, "device": args.device}
     if args.resume:
         # Continue a run: its own job spec, flags on top (e.g. more --steps).
         job = os.path.join(args.resume, "job.yaml")
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--init-from", metavar="DIR",
                    help="start from the newest checkpoint in DIR (its blocks this model shares, e.g. "
                         "runs/a/checkpoints under a supervised head); the rest fresh")
+    u.add_argument("--device", choices=["cpu", "gpu"],
+                   help="where workers and the neurons service compute: cpu (default) or gpu (CuPy)")
     u.add_argument("--out", help="run directory (default runs/<time>)")
     u.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     u.add_argument("--quiet", action="store_true", help="no progress display")

@@ -216,12 +216,13 @@ class Cluster:
         rows, cols = cfg.grid()
         # Workers are interchangeable: the coordinator decides which slot each one fills.
         for i in range(cfg.replicas * rows * cols):
-            self._child(f"worker-{i}", "worker", ["--coordinator", self.coordinator.address]).start()
+            self._child(f"worker-{i}", "worker", ["--coordinator", self.coordinator.address,
+                                                  "--device", cfg.device]).start()
         if self.with_neurons:
             # Watch neurons while they train: live parameters from the shards, re-pulled every 5 s.
             # Not waited for: it turns healthy once it holds parameters, and training does not need it.
             self.neurons = self._child("neurons", "neurons", ["--coordinator", self.coordinator.address,
-                                                             "--refresh-seconds", "5"])
+                                                             "--refresh-seconds", "5", "--device", cfg.device])
             self.neurons.start()
         self.describe()
 
@@ -391,6 +392,18 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
 
         if cks.newest_valid(cfg.init_from) is None:
             raise ValueError(f"init_from={cfg.init_from}: no committed checkpoint whose files verify there")
+    if cfg.device != "cpu":
+        # Checked here, once: a worker that cannot use the device would exit at start, be restarted, exit...
+        if cfg.grid() != (1, 1):
+            raise ValueError(f"device={cfg.device}: model-parallel partitions ({cfg.partitions}) compute on the "
+                             "CPU only; use partitions 1x1 or device cpu")
+        # In a child process: the launcher itself keeps no GPU context for the whole run.
+        probe = ("import sys\nfrom downpour import device as d\ntry:\n    d.array_module(sys.argv[1])\n"
+                 "except d.DeviceError as e:\n    sys.exit(str(e))\n")
+        r = subprocess.run([sys.executable, "-c", probe, cfg.device], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ValueError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else
+                             f"device={cfg.device}: the device check exited {r.returncode}")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

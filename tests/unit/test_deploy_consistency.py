@@ -274,3 +274,31 @@ def test_compose_ports_prometheus_and_scaling():
     dash = (ROOT / "deploy" / "grafana" / "dashboards" / "downpour.json")
     import json
     assert json.loads(dash.read_text())["panels"]
+
+
+def test_gpu_profile_and_overlay_run_the_worker_with_device_gpu():
+    """compose's gpu profile and the k8s gpu overlay: the CUDA image, one GPU, the worker's flags plus --device gpu."""
+    from downpour.neurons.server import build_parser as neurons_parser
+    from downpour.worker.server import build_parser as worker_parser
+
+    svcs = compose()["services"]
+    gpu, cpu = svcs["worker-gpu"], svcs["worker"]
+    assert gpu["profiles"] == ["gpu"] and gpu["build"]["dockerfile"] == "deploy/docker/Dockerfile.gpu"
+    cflags = _flags(gpu["command"])
+    assert cflags["--device"] == "gpu"
+    assert {k: v for k, v in cflags.items() if k != "--device"} == _flags(cpu["command"])
+    dev = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert dev == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    (d, kflags), = k8s_roles(render_python(K8S / "overlays" / "gpu"))["worker"]
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    assert kflags["--device"] == "gpu" and c["image"] == "downpour:gpu"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert set(kflags) - K8S_ONLY["worker"] == set(cflags)
+    # the worker's own parser takes exactly these flags (and neurons takes --device too)
+    assert worker_parser().parse_args([str(a) for a in gpu["command"][2:]]).device == "gpu"
+    assert worker_parser().parse_args([str(a) for a in c["args"][2:]]).device == "gpu"
+    assert neurons_parser().parse_args(["--device", "gpu"]).device == "gpu"
+    # the image: the [gpu] extra on a CUDA runtime base (which ships NVRTC), CuPy's cache on the writable /tmp
+    text = (ROOT / "deploy" / "docker" / "Dockerfile.gpu").read_text()
+    assert '"/src[gpu]"' in text and "ARG BASE_IMAGE=nvidia/cuda:12" in text and "-runtime-" in text
+    assert "CUPY_CACHE_DIR=/tmp/" in text and gpu["tmpfs"] == ["/tmp"] and gpu["read_only"]

@@ -16,6 +16,10 @@ are normalised per example as the feeder normalised the training data unless
 ``raw`` is set. Bad requests (unknown layer or unit, undecodable image, wrong
 size or channels, too many images, a bad dataset name, ...) are answered
 INVALID_ARGUMENT with a message saying what is allowed.
+
+``--device gpu`` runs the network on CuPy (parameters copied to the GPU once
+per refresh); without CuPy or a visible GPU the service stops at start with
+the reason (exit 2).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 import grpc
 import numpy as np
 
+from downpour import device as devices
 from downpour import metrics
 from downpour.feeder import preprocess
 from downpour.neurons import sources
@@ -331,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
                     help="another dataset TopInputs may scan (repeatable)")
     ap.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the first parameters")
+    ap.add_argument("--device", default="cpu", choices=devices.DEVICES,
+                    help="compute device: cpu (NumPy) or gpu (CuPy, one CUDA GPU)")
     ap.add_argument("--log-level", default="info")
     return ap
 
@@ -354,7 +361,7 @@ def _channel_config(args: argparse.Namespace):
                          key=args.peer_key, token=token)
 
 
-def make_source(args: argparse.Namespace) -> sources.Source:
+def make_source(args: argparse.Namespace, xp=np) -> sources.Source:
     chosen = [n for n, v in (("--coordinator", args.coordinator), ("--shards", args.shards),
                              ("--params", args.params), ("--random-seed", args.random_seed is not None)) if v]
     if len(chosen) > 1:
@@ -369,19 +376,19 @@ def make_source(args: argparse.Namespace) -> sources.Source:
                                                                     wait_for_ready=True)
         cfg = jobconfig.from_yaml(st.job.spec_yaml)
         return sources.ShardSource(list(st.shard_addresses), cfg, args.checkpoint_dir or st.job.checkpoint_dir,
-                                   channel_config=_channel_config(args))
+                                   channel_config=_channel_config(args), xp=xp)
     if args.shards:
         cfg = sources.job_config_from(args.config, args.preset)
         return sources.ShardSource([s for s in args.shards.split(",") if s], cfg, args.checkpoint_dir,
-                                   channel_config=_channel_config(args))
+                                   channel_config=_channel_config(args), xp=xp)
     cfg = sources.job_config_from(args.config, args.preset)
-    kw = dict(normalize=cfg.normalize, data=cfg.data, checkpoint_dir=args.checkpoint_dir)
+    kw = dict(normalize=cfg.normalize, data=cfg.data, checkpoint_dir=args.checkpoint_dir, xp=xp)
     if args.params:
         return sources.npz_source(args.params, cfg.network_spec(), **kw)
     if args.random_seed is not None:
         return sources.random_source(cfg.network_spec(), args.random_seed, **kw)
     if args.checkpoint_dir:
-        return sources.CheckpointSource(args.checkpoint_dir)
+        return sources.CheckpointSource(args.checkpoint_dir, xp=xp)
     raise ValueError("no parameters: give --coordinator, --shards, --checkpoint-dir, --params or --random-seed")
 
 
@@ -396,10 +403,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"neurons: --dataset {d!r} must be NAME=PATH", file=sys.stderr)
             return 2
         extra[name] = path
+    try:
+        xp = devices.array_module(args.device)
+    except devices.DeviceError as e:
+        print(f"neurons: {e}", file=sys.stderr, flush=True)
+        return 2
+    logging.getLogger("downpour.neurons").info("computing on %s", devices.describe(xp))
     cfg = ServerConfig.from_args(args)
     server = Server("neurons", cfg)
     try:
-        source = make_source(args)
+        source = make_source(args, xp)
     except (ValueError, OSError, sources.SourceError, grpc.RpcError) as e:
         print(f"neurons: {e}", file=sys.stderr)
         return 2

@@ -79,6 +79,11 @@ class LocalFilter:
         self.L = self.Ho * self.Wo
         self.K = field * field * C
         self._buf: dict = {}
+        # CuPy: the raw kernels of downpour.kernels; NumPy: the code below.
+        self.accel = None
+        if xp is not numpy:
+            from downpour.kernels import LocalFilterKernels  # noqa: PLC0415 - GPU only
+            self.accel = LocalFilterKernels(self)
 
     # shapes -----------------------------------------------------------------
     @property
@@ -232,6 +237,8 @@ class LocalFilter:
     # encoder ------------------------------------------------------------------
     def forward(self, w, x):
         """y = W @ im2col(x). Returns (y as (Ho, Wo, M, B), context for backward)."""
+        if self.accel is not None:
+            return self.accel.forward(w, x)
         self._check(x)
         B = x.shape[3]
         xp, Ho, Wo, M, k, C = self.xp, self.Ho, self.Wo, self.M, self.k, self.C
@@ -250,6 +257,8 @@ class LocalFilter:
 
     def backward(self, w, P, dy, need_dx: bool = True):
         """Gradients of forward: (dx or None, dW with W's shape). ``P`` is forward's context."""
+        if self.accel is not None:
+            return self.accel.backward(w, P, dy, need_dx)
         xp, Ho, Wo, M, K, k, C = self.xp, self.Ho, self.Wo, self.M, self.K, self.k, self.C
         x = P
         B = dy.shape[3]
@@ -287,6 +296,8 @@ class LocalFilter:
     # an (L, K, B) matrix.
     def decode(self, w2, z):
         """r = col2im(W2 @ z): maps (Ho, Wo, M, B) responses back to (H, W, C, B)."""
+        if self.accel is not None:
+            return self.accel.decode(w2, z)
         xp = self.xp
         B = z.shape[3]
         w3 = w2.reshape(self.decoder_shape)
@@ -295,6 +306,8 @@ class LocalFilter:
 
     def decode_backward(self, w2, z, dr):
         """Gradients of decode: (dz as (Ho, Wo, M, B), dW2 with W2's shape)."""
+        if self.accel is not None:
+            return self.accel.decode_backward(w2, z, dr)
         xp, Ho, Wo, M, K, k, C = self.xp, self.Ho, self.Wo, self.M, self.K, self.k, self.C
         B = z.shape[3]
         w3 = w2.reshape(self.decoder_shape)

@@ -44,6 +44,11 @@ class LCN:
         nh, nw = _inside(g, H), _inside(g, W)
         self._inv_norm = {}
         self._inv_norm_np = (1.0 / numpy.outer(nh, nw))[:, :, None]  # (H, W, 1)
+        # CuPy: the blurs by the raw kernels of downpour.kernels; NumPy: _blur below.
+        self.accel = None
+        if xp is not numpy:
+            from downpour.kernels import LCNKernels  # noqa: PLC0415 - GPU only
+            self.accel = LCNKernels(self)
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
@@ -62,6 +67,8 @@ class LCN:
 
     def _blur(self, u):
         """Zero-padded, same-size separable Gaussian of an (H, W, B) array."""
+        if self.accel is not None:
+            return self.accel.blur(u)
         xp, r, H, W = self.xp, self.size // 2, self.H, self.W
         if r == 0:
             return u * self._g[0]

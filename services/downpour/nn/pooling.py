@@ -29,6 +29,12 @@ class Pool:
         self.xp, self.kind, self.p, self.s, self.eps = xp, kind, size, stride, eps
         self.C, self.H, self.W = C, H, W
         self.Ho, self.Wo = (H - size) // stride + 1, (W - size) // stride + 1
+        # CuPy: L2 pooling by the raw kernels of downpour.kernels; NumPy and the
+        # other kinds: the array code below.
+        self.accel = None
+        if xp is not numpy and kind == "l2":
+            from downpour.kernels import L2PoolKernels  # noqa: PLC0415 - GPU only
+            self.accel = L2PoolKernels(self)
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
@@ -50,6 +56,8 @@ class Pool:
         if x.shape[:3] != (self.H, self.W, self.C):
             raise ValueError(f"pool input of shape {tuple(x.shape)} does not match (H, W, C) = "
                              f"{(self.H, self.W, self.C)} (+ batch)")
+        if self.accel is not None:
+            return self.accel.forward(x)
         B = x.shape[3]
         acc = xp.zeros((self.Ho, self.Wo, self.C, B), dtype=x.dtype)
         if self.kind == "l2":
@@ -76,6 +84,8 @@ class Pool:
 
     def backward(self, ctx, dy):
         """dx of the same shape as the input."""
+        if self.accel is not None:
+            return self.accel.backward(ctx, dy)
         xp = self.xp
         x = ctx[0]
         dx = xp.zeros(x.shape, dtype=dy.dtype)

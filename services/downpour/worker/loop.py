@@ -82,10 +82,13 @@ class DownpourLoop:
     """Runs steps of one replica against a parameter store and a batch source."""
 
     def __init__(self, compute: Callable, store, names: list[str], batches: Iterator,
-                 n_fetch: int = 1, n_push: int = 1, overlap: bool = True, schedule: str = "overlap"):
+                 n_fetch: int = 1, n_push: int = 1, overlap: bool = True, schedule: str = "overlap",
+                 to_host: Callable | None = None):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
         self.compute = compute  # (params, x, y) -> (loss, grads)
+        # Gradients on a GPU stay there while they accumulate; to_host copies them once per push.
+        self.to_host = to_host
         self.store, self.names, self.batches = store, list(names), batches
         self.n_fetch, self.n_push, self.schedule = n_fetch, n_push, schedule
         # Background threads only where the schedule overlaps transfers with compute.
@@ -106,14 +109,17 @@ class DownpourLoop:
             return f
         return self._pool.submit(fn, *args)
 
+    def _host(self, grads):
+        return grads if self.to_host is None else self.to_host(grads)
+
     def _do_push(self, grads):
-        self.store.wait(self.store.push(grads))
+        self.store.wait(self.store.push(self._host(grads)))
 
     def flush(self) -> None:
         """Push what has been accumulated and wait for every push in flight."""
         if self.schedule == "pushpull":
             if self._acc is not None and self._nacc:
-                self.params = {**self.params, **self.store.push_pull(self._acc, views=True)}
+                self.params = {**self.params, **self.store.push_pull(self._host(self._acc), views=True)}
                 self._acc, self._nacc = None, 0
             return
         if self._acc is not None and self._nacc:
@@ -169,7 +175,7 @@ class DownpourLoop:
             # The shards apply our gradients and hand back the result: the next
             # step computes on parameters that include this replica's own updates.
             # Nothing else pulls meanwhile, so views of the shared region will do.
-            self.params = {**self.params, **self.store.push_pull(self._acc, views=True)}
+            self.params = {**self.params, **self.store.push_pull(self._host(self._acc), views=True)}
             self.waited["push"] += time.perf_counter() - t
             self._acc, self._nacc = None, 0
         return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0)
@@ -177,7 +183,7 @@ class DownpourLoop:
     def _accumulate(self, grads) -> None:
         if self._acc is None:
             # The gradients are fresh arrays each step: take them over instead of copying.
-            self._acc = {k: np.asarray(v, dtype=np.float32) for k, v in grads.items()}
+            self._acc = {k: v if self.to_host else np.asarray(v, dtype=np.float32) for k, v in grads.items()}
         else:
             for k, v in grads.items():
                 self._acc[k] += v

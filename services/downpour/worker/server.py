@@ -1,6 +1,6 @@
 """``downpour serve worker``: one model worker running Downpour SGD.
 
-    downpour serve worker --coordinator H:P [--port P] [--metrics-port M] [--advertise H]
+    downpour serve worker --coordinator H:P [--port P] [--metrics-port M] [--advertise H] [--device cpu|gpu]
 
 The worker registers with the coordinator and gets an assignment: its replica
 and partition, the parameter shards and which blocks live where, the feeder,
@@ -17,6 +17,13 @@ with backoff (``PARAM_RETRY_SECONDS``); a feeder that is down makes the batch
 stream reconnect. If either stays away past its deadline, the worker gives
 its slot back and takes one again (a fresh start at its replica's step)
 instead of exiting.
+
+With ``--device gpu`` the network runs on CuPy (``downpour.kernels``): each
+pull's parameters are copied to the GPU once, gradients accumulate there and
+are copied back once per push. Without CuPy or a visible GPU the worker stops
+at start with the reason (exit 2). Model-parallel partitions (grids other
+than 1x1) compute on the CPU only: a GPU worker given such a slot stops with
+that reason.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import grpc
 import numpy as np
 
 from downpour import config as jobconfig
+from downpour import device as devices
 from downpour import metrics
 from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.rpc.server import Server, ServerConfig
@@ -55,8 +63,9 @@ class Reassigned(Exception):
 
 
 class Worker(worker_pb2_grpc.ModelWorkerServicer):
-    def __init__(self, coordinator: str, address: str, chcfg: ChannelConfig, device: str = "cpu"):
+    def __init__(self, coordinator: str, address: str, chcfg: ChannelConfig, device: str = "cpu", xp=np):
         self.coordinator_addr, self.address, self.chcfg, self.device = coordinator, address, chcfg, device
+        self.xp = xp  # numpy, or cupy for --device gpu (checked at start by downpour.device)
         self.coord = coordinator_pb2_grpc.CoordinatorStub(open_channel(coordinator, chcfg))
         self.member_id = ""
         self.assignment = None
@@ -147,7 +156,12 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
 
         a = self.assignment
         cfg = jobconfig.from_yaml(self.job.spec_yaml)
-        net = Network(cfg.network_spec())
+        xp = self.xp
+        if xp is not np and a.num_partitions > 1:
+            raise devices.DeviceError(f"--device gpu: this job's replicas are split into {cfg.partitions} partitions, "
+                                      "and model-parallel partitions compute on the CPU only; run this worker "
+                                      "with --device cpu or the job with partitions 1x1")
+        net = Network(cfg.network_spec(), xp=xp)
         placement = {b.name: b.shard for b in a.blocks}
         names = [b.name for b in a.blocks]
         client = ParamClient(list(a.shard_addresses), placement=placement, channel_config=self.chcfg,
@@ -188,17 +202,23 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
                             cancelled=lambda: self._pending is not None or self._stop.is_set())
                 return res.loss, res.grads
         else:
+            on_device = {"host": None, "params": None}
+
             def compute(params, x, y):
+                # The loop hands us the same host dict until its next pull: copy it to the device once.
+                if params is not on_device["host"]:
+                    on_device["host"], on_device["params"] = params, devices.to_device(xp, params)
                 if supervised:
-                    loss, grads, _ = net.supervised(params, x, y)
+                    loss, grads, _ = net.supervised(on_device["params"], x, y)
                 else:
-                    loss, grads, _ = net.tica(params, x)
+                    loss, grads, _ = net.tica(on_device["params"], x)
                 return loss, grads
 
         batches = batch_stream(a.feeder_address, a.replica, a.num_replicas, cfg.batch_size,
                                start_batch=int(a.start_step), with_labels=supervised, seed=cfg.seed,
                                channel_config=self.chcfg)
-        loop = DownpourLoop(compute, client, names, batches, cfg.n_fetch, cfg.n_push, schedule=cfg.schedule)
+        loop = DownpourLoop(compute, client, names, batches, cfg.n_fetch, cfg.n_push, schedule=cfg.schedule,
+                            to_host=None if xp is np else devices.to_host)
         self.state = worker_pb2.WORKER_STATE_TRAINING
         step = int(a.start_step)
         self.step = step
@@ -320,19 +340,30 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
             self._stop.set()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="downpour serve worker", description=__doc__.splitlines()[0])
     ServerConfig.add_arguments(ap, port=0)
     ap.add_argument("--coordinator", required=True, help="the coordinator's address (host:port)")
     ap.add_argument("--advertise", default="", help="host name peers reach this worker at (default: this host)")
-    ap.add_argument("--device", default="cpu", choices=["cpu"], help="compute device")
-    args = ap.parse_args(argv)
+    ap.add_argument("--device", default="cpu", choices=devices.DEVICES,
+                    help="compute device: cpu (NumPy) or gpu (CuPy, one CUDA GPU)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    try:
+        xp = devices.array_module(args.device)
+    except devices.DeviceError as e:
+        print(f"downpour serve worker: {e}", file=sys.stderr, flush=True)
+        return 2
+    log.info("computing on %s", devices.describe(xp))
     scfg = ServerConfig.from_args(args)
     server = Server("worker", scfg)
     chcfg = scfg.channel_config()
     host = args.advertise or ("127.0.0.1" if args.host in ("127.0.0.1", "localhost") else socket.gethostname())
-    worker = Worker(args.coordinator, "", chcfg, args.device)
+    worker = Worker(args.coordinator, "", chcfg, args.device, xp)
     server.add(lambda s: worker_pb2_grpc.add_ModelWorkerServicer_to_server(worker, s), "downpour.v1.ModelWorker")
     port = server.start()
     worker.address = f"{host}:{port}"
