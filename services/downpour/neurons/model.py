@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from downpour.nn import Network
+from downpour.nn import backend as nnbackend
 from downpour.nn.network import to_external, to_internal
 from downpour.nn.spec import NetworkSpec, stage_shapes
 
@@ -55,10 +56,12 @@ class NeuronModel:
     """A network with one set of parameters; every method is thread-safe (one lock:
     the layers reuse scratch buffers)."""
 
-    def __init__(self, spec: NetworkSpec, params: dict, version: int = 0):
+    def __init__(self, spec: NetworkSpec, params: dict, version: int = 0, backend: str = "numpy"):
         self.spec = spec
-        self.net = Network(spec)
-        self.params = {k: np.asarray(v, np.float32).reshape(-1) for k, v in params.items()}
+        xp = nnbackend.get(backend)
+        self.net = Network(spec, xp=xp)
+        self.params = {k: xp.asarray(np.asarray(nnbackend.to_numpy(v), np.float32).reshape(-1))
+                       for k, v in params.items()}
         self.net._views(self.params)  # raises on missing or mis-sized blocks
         self.version = int(version)
         self.layers = layer_shapes(spec)
@@ -105,7 +108,7 @@ class NeuronModel:
         for i in range(0, len(x), batch):
             with self._lock:
                 a = self.net.forward(self.params, x[i:i + batch], upto=upto)[layer]
-            out.append(np.asarray(a, np.float32).reshape(len(a), -1))
+            out.append(np.asarray(nnbackend.to_numpy(a), np.float32).reshape(len(a), -1))
         if not out:
             return np.zeros((0, int(np.prod(self.layers[layer]))), np.float32)
         return np.concatenate(out)
@@ -142,12 +145,12 @@ class NeuronModel:
             if head:
                 W = params["head.W"].reshape(self.spec.classes, net.features)
                 value = (W[u.map] @ h.reshape(net.features, B)) + params["head.b"][u.map]
-                dy = np.broadcast_to(W[u.map][:, None], (net.features, B)).reshape(h.shape).copy()
+                dy = xp.broadcast_to(W[u.map][:, None], (net.features, B)).reshape(h.shape).copy()
                 dx, _ = st.backward(params, ctxs[-1], dy, need_dx=True)
             else:
                 key = {"filter": "z", "pool": "h"}.get(part)
                 a = h if part == "output" else ctxs[-1][key]
-                value = np.array(a[u.y, u.x, u.map, :], dtype=np.float64)
+                value = a[u.y, u.x, u.map, :]
                 dy = xp.zeros(a.shape, dtype=a.dtype)
                 dy[u.y, u.x, u.map, :] = 1
                 if part == "output":
@@ -157,7 +160,9 @@ class NeuronModel:
                     dx, _ = st.filter.backward(params[f"{st.name}.W1"], ctxs[-1]["P"], dz, need_dx=True)
             for i in range(s - 2, -1, -1):
                 dx, _ = net.stages[i].backward(params, ctxs[i], dx, need_dx=True)
-            return np.asarray(value, np.float64), np.asarray(to_external(xp, dx), np.float64)
+            # copies: the layers reuse their buffers once the lock is released
+            return (np.array(nnbackend.to_numpy(value), np.float64),
+                    np.array(nnbackend.to_numpy(to_external(xp, dx)), np.float64))
 
     def input_gradient(self, x_bchw: np.ndarray, u: Unit) -> tuple[np.ndarray, np.ndarray]:
         return self._value_and_input_grad(self._check_input(np.asarray(x_bchw)), u)

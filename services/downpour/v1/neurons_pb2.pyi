@@ -62,6 +62,7 @@ class GetActivationsRequest(_message.Message):
     LAYER_FIELD_NUMBER: _builtins.int
     NEURON_IDS_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
+    NO_RESIZE_FIELD_NUMBER: _builtins.int
     checkpoint_id: _builtins.str
     """Empty: the live parameters; otherwise a committed checkpoint."""
     layer: _builtins.str
@@ -71,6 +72,10 @@ class GetActivationsRequest(_message.Message):
     raw: _builtins.bool
     """Feed the images as they are. Default: scale integer images to [0, 1] and
     apply the job's per-example normalisation, as the feeder did in training.
+    """
+    no_resize: _builtins.bool
+    """Refuse (INVALID_ARGUMENT) images whose height and width are not the
+    model's, instead of resizing them (aspect kept, centre cut out).
     """
     @_builtins.property
     def images(self) -> _common_pb2.Tensor:
@@ -96,10 +101,11 @@ class GetActivationsRequest(_message.Message):
         layer: _builtins.str = ...,
         neuron_ids: _abc.Iterable[_builtins.int] | None = ...,
         raw: _builtins.bool = ...,
+        no_resize: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["images", b"images"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "encoded_images", b"encoded_images", "images", b"images", "layer", b"layer", "neuron_ids", b"neuron_ids", "neurons", b"neurons", "raw", b"raw"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "encoded_images", b"encoded_images", "images", b"images", "layer", b"layer", "neuron_ids", b"neuron_ids", "neurons", b"neurons", "no_resize", b"no_resize", "raw", b"raw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -151,6 +157,7 @@ class TopInputsRequest(_message.Message):
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_IMAGES_FIELD_NUMBER: _builtins.int
     INCLUDE_THUMBNAILS_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_BINS_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     dataset: _builtins.str
     """Dataset to scan (as the feeder names it); empty: the job's dataset."""
@@ -160,6 +167,10 @@ class TopInputsRequest(_message.Message):
     include_images: _builtins.bool
     include_thumbnails: _builtins.bool
     """A PNG thumbnail of each input (the network's input, min-max scaled to 8 bits)."""
+    histogram_bins: _builtins.int
+    """Also count the activations of every scanned example into this many
+    equal-width bins (0: no histogram; at most 1000).
+    """
     @_builtins.property
     def neuron(self) -> Global___NeuronRef: ...
     def __init__(
@@ -172,10 +183,11 @@ class TopInputsRequest(_message.Message):
         checkpoint_id: _builtins.str = ...,
         include_images: _builtins.bool = ...,
         include_thumbnails: _builtins.bool = ...,
+        histogram_bins: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["neuron", b"neuron"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "dataset", b"dataset", "include_images", b"include_images", "include_thumbnails", b"include_thumbnails", "k", b"k", "max_examples", b"max_examples", "neuron", b"neuron"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "dataset", b"dataset", "histogram_bins", b"histogram_bins", "include_images", b"include_images", "include_thumbnails", b"include_thumbnails", "k", b"k", "max_examples", b"max_examples", "neuron", b"neuron"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,20 +235,32 @@ class TopInputsResponse(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     EXAMPLES_SCANNED_FIELD_NUMBER: _builtins.int
     PARAMETERS_VERSION_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_EDGES_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_COUNTS_FIELD_NUMBER: _builtins.int
     examples_scanned: _builtins.int
     parameters_version: _builtins.int
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredInput]: ...
+    @_builtins.property
+    def histogram_edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """When histogram_bins was set: the bins' edges (histogram_bins + 1, from
+        the lowest to the highest activation) and how many examples fell in each.
+        """
+
+    @_builtins.property
+    def histogram_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         inputs: _abc.Iterable[Global___ScoredInput] | None = ...,
         examples_scanned: _builtins.int = ...,
         parameters_version: _builtins.int = ...,
+        histogram_edges: _abc.Iterable[_builtins.float] | None = ...,
+        histogram_counts: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_scanned", b"examples_scanned", "inputs", b"inputs", "parameters_version", b"parameters_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_scanned", b"examples_scanned", "histogram_counts", b"histogram_counts", "histogram_edges", b"histogram_edges", "inputs", b"inputs", "parameters_version", b"parameters_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -57,7 +57,7 @@ class BlockInfo(_message.Message):
     NUM_ELEMENTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    dtype: _common_pb2.DType.ValueType
+    dtype: _common_pb2.Dtype.ValueType
     num_elements: _builtins.int
     version: _builtins.int
     @_builtins.property
@@ -66,7 +66,7 @@ class BlockInfo(_message.Message):
         self,
         *,
         name: _builtins.str = ...,
-        dtype: _common_pb2.DType.ValueType = ...,
+        dtype: _common_pb2.Dtype.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         num_elements: _builtins.int = ...,
         version: _builtins.int = ...,
