@@ -39,7 +39,11 @@ class _DtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dtype.ValueType
     DTYPE_UINT8: _Dtype.ValueType  # 7
 
 class Dtype(_Dtype, metaclass=_DtypeEnumTypeWrapper):
-    """Element type of a tensor's raw bytes (always little-endian on the wire)."""
+    """Element type of a tensor's raw bytes (always little-endian on the wire).
+    DTYPE_BFLOAT16 elements are the upper 16 bits of the float32 of the same
+    value (a NumPy reader holds them as uint16 and shifts them back). Which
+    dtypes a field accepts is said at the field (e.g. GetActivationsRequest.images).
+    """
 
 DTYPE_UNSPECIFIED: Dtype.ValueType  # 0
 DTYPE_FLOAT32: Dtype.ValueType  # 1
@@ -86,7 +90,9 @@ class Tensor(_message.Message):
     data: _builtins.bytes
     """prod(shape) elements, C order, little-endian."""
     @_builtins.property
-    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Row-major (C order); the field using the tensor says what each axis is."""
+
     def __init__(
         self,
         *,
