@@ -41,12 +41,8 @@ def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("using") / "run"
-    r = run_cli("up", "--preset", "tiny", "--replicas", "1", "--shards", "2", "--steps", "20", "--quiet",
-                "--no-neurons", "--out", str(out), timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return out
+def run(trained_run) -> Path:
+    return trained_run
 
 
 @pytest.fixture(scope="module")

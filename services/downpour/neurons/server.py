@@ -5,6 +5,7 @@
     downpour serve neurons --checkpoint-dir runs/x/checkpoints   # newest committed checkpoint
     downpour serve neurons --params p.npz --preset small         # a parameters file
     downpour serve neurons --preset tiny --random-seed 0         # random weights (demos, tests)
+    downpour serve neurons ... --http-port 8300                  # + the neuron explorer web page
 
 Live parameters are pulled again every ``--refresh-seconds`` (so neurons can be
 watched while a job trains); a checkpoint directory is re-scanned as often, and
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-scan", type=int, default=20000, help="most examples one TopInputs scans")
     ap.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
                     help="another dataset TopInputs may scan (repeatable)")
+    ap.add_argument("--http-port", type=int, default=None,
+                    help="serve the neuron explorer web page on this port (0: any free port; default: off). "
+                         "With a token it needs TLS (--tls-cert/--tls-key), and then serves HTTPS")
     ap.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the first parameters")
     ap.add_argument("--log-level", default="info")
     return ap
@@ -279,9 +283,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"neurons: {e}", file=sys.stderr)
         return 2
     svc = Neurons(source, max_images=args.max_images, max_scan=args.max_scan, datasets=extra)
+    explorer = None
+    if args.http_port is not None:
+        from downpour.neurons.explorer import ExplorerServer
+
+        try:  # the same parameters, limits, TLS certificate and token as the gRPC API
+            explorer = ExplorerServer(svc.net, cfg.host, args.http_port, token=cfg.token, tls_cert=cfg.tls_cert,
+                                      tls_key=cfg.tls_key)
+        except (ValueError, OSError) as e:
+            print(f"neurons: --http-port: {e}", file=sys.stderr)
+            return 2
     server.add(lambda s: neurons_pb2_grpc.add_NeuronsServicer_to_server(svc, s), SERVICE)
     port = server.start()
     print(f"neurons listening on port {port}", file=sys.stderr, flush=True)
+    if explorer is not None:
+        try:
+            explorer.start()
+        except OSError as e:
+            print(f"neurons: --http-port {args.http_port}: cannot serve the explorer: {e}", file=sys.stderr)
+            server.stop(0)
+            return 2
+        print(f"neuron explorer at {explorer.url}", file=sys.stderr, flush=True)
     try:
         sources.wait_for_first(source, args.start_timeout)
     except sources.SourceError as e:
@@ -292,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     refresher = sources.Refresher(source, args.refresh_seconds).start()
     server.set_serving()
     server.wait()
+    if explorer is not None:
+        explorer.stop()
     refresher.stop()
     source.close()
     return 0
