@@ -258,3 +258,25 @@ def test_cupy_backend_matches_numpy(run, photo):
                                rtol=1e-4, atol=1e-5)
     a, b = (n.optimal_stimulus("stage3.pool", (0, 0, 0), steps=10) for n in (cpu, gpu))
     assert b.activation == pytest.approx(a.activation, rel=1e-3)
+
+
+def test_a_client_with_nothing_but_reflection_gets_the_same_activations(run, photo, service):
+    """What grpcurl or a client generated in another language sees: the contract from server reflection,
+    no downpour stubs. The photo goes as encoded bytes; the answer is a Tensor of float32 bytes."""
+    from google.protobuf import descriptor_pool, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(service.address) as ch:
+        grpc.channel_ready_future(ch).result(timeout=60)
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert "downpour.v1.Neurons" in db.get_services()
+        pool = descriptor_pool.DescriptorPool(db)
+        method = pool.FindServiceByName("downpour.v1.Neurons").FindMethodByName("GetActivations")
+        Req = message_factory.GetMessageClass(method.input_type)
+        Resp = message_factory.GetMessageClass(method.output_type)
+        call = ch.unary_unary("/downpour.v1.Neurons/GetActivations", request_serializer=Req.SerializeToString,
+                              response_deserializer=Resp.FromString)
+        r = call(Req(encoded_images=[photo.read_bytes()], layer=LAYER), timeout=60)
+    assert pool.FindEnumTypeByName("downpour.v1.Dtype").values_by_number[r.activations.dtype].name == "DTYPE_FLOAT32"
+    got = np.frombuffer(r.activations.data, "<f4").reshape(list(r.activations.shape))
+    np.testing.assert_allclose(got, reference(run, photo.read_bytes()), rtol=1e-4, atol=1e-5)
