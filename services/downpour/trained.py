@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -105,7 +105,7 @@ class TrainedNetwork:
             max_images=self.max_images)
 
     # -- activations ------------------------------------------------------------------
-    def prepare(self, items: Sequence[np.ndarray], names: Sequence[str], *, raw: bool = False, resize: bool = True,
+    def prepare(self, items: Iterable[np.ndarray], names: Sequence[str], *, raw: bool = False, resize: bool = True,
                 checkpoint_id: str = "") -> np.ndarray:
         """(C, H, W) images in [0, 1] -> the model's normalised (B, C, H, W) input."""
         x = imagelib.to_input(items, self.model(checkpoint_id).spec.input, resize=resize, names=names)

@@ -280,3 +280,13 @@ def test_a_client_with_nothing_but_reflection_gets_the_same_activations(run, pho
     assert pool.FindEnumTypeByName("downpour.v1.Dtype").values_by_number[r.activations.dtype].name == "DTYPE_FLOAT32"
     got = np.frombuffer(r.activations.data, "<f4").reshape(list(r.activations.shape))
     np.testing.assert_allclose(got, reference(run, photo.read_bytes()), rtol=1e-4, atol=1e-5)
+
+
+def test_cupy_backend_without_cupy_says_how_to_get_it(run):
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs CuPy"):
+            downpour.load(run, backend="cupy")
+    else:
+        pytest.skip("CuPy is installed here: test_cupy_backend_matches_numpy covers it")

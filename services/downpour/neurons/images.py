@@ -10,9 +10,11 @@ model's is refused instead.
 
 Hostile input is refused before any work is spent on it: an encoded image
 whose header claims more than ``MAX_PIXELS`` pixels is not decoded (a
-decompression bomb), and an array image may not have more either.
+decompression bomb), an array image may not have more either, and the images
+of one request may not have more than ``MAX_REQUEST_PIXELS`` together (a
+request of many small files that each decode to a large blank image).
 
-    items = from_encoded(data, "encoded_images[0]")       # [(C, H, W)] float32 in [0, 1]
+    item = from_encoded(data, "encoded_images[0]")        # (C, H, W) float32 in [0, 1]
     items = from_batch(arr_bhwc, "images")                 # uint8 or float in [0, 1]
     x = to_input(items, (1, 16, 16), names=[...])          # (B, C, H, W) float32
     items, names = load(["photo.jpg", b"...", pil_image])  # what the Python API accepts
@@ -25,7 +27,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,12 +38,28 @@ from downpour.neurons.model import QueryError
 # check starts at ~89 M pixels (warning) and 179 M (error), both far above what any
 # network input needs and what a query should be allowed to make the service allocate.
 MAX_PIXELS = 40_000_000
+# All the images of one request together: each is fitted (and its full-size copy dropped) before
+# the next is decoded, so memory stays at one image, and this bounds the time spent resizing.
+MAX_REQUEST_PIXELS = 200_000_000
 # What an array image may be: its dtype and the range its values are read in.
 ARRAY_DTYPES = {"uint8": "0..255", "float16": "0..1", "bfloat16": "0..1", "float32": "0..1", "float64": "0..1"}
 CHANNELS = (1, 3, 4)
 
 
-def from_encoded(data: bytes, what: str) -> np.ndarray:
+class PixelBudget:
+    """What one request may still decode (``MAX_REQUEST_PIXELS``)."""
+
+    def __init__(self, pixels: int = MAX_REQUEST_PIXELS) -> None:
+        self.total, self.left = pixels, pixels
+
+    def take(self, n: int, what: str) -> None:
+        if n > self.left:
+            raise QueryError(f"{what}: the request's images have more than {self.total} pixels together; "
+                             f"send fewer or smaller images")
+        self.left -= n
+
+
+def from_encoded(data: bytes, what: str, budget: PixelBudget | None = None) -> np.ndarray:
     """Encoded bytes (any format Pillow reads) -> (C, H, W) float32 in [0, 1]; QueryError if not."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -53,6 +71,8 @@ def from_encoded(data: bytes, what: str) -> np.ndarray:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise QueryError(f"{what} is {h}x{w} = {w * h} pixels; at most {MAX_PIXELS} are decoded")
+            if budget is not None:
+                budget.take(w * h, what)
             im.load()
             im = ImageOps.exif_transpose(im)  # phones store rotated pixels plus an orientation tag
     except QueryError:
@@ -114,9 +134,13 @@ def from_batch(arr: np.ndarray, what: str, dtype_name: str | None = None) -> lis
     return [np.ascontiguousarray(np.moveaxis(x[i], -1, 0)) for i in range(n)]
 
 
-def to_input(items: Sequence[np.ndarray], input_chw: Sequence[int], *, resize: bool = True,
+def to_input(items: Iterable[np.ndarray], input_chw: Sequence[int], *, resize: bool = True,
              names: Sequence[str] | None = None) -> np.ndarray:
-    """(C, H, W) images in [0, 1] -> the model's (B, C, H, W) float32 input (see the module docstring)."""
+    """(C, H, W) images in [0, 1] -> the model's (B, C, H, W) float32 input (see the module docstring).
+
+    ``items`` may be a generator: each image is fitted before the next is made, so that only
+    one full-size image is held at a time.
+    """
     c, h, w = (int(v) for v in input_chw)
     out = []
     for i, im in enumerate(items):
@@ -137,37 +161,37 @@ def _is_image_array(a: np.ndarray) -> bool:
     return a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in CHANNELS)
 
 
-def load(images: Any) -> tuple[list[np.ndarray], list[str]]:
-    """What the Python API accepts -> ([(C, H, W) in [0, 1]], names).
+def load(images: Any) -> tuple[Iterator[np.ndarray], list[str]]:
+    """What the Python API accepts -> ((C, H, W) images in [0, 1], made one at a time; names).
 
     One array [batch, height, width, channels]; or a sequence (or one) of file
     paths, encoded bytes, PIL images and arrays [height, width(, channels)].
     """
     if isinstance(images, np.ndarray) and images.ndim == 4:
-        return from_batch(images, "images"), [f"images[{i}]" for i in range(len(images))]
+        return iter(from_batch(images, "images")), [f"images[{i}]" for i in range(len(images))]
     if isinstance(images, (str, os.PathLike, bytes, bytearray, np.ndarray)) or hasattr(images, "getdata"):
         images = [images]
-    items, names = [], []
+    images = list(images)
+    names = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else f"images[{i}]" for i, im in enumerate(images)]
+    return _load_each(images, names), names
+
+
+def _load_each(images: list, names: list[str]) -> Iterator[np.ndarray]:
     for i, im in enumerate(images):
+        name = names[i]
         if isinstance(im, (str, os.PathLike)):
-            name = os.fspath(im)
             with open(im, "rb") as f:
-                items.append(from_encoded(f.read(), name))
+                yield from_encoded(f.read(), name)
         elif isinstance(im, (bytes, bytearray)):
-            name = f"images[{i}]"
-            items.append(from_encoded(bytes(im), name))
+            yield from_encoded(bytes(im), name)
         elif hasattr(im, "getdata"):  # a PIL image: encode losslessly, decode as every other image
-            name = f"images[{i}]"
             buf = io.BytesIO()
             im.save(buf, format="PNG" if im.mode != "F" else "TIFF")
-            items.append(from_encoded(buf.getvalue(), name))
+            yield from_encoded(buf.getvalue(), name)
         elif isinstance(im, np.ndarray) and _is_image_array(im):
-            name = f"images[{i}]"
             a = im[:, :, None] if im.ndim == 2 else im
-            items.append(from_batch(a[None], name)[0])
+            yield from_batch(a[None], name)[0]
         else:
             raise TypeError(f"images[{i}]: expected a path, encoded bytes, a PIL image or an array "
                             f"[height, width(, channels)], got {type(im).__name__}"
                             f"{' of shape ' + str(im.shape) if isinstance(im, np.ndarray) else ''}")
-        names.append(name)
-    return items, names

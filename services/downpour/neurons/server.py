@@ -54,7 +54,7 @@ IMAGE_DTYPES = {common_pb2.DTYPE_UINT8: "uint8", common_pb2.DTYPE_FLOAT16: "floa
                 common_pb2.DTYPE_FLOAT64: "float64"}
 
 
-def images_from_request(req: pb.GetActivationsRequest, max_images: int) -> tuple[list[np.ndarray], list[str]]:
+def images_from_request(req: pb.GetActivationsRequest, max_images: int):
     """The request's images as (C, H, W) float32 in [0, 1], any size (see ``downpour.neurons.images``)."""
     has_tensor = req.HasField("images") and len(req.images.shape) > 0
     if has_tensor and req.encoded_images:
@@ -64,7 +64,9 @@ def images_from_request(req: pb.GetActivationsRequest, max_images: int) -> tuple
         if n > max_images:
             raise QueryError(f"too many images: {n}; at most {max_images} per request")
         names = [f"encoded_images[{i}]" for i in range(n)]
-        return [images.from_encoded(d, names[i]) for i, d in enumerate(req.encoded_images)], names
+        budget = images.PixelBudget()
+        # a generator: each image is fitted to the input before the next one is decoded
+        return (images.from_encoded(d, names[i], budget) for i, d in enumerate(req.encoded_images)), names
     if has_tensor:
         if req.images.dtype not in IMAGE_DTYPES:
             allowed = ", ".join(f"{common_pb2.Dtype.Name(d)} ({images.ARRAY_DTYPES[n]})" for d, n in IMAGE_DTYPES.items())
