@@ -209,20 +209,21 @@ class TrainedNetwork:
         return ds, n, np.concatenate(acts), np.concatenate(idx)
 
     def top_inputs(self, layer: str, neuron: NeuronSpec, *, dataset: str = "", k: int = 9, max_examples: int = 0,
-                   images: bool = False, thumbnails: bool = False, checkpoint_id: str = "",
-                   histogram_bins: int = 0) -> list[TopInput]:
+                   images: bool = False, thumbnails: bool = False, checkpoint_id: str = "") -> list[TopInput]:
         """The k examples of ``dataset`` that excite the unit most, best first."""
-        return self._top(layer, neuron, dataset=dataset, k=k, max_examples=max_examples, images=images,
+        return self.top_and_histogram(layer, neuron, dataset=dataset, k=k, max_examples=max_examples, images=images,
                          thumbnails=thumbnails, checkpoint_id=checkpoint_id)[0]
 
     def activation_histogram(self, layer: str, neuron: NeuronSpec, *, dataset: str = "", bins: int = 30,
                              max_examples: int = 0, checkpoint_id: str = "") -> Histogram:
         """How the unit's activations over ``dataset`` are distributed (``bins`` equal-width bins)."""
-        return self._top(layer, neuron, dataset=dataset, k=1, max_examples=max_examples,
+        return self.top_and_histogram(layer, neuron, dataset=dataset, k=1, max_examples=max_examples,
                          checkpoint_id=checkpoint_id, bins=bins)[1]
 
-    def _top(self, layer: str, neuron: NeuronSpec, *, dataset: str, k: int, max_examples: int, images: bool = False,
-             thumbnails: bool = False, checkpoint_id: str = "", bins: int = 0) -> tuple[list[TopInput], Histogram]:
+    def top_and_histogram(self, layer: str, neuron: NeuronSpec, *, dataset: str, k: int, max_examples: int,
+                          images: bool = False, thumbnails: bool = False, checkpoint_id: str = "",
+                          bins: int = 0) -> tuple[list[TopInput], Histogram]:
+        """One scan of ``dataset``: the k best inputs and (with ``bins``) the histogram of the activations."""
         model = self.model(checkpoint_id)
         u = self.unit(model, layer, neuron)
         if not 1 <= k <= MAX_K:

@@ -76,7 +76,8 @@ def test_the_api_answers_what_the_network_answers_in_process(served, trained_run
     net = downpour.load(trained_run)
     code, model = get(url + "api/model")
     assert code == 200
-    assert [(l["name"], tuple(l["shape"])) for l in model["layers"]] == [(l.name, l.shape) for l in net.describe().layers]
+    assert [(x["name"], tuple(x["shape"])) for x in model["layers"]] == \
+        [(x.name, x.shape) for x in net.describe().layers]
     assert model["checkpoint_id"] == net.describe().checkpoint_id and "heldout" in model["datasets"]
     code, maps = get(url + f"api/maps?layer={LAYER}", data=photo.read_bytes())
     assert code == 200

@@ -104,7 +104,7 @@ def test_a_photo_of_any_size_gives_the_same_activations_everywhere(run, photo, s
 
 
 def test_modes_and_orientation_are_converted_as_decoded(run, service, tmp_path):
-    """Palette, RGBA and grey+alpha give what their RGB pixels give; an EXIF-rotated photo what the upright one gives."""
+    """Palette and RGBA give what their RGB pixels give; an EXIF-rotated photo what the upright one gives."""
     rng = np.random.default_rng(3)
     rgb = Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
     pal = rgb.quantize(64)

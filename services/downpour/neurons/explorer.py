@@ -173,7 +173,8 @@ class Explorer:
         if not data:
             raise BadRequest("no image: send the encoded image as the request body")
         a = await self._call(lambda: self.backend.activations([bytes(data)], layer))
-        return web.json_response({"layer": layer, "shape": list(a.layer_shape), "maps": map_pngs(a.values[0], a.layer_shape),
+        return web.json_response({"layer": layer, "shape": list(a.layer_shape),
+                                  "maps": map_pngs(a.values[0], a.layer_shape),
                                   "parameters_version": a.parameters_version})
 
     # -- the application ----------------------------------------------------------------------

@@ -69,7 +69,8 @@ def images_from_request(req: pb.GetActivationsRequest, max_images: int):
         return (images.from_encoded(d, names[i], budget) for i, d in enumerate(req.encoded_images)), names
     if has_tensor:
         if req.images.dtype not in IMAGE_DTYPES:
-            allowed = ", ".join(f"{common_pb2.Dtype.Name(d)} ({images.ARRAY_DTYPES[n]})" for d, n in IMAGE_DTYPES.items())
+            allowed = ", ".join(f"{common_pb2.Dtype.Name(d)} ({images.ARRAY_DTYPES[n]})"
+                                for d, n in IMAGE_DTYPES.items())
             raise QueryError(f"images of dtype {codec.dtype_name(req.images.dtype)} are not supported; "
                              f"send one of: {allowed}")
         shape = list(req.images.shape)
@@ -140,7 +141,7 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
     def TopInputs(self, request, context):
         try:
             layer, neuron = self._neuron(request.neuron)
-            top, hist = self.net._top(
+            top, hist = self.net.top_and_histogram(
                 layer, neuron, dataset=request.dataset, k=request.k or 10, max_examples=request.max_examples,
                 images=request.include_images, thumbnails=request.include_thumbnails,
                 checkpoint_id=request.checkpoint_id, bins=request.histogram_bins)

@@ -160,7 +160,7 @@ class ShardSource(Source):
         if version == self._version and self._model is not None:
             self.refreshed_at = time.time()
             return False
-        self._set(NeuronModel(self.spec, self._join(params), version=version))
+        self._set(NeuronModel(self.spec, self._join(params), version=version, backend=self.backend))
         self._version = version
         return True
 
