@@ -236,3 +236,58 @@ def test_the_page_in_a_headless_browser(served, trained_run, photo, tmp_path):
         assert Image.open(shot).size[0] >= 1000
     finally:
         browser.quit()
+
+
+def test_the_explorer_follows_the_live_parameters_of_a_training_job(tmp_path):
+    """Over live shards, as `downpour up` serves them: a push moves the parameters and the page's answers."""
+    from downpour import config as jobconfig
+    from downpour.nn import Network, presets
+    from downpour.paramserver.client import ParamClient, balanced_placement
+
+    shards = [Proc(tmp_path, "paramserver", "--shard-index", str(i), "--lr", "0.5") for i in range(2)]
+    procs = list(shards)
+    try:
+        net = Network(presets.get("tiny"))
+        params = net.init_params(5)
+        ps = ParamClient([s.address for s in shards], worker_id="test",
+                         placement=balanced_placement(net.block_sizes(), 2))
+        ps.wait_ready(30)
+        ps.init({k: np.asarray(v) for k, v in params.items()})
+        cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 2})
+        (tmp_path / "job.yaml").write_text(cfg.to_yaml())
+        live = Proc(tmp_path, "neurons", "--shards", ",".join(s.address for s in shards), "--config",
+                    str(tmp_path / "job.yaml"), "--refresh-seconds", "0.2", "--http-port", "0")
+        procs.append(live)
+        url = explorer_url(live)
+        img = np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        code, before = get(url + f"api/maps?layer={LAYER}", data=buf.getvalue())
+        assert code == 200
+        ps.wait(ps.push({k: np.ones(np.size(v), np.float32) for k, v in params.items()}))
+        deadline = time.monotonic() + 20
+        while True:
+            after = get(url + f"api/maps?layer={LAYER}", data=buf.getvalue())[1]
+            if after["parameters_version"] != before["parameters_version"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert after["parameters_version"] > before["parameters_version"]
+        assert [m["max"] for m in after["maps"]] != [m["max"] for m in before["maps"]]
+        ps.close()
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_questions_beyond_the_in_flight_limit_are_answered_429(served):
+    """Twelve slow questions at once (1000 ascent steps each): eight are computed, the rest refused at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from downpour.neurons.explorer import MAX_IN_FLIGHT
+
+    url = served[1] + f"api/stimulus?{UNIT}&steps=1000"
+    with ThreadPoolExecutor(12) as pool:
+        codes = sorted(c for c, _ in pool.map(lambda _: get(url), range(12)))
+    assert codes.count(200) >= 1 and codes.count(429) >= 12 - MAX_IN_FLIGHT, codes
+    assert set(codes) <= {200, 429}
+    assert get(served[1] + "api/model")[0] == 200  # and it answers again

@@ -18,6 +18,7 @@ The backend is anything with the methods of ``downpour.trained.TrainedNetwork``
 (that class itself, over live or checkpoint parameters, or a
 ``downpour.client.NeuronsClient``). Bad input is answered 400 with
 ``{"error": ...}`` naming the problem; bodies over ``MAX_UPLOAD_BYTES`` 413.
+At most ``MAX_IN_FLIGHT`` questions are computed at once (more: 429).
 With a token, every request needs it (``Authorization: Bearer``, or
 ``?token=`` once, which sets a cookie); the server refuses to serve a token
 over plain HTTP, so a secured service gets the explorer only with TLS.
@@ -45,6 +46,7 @@ MAX_UPLOAD_BYTES = 16 << 20
 MAX_TOP_K = 64
 MAX_BINS = 200
 MAX_STEPS = 1000
+MAX_IN_FLIGHT = 8  # questions computed at once; more are answered 429 rather than queued without bound
 COOKIE = "downpour_token"
 
 
@@ -90,9 +92,10 @@ def _error_response(e: Exception) -> web.Response:
 class Explorer:
     """The aiohttp application over a backend."""
 
-    def __init__(self, backend: Any, token: str = "") -> None:
+    def __init__(self, backend: Any, token: str = "", max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.backend = backend
         self.token = token
+        self.max_in_flight, self.in_flight = max_in_flight, 0
 
     # -- request parsing ----------------------------------------------------------------
     @staticmethod
@@ -117,8 +120,15 @@ class Explorer:
         return layer, (self._int(q, "map"), self._int(q, "y"), self._int(q, "x"))
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
-        # the math (or a gRPC call) blocks: keep it off the event loop
-        return await asyncio.get_running_loop().run_in_executor(None, fn)
+        # the math (or a gRPC call) blocks: keep it off the event loop, and bound how much runs at once
+        if self.in_flight >= self.max_in_flight:
+            raise web.HTTPTooManyRequests(text='{"error": "busy: too many questions at once; try again"}',
+                                          content_type="application/json")
+        self.in_flight += 1  # only the event loop's thread touches the count
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, fn)
+        finally:
+            self.in_flight -= 1
 
     # -- handlers -------------------------------------------------------------------------
     async def page(self, request: web.Request) -> web.Response:
