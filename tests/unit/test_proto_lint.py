@@ -186,3 +186,83 @@ service Things {
         assert f"{rule} " in got and needle in got, (rule, needle, got)
     assert "SERVICE_SUFFIX" not in got  # the one exception, as configured
     assert "COMMENT_RPC bad/v1/BadFile.proto: Things.List" not in got
+
+
+# -- wire compatibility ------------------------------------------------------------------------
+# What buf's `breaking --against` checks in its WIRE_JSON category, against a snapshot of the
+# contract kept in tests/unit/proto_wire.json: a field keeps its number, name, type and
+# cardinality, an enum value its number and name, an RPC its types and streaming, a service
+# its name. Additions pass; after one, refresh the snapshot:
+#     .venv/bin/python tests/unit/test_proto_lint.py --update-wire-snapshot
+WIRE_SNAPSHOT = Path(__file__).with_name("proto_wire.json")
+
+
+def wire_table(files) -> dict[str, str]:
+    out: dict[str, str] = {}
+
+    def message(m, scope):
+        name = f"{scope}.{m.name}"
+        for f in m.field:
+            out[f"{name}#{f.number}"] = f"{f.name} type={f.type} label={f.label} {f.type_name}".strip()
+        for e in m.enum_type:
+            enum(e, name)
+        for n in m.nested_type:
+            message(n, name)
+
+    def enum(e, scope):
+        for v in e.value:
+            # JSON carries value names; binary the numbers. The enum's own name is neither.
+            out[f"{scope}.enum:{v.number}"] = v.name
+
+    for fd in files:
+        for m in fd.message_type:
+            message(m, fd.package)
+        for e in fd.enum_type:
+            enum(e, f"{fd.package}.{e.name}")
+        for s in fd.service:
+            for r in s.method:
+                out[f"/{fd.package}.{s.name}/{r.name}"] = \
+                    f"{r.input_type} {r.output_type} client_streaming={r.client_streaming} " \
+                    f"server_streaming={r.server_streaming}"
+    return out
+
+
+def _current_wire(tmp: Path) -> dict[str, str]:
+    files = sorted((PROTO_ROOT / "downpour" / "v1").glob("*.proto"))
+    return wire_table(compile_protos(PROTO_ROOT, files, tmp / "wire.pb"))
+
+
+def wire_breaks(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    return [f"{k}: {v!r} -> {new.get(k, 'removed')!r}" for k, v in sorted(old.items()) if new.get(k) != v]
+
+
+def test_the_wire_stays_compatible(tmp_path):
+    import json
+
+    broken = wire_breaks(json.loads(WIRE_SNAPSHOT.read_text()), _current_wire(tmp_path))
+    assert not broken, "wire-incompatible changes:\n" + "\n".join(broken)
+
+
+def test_a_renumbered_field_or_renamed_service_is_caught(tmp_path):
+    import json
+    import shutil
+
+    root = tmp_path / "proto"
+    shutil.copytree(PROTO_ROOT, root)
+    p = root / "downpour" / "v1" / "neurons.proto"
+    p.write_text(p.read_text().replace("int32 k = 2;", "int32 k = 9;").replace("service Neurons {",
+                                                                                "service NeuronsService {"))
+    files = sorted((root / "downpour" / "v1").glob("*.proto"))
+    broken = "\n".join(wire_breaks(json.loads(WIRE_SNAPSHOT.read_text()),
+                                   wire_table(compile_protos(root, files, tmp_path / "x.pb"))))
+    assert "downpour.v1.TopInputsRequest#2: 'k type=5 label=1' -> 'removed'" in broken
+    assert "/downpour.v1.Neurons/GetActivations" in broken
+
+
+if __name__ == "__main__" and "--update-wire-snapshot" in sys.argv:
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        WIRE_SNAPSHOT.write_text(json.dumps(_current_wire(Path(d)), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {WIRE_SNAPSHOT}")
