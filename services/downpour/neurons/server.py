@@ -299,14 +299,6 @@ def main(argv: list[str] | None = None) -> int:
     server.add(lambda s: neurons_pb2_grpc.add_NeuronsServicer_to_server(svc, s), SERVICE)
     port = server.start()
     print(f"neurons listening on port {port}", file=sys.stderr, flush=True)
-    if explorer is not None:
-        try:
-            explorer.start()
-        except OSError as e:
-            print(f"neurons: --http-port {args.http_port}: cannot serve the explorer: {e}", file=sys.stderr)
-            server.stop(0)
-            return 2
-        print(f"neuron explorer at {explorer.url}", file=sys.stderr, flush=True)
     try:
         sources.wait_for_first(source, args.start_timeout)
     except sources.SourceError as e:
@@ -315,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     metrics.NEURONS_PARAMETERS_VERSION.set(source.model.version)
     refresher = sources.Refresher(source, args.refresh_seconds).start()
+    if explorer is not None:  # opened once there are parameters, as health turns SERVING
+        try:
+            explorer.start()
+        except OSError as e:
+            print(f"neurons: --http-port {args.http_port}: cannot serve the explorer: {e}", file=sys.stderr)
+            server.stop(0)
+            return 2
+        print(f"neuron explorer at {explorer.url}", file=sys.stderr, flush=True)
     server.set_serving()
     server.wait()
     if explorer is not None:
