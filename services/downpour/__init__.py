@@ -6,3 +6,11 @@ one sub-package per service, ``rpc`` for the plumbing they share, ``cli`` for th
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, *, backend: str = "numpy"):
+    """A trained network in this process (see ``downpour.trained``): a run folder, a checkpoint
+    directory or folder, or a file written by ``downpour export`` (.safetensors, .npz)."""
+    from downpour.trained import load as _load
+
+    return _load(path, backend=backend)

@@ -4,6 +4,8 @@
     downpour up [options]                      the whole cluster as local processes
     downpour status --coordinator ADDR         a running cluster's state
     downpour query --addr ADDR --image F ...   neuron activations from a neurons service
+    downpour export --checkpoint DIR --format {safetensors,npz} --out FILE   weights, self-describing
+    downpour explore --addr ADDR | --checkpoint DIR   the neuron explorer web page
     downpour eval {faces,supervised}           the paper's experiments
     downpour serve <role> [options]            run one service (paramserver, ...)
 
@@ -140,8 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from downpour.client import add_query_parser
     from downpour.evals import add_eval_parser
+    from downpour.export import add_export_parser
+    from downpour.neurons.explorer import add_explore_parser
 
     add_query_parser(sub)
+    add_export_parser(sub)
+    add_explore_parser(sub)
     add_eval_parser(sub)
 
     sub.add_parser("serve", help="run one service: " + ", ".join(ROLES), add_help=False)

@@ -3,16 +3,20 @@
     from downpour.client import NeuronsClient
     with NeuronsClient("127.0.0.1:7300") as nc:
         info = nc.describe()                                   # layers, shapes, source
-        acts = nc.activations(["face.png"], "stage3.pool")     # (1, units) every unit
+        acts = nc.activations(["photo.jpg"], "stage3.pool")    # (1, units) every unit; any image size
         acts = nc.activations(batch_bhwc, "stage3.pool", neurons=[5, 17])
         top = nc.top_inputs("stage3.pool", (2, 4, 4), dataset="heldout", k=9)
+        hist = nc.activation_histogram("stage3.pool", (2, 4, 4), dataset="heldout")
         stim = nc.optimal_stimulus("stage3.pool", (2, 4, 4))   # unit-norm [H, W, C]
 
-    downpour query --addr 127.0.0.1:7300 --image face.png --layer stage3.pool --neurons 5,17 [--json]
+    downpour query --addr 127.0.0.1:7300 --image photo.jpg --layer stage3.pool --neurons 5,17 [--json]
 
-Images are file paths / encoded bytes (sent as encoded images, so the server
-decodes them) or arrays [batch, height, width, channels] (uint8 or float in
-[0, 1]). A neuron is a flat id into its layer, or a (map, y, x) triple.
+The methods, their arguments and their results (``downpour.neurons.results``)
+are those of ``downpour.load(path)``, which answers in process. Images are file
+paths / encoded bytes (sent as encoded images, so the server decodes them) or
+arrays [batch, height, width, channels] (uint8, or float in [0, 1]), of any
+size: the server fits them to the model's input unless ``resize=False``. A
+neuron is a flat id into its layer, or a (map, y, x) triple.
 """
 
 from __future__ import annotations
@@ -21,44 +25,17 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from downpour.neurons.results import Activations, Histogram, LayerInfo, ModelInfo, Stimulus, TopInput
 from downpour.rpc import codec
 from downpour.rpc.channel import ChannelConfig, open_channel, wait_ready
 from downpour.v1 import neurons_pb2 as pb
 from downpour.v1 import neurons_pb2_grpc
 
 NeuronSpec = int | tuple[int, int, int]
-
-
-@dataclass
-class Activations:
-    values: np.ndarray  # (images, neurons) float32
-    neuron_ids: list[int]  # flat ids, one per column, when queried by layer (empty for (map, y, x) neurons)
-    layer_shape: tuple[int, ...]  # (maps, height, width)
-    parameters_version: int
-
-
-@dataclass
-class TopInput:
-    example_id: int
-    activation: float
-    label: int
-    image: np.ndarray | None  # [H, W, C]
-    thumbnail_png: bytes
-
-
-@dataclass
-class Stimulus:
-    image: np.ndarray  # [H, W, C], L2 norm as asked (1 by default)
-    activation: float
-    random_activation_mean: float
-    random_activation_max: float
-    parameters_version: int
-    png: bytes
 
 
 def _encoded(images) -> tuple[list[bytes], np.ndarray | None]:
@@ -95,19 +72,30 @@ class NeuronsClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @staticmethod
-    def _ref(layer: str, neuron: NeuronSpec) -> pb.NeuronRef:
-        m, y, x = neuron
+    def _ref(self, layer: str, neuron: NeuronSpec) -> pb.NeuronRef:
+        if isinstance(neuron, (tuple, list)):
+            m, y, x = neuron
+        else:  # a flat id: (map, y, x) from the layer's shape, as the server counts them
+            try:
+                _, h, w = self.describe().layer_shape(layer)
+            except KeyError as e:
+                raise ValueError(str(e.args[0])) from None
+            m, r = divmod(int(neuron), h * w)
+            y, x = divmod(r, w)
         return pb.NeuronRef(layer=layer, map=int(m), y=int(y), x=int(x))
 
-    def describe(self, checkpoint_id: str = "") -> pb.DescribeModelResponse:
-        return self.stub.DescribeModel(pb.DescribeModelRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
+    def describe(self, checkpoint_id: str = "") -> ModelInfo:
+        r = self.stub.DescribeModel(pb.DescribeModelRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
+        return ModelInfo(layers=[LayerInfo(l.name, tuple(l.shape)) for l in r.layers],
+                         input_shape=tuple(r.input_shape), source=r.source, parameters_version=r.parameters_version,
+                         checkpoint_id=r.checkpoint_id, step=r.step, normalize=r.normalize,
+                         datasets=list(r.datasets), max_images=r.max_images)
 
     def activations(self, images, layer: str, neurons: Sequence[NeuronSpec] | None = None, *,
-                    raw: bool = False, checkpoint_id: str = "") -> Activations:
+                    raw: bool = False, resize: bool = True, checkpoint_id: str = "") -> Activations:
         """Activations of ``neurons`` (flat ids or (map, y, x); None: every unit) of ``layer``."""
         enc, arr = _encoded(images)
-        req = pb.GetActivationsRequest(encoded_images=enc, raw=raw, checkpoint_id=checkpoint_id)
+        req = pb.GetActivationsRequest(encoded_images=enc, raw=raw, no_resize=not resize, checkpoint_id=checkpoint_id)
         if arr is not None:
             req.images.CopyFrom(codec.tensor_to_proto(np.ascontiguousarray(arr)))
         neurons = list(neurons or [])
@@ -120,7 +108,7 @@ class NeuronsClient:
         return Activations(codec.tensor_from_proto(r.activations).copy(), list(r.neuron_ids), tuple(r.layer_shape),
                            r.parameters_version)
 
-    def top_inputs(self, layer: str, neuron: tuple[int, int, int], *, dataset: str = "", k: int = 9,
+    def top_inputs(self, layer: str, neuron: NeuronSpec, *, dataset: str = "", k: int = 9,
                    max_examples: int = 0, images: bool = False, thumbnails: bool = False,
                    checkpoint_id: str = "") -> list[TopInput]:
         r = self.stub.TopInputs(pb.TopInputsRequest(
@@ -130,7 +118,15 @@ class NeuronsClient:
                          codec.tensor_from_proto(s.image).copy() if s.HasField("image") else None, s.thumbnail_png)
                 for s in r.inputs]
 
-    def optimal_stimulus(self, layer: str, neuron: tuple[int, int, int], *, steps: int = 200,
+    def activation_histogram(self, layer: str, neuron: NeuronSpec, *, dataset: str = "", bins: int = 30,
+                             max_examples: int = 0, checkpoint_id: str = "") -> Histogram:
+        r = self.stub.TopInputs(pb.TopInputsRequest(
+            neuron=self._ref(layer, neuron), k=1, dataset=dataset, max_examples=max_examples, histogram_bins=bins,
+            checkpoint_id=checkpoint_id), timeout=self.timeout)
+        return Histogram(np.asarray(r.histogram_edges, np.float64), np.asarray(r.histogram_counts, np.int64),
+                         r.examples_scanned, r.parameters_version)
+
+    def optimal_stimulus(self, layer: str, neuron: NeuronSpec, *, steps: int = 200,
                          learning_rate: float = 0.1, restarts: int = 8, norm: float = 1.0, seed: int = 0,
                          checkpoint_id: str = "") -> Stimulus:
         r = self.stub.OptimalStimulus(pb.OptimalStimulusRequest(
@@ -172,7 +168,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
     try:
         neurons = parse_neurons(args.neurons) if args.neurons else None
         with NeuronsClient(args.addr, cc, timeout=args.timeout) as nc:
-            r = nc.activations(args.image, args.layer, neurons, raw=args.raw, checkpoint_id=args.checkpoint_id)
+            r = nc.activations(args.image, args.layer, neurons, raw=args.raw, resize=not args.no_resize,
+                               checkpoint_id=args.checkpoint_id)
     except grpc.RpcError as e:
         print(f"downpour query: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -204,10 +201,13 @@ def add_query_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``downpour query`` to a ``downpour`` subparsers object."""
     q = subparsers.add_parser("query", help="activations of neurons for images, from a neurons service")
     q.add_argument("--addr", default="127.0.0.1:7300", help="the neurons service's address")
-    q.add_argument("--image", nargs="+", required=True, metavar="F", help="image files (PNG, JPEG, ...)")
+    q.add_argument("--image", nargs="+", required=True, metavar="F",
+                   help="image files (PNG, JPEG, ...) of any size: fitted to the model's input")
     q.add_argument("--layer", required=True, help="e.g. stage3.pool (see the service's DescribeModel)")
     q.add_argument("--neurons", default="", help="flat ids '5,17' or map:y:x triples '2:4:4,0:0:1'; default all")
     q.add_argument("--raw", action="store_true", help="skip the job's per-image normalisation")
+    q.add_argument("--no-resize", action="store_true",
+                   help="refuse images that are not the model's input size (default: fit them, aspect kept)")
     q.add_argument("--checkpoint-id", default="", help="a committed checkpoint instead of the live parameters")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--timeout", type=float, default=60.0)

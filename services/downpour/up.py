@@ -115,6 +115,16 @@ class Child:
             return False
         return any(m in tail for m in ("cannot bind", "failed to bind", "address already in use"))
 
+    def last_line(self) -> str:
+        """The last line the child wrote (its own error, when it failed), for the terminal."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - 8192))
+                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:400] if lines else ""
+
     def new_ports(self) -> None:
         self.port, self.metrics_port = free_port(), free_port()
 
@@ -234,7 +244,9 @@ class Cluster:
                 return
             except RuntimeError:
                 if attempt == attempts - 1 or not c.lost_its_port():
-                    raise
+                    # the child's own reason, not just its exit code: the user should not have to dig in logs/
+                    raise RuntimeError(f"{c.name} exited with code {c.proc.returncode} during start-up: "
+                                       f"{c.last_line() or '(no output)'}\n  (its log: {c.log_path})") from None
                 c.new_ports()
                 c.start()
 
@@ -281,8 +293,9 @@ class Cluster:
                 c.restarts += 1
                 if c.role in ("worker", "neurons") and c.lost_its_port():
                     c.new_ports()  # they tell the coordinator (or nobody needs) their address
+                why = c.last_line()
                 c.start()
-                restarted.append(f"{c.name} (exit code {code})")
+                restarted.append(f"{c.name} (exit code {code}{': ' + why if why else ''})")
         if restarted:
             self.describe()
         return restarted
@@ -353,7 +366,8 @@ def write_outputs(out: str, history: list[dict], cfg: jobconfig.JobConfig, shard
     ax.set_ylabel("training loss" + (" (TICA)" if not cfg.supervised else " (cross-entropy)"))
     ax.set_title(f"downpour: {cfg.preset if cfg.model is None else 'custom'}, "
                  f"{cfg.replicas} replicas, {cfg.shards} shards")
-    ax.legend()
+    if ax.lines:  # no progress seen (a failed start): an empty plot, without a legend warning
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"))
@@ -382,6 +396,50 @@ def _snapshot(status) -> dict:
             "replicas": [reps.get(r, {"step": 0, "loss": float("nan"), "member": ""}) for r in range(n)]}
 
 
+def preflight(cfg: jobconfig.JobConfig) -> None:
+    """What can be checked before any process starts; raises ValueError naming the problem."""
+    if cfg.data != "default" and not cfg.data.startswith("default:"):
+        path = cfg.data[len("file://"):] if cfg.data.startswith("file://") else cfg.data
+        if not os.path.exists(os.path.expanduser(path)):
+            raise ValueError(f"--data: dataset {cfg.data!r} not found: expected 'default', a directory of images, "
+                             f"a .npy/.npz file or an IDX file")
+        from downpour.evals.common import preprocess_for
+        from downpour.feeder.datasets import open_dataset
+
+        try:  # what the feeder will do first: a folder without images or a bad file fails here, not in feeder.log
+            ds = open_dataset(cfg.data, preprocess_for(cfg.network_spec(), cfg.normalize))
+            n = len(ds)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--data {cfg.data!r}: {e}") from None
+        if n == 0:
+            raise ValueError(f"--data {cfg.data!r}: no examples in it")
+
+
+class _WarningsToLog:
+    """Library warnings (matplotlib, ...) go to <out>/logs/up.log, not to the terminal."""
+
+    def __init__(self, logs: str) -> None:
+        import logging
+
+        self.handler = logging.FileHandler(os.path.join(logs, "up.log"), encoding="utf-8", delay=True)
+        self.logger = logging.getLogger("py.warnings")
+
+    def __enter__(self) -> "_WarningsToLog":
+        import logging
+
+        logging.captureWarnings(True)
+        self.logger.addHandler(self.handler)
+        self.logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import logging
+
+        logging.captureWarnings(False)
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+
+
 def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = False,
         start_timeout: float = 90.0, secure: bool = False, neurons: bool = True) -> int:
     """Run a job to its step count. Returns a process exit code."""
@@ -404,6 +462,7 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
         if r.returncode != 0:
             raise ValueError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else
                              f"device={cfg.device}: the device check exited {r.returncode}")
+    preflight(cfg)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -414,6 +473,7 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
             console.print(*a, **kw)
     env, chcfg = secure_setup(os.path.abspath(out)) if secure else ({}, None)
     cluster = Cluster(cfg, out, resume, env, chcfg, neurons=neurons)
+    quiet_warnings = _WarningsToLog(cluster.logs).__enter__()
     history: list[dict] = []
     interrupted = False
 
@@ -473,6 +533,7 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
         signal.signal(signal.SIGINT, old)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         write_outputs(cluster.out, history, cfg, shard_metrics)
+        quiet_warnings.__exit__()
     if code == 0 and history:
         last = history[-1]
         losses = ", ".join(f"{r['loss']:.4g}" for r in last["replicas"])

@@ -146,7 +146,14 @@ def test_the_neurons_service_refuses_hostile_images_cleanly(tmp_path):
                 "tensor_wrong_size": tensor_to_proto(np.zeros((1, 17, 5, 1), np.float32)),
             }
             for name, t in lies.items():
-                codes[name] = ask(neurons_pb2.GetActivationsRequest(images=t, layer=layer))
+                # other sizes are fitted to the model's input unless the request refuses resizing
+                codes[name] = ask(neurons_pb2.GetActivationsRequest(images=t, layer=layer,
+                                                                    no_resize=name == "tensor_wrong_size"))
+            # each within the per-image limit, together past the request's (8 x 36 M pixels)
+            codes["many_huge_valid"] = ask(neurons_pb2.GetActivationsRequest(
+                encoded_images=[hostile(16)["bad_huge_valid.png"]] * 8, layer=layer))
+            codes["tensor_other_size_fitted"] = ask(neurons_pb2.GetActivationsRequest(
+                images=tensor_to_proto(np.zeros((1, 17, 5, 1), np.float32)), layer=layer))
             stub.DescribeModel(neurons_pb2.DescribeModelRequest(), timeout=30)  # still answering
         assert p.poll() is None
     finally:
@@ -154,8 +161,11 @@ def test_the_neurons_service_refuses_hostile_images_cleanly(tmp_path):
     print("\nneurons answers:", {k: v.name for k, v in codes.items()})
     allowed = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
     assert all(c in allowed for c in codes.values()), codes
+    # a 6000x6000 photo is a photo to the neurons service (fitted to the input); eight at once are refused
+    assert codes["bad_huge_valid.png"] == grpc.StatusCode.OK
     for name, c in codes.items():
-        if name.startswith("bad_") or name in ("tensor_huge_dims", "tensor_short_data", "tensor_wrong_dtype",
-                                               "tensor_wrong_size"):
+        if (name.startswith("bad_") and name != "bad_huge_valid.png") or name in (
+                "tensor_huge_dims", "tensor_short_data", "tensor_wrong_dtype", "tensor_wrong_size", "many_huge_valid"):
             assert c == grpc.StatusCode.INVALID_ARGUMENT, (name, c)
     assert codes["bad_bomb.png"] == grpc.StatusCode.INVALID_ARGUMENT
+    assert codes["tensor_other_size_fitted"] == grpc.StatusCode.OK

@@ -27,3 +27,17 @@ def _initial_loss(preset: str, batch: int = 32) -> float:
 def initial_loss():
     """The loss a run starts from, computed independently of the cluster."""
     return _initial_loss
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A real `downpour up` run folder: tiny preset, 20 steps, one replica, two shards (about 5 s)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    r = subprocess.run([sys.executable, "-m", "downpour.cli", "up", "--preset", "tiny", "--replicas", "1",
+                        "--shards", "2", "--steps", "20", "--quiet", "--no-neurons", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out

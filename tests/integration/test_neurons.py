@@ -29,6 +29,7 @@ from downpour.neurons.model import NeuronModel, Unit, layer_shapes
 from downpour.nn import Network, presets
 from downpour.paramserver.client import ParamClient, balanced_placement
 from downpour.rpc import codec
+from downpour.v1 import common_pb2
 from downpour.v1 import neurons_pb2 as pb
 
 SPEC = presets.get("tiny")
@@ -108,6 +109,12 @@ def png(img_hw: np.ndarray, mode: str = "L") -> bytes:
     return buf.getvalue()
 
 
+def bomb_png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (w, h)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
 def expected(model: NeuronModel, u8: np.ndarray, layer: str) -> np.ndarray:
     x = preprocess.normalize(np.moveaxis(u8.astype(np.float32) / 255.0, -1, 1), "standardize")
     return model.layer_activations(x, layer)
@@ -167,9 +174,11 @@ def _err(fn) -> grpc.RpcError:
     ("neuron ref out of range", "outside layer"),
     ("no layer", "layer"),
     ("undecodable image", "not a decodable image"),
-    ("wrong size png", "the model takes 16x16"),
-    ("wrong size tensor", "the model takes [16, 16, 1]"),
-    ("wrong channels", "the model takes [16, 16, 1]"),
+    ("wrong size png, resizing off", "encoded_images[0] is 20x16; the model takes 16x16"),
+    ("wrong size tensor, resizing off", "images[0] is 15x16; the model takes 16x16"),
+    ("wrong channels", "have 2 channels"),
+    ("bomb png", "at most 40000000 are decoded"),
+    ("huge tensor", "at most 40000000"),
     ("too many images", "too many images"),
     ("too many encoded images", "too many images"),
     ("no images", "no images"),
@@ -189,12 +198,18 @@ def test_get_activations_errors_are_invalid_argument(random_server, case, needle
             images=good, neurons=[pb.NeuronRef(layer="stage1.pool", map=99, y=0, x=0)]),
         "no layer": pb.GetActivationsRequest(images=good),
         "undecodable image": pb.GetActivationsRequest(encoded_images=[b"\x89PNG not really"]),
-        "wrong size png": pb.GetActivationsRequest(encoded_images=[png(np.zeros((20, 16), np.uint8))],
+        "wrong size png, resizing off": pb.GetActivationsRequest(
+            encoded_images=[png(np.zeros((20, 16), np.uint8))], layer="stage1.pool", no_resize=True),
+        "wrong size tensor, resizing off": pb.GetActivationsRequest(
+            images=codec.tensor_to_proto(np.zeros((1, 15, 16, 1), np.uint8)), layer="stage1.pool", no_resize=True),
+        "wrong channels": pb.GetActivationsRequest(images=codec.tensor_to_proto(np.zeros((1, 16, 16, 2), np.uint8)),
                                                    layer="stage1.pool"),
-        "wrong size tensor": pb.GetActivationsRequest(images=codec.tensor_to_proto(np.zeros((1, 15, 16, 1), np.uint8)),
-                                                      layer="stage1.pool"),
-        "wrong channels": pb.GetActivationsRequest(images=codec.tensor_to_proto(np.zeros((1, 16, 16, 3), np.uint8)),
-                                                   layer="stage1.pool"),
+        # a 1-bit PNG whose header claims 50 M pixels: a few kB on the wire, refused before decoding
+        "bomb png": pb.GetActivationsRequest(encoded_images=[bomb_png(10000, 5000)], layer="stage1.pool"),
+        # the shape alone is refused: no 41 M-pixel buffer is allocated
+        "huge tensor": pb.GetActivationsRequest(images=common_pb2.Tensor(
+            dtype=common_pb2.DTYPE_UINT8, shape=[1, 41_000_000, 1, 1], data=b"\0" * 16),
+            layer="stage1.pool"),
         "too many images": pb.GetActivationsRequest(images=codec.tensor_to_proto(images(9)), layer="stage1.pool"),
         "too many encoded images": pb.GetActivationsRequest(encoded_images=[png(u8[0, :, :, 0])] * 9,
                                                             layer="stage1.pool"),

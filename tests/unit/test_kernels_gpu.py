@@ -181,7 +181,7 @@ def test_neurons_model_parity():
 
     spec = presets.get("tiny")
     params = Network(spec).init_params(1)
-    ref, gpu = NeuronModel(spec, params), NeuronModel(spec, params, xp=cp)
+    ref, gpu = NeuronModel(spec, params), NeuronModel(spec, params, backend=cp)
     x = np.random.default_rng(3).standard_normal((6, *spec.input)).astype(np.float32)
     for layer in ("stage1.filter", "stage2.pool", "stage3.output"):
         a_ref, a = ref.layer_activations(x, layer), gpu.layer_activations(x, layer)

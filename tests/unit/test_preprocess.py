@@ -117,3 +117,31 @@ def test_apply_pipeline_mixed_sizes():
     # without a size, images follow the first one (or the given default)
     assert preprocess.apply(imgs, PreprocessSpec(channels=3)).shape == (2, 3, 10, 12)
     assert preprocess.apply(imgs, PreprocessSpec(), default_size=(4, 4)).shape == (2, 1, 4, 4)
+
+
+def test_fit_keeps_the_aspect_and_cuts_the_centre():
+    """A 32x64 image, left half 0 and right half 1, fitted to 16x16: scaled by 1/2 to 16x32, then
+    columns 8..23 cut out, so the left half of the result is 0 and the right half 1 (away from the edge)."""
+    x = np.zeros((1, 32, 64), np.float32)
+    x[:, :, 32:] = 1.0
+    y = preprocess.fit(x, (16, 16))
+    assert y.shape == (1, 16, 16)
+    assert np.allclose(y[0, :, :7], 0.0) and np.allclose(y[0, :, 9:], 1.0)
+    # a tall image scaled by 1/3: the result is source rows 30..59, the bright band (its edge rows
+    # blend with the dark rows outside it: the downscale is anti-aliased)
+    t = np.zeros((1, 90, 30), np.float32)
+    t[:, 30:60] = 1.0
+    z = preprocess.fit(t, (10, 10))
+    assert z.shape == (1, 10, 10) and np.allclose(z[:, 1:9], 1.0, atol=1e-6)
+    assert np.all((z[:, [0, 9]] > 0.5) & (z[:, [0, 9]] < 1.0))
+    # the right size is returned as it is; an upscale covers the target
+    same = x[:, :16, :16]
+    assert preprocess.fit(same, (16, 16)) is same
+    assert preprocess.fit(np.ones((3, 5, 7), np.float32), (16, 16)).shape == (3, 16, 16)
+
+
+def test_bfloat16_bits_are_the_upper_half_of_float32():
+    from downpour.neurons.images import bfloat16_to_float32
+
+    bits = np.array([0x3F80, 0x3F00, 0xC000, 0x0000, 0x4049], np.uint16)
+    np.testing.assert_array_equal(bfloat16_to_float32(bits), [1.0, 0.5, -2.0, 0.0, np.float32(3.140625)])

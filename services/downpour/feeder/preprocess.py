@@ -143,6 +143,19 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def fit(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One (C, H, W) image of any size -> ``size``, aspect kept: scaled (``resize``) until it
+    covers ``size``, then the centre cut out (``crop`` without a generator)."""
+    h, w = size
+    sh, sw = x.shape[1:]
+    if (sh, sw) == (h, w):
+        return x
+    scale = max(h / sh, w / sw)
+    # at least the target on both sides, whatever the rounding
+    rh, rw = max(h, int(round(sh * scale))), max(w, int(round(sw * scale)))
+    return crop(resize(x, (rh, rw))[None], (h, w))[0]
+
+
 def crop(batch: np.ndarray, size: tuple[int, int], rng: np.random.Generator | None = None) -> np.ndarray:
     """Crop (N, C, H, W) to ``size``: random offsets per example, or central without ``rng``."""
     n, _, h, w = batch.shape

@@ -10,10 +10,6 @@ gradient at the unit, back through the part of that stage below the unit, then
 through every stage below it. The optimal stimulus (Le et al. 2012, section
 4.2) maximises the activation over inputs of a fixed L2 norm by projected
 gradient ascent: step along the gradient, project back onto the sphere.
-
-The network runs on ``xp`` (NumPy, or CuPy for ``--device gpu``): the
-parameters are copied to the device once per model, inputs per request,
-and every answer comes back as NumPy.
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from downpour.nn import Network
-from downpour.nn.backend import to_numpy
+from downpour.nn import backend as nnbackend
 from downpour.nn.network import to_external, to_internal
 from downpour.nn.spec import NetworkSpec, stage_shapes
 
@@ -60,10 +56,13 @@ class NeuronModel:
     """A network with one set of parameters; every method is thread-safe (one lock:
     the layers reuse scratch buffers)."""
 
-    def __init__(self, spec: NetworkSpec, params: dict, version: int = 0, xp=np):
+    def __init__(self, spec: NetworkSpec, params: dict, version: int = 0, backend="numpy"):
         self.spec = spec
+        # "numpy", "cupy", or an array module itself (tests stand NumPy in for CuPy)
+        xp = nnbackend.get(backend) if isinstance(backend, str) else backend
         self.net = Network(spec, xp=xp)
-        self.params = {k: xp.asarray(np.asarray(v, np.float32).reshape(-1)) for k, v in params.items()}
+        self.params = {k: xp.asarray(np.asarray(nnbackend.to_numpy(v), np.float32).reshape(-1))
+                       for k, v in params.items()}
         self.net._views(self.params)  # raises on missing or mis-sized blocks
         self.version = int(version)
         self.layers = layer_shapes(spec)
@@ -110,7 +109,7 @@ class NeuronModel:
         for i in range(0, len(x), batch):
             with self._lock:
                 a = self.net.forward(self.params, x[i:i + batch], upto=upto)[layer]
-            out.append(to_numpy(a).astype(np.float32, copy=False).reshape(len(a), -1))
+            out.append(np.asarray(nnbackend.to_numpy(a), np.float32).reshape(len(a), -1))
         if not out:
             return np.zeros((0, int(np.prod(self.layers[layer]))), np.float32)
         return np.concatenate(out)
@@ -162,7 +161,9 @@ class NeuronModel:
                     dx, _ = st.filter.backward(params[f"{st.name}.W1"], ctxs[-1]["P"], dz, need_dx=True)
             for i in range(s - 2, -1, -1):
                 dx, _ = net.stages[i].backward(params, ctxs[i], dx, need_dx=True)
-            return to_numpy(value).astype(np.float64), to_numpy(to_external(xp, dx)).astype(np.float64)
+            # copies: the layers reuse their buffers once the lock is released
+            return (np.array(nnbackend.to_numpy(value), np.float64),
+                    np.array(nnbackend.to_numpy(to_external(xp, dx)), np.float64))
 
     def input_gradient(self, x_bchw: np.ndarray, u: Unit) -> tuple[np.ndarray, np.ndarray]:
         return self._value_and_input_grad(self._check_input(np.asarray(x_bchw)), u)

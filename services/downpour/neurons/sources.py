@@ -57,8 +57,8 @@ class Source:
     description = ""
     checkpoint_dir = ""
 
-    def __init__(self, xp=np) -> None:
-        self.xp = xp  # where models compute: numpy, or cupy for --device gpu
+    def __init__(self, backend: str = "numpy") -> None:
+        self.backend = backend  # "numpy" or "cupy": where the model computes
         self._model: NeuronModel | None = None
         self.checkpoint_id = ""
         self.step = 0
@@ -88,7 +88,7 @@ class Source:
         for m in list_manifests(self.checkpoint_dir):
             if m["checkpoint_id"] == checkpoint_id:
                 cfg, blocks = load_checkpoint(self.checkpoint_dir, m)
-                return NeuronModel(cfg.network_spec(), blocks, version=int(m["step"]), xp=self.xp)
+                return NeuronModel(cfg.network_spec(), blocks, version=int(m["step"]), backend=self.backend)
         raise KeyError(f"no committed checkpoint {checkpoint_id!r} in {self.checkpoint_dir}")
 
     def close(self) -> None:
@@ -97,11 +97,11 @@ class Source:
 
 class StaticSource(Source):
     def __init__(self, spec: NetworkSpec, params: dict, description: str, normalize: str = "standardize",
-                 data: str = "default", checkpoint_dir: str = "", xp=np) -> None:
-        super().__init__(xp)
+                 data: str = "default", checkpoint_dir: str = "", backend: str = "numpy") -> None:
+        super().__init__(backend)
         self.description, self.normalize, self.data = description, normalize, data
         self.checkpoint_dir = checkpoint_dir
-        self._set(NeuronModel(spec, params, xp=xp))
+        self._set(NeuronModel(spec, params, backend=backend))
 
 
 def random_source(spec: NetworkSpec, seed: int, **kw) -> StaticSource:
@@ -117,8 +117,8 @@ def npz_source(path: str, spec: NetworkSpec, **kw) -> StaticSource:
 
 
 class CheckpointSource(Source):
-    def __init__(self, checkpoint_dir: str, xp=np) -> None:
-        super().__init__(xp)
+    def __init__(self, checkpoint_dir: str, backend: str = "numpy") -> None:
+        super().__init__(backend)
         self.checkpoint_dir = checkpoint_dir
         self.description = f"checkpoints in {checkpoint_dir}"
         if not self.refresh():
@@ -129,7 +129,7 @@ class CheckpointSource(Source):
         if m is None or m["checkpoint_id"] == self.checkpoint_id:
             return False
         cfg, blocks = load_checkpoint(self.checkpoint_dir, m)
-        self._set(NeuronModel(cfg.network_spec(), blocks, version=int(m["step"]), xp=self.xp))
+        self._set(NeuronModel(cfg.network_spec(), blocks, version=int(m["step"]), backend=self.backend))
         self.checkpoint_id, self.step = m["checkpoint_id"], int(m["step"])
         self.normalize, self.data = cfg.normalize, cfg.data
         self.description = f"checkpoint {self.checkpoint_id} (step {self.step}) in {self.checkpoint_dir}"
@@ -139,10 +139,10 @@ class CheckpointSource(Source):
 
 class ShardSource(Source):
     def __init__(self, shards: list[str], cfg: jobconfig.JobConfig, checkpoint_dir: str = "",
-                 channel_config=None, timeout: float = 60.0, xp=np) -> None:
+                 channel_config=None, timeout: float = 60.0, backend: str = "numpy") -> None:
         from downpour.paramserver.client import ParamClient, balanced_placement
 
-        super().__init__(xp)
+        super().__init__(backend)
         self.spec = cfg.network_spec()
         self.normalize, self.data = cfg.normalize, cfg.data
         self.checkpoint_dir = checkpoint_dir
@@ -160,7 +160,7 @@ class ShardSource(Source):
         if version == self._version and self._model is not None:
             self.refreshed_at = time.time()
             return False
-        self._set(NeuronModel(self.spec, self._join(params), version=version, xp=self.xp))
+        self._set(NeuronModel(self.spec, self._join(params), version=version, backend=self.backend))
         self._version = version
         return True
 

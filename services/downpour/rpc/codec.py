@@ -46,15 +46,15 @@ DEFAULT_CHUNK_BYTES = 1 << 20  # cheapest per byte here: copies of a 1 MiB messa
 
 
 def np_dtype(dtype: int) -> np.dtype:
-    """NumPy dtype (little-endian) of a wire DType; ValueError if unknown."""
+    """NumPy dtype (little-endian) of a wire Dtype; ValueError if unknown."""
     try:
         return _NP_OF[dtype]
     except KeyError:
-        raise ValueError(f"unsupported dtype {common_pb2.DType.Name(dtype) if dtype in common_pb2.DType.values() else dtype}") from None
+        raise ValueError(f"unsupported dtype {common_pb2.Dtype.Name(dtype) if dtype in common_pb2.Dtype.values() else dtype}") from None
 
 
 def wire_dtype(dtype: Any) -> int:
-    """Wire DType of a NumPy dtype."""
+    """Wire Dtype of a NumPy dtype."""
     key = np.dtype(dtype).str.lstrip("<>|=")
     try:
         return _DT_OF[key]
@@ -63,7 +63,7 @@ def wire_dtype(dtype: Any) -> int:
 
 
 def dtype_name(dtype: int) -> str:
-    return common_pb2.DType.Name(dtype).removeprefix("DTYPE_").lower() if dtype in common_pb2.DType.values() else str(dtype)
+    return common_pb2.Dtype.Name(dtype).removeprefix("DTYPE_").lower() if dtype in common_pb2.Dtype.values() else str(dtype)
 
 
 # -- wire format primitives ---------------------------------------------------

@@ -23,33 +23,37 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _DType:
+class _Dtype:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType], _builtins.type):
+class _DtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dtype.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    DTYPE_UNSPECIFIED: _DType.ValueType  # 0
-    DTYPE_FLOAT32: _DType.ValueType  # 1
-    DTYPE_FLOAT16: _DType.ValueType  # 2
-    DTYPE_BFLOAT16: _DType.ValueType  # 3
-    DTYPE_FLOAT64: _DType.ValueType  # 4
-    DTYPE_INT32: _DType.ValueType  # 5
-    DTYPE_INT64: _DType.ValueType  # 6
-    DTYPE_UINT8: _DType.ValueType  # 7
+    DTYPE_UNSPECIFIED: _Dtype.ValueType  # 0
+    DTYPE_FLOAT32: _Dtype.ValueType  # 1
+    DTYPE_FLOAT16: _Dtype.ValueType  # 2
+    DTYPE_BFLOAT16: _Dtype.ValueType  # 3
+    DTYPE_FLOAT64: _Dtype.ValueType  # 4
+    DTYPE_INT32: _Dtype.ValueType  # 5
+    DTYPE_INT64: _Dtype.ValueType  # 6
+    DTYPE_UINT8: _Dtype.ValueType  # 7
 
-class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
-    """Element type of a tensor's raw bytes (always little-endian on the wire)."""
+class Dtype(_Dtype, metaclass=_DtypeEnumTypeWrapper):
+    """Element type of a tensor's raw bytes (always little-endian on the wire).
+    DTYPE_BFLOAT16 elements are the upper 16 bits of the float32 of the same
+    value (a NumPy reader holds them as uint16 and shifts them back). Which
+    dtypes a field accepts is said at the field (e.g. GetActivationsRequest.images).
+    """
 
-DTYPE_UNSPECIFIED: DType.ValueType  # 0
-DTYPE_FLOAT32: DType.ValueType  # 1
-DTYPE_FLOAT16: DType.ValueType  # 2
-DTYPE_BFLOAT16: DType.ValueType  # 3
-DTYPE_FLOAT64: DType.ValueType  # 4
-DTYPE_INT32: DType.ValueType  # 5
-DTYPE_INT64: DType.ValueType  # 6
-DTYPE_UINT8: DType.ValueType  # 7
-Global___DType: _TypeAlias = DType  # noqa: Y015
+DTYPE_UNSPECIFIED: Dtype.ValueType  # 0
+DTYPE_FLOAT32: Dtype.ValueType  # 1
+DTYPE_FLOAT16: Dtype.ValueType  # 2
+DTYPE_BFLOAT16: Dtype.ValueType  # 3
+DTYPE_FLOAT64: Dtype.ValueType  # 4
+DTYPE_INT32: Dtype.ValueType  # 5
+DTYPE_INT64: Dtype.ValueType  # 6
+DTYPE_UINT8: Dtype.ValueType  # 7
+Global___Dtype: _TypeAlias = Dtype  # noqa: Y015
 
 class _OptimizerKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -82,15 +86,17 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    dtype: Global___DType.ValueType
+    dtype: Global___Dtype.ValueType
     data: _builtins.bytes
     """prod(shape) elements, C order, little-endian."""
     @_builtins.property
-    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Row-major (C order); the field using the tensor says what each axis is."""
+
     def __init__(
         self,
         *,
-        dtype: Global___DType.ValueType = ...,
+        dtype: Global___Dtype.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
     ) -> None: ...
@@ -119,7 +125,7 @@ class TensorChunk(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the tensor (for parameters: the block name, e.g. "stage1.W1[p=3]")."""
-    dtype: Global___DType.ValueType
+    dtype: Global___Dtype.ValueType
     offset: _builtins.int
     """Element offset of this chunk within the flattened tensor."""
     last: _builtins.bool
@@ -136,7 +142,7 @@ class TensorChunk(_message.Message):
         self,
         *,
         name: _builtins.str = ...,
-        dtype: Global___DType.ValueType = ...,
+        dtype: Global___Dtype.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         offset: _builtins.int = ...,
         last: _builtins.bool = ...,

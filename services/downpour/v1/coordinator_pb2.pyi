@@ -35,7 +35,8 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     ROLE_FEEDER: _Role.ValueType  # 3
     ROLE_NEURONS: _Role.ValueType  # 4
 
-class Role(_Role, metaclass=_RoleEnumTypeWrapper): ...
+class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+    """What a member of the cluster is."""
 
 ROLE_UNSPECIFIED: Role.ValueType  # 0
 ROLE_WORKER: Role.ValueType  # 1
@@ -60,7 +61,8 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_FAILED: _JobState.ValueType  # 5
     JOB_STATE_STOPPED: _JobState.ValueType  # 6
 
-class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
+class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
+    """Where a job is in its life."""
 
 JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
 JOB_STATE_PENDING: JobState.ValueType  # 1

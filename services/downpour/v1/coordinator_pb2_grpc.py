@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class CoordinatorStub:
-    """Missing associated documentation comment in .proto file."""
+    """Membership, assignments, job state and checkpoints of one training job.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,7 +73,8 @@ class CoordinatorStub:
 
 
 class CoordinatorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Membership, assignments, job state and checkpoints of one training job.
+    """
 
     def Register(self, request, context):
         """Join the job; workers receive an assignment (possibly after waiting).
@@ -171,7 +173,8 @@ def add_CoordinatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
-    """Missing associated documentation comment in .proto file."""
+    """Membership, assignments, job state and checkpoints of one training job.
+    """
 
     @staticmethod
     def Register(request,

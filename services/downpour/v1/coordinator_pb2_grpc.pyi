@@ -30,6 +30,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CoordinatorStub:
+    """Membership, assignments, job state and checkpoints of one training job."""
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -53,6 +55,8 @@ class CoordinatorStub:
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
+    """Membership, assignments, job state and checkpoints of one training job."""
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RegisterRequest, _coordinator_pb2.RegisterResponse]  # type: ignore[assignment]
     """Join the job; workers receive an assignment (possibly after waiting)."""
@@ -72,6 +76,8 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Committed checkpoints, newest first."""
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
+    """Membership, assignments, job state and checkpoints of one training job."""
+
     @_abc_1.abstractmethod
     def Register(
         self,

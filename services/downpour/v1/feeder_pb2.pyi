@@ -33,7 +33,8 @@ class _SplitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Split.ValueType
     SPLIT_TRAIN: _Split.ValueType  # 1
     SPLIT_TEST: _Split.ValueType  # 2
 
-class Split(_Split, metaclass=_SplitEnumTypeWrapper): ...
+class Split(_Split, metaclass=_SplitEnumTypeWrapper):
+    """Which part of the dataset a stream reads."""
 
 SPLIT_UNSPECIFIED: Split.ValueType  # 0
 """treated as TRAIN"""

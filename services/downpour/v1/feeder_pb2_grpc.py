@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class DataFeederStub:
-    """Missing associated documentation comment in .proto file."""
+    """Preprocessed minibatches for the model replicas, a disjoint shard per replica.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +48,8 @@ class DataFeederStub:
 
 
 class DataFeederServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Preprocessed minibatches for the model replicas, a disjoint shard per replica.
+    """
 
     def StreamBatches(self, request, context):
         """Minibatches for one replica, until max_batches or the client cancels.
@@ -85,7 +87,8 @@ def add_DataFeederServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DataFeeder:
-    """Missing associated documentation comment in .proto file."""
+    """Preprocessed minibatches for the model replicas, a disjoint shard per replica.
+    """
 
     @staticmethod
     def StreamBatches(request,

@@ -29,6 +29,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class DataFeederStub:
+    """Preprocessed minibatches for the model replicas, a disjoint shard per replica."""
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -40,6 +42,8 @@ class DataFeederStub:
 
 @_typing.type_check_only
 class DataFeederAsyncStub(DataFeederStub):
+    """Preprocessed minibatches for the model replicas, a disjoint shard per replica."""
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     StreamBatches: _aio.UnaryStreamMultiCallable[_feeder_pb2.StreamBatchesRequest, _feeder_pb2.StreamBatchesResponse]  # type: ignore[assignment]
     """Minibatches for one replica, until max_batches or the client cancels."""
@@ -47,6 +51,8 @@ class DataFeederAsyncStub(DataFeederStub):
     """What the feeder serves: sizes, shapes, classes."""
 
 class DataFeederServicer(metaclass=_abc_1.ABCMeta):
+    """Preprocessed minibatches for the model replicas, a disjoint shard per replica."""
+
     @_abc_1.abstractmethod
     def StreamBatches(
         self,

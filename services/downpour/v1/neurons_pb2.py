@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from downpour.v1 import common_pb2 as downpour_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64ownpour/v1/neurons.proto\x12\x0b\x64ownpour.v1\x1a\x18\x64ownpour/v1/common.proto\"=\n\tNeuronRef\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0b\n\x03map\x18\x02 \x01(\x05\x12\t\n\x01y\x18\x03 \x01(\x05\x12\t\n\x01x\x18\x04 \x01(\x05\"\xc4\x01\n\x15GetActivationsRequest\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.downpour.v1.Tensor\x12\'\n\x07neurons\x18\x02 \x03(\x0b\x32\x16.downpour.v1.NeuronRef\x12\x15\n\rcheckpoint_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ncoded_images\x18\x04 \x03(\x0c\x12\r\n\x05layer\x18\x05 \x01(\t\x12\x12\n\nneuron_ids\x18\x06 \x03(\x03\x12\x0b\n\x03raw\x18\x07 \x01(\x08\"\x87\x01\n\x16GetActivationsResponse\x12(\n\x0b\x61\x63tivations\x18\x01 \x01(\x0b\x32\x13.downpour.v1.Tensor\x12\x1a\n\x12parameters_version\x18\x02 \x01(\x04\x12\x13\n\x0blayer_shape\x18\x03 \x03(\x03\x12\x12\n\nneuron_ids\x18\x04 \x03(\x03\"\xb7\x01\n\x10TopInputsRequest\x12&\n\x06neuron\x18\x01 \x01(\x0b\x32\x16.downpour.v1.NeuronRef\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x14\n\x0cmax_examples\x18\x04 \x01(\x03\x12\x15\n\rcheckpoint_id\x18\x05 \x01(\t\x12\x16\n\x0einclude_images\x18\x06 \x01(\x08\x12\x1a\n\x12include_thumbnails\x18\x07 \x01(\x08\"\x7f\n\x0bScoredInput\x12\x12\n\nexample_id\x18\x01 \x01(\x03\x12\x12\n\nactivation\x18\x02 \x01(\x01\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.downpour.v1.Tensor\x12\r\n\x05label\x18\x04 \x01(\x03\x12\x15\n\rthumbnail_png\x18\x05 \x01(\x0c\"s\n\x11TopInputsResponse\x12(\n\x06inputs\x18\x01 \x03(\x0b\x32\x18.downpour.v1.ScoredInput\x12\x18\n\x10\x65xamples_scanned\x18\x02 \x01(\x03\x12\x1a\n\x12parameters_version\x18\x03 \x01(\x04\"\xab\x01\n\x16OptimalStimulusRequest\x12&\n\x06neuron\x18\x01 \x01(\x0b\x32\x16.downpour.v1.NeuronRef\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x15\n\rcheckpoint_id\x18\x05 \x01(\t\x12\x10\n\x08restarts\x18\x06 \x01(\x05\x12\x0c\n\x04norm\x18\x07 \x01(\x01\"\xbc\x01\n\x17OptimalStimulusResponse\x12%\n\x08stimulus\x18\x01 \x01(\x0b\x32\x13.downpour.v1.Tensor\x12\x12\n\nactivation\x18\x02 \x01(\x01\x12\x1e\n\x16random_activation_mean\x18\x03 \x01(\x01\x12\x1d\n\x15random_activation_max\x18\x04 \x01(\x01\x12\x1a\n\x12parameters_version\x18\x05 \x01(\x04\x12\x0b\n\x03png\x18\x06 \x01(\x0c\"-\n\x14\x44\x65scribeModelRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"(\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xfd\x01\n\x15\x44\x65scribeModelResponse\x12&\n\x06layers\x18\x01 \x03(\x0b\x32\x16.downpour.v1.LayerInfo\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x1a\n\x12parameters_version\x18\x04 \x01(\x04\x12\x15\n\rcheckpoint_id\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x03\x12\x11\n\tnormalize\x18\x07 \x01(\t\x12\x12\n\nmax_images\x18\x08 \x01(\x05\x12\x10\n\x08\x64\x61tasets\x18\t \x03(\t\x12\x1d\n\x15seconds_since_refresh\x18\n \x01(\x01\x32\xe6\x02\n\x07Neurons\x12Y\n\x0eGetActivations\x12\".downpour.v1.GetActivationsRequest\x1a#.downpour.v1.GetActivationsResponse\x12J\n\tTopInputs\x12\x1d.downpour.v1.TopInputsRequest\x1a\x1e.downpour.v1.TopInputsResponse\x12\\\n\x0fOptimalStimulus\x12#.downpour.v1.OptimalStimulusRequest\x1a$.downpour.v1.OptimalStimulusResponse\x12V\n\rDescribeModel\x12!.downpour.v1.DescribeModelRequest\x1a\".downpour.v1.DescribeModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64ownpour/v1/neurons.proto\x12\x0b\x64ownpour.v1\x1a\x18\x64ownpour/v1/common.proto\"=\n\tNeuronRef\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0b\n\x03map\x18\x02 \x01(\x05\x12\t\n\x01y\x18\x03 \x01(\x05\x12\t\n\x01x\x18\x04 \x01(\x05\"\xd7\x01\n\x15GetActivationsRequest\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.downpour.v1.Tensor\x12\'\n\x07neurons\x18\x02 \x03(\x0b\x32\x16.downpour.v1.NeuronRef\x12\x15\n\rcheckpoint_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ncoded_images\x18\x04 \x03(\x0c\x12\r\n\x05layer\x18\x05 \x01(\t\x12\x12\n\nneuron_ids\x18\x06 \x03(\x03\x12\x0b\n\x03raw\x18\x07 \x01(\x08\x12\x11\n\tno_resize\x18\x08 \x01(\x08\"\x87\x01\n\x16GetActivationsResponse\x12(\n\x0b\x61\x63tivations\x18\x01 \x01(\x0b\x32\x13.downpour.v1.Tensor\x12\x1a\n\x12parameters_version\x18\x02 \x01(\x04\x12\x13\n\x0blayer_shape\x18\x03 \x03(\x03\x12\x12\n\nneuron_ids\x18\x04 \x03(\x03\"\xcf\x01\n\x10TopInputsRequest\x12&\n\x06neuron\x18\x01 \x01(\x0b\x32\x16.downpour.v1.NeuronRef\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x14\n\x0cmax_examples\x18\x04 \x01(\x03\x12\x15\n\rcheckpoint_id\x18\x05 \x01(\t\x12\x16\n\x0einclude_images\x18\x06 \x01(\x08\x12\x1a\n\x12include_thumbnails\x18\x07 \x01(\x08\x12\x16\n\x0ehistogram_bins\x18\x08 \x01(\x05\"\x7f\n\x0bScoredInput\x12\x12\n\nexample_id\x18\x01 \x01(\x03\x12\x12\n\nactivation\x18\x02 \x01(\x01\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.downpour.v1.Tensor\x12\r\n\x05label\x18\x04 \x01(\x03\x12\x15\n\rthumbnail_png\x18\x05 \x01(\x0c\"\xa6\x01\n\x11TopInputsResponse\x12(\n\x06inputs\x18\x01 \x03(\x0b\x32\x18.downpour.v1.ScoredInput\x12\x18\n\x10\x65xamples_scanned\x18\x02 \x01(\x03\x12\x1a\n\x12parameters_version\x18\x03 \x01(\x04\x12\x17\n\x0fhistogram_edges\x18\x04 \x03(\x01\x12\x18\n\x10histogram_counts\x18\x05 \x03(\x03\"\xab\x01\n\x16OptimalStimulusRequest\x12&\n\x06neuron\x18\x01 \x01(\x0b\x32\x16.downpour.v1.NeuronRef\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x15\n\rcheckpoint_id\x18\x05 \x01(\t\x12\x10\n\x08restarts\x18\x06 \x01(\x05\x12\x0c\n\x04norm\x18\x07 \x01(\x01\"\xbc\x01\n\x17OptimalStimulusResponse\x12%\n\x08stimulus\x18\x01 \x01(\x0b\x32\x13.downpour.v1.Tensor\x12\x12\n\nactivation\x18\x02 \x01(\x01\x12\x1e\n\x16random_activation_mean\x18\x03 \x01(\x01\x12\x1d\n\x15random_activation_max\x18\x04 \x01(\x01\x12\x1a\n\x12parameters_version\x18\x05 \x01(\x04\x12\x0b\n\x03png\x18\x06 \x01(\x0c\"-\n\x14\x44\x65scribeModelRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"(\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xfd\x01\n\x15\x44\x65scribeModelResponse\x12&\n\x06layers\x18\x01 \x03(\x0b\x32\x16.downpour.v1.LayerInfo\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x1a\n\x12parameters_version\x18\x04 \x01(\x04\x12\x15\n\rcheckpoint_id\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x03\x12\x11\n\tnormalize\x18\x07 \x01(\t\x12\x12\n\nmax_images\x18\x08 \x01(\x05\x12\x10\n\x08\x64\x61tasets\x18\t \x03(\t\x12\x1d\n\x15seconds_since_refresh\x18\n \x01(\x01\x32\xe6\x02\n\x07Neurons\x12Y\n\x0eGetActivations\x12\".downpour.v1.GetActivationsRequest\x1a#.downpour.v1.GetActivationsResponse\x12J\n\tTopInputs\x12\x1d.downpour.v1.TopInputsRequest\x1a\x1e.downpour.v1.TopInputsResponse\x12\\\n\x0fOptimalStimulus\x12#.downpour.v1.OptimalStimulusRequest\x1a$.downpour.v1.OptimalStimulusResponse\x12V\n\rDescribeModel\x12!.downpour.v1.DescribeModelRequest\x1a\".downpour.v1.DescribeModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEURONREF']._serialized_start=68
   _globals['_NEURONREF']._serialized_end=129
   _globals['_GETACTIVATIONSREQUEST']._serialized_start=132
-  _globals['_GETACTIVATIONSREQUEST']._serialized_end=328
-  _globals['_GETACTIVATIONSRESPONSE']._serialized_start=331
-  _globals['_GETACTIVATIONSRESPONSE']._serialized_end=466
-  _globals['_TOPINPUTSREQUEST']._serialized_start=469
-  _globals['_TOPINPUTSREQUEST']._serialized_end=652
-  _globals['_SCOREDINPUT']._serialized_start=654
-  _globals['_SCOREDINPUT']._serialized_end=781
-  _globals['_TOPINPUTSRESPONSE']._serialized_start=783
-  _globals['_TOPINPUTSRESPONSE']._serialized_end=898
-  _globals['_OPTIMALSTIMULUSREQUEST']._serialized_start=901
-  _globals['_OPTIMALSTIMULUSREQUEST']._serialized_end=1072
-  _globals['_OPTIMALSTIMULUSRESPONSE']._serialized_start=1075
-  _globals['_OPTIMALSTIMULUSRESPONSE']._serialized_end=1263
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1265
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1310
-  _globals['_LAYERINFO']._serialized_start=1312
-  _globals['_LAYERINFO']._serialized_end=1352
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=1355
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1608
-  _globals['_NEURONS']._serialized_start=1611
-  _globals['_NEURONS']._serialized_end=1969
+  _globals['_GETACTIVATIONSREQUEST']._serialized_end=347
+  _globals['_GETACTIVATIONSRESPONSE']._serialized_start=350
+  _globals['_GETACTIVATIONSRESPONSE']._serialized_end=485
+  _globals['_TOPINPUTSREQUEST']._serialized_start=488
+  _globals['_TOPINPUTSREQUEST']._serialized_end=695
+  _globals['_SCOREDINPUT']._serialized_start=697
+  _globals['_SCOREDINPUT']._serialized_end=824
+  _globals['_TOPINPUTSRESPONSE']._serialized_start=827
+  _globals['_TOPINPUTSRESPONSE']._serialized_end=993
+  _globals['_OPTIMALSTIMULUSREQUEST']._serialized_start=996
+  _globals['_OPTIMALSTIMULUSREQUEST']._serialized_end=1167
+  _globals['_OPTIMALSTIMULUSRESPONSE']._serialized_start=1170
+  _globals['_OPTIMALSTIMULUSRESPONSE']._serialized_end=1358
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1360
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1405
+  _globals['_LAYERINFO']._serialized_start=1407
+  _globals['_LAYERINFO']._serialized_end=1447
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_start=1450
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=1703
+  _globals['_NEURONS']._serialized_start=1706
+  _globals['_NEURONS']._serialized_end=2064
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,27 @@
 isort:skip_file
 Neurons: the public query API over a trained network. Loads parameters
 from the shards or a checkpoint and answers questions about single units.
+
+Conventions every call follows:
+* A layer is named "stageN.filter", "stageN.pool", "stageN.output" or
+  "head.logits" (DescribeModel lists them with their shapes). A unit is a
+  map at a location, (map, y, x), or its flat index into the layer,
+  ((map * height) + y) * width + x.
+* Images are [batch, height, width, channels] (channels last). Images of
+  any size are fitted to the model's input: scaled with the aspect ratio
+  kept until they cover it, then cut out at the centre (no_resize refuses
+  instead); colour is converted to the model's channels (grey: ITU-R 601
+  luma; alpha dropped).
+* Activations and stimuli are float32; a stimulus is [height, width,
+  channels] of the model's input.
+* Status codes: INVALID_ARGUMENT for a request that cannot be answered as
+  asked (unknown layer, unit out of range, undecodable or oversized image,
+  unsupported dtype, a size refused with no_resize, too many images, a
+  parameter out of range, an unknown dataset), with a message naming what
+  is allowed; NOT_FOUND for an unknown checkpoint_id; FAILED_PRECONDITION
+  when the service has no parameters yet or no checkpoint directory;
+  RESOURCE_EXHAUSTED for a message over the size limit or too many calls
+  at once; UNAUTHENTICATED for a missing or wrong bearer token.
 """
 
 from collections import abc as _abc
@@ -62,6 +83,7 @@ class GetActivationsRequest(_message.Message):
     LAYER_FIELD_NUMBER: _builtins.int
     NEURON_IDS_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
+    NO_RESIZE_FIELD_NUMBER: _builtins.int
     checkpoint_id: _builtins.str
     """Empty: the live parameters; otherwise a committed checkpoint."""
     layer: _builtins.str
@@ -72,16 +94,29 @@ class GetActivationsRequest(_message.Message):
     """Feed the images as they are. Default: scale integer images to [0, 1] and
     apply the job's per-example normalisation, as the feeder did in training.
     """
+    no_resize: _builtins.bool
+    """Refuse (INVALID_ARGUMENT) images whose height and width are not the
+    model's, instead of resizing them (aspect kept, centre cut out).
+    """
     @_builtins.property
     def images(self) -> _common_pb2.Tensor:
-        """[batch, height, width, channels], float32."""
+        """[batch, height, width, channels] with channels 1 (grey), 3 (RGB) or 4
+        (RGBA), any height and width. Accepted dtypes and how values are read:
+        DTYPE_UINT8 0..255; DTYPE_FLOAT16, DTYPE_BFLOAT16, DTYPE_FLOAT32 and
+        DTYPE_FLOAT64 0..1 (no NaN or Inf). Other dtypes are INVALID_ARGUMENT.
+        At most 40 000 000 pixels per image and DescribeModel.max_images images.
+        """
 
     @_builtins.property
-    def neurons(self) -> _containers.RepeatedCompositeFieldContainer[Global___NeuronRef]: ...
+    def neurons(self) -> _containers.RepeatedCompositeFieldContainer[Global___NeuronRef]:
+        """The units to read, each naming its layer; or leave empty and use `layer`."""
+
     @_builtins.property
     def encoded_images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Encoded images (PNG, JPEG, ...), instead of `images`. Each must decode to
-        the model's input height and width; colour is converted to the model's channels.
+        """Encoded images (PNG, JPEG, GIF, BMP, TIFF, WebP, ...), instead of
+        `images`: any size and mode (grey, RGB, RGBA, palette, 16-bit); an EXIF
+        orientation is applied. A header claiming more than 40 000 000 pixels is
+        refused before decoding.
         """
 
     @_builtins.property
@@ -96,10 +131,11 @@ class GetActivationsRequest(_message.Message):
         layer: _builtins.str = ...,
         neuron_ids: _abc.Iterable[_builtins.int] | None = ...,
         raw: _builtins.bool = ...,
+        no_resize: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["images", b"images"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "encoded_images", b"encoded_images", "images", b"images", "layer", b"layer", "neuron_ids", b"neuron_ids", "neurons", b"neurons", "raw", b"raw"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "encoded_images", b"encoded_images", "images", b"images", "layer", b"layer", "neuron_ids", b"neuron_ids", "neurons", b"neurons", "no_resize", b"no_resize", "raw", b"raw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -114,9 +150,14 @@ class GetActivationsResponse(_message.Message):
     LAYER_SHAPE_FIELD_NUMBER: _builtins.int
     NEURON_IDS_FIELD_NUMBER: _builtins.int
     parameters_version: _builtins.int
+    """Changes whenever the parameters served change (live shards: the sum of
+    the blocks' versions; a checkpoint: its step).
+    """
     @_builtins.property
     def activations(self) -> _common_pb2.Tensor:
-        """[batch, len(neurons)], float32."""
+        """[batch, units] float32: one column per entry of `neurons`, or per id of
+        `neuron_ids` (every unit of `layer` when none were given).
+        """
 
     @_builtins.property
     def layer_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -151,15 +192,23 @@ class TopInputsRequest(_message.Message):
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_IMAGES_FIELD_NUMBER: _builtins.int
     INCLUDE_THUMBNAILS_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_BINS_FIELD_NUMBER: _builtins.int
     k: _builtins.int
+    """How many inputs to return, best first: 1..1000 (0: 10)."""
     dataset: _builtins.str
-    """Dataset to scan (as the feeder names it); empty: the job's dataset."""
+    """Dataset to scan: empty for the job's dataset, or one of
+    DescribeModel.datasets (never a path).
+    """
     max_examples: _builtins.int
-    """Scan at most this many examples; 0: all."""
+    """Scan at most this many examples; 0: all (the service caps a scan too)."""
     checkpoint_id: _builtins.str
     include_images: _builtins.bool
     include_thumbnails: _builtins.bool
     """A PNG thumbnail of each input (the network's input, min-max scaled to 8 bits)."""
+    histogram_bins: _builtins.int
+    """Also count the activations of every scanned example into this many
+    equal-width bins (0: no histogram; at most 1000).
+    """
     @_builtins.property
     def neuron(self) -> Global___NeuronRef: ...
     def __init__(
@@ -172,10 +221,11 @@ class TopInputsRequest(_message.Message):
         checkpoint_id: _builtins.str = ...,
         include_images: _builtins.bool = ...,
         include_thumbnails: _builtins.bool = ...,
+        histogram_bins: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["neuron", b"neuron"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "dataset", b"dataset", "include_images", b"include_images", "include_thumbnails", b"include_thumbnails", "k", b"k", "max_examples", b"max_examples", "neuron", b"neuron"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "dataset", b"dataset", "histogram_bins", b"histogram_bins", "include_images", b"include_images", "include_thumbnails", b"include_thumbnails", "k", b"k", "max_examples", b"max_examples", "neuron", b"neuron"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,11 +243,14 @@ class ScoredInput(_message.Message):
     example_id: _builtins.int
     activation: _builtins.float
     label: _builtins.int
+    """The example's class, or -1 for an unlabelled dataset."""
     thumbnail_png: _builtins.bytes
     """Set when include_thumbnails was asked for."""
     @_builtins.property
     def image(self) -> _common_pb2.Tensor:
-        """Set when include_images was asked for: [height, width, channels]."""
+        """Set when include_images was asked for: [height, width, channels]
+        float32, the network's input as the feeder gave it (normalised).
+        """
 
     def __init__(
         self,
@@ -223,20 +276,32 @@ class TopInputsResponse(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     EXAMPLES_SCANNED_FIELD_NUMBER: _builtins.int
     PARAMETERS_VERSION_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_EDGES_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_COUNTS_FIELD_NUMBER: _builtins.int
     examples_scanned: _builtins.int
     parameters_version: _builtins.int
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredInput]: ...
+    @_builtins.property
+    def histogram_edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """When histogram_bins was set: the bins' edges (histogram_bins + 1, from
+        the lowest to the highest activation) and how many examples fell in each.
+        """
+
+    @_builtins.property
+    def histogram_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         inputs: _abc.Iterable[Global___ScoredInput] | None = ...,
         examples_scanned: _builtins.int = ...,
         parameters_version: _builtins.int = ...,
+        histogram_edges: _abc.Iterable[_builtins.float] | None = ...,
+        histogram_counts: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_scanned", b"examples_scanned", "inputs", b"inputs", "parameters_version", b"parameters_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_scanned", b"examples_scanned", "histogram_counts", b"histogram_counts", "histogram_edges", b"histogram_edges", "inputs", b"inputs", "parameters_version", b"parameters_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,11 +319,13 @@ class OptimalStimulusRequest(_message.Message):
     RESTARTS_FIELD_NUMBER: _builtins.int
     NORM_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
+    """Steps of projected gradient ascent: 1..5000 (0: 200)."""
     learning_rate: _builtins.float
+    """Step length as a fraction of `norm`, > 0 (0: 0.1)."""
     seed: _builtins.int
     checkpoint_id: _builtins.str
     restarts: _builtins.int
-    """Random starting points ascended together; the best is returned (0: 8)."""
+    """Random starting points ascended together; the best is returned: 1..64 (0: 8)."""
     norm: _builtins.float
     """L2 norm of the constraint (0: 1, the unit norm of Le et al. 2012)."""
     @_builtins.property
@@ -303,7 +370,9 @@ class OptimalStimulusResponse(_message.Message):
     """The stimulus min-max scaled to an 8-bit PNG."""
     @_builtins.property
     def stimulus(self) -> _common_pb2.Tensor:
-        """[height, width, channels], unit L2 norm."""
+        """[height, width, channels] float32 with the L2 norm asked for (1 by
+        default), in the space of the normalised network input.
+        """
 
     def __init__(
         self,
@@ -390,13 +459,16 @@ class DescribeModelResponse(_message.Message):
     normalize: _builtins.str
     """The per-example normalisation applied to non-raw images."""
     max_images: _builtins.int
+    """Most images per GetActivations."""
     seconds_since_refresh: _builtins.float
     """Seconds since the parameters were last refreshed."""
     @_builtins.property
     def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerInfo]: ...
     @_builtins.property
     def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """The network's input as images are sent: [height, width, channels]."""
+        """The network's input: [height, width, channels]; images of other sizes
+        are fitted to it.
+        """
 
     @_builtins.property
     def datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class NeuronsStub:
-    """Missing associated documentation comment in .proto file."""
+    """The neuron query API (served by `downpour serve neurons`, port 7300 by default).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -57,7 +58,8 @@ class NeuronsStub:
 
 
 class NeuronsServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The neuron query API (served by `downpour serve neurons`, port 7300 by default).
+    """
 
     def GetActivations(self, request, context):
         """Activations of chosen neurons for given images.
@@ -119,7 +121,8 @@ def add_NeuronsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Neurons:
-    """Missing associated documentation comment in .proto file."""
+    """The neuron query API (served by `downpour serve neurons`, port 7300 by default).
+    """
 
     @staticmethod
     def GetActivations(request,

@@ -3,6 +3,27 @@
 isort:skip_file
 Neurons: the public query API over a trained network. Loads parameters
 from the shards or a checkpoint and answers questions about single units.
+
+Conventions every call follows:
+* A layer is named "stageN.filter", "stageN.pool", "stageN.output" or
+  "head.logits" (DescribeModel lists them with their shapes). A unit is a
+  map at a location, (map, y, x), or its flat index into the layer,
+  ((map * height) + y) * width + x.
+* Images are [batch, height, width, channels] (channels last). Images of
+  any size are fitted to the model's input: scaled with the aspect ratio
+  kept until they cover it, then cut out at the centre (no_resize refuses
+  instead); colour is converted to the model's channels (grey: ITU-R 601
+  luma; alpha dropped).
+* Activations and stimuli are float32; a stimulus is [height, width,
+  channels] of the model's input.
+* Status codes: INVALID_ARGUMENT for a request that cannot be answered as
+  asked (unknown layer, unit out of range, undecodable or oversized image,
+  unsupported dtype, a size refused with no_resize, too many images, a
+  parameter out of range, an unknown dataset), with a message naming what
+  is allowed; NOT_FOUND for an unknown checkpoint_id; FAILED_PRECONDITION
+  when the service has no parameters yet or no checkpoint directory;
+  RESOURCE_EXHAUSTED for a message over the size limit or too many calls
+  at once; UNAUTHENTICATED for a missing or wrong bearer token.
 """
 
 from collections import abc as _abc
@@ -29,6 +50,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class NeuronsStub:
+    """The neuron query API (served by `downpour serve neurons`, port 7300 by default)."""
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -44,6 +67,8 @@ class NeuronsStub:
 
 @_typing.type_check_only
 class NeuronsAsyncStub(NeuronsStub):
+    """The neuron query API (served by `downpour serve neurons`, port 7300 by default)."""
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetActivations: _aio.UnaryUnaryMultiCallable[_neurons_pb2.GetActivationsRequest, _neurons_pb2.GetActivationsResponse]  # type: ignore[assignment]
     """Activations of chosen neurons for given images."""
@@ -55,6 +80,8 @@ class NeuronsAsyncStub(NeuronsStub):
     """The layers that can be queried, their shapes, and where the parameters come from."""
 
 class NeuronsServicer(metaclass=_abc_1.ABCMeta):
+    """The neuron query API (served by `downpour serve neurons`, port 7300 by default)."""
+
     @_abc_1.abstractmethod
     def GetActivations(
         self,

@@ -57,7 +57,7 @@ class BlockInfo(_message.Message):
     NUM_ELEMENTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    dtype: _common_pb2.DType.ValueType
+    dtype: _common_pb2.Dtype.ValueType
     num_elements: _builtins.int
     version: _builtins.int
     @_builtins.property
@@ -66,7 +66,7 @@ class BlockInfo(_message.Message):
         self,
         *,
         name: _builtins.str = ...,
-        dtype: _common_pb2.DType.ValueType = ...,
+        dtype: _common_pb2.Dtype.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         num_elements: _builtins.int = ...,
         version: _builtins.int = ...,
@@ -141,7 +141,7 @@ class PullRequest(_message.Message):
     max_chunk_bytes: _builtins.int
     """Upper bound on the payload of one chunk; 0 means the server's default."""
     part: Global___BlockPart.ValueType
-    dtype: _common_pb2.DType.ValueType
+    dtype: _common_pb2.Dtype.ValueType
     """How the chunks' values travel: DTYPE_FLOAT32 (also for UNSPECIFIED),
     DTYPE_BFLOAT16 or DTYPE_FLOAT16, rounded from the shard's float32 values
     (half the bytes). Accumulators always travel as float32.
@@ -156,7 +156,7 @@ class PullRequest(_message.Message):
         names: _abc.Iterable[_builtins.str] | None = ...,
         max_chunk_bytes: _builtins.int = ...,
         part: Global___BlockPart.ValueType = ...,
-        dtype: _common_pb2.DType.ValueType = ...,
+        dtype: _common_pb2.Dtype.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class ParameterServerStub:
-    """Missing associated documentation comment in .proto file."""
+    """One parameter shard: named float32 blocks, their optimiser state and versions.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -82,7 +83,8 @@ class ParameterServerStub:
 
 
 class ParameterServerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """One parameter shard: named float32 blocks, their optimiser state and versions.
+    """
 
     def CreateBlocks(self, request_iterator, context):
         """Create blocks with initial values (or replace them with overwrite=true).
@@ -214,7 +216,8 @@ def add_ParameterServerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ParameterServer:
-    """Missing associated documentation comment in .proto file."""
+    """One parameter shard: named float32 blocks, their optimiser state and versions.
+    """
 
     @staticmethod
     def CreateBlocks(request_iterator,

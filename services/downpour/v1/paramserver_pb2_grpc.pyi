@@ -34,6 +34,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ParameterServerStub:
+    """One parameter shard: named float32 blocks, their optimiser state and versions."""
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -73,6 +75,8 @@ class ParameterServerStub:
 
 @_typing.type_check_only
 class ParameterServerAsyncStub(ParameterServerStub):
+    """One parameter shard: named float32 blocks, their optimiser state and versions."""
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateBlocks: _aio.StreamUnaryMultiCallable[_paramserver_pb2.CreateBlocksRequest, _paramserver_pb2.CreateBlocksResponse]  # type: ignore[assignment]
     """Create blocks with initial values (or replace them with overwrite=true).
@@ -108,6 +112,8 @@ class ParameterServerAsyncStub(ParameterServerStub):
     """
 
 class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
+    """One parameter shard: named float32 blocks, their optimiser state and versions."""
+
     @_abc_1.abstractmethod
     def CreateBlocks(
         self,

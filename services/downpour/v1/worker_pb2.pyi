@@ -33,7 +33,8 @@ class _HaloDirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HaloDir
     HALO_DIRECTION_BACKWARD: _HaloDirection.ValueType  # 2
     """Gradients of those activations, sent back to their owner to be summed."""
 
-class HaloDirection(_HaloDirection, metaclass=_HaloDirectionEnumTypeWrapper): ...
+class HaloDirection(_HaloDirection, metaclass=_HaloDirectionEnumTypeWrapper):
+    """Which way a halo travels between the partitions of a replica."""
 
 HALO_DIRECTION_UNSPECIFIED: HaloDirection.ValueType  # 0
 HALO_DIRECTION_FORWARD: HaloDirection.ValueType  # 1
@@ -55,7 +56,8 @@ class _WorkerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerSta
     WORKER_STATE_PAUSED: _WorkerState.ValueType  # 3
     WORKER_STATE_STOPPED: _WorkerState.ValueType  # 4
 
-class WorkerState(_WorkerState, metaclass=_WorkerStateEnumTypeWrapper): ...
+class WorkerState(_WorkerState, metaclass=_WorkerStateEnumTypeWrapper):
+    """What a worker is doing."""
 
 WORKER_STATE_UNSPECIFIED: WorkerState.ValueType  # 0
 WORKER_STATE_WAITING: WorkerState.ValueType  # 1

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class ModelWorkerStub:
-    """Missing associated documentation comment in .proto file."""
+    """One partition of one model replica.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +48,8 @@ class ModelWorkerStub:
 
 
 class ModelWorkerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """One partition of one model replica.
+    """
 
     def Exchange(self, request_iterator, context):
         """Halo exchange with another partition of the same replica. The caller
@@ -86,7 +88,8 @@ def add_ModelWorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ModelWorker:
-    """Missing associated documentation comment in .proto file."""
+    """One partition of one model replica.
+    """
 
     @staticmethod
     def Exchange(request_iterator,

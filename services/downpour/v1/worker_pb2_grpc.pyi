@@ -30,6 +30,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ModelWorkerStub:
+    """One partition of one model replica."""
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -43,6 +45,8 @@ class ModelWorkerStub:
 
 @_typing.type_check_only
 class ModelWorkerAsyncStub(ModelWorkerStub):
+    """One partition of one model replica."""
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Exchange: _aio.StreamStreamMultiCallable[_worker_pb2.ExchangeRequest, _worker_pb2.ExchangeResponse]  # type: ignore[assignment]
     """Halo exchange with another partition of the same replica. The caller
@@ -52,6 +56,8 @@ class ModelWorkerAsyncStub(ModelWorkerStub):
     """What this worker is doing."""
 
 class ModelWorkerServicer(metaclass=_abc_1.ABCMeta):
+    """One partition of one model replica."""
+
     @_abc_1.abstractmethod
     def Exchange(
         self,
