@@ -79,13 +79,16 @@ def main(argv=None) -> int:
     try:
         with open(os.path.join(run, "run", "metrics.json"), encoding="utf-8") as f:
             m = json.load(f)
-        # per replica, the first and last reported losses (NaN until a replica has reported)
+        # per replica, the first and last reported losses (null until a replica has reported)
         seen = [[r["loss"] for h in m["history"] if i < len(h["replicas"])
-                 for r in [h["replicas"][i]] if r["loss"] == r["loss"]] for i in range(2)]
+                 for r in [h["replicas"][i]] if r["loss"] is not None and r["step"] > 0] for i in range(2)]
         first, last = [s[0] for s in seen], [s[-1] for s in seen]
         result.update(loss_first=first, loss_last=last, final=m.get("final"),
                       examples_per_second_mean=m.get("examples_per_second_mean"))
-        loss_down = all(b < a for a, b in zip(first, last))
+        # A replica may report once (it can finish its steps within one report window), so
+        # compare the job's final losses with the first loss any replica reported.
+        earliest = next(r["loss"] for h in m["history"] for r in h["replicas"] if r["loss"] is not None and r["step"] > 0)
+        loss_down = sum(last) / len(last) < earliest
     except (OSError, KeyError, IndexError, ValueError) as e:
         result["metrics_error"] = f"{type(e).__name__}: {e}"
         loss_down = False

@@ -385,7 +385,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                 state = pb.JOB_STATE_SUCCEEDED
             elif not st.initialized:
                 state = pb.JOB_STATE_PENDING
-            elif any(not s.member_id or s.lease_until < now for s in st.slots.values()):
+            elif any(not s.member_id or s.lease_until < now for (r, _), s in st.slots.items()
+                     if r in st.open_replicas()):  # replicas held back by the warm start are not missing
                 state = pb.JOB_STATE_DEGRADED
             else:
                 state = pb.JOB_STATE_RUNNING

@@ -103,7 +103,7 @@ class JobState:
     def _slot_free(self, slot: Slot, now: float) -> bool:
         return not slot.member_id or slot.lease_until < now
 
-    def _open_replicas(self) -> range:
+    def open_replicas(self) -> range:
         # Warm start: only replica 0 trains until it has taken warm_start steps (or all its
         # steps, in a job shorter than the warm start: the others must not wait forever).
         if self.cfg.warm_start and self.progress[0].step < min(self.cfg.warm_start, self.cfg.steps):
@@ -127,7 +127,7 @@ class JobState:
     def _place(self, m: Member, now: float) -> bool:
         if self.done:
             return False
-        for r in self._open_replicas():
+        for r in self.open_replicas():
             for p in range(self.partitions):
                 slot = self.slots[(r, p)]
                 if self._slot_free(slot, now):
