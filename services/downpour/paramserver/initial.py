@@ -155,7 +155,9 @@ def check_init_from(cfg: jobconfig.JobConfig) -> tuple[list[str], dict]:
 
 
 def make_blocks(job_yaml: str, names: list[str]):
-    """Yield (name, shape, values, from_checkpoint) for each of ``names``, one block at a time."""
+    """Yield (name, shape, values, from_checkpoint) for each of ``names``, one block at a time.
+
+    Blocks are flat (shape (n,)), as ``Network.init_params`` gives them and checkpoints hold them."""
     try:
         cfg = jobconfig.from_yaml(job_yaml)
         net, blocks = job_blocks(cfg)
@@ -178,6 +180,6 @@ def make_blocks(job_yaml: str, names: list[str]):
         vals = np.empty(int(np.prod(b.shape, dtype=np.int64)), np.float32)
         if ck is not None and b.param in ck.shapes:
             ck.fill(lay, b.tile, vals)
-            yield name, b.shape, vals, True
+            yield name, (vals.size,), vals, True
         else:
-            yield name, b.shape, nninit.values(lay, cfg.seed, b.tile, out=vals), False
+            yield name, (vals.size,), nninit.values(lay, cfg.seed, b.tile, out=vals), False
