@@ -63,7 +63,8 @@ class NeuronModel:
         self.net = Network(spec, xp=xp)
         self.params = {k: xp.asarray(np.asarray(nnbackend.to_numpy(v), np.float32).reshape(-1))
                        for k, v in params.items()}
-        self.net._views(self.params)  # raises on missing or mis-sized blocks
+        # Queries read the encoders (and the head) only: a model may come without the decoders.
+        self.net._views(self.params, self.net.encoder_names())  # raises on missing or mis-sized blocks
         self.version = int(version)
         self.layers = layer_shapes(spec)
         self._lock = threading.Lock()

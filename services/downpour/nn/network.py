@@ -203,8 +203,18 @@ class Network:
         return {k: self.xp.asarray(init.values(lay, seed).astype(self.dtype, copy=False))
                 for k, lay in init.layouts(self).items()}
 
-    def _views(self, params):
+    def encoder_names(self, upto: int | None = None) -> list[str]:
+        """The blocks inference reads (``forward``): the encoders of stages[:upto], and the head
+        when ``upto`` is None. The decoders are for training only."""
+        names = [f"{st.name}.W1" for st in self.stages[:upto] if st.filter is not None]
+        if self.spec.classes and upto is None:
+            names += ["head.W", "head.b"]
+        return names
+
+    def _views(self, params, names=None):
         shapes = self.param_shapes()
+        if names is not None:
+            shapes = {k: shapes[k] for k in names}
         missing = [k for k in shapes if k not in params]
         if missing:
             raise KeyError(f"missing parameter block(s): {', '.join(missing)}")
@@ -226,7 +236,7 @@ class Network:
         Returns a dict: ``stageN.filter``, ``stageN.pool``, ``stageN.output``
         (and ``head.logits`` when there is a head): the layers a neuron can be read from.
         """
-        params = self._views(params)
+        params = self._views(params, self.encoder_names(upto))
         h = self._input(x)
         acts = {}
         for st in self.stages[:upto]:
