@@ -8,19 +8,22 @@ Per process (bytes; n = the parameters it holds, B = the batch size):
 
 * paramserver shard: weights 4n and Adagrad accumulators 4n; the checkpoint
   snapshot 8n (a shard copies its blocks under the lock, then writes them);
+  its largest block twice while it creates it (values and the store's copy);
   transport buffers 8n per worker that maps its blocks (the co-located
   shared-memory plane: a weight and a gradient region, paramserver/shared.py;
   the shard's own pages of those files count in its resident set).
-* worker (one partition of one replica): its blocks only, weights 4n as
-  pulled, gradients 4n, transport buffers 8n (its shared-memory files), and
+* worker (one partition of one replica): its blocks only: gradients 4n,
+  transport buffers 8n (its shared-memory files: it computes on views of
+  their weight region; without shared memory, weights 4n of its own), and
   activations at the batch size (every layer of its tile with contexts and
   gradients).
 * neurons: the encoders' and the head's weights (4E, about half the model:
   queries never read the decoders), once more while a refresh replaces the
   previous copy, and once more when a partitioned job's blocks are joined
   back into whole layers.
-* coordinator and feeder: their interpreter, libraries and buffers only; the
-  coordinator never holds a parameter.
+* feeder: its data in memory (the bundled images at the model's input size).
+* coordinator: its interpreter, libraries and buffers only: it never holds a
+  parameter.
 
 Every process also pays a fixed base (the interpreter, NumPy, gRPC, its
 threads), measured per role with ``benchmarks/memory.py`` on the ``tiny``
@@ -30,6 +33,7 @@ measured for tiny, small and medium runs (see docs/benchmarks.md).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -38,10 +42,17 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 # Resident memory of an idle process of each role (interpreter, NumPy, gRPC, threads), measured.
-BASE = {"paramserver": 75 * MiB, "worker": 95 * MiB, "feeder": 110 * MiB, "coordinator": 80 * MiB,
-        "neurons": 150 * MiB}
-# Bytes of live activations (and their gradients and contexts) per activation value of a layer.
-ACTIVATION_BYTES = 4 * 4.0
+BASE = {"paramserver": 62 * MiB, "worker": 64 * MiB, "feeder": 168 * MiB, "coordinator": 60 * MiB,
+        "neurons": 62 * MiB}
+# A model-parallel worker's halo exchange: its own server, peer channels, mailboxes (measured).
+EXCHANGE = 10 * MiB
+# Bytes of live activations (their gradients, the layers' contexts and scratch) per activation
+# value of a layer, fitted to the measured workers: one whole replica, and a partition's tile
+# (which also keeps each layer's halo-grown input, the exchanged halos and their gradients).
+ACTIVATION_BYTES = 42.0
+ACTIVATION_BYTES_PARTITION = 100.0
+# The feeder's bundled images at the model's input size: regions, patches and batches (fitted).
+FEEDER_EXAMPLES = 640
 
 
 @dataclass
@@ -103,39 +114,59 @@ def _fmt(n: float) -> str:
 
 
 def _layer_values(spec, rows: int, cols: int, partition: int) -> int:
-    """Activation values per example of one partition's tile of every layer (halos included)."""
-    from downpour.nn.spec import stage_shapes
+    """Activation values per example of one partition's tile of every layer (the whole replica's
+    layers when the grid is 1x1)."""
+    return _shapes(spec, rows, cols)[4][partition]
 
-    total = 0
-    for st in stage_shapes(spec):
-        for key, (c, h, w) in st.items():
-            if key == "output" and "lcn" in st:
-                continue  # the same array as the LCN's output
-            th, tw = -(-h // rows), -(-w // cols)
-            total += c * th * tw
-    return total
+
+@functools.lru_cache(maxsize=64)
+def _shapes(spec, rows: int, cols: int):
+    """(parameter sizes, block sizes, blocks pulled per partition, encoder block names, activation
+    values per example per partition) of a model on a grid; shapes only, nothing allocated."""
+    from downpour.nn import Network
+    from downpour.partition import block_shapes, plan as pplan
+
+    net = Network(spec)
+    full = net.block_sizes()
+    pl = pplan(spec, rows, cols)
+    if rows * cols > 1:
+        sizes = {k: math.prod(v) for k, v in block_shapes(pl).items()}
+        pulled = [pl.blocks_pulled(p) for p in range(rows * cols)]
+    else:
+        sizes, pulled = dict(full), [list(full)]
+    values = []
+    for p in range(rows * cols):
+        total = 0
+        for lay in pl.layers:
+            y0, y1, x0, x1 = lay.tiles[p]
+            total += lay.shape[0] * (y1 - y0) * (x1 - x0)
+        values.append(total)
+    return full, sizes, pulled, net.encoder_names(), values
+
+
+def _feeder_data(cfg, values_per_example: int) -> int:
+    """The feeder's data in memory: the bundled images at the input size, or the dataset's size on disk."""
+    if cfg.data == "default" or cfg.data.startswith("default:"):
+        return 4 * FEEDER_EXAMPLES * values_per_example
+    path = os.path.expanduser(cfg.data[len("file://"):] if cfg.data.startswith("file://") else cfg.data)
+    if os.path.isdir(path):  # decoded images: at most the input size each, as float32
+        n = sum(len(files) for _, _, files in os.walk(path))
+        return 4 * n * values_per_example
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
     """The memory plan of job ``cfg`` (a ``downpour.config.JobConfig``) run by ``downpour up``."""
-    from downpour.nn import Network
     from downpour.paramserver.client import balanced_placement
 
     spec = cfg.network_spec()
     rows, cols = cfg.grid()
     parts_n = rows * cols
-    net = Network(spec)
-    full = net.block_sizes()
+    full, sizes, pulled, encoders, _ = _shapes(spec, rows, cols)
     N = sum(full.values())
-    if parts_n > 1:
-        from downpour.partition import block_shapes, plan as pplan
-
-        pl = pplan(spec, rows, cols)
-        sizes = {k: math.prod(v) for k, v in block_shapes(pl).items()}
-        pulled = [pl.blocks_pulled(p) for p in range(parts_n)]
-    else:
-        sizes = dict(full)
-        pulled = [list(sizes)]
     place = balanced_placement(sizes, cfg.shards)
     procs: list[Process] = []
     shared = bool(cfg.shared_memory)
@@ -144,22 +175,26 @@ def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
         n = sum(sizes[k] for k in mine)
         # Every replica's partition that pulls a block of this shard maps it (one region each).
         mapped = cfg.replicas * sum(sizes[k] for p in pulled for k in p if place[k] == i) if shared else 0
+        largest = max((sizes[k] for k in mine), default=0)
         procs.append(Process(f"paramserver-{i}", "paramserver", {
             "base": BASE["paramserver"], "weights": 4 * n, "optimizer": 4 * n, "checkpoint": 8 * n,
-            "transport": 8 * mapped}, n))
-    procs.append(Process("feeder", "feeder", {"base": BASE["feeder"]}))
+            "transport": 8 * mapped, "copies": 8 * largest}, n))
+    c, h, w = spec.input
+    procs.append(Process("feeder", "feeder", {"base": BASE["feeder"], "activations": _feeder_data(cfg, c * h * w)}))
     procs.append(Process("coordinator", "coordinator", {"base": BASE["coordinator"]}))
     k = 0
     for _ in range(cfg.replicas):
         for p in range(parts_n):
             n = sum(sizes[b] for b in pulled[p])
-            act = int(ACTIVATION_BYTES * cfg.batch_size * _layer_values(spec, rows, cols, p))
+            per_value = ACTIVATION_BYTES_PARTITION if parts_n > 1 else ACTIVATION_BYTES
+            act = int(per_value * cfg.batch_size * _layer_values(spec, rows, cols, p))
+            # Over shared memory the loop computes on views of the weight region (no copy of its own).
             procs.append(Process(f"worker-{k}", "worker", {
-                "base": BASE["worker"], "weights": 4 * n, "gradients": 4 * n, "activations": act,
-                "transport": 8 * n if shared else 0}, n))
+                "base": BASE["worker"] + (EXCHANGE if parts_n > 1 else 0), "weights": 0 if shared else 4 * n,
+                "gradients": 4 * n, "activations": act, "transport": 8 * n if shared else 0}, n))
             k += 1
     if neurons:
-        E = sum(full[k] for k in net.encoder_names())  # queries read the encoders and the head only
+        E = sum(full[k] for k in encoders)  # queries read the encoders and the head only
         copies = 4 * E * (2 if parts_n > 1 else 1)
         procs.append(Process("neurons", "neurons", {"base": BASE["neurons"], "weights": 4 * E, "copies": copies}, E))
     return Plan(preset or (cfg.preset if cfg.model is None else "custom"), cfg.replicas, (rows, cols), cfg.shards,
