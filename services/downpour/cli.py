@@ -47,7 +47,7 @@ def _print_plan(args: argparse.Namespace) -> int:
                                                  "shards": args.shards, "partitions": args.partitions,
                                                  "batch_size": args.batch_size})
     p = memplan.plan(cfg, neurons=not args.no_neurons)
-    have, where = memplan.machine_memory()
+    have, where = memplan.machine_memory(args.memory or "")
     if args.json:
         print(json.dumps(dict(p.to_dict(), machine_bytes=have, machine_source=where), indent=2))
         return 0
@@ -88,7 +88,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         cfg = jobconfig.load(args.config, overrides=overrides)
         out = args.out or os.path.join("runs", _time.strftime("%Y%m%d-%H%M%S"))
     return run(cfg, out, resume=bool(args.resume), quiet=args.quiet, secure=args.secure,
-               neurons=not args.no_neurons)
+               neurons=not args.no_neurons, memory=args.memory or "")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shards", type=int, help="with --plan: parameter server shards")
     m.add_argument("--batch-size", type=int, help="with --plan: examples per minibatch")
     m.add_argument("--no-neurons", action="store_true", help="with --plan: without the neurons service")
+    m.add_argument("--memory", metavar="SIZE", help="with --plan: plan for a machine of this memory (e.g. 24G) "
+                                                    "instead of this one's")
     m.set_defaults(func=_cmd_model)
 
     u = sub.add_parser("up", help="run the whole cluster as local processes and train")
@@ -169,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     u.add_argument("--quiet", action="store_true", help="no progress display")
     u.add_argument("--secure", action="store_true", help="mutual TLS and a bearer token between every service")
+    u.add_argument("--memory", metavar="SIZE",
+                   help="the memory the job may use (e.g. 24G); default: what this machine has available. "
+                        "A job whose memory plan does not fit is refused before anything starts")
     u.add_argument("--no-neurons", action="store_true",
                    help="do not start the neurons service (by default it serves the live parameters)")
     u.set_defaults(func=_cmd_up)

@@ -201,16 +201,15 @@ def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
                 cfg.batch_size, N, procs)
 
 
-def machine_memory() -> tuple[int, str]:
+def machine_memory(override: str = "") -> tuple[int, str]:
     """(bytes this machine can give a job now, where that number comes from).
 
     The smaller of the memory available (/proc/meminfo MemAvailable) and what a
     cgroup memory limit leaves (memory.max - memory.current), when there is one;
-    ``DOWNPOUR_MEMORY_BYTES`` overrides both (e.g. to plan for another machine).
+    ``override`` (``--memory 24G``: to plan for another machine) replaces both.
     """
-    env = os.environ.get("DOWNPOUR_MEMORY_BYTES", "").strip()
-    if env:
-        return parse_bytes(env), "DOWNPOUR_MEMORY_BYTES"
+    if override:
+        return parse_bytes(override), "--memory"
     best, where = None, ""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
@@ -234,8 +233,7 @@ def machine_memory() -> tuple[int, str]:
         if limit < (1 << 60) and (best is None or limit - used < best):
             best, where = max(0, limit - used), f"the cgroup memory limit ({_fmt(limit)})"
     if best is None:
-        raise OSError("cannot tell how much memory this machine has (no /proc/meminfo); "
-                      "set DOWNPOUR_MEMORY_BYTES")
+        raise OSError("cannot tell how much memory this machine has (no /proc/meminfo); give --memory")
     return best, where
 
 
@@ -268,7 +266,10 @@ def smallest_layout(cfg, machine_bytes: int, neurons: bool = True):
     for grid in GRIDS:
         for shards in SHARDS:
             c = dataclasses.replace(cfg, partitions=f"{grid[0]}x{grid[1]}", shards=shards)
-            p = plan(c, neurons=neurons)
+            try:
+                p = plan(c, neurons=neurons)
+            except ValueError:  # a grid finer than the network's smallest layer
+                break
             if p.largest.total > machine_bytes:
                 continue
             machines = pack([q.total for q in p.processes], machine_bytes)
@@ -291,11 +292,11 @@ def pack(sizes: list[int], capacity: int) -> int:
     return len(bins)
 
 
-def check_fits(cfg, neurons: bool = True) -> Plan:
+def check_fits(cfg, neurons: bool = True, memory: str = "") -> Plan:
     """Raise MemoryError, with the plan's numbers and the smallest layout that would fit, when the
     job does not fit this machine's memory; else return the plan."""
     p = plan(cfg, neurons=neurons)
-    have, where = machine_memory()
+    have, where = machine_memory(memory)
     if p.total <= have:
         return p
     msg = [f"this job needs about {_fmt(p.total)} of memory but this machine has {_fmt(have)} "

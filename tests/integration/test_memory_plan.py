@@ -22,7 +22,7 @@ def cli(*args, env=None, timeout=120):
 
 def test_le2012_on_a_machine_too_small_is_refused_in_seconds_with_the_numbers(tmp_path):
     t0 = time.monotonic()
-    r = cli("up", "--preset", "le2012", "--out", str(tmp_path / "run"), env={"DOWNPOUR_MEMORY_BYTES": "24G"})
+    r = cli("up", "--preset", "le2012", "--out", str(tmp_path / "run"), "--memory", "24G")
     took = time.monotonic() - t0
     assert r.returncode == 2, r.stderr[-2000:]
     assert took < 5.0, f"refusal took {took:.1f} s"
@@ -36,7 +36,7 @@ def test_le2012_on_a_machine_too_small_is_refused_in_seconds_with_the_numbers(tm
 
 def test_a_tiny_job_under_a_tiny_limit_is_refused_before_any_process_starts(tmp_path):
     r = cli("up", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "run"),
-            env={"DOWNPOUR_MEMORY_BYTES": "100M"})
+            "--memory", "100M")
     assert r.returncode == 2 and "100 MiB" in r.stderr and "not started" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run" / "logs").exists() or not any((tmp_path / "run" / "logs").glob("*.log"))
 

@@ -64,14 +64,12 @@ def test_pack_first_fit_decreasing():
     assert memplan.pack([], 10) == 0
 
 
-def test_a_job_that_does_not_fit_is_refused_with_the_numbers_and_a_layout_that_fits(monkeypatch):
+def test_a_job_that_does_not_fit_is_refused_with_the_numbers_and_a_layout_that_fits():
     c = cfg(preset="medium", replicas=1, shards=2, partitions="1x1")
     need = memplan.plan(c).total
-    monkeypatch.setenv("DOWNPOUR_MEMORY_BYTES", str(need + 1))
-    assert memplan.check_fits(c).total == need
-    monkeypatch.setenv("DOWNPOUR_MEMORY_BYTES", "3G")
+    assert memplan.check_fits(c, memory=str(need + 1)).total == need
     with pytest.raises(MemoryError) as e:
-        memplan.check_fits(c)
+        memplan.check_fits(c, memory="3G")
     text = str(e.value)
     assert memplan._fmt(need) in text and "3.00 GiB" in text and "paramserver-0" in text
     fit, machines = memplan.smallest_layout(c, 3 << 30)
