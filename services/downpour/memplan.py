@@ -76,6 +76,7 @@ class Plan:
     batch_size: int
     parameters: int
     processes: list[Process]
+    shared_memory: bool = True
 
     @property
     def total(self) -> int:
@@ -87,7 +88,8 @@ class Plan:
 
     def layout(self) -> str:
         r, c = self.grid
-        return f"{self.replicas} replica(s) x {r}x{c} partitions, {self.shards} shard(s), batch {self.batch_size}"
+        return (f"{self.replicas} replica(s) x {r}x{c} partitions, {self.shards} shard(s), batch {self.batch_size}"
+                + ("" if self.shared_memory else ", shared_memory: false (gRPC transport)"))
 
     def format(self) -> str:
         keys = ["base", "weights", "optimizer", "checkpoint", "gradients", "activations", "transport", "copies"]
@@ -198,7 +200,7 @@ def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
         copies = 4 * E * (2 if parts_n > 1 else 1)
         procs.append(Process("neurons", "neurons", {"base": BASE["neurons"], "weights": 4 * E, "copies": copies}, E))
     return Plan(preset or (cfg.preset if cfg.model is None else "custom"), cfg.replicas, (rows, cols), cfg.shards,
-                cfg.batch_size, N, procs)
+                cfg.batch_size, N, procs, shared)
 
 
 def machine_memory(override: str = "") -> tuple[int, str]:
@@ -259,6 +261,8 @@ def smallest_layout(cfg, machine_bytes: int, neurons: bool = True):
     ``machine_bytes`` each, every process fitting one machine: (plan, machines) or None.
 
     Processes are packed onto machines first-fit by decreasing size. Ties go to fewer processes.
+    A layout on more than one machine is planned without the shared-memory plane (gRPC between
+    hosts: no shared regions, each worker its own copy of its weights).
     """
     import dataclasses
 
@@ -270,6 +274,10 @@ def smallest_layout(cfg, machine_bytes: int, neurons: bool = True):
                 p = plan(c, neurons=neurons)
             except ValueError:  # a grid finer than the network's smallest layer
                 break
+            if p.total > machine_bytes:
+                # Across machines workers reach the shards through gRPC: no shared-memory regions,
+                # a copy of their weights of their own instead.
+                p = plan(dataclasses.replace(c, shared_memory=False), neurons=neurons)
             if p.largest.total > machine_bytes:
                 continue
             machines = pack([q.total for q in p.processes], machine_bytes)
