@@ -111,3 +111,23 @@ def test_init_blocks_refuses_an_unknown_block_and_a_bad_job(shard_addresses):
     with pytest.raises(grpc.RpcError) as e:
         stub.InitBlocks(pb.InitBlocksRequest(job_yaml=bad, names=["stage1.W1"], overwrite=True), timeout=30)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no committed checkpoint" in e.value.details()
+
+
+def test_a_shard_that_restarts_empty_before_any_checkpoint_makes_its_initial_blocks_again(tmp_path, shard_addresses):
+    cfg = job("2x2", 2)
+    coord, before = start_params(cfg, shard_addresses)
+    fresh_proc, fresh = _start(tmp_path, 1)  # shard 1 "restarted": a new, empty process in its place
+    try:
+        addresses = [shard_addresses[0], fresh]
+        state = JobState(cfg, None)
+        state.initialized = True
+        coord = Coordinator(state, addresses, "127.0.0.1:1", str(tmp_path / "no-checkpoints"))
+        with ParamClient(addresses, placement=coord.place) as client:
+            assert coord.check_shards(client) == [1]
+            after = {k: np.array(v).reshape(-1) for k, v in client.pull(list(coord.place)).items()}
+        assert set(after) == set(before)
+        for k in before:
+            np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    finally:
+        fresh_proc.kill()
+        fresh_proc.wait(timeout=30)
