@@ -131,3 +131,30 @@ def test_a_shard_that_restarts_empty_before_any_checkpoint_makes_its_initial_blo
     finally:
         fresh_proc.kill()
         fresh_proc.wait(timeout=30)
+
+
+def test_the_neurons_service_pulls_and_keeps_the_encoders_only(shard_addresses):
+    from downpour.neurons.model import NeuronModel
+    from downpour.neurons.sources import ShardSource
+
+    cfg = job("2x2", 2)
+    coord, blocks = start_params(cfg, shard_addresses)
+    net = Network(cfg.network_spec())
+    src = ShardSource(shard_addresses[:2], cfg)
+    try:
+        assert src.names and not any(".W2" in n for n in src.names)
+        assert src.refresh()
+        model = src.model
+        assert set(model.params) == set(net.encoder_names()) == {"stage1.W1", "stage2.W1", "stage3.W1", "head.W",
+                                                                 "head.b"}
+        full = net.init_params(cfg.seed)
+        for k in model.params:
+            np.testing.assert_array_equal(model.params[k], full[k], err_msg=k)
+        # and its answers are the whole network's: forward never reads a decoder
+        x = np.random.default_rng(0).random((2, *cfg.network_spec().input), dtype=np.float32)
+        want = net.forward(full, x)["head.logits"]
+        got = NeuronModel(cfg.network_spec(), full).layer_activations(x, "head.logits")
+        np.testing.assert_allclose(model.layer_activations(x, "head.logits"), want.reshape(2, -1), rtol=1e-6)
+        np.testing.assert_allclose(got, want.reshape(2, -1), rtol=1e-6)
+    finally:
+        src.close()
