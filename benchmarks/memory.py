@@ -72,6 +72,10 @@ def measure(name: str, out_dir: str) -> dict:
     output = proc.stdout.read()
     if proc.returncode != 0:
         raise SystemExit(f"{name}: downpour up exited {proc.returncode}:\n{output[-3000:]}")
+    with open(os.path.join(run, "metrics.json"), encoding="utf-8") as f:
+        history = json.load(f).get("history") or [{}]
+    last = history[-1]
+    losses = [r.get("loss") for r in last.get("replicas", [])]
     cfg = jobconfig.load(os.path.join(run, "job.yaml"))
     plan = memplan.plan(cfg)
     rows = []
@@ -82,6 +86,7 @@ def measure(name: str, out_dir: str) -> dict:
                      "ratio": peaks[p.name] / p.total, "parts": p.parts})
     return {"run": name, "preset": preset, "replicas": replicas, "grid": grid, "shards": shards, "steps": steps,
             "batch_size": batch, "parameters": plan.parameters, "seconds": time.time() - t0, "processes": rows,
+            "final_step": last.get("step"), "final_losses": losses,
             "total_measured": sum(r["measured"] for r in rows), "total_planned": plan.total}
 
 
@@ -96,7 +101,8 @@ def main() -> int:
             r = measure(name, tmp)
             results.append(r)
             print(f"\n{name}: {r['preset']} ({r['parameters'] / 1e6:.1f} M parameters), {r['replicas']} replica, "
-                  f"grid {r['grid']}, {r['shards']} shard(s), batch {r['batch_size']}, {r['steps']} steps")
+                  f"grid {r['grid']}, {r['shards']} shard(s), batch {r['batch_size']}, {r['steps']} steps; "
+                  f"reached step {r['final_step']}, loss {r['final_losses']}, {r['seconds']:.0f} s")
             print(f"  {'process':<14} {'measured MiB':>12} {'planned MiB':>12} {'ratio':>6}")
             for row in r["processes"]:
                 print(f"  {row['process']:<14} {row['measured'] / 2**20:>12.0f} {row['planned'] / 2**20:>12.0f} "
