@@ -7,7 +7,8 @@
   the paper's 5x5 pooling and LCN: about 300 million parameters, between the
   demo and the paper. It trains (a few steps) through ``downpour up`` on a
   24 GB machine with a 2x2 partition grid and 2 shards (see ``downpour model
-  --preset medium --plan``).
+  --preset medium --plan``), at learning rate 0.001: the default 0.01, tuned
+  on ``small``, diverges in its first Adagrad steps.
 * ``le2012``: the network of Le et al. (2012): 200x200x3 input, 18x18 fields,
   8 maps per location, 5x5 L2 pooling and 5x5 LCN, three stages, all strides
   1, which gives about 1.2 billion encoder connections (the paper's "one
