@@ -133,7 +133,13 @@ def _cmd_serve(argv: list[str]) -> int:
     return int(mod.main(argv[1:]) or 0)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands whose parsers import nothing heavy: for them the others' parsers (which import the
+# explorer's web stack and the evaluations) are left out, so that e.g. `downpour up` refusing a job
+# that does not fit answers in about a second even on a loaded machine.
+LIGHT = ("model", "up", "status")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="downpour", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -183,15 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
 
-    from downpour.client import add_query_parser
-    from downpour.evals import add_eval_parser
-    from downpour.export import add_export_parser
-    from downpour.neurons.explorer import add_explore_parser
+    if command not in LIGHT:
+        from downpour.client import add_query_parser
+        from downpour.evals import add_eval_parser
+        from downpour.export import add_export_parser
+        from downpour.neurons.explorer import add_explore_parser
 
-    add_query_parser(sub)
-    add_export_parser(sub)
-    add_explore_parser(sub)
-    add_eval_parser(sub)
+        add_query_parser(sub)
+        add_export_parser(sub)
+        add_explore_parser(sub)
+        add_eval_parser(sub)
 
     sub.add_parser("serve", help="run one service: " + ", ".join(ROLES), add_help=False)
     return p
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     # `serve` forwards everything after the role to the service's own parser.
     if argv and argv[0] == "serve":
         return _cmd_serve(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, KeyError) as e:
