@@ -441,8 +441,16 @@ class _WarningsToLog:
 
 
 def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = False,
-        start_timeout: float = 90.0, secure: bool = False, neurons: bool = True) -> int:
-    """Run a job to its step count. Returns a process exit code."""
+        start_timeout: float = 90.0, secure: bool = False, neurons: bool = True, memory: str = "") -> int:
+    """Run a job to its step count. Returns a process exit code.
+
+    ``memory`` (e.g. "24G") replaces the memory this machine has in the fit check."""
+    from downpour import memplan
+
+    try:  # first, before any process starts: a job that cannot fit is refused with the plan's numbers
+        memplan.check_fits(cfg, neurons=neurons, memory=memory)
+    except MemoryError as e:
+        raise ValueError(str(e)) from None
     if cfg.init_from and not resume:
         # job.yaml must mean the same folder to whoever reads it later, whatever its working directory.
         cfg.init_from = os.path.abspath(cfg.init_from)

@@ -3,8 +3,10 @@
     downpour serve coordinator --config job.yaml --shards H:P,H:P --feeder H:P \
         --state-dir DIR --checkpoint-dir DIR [--resume]
 
-On a fresh start it creates the network's parameter blocks on the shards
-(size-balanced placement); with ``--resume`` it restores them from the newest
+On a fresh start it places the network's parameter blocks on the shards
+(size-balanced placement) and each shard creates its own blocks' values
+(InitBlocks: drawn from the job's seed, or read from ``init_from``): the
+coordinator never holds a parameter; with ``--resume`` it restores them from the newest
 committed checkpoint instead and continues every replica's step count; when
 ``--state-dir`` already holds a previous coordinator's state it re-adopts the
 running cluster without touching the shards.
@@ -93,29 +95,47 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             paramserver_pb2_grpc.ParameterServerStub(shard.channel).SetOptimizer(
                 paramserver_pb2.SetOptimizerRequest(optimizer=self._optimizer()), timeout=30)
 
-    def initial_params(self) -> dict:
-        """The job's starting blocks: seeded fresh values, with ``init_from``'s matching blocks in
-        their place, cut into the partitions' blocks for a model-parallel job.
-        Raises ValueError when ``init_from`` cannot be used."""
-        params = self.net.init_params(self.cfg.seed)
-        if self.cfg.init_from:
-            params, taken, m = cks.warm_start(self.cfg.init_from, params)
-            log.info("initial values of %d of %d blocks from checkpoint %s (step %d) in %s; fresh: %s",
-                     len(taken), len(params), m["checkpoint_id"], m["step"], self.cfg.init_from,
-                     ", ".join(sorted(set(params) - set(taken))) or "none")
-        if self.plan is not None:
-            from downpour.partition import split_params
+    def check_init_from(self) -> None:
+        """Whether ``init_from`` can be used (from its files' headers; no values are read here).
+        Raises ValueError naming the problem."""
+        if not self.cfg.init_from:
+            return
+        from downpour.paramserver.initial import check_init_from
 
-            params = split_params(self.plan, params)
-        return params
+        taken, m = check_init_from(self.cfg)
+        fresh = sorted(set(self.net.param_shapes()) - set(taken))
+        log.info("initial values of %d of %d blocks from checkpoint %s (step %d) in %s; fresh: %s",
+                 len(taken), len(self.net.param_shapes()), m["checkpoint_id"], m["step"], self.cfg.init_from,
+                 ", ".join(fresh) or "none")
 
-    def init_parameters(self, params: dict | None = None) -> None:
-        """Create every block on its shard with its initial values and the job's optimizer."""
-        params = self.initial_params() if params is None else params
+    def _init_shard(self, client: ParamClient, i: int) -> None:
+        """Shard i creates its own blocks (drawn from the seed, or read from init_from): the coordinator
+        sends their names only and never holds a parameter (see paramserver/initial.py)."""
+        names = [n for n, s in self.place.items() if s == i]
+        resp = paramserver_pb2_grpc.ParameterServerStub(client.shards[i].channel).InitBlocks(
+            paramserver_pb2.InitBlocksRequest(job_yaml=self.cfg.to_yaml(), names=names, overwrite=True),
+            timeout=max(600.0, 60.0 + sum(_prod(self.shapes[n]) for n in names) / 5e6))
+        log.info("shard %d created its %d blocks (%d from init_from)", i, len(resp.blocks), len(resp.from_checkpoint))
+
+    def init_parameters(self) -> None:
+        """Every shard creates its blocks with their initial values, under the job's optimizer."""
         with self._client() as client:
             client.wait_ready(60)
             self._set_optimizer(client)
-            client.init(params, overwrite=True)
+            errors: list[BaseException] = []
+
+            def one(i: int) -> None:
+                try:
+                    self._init_shard(client, i)
+                except BaseException as e:  # noqa: BLE001 - re-raised below, in this thread
+                    errors.append(e)
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(self.shards))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
         self.state.initialized = True
         self.state.save()
 
@@ -243,11 +263,9 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             log.info("shard %d restored from checkpoint %s (step %d)", i, m["checkpoint_id"], m["step"])
             return
         # No usable checkpoint yet: the shard's blocks start again from their initial values.
-        params = self.initial_params()
-        mine = {n: v for n, v in params.items() if self.place.get(n) == i}
         paramserver_pb2_grpc.ParameterServerStub(shard.channel).SetOptimizer(
             paramserver_pb2.SetOptimizerRequest(optimizer=self._optimizer()), timeout=30)
-        client.init(mine, overwrite=True)
+        self._init_shard(client, i)
         metrics.COORDINATOR_SHARD_RECOVERIES.labels(str(i), "initial").inc()
         log.info("shard %d refilled with initial values (no checkpoint yet)", i)
 
@@ -465,10 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         state = JobState(cfg, args.state_dir or None)
     scfg = ServerConfig.from_args(args)
     coord = Coordinator(state, shards, args.feeder, args.checkpoint_dir, scfg.channel_config())
-    initial = None
     if not (adopted and state.initialized) and not manifests:
         try:  # a bad init_from stops the start-up with its reason, before anything is served
-            initial = coord.initial_params()
+            coord.check_init_from()
         except ValueError as e:
             ap.error(str(e))
     server = Server("coordinator", scfg)
@@ -478,13 +495,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("re-adopted job %s at step %d from %s", state.job_id, state.step, args.state_dir)
     elif adopted:  # the previous coordinator died before the parameters existed
         log.info("re-adopted job %s before its parameters were created: creating them", state.job_id)
-        coord.init_parameters(initial)
+        coord.init_parameters()
     elif manifests:
         coord.restore(manifests[-1])
         log.info("resumed from checkpoint %s at step %d", manifests[-1]["checkpoint_id"], manifests[-1]["step"])
     else:
-        coord.init_parameters(initial)
-        initial = None  # the shards hold them now
+        coord.init_parameters()
     threading.Thread(target=coord.background, name="checkpoints", daemon=True).start()
     threading.Thread(target=coord.watch_shards, name="shard-watchdog", daemon=True).start()
     server.set_serving()

@@ -61,9 +61,11 @@ class NeuronModel:
         # "numpy", "cupy", or an array module itself (tests stand NumPy in for CuPy)
         xp = nnbackend.get(backend) if isinstance(backend, str) else backend
         self.net = Network(spec, xp=xp)
+        # Queries read the encoders (and the head) only: the decoders are neither needed nor kept.
+        needed = set(self.net.encoder_names())
         self.params = {k: xp.asarray(np.asarray(nnbackend.to_numpy(v), np.float32).reshape(-1))
-                       for k, v in params.items()}
-        self.net._views(self.params)  # raises on missing or mis-sized blocks
+                       for k, v in params.items() if k in needed}
+        self.net._views(self.params, self.net.encoder_names())  # raises on missing or mis-sized blocks
         self.version = int(version)
         self.layers = layer_shapes(spec)
         self._lock = threading.Lock()

@@ -25,6 +25,7 @@ from downpour import checkpoints
 from downpour import config as jobconfig
 from downpour import metrics
 from downpour.neurons.model import NeuronModel
+from downpour.nn import Network
 from downpour.nn.spec import NetworkSpec
 
 log = logging.getLogger("downpour.neurons")
@@ -146,11 +147,21 @@ class ShardSource(Source):
         self.spec = cfg.network_spec()
         self.normalize, self.data = cfg.normalize, cfg.data
         self.checkpoint_dir = checkpoint_dir
-        sizes, self._join = block_layout(cfg)
+        sizes, join = block_layout(cfg)
         # the coordinator places blocks the same way (size-balanced over the shards)
         self.client = ParamClient(shards, worker_id="neurons", placement=balanced_placement(sizes, len(shards)),
                                   channel_config=channel_config, timeout=timeout)
-        self.names = list(sizes)
+        # Queries read the encoders and the head only: the decoders (half the parameters) are never pulled.
+        wanted = set(Network(self.spec).encoder_names())
+        self.names = [n for n in sizes if n.split("[")[0] in wanted]
+        rows, cols = cfg.grid()
+        if rows * cols > 1:
+            from downpour.partition import join_params, plan
+
+            pl = plan(self.spec, rows, cols)
+            self._join = lambda blocks: join_params(pl, blocks, partial=True)
+        else:
+            self._join = join
         self.description = "shards " + ",".join(shards)
         self._version = -1
 
@@ -160,7 +171,8 @@ class ShardSource(Source):
         if version == self._version and self._model is not None:
             self.refreshed_at = time.time()
             return False
-        self._set(NeuronModel(self.spec, self._join(params), version=version, backend=self.backend))
+        params = self._join(params)  # (a partitioned job's blocks: the pulled ones are dropped here)
+        self._set(NeuronModel(self.spec, params, version=version, backend=self.backend))
         self._version = version
         return True
 

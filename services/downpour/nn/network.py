@@ -193,25 +193,28 @@ class Network:
         return {k: int(numpy.prod(s)) for k, s in self.param_shapes().items()}
 
     def init_params(self, seed: int = 0) -> dict[str, object]:
-        """Random initial blocks (flat, ``dtype``), reproducible from ``seed``."""
-        rng = numpy.random.default_rng(seed)
-        out = {}
-        for st in self.stages:
-            if st.filter is None:
-                continue
-            f = st.filter
-            # Unit-variance responses at the start; the decoder starts small,
-            # scaled by how many locations overlap on each input pixel.
-            overlap = max(1, -(-f.k // f.s)) ** 2
-            out[f"{st.name}.W1"] = rng.normal(0, 1 / numpy.sqrt(f.K), f.weight_shape)
-            out[f"{st.name}.W2"] = rng.normal(0, 1 / numpy.sqrt(f.M * overlap * f.K), f.decoder_shape)
-        if self.spec.classes:
-            out["head.W"] = rng.normal(0, 1 / numpy.sqrt(self.features), (self.spec.classes, self.features))
-            out["head.b"] = numpy.zeros(self.spec.classes)
-        return {k: self.xp.asarray(v.astype(self.dtype).reshape(-1)) for k, v in out.items()}
+        """Random initial blocks (flat, ``dtype``), reproducible from ``seed``.
 
-    def _views(self, params):
+        The values are the ones each parameter shard draws for its blocks (``nn.init``):
+        an in-process run and a cluster run of the same job start from the same parameters.
+        """
+        from . import init
+
+        return {k: self.xp.asarray(init.values(lay, seed).astype(self.dtype, copy=False))
+                for k, lay in init.layouts(self).items()}
+
+    def encoder_names(self, upto: int | None = None) -> list[str]:
+        """The blocks inference reads (``forward``): the encoders of stages[:upto], and the head
+        when ``upto`` is None. The decoders are for training only."""
+        names = [f"{st.name}.W1" for st in self.stages[:upto] if st.filter is not None]
+        if self.spec.classes and upto is None:
+            names += ["head.W", "head.b"]
+        return names
+
+    def _views(self, params, names=None):
         shapes = self.param_shapes()
+        if names is not None:
+            shapes = {k: shapes[k] for k in names}
         missing = [k for k in shapes if k not in params]
         if missing:
             raise KeyError(f"missing parameter block(s): {', '.join(missing)}")
@@ -233,7 +236,7 @@ class Network:
         Returns a dict: ``stageN.filter``, ``stageN.pool``, ``stageN.output``
         (and ``head.logits`` when there is a head): the layers a neuron can be read from.
         """
-        params = self._views(params)
+        params = self._views(params, self.encoder_names(upto))
         h = self._input(x)
         acts = {}
         for st in self.stages[:upto]:

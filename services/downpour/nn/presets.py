@@ -3,6 +3,12 @@
 * ``tiny``: 1x16x16 input, three small stages; for tests (a step takes milliseconds).
 * ``small``: 1x32x32 input, three stages of 8 maps, about 2.7 million
   parameters; the default demo, trains in minutes on two cores.
+* ``medium``: 3x112x112 input, three stages of 8 maps over 12x12 fields with
+  the paper's 5x5 pooling and LCN: about 300 million parameters, between the
+  demo and the paper. It trains (a few steps) through ``downpour up`` on a
+  24 GB machine with a 2x2 partition grid and 2 shards (see ``downpour model
+  --preset medium --plan``), at learning rate 0.001: the default 0.01, tuned
+  on ``small``, diverges in its first Adagrad steps.
 * ``le2012``: the network of Le et al. (2012): 200x200x3 input, 18x18 fields,
   8 maps per location, 5x5 L2 pooling and 5x5 LCN, three stages, all strides
   1, which gives about 1.2 billion encoder connections (the paper's "one
@@ -32,6 +38,10 @@ PRESETS: dict[str, NetworkSpec] = {
     "small": NetworkSpec(
         input=(1, 32, 32),
         stages=(_stage(8, 8, pool=3), _stage(8, 6, pool=3), _stage(8, 6, pool=3)),
+    ),
+    "medium": NetworkSpec(
+        input=(3, 112, 112),
+        stages=(_stage(8, 12, pool=5), _stage(8, 12, pool=5), _stage(8, 12, pool=5)),
     ),
     "le2012": NetworkSpec(
         input=(3, 200, 200),

@@ -148,6 +148,9 @@ class ParameterServer(SharedPlane):
             "SetOptimizer": grpc.unary_unary_rpc_method_handler(
                 self.SetOptimizer, request_deserializer=pb.SetOptimizerRequest.FromString,
                 response_serializer=pb.SetOptimizerResponse.SerializeToString),
+            "InitBlocks": grpc.unary_unary_rpc_method_handler(
+                self.InitBlocks, request_deserializer=pb.InitBlocksRequest.FromString,
+                response_serializer=pb.InitBlocksResponse.SerializeToString),
             "AttachShared": grpc.unary_unary_rpc_method_handler(
                 self.AttachShared, request_deserializer=pb.AttachSharedRequest.FromString,
                 response_serializer=pb.AttachSharedResponse.SerializeToString),
@@ -305,6 +308,31 @@ class ParameterServer(SharedPlane):
         if not duplicate:
             metrics.PS_WORKER_PUSHES.labels(self.shard, worker).inc()
         return pb.PushResponse(blocks=[_info(b) for b, _ in applied], duplicate=duplicate)
+
+    def InitBlocks(self, request: pb.InitBlocksRequest, context: Any) -> pb.InitBlocksResponse:
+        """This shard's blocks with their initial values, made here (see initial.py)."""
+        from downpour.paramserver import initial
+
+        if not request.overwrite:
+            exists = [n for n in request.names if n in self.store.blocks]
+            if exists:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                              f"block {exists[0]!r} already exists on shard {self.store.shard_index}")
+        created, taken = [], []
+        try:
+            for name, shape, values, from_ck in initial.make_blocks(request.job_yaml, list(request.names)):
+                created.append(self.store.create(name, shape, values, overwrite=True))
+                if from_ck:
+                    taken.append(name)
+        except initial.InitError as e:
+            code = grpc.StatusCode.INVALID_ARGUMENT if e.kind == "invalid" else grpc.StatusCode.FAILED_PRECONDITION
+            context.abort(code, str(e))
+        except StoreError as e:
+            context.abort(_CODES[e.kind], str(e))
+        self._gauges()
+        log.info("created %d blocks (%d parameters), %d of them from init_from", len(created),
+                 sum(b.size for b in created), len(taken))
+        return pb.InitBlocksResponse(blocks=[_info(b) for b in created], from_checkpoint=taken)
 
     def ListBlocks(self, request: pb.ListBlocksRequest, context: Any) -> pb.ListBlocksResponse:
         return pb.ListBlocksResponse(shard_index=self.store.shard_index,

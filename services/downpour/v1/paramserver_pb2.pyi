@@ -445,6 +445,66 @@ class SetOptimizerResponse(_message.Message):
 Global___SetOptimizerResponse: _TypeAlias = SetOptimizerResponse  # noqa: Y015
 
 @_typing.final
+class InitBlocksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_YAML_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
+    job_yaml: _builtins.str
+    """The job spec (YAML, as downpour.config writes it): the model, the
+    partition grid, the seed and init_from.
+    """
+    overwrite: _builtins.bool
+    """Replace blocks of the same name instead of failing."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The job's blocks this shard creates (e.g. "stage1.W1[p=3]")."""
+
+    def __init__(
+        self,
+        *,
+        job_yaml: _builtins.str = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        overwrite: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_yaml", b"job_yaml", "names", b"names", "overwrite", b"overwrite"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitBlocksRequest: _TypeAlias = InitBlocksRequest  # noqa: Y015
+
+@_typing.final
+class InitBlocksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    FROM_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockInfo]: ...
+    @_builtins.property
+    def from_checkpoint(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The blocks whose values came from the init_from checkpoint; the others
+        were drawn fresh.
+        """
+
+    def __init__(
+        self,
+        *,
+        blocks: _abc.Iterable[Global___BlockInfo] | None = ...,
+        from_checkpoint: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "from_checkpoint", b"from_checkpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitBlocksResponse: _TypeAlias = InitBlocksResponse  # noqa: Y015
+
+@_typing.final
 class AttachSharedRequest(_message.Message):
     """The shared file: a 64-byte header whose first 16 bytes are `token`, then
     the weight region, then the gradient region, each the named blocks in the

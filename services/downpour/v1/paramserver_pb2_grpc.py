@@ -70,6 +70,11 @@ class ParameterServerStub:
                 request_serializer=downpour_dot_v1_dot_paramserver__pb2.SetOptimizerRequest.SerializeToString,
                 response_deserializer=downpour_dot_v1_dot_paramserver__pb2.SetOptimizerResponse.FromString,
                 _registered_method=True)
+        self.InitBlocks = channel.unary_unary(
+                '/downpour.v1.ParameterServer/InitBlocks',
+                request_serializer=downpour_dot_v1_dot_paramserver__pb2.InitBlocksRequest.SerializeToString,
+                response_deserializer=downpour_dot_v1_dot_paramserver__pb2.InitBlocksResponse.FromString,
+                _registered_method=True)
         self.AttachShared = channel.unary_unary(
                 '/downpour.v1.ParameterServer/AttachShared',
                 request_serializer=downpour_dot_v1_dot_paramserver__pb2.AttachSharedRequest.SerializeToString,
@@ -139,6 +144,19 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InitBlocks(self, request, context):
+        """Create (or with overwrite replace) blocks of this shard with their
+        initial values, made here: drawn from the job's seed and each
+        parameter's name (the same values whatever the shard count, placement or
+        partition grid), or read from the job's init_from checkpoint where it has
+        the block's parameter. No values travel and no process but the owning
+        shard ever holds them. INVALID_ARGUMENT for a bad job spec or a name the
+        job has no block of; FAILED_PRECONDITION when init_from cannot be used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AttachShared(self, request, context):
         """Co-located data plane (client and shard on one host): the client creates
         a shared-memory file holding a weight region and a gradient region for a
@@ -196,6 +214,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.SetOptimizer,
                     request_deserializer=downpour_dot_v1_dot_paramserver__pb2.SetOptimizerRequest.FromString,
                     response_serializer=downpour_dot_v1_dot_paramserver__pb2.SetOptimizerResponse.SerializeToString,
+            ),
+            'InitBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitBlocks,
+                    request_deserializer=downpour_dot_v1_dot_paramserver__pb2.InitBlocksRequest.FromString,
+                    response_serializer=downpour_dot_v1_dot_paramserver__pb2.InitBlocksResponse.SerializeToString,
             ),
             'AttachShared': grpc.unary_unary_rpc_method_handler(
                     servicer.AttachShared,
@@ -398,6 +421,33 @@ class ParameterServer:
             '/downpour.v1.ParameterServer/SetOptimizer',
             downpour_dot_v1_dot_paramserver__pb2.SetOptimizerRequest.SerializeToString,
             downpour_dot_v1_dot_paramserver__pb2.SetOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/downpour.v1.ParameterServer/InitBlocks',
+            downpour_dot_v1_dot_paramserver__pb2.InitBlocksRequest.SerializeToString,
+            downpour_dot_v1_dot_paramserver__pb2.InitBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,

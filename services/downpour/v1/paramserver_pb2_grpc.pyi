@@ -60,6 +60,15 @@ class ParameterServerStub:
     """Replace this shard's state with a checkpoint (crc32 per block verified)."""
     SetOptimizer: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.SetOptimizerRequest, _paramserver_pb2.SetOptimizerResponse]
     """Change the optimiser (kind, learning rate, eps)."""
+    InitBlocks: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.InitBlocksRequest, _paramserver_pb2.InitBlocksResponse]
+    """Create (or with overwrite replace) blocks of this shard with their
+    initial values, made here: drawn from the job's seed and each
+    parameter's name (the same values whatever the shard count, placement or
+    partition grid), or read from the job's init_from checkpoint where it has
+    the block's parameter. No values travel and no process but the owning
+    shard ever holds them. INVALID_ARGUMENT for a bad job spec or a name the
+    job has no block of; FAILED_PRECONDITION when init_from cannot be used.
+    """
     AttachShared: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.AttachSharedRequest, _paramserver_pb2.AttachSharedResponse]
     """Co-located data plane (client and shard on one host): the client creates
     a shared-memory file holding a weight region and a gradient region for a
@@ -98,6 +107,15 @@ class ParameterServerAsyncStub(ParameterServerStub):
     """Replace this shard's state with a checkpoint (crc32 per block verified)."""
     SetOptimizer: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.SetOptimizerRequest, _paramserver_pb2.SetOptimizerResponse]  # type: ignore[assignment]
     """Change the optimiser (kind, learning rate, eps)."""
+    InitBlocks: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.InitBlocksRequest, _paramserver_pb2.InitBlocksResponse]  # type: ignore[assignment]
+    """Create (or with overwrite replace) blocks of this shard with their
+    initial values, made here: drawn from the job's seed and each
+    parameter's name (the same values whatever the shard count, placement or
+    partition grid), or read from the job's init_from checkpoint where it has
+    the block's parameter. No values travel and no process but the owning
+    shard ever holds them. INVALID_ARGUMENT for a bad job spec or a name the
+    job has no block of; FAILED_PRECONDITION when init_from cannot be used.
+    """
     AttachShared: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.AttachSharedRequest, _paramserver_pb2.AttachSharedResponse]  # type: ignore[assignment]
     """Co-located data plane (client and shard on one host): the client creates
     a shared-memory file holding a weight region and a gradient region for a
@@ -175,6 +193,21 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_paramserver_pb2.SetOptimizerResponse, _abc.Awaitable[_paramserver_pb2.SetOptimizerResponse]]:
         """Change the optimiser (kind, learning rate, eps)."""
+
+    @_abc_1.abstractmethod
+    def InitBlocks(
+        self,
+        request: _paramserver_pb2.InitBlocksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_paramserver_pb2.InitBlocksResponse, _abc.Awaitable[_paramserver_pb2.InitBlocksResponse]]:
+        """Create (or with overwrite replace) blocks of this shard with their
+        initial values, made here: drawn from the job's seed and each
+        parameter's name (the same values whatever the shard count, placement or
+        partition grid), or read from the job's init_from checkpoint where it has
+        the block's parameter. No values travel and no process but the owning
+        shard ever holds them. INVALID_ARGUMENT for a bad job spec or a name the
+        job has no block of; FAILED_PRECONDITION when init_from cannot be used.
+        """
 
     @_abc_1.abstractmethod
     def AttachShared(
