@@ -1,0 +1,133 @@
+"""Hung processes are treated as dead: SIGSTOP each role of a real ``downpour up`` in turn.
+
+One ``downpour up --preset tiny --replicas 2 --shards 2`` run; for a shard, a
+worker, the feeder, the neurons service and the coordinator in turn, the test
+measures the cluster's rate (steps of all replicas per second, from the
+coordinator's JobStatus) for a few seconds, stops the process with SIGSTOP
+and measures how long until the rate is back to 80% of what it was. The
+launcher must kill the stopped process (it no longer answers its health check)
+within the job's ``hang_seconds`` and restart it; the coordinator refills a
+restarted shard from the newest valid checkpoint. The job then reaches its
+step count and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STALL_BOUND_S = 15.0  # the issue's target: >= 80% of the rate back within 15 s
+RECOVERED = 0.8
+
+
+def _cluster(out) -> dict[str, dict]:
+    with open(os.path.join(out, "cluster.json")) as f:
+        return {r["name"]: r for r in json.load(f)}
+
+
+class Rate:
+    """Total steps of all replicas over time, polled from the coordinator."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.samples: list[tuple[float, int]] = []
+
+    def poll(self) -> int | None:
+        from downpour.up import job_status
+
+        try:
+            st = job_status(self.address, timeout=1.0)
+        except Exception:  # noqa: BLE001 - a stopped or restarting coordinator: no sample
+            return None
+        total = sum(s.step for s in st.slots if s.partition == 0)
+        self.samples.append((time.monotonic(), total))
+        return total
+
+    def over(self, t0: float, t1: float) -> float:
+        pts = [(t, n) for t, n in self.samples if t0 <= t <= t1]
+        if len(pts) < 2 or pts[-1][0] - pts[0][0] <= 0:
+            return 0.0
+        return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
+
+    def sample_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.poll()
+            time.sleep(0.2)
+
+
+def _stop_and_measure(proc, out, rate: Rate, name: str, window: float = 3.0, limit: float = 40.0) -> dict:
+    """SIGSTOP child ``name``; seconds until the rate over ``window`` is back to 80% of before."""
+    rate.sample_for(window + 1.0)
+    now = time.monotonic()
+    before = rate.over(now - window, now)
+    assert before > 0, f"no progress before stopping {name}: {rate.samples[-5:]}"
+    row = _cluster(out)[name]
+    pid = row["pid"]
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    killed_at = recovered_at = None
+    try:
+        while time.monotonic() - t0 < limit and proc.poll() is None:
+            rate.poll()
+            now = time.monotonic()
+            if killed_at is None and _cluster(out)[name]["pid"] != pid:
+                killed_at = now  # the launcher killed it and started a new one
+            # Recovered: the stopped process has been replaced, and the rate over a window that
+            # starts after the stop is back to 80% (steps taken before the stop do not count).
+            if killed_at is not None and now - window >= t0 and rate.over(now - window, now) >= RECOVERED * before:
+                recovered_at = now
+                break
+            time.sleep(0.2)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # if it was never killed, do not leave it stopped
+        except ProcessLookupError:
+            pass
+    return {"name": name, "rate_before": before, "replaced_after_s": None if killed_at is None else killed_at - t0,
+            "recovered_within_s": None if recovered_at is None else recovered_at - t0,
+            "hangs": _cluster(out)[name]["hangs"]}
+
+
+def test_sigstop_of_each_role_is_detected_replaced_and_the_job_completes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
+           "--replicas", "2", "--shards", "2", "--steps", "100000"]
+    env = dict(os.environ, DOWNPOUR_HANG_SECONDS="5", DOWNPOUR_CHECKPOINT_EVERY="50")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    results = []
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "cluster.json").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        rate = Rate(_cluster(out)["coordinator"]["address"])
+        while (rate.poll() or 0) < 60 and time.monotonic() < deadline:  # past start-up and warm start
+            time.sleep(0.3)
+        for name in ("paramserver-0", "worker-0", "feeder", "neurons", "coordinator"):
+            results.append(_stop_and_measure(proc, out, rate, name))
+            print(json.dumps(results[-1]), flush=True)
+        print(json.dumps(results, indent=1))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # checkpoint and stop
+        try:
+            _, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+    assert proc.returncode == 130, err[-3000:]  # interrupted by us: a last checkpoint, every child stopped
+    assert "killed as hung" in err, err[-3000:]
+    for r in results:
+        assert r["replaced_after_s"] is not None, (r, err[-3000:])
+        assert r["hangs"] == 1, r
+        assert r["recovered_within_s"] is not None and r["recovered_within_s"] <= STALL_BOUND_S, r
