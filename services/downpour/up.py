@@ -549,13 +549,21 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
 
                 if status.state == coordinator_pb2.JOB_STATE_SUCCEEDED:
                     break
+                if status.state == coordinator_pb2.JOB_STATE_FAILED:
+                    console.print(f"[red]downpour up failed[/]: the job failed at step {status.step}: "
+                                  f"{status.message}; logs in {cluster.logs}")
+                    code = 1
+                    break
                 time.sleep(0.25)
         if interrupted:
             console.print("[yellow]interrupted[/]: checkpointing and stopping every service")
             code = 130
             try:
                 request_checkpoint(cluster.coordinator.address, chcfg=chcfg)
-            except (grpc.RpcError, AttributeError):
+            except grpc.RpcError as e:
+                console.print(f"[red]the last checkpoint was not written[/] ({e.code().name}: {e.details()}); "
+                              "the newest committed one is kept")
+            except AttributeError:  # interrupted before the coordinator existed
                 pass
     except (RuntimeError, TimeoutError) as e:
         console.print(f"[red]downpour up failed[/]: {e}; logs in {cluster.logs}")
