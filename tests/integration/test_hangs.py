@@ -131,3 +131,41 @@ def test_sigstop_of_each_role_is_detected_replaced_and_the_job_completes(tmp_pat
         assert r["replaced_after_s"] is not None, (r, err[-3000:])
         assert r["hangs"] == 1, r
         assert r["recovered_within_s"] is not None and r["recovered_within_s"] <= STALL_BOUND_S, r
+
+
+def test_the_container_health_check_kills_a_service_that_stopped_answering(tmp_path):
+    """deploy/docker/healthcheck.py --kill-hung (what compose runs): a real shard, answered, then SIGSTOPped."""
+    from downpour.up import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    port = free_port()
+    shard = subprocess.Popen([sys.executable, "-m", "downpour.cli", "serve", "paramserver", "--host", "127.0.0.1",
+                              "--port", str(port), "--metrics-port", "0"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, HEALTHCHECK_PORT=str(port), HEALTHCHECK_PID=str(shard.pid),
+               HEALTHCHECK_STATE=str(tmp_path / "health.json"))
+
+    def check(*extra):
+        return subprocess.run([sys.executable, os.path.join(root, "deploy", "docker", "healthcheck.py"),
+                               "--kill-hung", "2", "--timeout", "1", *extra], env=env, capture_output=True,
+                              text=True, timeout=30)
+
+    try:
+        from downpour.rpc.channel import open_channel, wait_ready
+
+        with open_channel(f"127.0.0.1:{port}") as ch:
+            wait_ready(ch, 60)
+        assert check().returncode == 0  # SERVING, and its answer is remembered
+        os.kill(shard.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        first = check()
+        assert first.returncode == 1 and shard.poll() is None, first.stdout  # silent for less than 2 s: kept
+        while shard.poll() is None and time.monotonic() - t0 < 20:
+            r = check()
+        assert shard.wait(5) == -signal.SIGKILL, r.stdout
+        assert "killed as hung" in r.stdout
+        assert 2.0 < time.monotonic() - t0 < 10.0
+    finally:
+        if shard.poll() is None:
+            shard.kill()
+            shard.wait()
