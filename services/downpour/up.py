@@ -40,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -187,8 +188,6 @@ class HangWatch:
 
     def __init__(self, children: list["Child"], hang_seconds: float, chcfg=None, start_timeout: float = 90.0,
                  period: float = 0.5):
-        import threading
-
         self.children, self.hang, self.chcfg = children, hang_seconds, chcfg
         self.start_timeout, self.period = start_timeout, period
         self.events: list[str] = []  # what was killed and why, for the launcher to print
@@ -224,12 +223,13 @@ class HangWatch:
     def check(self, c: "Child", now: float) -> None:
         from grpc_health.v1 import health_pb2
 
-        if not c.alive():
+        proc = c.proc  # one process throughout: the launcher's thread may start a new one meanwhile
+        if proc is None or proc.poll() is not None:
             self._seen.pop(c.name, None)
             return
         s = self._seen.get(c.name)
-        if s is None or s["pid"] != c.proc.pid:  # a new process: its start-up is not a hang
-            s = self._seen[c.name] = {"pid": c.proc.pid, "since": now, "answered": None, "probe": None}
+        if s is None or s["pid"] != proc.pid:  # a new process: its start-up is not a hang
+            s = self._seen[c.name] = {"pid": proc.pid, "since": now, "answered": None, "probe": None}
         probe = s["probe"]
         if probe is not None and probe.done():
             s["probe"] = None
@@ -247,10 +247,11 @@ class HangWatch:
         silent = now - (s["answered"] if s["answered"] is not None else s["since"])
         limit = self.hang if s["answered"] is not None else max(self.start_timeout, self.hang)
         if silent > limit:
-            what = "has not answered its health check" if s["answered"] is not None else "never answered its health check"
-            self.events.append(f"{c.name} (pid {c.proc.pid}) {what} for {silent:.1f} s: killed as hung")
+            what = ("has not answered its health check" if s["answered"] is not None
+                    else "never answered its health check")
+            self.events.append(f"{c.name} (pid {proc.pid}) {what} for {silent:.1f} s: killed as hung")
             c.hangs += 1
-            c.proc.kill()
+            proc.kill()
             s["probe"].cancel()
             self._seen.pop(c.name, None)
 
