@@ -5,8 +5,9 @@
 Runs ``downpour up`` (2 replicas, 2 shards, a checkpoint every
 ``--checkpoint-every`` steps per replica, ``keep_checkpoints`` 3) with more
 steps than it can take, SIGKILLs one process every ``--kill-every`` seconds
-(roles in a seeded random order: workers, shards, the feeder, the coordinator,
-the neurons service), and samples every process every ``--sample-every``
+(every role in turn, in a seeded random order: a worker, a shard, the feeder,
+the coordinator, the neurons service; which worker or shard is seeded too),
+and samples every process every ``--sample-every``
 seconds: resident memory (VmRSS), open file descriptors and threads, from
 /proc; the launcher too. It also counts the folders under ``checkpoints/``.
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     series: dict[tuple[str, int], list[tuple[float, dict]]] = {}
     kills: list[dict] = []
     folders_max = committed_max = 0
+    order: list[str] = []
     t_start = time.monotonic()
     next_kill = t_start + args.kill_every if args.kill_every > 0 else float("inf")
     end = t_start + args.minutes * 60
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             committed, allf = checkpoint_folders(out)
             committed_max, folders_max = max(committed_max, committed), max(folders_max, allf)
             if now >= next_kill and rows:
-                role = rng.choice(KILL_ROLES)
+                if not order:
+                    order = rng.sample(KILL_ROLES, len(KILL_ROLES))
+                role = order.pop(0)
                 victims = [r for r in rows if r["role"] == role and r["pid"]]
                 if victims:
                     v = rng.choice(victims)
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(launcher.pid, signal.SIGKILL)
     rows, ok = [], True
     for (name, pid), ser in sorted(series.items()):
-        row = {"name": name, "pid": pid, "lived_s": round(ser[-1][0] - ser[0][0], 1), "judged": False}
+        row = {"name": name, "pid": pid, "lived_s": round(ser[-1][0] - ser[0][0], 1), "judged": False,
+               "series": [[round(t - t_start, 1), s["rss_kb"], s["fds"], s["threads"]] for t, s in ser]}
         for key in ("rss_kb", "fds", "threads"):
             g = growth(ser, key, args.settle)
             if g is None:
