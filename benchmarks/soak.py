@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
               "keep_checkpoints": args.keep_checkpoints, "ok": ok}
     with open(os.path.join(out, "soak.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print(f"{'process':<16}{'pid':>8}{'lived s':>9}  {'RSS MB (1st min -> end)':<28}{'fds':<14}{'threads':<12}")
+    print(f"{'process':<16}{'pid':>8}{'lived s':>9}  {'RSS MB (settled -> end)':<28}{'fds':<14}{'threads':<12}")
     for r in rows:
         if not r["judged"]:
             continue
