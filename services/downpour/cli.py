@@ -103,6 +103,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"job {st.job.job_id}: {coordinator_pb2.JobState.Name(st.state)}, step {st.step}/{st.job.max_steps}, "
           f"{st.examples_per_second:.0f} examples/s, last checkpoint {st.last_checkpoint_id or '-'}")
+    if st.message:
+        print(f"why: {st.message}")
     print("shards: " + ", ".join(st.shard_addresses))
     print(f"{'replica':>7} {'part':>4} {'step':>7} {'loss':>10} {'heartbeat':>10}  member @ address")
     for s in st.slots:

@@ -77,6 +77,9 @@ class JobConfig:
     checkpoint_every: int = 100  # steps of the slowest replica between checkpoints
     keep_checkpoints: int = 3
     lease_seconds: float = 6.0  # a worker silent this long loses its slot
+    # A process that is alive but has not answered a health check for this long is hung: its
+    # supervisor (downpour up, compose's healthcheck, Kubernetes' liveness probe) kills and replaces it.
+    hang_seconds: float = 5.0
     seed: int = 0
     device: str = "cpu"
 
@@ -185,6 +188,8 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError(f"warm_start={cfg.warm_start} must be >= 0")
     if cfg.lease_seconds <= 0:
         raise ValueError(f"lease_seconds={cfg.lease_seconds} must be > 0")
+    if not cfg.hang_seconds > 0:
+        raise ValueError(f"hang_seconds={cfg.hang_seconds} must be > 0")
     if cfg.optimizer.kind not in OPTIMIZERS:
         raise ValueError(f"optimizer.kind={cfg.optimizer.kind!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
     if cfg.optimizer.lr <= 0 or cfg.optimizer.eps <= 0:

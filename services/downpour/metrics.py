@@ -53,6 +53,13 @@ CHECKPOINT_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 CHECKPOINT_BYTES = Gauge("downpour_checkpoint_bytes", "Size of the last checkpoint written.", ["component"])
+CHECKPOINT_FAILURES = Counter(
+    "downpour_checkpoint_failures_total",
+    "Checkpoints (or parts of one) that could not be written; reason disk_full is ENOSPC/EDQUOT.",
+    ["component", "reason"])
+STATE_SAVE_FAILURES = Counter(
+    "downpour_coordinator_state_save_failures_total",
+    "Times the coordinator could not write state.json (kept in memory and written again a second later).")
 
 # -- training: coordinator and workers ------------------------------------------
 TRAINING_LOSS = Gauge("downpour_training_loss", "Last training loss reported, per replica.", ["replica"])

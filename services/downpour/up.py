@@ -19,6 +19,11 @@ node certificate and a token are made in ``<out>/tls`` and every child gets
 them through ``DOWNPOUR_TLS_*`` / ``DOWNPOUR_TOKEN_FILE``; the launcher's own
 calls (health, status, the last checkpoint) use them too.
 
+A child that is alive but hung (stopped, deadlocked, swapped out) is treated
+as dead: a watch thread asks every child's health service twice a second, and
+one that has not answered for the job's ``hang_seconds`` is killed (SIGKILL)
+and restarted like any child that died.
+
 Failures are the cluster's business, not the launcher's: a shard restarted
 here comes back empty and the coordinator refills it from the last valid
 checkpoint; a restarted coordinator re-adopts the running cluster from its
@@ -35,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -86,6 +92,7 @@ class Child:
     log_path: str
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    hangs: int = 0  # times it was killed for not answering its health check
     extra_env: dict = field(default_factory=dict)
 
     @property
@@ -178,6 +185,87 @@ def wait_healthy(address: str, timeout: float, proc: subprocess.Popen | None = N
             raise TimeoutError(f"the service at {address} was not healthy within {timeout:.0f} s ({e})") from None
 
 
+class HangWatch:
+    """Kills children that are alive but do not answer their health check (the launcher's liveness probe).
+
+    Every ``period`` seconds each running child without a probe in flight gets one
+    (``Health.Check`` with a deadline of ``hang_seconds``); any answer, SERVING or not,
+    counts as alive. A child whose last answer is more than ``hang_seconds`` old is
+    sent SIGKILL; ``Cluster.supervise`` then restarts it like any child that died.
+    The clock starts at a child's first answer: start-up (imports, restoring) is
+    bounded by ``start_timeout`` instead, so a slow start is not taken for a hang.
+    """
+
+    def __init__(self, children: list["Child"], hang_seconds: float, chcfg=None, start_timeout: float = 90.0,
+                 period: float = 0.5):
+        self.children, self.hang, self.chcfg = children, hang_seconds, chcfg
+        self.start_timeout, self.period = start_timeout, period
+        self.events: list[str] = []  # what was killed and why, for the launcher to print
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hang-watch", daemon=True)
+        self._channels: dict[str, grpc.Channel] = {}
+        self._seen: dict[str, dict] = {}  # child name -> pid, first seen, last answer, probe in flight
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for ch in self._channels.values():
+            ch.close()
+
+    def _stub(self, address: str):
+        from grpc_health.v1 import health_pb2_grpc
+
+        if address not in self._channels:
+            self._channels[address] = _channel(address, self.chcfg)
+        return health_pb2_grpc.HealthStub(self._channels[address])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            for c in list(self.children):
+                try:
+                    self.check(c, time.monotonic())
+                except Exception as e:  # noqa: BLE001 - the watch must outlive any one child's oddity
+                    self.events.append(f"hang watch: {c.name}: {e}")
+
+    def check(self, c: "Child", now: float) -> None:
+        from grpc_health.v1 import health_pb2
+
+        proc = c.proc  # one process throughout: the launcher's thread may start a new one meanwhile
+        if proc is None or proc.poll() is not None:
+            self._seen.pop(c.name, None)
+            return
+        s = self._seen.get(c.name)
+        if s is None or s["pid"] != proc.pid:  # a new process: its start-up is not a hang
+            s = self._seen[c.name] = {"pid": proc.pid, "since": now, "answered": None, "probe": None}
+        probe = s["probe"]
+        if probe is not None and probe.done():
+            s["probe"] = None
+            try:
+                probe.result()
+                s["answered"] = now
+            except grpc.RpcError as e:
+                # Any answer from the process itself means it is alive; no connection or no
+                # answer in time is what a hung (or not yet listening) process looks like.
+                if e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    s["answered"] = now
+        if s["probe"] is None:
+            s["probe"] = self._stub(c.address).Check.future(health_pb2.HealthCheckRequest(service=""),
+                                                            timeout=self.hang)
+        silent = now - (s["answered"] if s["answered"] is not None else s["since"])
+        limit = self.hang if s["answered"] is not None else max(self.start_timeout, self.hang)
+        if silent > limit:
+            what = ("has not answered its health check" if s["answered"] is not None
+                    else "never answered its health check")
+            self.events.append(f"{c.name} (pid {proc.pid}) {what} for {silent:.1f} s: killed as hung")
+            c.hangs += 1
+            proc.kill()
+            s["probe"].cancel()
+            self._seen.pop(c.name, None)
+
+
 class Cluster:
     """The children of one ``downpour up`` and what it takes to run them."""
 
@@ -253,7 +341,8 @@ class Cluster:
     def describe(self) -> None:
         """Write cluster.json: every child's role, addresses and pid (for operators and tests)."""
         rows = [{"name": c.name, "role": c.role, "address": c.address, "metrics_port": c.metrics_port,
-                 "pid": c.proc.pid if c.proc else None, "restarts": c.restarts} for c in self.children]
+                 "pid": c.proc.pid if c.proc else None, "restarts": c.restarts, "hangs": c.hangs}
+                for c in self.children]
         tmp = os.path.join(self.out, ".cluster.json.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
@@ -484,6 +573,7 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
     quiet_warnings = _WarningsToLog(cluster.logs).__enter__()
     history: list[dict] = []
     interrupted = False
+    watch: HangWatch | None = None
 
     def on_sigint(signum, frame):
         nonlocal interrupted
@@ -497,6 +587,8 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
                       f"{cfg.shards} shards, {cfg.steps} steps, run dir {cluster.out}"
             + (" (mutual TLS and a bearer token: certificates in tls/)" if secure else ""))
         cluster.start(start_timeout)
+        watch = HangWatch(cluster.children, cfg.hang_seconds, chcfg, start_timeout)
+        watch.start()
         say(f"coordinator at {cluster.coordinator.address}  (downpour status --coordinator "
                       f"{cluster.coordinator.address})")
         if cluster.neurons is not None:
@@ -508,6 +600,8 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
                       disable=quiet) as progress:
             bars = [progress.add_task(f"replica {r}", total=cfg.steps, info="") for r in range(cfg.replicas)]
             while not interrupted:
+                while watch.events:
+                    console.print(f"[yellow]hung[/] {watch.events.pop(0)}")
                 for what in cluster.supervise():
                     console.print(f"[yellow]restarted[/] {what}")
                 try:
@@ -524,18 +618,28 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
 
                 if status.state == coordinator_pb2.JOB_STATE_SUCCEEDED:
                     break
+                if status.state == coordinator_pb2.JOB_STATE_FAILED:
+                    console.print(f"[red]downpour up failed[/]: the job failed at step {status.step}: "
+                                  f"{status.message}; logs in {cluster.logs}")
+                    code = 1
+                    break
                 time.sleep(0.25)
         if interrupted:
             console.print("[yellow]interrupted[/]: checkpointing and stopping every service")
             code = 130
             try:
                 request_checkpoint(cluster.coordinator.address, chcfg=chcfg)
-            except (grpc.RpcError, AttributeError):
+            except grpc.RpcError as e:
+                console.print(f"[red]the last checkpoint was not written[/] ({e.code().name}: {e.details()}); "
+                              "the newest committed one is kept")
+            except AttributeError:  # interrupted before the coordinator existed
                 pass
     except (RuntimeError, TimeoutError) as e:
         console.print(f"[red]downpour up failed[/]: {e}; logs in {cluster.logs}")
         code = 1
     finally:
+        if watch is not None:
+            watch.stop()
         shard_metrics = cluster.scrape_shards()
         cluster.stop()
         signal.signal(signal.SIGINT, old)

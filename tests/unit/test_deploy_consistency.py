@@ -302,3 +302,28 @@ def test_gpu_profile_and_overlay_run_the_worker_with_device_gpu():
     text = (ROOT / "deploy" / "docker" / "Dockerfile.gpu").read_text()
     assert '"/src[gpu]"' in text and "ARG BASE_IMAGE=nvidia/cuda:12" in text and "-runtime-" in text
     assert "CUPY_CACHE_DIR=/tmp/" in text and gpu["tmpfs"] == ["/tmp"] and gpu["read_only"]
+
+
+def test_a_hung_service_is_replaced_within_the_jobs_hang_deadline(rendered):
+    """Kubernetes' liveness probes and compose's health check kill a process that stops answering
+    within the same deadline as ``downpour up`` (the job's hang_seconds)."""
+    from downpour.config import JobConfig
+
+    hang = JobConfig().hang_seconds
+    name, docs = rendered
+    for role, items in k8s_roles(docs).items():
+        for d, _ in items:
+            p = d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
+            # one probe without an answer within the deadline restarts the container
+            assert p["failureThreshold"] == 1 and p["timeoutSeconds"] <= hang and p["periodSeconds"] <= hang, (role, p)
+            if "exec" in p:
+                cmd = p["exec"]["command"]
+                # any answer is alive; its own deadline leaves the interpreter's start-up inside the probe's
+                assert "--liveness" in cmd and float(cmd[cmd.index("--timeout") + 1]) < p["timeoutSeconds"], cmd
+    test = compose()["x-downpour"]["healthcheck"]["test"]
+    assert float(test[test.index("--kill-hung") + 1]) == hang, test
+    ours = [svc for svc in compose()["services"].values() if svc.get("image", "").startswith("${DOWNPOUR")]
+    assert len(ours) >= len(ROLES)
+    for svc in ours:
+        # the check's kill only replaces the process where a restart policy acts on the exit
+        assert svc["healthcheck"]["test"] == test and svc.get("restart") in ("unless-stopped", "on-failure"), svc

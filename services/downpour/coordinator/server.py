@@ -51,6 +51,8 @@ from downpour.v1 import common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc,
 log = logging.getLogger("downpour.coordinator")
 
 MANIFEST = cks.MANIFEST
+CHECKPOINT_BACKOFF = (1.0, 30.0)  # seconds before retrying a failed checkpoint: doubling, capped
+FINAL_CHECKPOINT_ATTEMPTS = 4  # then the job is FAILED with the reason (1 + 2 + 4 s of backoff between)
 list_manifests = cks.list_manifests  # kept here for callers that import it from the coordinator
 
 
@@ -81,6 +83,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self._ck_lock = threading.Lock()
         self._stop = threading.Event()
         self.succeeded = False
+        self.failed = ""  # why the job failed (its final checkpoint could not be written)
         self.shard_check_seconds = 1.0
         self.shard_down: list[bool] = [False] * len(shards)
 
@@ -160,17 +163,26 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                 step = self.state.step
                 replica_steps = [p.step for p in self.state.progress]
             ck_id = checkpoint_id or f"step-{step:08d}-{int(time.time() * 1000) % 100000:05d}"
-            with self._client() as client:
-                parts = [{"shard": i, "path": r.path, "num_bytes": r.num_bytes, "crc32": r.crc32,
-                          "num_blocks": r.num_blocks} for i, r in enumerate(client.checkpoint(ck_id))]
             folder = os.path.join(self.checkpoint_dir, ck_id)
-            blocks = self._verify_parts(ck_id, parts)
-            os.makedirs(folder, exist_ok=True)
             manifest_path = os.path.join(folder, MANIFEST)
-            ck = Checkpoint(ck_id, step, manifest_path, replica_steps, parts, time.time())
-            body = dict(ck.__dict__, job_id=self.state.job_id, placement=self.place,
-                        config=self.cfg.to_yaml(), blocks=blocks)
-            atomic_write(manifest_path, json.dumps(body, indent=1).encode())  # the commit point
+            try:
+                with self._client() as client:
+                    parts = [{"shard": i, "path": r.path, "num_bytes": r.num_bytes, "crc32": r.crc32,
+                              "num_blocks": r.num_blocks} for i, r in enumerate(client.checkpoint(ck_id))]
+                blocks = self._verify_parts(ck_id, parts)
+                os.makedirs(folder, exist_ok=True)
+                ck = Checkpoint(ck_id, step, manifest_path, replica_steps, parts, time.time())
+                body = dict(ck.__dict__, job_id=self.state.job_id, placement=self.place,
+                            config=self.cfg.to_yaml(), blocks=blocks)
+                atomic_write(manifest_path, json.dumps(body, indent=1).encode())  # the commit point
+            except BaseException as e:
+                # Not committed: whatever the shards wrote for it goes now, so failed attempts (a full
+                # disk retried for hours) leave no folders behind, and the newest committed one stays.
+                if not os.path.exists(manifest_path):
+                    shutil.rmtree(folder, ignore_errors=True)
+                if isinstance(e, Exception):
+                    metrics.CHECKPOINT_FAILURES.labels("coordinator", "disk_full" if disk_full(e) else "error").inc()
+                raise
             for old in self.state.add_checkpoint(ck):
                 shutil.rmtree(os.path.dirname(old.manifest_path), ignore_errors=True)
             self._remove_uncommitted(keep=ck_id)
@@ -289,6 +301,11 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         per replica): a replica that stalls (its worker died) does not hold the
         checkpoints back while the others train, so a shard that dies never
         loses more than one interval of updates.
+
+        A checkpoint that fails (a full disk, a shard away) is retried with
+        exponential backoff while training goes on; the previous committed one
+        stays the newest. The final one is tried ``FINAL_CHECKPOINT_ATTEMPTS``
+        times; then the job is FAILED with the reason, rather than retried forever.
         """
         def total() -> int:
             with self.state.lock:
@@ -296,10 +313,13 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
 
         last = sum(self.state.checkpoints[-1].replica_steps) if self.state.checkpoints else total()
         saved = time.monotonic()
+        failures, final_failures, retry_at = 0, 0, 0.0
         while not self._stop.wait(0.25):
             if time.monotonic() - saved > 1.0:  # progress too, for a coordinator that restarts
                 self.state.save()
                 saved = time.monotonic()
+            if self.failed or time.monotonic() < retry_at:
+                continue
             try:
                 if self.state.done:
                     if not self.succeeded:
@@ -310,9 +330,25 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                     continue
                 if total() >= last + self.cfg.checkpoint_every * self.cfg.replicas:
                     last = sum(self.checkpoint().replica_steps)
+                    if failures:
+                        log.info("checkpoints commit again after %d failed attempt(s)", failures)
+                    failures = 0
             except (grpc.RpcError, CheckpointFailed, OSError, cks.CheckpointInvalid) as e:
-                log.warning("checkpoint failed, will retry: %s", e.details() if hasattr(e, "details") else e)
-                self._stop.wait(1.0)
+                failures += 1
+                why = ("the disk is full: " if disk_full(e) else "") + _why(e)
+                if self.state.done:
+                    final_failures += 1
+                    if final_failures >= FINAL_CHECKPOINT_ATTEMPTS:
+                        self.failed = (f"the final checkpoint could not be written ({final_failures} attempts); "
+                                       f"last error: {why}")
+                        log.error("job failed at step %d: %s", self.state.step, self.failed)
+                        continue
+                n = final_failures if self.state.done else failures
+                delay = min(CHECKPOINT_BACKOFF[1], CHECKPOINT_BACKOFF[0] * 2 ** (n - 1))
+                retry_at = time.monotonic() + delay
+                log.warning("checkpoint failed (%d in a row; the newest committed one stays %s), next attempt in "
+                            "%.0f s: %s", failures,
+                            self.state.checkpoints[-1].checkpoint_id if self.state.checkpoints else "none", delay, why)
 
     def stop(self) -> None:
         self._stop.set()
@@ -399,7 +435,9 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         st = self.state
         with st.lock:
             now = st.clock()
-            if self.succeeded:
+            if self.failed:
+                state = pb.JOB_STATE_FAILED
+            elif self.succeeded:
                 state = pb.JOB_STATE_SUCCEEDED
             elif not st.initialized:
                 state = pb.JOB_STATE_PENDING
@@ -410,7 +448,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                 state = pb.JOB_STATE_RUNNING
             resp = pb.JobStatusResponse(job=self._job(), state=state, step=st.step, shard_addresses=self.shards,
                                         last_checkpoint_id=st.checkpoints[-1].checkpoint_id if st.checkpoints else "",
-                                        examples_per_second=st.examples_per_second())
+                                        examples_per_second=st.examples_per_second(), message=self.failed)
             for (r, p), s in sorted(st.slots.items()):
                 resp.slots.add(replica=r, partition=p, member_id=s.member_id, address=s.address,
                                step=st.progress[r].step, loss=st.progress[r].loss,
@@ -423,9 +461,11 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except grpc.RpcError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"a shard failed to checkpoint: {e.details()}")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if disk_full(e) else grpc.StatusCode.UNAVAILABLE,
+                          f"checkpoint not committed: a shard failed to checkpoint: {e.details()}")
         except (CheckpointFailed, OSError, cks.CheckpointInvalid) as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"checkpoint not committed: {e}")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if disk_full(e) else grpc.StatusCode.UNAVAILABLE,
+                          f"checkpoint not committed: {e}")
         return pb.CreateCheckpointResponse(checkpoint=_ck_info(ck))
 
     def ListCheckpoints(self, request, context):
@@ -435,6 +475,19 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
 
 class CheckpointFailed(Exception):
     """The shards' files did not verify: the checkpoint is not committed."""
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether a failed checkpoint failed for want of space (a shard's or our own write)."""
+    from downpour.paramserver.server import DISK_FULL
+
+    if isinstance(e, grpc.RpcError):
+        return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return isinstance(e, OSError) and e.errno in DISK_FULL
+
+
+def _why(e: BaseException) -> str:
+    return f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
 
 
 def _prod(shape) -> int:

@@ -15,6 +15,7 @@ workers' next heartbeats find their slots where they left them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -22,6 +23,8 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from downpour.config import JobConfig, from_yaml
+
+log = logging.getLogger("downpour.coordinator")
 
 
 @dataclass
@@ -62,12 +65,20 @@ class Member:
 
 
 def atomic_write(path: str, data: bytes) -> None:
+    """Write ``path`` whole or not at all (temp file, fsync, rename, fsync of the folder).
+
+    A failed write (a full disk) leaves the old file as it was and no temp file behind.
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -254,8 +265,16 @@ class JobState:
     def _save(self) -> None:
         if not self.state_dir:
             return
-        os.makedirs(self.state_dir, exist_ok=True)
-        atomic_write(os.path.join(self.state_dir, "state.json"), json.dumps(self.to_json()).encode())
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+            atomic_write(os.path.join(self.state_dir, "state.json"), json.dumps(self.to_json()).encode())
+        except OSError as e:
+            # A full disk must not fail a worker's Register or Heartbeat: the state stays in memory
+            # and the checkpoint thread writes it again every second until there is room.
+            from downpour import metrics
+
+            metrics.STATE_SAVE_FAILURES.inc()
+            log.warning("could not write %s/state.json (%s); kept in memory, retrying", self.state_dir, e)
 
     def save(self) -> None:
         with self.lock:

@@ -51,6 +51,10 @@ from downpour.v1 import common_pb2, paramserver_pb2 as pb
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # A shard that restarted answers NOT_FOUND until the coordinator has refilled it.
 RETRYABLE_UNDER_DEADLINE = RETRYABLE + (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED)
+# An AttachShared that fails with these is asked again later (the shard is away or being
+# refilled); any other answer (FAILED_PRECONDITION: it cannot open our file) means gRPC for good.
+_NOT_YET = RETRYABLE_UNDER_DEADLINE
+_LATER = object()
 
 log = logging.getLogger("downpour.paramserver.client")
 
@@ -330,7 +334,9 @@ class ParamClient:
         with self._lock:
             link = self._links.get(shard)
             if link is None and all(n in self.shapes for n in names):
-                link = self._links[shard] = self._attach(shard, names) or False
+                link = self._attach(shard, names)
+                if link is not _LATER:
+                    self._links[shard] = link or False
         if not isinstance(link, _Link):
             return None
         if (set(names) != set(link.names)) if exact else not set(names) <= set(link.index):
@@ -345,6 +351,12 @@ class ParamClient:
                 worker_id=self.worker_id, path=region.path, token=token, names=names), timeout=self.timeout)
         except grpc.RpcError as e:
             region.close(unlink=True)
+            if e.code() in _NOT_YET:
+                # A shard that restarted and is still being refilled (or is away): ask again on the
+                # next call rather than keep to gRPC for good.
+                log.info("shard %d (%s) cannot map shared memory yet (%s: %s); asking again on the next call",
+                         shard, self.shards[shard].address, e.code().name, e.details())
+                return _LATER
             log.info("shard %d (%s) does not map shared memory (%s: %s): pulls and pushes go through gRPC",
                      shard, self.shards[shard].address, e.code().name, e.details())
             return None
@@ -371,7 +383,11 @@ class ParamClient:
                     raise
                 with self._lock:
                     fresh = self._attach(shard, link.names)
-                    self._links[shard] = fresh or False
+                    if fresh is _LATER:  # no link now; the next call attaches again
+                        self._links.pop(shard, None)
+                        fresh = None
+                    else:
+                        self._links[shard] = fresh or False
                     old, link = link, fresh
                 old.region.close()
                 if fresh is None:

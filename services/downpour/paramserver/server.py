@@ -27,6 +27,7 @@ restore problems.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
@@ -43,6 +44,9 @@ from downpour.paramserver.store import Block, OptimizerConfig, ShardStore, Store
 from downpour.rpc import codec, lowp
 from downpour.rpc.server import Server, ServerConfig
 from downpour.v1 import common_pb2, paramserver_pb2 as pb
+
+# Write errors that mean "no room": the disk (or the quota, or the file size limit) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 log = logging.getLogger("downpour.paramserver")
 
@@ -350,7 +354,21 @@ class ParameterServer(SharedPlane):
     def Checkpoint(self, request: pb.CheckpointRequest, context: Any) -> pb.CheckpointResponse:
         path = self._path(request.checkpoint_id, context)
         t0 = time.perf_counter()
-        n, size, crc = ckpt.save(self.store, path)
+        try:
+            n, size, crc = ckpt.save(self.store, path)
+        except OSError as e:
+            # A full disk (or any other write error) fails this checkpoint cleanly: save() removed its
+            # temp file, the folder goes if nothing else is in it, the shard's state is untouched.
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass
+            full = e.errno in DISK_FULL
+            metrics.CHECKPOINT_FAILURES.labels("paramserver", "disk_full" if full else "error").inc()
+            log.error("checkpoint %s not written: %s", path, e)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE,
+                          f"shard {self.store.shard_index} could not write checkpoint {request.checkpoint_id}: "
+                          f"{e.strerror or e}" + (" (the disk is full)" if full else ""))
         metrics.CHECKPOINT_SECONDS.labels("paramserver").observe(time.perf_counter() - t0)
         metrics.CHECKPOINT_BYTES.labels("paramserver").set(size)
         log.info("checkpoint %s: %d blocks, %d bytes", path, n, size)

@@ -400,11 +400,14 @@ class JobStatusResponse(_message.Message):
     SHARD_ADDRESSES_FIELD_NUMBER: _builtins.int
     LAST_CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     EXAMPLES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
     state: Global___JobState.ValueType
     step: _builtins.int
     """Smallest step over all replicas."""
     last_checkpoint_id: _builtins.str
     examples_per_second: _builtins.float
+    message: _builtins.str
+    """Why the job is FAILED (e.g. its final checkpoint could not be written); empty otherwise."""
     @_builtins.property
     def job(self) -> _common_pb2.JobSpec: ...
     @_builtins.property
@@ -421,10 +424,11 @@ class JobStatusResponse(_message.Message):
         shard_addresses: _abc.Iterable[_builtins.str] | None = ...,
         last_checkpoint_id: _builtins.str = ...,
         examples_per_second: _builtins.float = ...,
+        message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_per_second", b"examples_per_second", "job", b"job", "last_checkpoint_id", b"last_checkpoint_id", "shard_addresses", b"shard_addresses", "slots", b"slots", "state", b"state", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_per_second", b"examples_per_second", "job", b"job", "last_checkpoint_id", b"last_checkpoint_id", "message", b"message", "shard_addresses", b"shard_addresses", "slots", b"slots", "state", b"state", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

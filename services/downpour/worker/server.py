@@ -256,13 +256,16 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
             client.close()
             batches.close() if hasattr(batches, "close") else None
         if step >= cfg.steps:
-            self._report(a, step, self.loss, 0)
+            # The last report is the one the job's completion waits for: a coordinator that is
+            # down (restarting) now would otherwise never learn that this replica is done.
+            self._report(a, step, self.loss, 0, until_answered=True)
 
-    def _report(self, a, step: int, loss: float, examples: int) -> None:
+    def _report(self, a, step: int, loss: float, examples: int, until_answered: bool = False) -> None:
+        req = cpb.ReportProgressRequest(member_id=self.member_id, replica=a.replica, partition=a.partition, step=step,
+                                        loss=loss if np.isfinite(loss) else 0.0, examples=examples)
         try:
-            r = self.coord.ReportProgress(cpb.ReportProgressRequest(
-                member_id=self.member_id, replica=a.replica, partition=a.partition, step=step,
-                loss=loss if np.isfinite(loss) else 0.0, examples=examples), timeout=2.0)
+            r = self._call(self.coord.ReportProgress, req, 2.0) if until_answered else \
+                self.coord.ReportProgress(req, timeout=2.0)
             if not r.keep_running:
                 self._pending = self._pending or "stop"
         except grpc.RpcError:
