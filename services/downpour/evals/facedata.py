@@ -29,6 +29,7 @@ reported (``heldout_split``).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -93,10 +94,16 @@ def _frames(images: np.ndarray, per_image: int, backgrounds: np.ndarray, rng: np
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _splits(size: tuple[int, int], channels: int) -> bundled.BundledSplits:
+    """The bundled splits, raw pixels (built once per size: the distractors take a while to match)."""
+    return bundled.build(PreprocessSpec(channels=channels, size=size, normalize="none"))
+
+
 def video_pool(size: tuple[int, int] = (32, 32), channels: int = 1, *, per_face: int = 30,
                per_nonface: int = 10, faces: bool = True, seed: int = POOL_SEED) -> Pool:
     """The unlabeled training pool (module docstring); raw pixels in [0, 1]."""
-    train = bundled.build(PreprocessSpec(channels=channels, size=size, normalize="none")).train
+    train = _splits(tuple(size), channels).train
     n_nat = bundled.N_TRAIN_PATCHES
     natural, _ = train.get(np.arange(n_nat))
     lfw = bundled.lfw()
@@ -119,7 +126,7 @@ def video_pool(size: tuple[int, int] = (32, 32), channels: int = 1, *, per_face:
 
 def heldout(size: tuple[int, int] = (32, 32), channels: int = 1):
     """The bundled held-out set, raw: (x (N, C, H, W) in [0, 1], y (N,), group (N,))."""
-    splits = bundled.build(PreprocessSpec(channels=channels, size=size, normalize="none"))
+    splits = _splits(tuple(size), channels)
     x, y = splits.heldout.get(np.arange(len(splits.heldout)))
     group = np.repeat(np.arange(3), [len(splits.heldout_faces), len(splits.heldout_nonfaces),
                                      len(splits.distractors)])

@@ -68,7 +68,7 @@ from downpour.nn.spec import FilterSpec, LCNSpec, NetworkSpec, PoolSpec, StageSp
 
 # defaults, each chosen on the validation half (docs/experiments.md)
 PRESET = "faces"
-STEPS = 1500
+STEPS = 800
 SEEDS = (0, 1, 2)
 PER_FACE = 30  # views of each training face in the pool
 PER_NONFACE = 10  # views of each training LFW non-face
