@@ -3,7 +3,6 @@ supervised eval's data and both evals' parsers (eval faces: test_eval_faces.py).
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
