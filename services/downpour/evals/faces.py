@@ -338,7 +338,7 @@ def run(out: str, *, checkpoint: str = "", test_dir: str = "", preset: str = PRE
         stim = model.optimal_stimulus(unit, steps=stimulus_steps, seed=seeds[0])
         where = f"{unit.layer} (map {unit.map}, y {unit.y}, x {unit.x})"
         report.image_grid(os.path.join(out, f"top_inputs_{tag}.png"), x_show[order],
-                          [f"{label_of[i][:14]} {a:.2f}" for i, a in zip(order, top_a)],
+                          [f"{label_of[i][:16]} {a:.2f}" for i, a in zip(order, top_a)],
                           f"top 16 evaluation inputs of {where}")
         report.image_grid(os.path.join(out, f"optimal_stimulus_{tag}.png"), stim["stimulus"][None],
                           [f"act {stim['activation']:.3g} (random max {stim['random_max']:.3g})"],
