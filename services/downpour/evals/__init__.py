@@ -1,6 +1,6 @@
 """Evaluations that reproduce Le et al. (2012)'s tables on this system.
 
-    downpour eval faces [--checkpoint DIR]     the face-neuron table, curves and report.html
+    downpour eval faces [--checkpoint DIR] [--test DIR]   the face-neuron table, curves and report.html
     downpour eval supervised [--data D]        linear on features / from random / fine-tuned
 
 ``add_eval_parser(subparsers)`` adds both to the ``downpour`` command.

@@ -1,0 +1,201 @@
+"""The data of ``downpour eval faces``: a video-like unlabeled pool, the held-out
+validation and test splits, ZCA whitening, and a user's own test folder.
+
+The pool (``video_pool``) is built the way a video shows faces: one face
+appears in many frames, shifted, scaled, turned and lit differently, over
+whatever scene surrounds it. Every frame is ``size`` (32x32 by default):
+
+- natural-image crops: the bundled train split's 2,000 patches (left three
+  quarters of each natural image, never its held-out columns);
+- face frames: ``per_face`` views of each of the 50 *training* LFW faces
+  (even positions of ``lfw_subset``), each resized to the frame, contrast
+  and brightness changed, scaled by up to about +-20%, rotated by up to 12
+  degrees, shifted by up to 3 pixels and mirrored half the time, with a
+  random natural-image crop from the training columns showing wherever the
+  moved face no longer covers the frame;
+- background frames: ``per_nonface`` views, made the same way, of each of
+  the 50 training LFW non-faces (the scenery of the same photographs).
+
+``faces=False`` gives the no-faces control: the same pool less every face
+frame. No held-out image (odd LFW positions, held-out columns) and no view of
+one is ever used: the pool is built from ``bundled.build``'s train split only.
+
+The held-out set (300 images: 50 faces, 50 LFW non-faces, 200 distractors
+matched to the faces' brightness and contrast; ``feeder.bundled``) is cut
+once, stratified by group with a fixed seed, into a validation half that
+chooses every setting, neuron and threshold, and a test half that is only
+reported (``heldout_split``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from downpour.feeder import bundled, preprocess
+from downpour.feeder.datasets import IMAGE_EXTENSIONS
+from downpour.feeder.preprocess import PreprocessSpec
+
+POOL_SEED = 314  # draws the frames' jitter and backgrounds
+SPLIT_SEED = 2012  # the validation/test cut of the held-out set (fixed: never tuned)
+MAX_SHIFT = 3.0 / 32  # of the frame's side
+LOG_SCALE = 0.2  # scale factor within exp(+-0.2)
+MAX_ROTATION = 12.0  # degrees
+LOG_CONTRAST = 0.4  # face contrast within exp(+-0.4)
+MAX_BRIGHTNESS = 0.1  # added to the face, on the [0, 1] scale
+HELDOUT_GROUPS = ("faces", "LFW non-faces", "distractors")
+FACE_DIRS = ("faces",)
+OTHER_DIRS = ("other",)
+
+
+@dataclass
+class Pool:
+    """Unlabeled training frames, raw ([0, 1]) float32 (N, C, H, W), and which show a face."""
+
+    x: np.ndarray
+    has_face: np.ndarray  # bool (N,); never given to training, only reported
+    source: np.ndarray  # int (N,): 0 natural crop, 1 face frame, 2 background frame
+
+    @property
+    def face_fraction(self) -> float:
+        return float(self.has_face.mean())
+
+
+def _frames(images: np.ndarray, per_image: int, backgrounds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``per_image`` views of each (C, h, w) image over random backgrounds (N, C, H, W)."""
+    from skimage.transform import AffineTransform, warp
+
+    n = len(images)
+    _, c, H, W = backgrounds.shape
+    centre = np.array([(W - 1) / 2, (H - 1) / 2])
+    out = np.empty((n * per_image, c, H, W), np.float32)
+    for i in range(n):
+        img = preprocess.resize(images[i], (H, W))
+        for j in range(per_image):
+            t = (AffineTransform(translation=-centre)
+                 + AffineTransform(scale=np.exp(rng.uniform(-LOG_SCALE, LOG_SCALE)),
+                                   rotation=np.deg2rad(rng.uniform(-MAX_ROTATION, MAX_ROTATION)))
+                 + AffineTransform(translation=centre + rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * (W, H)))
+            gain = np.exp(rng.uniform(-LOG_CONTRAST, LOG_CONTRAST))
+            bias = rng.uniform(-MAX_BRIGHTNESS, MAX_BRIGHTNESS)
+            mirror = rng.random() < 0.5
+            bg = backgrounds[rng.integers(len(backgrounds))]
+            for k in range(c):
+                v = img[k]
+                m = v.mean()
+                v = np.clip(m + gain * (v - m) + bias, 0.0, 1.0)
+                # NaN marks the pixels the moved image no longer covers: the scene shows there
+                v = warp(v, t.inverse, mode="constant", cval=np.nan, preserve_range=True)
+                v = np.where(np.isnan(v), bg[k], v)
+                out[i * per_image + j, k] = v[:, ::-1] if mirror else v
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _splits(size: tuple[int, int], channels: int) -> bundled.BundledSplits:
+    """The bundled splits, raw pixels (built once per size: the distractors take a while to match)."""
+    return bundled.build(PreprocessSpec(channels=channels, size=size, normalize="none"))
+
+
+def video_pool(size: tuple[int, int] = (32, 32), channels: int = 1, *, per_face: int = 30,
+               per_nonface: int = 10, faces: bool = True, seed: int = POOL_SEED) -> Pool:
+    """The unlabeled training pool (module docstring); raw pixels in [0, 1]."""
+    train = _splits(tuple(size), channels).train
+    n_nat = bundled.N_TRAIN_PATCHES
+    natural, _ = train.get(np.arange(n_nat))
+    lfw = bundled.lfw()
+    train_faces = preprocess.convert_channels(lfw[0:bundled.N_FACES:2], channels)  # even positions only
+    train_nonfaces = preprocess.convert_channels(lfw[bundled.N_FACES::2], channels)
+    rng = np.random.default_rng(seed)
+    parts, src = [natural], [np.zeros(n_nat, np.int64)]
+    # both kinds of frames are drawn whatever ``faces`` is, so the control's
+    # background frames are the very frames of the full pool
+    fr = _frames(train_faces, per_face, natural, rng) if per_face else natural[:0]
+    bg = _frames(train_nonfaces, per_nonface, natural, rng) if per_nonface else natural[:0]
+    if faces:
+        parts.append(fr)
+        src.append(np.ones(len(fr), np.int64))
+    parts.append(bg)
+    src.append(np.full(len(bg), 2, np.int64))
+    source = np.concatenate(src)
+    return Pool(np.concatenate(parts).astype(np.float32), source == 1, source)
+
+
+def heldout(size: tuple[int, int] = (32, 32), channels: int = 1):
+    """The bundled held-out set, raw: (x (N, C, H, W) in [0, 1], y (N,), group (N,))."""
+    splits = _splits(tuple(size), channels)
+    x, y = splits.heldout.get(np.arange(len(splits.heldout)))
+    group = np.repeat(np.arange(3), [len(splits.heldout_faces), len(splits.heldout_nonfaces),
+                                     len(splits.distractors)])
+    return x, np.asarray(y, np.int64), group
+
+
+def heldout_split(group: np.ndarray, seed: int = SPLIT_SEED) -> np.ndarray:
+    """Boolean mask: True for the validation half of every group, False for the test half."""
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(group), bool)
+    for g in np.unique(group):
+        idx = rng.permutation(np.flatnonzero(group == g))
+        val[idx[: len(idx) // 2]] = True
+    return val
+
+
+def load_test_dir(path: str, size: tuple[int, int], channels: int = 1):
+    """A user's test folder with ``faces/`` and ``other/`` sub-folders: (x raw, y, names).
+
+    Any image Pillow reads, any size: each is fitted to ``size`` (scaled to
+    cover it, the centre kept: ``preprocess.fit``). Unreadable files are an
+    error naming the file; so are a missing or empty sub-folder.
+    """
+    from PIL import Image
+
+    if not os.path.isdir(path):
+        raise ValueError(f"--test {path}: not a directory")
+    x, y, names = [], [], []
+    for label, dirs in ((1, FACE_DIRS), (0, OTHER_DIRS)):
+        d = os.path.join(path, dirs[0])
+        if not os.path.isdir(d):
+            raise ValueError(f"--test {path}: needs sub-folders faces/ and other/; {dirs[0]}/ is missing")
+        files = sorted(f for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)) and not f.startswith("."))
+        if not files:
+            raise ValueError(f"--test {path}: {dirs[0]}/ holds no images (any format Pillow reads: "
+                             f"{', '.join(IMAGE_EXTENSIONS)}, ...)")
+        for f in files:
+            p = os.path.join(d, f)
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("RGB") if im.mode not in ("L", "F", "I", "I;16") else im
+                    a = preprocess.to_chw(np.asarray(im))
+            except Exception as e:  # Pillow raises many types for bad files
+                raise ValueError(f"--test {path}: cannot read {dirs[0]}/{f} as an image ({type(e).__name__}: {e})"
+                                 ) from None
+            if a.max() > 1.0:  # 32-bit integer grey ("I") arrives unscaled
+                a = a / a.max()
+            x.append(preprocess.fit(preprocess.convert_channels(a, channels), size))
+            y.append(label)
+            names.append(f"{dirs[0]}/{f}")
+    return np.stack(x).astype(np.float32), np.array(y, np.int64), names
+
+
+class ZCA:
+    """ZCA whitening fitted on the training pool: x -> (x - mean) U diag(1/sqrt(s + eps)) U^T.
+
+    ``eps`` is relative to the mean eigenvalue, so it means the same at every
+    input size; it keeps the noise directions from being blown up.
+    """
+
+    def __init__(self, x: np.ndarray, eps: float = 0.1):
+        flat = np.asarray(x, np.float64).reshape(len(x), -1)
+        self.mean = flat.mean(axis=0)
+        cov = np.cov(flat - self.mean, rowvar=False)
+        s, u = np.linalg.eigh(cov)
+        s = np.maximum(s, 0.0)
+        self.eps = eps
+        self.matrix = (u * (1.0 / np.sqrt(s + eps * s.mean()))) @ u.T
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        flat = np.asarray(x, np.float64).reshape(len(x), -1)
+        return ((flat - self.mean) @ self.matrix).astype(np.float32).reshape(x.shape)

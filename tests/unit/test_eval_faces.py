@@ -1,0 +1,254 @@
+"""eval faces: the scoring measures against naive implementations, the video-like
+pool (no held-out image or view of one in it), the validation/test cut, ZCA,
+a user's test folder, and the whole eval on the tiny preset in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from downpour.evals import facedata as D
+from downpour.evals import neuronscore as S
+from downpour.feeder import bundled
+from downpour.feeder.datasets import ArrayDataset
+from downpour.feeder.preprocess import PreprocessSpec
+
+
+# -- measures ------------------------------------------------------------------------
+
+def test_paper_thresholds_match_a_naive_loop():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((60, 30)).astype(np.float32)
+    A[:, 3] = 2.0  # a constant neuron: every threshold equals its value, all predict negative
+    y = rng.random(60) < 0.35
+    thr, acc = S.paper_thresholds(A, y, chunk=7)  # chunks that do not divide the columns
+    A64 = A.astype(np.float64)
+    for j in range(A.shape[1]):
+        best_t, best_a = None, -1.0
+        for k in range(20):
+            t = A64[:, j].min() + (A64[:, j].max() - A64[:, j].min()) * k / 19
+            a = np.mean((A64[:, j] > t) == y)
+            if a > best_a + 1e-12:
+                best_t, best_a = t, a
+        assert acc[j] == pytest.approx(best_a)
+        assert thr[j] == pytest.approx(best_t, rel=1e-6, abs=1e-6)
+    assert acc[3] == pytest.approx(1 - y.mean())  # the majority rate: chance for this measure
+
+
+def test_auc_matches_counting_pairs():
+    rng = np.random.default_rng(1)
+    A = rng.integers(0, 5, size=(40, 12)).astype(np.float32)  # many ties
+    y = rng.random(40) < 0.4
+    got = S.auc(A, y)
+    for j in range(A.shape[1]):
+        pos, neg = A[y, j], A[~y, j]
+        want = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+        assert got[j] == pytest.approx(want)
+    with pytest.raises(ValueError, match="both positive and negative"):
+        S.auc(A, np.zeros(40, bool))
+
+
+def test_choose_and_test_picks_on_validation_and_measures_on_test():
+    rng = np.random.default_rng(2)
+    n = 300
+    y = np.r_[np.ones(60, bool), np.zeros(240, bool)]
+    val = np.zeros(n, bool)
+    val[::2] = True
+    layers = {"a": rng.standard_normal((n, 200)).astype(np.float32),
+              "b": rng.standard_normal((n, 40)).astype(np.float32)}
+    layers["b"][:, 7] += 3.0 * y  # a real detector
+    # a neuron that is perfect on the test half only: it must never be chosen
+    layers["a"][~val, 11] = np.where(y[~val], 10.0, -10.0)
+    ch = S.choose_and_test(layers, y, val)
+    for m in S.MEASURES:
+        assert (ch[m].layer, ch[m].index) == ("b", 7)
+        assert 0.8 < ch[m].test <= 1.0
+    assert ch["auc"].threshold is None and ch["paper"].threshold is not None
+
+
+# -- data --------------------------------------------------------------------------------
+
+def test_heldout_split_is_stratified_disjoint_and_fixed():
+    groups = np.repeat(np.arange(3), [50, 50, 200])
+    val = D.heldout_split(groups)
+    assert [int(val[groups == g].sum()) for g in range(3)] == [25, 25, 100]
+    np.testing.assert_array_equal(val, D.heldout_split(groups))
+
+
+def test_pool_uses_no_heldout_lfw_image(monkeypatch):
+    """Poison every held-out LFW image (odd positions) with NaN: no frame may contain one."""
+    lfw = bundled.lfw().copy()
+    lfw[1::2] = np.nan
+    rng = np.random.default_rng(3)
+    natural = rng.random((bundled.N_TRAIN_PATCHES, 1, 16, 16)).astype(np.float32)
+    monkeypatch.setattr(bundled, "lfw", lambda: lfw)
+    monkeypatch.setattr(D, "_splits", lambda size, channels: SimpleNamespace(train=ArrayDataset(natural)))
+    pool = D.video_pool((16, 16), 1, per_face=3, per_nonface=2)
+    assert np.isfinite(pool.x).all()
+    assert len(pool.x) == bundled.N_TRAIN_PATCHES + 50 * 3 + 50 * 2
+    assert int(pool.has_face.sum()) == 150 and pool.face_fraction == pytest.approx(150 / len(pool.x))
+    control = D.video_pool((16, 16), 1, per_face=3, per_nonface=2, faces=False)
+    assert not control.has_face.any() and len(control.x) == len(pool.x) - 150
+    # same seed: the control is the pool less its face frames, frame for frame
+    np.testing.assert_array_equal(control.x, pool.x[~pool.has_face])
+
+
+def test_pool_frames_are_views_of_the_training_faces(monkeypatch):
+    from downpour.feeder import preprocess
+
+    # with every jitter switched off, each face frame is its training face (or its mirror image)
+    for name in ("MAX_SHIFT", "LOG_SCALE", "MAX_ROTATION", "LOG_CONTRAST", "MAX_BRIGHTNESS"):
+        monkeypatch.setattr(D, name, 0.0)
+    pool = D.video_pool((16, 16), 1, per_face=4, per_nonface=1)
+    # the natural crops are the bundled train split's, which never touch held-out columns
+    train = bundled.build(PreprocessSpec(channels=1, size=(16, 16))).train
+    nat, _ = train.get(np.arange(bundled.N_TRAIN_PATCHES))
+    np.testing.assert_array_equal(pool.x[pool.source == 0], nat)
+    lfw = bundled.lfw()
+    faces = np.stack([preprocess.resize(f, (16, 16)) for f in lfw[0:bundled.N_FACES:2]])
+    nonfaces = np.stack([preprocess.resize(f, (16, 16)) for f in lfw[bundled.N_FACES::2]])
+    for frames, want, k in ((pool.x[pool.source == 1], faces, 4), (pool.x[pool.source == 2], nonfaces, 1)):
+        assert len(frames) == 50 * k
+        for i, f in enumerate(frames):
+            w = want[i // k]
+            err = min(np.abs(f - w).max(), np.abs(f - w[:, :, ::-1]).max())
+            assert err < 1e-4, (i, err)
+
+
+def test_zca_whitens_and_is_symmetric():
+    rng = np.random.default_rng(4)
+    mix = rng.standard_normal((16, 16))
+    x = (rng.standard_normal((4000, 16)) @ mix).reshape(4000, 1, 4, 4).astype(np.float32)
+    z = D.ZCA(x, eps=1e-6)
+    np.testing.assert_allclose(z.matrix, z.matrix.T, atol=1e-9)
+    w = z(x).reshape(len(x), -1)
+    np.testing.assert_allclose(np.cov(w, rowvar=False), np.eye(16), atol=0.02)
+    # ZCA, of all whitening matrices, stays closest to the input
+    assert np.corrcoef(w[:, 5], x.reshape(len(x), -1)[:, 5])[0, 1] > 0.1
+
+
+def _save(path, arr, mode=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    im = Image.fromarray(arr)
+    im = im.convert(mode) if mode else im
+    im.save(path)
+
+
+def test_load_test_dir_any_format_any_size(tmp_path):
+    rng = np.random.default_rng(5)
+    _save(tmp_path / "faces" / "a.png", rng.integers(0, 256, (40, 30), dtype=np.uint8))
+    _save(tmp_path / "faces" / "b.jpg", rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    _save(tmp_path / "other" / "c.png", rng.integers(0, 256, (10, 12, 3), dtype=np.uint8), "RGBA")
+    _save(tmp_path / "other" / "d.bmp", rng.integers(0, 256, (300, 200), dtype=np.uint8))
+    x, y, names = D.load_test_dir(str(tmp_path), (32, 32), 1)
+    assert x.shape == (4, 1, 32, 32) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.tolist() == [1, 1, 0, 0] and names == ["faces/a.png", "faces/b.jpg", "other/c.png", "other/d.bmp"]
+
+
+def test_load_test_dir_names_what_is_wrong(tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        D.load_test_dir(str(tmp_path / "nope"), (32, 32))
+    _save(tmp_path / "faces" / "a.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="other/ is missing"):
+        D.load_test_dir(str(tmp_path), (32, 32))
+    os.makedirs(tmp_path / "other")
+    with pytest.raises(ValueError, match="other/ holds no images"):
+        D.load_test_dir(str(tmp_path), (32, 32))
+    (tmp_path / "other" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="other/broken.png"):
+        D.load_test_dir(str(tmp_path), (32, 32))
+
+
+# -- the eval ----------------------------------------------------------------------------
+
+def test_eval_faces_on_tiny(tmp_path):
+    from downpour.evals import faces
+
+    out = tmp_path / "faces"
+    res = faces.run(str(out), preset="tiny", steps=20, seeds=(0, 1), per_face=2, per_nonface=1,
+                    stimulus_steps=5, log=lambda *a: None)
+    assert [r["row"] for r in res["rows"]] == list(faces.ROWS)
+    assert res["validation"]["make_up"] == {"faces": 25, "LFW non-faces": 25, "distractors": 100}
+    assert res["test"]["make_up"] == {"faces": 25, "LFW non-faces": 25, "distractors": 100}
+    assert res["chance"]["paper"] == pytest.approx(125 / 150)
+    pool = res["pool"]["per_seed"]
+    assert [p["seed"] for p in pool] == [0, 1]
+    assert pool[0]["face_frames"] == 100 and pool[0]["frames"] == 2000 + 100 + 50
+    assert pool[0]["control_face_frames"] == 0 and pool[0]["control_frames"] == 2000 + 50
+    for r in res["rows"][1:]:
+        for m in S.MEASURES:
+            assert len(r[m]["per_seed"]) == 2 and 0.0 <= r[m]["mean"] <= 1.0
+            assert r[m]["mean"] == pytest.approx(np.mean(r[m]["per_seed"]))
+    # the trained row is the trained network's overall choice; the first-stage row is its stage-1 choice
+    assert res["rows"][4]["balanced"]["per_seed"] == [s["trained"]["all"]["balanced"]["test"] for s in res["per_seed"]]
+    assert all(n.startswith("stage1.") for n in res["rows"][2]["neurons"])
+    assert set(res["best_neuron_by_stage"]) == {"trained", "random", "no_lcn", "no_faces"}
+    assert set(res["best_neuron_by_stage"]["trained"]) == {"stage1", "stage2", "stage3"}
+    assert res["neurons"]["higher"]["layer"].startswith(("stage2.", "stage3."))
+    for tag in ("best", "higher"):
+        n = res["neurons"][tag]
+        assert n["optimal_stimulus"]["activation"] >= n["optimal_stimulus"]["random_max"]
+        assert len(n["top_inputs"]) == 16 and set(n["invariance"]) == {
+            "horizontal shift (pixels)", "vertical shift (pixels)", "scale (factor)", "in-plane rotation (degrees)"}
+        for f in (f"top_inputs_{tag}.png", f"optimal_stimulus_{tag}.png", f"invariance_{tag}.png"):
+            assert (out / f).stat().st_size > 0
+    for f in ("report.html", "results.json", "filters.png", "table.png", "params.npz"):
+        assert (out / f).stat().st_size > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["targets"] == res["targets"]
+    html = (out / "report.html").read_text()
+    assert "best stage-2 or stage-3 neuron" in html and "top_inputs_higher.png" in html
+
+
+def test_eval_faces_on_a_users_test_folder_with_zca(tmp_path):
+    from downpour.evals import faces
+
+    lfw = bundled.lfw()
+    for i in range(3):  # held-out faces and non-faces, saved as 8-bit files of another size
+        _save(tmp_path / "mine" / "faces" / f"{i}.png", (255 * lfw[2 * i + 1, 0]).astype(np.uint8))
+        _save(tmp_path / "mine" / "other" / f"{i}.jpg", (255 * lfw[101 + 2 * i, 0]).astype(np.uint8))
+    res = faces.run(str(tmp_path / "out"), test_dir=str(tmp_path / "mine"), preset="tiny", steps=5, seeds=(0,),
+                    per_face=1, per_nonface=1, whiten="zca", stimulus_steps=2, log=lambda *a: None)
+    assert res["test"] == {"source": str(tmp_path / "mine"), "faces": 3, "other": 3}
+    assert res["chance"]["paper"] == 0.5 and res["whiten"] == "zca"
+    assert res["neurons"]["best"]["top_inputs"][0]["what"]  # names of the user's files or validation groups
+    assert any(t["what"].startswith(("faces/", "other/")) for t in res["neurons"]["best"]["top_inputs"])
+    with pytest.raises(ValueError, match="--whiten"):
+        faces.Prep("standardize", "pca")
+
+
+def test_eval_faces_from_a_checkpoint_directory(tmp_path):
+    """--checkpoint reads the blocks named by the newest MANIFEST.json."""
+    from downpour import config as jobconfig
+    from downpour.evals import faces
+    from downpour.nn import Network, presets
+    from downpour.paramserver import checkpoint as ckpt
+    from downpour.paramserver.store import OptimizerConfig, ShardStore
+
+    spec = presets.get("tiny")
+    params = Network(spec).init_params(0)  # the random-weights row's seed-0 init
+    cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 1})
+    store = ShardStore(0, OptimizerConfig())
+    for k, v in params.items():
+        store.create(k, (np.size(v),), np.asarray(v))
+    path = ckpt.shard_path(tmp_path, "step-7", 0)
+    path.parent.mkdir(parents=True)
+    ckpt.save(store, path)
+    (path.parent / "MANIFEST.json").write_text(json.dumps({
+        "checkpoint_id": "step-7", "step": 7, "created": 1.0, "config": cfg.to_yaml(),
+        "shards": [{"shard": 0, "path": str(path)}], "placement": {k: 0 for k in params}}))
+    spec2, normalize, blocks, m = faces.load_checkpoint_dir(str(tmp_path))
+    assert spec2 == spec and normalize == "standardize" and m["step"] == 7
+    for k, v in params.items():
+        np.testing.assert_array_equal(blocks[k], v)
+    res = faces.run(str(tmp_path / "out"), checkpoint=str(tmp_path), steps=5, seeds=(0, 1), per_face=1,
+                    per_nonface=1, stimulus_steps=2, whiten="zca", log=lambda *a: None)
+    assert res["checkpoint"]["id"] == "step-7" and res["seeds"] == [0] and res["whiten"] == "none"
+    assert not any(k.startswith("trained/") for k in res["training"])
+    # the checkpoint holds the seed-0 init: the trained and random-weights rows must agree
+    assert res["rows"][3]["balanced"]["per_seed"] == res["rows"][4]["balanced"]["per_seed"]
