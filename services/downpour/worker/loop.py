@@ -146,11 +146,7 @@ class DownpourLoop:
         # Start the next fetch now so that it overlaps this step's compute.
         if (step + 1) % self.n_fetch == 0:
             self._pull = self._submit(self.store.pull, self.names)
-        t = time.perf_counter()
-        x, y = next(self.batches)
-        self.waited["batch"] += time.perf_counter() - t
-        loss, grads = self.compute(self.params, x, y)
-        self._accumulate(grads)
+        x, loss = self._compute()
         if self._nacc >= self.n_push:
             if self._push is not None:
                 t = time.perf_counter()
@@ -165,11 +161,7 @@ class DownpourLoop:
         if first or self.params is None:
             self.params = self.store.pull(self.names)
             self.waited["pull"] += time.perf_counter() - t0
-        t = time.perf_counter()
-        x, y = next(self.batches)
-        self.waited["batch"] += time.perf_counter() - t
-        loss, grads = self.compute(self.params, x, y)
-        self._accumulate(grads)
+        x, loss = self._compute()
         if self._nacc >= self.n_push:
             t = time.perf_counter()
             # The shards apply our gradients and hand back the result: the next
@@ -179,6 +171,15 @@ class DownpourLoop:
             self.waited["push"] += time.perf_counter() - t
             self._acc, self._nacc = None, 0
         return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0)
+
+    def _compute(self):
+        """Take a batch, compute the step's gradients and add them to what is pending."""
+        t = time.perf_counter()
+        x, y = next(self.batches)
+        self.waited["batch"] += time.perf_counter() - t
+        loss, grads = self.compute(self.params, x, y)
+        self._accumulate(grads)
+        return x, loss
 
     def _accumulate(self, grads) -> None:
         if self._acc is None:
