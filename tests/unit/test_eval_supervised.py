@@ -61,15 +61,58 @@ def test_spread_and_the_gain_rule():
 
 def test_feature_readout_layers():
     net = Network(presets.get("tiny"))
-    assert S.feature_layers(net, "all") == ["stage1.output", "stage2.output", "stage3.output"]
+    assert S.feature_layers(net, "pooled") == ["stage1.pool", "stage2.pool", "stage3.pool"]
+    assert S.feature_layers(net, "outputs") == ["stage1.output", "stage2.output", "stage3.output"]
     assert S.feature_layers(net, "top") == ["stage3.output"]
     with pytest.raises(ValueError, match="readout 'middle' is unknown"):
         S.feature_layers(net, "middle")
     x = np.random.default_rng(0).random((3, 1, 16, 16), dtype=np.float32)
-    f = S.features(net, net.init_params(0), x, "all")
-    acts = net.forward(net.init_params(0), x)
-    assert f.shape == (3, sum(acts[k][0].size for k in S.feature_layers(net, "all")))
-    np.testing.assert_allclose(f[:, -acts["stage3.output"][0].size:], acts["stage3.output"].reshape(3, -1), rtol=1e-6)
+    p = net.init_params(0)
+    acts = net.forward(p, x)
+    for readout in ("pooled", "outputs"):
+        f = S.features(net, p, x, readout)
+        names = S.feature_layers(net, readout)
+        assert f.shape == (3, sum(acts[k][0].size for k in names))
+        np.testing.assert_allclose(f[:, -acts[names[-1]][0].size:], acts[names[-1]].reshape(3, -1), rtol=1e-6)
+    # pooled and normalised differ: the readout is not the same layer under two names
+    assert not np.allclose(S.features(net, p, x, "pooled"), S.features(net, p, x, "outputs"))
+
+
+def test_row_space_fit_is_the_full_fit():
+    """More features than examples: the classifier fitted in the n-dimensional row space gives the
+    same test scores as the one fitted on all d features (a direct fit, to convergence)."""
+    rng = np.random.default_rng(2)
+    n, d, k = 40, 150, 3
+    f, ft = rng.normal(size=(n, d)), rng.normal(size=(25, d))
+    y = rng.integers(0, k, n)
+    W, b = S.softmax_regression(f, y, k, l2=0.1, max_iter=2000)
+    a, t = S.row_space(f, ft)
+    assert a.shape == (n, n) and t.shape == (25, n)
+    Wr, br = S.softmax_regression(a, y, k, l2=0.1, max_iter=2000)
+    # (to the optimiser's tolerance; a wrong projection is off by the scores' own size, about 1)
+    np.testing.assert_allclose(t @ Wr + br, ft @ W + b, atol=2e-3)
+    np.testing.assert_allclose(a @ Wr + br, f @ W + b, atol=2e-3)
+    # fewer features than examples: nothing to reduce
+    assert S.row_space(f[:, :30])[0] is f[:, :30] or np.array_equal(S.row_space(f[:, :30])[0], f[:, :30])
+
+
+def test_softmax_regression_matches_finite_differences_at_its_optimum():
+    """At the returned weights the penalised loss is stationary (checked by finite differences)."""
+    rng = np.random.default_rng(3)
+    f, y, l2 = rng.normal(size=(30, 4)), rng.integers(0, 3, 30), 0.05
+    W, b = S.softmax_regression(f, y, 3, l2=l2, max_iter=1000)
+
+    def loss(W, b):
+        z = f @ W + b
+        z = z - z.max(1, keepdims=True)
+        return -np.mean(z[np.arange(30), y] - np.log(np.exp(z).sum(1))) + 0.5 * l2 * (W ** 2).sum()
+
+    h = 1e-5
+    for i, j in [(0, 0), (3, 2), (1, 1)]:
+        E = np.zeros_like(W)
+        E[i, j] = h
+        assert abs((loss(W + E, b) - loss(W - E, b)) / (2 * h)) < 1e-4
+    assert loss(W, b) < loss(np.zeros_like(W), np.zeros(3))
 
 
 def parse(argv):
@@ -79,7 +122,7 @@ def parse(argv):
 
 
 def test_defaults_full_and_explicit_flags():
-    assert parse([]) == {"seeds": 3, "labels": (2000, 300), "pretrain_steps": 1500, "finetune_steps": 500}
+    assert parse([]) == {"seeds": 3, "labels": (2000, 300), "pretrain_steps": 1500, "finetune_steps": 400}
     assert parse(["--full"]) == S.FULL
     assert parse(["--full", "--seeds", "2", "--labels", "100,50"])["seeds"] == 2
     assert parse(["--full", "--labels", "100,50"])["labels"] == (100, 50)

@@ -5,8 +5,8 @@ same unlabeled pool for all), each measured over ``--seeds`` seeds (3) and
 reported as mean and spread (the sample standard deviation over the seeds):
   * linear classifier on raw pixels (a reference point);
   * linear classifier on deep features: the network is pretrained without
-    labels (TICA), frozen, and a softmax layer is trained on the outputs of
-    every stage (``--readout all``; ``top``: the last stage only);
+    labels (TICA), frozen, and a softmax layer is trained on the L2-pooled
+    outputs of every stage, before their contrast normalisation (``--readout``);
   * the network trained from random weights (supervised, every layer);
   * the network fine-tuned from the unsupervised one: its fresh softmax head
     trains alone for ``--head-only-steps`` steps (the job's ``head_only_steps``),
@@ -130,37 +130,55 @@ def load_data(data: str, spec: NetworkSpec, *, normalize: str, n_unlabeled: int,
         xu, xl, yl, xt, yt, classes
 
 
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # the linear classifiers' penalties, one chosen per row on validation
-READOUTS = ("all", "top")
+L2_GRID = (1e-3, 1e-2, 1e-1)  # the linear classifiers' penalties, one chosen per row on validation
+READOUTS = ("pooled", "outputs", "top")
 FULL = {"seeds": 5, "labels": (300, 1000, 2000, 5000), "pretrain_steps": 4000, "finetune_steps": 1000}
 
 
-def softmax_regression(f_train: np.ndarray, y: np.ndarray, classes: int, *, steps: int = 500, lr: float = 0.1,
-                       l2: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
-    """A linear softmax classifier on fixed features, full-batch Adagrad; features standardised inside."""
+def softmax_regression(f_train: np.ndarray, y: np.ndarray, classes: int, *, l2: float = 1e-4,
+                       max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """A linear softmax classifier on fixed features: mean cross-entropy + l2/2 |W|^2 (bias not
+    penalised), minimised by L-BFGS; (W (d, classes), b)."""
+    from scipy.optimize import minimize
+
     n, d = f_train.shape
-    W = np.zeros((d, classes))
-    b = np.zeros(classes)
-    aW, ab = np.zeros_like(W), np.zeros_like(b)
     Y = np.eye(classes)[y]
-    for _ in range(steps):
+
+    def loss_and_grad(theta):
+        W, b = theta[:d * classes].reshape(d, classes), theta[d * classes:]
         z = f_train @ W + b
         z -= z.max(1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(1, keepdims=True)
-        g = (p - Y) / n
-        gW, gb = f_train.T @ g + l2 * W, g.sum(0)
-        aW += gW * gW
-        ab += gb * gb
-        W -= lr * gW / (np.sqrt(aW) + 1e-8)
-        b -= lr * gb / (np.sqrt(ab) + 1e-8)
-    return W, b
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        g = (np.exp(logp) - Y) / n
+        loss = -(Y * logp).sum() / n + 0.5 * l2 * float((W * W).sum())
+        return loss, np.concatenate([(f_train.T @ g + l2 * W).ravel(), g.sum(0)])
+
+    r = minimize(loss_and_grad, np.zeros(d * classes + classes), jac=True, method="L-BFGS-B",
+                 options={"maxiter": max_iter})
+    return r.x[:d * classes].reshape(d, classes), r.x[d * classes:]
+
+
+def row_space(f_train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The same L2-penalised linear problem in min(n, d) dimensions.
+
+    With more features than examples, the penalised optimum W lies in the row space of the
+    training features F = U S V^T (the loss gradient is F^T g): W = V C gives F W = U S C and
+    |W| = |C|, so a classifier fitted on F V and applied to X V is the one fitted on F and
+    applied to X, at the cost of n instead of d columns."""
+    n, d = f_train.shape
+    if d <= n:
+        return (f_train, *others)
+    lam, U = np.linalg.eigh(f_train @ f_train.T)
+    keep = lam > lam.max() * 1e-10
+    V = f_train.T @ (U[:, keep] / np.sqrt(lam[keep]))
+    return (f_train @ V, *(o @ V for o in others))
 
 
 def _fit_and_score(f_train, y_train, f_test, y_test, classes, l2) -> float:
     mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
-    W, b = softmax_regression((f_train - mu) / sd, y_train, classes, l2=l2)
-    return float(((((f_test - mu) / sd) @ W + b).argmax(1) == y_test).mean())
+    a, t = row_space((f_train - mu) / sd, (f_test - mu) / sd)
+    W, b = softmax_regression(a, y_train, classes, l2=l2)
+    return float(((t @ W + b).argmax(1) == y_test).mean())
 
 
 def validation_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -203,15 +221,19 @@ def balanced_subset(y: np.ndarray, n: int, classes: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate([take, rest[:n - len(take)]]))
 
 
-def feature_layers(net: Network, readout: str = "all") -> list[str]:
-    """The layers a linear classifier on deep features reads: every stage's output, or the last one's."""
+def feature_layers(net: Network, readout: str = "pooled") -> list[str]:
+    """The layers a linear classifier on deep features reads: ``pooled``, every stage's L2-pooled
+    output before its contrast normalisation; ``outputs``, every stage's output; ``top``, the last
+    stage's output (what the network's own softmax head reads)."""
     if readout not in READOUTS:
         raise ValueError(f"readout {readout!r} is unknown; allowed: {', '.join(READOUTS)}")
-    names = [f"{st.name}.output" for st in net.stages]
-    return names if readout == "all" else names[-1:]
+    if readout == "top":
+        return [f"{net.stages[-1].name}.output"]
+    return [f"{st.name}.{'pool' if readout == 'pooled' and st.spec.pool is not None else 'output'}"
+            for st in net.stages]
 
 
-def features(net: Network, params: dict, x: np.ndarray, readout: str = "all") -> np.ndarray:
+def features(net: Network, params: dict, x: np.ndarray, readout: str = "pooled") -> np.ndarray:
     layers = feature_layers(net, readout)
     acts = C.activations(net, params, x, layers=layers)
     return np.concatenate([acts[k] for k in layers], axis=1).astype(np.float64)
@@ -244,8 +266,8 @@ def compare(a: list[float], b: list[float]) -> dict:
 
 
 def run(out: str, *, data: str = "", test_data: str = "", preset: str = "small", seeds: int = 3,
-        labels: tuple[int, ...] = (2000, 300), pretrain_steps: int = 1500, finetune_steps: int = 500,
-        head_only_steps: int = 100, readout: str = "all", replicas: int = 2, shards: int = 2, batch_size: int = 32,
+        labels: tuple[int, ...] = (2000, 300), pretrain_steps: int = 1500, finetune_steps: int = 400,
+        head_only_steps: int = 100, readout: str = "pooled", replicas: int = 2, shards: int = 2, batch_size: int = 32,
         lr: float = C.DEFAULT_LR, n_unlabeled: int = 20000, n_test: int = 2000, seed: int = 0, log=print) -> dict:
     t0 = time.perf_counter()
     labels = tuple(sorted({int(n) for n in labels}, reverse=True))
@@ -358,11 +380,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3)")
     p.add_argument("--labels", default=None, help="labeled-set sizes, comma-separated (default 2000,300)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="unsupervised (TICA) steps per replica (1500)")
-    p.add_argument("--finetune-steps", type=int, default=None, help="supervised steps per replica, per network (500)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="supervised steps per replica, per network (400)")
     p.add_argument("--head-only-steps", type=int, default=100,
                    help="fine-tuning's first steps that train the fresh head alone (the job's head_only_steps)")
-    p.add_argument("--readout", choices=READOUTS, default="all",
-                   help="what the linear classifier on deep features reads: every stage's output, or the top one")
+    p.add_argument("--readout", choices=READOUTS, default="pooled",
+                   help="what the linear classifier on deep features reads: every stage's pooled output (before "
+                        "contrast normalisation), every stage's output, or the top stage's output")
     p.add_argument("--replicas", type=int, default=2, help="model replicas of every training job")
     p.add_argument("--shards", type=int, default=2, help="parameter shards of every training job")
     p.add_argument("--batch-size", type=int, default=32)
@@ -386,7 +409,7 @@ def parse_labels(text: str) -> tuple[int, ...]:
 def resolve(args: argparse.Namespace) -> dict:
     """The run's settings: the defaults, or ``--full``'s, under the flags given explicitly."""
     d = dict(FULL) if args.full else {"seeds": 3, "labels": (2000, 300), "pretrain_steps": 1500,
-                                      "finetune_steps": 500}
+                                      "finetune_steps": 400}
     for k in d:
         v = getattr(args, k)
         if v is not None:
