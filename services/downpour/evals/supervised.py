@@ -296,7 +296,8 @@ def run(out: str, *, data: str = "", test_data: str = "", preset: str = "small",
         log(f"unsupervised pretraining: TICA on {len(xu)} unlabeled images")
         pre = train_job(os.path.join(sdir, "pretrain"), base, xu, steps=pretrain_steps, seed=s, **kw)
         training[f"seed{s}/pretrain"] = _training(pre, replicas, os.path.join(sdir, "pretrain"))
-        feats_l, feats_t = features(unsup_net, pre.params, xl_all, readout), features(unsup_net, pre.params, xt, readout)
+        feats_l = features(unsup_net, pre.params, xl_all, readout)
+        feats_t = features(unsup_net, pre.params, xt, readout)
         pix_l, pix_t = xl_all.reshape(len(xl_all), -1).astype(np.float64), xt.reshape(len(xt), -1).astype(np.float64)
         counts = np.bincount(yt, minlength=classes)
         for n in labels:
