@@ -74,6 +74,10 @@ class JobConfig:
     # valid checkpoint that this model has under the same name (unsupervised stages under a
     # new supervised head); the rest start fresh.
     init_from: str = ""
+    # Supervised jobs: the first head_only_steps steps of every replica train the softmax head
+    # alone (the stages' gradients are zero), then every layer: fine-tuning's warm-up, so that a
+    # fresh head's first, large gradients do not wash out stages taken from init_from.
+    head_only_steps: int = 0
     checkpoint_every: int = 100  # steps of the slowest replica between checkpoints
     keep_checkpoints: int = 3
     lease_seconds: float = 6.0  # a worker silent this long loses its slot
@@ -186,6 +190,11 @@ def validate(cfg: JobConfig) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
     if cfg.warm_start < 0:
         raise ValueError(f"warm_start={cfg.warm_start} must be >= 0")
+    if cfg.head_only_steps < 0:
+        raise ValueError(f"head_only_steps={cfg.head_only_steps} must be >= 0")
+    if cfg.head_only_steps and not cfg.supervised:
+        raise ValueError(f"head_only_steps={cfg.head_only_steps} needs a supervised job (supervised: true): "
+                         "an unsupervised network has no head")
     if cfg.lease_seconds <= 0:
         raise ValueError(f"lease_seconds={cfg.lease_seconds} must be > 0")
     if not cfg.hang_seconds > 0:

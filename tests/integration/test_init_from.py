@@ -106,3 +106,22 @@ def test_warm_start_takes_only_shared_names_and_refuses_no_overlap(pretrained):
     np.testing.assert_array_equal(params["other"], fresh["other"])
     with pytest.raises(ValueError, match="shares no block"):
         cks.warm_start(d, {"other": np.zeros(3, np.float32)})
+
+
+def test_head_only_steps_keep_the_pretrained_stages_then_release_them(tmp_path, pretrained):
+    """Fine-tuning's warm-up through the cluster: while head_only_steps last, the stages taken from
+    init_from stay exactly as pretrained and the head learns; after them every layer learns."""
+    spec, job = supervised_job(tmp_path)
+    source, fresh = newest_params(pretrained), Network(spec).init_params(0)
+    cfg = yaml.safe_load(job.read_text())
+    for steps, head_only, stages_move in ((6, 6, False), (6, 3, True)):
+        job.write_text(yaml.safe_dump(dict(cfg, steps=steps, head_only_steps=head_only, optimizer={"lr": 0.02})))
+        run = tmp_path / f"sup-{head_only}"
+        r = up(["--config", str(job), "--init-from", str(pretrained / "checkpoints")], run)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = newest_params(run)
+        for k in source:  # (the decoders W2 have no part in the supervised loss: they never move)
+            moved = np.abs(got[k] - source[k]).max()
+            assert (moved > 1e-4) if stages_move and k.endswith("W1") else (moved == 0), (k, moved, head_only)
+        for k in ("head.W", "head.b"):
+            assert np.abs(got[k] - fresh[k]).max() > 1e-4, k

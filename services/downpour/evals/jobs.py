@@ -41,9 +41,10 @@ def job_losses(run_dir: str) -> list[float]:
 
 def train_job(run_dir: str, spec: NetworkSpec, x: np.ndarray, y: np.ndarray | None = None, *, steps: int,
               replicas: int = 2, shards: int = 2, batch_size: int = 32, lr: float = DEFAULT_LR, eps: float = DEFAULT_EPS,
-              seed: int = 0, init_from: str = "", log=None) -> TrainResult:
+              seed: int = 0, init_from: str = "", settings: dict | None = None, log=None) -> TrainResult:
     """Train ``spec`` on ``x`` (TICA) or on ``x, y`` (supervised, ``spec.classes`` > 0) with a
-    ``downpour up`` cluster; ``steps`` per replica. Returns the last checkpoint's parameters."""
+    ``downpour up`` cluster; ``steps`` per replica; ``settings``: further job settings
+    (e.g. ``head_only_steps``). Returns the last checkpoint's parameters."""
     from downpour.up import run
 
     os.makedirs(run_dir, exist_ok=True)
@@ -56,7 +57,7 @@ def train_job(run_dir: str, spec: NetworkSpec, x: np.ndarray, y: np.ndarray | No
         "model": to_dict(spec), "supervised": y is not None, "data": data, "normalize": "none",
         "replicas": replicas, "shards": shards, "steps": steps, "batch_size": batch_size, "seed": seed,
         "checkpoint_every": steps, "init_from": init_from or None,
-        "optimizer": {"kind": "adagrad", "lr": lr, "eps": eps}})
+        "optimizer": {"kind": "adagrad", "lr": lr, "eps": eps}, **(settings or {})})
     if log is not None:
         log(f"  downpour up: {replicas} replicas x {steps} steps, {shards} shards"
             + (f", starting from {init_from}" if init_from else "") + f"; run folder {run_dir}")

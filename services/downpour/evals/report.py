@@ -77,3 +77,25 @@ def table_png(path: str, rows: list[dict], caption: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def label_curve(path: str, results: dict, caption: str) -> None:
+    """``downpour eval supervised``: test accuracy against the number of labels, one line per row,
+    the mean over seeds with the spread as error bars."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    by_row: dict[str, list[tuple[int, float, float]]] = {}
+    for r in results["rows"]:
+        by_row.setdefault(r["row"], []).append((r["labels"], 100 * r["mean"], 100 * r["spread"]))
+    for name, pts in by_row.items():
+        n, m, s = zip(*sorted(pts))
+        ax.errorbar(n, m, yerr=s, marker="o", capsize=3, label=name, ls=":" if name.startswith("chance") else "-")
+    ax.set_xscale("log")
+    ax.set_xlabel("labeled training images")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(caption, fontsize=7, wrap=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

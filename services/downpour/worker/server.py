@@ -54,6 +54,12 @@ PARAM_TIMEOUT_SECONDS = 30.0  # one pull or push attempt
 PARAM_RETRY_SECONDS = 120.0  # retrying a shard that is down, before giving the slot back
 
 
+def head_only(grads: dict) -> dict:
+    """The gradients with every block but the softmax head's zeroed: a step that trains the head alone
+    (Adagrad and SGD leave a block with a zero gradient exactly where it is)."""
+    return {k: v if k.startswith("head.") else v * 0 for k, v in grads.items()}
+
+
 class Stop(Exception):
     """The coordinator ended this worker's part in the job."""
 
@@ -200,7 +206,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
                        else runtime.tica(params, tile, cur["step"]))
                 res = drive(gen, links, self.mailbox, a.generation, cur["step"], self.halo_timeout,
                             cancelled=lambda: self._pending is not None or self._stop.is_set())
-                return res.loss, res.grads
+                return res.loss, head_only(res.grads) if cur["step"] < cfg.head_only_steps else res.grads
         else:
             on_device = {"host": None, "params": None}
 
@@ -210,6 +216,8 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
                     on_device["host"], on_device["params"] = params, devices.to_device(xp, params)
                 if supervised:
                     loss, grads, _ = net.supervised(on_device["params"], x, y)
+                    if cur["step"] < cfg.head_only_steps:
+                        grads = head_only(grads)
                 else:
                     loss, grads, _ = net.tica(on_device["params"], x)
                 return loss, grads

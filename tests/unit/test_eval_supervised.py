@@ -1,0 +1,174 @@
+"""``downpour eval supervised``'s pieces: labeled-set draws, the validated linear classifier,
+the spread rule, the settings of --full, and the head-only warm-up of fine-tuning."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from downpour import config as jobconfig
+from downpour.evals import supervised as S
+from downpour.nn import Network, presets
+
+
+def test_balanced_subset_takes_equal_classes_and_is_reproducible():
+    y = np.repeat(np.arange(4), [50, 30, 10, 110])
+    idx = S.balanced_subset(y, 40, 4, seed=3)
+    assert len(idx) == 40 == len(np.unique(idx)) and np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(np.bincount(y[idx], minlength=4), [10, 10, 10, 10])
+    np.testing.assert_array_equal(idx, S.balanced_subset(y, 40, 4, seed=3))
+    assert not np.array_equal(idx, S.balanced_subset(y, 40, 4, seed=4))
+    # a class too small for its share: it gives what it has, the others fill up to n
+    idx = S.balanced_subset(y, 80, 4, seed=0)
+    counts = np.bincount(y[idx], minlength=4)
+    assert len(idx) == 80 and counts[2] == 10 and counts.min() == 10 and counts.sum() == 80
+    with pytest.raises(ValueError, match="only 200 available"):
+        S.balanced_subset(y, 201, 4, seed=0)
+
+
+def test_validation_mask_is_a_stratified_fifth():
+    y = np.repeat(np.arange(3), [50, 20, 1])
+    m = S.validation_mask(y, 0.2, seed=0)
+    assert m[y == 0].sum() == 10 and m[y == 1].sum() == 4 and m[y == 2].sum() == 0
+
+
+def test_linear_classifier_chooses_its_penalty_on_validation_only():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(20, 3))
+    x = rng.normal(size=(300, 20))
+    y = (x @ w).argmax(1)
+    xt = rng.normal(size=(200, 20))
+    yt = (xt @ w).argmax(1)
+    acc, l2, val = S.linear_accuracy(x, y, xt, yt, 3, seed=0)
+    assert set(val) == set(S.L2_GRID) and l2 in S.L2_GRID and val[l2] == max(val.values())
+    assert acc > 0.85  # a linear problem, learned
+    # the test labels play no part in the choice: scrambled test labels leave the penalty as it was
+    _, l2_scrambled, val_scrambled = S.linear_accuracy(x, y, xt, rng.permutation(yt), 3, seed=0)
+    assert l2_scrambled == l2 and val_scrambled == val
+
+
+def test_spread_and_the_gain_rule():
+    assert S.spread([0.5]) == 0.0
+    assert S.spread([0.1, 0.2, 0.3]) == pytest.approx(0.1)  # sample standard deviation
+    a, b = [0.80, 0.82, 0.81], [0.70, 0.71, 0.72]
+    c = S.compare(a, b)
+    assert c["difference"] == pytest.approx(0.1) and c["spread"] == pytest.approx(np.hypot(0.01, 0.01))
+    assert c["verdict"] == "gain" and S.compare(b, a)["verdict"] == "loss"
+    assert S.compare([0.80, 0.90, 0.70], [0.78, 0.79, 0.80])["verdict"] == "within the spread"
+
+
+def test_feature_readout_layers():
+    net = Network(presets.get("tiny"))
+    assert S.feature_layers(net, "pooled") == ["stage1.pool", "stage2.pool", "stage3.pool"]
+    assert S.feature_layers(net, "outputs") == ["stage1.output", "stage2.output", "stage3.output"]
+    assert S.feature_layers(net, "top") == ["stage3.output"]
+    with pytest.raises(ValueError, match="readout 'middle' is unknown"):
+        S.feature_layers(net, "middle")
+    x = np.random.default_rng(0).random((3, 1, 16, 16), dtype=np.float32)
+    p = net.init_params(0)
+    acts = net.forward(p, x)
+    for readout in ("pooled", "outputs"):
+        f = S.features(net, p, x, readout)
+        names = S.feature_layers(net, readout)
+        assert f.shape == (3, sum(acts[k][0].size for k in names))
+        np.testing.assert_allclose(f[:, -acts[names[-1]][0].size:], acts[names[-1]].reshape(3, -1), rtol=1e-6)
+    # pooled and normalised differ: the readout is not the same layer under two names
+    assert not np.allclose(S.features(net, p, x, "pooled"), S.features(net, p, x, "outputs"))
+
+
+def test_row_space_fit_is_the_full_fit():
+    """More features than examples: the classifier fitted in the n-dimensional row space gives the
+    same test scores as the one fitted on all d features (a direct fit, to convergence)."""
+    rng = np.random.default_rng(2)
+    n, d, k = 40, 150, 3
+    f, ft = rng.normal(size=(n, d)), rng.normal(size=(25, d))
+    y = rng.integers(0, k, n)
+    W, b = S.softmax_regression(f, y, k, l2=0.1, max_iter=2000)
+    a, t = S.row_space(f, ft)
+    assert a.shape == (n, n) and t.shape == (25, n)
+    Wr, br = S.softmax_regression(a, y, k, l2=0.1, max_iter=2000)
+    # (to the optimiser's tolerance; a wrong projection is off by the scores' own size, about 1)
+    np.testing.assert_allclose(t @ Wr + br, ft @ W + b, atol=2e-3)
+    np.testing.assert_allclose(a @ Wr + br, f @ W + b, atol=2e-3)
+    # fewer features than examples: nothing to reduce
+    assert S.row_space(f[:, :30])[0] is f[:, :30] or np.array_equal(S.row_space(f[:, :30])[0], f[:, :30])
+
+
+def test_softmax_regression_matches_finite_differences_at_its_optimum():
+    """At the returned weights the penalised loss is stationary (checked by finite differences)."""
+    rng = np.random.default_rng(3)
+    f, y, l2 = rng.normal(size=(30, 4)), rng.integers(0, 3, 30), 0.05
+    W, b = S.softmax_regression(f, y, 3, l2=l2, max_iter=1000)
+
+    def loss(W, b):
+        z = f @ W + b
+        z = z - z.max(1, keepdims=True)
+        return -np.mean(z[np.arange(30), y] - np.log(np.exp(z).sum(1))) + 0.5 * l2 * (W ** 2).sum()
+
+    h = 1e-5
+    for i, j in [(0, 0), (3, 2), (1, 1)]:
+        E = np.zeros_like(W)
+        E[i, j] = h
+        assert abs((loss(W + E, b) - loss(W - E, b)) / (2 * h)) < 1e-4
+    assert loss(W, b) < loss(np.zeros_like(W), np.zeros(3))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    S.add_arguments(p)
+    return S.resolve(p.parse_args(argv))
+
+
+def test_defaults_full_and_explicit_flags():
+    assert parse([]) == {"seeds": 3, "labels": (2000, 300), "pretrain_steps": 1500, "finetune_steps": 400}
+    assert parse(["--full"]) == S.FULL
+    assert parse(["--full", "--seeds", "2", "--labels", "100,50"])["seeds"] == 2
+    assert parse(["--full", "--labels", "100,50"])["labels"] == (100, 50)
+    assert parse(["--full", "--labels", "100"])["pretrain_steps"] == S.FULL["pretrain_steps"]
+    for bad in ("", "a,b", "0,10"):
+        with pytest.raises(ValueError, match="--labels"):
+            parse(["--labels", bad])
+
+
+def test_run_refuses_bad_sizes_before_training(tmp_path):
+    with pytest.raises(ValueError, match="head_only_steps=50 must be below finetune_steps=50"):
+        S.run(str(tmp_path), finetune_steps=50, head_only_steps=50, log=lambda *a: None)
+    with pytest.raises(ValueError, match="seeds=0"):
+        S.run(str(tmp_path), seeds=0, log=lambda *a: None)
+
+
+def test_head_only_steps_setting():
+    cfg = jobconfig.load(env={}, overrides={"supervised": True, "model": {**_tiny_with_head()}, "head_only_steps": 5})
+    assert cfg.head_only_steps == 5
+    with pytest.raises(ValueError, match="head_only_steps=-1 must be >= 0"):
+        jobconfig.load(env={}, overrides={"head_only_steps": -1})
+    with pytest.raises(ValueError, match="needs a supervised job"):
+        jobconfig.load(env={}, overrides={"head_only_steps": 3})
+
+
+def _tiny_with_head():
+    from downpour.nn.spec import NetworkSpec, to_dict
+
+    t = presets.get("tiny")
+    return to_dict(NetworkSpec(input=t.input, stages=t.stages, classes=3))
+
+
+def test_head_only_zeroes_every_gradient_but_the_heads():
+    from downpour.worker.server import head_only
+
+    from downpour.nn.spec import from_dict
+
+    net = Network(from_dict(_tiny_with_head()))
+    p = net.init_params(0)
+    rng = np.random.default_rng(1)
+    _, grads, _ = net.supervised(p, rng.random((4, 1, 16, 16), dtype=np.float32), np.array([0, 1, 2, 0]))
+    got = head_only(grads)
+    assert set(got) == set(grads) and any(k.startswith("stage") for k in got)
+    for k, g in got.items():
+        if k.startswith("head."):
+            np.testing.assert_array_equal(g, grads[k])
+            assert np.abs(g).max() > 0
+        else:
+            assert g.shape == grads[k].shape and not np.any(g) and np.any(grads[k])
