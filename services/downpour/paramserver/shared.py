@@ -127,6 +127,9 @@ class Attachment:
     names: list[str]
     offsets: list[tuple[int, int]]  # (start, end) of each block in either region
     lock: threading.Lock  # one call at a time per attachment
+    # The shard's private copy of the gradient region, reused: a fresh 10 MB array per push
+    # would cost its page faults every time.
+    private: np.ndarray | None = None
 
 
 def layout(sizes: list[int]) -> list[tuple[int, int]]:
@@ -225,7 +228,10 @@ class SharedPlane:
                         raise SharedError("invalid", f"{len(bases)} base_versions for {len(blocks)} attached blocks")
                     # Copy out first, then validate every block, then apply: a client writing
                     # into the region meanwhile cannot get unchecked values applied.
-                    grads = [att.region.grads[a:b].copy() for a, b in att.offsets]
+                    if att.private is None:
+                        att.private = np.empty(att.region.n, np.float32)
+                    np.copyto(att.private, att.region.grads)
+                    grads = [att.private[a:b] for a, b in att.offsets]
                     for blk, g in zip(blocks, grads):
                         if not optim.all_finite(g):
                             raise SharedError("invalid", f"block {blk.name!r}: gradient contains NaN or Inf")
