@@ -346,3 +346,19 @@ def test_bearer_token_hook(shards, tmp_path):
     with ParamClient([s.address], channel_config=ChannelConfig(token="s3cret")) as ps:
         ps.init({"a": np.zeros(4, np.float32)})
         assert [b.name for b in ps.list_blocks()[0].blocks] == ["a"]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_new_client_under_the_same_worker_id_is_not_taken_for_a_retry(shards, shared):
+    """A worker that takes its slot again builds a new client with its old worker_id: its
+    pushes must be applied, not dropped as repeats of the first client's sequence numbers."""
+    s = shards("--lr", "0.1", "--eps", "1e-3")
+    with ParamClient([s.address], worker_id="init") as ps:
+        ps.init({"w": np.zeros(4, np.float32)})
+    for _ in range(2):
+        with ParamClient([s.address], worker_id="same", placement={"w": 0}, shared=shared) as ps:
+            ps.pull(["w"])
+            for _ in range(3):
+                ps.push_pull({"w": np.ones(4, np.float32)})
+    with ParamClient([s.address], worker_id="reader") as ps:
+        assert {b.name: b.version for b in ps.list_blocks()[0].blocks} == {"w": 6}

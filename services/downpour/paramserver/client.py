@@ -134,7 +134,11 @@ class ParamClient:
         self.retry_deadline, self.backoff = retry_deadline, (backoff_initial, backoff_max)
         self._closed = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(self.shards)), thread_name_prefix="ps-client")
-        self._seq = itertools.count(1)
+        # Sequence numbers start from the clock (microseconds), not from 1: a worker that
+        # builds a new client under the same worker_id (after taking its slot again) must
+        # not reuse numbers the shards remember as applied, or its new pushes would be
+        # dropped as repeats.
+        self._seq = itertools.count(time.time_ns() // 1000)
         self._tickets: dict[int, list[Future]] = {}
         self._lock = threading.Lock()
         self.shared = shared and shm.usable()
