@@ -170,7 +170,8 @@ def test_checkpoint_sigkill_restart_identical(shards, tmp_path):
     with ParamClient([s.address], worker_id="w", chunk_bytes=2048) as ps:
         ps.init(blocks)
         for _ in range(3):
-            ps.wait(ps.push({n: rng.standard_normal(v.shape).astype(np.float32) for n, v in blocks.items()}))
+            last_seq = ps.push({n: rng.standard_normal(v.shape).astype(np.float32) for n, v in blocks.items()})
+            ps.wait(last_seq)  # a push's ticket is its sequence number
         resp = ps.checkpoint("step-3")[0]
         assert resp.num_blocks == 3 and Path(resp.path).exists()
         w_before, acc_before = ps.pull(), ps.pull(accumulators=True)
@@ -190,7 +191,7 @@ def test_checkpoint_sigkill_restart_identical(shards, tmp_path):
         # seq 999 came after the checkpoint: it is not remembered and applies now;
         # seqs before the checkpoint still count as applied.
         assert not ps._push_shard(0, ["layer0"], {"layer0": np.zeros(64 * 33, np.float32)}, seq=999).duplicate
-        assert ps._push_shard(0, ["layer0"], {"layer0": np.zeros(64 * 33, np.float32)}, seq=3).duplicate
+        assert ps._push_shard(0, ["layer0"], {"layer0": np.zeros(64 * 33, np.float32)}, seq=last_seq).duplicate
 
 
 def _raw_push(address: str, chunks: list[tuple[common_pb2.TensorChunk, bytes]], worker="bad", seq=1, commit=True):
