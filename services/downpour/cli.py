@@ -193,7 +193,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     if command not in LIGHT:
         from downpour.client import add_query_parser
-        from downpour.evals import add_eval_parser
+        from downpour.evals.cli import add_eval_parser
         from downpour.export import add_export_parser
         from downpour.neurons.explorer import add_explore_parser
 

@@ -73,7 +73,7 @@ def test_eval_supervised_bundled_fallback_loads_18_classes():
 def test_eval_parsers():
     import argparse
 
-    from downpour.evals import add_eval_parser
+    from downpour.evals.cli import add_eval_parser
 
     ap = argparse.ArgumentParser()
     add_eval_parser(ap.add_subparsers(dest="command"))

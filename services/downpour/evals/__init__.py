@@ -3,37 +3,18 @@
     downpour eval faces [--checkpoint DIR] [--test DIR]   the face-neuron table, curves and report.html
     downpour eval supervised [--data D]        linear on features / from random / fine-tuned
 
-``add_eval_parser(subparsers)`` adds both to the ``downpour`` command.
+``cli.add_eval_parser(subparsers)`` adds both to the ``downpour`` command.
+
+Modules: ``common`` (in-process training, activations, single-neuron
+classifiers), ``jobs`` (training through a ``downpour up`` cluster),
+``neuronscore`` (the three measures of a face neuron), ``report`` (PNG
+figures); the faces eval in ``faces`` (the run), ``facedata`` (its pool and
+evaluation set), ``facenets`` (its networks and their scores) and
+``facereport`` (its table, pictures and report.html); the supervised eval in
+``supervised`` (the run), ``supdata`` (its data) and ``linear`` (the linear
+classifiers on fixed features).
+
+The package itself imports nothing: the launcher and the neurons service
+read ``common.preprocess_for``, and that must not load the evaluations,
+which start clusters through ``downpour.up``.
 """
-
-from __future__ import annotations
-
-import argparse
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``downpour eval {faces,supervised}`` to a ``downpour`` subparsers object."""
-    from downpour.evals import faces, supervised
-
-    e = subparsers.add_parser("eval", help="reproduce the paper's evaluations (faces, supervised)")
-    sub = e.add_subparsers(dest="eval_command", required=True)
-    f = sub.add_parser("faces", help="best single face neuron vs baselines; invariance; report.html")
-    faces.add_arguments(f)
-    f.set_defaults(func=faces.cmd)
-    s = sub.add_parser("supervised", help="unsupervised pretraining then supervised fine-tuning")
-    supervised.add_arguments(s)
-    s.set_defaults(func=supervised.cmd)
-    return e
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="downpour")
-    add_eval_parser(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -1,5 +1,7 @@
+"""``python -m downpour.evals``: the ``downpour eval`` command on its own."""
+
 import sys
 
-from downpour.evals import main
+from downpour.evals.cli import main
 
 sys.exit(main())

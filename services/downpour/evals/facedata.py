@@ -24,7 +24,8 @@ The held-out set (300 images: 50 faces, 50 LFW non-faces, 200 distractors
 matched to the faces' brightness and contrast; ``feeder.bundled``) is cut
 once, stratified by group with a fixed seed, into a validation half that
 chooses every setting, neuron and threshold, and a test half that is only
-reported (``heldout_split``).
+reported (``heldout_split``). ``eval_set`` puts the validation half and the
+test images (the test half, or a user's folder: ``load_test_dir``) together.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from downpour.evals.common import stratified_halves
 from downpour.feeder import bundled, preprocess
 from downpour.feeder.datasets import IMAGE_EXTENSIONS
 from downpour.feeder.preprocess import PreprocessSpec
@@ -66,7 +68,7 @@ class Pool:
 
 def _frames(images: np.ndarray, per_image: int, backgrounds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``per_image`` views of each (C, h, w) image over random backgrounds (N, C, H, W)."""
-    from skimage.transform import AffineTransform, warp
+    from skimage.transform import AffineTransform, warp  # optional dependency: only the faces eval needs it
 
     n = len(images)
     _, c, H, W = backgrounds.shape
@@ -75,10 +77,14 @@ def _frames(images: np.ndarray, per_image: int, backgrounds: np.ndarray, rng: np
     for i in range(n):
         img = preprocess.resize(images[i], (H, W))
         for j in range(per_image):
-            t = (AffineTransform(translation=-centre)
-                 + AffineTransform(scale=np.exp(rng.uniform(-LOG_SCALE, LOG_SCALE)),
-                                   rotation=np.deg2rad(rng.uniform(-MAX_ROTATION, MAX_ROTATION)))
-                 + AffineTransform(translation=centre + rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * (W, H)))
+            t = (
+                AffineTransform(translation=-centre)
+                + AffineTransform(
+                    scale=np.exp(rng.uniform(-LOG_SCALE, LOG_SCALE)),
+                    rotation=np.deg2rad(rng.uniform(-MAX_ROTATION, MAX_ROTATION)),
+                )
+                + AffineTransform(translation=centre + rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * (W, H))
+            )
             gain = np.exp(rng.uniform(-LOG_CONTRAST, LOG_CONTRAST))
             bias = rng.uniform(-MAX_BRIGHTNESS, MAX_BRIGHTNESS)
             mirror = rng.random() < 0.5
@@ -100,15 +106,22 @@ def _splits(size: tuple[int, int], channels: int) -> bundled.BundledSplits:
     return bundled.build(PreprocessSpec(channels=channels, size=size, normalize="none"))
 
 
-def video_pool(size: tuple[int, int] = (32, 32), channels: int = 1, *, per_face: int = 30,
-               per_nonface: int = 10, faces: bool = True, seed: int = POOL_SEED) -> Pool:
+def video_pool(
+    size: tuple[int, int] = (32, 32),
+    channels: int = 1,
+    *,
+    per_face: int = 30,
+    per_nonface: int = 10,
+    faces: bool = True,
+    seed: int = POOL_SEED,
+) -> Pool:
     """The unlabeled training pool (module docstring); raw pixels in [0, 1]."""
     train = _splits(tuple(size), channels).train
     n_nat = bundled.N_TRAIN_PATCHES
     natural, _ = train.get(np.arange(n_nat))
     lfw = bundled.lfw()
-    train_faces = preprocess.convert_channels(lfw[0:bundled.N_FACES:2], channels)  # even positions only
-    train_nonfaces = preprocess.convert_channels(lfw[bundled.N_FACES::2], channels)
+    train_faces = preprocess.convert_channels(lfw[0 : bundled.N_FACES : 2], channels)  # even positions only
+    train_nonfaces = preprocess.convert_channels(lfw[bundled.N_FACES :: 2], channels)
     rng = np.random.default_rng(seed)
     parts, src = [natural], [np.zeros(n_nat, np.int64)]
     # both kinds of frames are drawn whatever ``faces`` is, so the control's
@@ -128,19 +141,57 @@ def heldout(size: tuple[int, int] = (32, 32), channels: int = 1):
     """The bundled held-out set, raw: (x (N, C, H, W) in [0, 1], y (N,), group (N,))."""
     splits = _splits(tuple(size), channels)
     x, y = splits.heldout.get(np.arange(len(splits.heldout)))
-    group = np.repeat(np.arange(3), [len(splits.heldout_faces), len(splits.heldout_nonfaces),
-                                     len(splits.distractors)])
+    group = np.repeat(np.arange(3), [len(splits.heldout_faces), len(splits.heldout_nonfaces), len(splits.distractors)])
     return x, np.asarray(y, np.int64), group
 
 
 def heldout_split(group: np.ndarray, seed: int = SPLIT_SEED) -> np.ndarray:
     """Boolean mask: True for the validation half of every group, False for the test half."""
-    rng = np.random.default_rng(seed)
-    val = np.zeros(len(group), bool)
-    for g in np.unique(group):
-        idx = rng.permutation(np.flatnonzero(group == g))
-        val[idx[: len(idx) // 2]] = True
-    return val
+    return stratified_halves(group, seed)
+
+
+@dataclass
+class EvalSet:
+    """The images every neuron is scored on: the held-out set's validation half, then the test
+    images (the held-out test half, or a user's folder)."""
+
+    x_heldout: np.ndarray  # raw, (N, C, H, W)
+    y_heldout: np.ndarray
+    groups: np.ndarray  # index into HELDOUT_GROUPS
+    val_mask: np.ndarray  # over the held-out set
+    x_test: np.ndarray
+    y_test: np.ndarray
+    test_names: list[str] | None  # the user's file names, None for the bundled test half
+    test_what: dict  # what results.json says about the test images
+    x: np.ndarray  # validation half then test images
+    y: np.ndarray
+    val: np.ndarray  # over x: True for the validation half
+    majority: float  # the test images' majority-class share: chance for plain accuracy
+
+
+def eval_set(size: tuple[int, int], channels: int, test_dir: str = "") -> EvalSet:
+    """The validation half of the held-out set, then the test half (or the user's ``test_dir``)."""
+    h, w = size
+    xh, yh, gh = heldout((h, w), channels)
+    val_mask = heldout_split(gh)
+    test_names: list[str] | None
+    if test_dir:
+        xt, yt, test_names = load_test_dir(test_dir, (h, w), channels)
+        test_what = {"source": test_dir, "faces": int(yt.sum()), "other": int(len(yt) - yt.sum())}
+    else:
+        xt, yt = xh[~val_mask], yh[~val_mask]
+        test_names = None
+        test_what = {
+            "source": "bundled held-out test half",
+            "faces": int(yt.sum()),
+            "other": int(len(yt) - yt.sum()),
+            "make_up": {g: int(((gh == i) & ~val_mask).sum()) for i, g in enumerate(HELDOUT_GROUPS)},
+        }
+    x_eval = np.concatenate([xh[val_mask], xt])
+    y_eval = np.concatenate([yh[val_mask], yt])
+    val = np.r_[np.ones(int(val_mask.sum()), bool), np.zeros(len(xt), bool)]
+    majority = float(max(yt.mean(), 1 - yt.mean()))
+    return EvalSet(xh, yh, gh, val_mask, xt, yt, test_names, test_what, x_eval, y_eval, val, majority)
 
 
 def load_test_dir(path: str, size: tuple[int, int], channels: int = 1):
@@ -150,7 +201,7 @@ def load_test_dir(path: str, size: tuple[int, int], channels: int = 1):
     cover it, the centre kept: ``preprocess.fit``). Unreadable files are an
     error naming the file; so are a missing or empty sub-folder.
     """
-    from PIL import Image
+    from PIL import Image  # optional dependency: only a user's test folder needs it
 
     if not os.path.isdir(path):
         raise ValueError(f"--test {path}: not a directory")
@@ -161,17 +212,20 @@ def load_test_dir(path: str, size: tuple[int, int], channels: int = 1):
             raise ValueError(f"--test {path}: needs sub-folders faces/ and other/; {dirs[0]}/ is missing")
         files = sorted(f for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)) and not f.startswith("."))
         if not files:
-            raise ValueError(f"--test {path}: {dirs[0]}/ holds no images (any format Pillow reads: "
-                             f"{', '.join(IMAGE_EXTENSIONS)}, ...)")
+            raise ValueError(
+                f"--test {path}: {dirs[0]}/ holds no images (any format Pillow reads: "
+                f"{', '.join(IMAGE_EXTENSIONS)}, ...)"
+            )
         for f in files:
             p = os.path.join(d, f)
             try:
                 with Image.open(p) as im:
-                    im = im.convert("RGB") if im.mode not in ("L", "F", "I", "I;16") else im
-                    a = preprocess.to_chw(np.asarray(im))
+                    img = im.convert("RGB") if im.mode not in ("L", "F", "I", "I;16") else im
+                    a = preprocess.to_chw(np.asarray(img))
             except Exception as e:  # Pillow raises many types for bad files
-                raise ValueError(f"--test {path}: cannot read {dirs[0]}/{f} as an image ({type(e).__name__}: {e})"
-                                 ) from None
+                raise ValueError(
+                    f"--test {path}: cannot read {dirs[0]}/{f} as an image ({type(e).__name__}: {e})"
+                ) from None
             if a.max() > 1.0:  # 32-bit integer grey ("I") arrives unscaled
                 a = a / a.max()
             x.append(preprocess.fit(preprocess.convert_channels(a, channels), size))

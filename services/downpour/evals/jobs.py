@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from downpour import checkpoints as cks
 from downpour import config as jobconfig
 from downpour.evals.common import DEFAULT_EPS, DEFAULT_LR, TrainResult
 from downpour.nn.spec import NetworkSpec, to_dict
+from downpour.up import run
 
 
 def job_losses(run_dir: str) -> list[float]:
@@ -39,28 +41,56 @@ def job_losses(run_dir: str) -> list[float]:
     return out
 
 
-def train_job(run_dir: str, spec: NetworkSpec, x: np.ndarray, y: np.ndarray | None = None, *, steps: int,
-              replicas: int = 2, shards: int = 2, batch_size: int = 32, lr: float = DEFAULT_LR, eps: float = DEFAULT_EPS,
-              seed: int = 0, init_from: str = "", settings: dict | None = None, log=None) -> TrainResult:
+def train_job(
+    run_dir: str,
+    spec: NetworkSpec,
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    *,
+    steps: int,
+    replicas: int = 2,
+    shards: int = 2,
+    batch_size: int = 32,
+    lr: float = DEFAULT_LR,
+    eps: float = DEFAULT_EPS,
+    seed: int = 0,
+    init_from: str = "",
+    settings: dict | None = None,
+    log=None,
+) -> TrainResult:
     """Train ``spec`` on ``x`` (TICA) or on ``x, y`` (supervised, ``spec.classes`` > 0) with a
     ``downpour up`` cluster; ``steps`` per replica; ``settings``: further job settings
     (e.g. ``head_only_steps``). Returns the last checkpoint's parameters."""
-    from downpour.up import run
-
     os.makedirs(run_dir, exist_ok=True)
     data = os.path.join(run_dir, "data.npz")
-    arrays = {"x": np.ascontiguousarray(x, np.float32)}
+    arrays: dict[str, Any] = {"x": np.ascontiguousarray(x, np.float32)}
     if y is not None:
         arrays["y"] = np.asarray(y, np.int64)
     np.savez(data, **arrays)
-    cfg = jobconfig.load(env={}, overrides={
-        "model": to_dict(spec), "supervised": y is not None, "data": data, "normalize": "none",
-        "replicas": replicas, "shards": shards, "steps": steps, "batch_size": batch_size, "seed": seed,
-        "checkpoint_every": steps, "init_from": init_from or None,
-        "optimizer": {"kind": "adagrad", "lr": lr, "eps": eps}, **(settings or {})})
+    cfg = jobconfig.load(
+        env={},
+        overrides={
+            "model": to_dict(spec),
+            "supervised": y is not None,
+            "data": data,
+            "normalize": "none",
+            "replicas": replicas,
+            "shards": shards,
+            "steps": steps,
+            "batch_size": batch_size,
+            "seed": seed,
+            "checkpoint_every": steps,
+            "init_from": init_from or None,
+            "optimizer": {"kind": "adagrad", "lr": lr, "eps": eps},
+            **(settings or {}),
+        },
+    )
     if log is not None:
-        log(f"  downpour up: {replicas} replicas x {steps} steps, {shards} shards"
-            + (f", starting from {init_from}" if init_from else "") + f"; run folder {run_dir}")
+        log(
+            f"  downpour up: {replicas} replicas x {steps} steps, {shards} shards"
+            + (f", starting from {init_from}" if init_from else "")
+            + f"; run folder {run_dir}"
+        )
     t0 = time.perf_counter()
     code = run(cfg, run_dir, quiet=True, neurons=False)
     seconds = time.perf_counter() - t0

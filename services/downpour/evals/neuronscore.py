@@ -44,14 +44,14 @@ def paper_thresholds(A: np.ndarray, y: np.ndarray, chunk: int = 4096) -> tuple[n
     thr, acc = np.empty(m), np.empty(m)
     frac = np.linspace(0.0, 1.0, N_THRESHOLDS)
     for j in range(0, m, chunk):
-        a = np.asarray(A[:, j:j + chunk], np.float64)
+        a = np.asarray(A[:, j : j + chunk], np.float64)
         lo, hi = a.min(axis=0), a.max(axis=0)
         T = lo[None] + frac[:, None] * (hi - lo)[None]  # (20, m)
         pred = a[None] > T[:, None]  # (20, n, m)
         correct = (pred == y[None, :, None]).mean(axis=1)  # (20, m)
         k = correct.argmax(axis=0)
         cols = np.arange(a.shape[1])
-        thr[j:j + chunk], acc[j:j + chunk] = T[k, cols], correct[k, cols]
+        thr[j : j + chunk], acc[j : j + chunk] = T[k, cols], correct[k, cols]
     return thr, acc
 
 
@@ -62,7 +62,7 @@ def plain_accuracy(scores: np.ndarray, y: np.ndarray, threshold: float) -> float
 def auc(A: np.ndarray, y: np.ndarray) -> np.ndarray:
     """ROC AUC of every column of ``A`` as a score for ``y`` (ties count a half): the
     Mann-Whitney statistic over average ranks."""
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # optional dependency: only the faces eval scores AUCs
 
     y = np.asarray(y).astype(bool)
     P, N = int(y.sum()), int((~y).sum())
@@ -89,7 +89,7 @@ def choose_and_test(layers: dict[str, np.ndarray], y: np.ndarray, val: np.ndarra
     yv, yt = y[val], y[~val]
     Av, At = A[val], A[~val]
 
-    def where(j):
+    def where(j) -> tuple[str, int]:
         li = int(np.searchsorted(offsets, j, side="right") - 1)
         return names[li], int(j - offsets[li])
 
@@ -99,11 +99,12 @@ def choose_and_test(layers: dict[str, np.ndarray], y: np.ndarray, val: np.ndarra
     out["paper"] = Choice("paper", *where(j), float(thr[j]), float(acc[j]), plain_accuracy(At[:, j], yt, thr[j]))
     thr, acc = fit_thresholds(Av, yv)
     j = int(acc.argmax())
-    out["balanced"] = Choice("balanced", *where(j), float(thr[j]), float(acc[j]),
-                             balanced_accuracy(At[:, j], yt, thr[j]))
+    out["balanced"] = Choice(
+        "balanced", *where(j), float(thr[j]), float(acc[j]), balanced_accuracy(At[:, j], yt, thr[j])
+    )
     a = auc(Av, yv)
     j = int(a.argmax())
-    out["auc"] = Choice("auc", *where(j), None, float(a[j]), float(auc(At[:, j:j + 1], yt)[0]))
+    out["auc"] = Choice("auc", *where(j), None, float(a[j]), float(auc(At[:, j : j + 1], yt)[0]))
     return out
 
 

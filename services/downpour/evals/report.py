@@ -6,6 +6,7 @@ import numpy as np
 
 
 def _plt():
+    # matplotlib is optional (only the eval reports draw); Agg must be chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")

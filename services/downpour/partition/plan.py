@@ -32,17 +32,7 @@ nothing twice; "stage" needs 22 synchronisation rounds a step instead of 32.
 In one process the two take the same time within noise; over a network the
 choice is latency per round against bandwidth, so both stay selectable.
 
-Parameters. An untied stage's ``stageN.W1`` (L, M, K) and ``stageN.W2``
-(L, K, M), with location l = i * Wo + j, are cut by the tile of the filter
-output: block ``stageN.W1[p=K]`` holds the rows of partition K's locations in
-row-major tile order, shape (tile_h * tile_w, M, K). A tied (convolution)
-stage keeps one block ``stageN.W1``: every partition pulls it and computes its
-locations' share of the gradient; the shares are summed on partition 0, which
-alone pushes it. The head ``head.W`` (classes, H*W*C over the last layer in
-(H, W, C) order) is cut by columns into ``head.W[p=K]`` of shape
-(classes, tile_h * tile_w * C); ``head.b`` belongs to partition 0, which adds
-it to its partial logits. A 1x1 plan keeps the unpartitioned names, so a job
-without model parallelism has the same blocks as ``Network``.
+Parameters are cut into blocks by the same tiles: see ``blocks``.
 """
 
 from __future__ import annotations
@@ -54,61 +44,25 @@ import numpy
 from downpour.nn.network import Network
 from downpour.nn.spec import NetworkSpec
 
-Region = tuple[int, int, int, int]  # y0, y1, x0, x1, half-open
+from .regions import Region, bounds, contains, grow, intersect, window
 
 HALO_MODES = ("layer", "stage")
 
 # What an exchange carries; with the layer it forms the message's ``layer`` tag.
 KINDS = (
-    "act",      # activations of a layer (forward) or their gradients (backward)
-    "v",        # the LCN's centred input v (forward) or its gradient (backward)
-    "recon",    # partial TICA reconstructions, summed by the pixel's owner
-    "drecon",   # reconstruction-error gradient, sent to the decoders that read it
-    "sum",      # per-example partial sums: the LCN's mean sigma (c) and its gradient
-    "param1",   # a tied stage's W1 gradient share, summed on partition 0
-    "param2",   # a tied stage's W2 gradient share, summed on partition 0
-    "logits",   # partial logits of the head, all-reduced
+    "act",  # activations of a layer (forward) or their gradients (backward)
+    "v",  # the LCN's centred input v (forward) or its gradient (backward)
+    "recon",  # partial TICA reconstructions, summed by the pixel's owner
+    "drecon",  # reconstruction-error gradient, sent to the decoders that read it
+    "sum",  # per-example partial sums: the LCN's mean sigma (c) and its gradient
+    "param1",  # a tied stage's W1 gradient share, summed on partition 0
+    "param2",  # a tied stage's W2 gradient share, summed on partition 0
+    "logits",  # partial logits of the head, all-reduced
 )
 
 
-# ---------------------------------------------------------------- regions
-
-def bounds(n: int, parts: int) -> list[int]:
-    """Cut points of n into ``parts`` nearly equal pieces."""
-    return [(i * n) // parts for i in range(parts + 1)]
-
-
-def window(r: Region, field: int, stride: int) -> Region:
-    """The input region read by the valid (field, stride) windows of output region r."""
-    y0, y1, x0, x1 = r
-    return (y0 * stride, (y1 - 1) * stride + field, x0 * stride, (x1 - 1) * stride + field)
-
-
-def grow(r: Region, by: int, h: int, w: int) -> Region:
-    """r grown by ``by`` on every side, clipped to an h x w map."""
-    y0, y1, x0, x1 = r
-    return (max(0, y0 - by), min(h, y1 + by), max(0, x0 - by), min(w, x1 + by))
-
-
-def intersect(a: Region, b: Region) -> Region | None:
-    y0, y1, x0, x1 = max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3])
-    return (y0, y1, x0, x1) if y0 < y1 and x0 < x1 else None
-
-
-def contains(outer: Region, inner: Region) -> bool:
-    return outer[0] <= inner[0] and inner[1] <= outer[1] and outer[2] <= inner[2] and inner[3] <= outer[3]
-
-
-def size(r: Region) -> tuple[int, int]:
-    return (r[1] - r[0], r[3] - r[2])
-
-
-def crop(arr, at: Region, sub: Region):
-    """The part of ``arr`` (covering region ``at``, spatial axes first) over ``sub``: a view."""
-    return arr[sub[0] - at[0]:sub[1] - at[0], sub[2] - at[2]:sub[3] - at[2]]
-
-
 # ---------------------------------------------------------------- the plan
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -164,19 +118,21 @@ class PartitionPlan:
         self.network = Network(spec)  # shapes only; allocates no parameters
         self.layers: list[Layer] = []
         self.stages: list[StageLayers] = []
-        shapes = [spec.input] + [part.out_shape for st in self.network.stages
-                                 for part in (st.filter, st.pool, st.lcn) if part is not None]
+        shapes = [spec.input] + [
+            part.out_shape for st in self.network.stages for part in (st.filter, st.pool, st.lcn) if part is not None
+        ]
         self.max_grid = (min(s[1] for s in shapes), min(s[2] for s in shapes))
         self._add_layer("input", spec.input)
         for st in self.network.stages:
-            idx = {"input": len(self.layers) - 1, "filter": None, "pool": None, "lcn": None}
+            below = len(self.layers) - 1
+            filt = pool = lcn = None
             if st.filter is not None:
-                idx["filter"] = self._add_layer(f"{st.name}.filter", st.filter.out_shape)
+                filt = self._add_layer(f"{st.name}.filter", st.filter.out_shape)
             if st.pool is not None:
-                idx["pool"] = self._add_layer(f"{st.name}.pool", st.pool.out_shape)
+                pool = self._add_layer(f"{st.name}.pool", st.pool.out_shape)
             if st.lcn is not None:
-                idx["lcn"] = self._add_layer(f"{st.name}.lcn", st.lcn.out_shape)
-            self.stages.append(StageLayers(st.index, **idx))
+                lcn = self._add_layer(f"{st.name}.lcn", st.lcn.out_shape)
+            self.stages.append(StageLayers(st.index, input=below, filter=filt, pool=pool, lcn=lcn))
         self.needs: dict[tuple[int, str], tuple[Region, ...]] = {}
         # Per stage: whether pool/LCN read a halo of the layer below them; a
         # filter alone does not (the next stage's filter may read that layer).
@@ -187,15 +143,16 @@ class PartitionPlan:
 
     # construction -------------------------------------------------------------
     def _add_layer(self, name: str, shape: tuple[int, int, int]) -> int:
-        _, h, w = shape
+        c, h, w = shape
         if self.rows > h or self.cols > w:
             raise ValueError(
                 f"partitions {self.rows}x{self.cols} do not fit layer {name!r} of {h}x{w} locations: "
                 f"every partition needs at least one row and one column of every layer; "
-                f"allowed: at most {self.max_grid[0]}x{self.max_grid[1]} for this network")
+                f"allowed: at most {self.max_grid[0]}x{self.max_grid[1]} for this network"
+            )
         rb, cb = bounds(h, self.rows), bounds(w, self.cols)
         tiles = tuple((rb[i], rb[i + 1], cb[j], cb[j + 1]) for i in range(self.rows) for j in range(self.cols))
-        self.layers.append(Layer(len(self.layers), name, tuple(shape), tiles))
+        self.layers.append(Layer(len(self.layers), name, (c, h, w), tiles))
         return len(self.layers) - 1
 
     def _set(self, layer: int, kind: str, regions) -> None:
@@ -211,12 +168,13 @@ class PartitionPlan:
         below = sl.below_pool
         _, hb, wb = self.layers[below].shape
         r = st.lcn.size // 2 if st.lcn is not None else 0
-        if st.lcn is not None:
-            _, h, w = self.layers[sl.lcn].shape
-            lcn_tiles = tiles(sl.lcn)
+        lcn = sl.lcn  # a layer index exactly when the stage has an LCN
+        if lcn is not None:
+            _, h, w = self.layers[lcn].shape
+            lcn_tiles = tiles(lcn)
         if self.halo == "stage":
             # One exchange of the layer below the pool, wide enough for pool and LCN.
-            if st.lcn is not None:
+            if lcn is not None:
                 out = [grow(t, 2 * r, h, w) for t in lcn_tiles]
             elif st.pool is not None:
                 out = list(tiles(sl.pool))
@@ -228,9 +186,9 @@ class PartitionPlan:
             return
         if st.pool is not None:
             self._set(below, "act", (window(t, st.pool.p, st.pool.s) for t in tiles(sl.pool)))
-        if st.lcn is not None:
+        if lcn is not None:
             self._set(sl.below_lcn, "act", (grow(t, r, h, w) for t in lcn_tiles))
-            self._set(sl.lcn, "v", (grow(t, r, h, w) for t in lcn_tiles))
+            self._set(lcn, "v", (grow(t, r, h, w) for t in lcn_tiles))
 
     # queries ------------------------------------------------------------------
     def layer(self, key: int | str) -> Layer:
@@ -295,15 +253,18 @@ class PartitionPlan:
         if name == "head.b":
             return True
         if name.startswith("stage") and not name.startswith("head"):
-            st = self.network.stages[int(name[5:name.index(".")]) - 1]
-            return st.filter.tied
+            st = self.network.stages[int(name[5 : name.index(".")]) - 1]
+            return st.filter is not None and st.filter.tied
         return False
 
     def _split_layer(self, name: str) -> int:
         """The layer whose tiles cut parameter ``name``."""
         if name == "head.W":
             return self.stages[-1].output
-        return self.stages[int(name[5:name.index(".")]) - 1].filter
+        layer = self.stages[int(name[5 : name.index(".")]) - 1].filter
+        if layer is None:  # a stage without a filter has no parameters
+            raise KeyError(f"parameter {name!r} belongs to no filter layer")
+        return layer
 
     def blocks_pushed(self, p: int) -> list[str]:
         """The blocks partition p owns: it pushes their gradients."""
@@ -331,99 +292,3 @@ class PartitionPlan:
 def plan(spec: NetworkSpec, rows: int, cols: int, halo: str = "layer") -> PartitionPlan:
     """Cut every layer of ``spec`` into a rows x cols grid (see the module doc)."""
     return PartitionPlan(spec, rows, cols, halo)
-
-
-# ---------------------------------------------------------------- blocks
-
-def block_shapes(pl: PartitionPlan) -> dict[str, tuple[int, ...]]:
-    """Every block's (logical) shape; blocks themselves are flat like ``Network``'s."""
-    full = pl.network.param_shapes()
-    out: dict[str, tuple[int, ...]] = {}
-    for name, shape in full.items():
-        if pl._tied(name):
-            out[name] = tuple(shape)
-            continue
-        lay = pl.layers[pl._split_layer(name)]
-        c = lay.shape[0]
-        for p, t in enumerate(lay.tiles):
-            h, w = size(t)
-            if name == "head.W":
-                out[pl.block(name, p)] = (shape[0], h * w * c)
-            else:
-                out[pl.block(name, p)] = (h * w, *shape[1:])
-    return out
-
-
-def _grid_view(pl: PartitionPlan, name: str, arr, shape):
-    """A parameter viewed with its location axes as the split layer's (H, W)."""
-    lay = pl.layers[pl._split_layer(name)]
-    c, h, w = lay.shape
-    if name == "head.W":
-        return arr.reshape(shape[0], h, w, c), (1, 2)
-    return arr.reshape(h, w, *shape[1:]), (0, 1)
-
-
-def split_params(pl: PartitionPlan, full: dict) -> dict:
-    """Full parameters (as ``Network.init_params``) -> blocks by name (flat copies)."""
-    shapes = pl.network.param_shapes()
-    missing = [k for k in shapes if k not in full]
-    if missing:
-        raise KeyError(f"missing parameter(s): {', '.join(missing)}")
-    out = {}
-    for name, shape in shapes.items():
-        arr = full[name]
-        if arr.size != int(numpy.prod(shape)):
-            raise ValueError(f"parameter {name!r} has {arr.size} values; expected {int(numpy.prod(shape))}")
-        if pl._tied(name):
-            out[name] = arr.reshape(-1).copy()
-            continue
-        g, axes = _grid_view(pl, name, arr, shape)
-        for p, (y0, y1, x0, x1) in enumerate(pl.layers[pl._split_layer(name)].tiles):
-            if axes == (0, 1):
-                part = g[y0:y1, x0:x1]
-            else:
-                part = g[:, y0:y1, x0:x1]
-            out[pl.block(name, p)] = part.reshape(-1).copy()
-    return out
-
-
-def join_params(pl: PartitionPlan, blocks: dict, partial: bool = False) -> dict:
-    """Blocks by name -> full parameters (flat), the inverse of ``split_params``.
-
-    With ``partial`` a parameter none of whose blocks is given is left out
-    (gradients of the TICA objective have no head), but never half of one.
-    """
-    shapes = pl.network.param_shapes()
-    bshapes = block_shapes(pl)
-    of_param = {name: [pl.block(name, p) for p in range(pl.partitions)] if not pl._tied(name) else [name]
-                for name in shapes}
-    if partial:
-        shapes = {k: v for k, v in shapes.items() if any(b in blocks for b in of_param[k])}
-    missing = [b for name in shapes for b in of_param[name] if b not in blocks]
-    if missing:
-        raise KeyError(f"missing block(s): {', '.join(missing)}")
-    out = {}
-    for name, shape in shapes.items():
-        if pl._tied(name):
-            out[name] = blocks[name].reshape(-1).copy()
-            continue
-        first = blocks[pl.block(name, 0)]
-        xp = _module_of(first)
-        full = xp.empty(int(numpy.prod(shape)), dtype=first.dtype)
-        g, axes = _grid_view(pl, name, full, shape)
-        for p, (y0, y1, x0, x1) in enumerate(pl.layers[pl._split_layer(name)].tiles):
-            b = blocks[pl.block(name, p)]
-            want = bshapes[pl.block(name, p)]
-            if b.size != int(numpy.prod(want)):
-                raise ValueError(f"block {pl.block(name, p)!r} has {b.size} values; expected {int(numpy.prod(want))}")
-            if axes == (0, 1):
-                g[y0:y1, x0:x1] = b.reshape(y1 - y0, x1 - x0, *shape[1:])
-            else:
-                g[:, y0:y1, x0:x1] = b.reshape(shape[0], y1 - y0, x1 - x0, -1)
-        out[name] = full
-    return out
-
-
-def _module_of(x):
-    from downpour.nn.backend import of  # noqa: PLC0415 - tiny helper, keeps imports local
-    return of(x)
