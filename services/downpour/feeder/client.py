@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -61,7 +61,7 @@ def batch_stream(address: str, replica: int, num_replicas: int, batch_size: int,
     delay = backoff_initial
     while end is None or next_batch < end:
         req = pb.StreamBatchesRequest(
-            replica=replica, num_replicas=num_replicas, batch_size=batch_size, split=split, seed=seed,
+            replica=replica, num_replicas=num_replicas, batch_size=batch_size, split=pb.Split.ValueType(split), seed=seed,
             max_batches=(end - next_batch) if end is not None else 0, start_batch=next_batch,
             with_labels=with_labels, deterministic=deterministic)
         channel = open_channel(address, channel_config)
@@ -108,4 +108,4 @@ def dataset_info(address: str, split: int = pb.SPLIT_TRAIN, channel_config: Chan
     """What the feeder serves for ``split``: name, num_examples, shape, classes."""
     with open_channel(address, channel_config) as channel:
         return feeder_pb2_grpc.DataFeederStub(channel).DatasetInfo(
-            pb.DatasetInfoRequest(split=split), timeout=timeout, wait_for_ready=True)
+            pb.DatasetInfoRequest(split=pb.Split.ValueType(split)), timeout=timeout, wait_for_ready=True)

@@ -20,8 +20,9 @@ Pure NumPy + Pillow; nothing here does I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -70,7 +71,7 @@ class PreprocessSpec:
             raise ValueError(f"preprocess.crop {self.crop} is larger than preprocess.size {self.size}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "PreprocessSpec":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> PreprocessSpec:
         """Build from a config mapping; unknown keys are rejected by name."""
         d = dict(d or {})
         allowed = [f.name for f in fields(cls)]

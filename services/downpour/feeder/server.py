@@ -42,14 +42,16 @@ import logging
 import queue
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import NoReturn
 
 import grpc
 import numpy as np
 
+from downpour import config as jobconfig
 from downpour import metrics
-from downpour.feeder import sharding
+from downpour.feeder import bundled, sharding
 from downpour.feeder.datasets import Dataset, open_dataset
 from downpour.feeder.preprocess import NORMALIZE_MODES, PreprocessSpec
 from downpour.rpc.codec import tensor_to_proto
@@ -68,6 +70,12 @@ HOLDOUT_SEED = 2012
 # How often a waiting stream or producer looks at whether it should stop.
 POLL_SECONDS = 0.1
 BUNDLED_CLASS_NAMES = ["not a face", "face"]
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """``context.abort``, typed as what it does: it always raises."""
+    context.abort(code, details)
+    raise AssertionError("grpc's context.abort returned")  # never reached: abort raises
 
 
 class StartupError(Exception):
@@ -115,10 +123,9 @@ def holdout_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def load_splits(data: str, spec: PreprocessSpec, on_skip: SkipCounter | None = None) -> dict[int, Split]:
     """The TRAIN and (if there is one) TEST split of ``data``; StartupError if unusable."""
+    out: dict[int, Split]
     try:
         if data == "default":
-            from downpour.feeder import bundled
-
             splits = bundled.build(spec)
             train, test = splits.train, splits.heldout
             out = {pb.SPLIT_TRAIN: Split("default:train", train, np.arange(len(train), dtype=np.int64)),
@@ -146,7 +153,12 @@ class _Failed:
     error: BaseException
 
 
-_END = object()
+class _End:
+    """The producer's last item: every batch asked for has been queued."""
+
+
+_END = _End()
+_Item = pb.StreamBatchesResponse | _Failed | _End
 
 
 class _Producer:
@@ -154,7 +166,7 @@ class _Producer:
 
     def __init__(self, split: Split, req: pb.StreamBatchesRequest, prefetch: int) -> None:
         self.split, self.req = split, req
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.queue: queue.Queue[_Item] = queue.Queue(maxsize=max(1, prefetch))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"feeder-r{req.replica}of{req.num_replicas}")
@@ -188,7 +200,7 @@ class _Producer:
             return self.shard
         return sharding.epoch_order(self.shard, epoch, int(self.req.seed), int(self.req.replica))
 
-    def _put(self, item: object) -> bool:
+    def _put(self, item: _Item) -> bool:
         while not self.stop.is_set():
             try:
                 self.queue.put(item, timeout=POLL_SECONDS)
@@ -216,7 +228,7 @@ class _Producer:
             log.exception("producer for replica %d failed", req.replica)
             self._put(_Failed(e))
 
-    def get(self, active) -> object:
+    def get(self, active: Callable[[], bool]) -> _Item | None:
         """The next item, or None once ``active()`` turns false."""
         while active() and not self.stop.is_set():
             try:
@@ -271,7 +283,7 @@ class Feeder(feeder_pb2_grpc.DataFeederServicer):
         split = self._split(req.split, context)
         pre = grpc.StatusCode.FAILED_PRECONDITION
         if split is None:
-            context.abort(pre, "split: this dataset has no TEST split (fewer than 10 examples)")
+            _abort(context, pre, "split: this dataset has no TEST split (fewer than 10 examples)")
         if req.with_labels and not split.labelled:
             context.abort(pre, f"with_labels: dataset {split.name} has no labels")
         if req.num_replicas > len(split):
@@ -295,10 +307,10 @@ class Feeder(feeder_pb2_grpc.DataFeederServicer):
         try:
             while True:
                 item = producer.get(context.is_active)
-                if item is None or item is _END:
+                if item is None or isinstance(item, _End):
                     return
                 if isinstance(item, _Failed):
-                    context.abort(grpc.StatusCode.INTERNAL, f"preparing a batch failed: {item.error}")
+                    _abort(context, grpc.StatusCode.INTERNAL, f"preparing a batch failed: {item.error}")
                 yield item
                 metrics.FEEDER_BATCHES.labels(label).inc()
                 metrics.FEEDER_EXAMPLES.labels(label).inc(request.batch_size)
@@ -353,8 +365,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--config is required unless both --data and --shape are given")
     if args.prefetch < 1:
         ap.error(f"--prefetch must be >= 1, got {args.prefetch}")
-    from downpour import config as jobconfig
-
     try:
         cfg = jobconfig.load(args.config, env={}) if args.config else jobconfig.JobConfig()
         shape = args.shape or tuple(cfg.network_spec().input)

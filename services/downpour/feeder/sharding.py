@@ -14,7 +14,7 @@ which lets a stream resume at (epoch, position) without replaying the past.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
