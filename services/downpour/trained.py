@@ -21,18 +21,25 @@ training data unless ``raw`` is set.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from downpour.feeder import preprocess
+from downpour import export
+from downpour.feeder import bundled, preprocess
+from downpour.feeder.datasets import open_dataset
+from downpour.feeder.preprocess import PreprocessSpec
 from downpour.neurons import images as imagelib
 from downpour.neurons import sources
 from downpour.neurons.model import NeuronModel, QueryError, Unit
 from downpour.neurons.results import Activations, Histogram, LayerInfo, ModelInfo, Stimulus, TopInput
+from downpour.nn import backend as nnbackend
 
 MAX_K = 1000
 MAX_STEPS = 5000
@@ -45,10 +52,6 @@ NeuronSpec = int | tuple[int, int, int]
 
 def png_bytes(img_chw: np.ndarray) -> bytes:
     """A (C, H, W) float image, min-max scaled, as 8-bit PNG (grey or RGB)."""
-    import io
-
-    from PIL import Image
-
     a = np.asarray(img_chw, np.float64)
     lo, hi = float(a.min()), float(a.max())
     a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
@@ -98,7 +101,7 @@ class TrainedNetwork:
         model = self.model(checkpoint_id)
         c, h, w = model.spec.input
         return ModelInfo(
-            layers=[LayerInfo(n, tuple(s)) for n, s in model.layers.items()], input_shape=(h, w, c),
+            layers=[LayerInfo(n, (s[0], s[1], s[2])) for n, s in model.layers.items()], input_shape=(h, w, c),
             source=self.source.description, parameters_version=model.version,
             checkpoint_id=checkpoint_id or self.source.checkpoint_id, step=self.source.step,
             normalize=self.source.normalize, datasets=[d for d in self.dataset_names() if d],
@@ -158,16 +161,10 @@ class TrainedNetwork:
 
     # -- datasets -----------------------------------------------------------------------
     def dataset_names(self) -> list[str]:
-        from downpour.feeder import bundled
-
         return ["", *bundled.SPLITS, *self.extra_datasets]
 
     def dataset(self, name: str, model: NeuronModel):
         """A dataset preprocessed as the feeder gives it to this model."""
-        from downpour.evals.common import preprocess_for
-        from downpour.feeder import bundled
-        from downpour.feeder.datasets import open_dataset
-
         if name in self.extra_datasets:
             uri = self.extra_datasets[name]
         elif name == "":
@@ -182,7 +179,7 @@ class TrainedNetwork:
             allowed = ", ".join(repr(n) for n in self.dataset_names())
             extra = " or a path" if self.allow_paths else ""
             raise QueryError(f"unknown dataset {name!r}; allowed: {allowed}{extra} (empty: the job's data)")
-        spec = preprocess_for(model.spec, self.source.normalize)
+        spec = PreprocessSpec.for_input(model.spec.input, self.source.normalize)
         key = (uri, spec)
         with self._lock:
             ds = self._ds_cache.get(key)
@@ -268,26 +265,15 @@ class TrainedNetwork:
 
 # -- downpour.load ---------------------------------------------------------------------------
 
-def _checkpoint_dir_of(path: Path) -> tuple[Path, str]:
-    """(checkpoint directory, one checkpoint id or "") for a run folder, a checkpoint directory or one checkpoint."""
-    if (path / sources.MANIFEST).is_file():
-        return path.parent, path.name
-    if (path / "checkpoints").is_dir() and (path / "job.yaml").is_file():
-        return path / "checkpoints", ""
-    return path, ""
-
-
 def load(path: str | os.PathLike, *, backend: str = "numpy") -> TrainedNetwork:
     """A trained network from a run folder (``runs/a``), a checkpoint directory (its newest valid
     checkpoint), one checkpoint folder, or a file written by ``downpour export`` (.safetensors, .npz).
 
     ``backend="cupy"`` computes on the GPU.
     """
-    from downpour import export
-    from downpour.nn import backend as nnbackend
-
     nnbackend.get(backend)  # fail early and clearly when CuPy is missing
     p = Path(path).expanduser()
+    src: sources.Source
     if p.is_file():
         spec, params, meta = export.read(p)
         src = sources.StaticSource(spec, params, f"exported file {p}", normalize=meta.get("normalize", "standardize"),
@@ -297,7 +283,7 @@ def load(path: str | os.PathLike, *, backend: str = "numpy") -> TrainedNetwork:
     if not p.is_dir():
         raise FileNotFoundError(f"{path}: no such file or directory (give a run folder, a checkpoint directory "
                                 f"or an exported .safetensors / .npz file)")
-    ckdir, ck_id = _checkpoint_dir_of(p)
+    ckdir, ck_id = export.checkpoint_dir_of(p)
     if ck_id:
         m = next((m for m in sources.list_manifests(ckdir) if m["checkpoint_id"] == ck_id), None)
         if m is None:

@@ -80,6 +80,12 @@ class PreprocessSpec:
             raise ValueError(f"unknown preprocess setting(s) {unknown}; allowed: {allowed}")
         return cls(**d)
 
+    @classmethod
+    def for_input(cls, input_chw: tuple[int, ...], normalize: str = "standardize") -> PreprocessSpec:
+        """What the feeder gives a model whose input is (C, H, W): its channels and size, normalised per example."""
+        c, h, w = input_chw
+        return cls(channels=c, size=(h, w), normalize=normalize)
+
     def output_hw(self, source_hw: tuple[int, int]) -> tuple[int, int]:
         """(H, W) of an example whose source (or resized) size is ``source_hw``."""
         hw = self.size or tuple(source_hw)
