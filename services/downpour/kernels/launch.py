@@ -93,10 +93,10 @@ class CupyLauncher(Launcher):
         fn((blocks,), (BLOCK,), tuple(args))
 
 
-_cache: dict = {}
+_cache: dict[tuple[int, str], CupyLauncher] = {}
 
 
-def launcher_for(xp: ModuleType, dtype) -> Launcher:
+def launcher_for(xp: ModuleType, dtype) -> CupyLauncher:
     """The (shared) CuPy launcher for ``dtype``; one compiled module per element type."""
     if xp is numpy:
         raise ValueError("the raw kernels run on CuPy arrays; NumPy uses downpour.nn's own code")

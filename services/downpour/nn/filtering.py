@@ -20,6 +20,8 @@ from types import ModuleType
 
 import numpy
 
+from downpour.kernels import LocalFilterKernels
+
 from .backend import sliding_view
 
 
@@ -82,7 +84,6 @@ class LocalFilter:
         # CuPy: the raw kernels of downpour.kernels; NumPy: the code below.
         self.accel = None
         if xp is not numpy:
-            from downpour.kernels import LocalFilterKernels  # noqa: PLC0415 - GPU only
             self.accel = LocalFilterKernels(self)
 
     # shapes -----------------------------------------------------------------

@@ -16,6 +16,8 @@ from types import ModuleType
 
 import numpy
 
+from downpour.kernels import LCNKernels
+
 
 def gaussian_1d(size: int, sigma: float) -> numpy.ndarray:
     r = numpy.arange(size, dtype=numpy.float64) - (size - 1) / 2.0
@@ -42,12 +44,11 @@ class LCN:
         self._g = [float(v) for v in g]
         # Weight inside the image for each row / column: the border renormaliser.
         nh, nw = _inside(g, H), _inside(g, W)
-        self._inv_norm = {}
+        self._inv_norm: dict[numpy.dtype, object] = {}  # the renormaliser per dtype, on xp's device
         self._inv_norm_np = (1.0 / numpy.outer(nh, nw))[:, :, None]  # (H, W, 1)
         # CuPy: the blurs by the raw kernels of downpour.kernels; NumPy: _blur below.
         self.accel = None
         if xp is not numpy:
-            from downpour.kernels import LCNKernels  # noqa: PLC0415 - GPU only
             self.accel = LCNKernels(self)
 
     @property

@@ -27,6 +27,7 @@ from types import ModuleType
 
 import numpy
 
+from . import init
 from .filtering import LocalFilter
 from .lcn import LCN
 from .pooling import Pool
@@ -198,8 +199,6 @@ class Network:
         The values are the ones each parameter shard draws for its blocks (``nn.init``):
         an in-process run and a cluster run of the same job start from the same parameters.
         """
-        from . import init
-
         return {k: self.xp.asarray(init.values(lay, seed).astype(self.dtype, copy=False))
                 for k, lay in init.layouts(self).items()}
 

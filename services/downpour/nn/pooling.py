@@ -15,6 +15,8 @@ from types import ModuleType
 
 import numpy
 
+from downpour.kernels import L2PoolKernels
+
 
 class Pool:
     def __init__(self, in_shape: tuple[int, int, int], size: int, stride: int = 1,
@@ -33,7 +35,6 @@ class Pool:
         # other kinds: the array code below.
         self.accel = None
         if xp is not numpy and kind == "l2":
-            from downpour.kernels import L2PoolKernels  # noqa: PLC0415 - GPU only
             self.accel = L2PoolKernels(self)
 
     @property

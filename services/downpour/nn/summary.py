@@ -38,9 +38,9 @@ def summarize(spec: NetworkSpec) -> dict:
                            "parameters": 0, "flops": p.flops()})
             shape = p.out_shape
         if st.lcn is not None:
-            n = LCN(shape, st.lcn.size, st.lcn.sigma)
+            norm = LCN(shape, st.lcn.size, st.lcn.sigma)
             layers.append({"name": f"stage{i}.lcn", "kind": "lcn", "in_shape": list(shape),
-                           "out_shape": list(shape), "size": n.size, "parameters": 0, "flops": n.flops()})
+                           "out_shape": list(shape), "size": norm.size, "parameters": 0, "flops": norm.flops()})
     if spec.classes:
         feats = int(numpy.prod(shape))
         n = spec.classes * feats + spec.classes
