@@ -64,8 +64,10 @@ def checkpoint_params(path: str | os.PathLike, checkpoint_id: str = ""):
     else:
         m = checkpoints.newest_valid(ckdir)
         if m is None:
-            raise ValueError(f"{path}: no committed checkpoint whose files verify (expected a run folder or "
-                             f"a checkpoint directory with <id>/MANIFEST.json)")
+            raise ValueError(
+                f"{path}: no committed checkpoint whose files verify (expected a run folder or "
+                f"a checkpoint directory with <id>/MANIFEST.json)"
+            )
     try:
         cfg, params = checkpoints.load_params(ckdir, m)
     except checkpoints.CheckpointInvalid as e:
@@ -75,12 +77,14 @@ def checkpoint_params(path: str | os.PathLike, checkpoint_id: str = ""):
 
 
 def metadata(cfg, manifest: dict) -> dict[str, str]:
-    return {PREFIX + "format_version": FORMAT_VERSION,
-            PREFIX + "network_spec": json.dumps(to_dict(cfg.network_spec()), sort_keys=True),
-            PREFIX + "job_config": cfg.to_yaml(),
-            PREFIX + "checkpoint_id": str(manifest.get("checkpoint_id", "")),
-            PREFIX + "step": str(int(manifest.get("step", 0))),
-            PREFIX + "normalize": cfg.normalize}
+    return {
+        PREFIX + "format_version": FORMAT_VERSION,
+        PREFIX + "network_spec": json.dumps(to_dict(cfg.network_spec()), sort_keys=True),
+        PREFIX + "job_config": cfg.to_yaml(),
+        PREFIX + "checkpoint_id": str(manifest.get("checkpoint_id", "")),
+        PREFIX + "step": str(int(manifest.get("step", 0))),
+        PREFIX + "normalize": cfg.normalize,
+    }
 
 
 def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, checkpoint_id: str = "") -> dict:
@@ -99,9 +103,15 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, chec
             arrays: dict[str, Any] = {**params, NPZ_METADATA: np.array(json.dumps(meta))}
             np.savez(f, **arrays)
     os.replace(tmp, out)  # a reader never sees half a file
-    return {"path": str(out), "format": fmt, "checkpoint_id": m["checkpoint_id"], "step": int(m["step"]),
-            "blocks": len(params), "parameters": int(sum(v.size for v in params.values())),
-            "bytes": out.stat().st_size}
+    return {
+        "path": str(out),
+        "format": fmt,
+        "checkpoint_id": m["checkpoint_id"],
+        "step": int(m["step"]),
+        "blocks": len(params),
+        "parameters": int(sum(v.size for v in params.values())),
+        "bytes": out.stat().st_size,
+    }
 
 
 def _meta_to_fields(meta: dict[str, str], path: Path):
@@ -109,9 +119,13 @@ def _meta_to_fields(meta: dict[str, str], path: Path):
         raise ValueError(f"{path}: no {PREFIX}network_spec in its metadata; not written by downpour export")
     spec = from_dict(json.loads(meta[PREFIX + "network_spec"]))
     cfg = jobconfig.from_yaml(meta[PREFIX + "job_config"]) if meta.get(PREFIX + "job_config") else None
-    fields = {"checkpoint_id": meta.get(PREFIX + "checkpoint_id", ""), "step": int(meta.get(PREFIX + "step", 0) or 0),
-              "normalize": meta.get(PREFIX + "normalize") or (cfg.normalize if cfg else "standardize"),
-              "data": cfg.data if cfg else "default", "config": cfg}
+    fields = {
+        "checkpoint_id": meta.get(PREFIX + "checkpoint_id", ""),
+        "step": int(meta.get(PREFIX + "step", 0) or 0),
+        "normalize": meta.get(PREFIX + "normalize") or (cfg.normalize if cfg else "standardize"),
+        "data": cfg.data if cfg else "default",
+        "config": cfg,
+    }
     return spec, fields
 
 
@@ -167,6 +181,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{r['path']}: {r['blocks']} blocks, {r['parameters']} parameters of checkpoint {r['checkpoint_id']} "
-              f"(step {r['step']}), {r['format']}, {r['bytes']} bytes")
+        print(
+            f"{r['path']}: {r['blocks']} blocks, {r['parameters']} parameters of checkpoint {r['checkpoint_id']} "
+            f"(step {r['step']}), {r['format']}, {r['bytes']} bytes"
+        )
     return 0

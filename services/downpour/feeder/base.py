@@ -68,8 +68,9 @@ class Dataset:
             raise IndexError(f"index out of range for a dataset of {n} examples")
         return idx_arr % max(n, 1)
 
-    def get(self, indices: Sequence[int] | np.ndarray,
-            rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def get(
+        self, indices: Sequence[int] | np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """(x float32 (N, C, H, W), y int64 (N,) or None) for ``indices``.
 
         Random crops draw from ``rng`` if given, else from the dataset's own
@@ -78,11 +79,9 @@ class Dataset:
         """
         idx_arr = self._indices(indices)
         if idx_arr.size == 0:
-            return np.zeros((0,) + self.shape, np.float32), (None if self.labels is None else
-                                                              np.zeros(0, np.int64))
+            return np.zeros((0,) + self.shape, np.float32), (None if self.labels is None else np.zeros(0, np.int64))
         raw, idx_arr = self._raw(idx_arr)
-        x = preprocess.apply(raw, self.spec, rng if rng is not None else self.rng,
-                             default_size=self._source_shape())
+        x = preprocess.apply(raw, self.spec, rng if rng is not None else self.rng, default_size=self._source_shape())
         y = None if self.labels is None else np.asarray(self.labels[idx_arr], dtype=np.int64)
         return x, y
 
@@ -103,16 +102,23 @@ def _nchw(x: np.ndarray, what: str) -> np.ndarray:
             return np.moveaxis(x, -1, 1)
         if first:
             return x
-    raise ValueError(f"{what}: expected images shaped (N, H, W), (N, H, W, C) or (N, C, H, W) "
-                     f"with C in 1, 3, 4; got {x.shape}")
+    raise ValueError(
+        f"{what}: expected images shaped (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1, 3, 4; got {x.shape}"
+    )
 
 
 class ArrayDataset(Dataset):
     """Images held in an array (in memory or memory-mapped), optional labels."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray | None = None, spec: PreprocessSpec | None = None,
-                 name: str = "array", on_skip: SkipCallback | None = None,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray | None = None,
+        spec: PreprocessSpec | None = None,
+        name: str = "array",
+        on_skip: SkipCallback | None = None,
+        num_classes: int | None = None,
+    ):
         super().__init__(spec, on_skip)
         self._num_classes = num_classes
         self.name = name

@@ -52,17 +52,19 @@ GREY_MODES = ("L", "I;16", "F")
 class FolderDataset(Dataset):
     """Image files under a directory, decoded on demand (see module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, spec: PreprocessSpec | None = None,
-                 on_skip: SkipCallback | None = None):
+    def __init__(
+        self, root: str | os.PathLike, spec: PreprocessSpec | None = None, on_skip: SkipCallback | None = None
+    ):
         super().__init__(spec, on_skip)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset directory {self.root} does not exist")
-        files = sorted(p for p in self.root.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise ValueError(f"dataset directory {self.root} holds no images; expected files "
-                             f"ending in {', '.join(IMAGE_EXTENSIONS)} (class sub-folders optional)")
+            raise ValueError(
+                f"dataset directory {self.root} holds no images; expected files "
+                f"ending in {', '.join(IMAGE_EXTENSIONS)} (class sub-folders optional)"
+            )
         self.files = files
         rel = [p.relative_to(self.root).parts for p in files]
         if all(len(r) > 1 for r in rel):
@@ -131,8 +133,7 @@ def _open_npz(path: Path, spec: PreprocessSpec, on_skip: SkipCallback | None) ->
     except (OSError, EOFError, ValueError, AttributeError, TypeError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz archive ({e})") from None
     if "x" not in arrays:
-        raise ValueError(f"{path}: an .npz dataset needs an array named 'x' (and optionally 'y'); "
-                         f"it holds {names}")
+        raise ValueError(f"{path}: an .npz dataset needs an array named 'x' (and optionally 'y'); it holds {names}")
     return ArrayDataset(arrays["x"], arrays.get("y"), spec, name=str(path), on_skip=on_skip)
 
 
@@ -145,21 +146,25 @@ def _open_idx(path: Path, spec: PreprocessSpec, on_skip: SkipCallback | None) ->
     return ArrayDataset(x, y, spec, name=str(path), on_skip=on_skip)
 
 
-def open_dataset(uri_or_path: str | os.PathLike, preprocess_spec: PreprocessSpec | dict | None = None,
-                 *, on_skip: SkipCallback | None = None) -> Dataset:
+def open_dataset(
+    uri_or_path: str | os.PathLike,
+    preprocess_spec: PreprocessSpec | dict | None = None,
+    *,
+    on_skip: SkipCallback | None = None,
+) -> Dataset:
     """Open a dataset by URI or path (see the module docstring for what is understood)."""
-    spec = preprocess_spec if isinstance(preprocess_spec, PreprocessSpec) else \
-        PreprocessSpec.from_dict(preprocess_spec)
+    spec = preprocess_spec if isinstance(preprocess_spec, PreprocessSpec) else PreprocessSpec.from_dict(preprocess_spec)
     uri = os.fspath(uri_or_path)
     if uri == "default" or uri.startswith("default:"):
         split = uri.partition(":")[2] or "train"
         return bundled.open_split(split, spec)
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = uri[len("file://") :]
     path = Path(uri).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"dataset {uri!r} not found: expected 'default', a directory of images, "
-                                f"a .npy/.npz file or an IDX file")
+        raise FileNotFoundError(
+            f"dataset {uri!r} not found: expected 'default', a directory of images, a .npy/.npz file or an IDX file"
+        )
     if path.is_dir():
         return FolderDataset(path, spec, on_skip)
     suffix = path.suffix.lower()
@@ -172,5 +177,14 @@ def open_dataset(uri_or_path: str | os.PathLike, preprocess_spec: PreprocessSpec
     raise ValueError(f"dataset {uri!r}: unknown kind; allowed kinds: {', '.join(KINDS)}")
 
 
-__all__ = ["ArrayDataset", "ConcatDataset", "Dataset", "FolderDataset", "SkipCallback", "open_dataset", "IMAGE_EXTENSIONS",
-           "KINDS", "GREY_MODES"]
+__all__ = [
+    "ArrayDataset",
+    "ConcatDataset",
+    "Dataset",
+    "FolderDataset",
+    "SkipCallback",
+    "open_dataset",
+    "IMAGE_EXTENSIONS",
+    "KINDS",
+    "GREY_MODES",
+]

@@ -173,10 +173,10 @@ def crop(batch: np.ndarray, size: tuple[int, int], rng: np.random.Generator | No
         return batch
     if rng is None:
         top, left = (h - ch) // 2, (w - cw) // 2
-        return batch[:, :, top:top + ch, left:left + cw]
+        return batch[:, :, top : top + ch, left : left + cw]
     tops = rng.integers(0, h - ch + 1, size=n)
     lefts = rng.integers(0, w - cw + 1, size=n)
-    return np.stack([batch[i, :, t:t + ch, l:l + cw] for i, (t, l) in enumerate(zip(tops, lefts))])
+    return np.stack([batch[i, :, t : t + ch, l : l + cw] for i, (t, l) in enumerate(zip(tops, lefts))])
 
 
 def normalize(batch: np.ndarray, mode: str) -> np.ndarray:
@@ -199,9 +199,12 @@ def normalize(batch: np.ndarray, mode: str) -> np.ndarray:
     return out.astype(np.float32).reshape(batch.shape)
 
 
-def apply(images: np.ndarray | Sequence[np.ndarray], spec: PreprocessSpec,
-          rng: np.random.Generator | None = None,
-          default_size: tuple[int, int] | None = None) -> np.ndarray:
+def apply(
+    images: np.ndarray | Sequence[np.ndarray],
+    spec: PreprocessSpec,
+    rng: np.random.Generator | None = None,
+    default_size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Raw images -> float32 (N, C, H, W) batch as ``spec`` says.
 
     ``images`` is an (N, C, H, W) array or a sequence of (C, H, W) arrays

@@ -16,7 +16,7 @@ layer is its reference.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .launch import Launcher, launcher_for
 
@@ -49,7 +49,7 @@ class LocalFilterKernels:
     def _im2col(self, launch, x, i0: int, n: int, buf):
         f = self.f
         B = x.shape[3]
-        P = buf[:n * f.Wo * f.K * B].reshape(n * f.Wo, f.K, B)
+        P = buf[: n * f.Wo * f.K * B].reshape(n * f.Wo, f.K, B)
         launch("im2col", P.size, x, P, f.W, f.C, B, f.Wo, f.k, f.s, i0 * f.Wo, P.size)
         return P
 

@@ -138,12 +138,15 @@ def _unravel_hwcb(x: str, width: str, y: str, offset: str = "") -> str:
         "        const int c = (int)(r % C);\n"
         "        r /= C;\n"
         f"        const int {x} = (int)(r % {width});\n"
-        f"        const int {y} = (int)(r / {width}){offset};\n")
+        f"        const int {y} = (int)(r / {width}){offset};\n"
+    )
 
 
 # Every kernel walks its elements with this loop (written once here, expanded into the source).
-_GRID_STRIDE = ("    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < count;\n"
-                "         t += (long long)blockDim.x * gridDim.x) {\n")
+_GRID_STRIDE = (
+    "    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < count;\n"
+    "         t += (long long)blockDim.x * gridDim.x) {\n"
+)
 SOURCE = string.Template(_TEMPLATE).substitute(
     GRID_STRIDE=_GRID_STRIDE.rstrip("\n"),
     HWCB_COL2IM=_unravel_hwcb("w", "W", "h", " + h0").rstrip("\n"),  # input rows h0..

@@ -59,5 +59,8 @@ def sliding_view(xp: ModuleType, x, axes: tuple[int, int], window: tuple[int, in
     strides = list(x.strides)
     out_shape = (Ho, Wo, *shape)
     out_strides = (x.strides[ah] * sh, x.strides[aw] * sw, *strides)
-    return xp.lib.stride_tricks.as_strided(x, shape=out_shape, strides=out_strides, writeable=False) \
-        if xp is numpy else xp.lib.stride_tricks.as_strided(x, shape=out_shape, strides=out_strides)
+    return (
+        xp.lib.stride_tricks.as_strided(x, shape=out_shape, strides=out_strides, writeable=False)
+        if xp is numpy
+        else xp.lib.stride_tricks.as_strided(x, shape=out_shape, strides=out_strides)
+    )
