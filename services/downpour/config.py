@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -148,7 +149,9 @@ def _apply(obj: Any, data: Mapping[str, Any], prefix: str, from_text: bool = Fal
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):
-                raise ValueError(f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
+                raise ValueError(
+                    f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(current))}"
+                )
             _apply(current, value, where + ".", from_text)
         elif key == "model":
             if from_text and isinstance(value, str):
@@ -162,9 +165,19 @@ def _apply(obj: Any, data: Mapping[str, Any], prefix: str, from_text: bool = Fal
 
 # DOWNPOUR_* variables that are not job settings: security and deployment
 # knobs read elsewhere. Every other DOWNPOUR_* name must be a job setting.
-NOT_JOB_SETTINGS = ("DOWNPOUR_CONFIG", "DOWNPOUR_JOB", "DOWNPOUR_TLS_", "DOWNPOUR_TOKEN", "DOWNPOUR_E2E",
-                    "DOWNPOUR_FASHION_MNIST", "DOWNPOUR_IMAGE", "DOWNPOUR_GPU_IMAGE", "DOWNPOUR_FUZZ_",
-                    "DOWNPOUR_CHAOS_", "DOWNPOUR_LAUNCHER_PID")
+NOT_JOB_SETTINGS = (
+    "DOWNPOUR_CONFIG",
+    "DOWNPOUR_JOB",
+    "DOWNPOUR_TLS_",
+    "DOWNPOUR_TOKEN",
+    "DOWNPOUR_E2E",
+    "DOWNPOUR_FASHION_MNIST",
+    "DOWNPOUR_IMAGE",
+    "DOWNPOUR_GPU_IMAGE",
+    "DOWNPOUR_FUZZ_",
+    "DOWNPOUR_CHAOS_",
+    "DOWNPOUR_LAUNCHER_PID",
+)
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
@@ -172,7 +185,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for name, value in env.items():
         if not name.startswith("DOWNPOUR_") or name.startswith(NOT_JOB_SETTINGS):
             continue
-        path = name[len("DOWNPOUR_"):].lower().split("__")
+        path = name[len("DOWNPOUR_") :].lower().split("__")
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -184,8 +197,16 @@ def validate(cfg: JobConfig) -> None:
     if cfg.model is None and cfg.preset not in presets.names():
         raise ValueError(f"preset={cfg.preset!r} is unknown; allowed: {', '.join(presets.names())}")
     cfg.network_spec()  # raises with the offending model setting
-    for name in ("replicas", "shards", "steps", "batch_size", "n_fetch", "n_push", "checkpoint_every",
-                 "keep_checkpoints"):
+    for name in (
+        "replicas",
+        "shards",
+        "steps",
+        "batch_size",
+        "n_fetch",
+        "n_push",
+        "checkpoint_every",
+        "keep_checkpoints",
+    ):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
     if cfg.warm_start < 0:
@@ -193,8 +214,10 @@ def validate(cfg: JobConfig) -> None:
     if cfg.head_only_steps < 0:
         raise ValueError(f"head_only_steps={cfg.head_only_steps} must be >= 0")
     if cfg.head_only_steps and not cfg.supervised:
-        raise ValueError(f"head_only_steps={cfg.head_only_steps} needs a supervised job (supervised: true): "
-                         "an unsupervised network has no head")
+        raise ValueError(
+            f"head_only_steps={cfg.head_only_steps} needs a supervised job (supervised: true): "
+            "an unsupervised network has no head"
+        )
     if cfg.lease_seconds <= 0:
         raise ValueError(f"lease_seconds={cfg.lease_seconds} must be > 0")
     if not cfg.hang_seconds > 0:
@@ -218,8 +241,9 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError("supervised=true needs a model with classes > 0")
 
 
-def load(path: str | None = None, env: Mapping[str, str] | None = None,
-         overrides: Mapping[str, Any] | None = None) -> JobConfig:
+def load(
+    path: str | None = None, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> JobConfig:
     """Defaults <- YAML file <- DOWNPOUR_* environment <- explicit overrides (flags)."""
     cfg = JobConfig()
     if path:
@@ -242,4 +266,3 @@ def from_yaml(text: str) -> JobConfig:
     _apply(cfg, data, "")
     validate(cfg)
     return cfg
-

@@ -26,8 +26,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, safe_open, save_file
+
+from downpour import checkpoints
+from downpour import config as jobconfig
+from downpour.nn import Network
+from downpour.nn.spec import from_dict, to_dict
 
 FORMATS = ("safetensors", "npz")
 FORMAT_VERSION = "1"
@@ -35,13 +43,18 @@ NPZ_METADATA = "__metadata__"
 PREFIX = "downpour."
 
 
+def checkpoint_dir_of(path: Path) -> tuple[Path, str]:
+    """(checkpoint directory, one checkpoint id or "") for a run folder, a checkpoint directory or one checkpoint."""
+    if (path / checkpoints.MANIFEST).is_file():
+        return path.parent, path.name
+    if (path / "checkpoints").is_dir() and (path / "job.yaml").is_file():
+        return path / "checkpoints", ""
+    return path, ""
+
+
 def checkpoint_params(path: str | os.PathLike, checkpoint_id: str = ""):
     """(job config, manifest, {name: float32 array in its network shape}) of a run folder or checkpoint directory."""
-    from downpour import checkpoints
-    from downpour.nn import Network
-    from downpour.trained import _checkpoint_dir_of
-
-    ckdir, one = _checkpoint_dir_of(Path(path).expanduser())
+    ckdir, one = checkpoint_dir_of(Path(path).expanduser())
     checkpoint_id = checkpoint_id or one
     if checkpoint_id:
         m = next((m for m in checkpoints.list_manifests(ckdir) if m["checkpoint_id"] == checkpoint_id), None)
@@ -51,8 +64,10 @@ def checkpoint_params(path: str | os.PathLike, checkpoint_id: str = ""):
     else:
         m = checkpoints.newest_valid(ckdir)
         if m is None:
-            raise ValueError(f"{path}: no committed checkpoint whose files verify (expected a run folder or "
-                             f"a checkpoint directory with <id>/MANIFEST.json)")
+            raise ValueError(
+                f"{path}: no committed checkpoint whose files verify (expected a run folder or "
+                f"a checkpoint directory with <id>/MANIFEST.json)"
+            )
     try:
         cfg, params = checkpoints.load_params(ckdir, m)
     except checkpoints.CheckpointInvalid as e:
@@ -62,14 +77,14 @@ def checkpoint_params(path: str | os.PathLike, checkpoint_id: str = ""):
 
 
 def metadata(cfg, manifest: dict) -> dict[str, str]:
-    from downpour.nn.spec import to_dict
-
-    return {PREFIX + "format_version": FORMAT_VERSION,
-            PREFIX + "network_spec": json.dumps(to_dict(cfg.network_spec()), sort_keys=True),
-            PREFIX + "job_config": cfg.to_yaml(),
-            PREFIX + "checkpoint_id": str(manifest.get("checkpoint_id", "")),
-            PREFIX + "step": str(int(manifest.get("step", 0))),
-            PREFIX + "normalize": cfg.normalize}
+    return {
+        PREFIX + "format_version": FORMAT_VERSION,
+        PREFIX + "network_spec": json.dumps(to_dict(cfg.network_spec()), sort_keys=True),
+        PREFIX + "job_config": cfg.to_yaml(),
+        PREFIX + "checkpoint_id": str(manifest.get("checkpoint_id", "")),
+        PREFIX + "step": str(int(manifest.get("step", 0))),
+        PREFIX + "normalize": cfg.normalize,
+    }
 
 
 def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, checkpoint_id: str = "") -> dict:
@@ -81,36 +96,41 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, chec
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if fmt == "safetensors":
-        from safetensors.numpy import save_file
-
         save_file(params, str(tmp), metadata=meta)
     else:
         with open(tmp, "wb") as f:
-            np.savez(f, **params, **{NPZ_METADATA: np.array(json.dumps(meta))})
+            # Any: NumPy's stub would otherwise match a name in ``params`` against ``allow_pickle``
+            arrays: dict[str, Any] = {**params, NPZ_METADATA: np.array(json.dumps(meta))}
+            np.savez(f, **arrays)
     os.replace(tmp, out)  # a reader never sees half a file
-    return {"path": str(out), "format": fmt, "checkpoint_id": m["checkpoint_id"], "step": int(m["step"]),
-            "blocks": len(params), "parameters": int(sum(v.size for v in params.values())),
-            "bytes": out.stat().st_size}
+    return {
+        "path": str(out),
+        "format": fmt,
+        "checkpoint_id": m["checkpoint_id"],
+        "step": int(m["step"]),
+        "blocks": len(params),
+        "parameters": int(sum(v.size for v in params.values())),
+        "bytes": out.stat().st_size,
+    }
 
 
 def _meta_to_fields(meta: dict[str, str], path: Path):
-    from downpour import config as jobconfig
-    from downpour.nn.spec import from_dict
-
     if PREFIX + "network_spec" not in meta:
         raise ValueError(f"{path}: no {PREFIX}network_spec in its metadata; not written by downpour export")
     spec = from_dict(json.loads(meta[PREFIX + "network_spec"]))
     cfg = jobconfig.from_yaml(meta[PREFIX + "job_config"]) if meta.get(PREFIX + "job_config") else None
-    fields = {"checkpoint_id": meta.get(PREFIX + "checkpoint_id", ""), "step": int(meta.get(PREFIX + "step", 0) or 0),
-              "normalize": meta.get(PREFIX + "normalize") or (cfg.normalize if cfg else "standardize"),
-              "data": cfg.data if cfg else "default", "config": cfg}
+    fields = {
+        "checkpoint_id": meta.get(PREFIX + "checkpoint_id", ""),
+        "step": int(meta.get(PREFIX + "step", 0) or 0),
+        "normalize": meta.get(PREFIX + "normalize") or (cfg.normalize if cfg else "standardize"),
+        "data": cfg.data if cfg else "default",
+        "config": cfg,
+    }
     return spec, fields
 
 
 def read(path: str | os.PathLike):
     """(network spec, {name: flat float32 block}, metadata fields) of a file ``export`` wrote."""
-    from downpour.nn import Network
-
     p = Path(path)
     with open(p, "rb") as f:
         head = f.read(4)
@@ -121,9 +141,6 @@ def read(path: str | os.PathLike):
             meta = json.loads(z[NPZ_METADATA].item())
             arrays = {k: z[k] for k in z.files if k != NPZ_METADATA}
     else:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file, safe_open
-
         try:
             with safe_open(str(p), framework="np") as f:
                 meta = dict(f.metadata() or {})
@@ -164,6 +181,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{r['path']}: {r['blocks']} blocks, {r['parameters']} parameters of checkpoint {r['checkpoint_id']} "
-              f"(step {r['step']}), {r['format']}, {r['bytes']} bytes")
+        print(
+            f"{r['path']}: {r['blocks']} blocks, {r['parameters']} parameters of checkpoint {r['checkpoint_id']} "
+            f"(step {r['step']}), {r['format']}, {r['bytes']} bytes"
+        )
     return 0

@@ -34,8 +34,9 @@ PS_PUSHES = Counter(
     "downpour_paramserver_pushes_total", "Pushes by outcome (applied, duplicate, rejected).", ["shard", "outcome"]
 )
 # One series per worker id: bounded by the workers a job ever had (restarts included).
-PS_WORKER_PUSHES = Counter("downpour_paramserver_worker_pushes_total", "Pushes applied, per pushing worker.",
-                           ["shard", "worker"])
+PS_WORKER_PUSHES = Counter(
+    "downpour_paramserver_worker_pushes_total", "Pushes applied, per pushing worker.", ["shard", "worker"]
+)
 PS_UPDATES = Counter("downpour_paramserver_block_updates_total", "Block updates applied.", ["shard"])
 PS_STALENESS = Histogram(
     "downpour_paramserver_staleness_versions",
@@ -49,17 +50,21 @@ PS_APPLY_SECONDS = Histogram(
 PS_BLOCKS = Gauge("downpour_paramserver_blocks", "Blocks held by the shard.", ["shard"])
 PS_PARAMETERS = Gauge("downpour_paramserver_parameters", "float32 parameters held by the shard.", ["shard"])
 CHECKPOINT_SECONDS = Histogram(
-    "downpour_checkpoint_duration_seconds", "Time to write a checkpoint.", ["component"],
+    "downpour_checkpoint_duration_seconds",
+    "Time to write a checkpoint.",
+    ["component"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 CHECKPOINT_BYTES = Gauge("downpour_checkpoint_bytes", "Size of the last checkpoint written.", ["component"])
 CHECKPOINT_FAILURES = Counter(
     "downpour_checkpoint_failures_total",
     "Checkpoints (or parts of one) that could not be written; reason disk_full is ENOSPC/EDQUOT.",
-    ["component", "reason"])
+    ["component", "reason"],
+)
 STATE_SAVE_FAILURES = Counter(
     "downpour_coordinator_state_save_failures_total",
-    "Times the coordinator could not write state.json (kept in memory and written again a second later).")
+    "Times the coordinator could not write state.json (kept in memory and written again a second later).",
+)
 
 # -- training: coordinator and workers ------------------------------------------
 TRAINING_LOSS = Gauge("downpour_training_loss", "Last training loss reported, per replica.", ["replica"])
@@ -100,7 +105,8 @@ GRPC_UNAUTHENTICATED = Counter(
 )
 COORDINATOR_SHARD_RECOVERIES = Counter(
     "downpour_coordinator_shard_recoveries_total",
-    "Parameter shards found empty (restarted) and refilled, by source (checkpoint, initial).", ["shard", "source"],
+    "Parameter shards found empty (restarted) and refilled, by source (checkpoint, initial).",
+    ["shard", "source"],
 )
 PARAM_CLIENT_RETRIES = Counter(
     "downpour_param_client_retries_total", "Pull/push attempts to a shard retried after a failure.", ["op", "code"]

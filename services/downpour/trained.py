@@ -21,18 +21,25 @@ training data unless ``raw`` is set.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from downpour.feeder import preprocess
+from downpour import export
+from downpour.feeder import bundled, preprocess
+from downpour.feeder.datasets import open_dataset
+from downpour.feeder.preprocess import PreprocessSpec
 from downpour.neurons import images as imagelib
 from downpour.neurons import sources
 from downpour.neurons.model import NeuronModel, QueryError, Unit
 from downpour.neurons.results import Activations, Histogram, LayerInfo, ModelInfo, Stimulus, TopInput
+from downpour.nn import backend as nnbackend
 
 MAX_K = 1000
 MAX_STEPS = 5000
@@ -45,10 +52,6 @@ NeuronSpec = int | tuple[int, int, int]
 
 def png_bytes(img_chw: np.ndarray) -> bytes:
     """A (C, H, W) float image, min-max scaled, as 8-bit PNG (grey or RGB)."""
-    import io
-
-    from PIL import Image
-
     a = np.asarray(img_chw, np.float64)
     lo, hi = float(a.min()), float(a.max())
     a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
@@ -66,8 +69,15 @@ class TrainedNetwork:
     user's own files); a service leaves it off and scans only named datasets.
     """
 
-    def __init__(self, source: sources.Source, *, max_scan: int = 20000, datasets: dict[str, str] | None = None,
-                 allow_paths: bool = False, max_images: int = 0) -> None:
+    def __init__(
+        self,
+        source: sources.Source,
+        *,
+        max_scan: int = 20000,
+        datasets: dict[str, str] | None = None,
+        allow_paths: bool = False,
+        max_images: int = 0,
+    ) -> None:
         self.source = source
         self.max_scan, self.max_images = max_scan, max_images
         self.extra_datasets = dict(datasets or {})
@@ -98,21 +108,41 @@ class TrainedNetwork:
         model = self.model(checkpoint_id)
         c, h, w = model.spec.input
         return ModelInfo(
-            layers=[LayerInfo(n, tuple(s)) for n, s in model.layers.items()], input_shape=(h, w, c),
-            source=self.source.description, parameters_version=model.version,
-            checkpoint_id=checkpoint_id or self.source.checkpoint_id, step=self.source.step,
-            normalize=self.source.normalize, datasets=[d for d in self.dataset_names() if d],
-            max_images=self.max_images)
+            layers=[LayerInfo(n, (s[0], s[1], s[2])) for n, s in model.layers.items()],
+            input_shape=(h, w, c),
+            source=self.source.description,
+            parameters_version=model.version,
+            checkpoint_id=checkpoint_id or self.source.checkpoint_id,
+            step=self.source.step,
+            normalize=self.source.normalize,
+            datasets=[d for d in self.dataset_names() if d],
+            max_images=self.max_images,
+        )
 
     # -- activations ------------------------------------------------------------------
-    def prepare(self, items: Iterable[np.ndarray], names: Sequence[str], *, raw: bool = False, resize: bool = True,
-                checkpoint_id: str = "") -> np.ndarray:
+    def prepare(
+        self,
+        items: Iterable[np.ndarray],
+        names: Sequence[str],
+        *,
+        raw: bool = False,
+        resize: bool = True,
+        checkpoint_id: str = "",
+    ) -> np.ndarray:
         """(C, H, W) images in [0, 1] -> the model's normalised (B, C, H, W) input."""
         x = imagelib.to_input(items, self.model(checkpoint_id).spec.input, resize=resize, names=names)
         return x if raw else preprocess.normalize(x, self.source.normalize)
 
-    def activations(self, images: Any, layer: str, neurons: Sequence[NeuronSpec] | None = None, *,
-                    raw: bool = False, resize: bool = True, checkpoint_id: str = "") -> Activations:
+    def activations(
+        self,
+        images: Any,
+        layer: str,
+        neurons: Sequence[NeuronSpec] | None = None,
+        *,
+        raw: bool = False,
+        resize: bool = True,
+        checkpoint_id: str = "",
+    ) -> Activations:
         """Activations of ``neurons`` (flat ids or (map, y, x); None: every unit) of ``layer``.
 
         ``images``: paths, encoded bytes, PIL images or arrays [H, W(, C)], or one
@@ -121,11 +151,16 @@ class TrainedNetwork:
         if self.max_images and isinstance(images, (list, tuple)) and len(images) > self.max_images:
             raise QueryError(f"too many images: {len(images)}; at most {self.max_images} per request")
         items, names = imagelib.load(images)
-        return self.activations_of(self.prepare(items, names, raw=raw, resize=resize, checkpoint_id=checkpoint_id),
-                                   layer, neurons, checkpoint_id=checkpoint_id)
+        return self.activations_of(
+            self.prepare(items, names, raw=raw, resize=resize, checkpoint_id=checkpoint_id),
+            layer,
+            neurons,
+            checkpoint_id=checkpoint_id,
+        )
 
-    def activations_of(self, x: np.ndarray, layer: str, neurons: Sequence[NeuronSpec] | None = None, *,
-                       checkpoint_id: str = "") -> Activations:
+    def activations_of(
+        self, x: np.ndarray, layer: str, neurons: Sequence[NeuronSpec] | None = None, *, checkpoint_id: str = ""
+    ) -> Activations:
         """Activations for an input already in the model's form (``prepare``)."""
         model = self.model(checkpoint_id)
         neurons = list(neurons or [])
@@ -139,8 +174,10 @@ class TrainedNetwork:
         ids = np.asarray(neurons, np.int64) if neurons else np.arange(n)
         bad = ids[(ids < 0) | (ids >= n)]
         if bad.size:
-            raise QueryError(f"neuron id {int(bad[0])} is outside layer {layer!r} of {n} units "
-                             f"([maps={shape[0]}, height={shape[1]}, width={shape[2]}])")
+            raise QueryError(
+                f"neuron id {int(bad[0])} is outside layer {layer!r} of {n} units "
+                f"([maps={shape[0]}, height={shape[1]}, width={shape[2]}])"
+            )
         acts = model.layer_activations(x, layer)[:, ids]
         return Activations(np.ascontiguousarray(acts, np.float32), [int(i) for i in ids], tuple(shape), model.version)
 
@@ -158,16 +195,10 @@ class TrainedNetwork:
 
     # -- datasets -----------------------------------------------------------------------
     def dataset_names(self) -> list[str]:
-        from downpour.feeder import bundled
-
         return ["", *bundled.SPLITS, *self.extra_datasets]
 
     def dataset(self, name: str, model: NeuronModel):
         """A dataset preprocessed as the feeder gives it to this model."""
-        from downpour.evals.common import preprocess_for
-        from downpour.feeder import bundled
-        from downpour.feeder.datasets import open_dataset
-
         if name in self.extra_datasets:
             uri = self.extra_datasets[name]
         elif name == "":
@@ -182,7 +213,7 @@ class TrainedNetwork:
             allowed = ", ".join(repr(n) for n in self.dataset_names())
             extra = " or a path" if self.allow_paths else ""
             raise QueryError(f"unknown dataset {name!r}; allowed: {allowed}{extra} (empty: the job's data)")
-        spec = preprocess_for(model.spec, self.source.normalize)
+        spec = PreprocessSpec.for_input(model.spec.input, self.source.normalize)
         key = (uri, spec)
         with self._lock:
             ds = self._ds_cache.get(key)
@@ -208,21 +239,58 @@ class TrainedNetwork:
             idx.append(i)
         return ds, n, np.concatenate(acts), np.concatenate(idx)
 
-    def top_inputs(self, layer: str, neuron: NeuronSpec, *, dataset: str = "", k: int = 9, max_examples: int = 0,
-                   images: bool = False, thumbnails: bool = False, checkpoint_id: str = "") -> list[TopInput]:
+    def top_inputs(
+        self,
+        layer: str,
+        neuron: NeuronSpec,
+        *,
+        dataset: str = "",
+        k: int = 9,
+        max_examples: int = 0,
+        images: bool = False,
+        thumbnails: bool = False,
+        checkpoint_id: str = "",
+    ) -> list[TopInput]:
         """The k examples of ``dataset`` that excite the unit most, best first."""
-        return self.top_and_histogram(layer, neuron, dataset=dataset, k=k, max_examples=max_examples, images=images,
-                         thumbnails=thumbnails, checkpoint_id=checkpoint_id)[0]
+        return self.top_and_histogram(
+            layer,
+            neuron,
+            dataset=dataset,
+            k=k,
+            max_examples=max_examples,
+            images=images,
+            thumbnails=thumbnails,
+            checkpoint_id=checkpoint_id,
+        )[0]
 
-    def activation_histogram(self, layer: str, neuron: NeuronSpec, *, dataset: str = "", bins: int = 30,
-                             max_examples: int = 0, checkpoint_id: str = "") -> Histogram:
+    def activation_histogram(
+        self,
+        layer: str,
+        neuron: NeuronSpec,
+        *,
+        dataset: str = "",
+        bins: int = 30,
+        max_examples: int = 0,
+        checkpoint_id: str = "",
+    ) -> Histogram:
         """How the unit's activations over ``dataset`` are distributed (``bins`` equal-width bins)."""
-        return self.top_and_histogram(layer, neuron, dataset=dataset, k=1, max_examples=max_examples,
-                         checkpoint_id=checkpoint_id, bins=bins)[1]
+        return self.top_and_histogram(
+            layer, neuron, dataset=dataset, k=1, max_examples=max_examples, checkpoint_id=checkpoint_id, bins=bins
+        )[1]
 
-    def top_and_histogram(self, layer: str, neuron: NeuronSpec, *, dataset: str, k: int, max_examples: int,
-                          images: bool = False, thumbnails: bool = False, checkpoint_id: str = "",
-                          bins: int = 0) -> tuple[list[TopInput], Histogram]:
+    def top_and_histogram(
+        self,
+        layer: str,
+        neuron: NeuronSpec,
+        *,
+        dataset: str,
+        k: int,
+        max_examples: int,
+        images: bool = False,
+        thumbnails: bool = False,
+        checkpoint_id: str = "",
+        bins: int = 0,
+    ) -> tuple[list[TopInput], Histogram]:
         """One scan of ``dataset``: the k best inputs and (with ``bins``) the histogram of the activations."""
         model = self.model(checkpoint_id)
         u = self.unit(model, layer, neuron)
@@ -236,9 +304,15 @@ class TrainedNetwork:
         if len(order):
             xs, ys = ds.get(idx[order])
             for j, o in enumerate(order):
-                out.append(TopInput(int(idx[o]), float(a[o]), int(ys[j]) if ys is not None else -1,
-                                    np.ascontiguousarray(np.moveaxis(xs[j], 0, -1)) if images else None,
-                                    png_bytes(xs[j]) if thumbnails else b""))
+                out.append(
+                    TopInput(
+                        int(idx[o]),
+                        float(a[o]),
+                        int(ys[j]) if ys is not None else -1,
+                        np.ascontiguousarray(np.moveaxis(xs[j], 0, -1)) if images else None,
+                        png_bytes(xs[j]) if thumbnails else b"",
+                    )
+                )
         if bins and len(a):
             counts, edges = np.histogram(a.astype(np.float64), bins=bins)
         else:
@@ -246,8 +320,18 @@ class TrainedNetwork:
         return out, Histogram(edges, counts.astype(np.int64), n, model.version)
 
     # -- optimal stimulus ------------------------------------------------------------------
-    def optimal_stimulus(self, layer: str, neuron: NeuronSpec, *, steps: int = 200, learning_rate: float = 0.1,
-                         restarts: int = 8, norm: float = 1.0, seed: int = 0, checkpoint_id: str = "") -> Stimulus:
+    def optimal_stimulus(
+        self,
+        layer: str,
+        neuron: NeuronSpec,
+        *,
+        steps: int = 200,
+        learning_rate: float = 0.1,
+        restarts: int = 8,
+        norm: float = 1.0,
+        seed: int = 0,
+        checkpoint_id: str = "",
+    ) -> Stimulus:
         """The input of L2 norm ``norm`` that excites the unit most (projected gradient ascent, Le et al.)."""
         model = self.model(checkpoint_id)
         u = self.unit(model, layer, neuron)
@@ -262,19 +346,17 @@ class TrainedNetwork:
         if seed < 0:
             raise QueryError(f"seed={seed} must be >= 0")
         r = model.optimal_stimulus(u, steps=steps, lr=learning_rate, seed=seed, restarts=restarts, norm=norm)
-        return Stimulus(np.ascontiguousarray(np.moveaxis(r["stimulus"], 0, -1)), r["activation"], r["random_mean"],
-                        r["random_max"], model.version, png_bytes(r["stimulus"]))
+        return Stimulus(
+            np.ascontiguousarray(np.moveaxis(r["stimulus"], 0, -1)),
+            r["activation"],
+            r["random_mean"],
+            r["random_max"],
+            model.version,
+            png_bytes(r["stimulus"]),
+        )
 
 
 # -- downpour.load ---------------------------------------------------------------------------
-
-def _checkpoint_dir_of(path: Path) -> tuple[Path, str]:
-    """(checkpoint directory, one checkpoint id or "") for a run folder, a checkpoint directory or one checkpoint."""
-    if (path / sources.MANIFEST).is_file():
-        return path.parent, path.name
-    if (path / "checkpoints").is_dir() and (path / "job.yaml").is_file():
-        return path / "checkpoints", ""
-    return path, ""
 
 
 def load(path: str | os.PathLike, *, backend: str = "numpy") -> TrainedNetwork:
@@ -283,28 +365,41 @@ def load(path: str | os.PathLike, *, backend: str = "numpy") -> TrainedNetwork:
 
     ``backend="cupy"`` computes on the GPU.
     """
-    from downpour import export
-    from downpour.nn import backend as nnbackend
-
     nnbackend.get(backend)  # fail early and clearly when CuPy is missing
     p = Path(path).expanduser()
+    src: sources.Source
     if p.is_file():
         spec, params, meta = export.read(p)
-        src = sources.StaticSource(spec, params, f"exported file {p}", normalize=meta.get("normalize", "standardize"),
-                                   data=meta.get("data", "default"), backend=backend)
+        src = sources.StaticSource(
+            spec,
+            params,
+            f"exported file {p}",
+            normalize=meta.get("normalize", "standardize"),
+            data=meta.get("data", "default"),
+            backend=backend,
+        )
         src.checkpoint_id, src.step = meta.get("checkpoint_id", ""), int(meta.get("step", 0))
         return TrainedNetwork(src, allow_paths=True)
     if not p.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or directory (give a run folder, a checkpoint directory "
-                                f"or an exported .safetensors / .npz file)")
-    ckdir, ck_id = _checkpoint_dir_of(p)
+        raise FileNotFoundError(
+            f"{path}: no such file or directory (give a run folder, a checkpoint directory "
+            f"or an exported .safetensors / .npz file)"
+        )
+    ckdir, ck_id = export.checkpoint_dir_of(p)
     if ck_id:
         m = next((m for m in sources.list_manifests(ckdir) if m["checkpoint_id"] == ck_id), None)
         if m is None:
             raise ValueError(f"{path}: its {sources.MANIFEST} is not a readable committed checkpoint")
         cfg, params = sources.load_checkpoint(str(ckdir), m)
-        src = sources.StaticSource(cfg.network_spec(), params, f"checkpoint {ck_id} (step {m['step']}) in {ckdir}",
-                                   normalize=cfg.normalize, data=cfg.data, checkpoint_dir=str(ckdir), backend=backend)
+        src = sources.StaticSource(
+            cfg.network_spec(),
+            params,
+            f"checkpoint {ck_id} (step {m['step']}) in {ckdir}",
+            normalize=cfg.normalize,
+            data=cfg.data,
+            checkpoint_dir=str(ckdir),
+            backend=backend,
+        )
         src.checkpoint_id, src.step = ck_id, int(m["step"])
         return TrainedNetwork(src, allow_paths=True)
     try:

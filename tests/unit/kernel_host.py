@@ -19,7 +19,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-
 from downpour.kernels.launch import Launcher, ctype_of
 from downpour.kernels.source import SOURCE, signatures
 
@@ -65,8 +64,24 @@ def build(directory: Path, dtype) -> ctypes.CDLL:
     src = directory / f"kernels_{real}.cpp"
     lib = directory / f"kernels_{real}.so"
     src.write_text(host_source())
-    subprocess.run([compiler(), "-O2", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unused-function",
-                    f"-Dreal={real}", "-o", str(lib), str(src)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            compiler(),
+            "-O2",
+            "-shared",
+            "-fPIC",
+            "-Wall",
+            "-Werror",
+            "-Wno-unused-function",
+            f"-Dreal={real}",
+            "-o",
+            str(lib),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return ctypes.CDLL(str(lib))
 
 

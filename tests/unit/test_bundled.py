@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from downpour.feeder import bundled
 from downpour.feeder.datasets import open_dataset
 from downpour.feeder.preprocess import PreprocessSpec
@@ -18,8 +17,14 @@ def _all(ds):
 
 
 def test_split_sizes_shapes_and_labels(splits):
-    expect = {"train": 2100, "heldout_faces": 50, "heldout_nonfaces": 50,
-              "heldout_natural": 500, "distractors": 200, "heldout": 300}
+    expect = {
+        "train": 2100,
+        "heldout_faces": 50,
+        "heldout_nonfaces": 50,
+        "heldout_natural": 500,
+        "distractors": 200,
+        "heldout": 300,
+    }
     for name, n in expect.items():
         ds = splits.split(name)
         x, y = _all(ds)
@@ -53,6 +58,7 @@ def test_training_faces_are_the_even_lfw_images(splits):
     # the LFW part of train is the last 100 examples, in LFW order: 0, 2, 4, ...
     x = _all(splits.train)[0][-100:]
     from downpour.feeder import preprocess
+
     ref = np.stack([preprocess.resize(f, (32, 32)) for f in bundled.lfw()[0::2]])
     assert np.allclose(x, ref, atol=1e-6)
 

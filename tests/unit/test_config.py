@@ -1,15 +1,17 @@
 """Job config precedence: defaults < YAML < DOWNPOUR_* environment < flags."""
 
 import pytest
-
 from downpour import config
 
 
 def test_precedence(tmp_path):
     p = tmp_path / "job.yaml"
     p.write_text("preset: tiny\nreplicas: 3\nsteps: 50\noptimizer: {lr: 0.5}\n")
-    cfg = config.load(str(p), env={"DOWNPOUR_STEPS": "70", "DOWNPOUR_OPTIMIZER__EPS": "0.001"},
-                      overrides={"steps": 90, "shards": None})
+    cfg = config.load(
+        str(p),
+        env={"DOWNPOUR_STEPS": "70", "DOWNPOUR_OPTIMIZER__EPS": "0.001"},
+        overrides={"steps": 90, "shards": None},
+    )
     assert cfg.preset == "tiny" and cfg.replicas == 3  # from YAML
     assert cfg.optimizer.lr == 0.5 and cfg.optimizer.eps == 0.001  # YAML and env merge per field
     assert cfg.steps == 90  # the flag wins over env and YAML
@@ -17,18 +19,23 @@ def test_precedence(tmp_path):
 
 
 def test_yaml_round_trip_and_custom_model():
-    cfg = config.load(env={}, overrides={"model": {"input": [1, 12, 12], "stages": [{"filter": {"maps": 2, "field": 3}}]}})
+    cfg = config.load(
+        env={}, overrides={"model": {"input": [1, 12, 12], "stages": [{"filter": {"maps": 2, "field": 3}}]}}
+    )
     again = config.from_yaml(cfg.to_yaml())
     assert again == cfg
     assert again.network_spec().input == (1, 12, 12)
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"DOWNPOUR_REPLICAZ": "2"}, "replicaz"),
-    ({"DOWNPOUR_REPLICAS": "two"}, "replicas"),
-    ({"DOWNPOUR_OPTIMIZER__MOMENTUM": "0.9"}, "optimizer.momentum"),
-    ({"DOWNPOUR_SUPERVISED": "true"}, "classes"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"DOWNPOUR_REPLICAZ": "2"}, "replicaz"),
+        ({"DOWNPOUR_REPLICAS": "two"}, "replicas"),
+        ({"DOWNPOUR_OPTIMIZER__MOMENTUM": "0.9"}, "optimizer.momentum"),
+        ({"DOWNPOUR_SUPERVISED": "true"}, "classes"),
+    ],
+)
 def test_bad_environment_is_rejected(env, needle):
     with pytest.raises(ValueError, match=needle):
         config.load(env=env)
@@ -48,8 +55,12 @@ def test_grid_parsing():
 
 
 def test_security_and_deployment_variables_are_not_job_settings():
-    env = {"DOWNPOUR_TLS_CERT": "/x.pem", "DOWNPOUR_TOKEN_FILE": "/t", "DOWNPOUR_JOB": "/job.yaml",
-           "DOWNPOUR_STEPS": "7"}
+    env = {
+        "DOWNPOUR_TLS_CERT": "/x.pem",
+        "DOWNPOUR_TOKEN_FILE": "/t",
+        "DOWNPOUR_JOB": "/job.yaml",
+        "DOWNPOUR_STEPS": "7",
+    }
     assert config.load(env=env).steps == 7
 
 

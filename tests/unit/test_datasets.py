@@ -6,11 +6,10 @@ import struct
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from downpour.feeder import idx
 from downpour.feeder.datasets import ArrayDataset, FolderDataset, open_dataset
 from downpour.feeder.preprocess import PreprocessSpec
+from PIL import Image
 
 IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}
 
@@ -34,6 +33,7 @@ def save_img(path, value, size=(12, 10), mode="L"):
 
 
 # ---- IDX ----
+
 
 @pytest.mark.parametrize("dtype", list(IDX_CODES))
 @pytest.mark.parametrize("compress", [False, True])
@@ -77,6 +77,7 @@ def test_mnist_style_files_pair_images_with_labels(tmp_path):
 
 
 # ---- arrays ----
+
 
 def test_npz_with_labels_and_layouts(tmp_path):
     x = np.random.default_rng(1).random((5, 8, 9, 3)).astype(np.float32)  # NHWC
@@ -129,6 +130,7 @@ def test_get_rejects_out_of_range_and_handles_empty():
 
 # ---- folders ----
 
+
 def test_folder_with_class_subfolders(tmp_path):
     save_img(tmp_path / "dogs" / "a.png", 10)
     save_img(tmp_path / "cats" / "b.jpg", 200, mode="RGB")
@@ -176,6 +178,7 @@ def test_folder_of_only_corrupt_files_raises(tmp_path):
 
 
 # ---- open_dataset errors ----
+
 
 def test_missing_and_empty_and_unknown(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):

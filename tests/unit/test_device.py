@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from downpour import device as devices
 from downpour.worker.loop import DownpourLoop, LocalStore
 
@@ -99,8 +98,24 @@ def test_services_with_device_gpu_stop_at_start_with_the_reason(role, missing, t
 
 
 def test_up_refuses_gpu_with_model_parallel_partitions(tmp_path):
-    r = _run(["up", "--preset", "tiny", "--steps", "1", "--device", "gpu", "--partitions", "1x2", "--quiet",
-              "--out", str(tmp_path / "run")], block_cupy=False, tmp_path=tmp_path)
+    r = _run(
+        [
+            "up",
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--device",
+            "gpu",
+            "--partitions",
+            "1x2",
+            "--quiet",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        block_cupy=False,
+        tmp_path=tmp_path,
+    )
     assert r.returncode == 2 and "model-parallel partitions (1x2) compute on the CPU only" in r.stderr, r.stderr
 
 
@@ -128,8 +143,9 @@ def test_loop_copies_gradients_to_host_once_per_push(n_push):
     results = {}
     for name, to_host in (("numpy", None), ("device", CountingHost())):
         store = LocalStore(init, lr=0.1, eps=1e-6)
-        loop = DownpourLoop(compute, store, ["w"], iter(batches), n_fetch=1, n_push=n_push, overlap=False,
-                            to_host=to_host)
+        loop = DownpourLoop(
+            compute, store, ["w"], iter(batches), n_fetch=1, n_push=n_push, overlap=False, to_host=to_host
+        )
         for step in range(7):
             loop.step(step, first=step == 0)
         loop.close()

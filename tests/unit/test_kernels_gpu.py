@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from downpour import device as devices
 from downpour.nn import LCN, LocalFilter, Network, Pool, presets
 from downpour.nn.spec import from_dict
@@ -108,7 +107,8 @@ def test_lcn_parity(geom, dtype):
 
 
 MIXED = {
-    "input": [2, 14, 13], "classes": 3,
+    "input": [2, 14, 13],
+    "classes": 3,
     "stages": [
         {"filter": {"maps": 3, "field": 4, "stride": 2}, "pool": {"size": 2, "kind": "l2"}, "lcn": {"size": 3}},
         {"filter": {"maps": 2, "field": 2, "tied": True}, "pool": {"size": 2, "kind": "max"}, "lcn": None},
@@ -164,8 +164,16 @@ def test_training_steps_of_tiny_through_the_worker_loop_match_the_cpu():
         store = LocalStore(init, lr=0.01, eps=1e-6)
         # No overlap: with it, whether a pull sees the previous push depends on timing, and
         # Adagrad's first steps (about lr * sign(g)) turn such differences into lr-sized ones.
-        loop = DownpourLoop(compute, store, list(init), iter(batches), n_fetch=2, n_push=2, overlap=False,
-                            to_host=None if xp is np else devices.to_host)
+        loop = DownpourLoop(
+            compute,
+            store,
+            list(init),
+            iter(batches),
+            n_fetch=2,
+            n_push=2,
+            overlap=False,
+            to_host=None if xp is np else devices.to_host,
+        )
         for step in range(20):
             loop.step(step, first=step == 0)
         loop.close()

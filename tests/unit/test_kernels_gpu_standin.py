@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from downpour.kernels import filtering, lcn, pooling
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from downpour import kernels
 from downpour.kernels import filtering as kfiltering
-from downpour.nn import LCN, LocalFilter, Network, Pool, col2im, im2col
-from downpour.nn import presets
+from downpour.nn import LCN, LocalFilter, Network, Pool, col2im, im2col, presets
 from downpour.nn.spec import from_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -116,8 +114,22 @@ def test_im2col_and_col2im_kernels_match_the_numpy_ones(host):
     for i0 in range(Ho):  # row by row: each call adds only its row's patches
         h0 = i0 * s
         n = ((i0 * s + k) - h0) * W * C * B
-        launch("col2im_add", n, np.ascontiguousarray(cols[i0 * Wo:(i0 + 1) * Wo]), out, W, C, B, Wo, k, s,
-               i0, i0 + 1, h0, n)
+        launch(
+            "col2im_add",
+            n,
+            np.ascontiguousarray(cols[i0 * Wo : (i0 + 1) * Wo]),
+            out,
+            W,
+            C,
+            B,
+            Wo,
+            k,
+            s,
+            i0,
+            i0 + 1,
+            h0,
+            n,
+        )
     np.testing.assert_allclose(out, expect, rtol=1e-12, atol=1e-12)
 
 
@@ -175,12 +187,21 @@ def accelerate(net: Network, host) -> Network:
 
 
 MIXED = {
-    "input": [2, 14, 13], "classes": 3,
+    "input": [2, 14, 13],
+    "classes": 3,
     "stages": [
-        {"filter": {"maps": 3, "field": 4, "stride": 2}, "pool": {"size": 2, "stride": 1, "kind": "l2"},
-         "lcn": {"size": 3}, "lam": 0.1},
-        {"filter": {"maps": 2, "field": 2, "stride": 1, "tied": True}, "pool": {"size": 2, "kind": "max"},
-         "lcn": None, "lam": 0.2},
+        {
+            "filter": {"maps": 3, "field": 4, "stride": 2},
+            "pool": {"size": 2, "stride": 1, "kind": "l2"},
+            "lcn": {"size": 3},
+            "lam": 0.1,
+        },
+        {
+            "filter": {"maps": 2, "field": 2, "stride": 1, "tied": True},
+            "pool": {"size": 2, "kind": "max"},
+            "lcn": None,
+            "lam": 0.2,
+        },
     ],
 }
 
@@ -242,9 +263,11 @@ def test_kernels_import_no_grpc_no_threads_and_no_cupy():
     """downpour.kernels is math: no gRPC, no threads; CuPy only arrives with a CuPy backend."""
     import subprocess
 
-    code = ("import sys, downpour.kernels, downpour.nn; "
-            "bad = [m for m in ('grpc', 'downpour.rpc', 'downpour.worker', 'concurrent.futures', 'threading', 'cupy') "
-            "if m in sys.modules and not (m == 'threading' and sys.modules[m].active_count() == 1)]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, downpour.kernels, downpour.nn; "
+        "bad = [m for m in ('grpc', 'downpour.rpc', 'downpour.worker', 'concurrent.futures', 'threading', 'cupy') "
+        "if m in sys.modules and not (m == 'threading' and sys.modules[m].active_count() == 1)]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

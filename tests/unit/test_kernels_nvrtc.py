@@ -10,7 +10,6 @@ the NVRTC wheel, no GPU); skipped with the reason where they are missing.
 from __future__ import annotations
 
 import pytest
-
 from downpour.kernels import KERNELS, SOURCE
 from downpour.kernels.launch import nvrtc_options
 
@@ -20,8 +19,9 @@ try:
     VERSION = nvrtc.getVersion()
     ARCHS = set(nvrtc.getSupportedArchs())
 except Exception as e:  # noqa: BLE001 - any failure to load libnvrtc means: cannot check here
-    pytest.skip(f"NVRTC cannot be loaded ({e}); install nvidia-cuda-nvrtc-cu12 (extra gpu-build)",
-                allow_module_level=True)
+    pytest.skip(
+        f"NVRTC cannot be loaded ({e}); install nvidia-cuda-nvrtc-cu12 (extra gpu-build)", allow_module_level=True
+    )
 
 # V100, A100, H100/H200: the architectures the GPU image is meant for.
 WANTED = [70, 80, 90]
@@ -32,8 +32,9 @@ def compile_cubin(source: str, real: str, arch: int) -> bytes:
     try:
         try:
             # --device-as-default-execution-space: as CuPy compiles a RawModule
-            nvrtc.compileProgram(prog, (*nvrtc_options(real), f"-arch=sm_{arch}",
-                                        "--device-as-default-execution-space"))
+            nvrtc.compileProgram(
+                prog, (*nvrtc_options(real), f"-arch=sm_{arch}", "--device-as-default-execution-space")
+            )
         except nvrtc.NVRTCError as e:
             raise AssertionError(f"NVRTC {VERSION} sm_{arch} {real}: {e}\n{nvrtc.getProgramLog(prog)}") from None
         return nvrtc.getCUBIN(prog)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from downpour.nn import LCN, LocalFilter, Pool, col2im, im2col, to_external, to_internal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -373,6 +372,7 @@ def test_layers_accept_non_contiguous_inputs():
     w = rng.normal(size=f.weight_shape)
     np.testing.assert_allclose(f.forward(w, x)[0], naive_filter(w, x, 3, 2), rtol=1e-12, atol=1e-12)
     for kind in ("l2", "max", "avg"):
-        np.testing.assert_allclose(Pool((2, 7, 6), 2, 2, kind).forward(x)[0], naive_pool(x, 2, 2, kind),
-                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            Pool((2, 7, 6), 2, 2, kind).forward(x)[0], naive_pool(x, 2, 2, kind), rtol=1e-12, atol=1e-12
+        )
     np.testing.assert_allclose(LCN((2, 7, 6), 3).forward(x)[0], naive_lcn(x, 3), rtol=1e-10, atol=1e-12)

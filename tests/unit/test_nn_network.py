@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from downpour.nn import FilterSpec, LCNSpec, Network, NetworkSpec, PoolSpec, StageSpec
 from downpour.nn.presets import get as preset
 
@@ -35,22 +34,31 @@ def _stage(filter=None, pool=None, lcn=None, lam=0.1):
 SPECS = {
     # L2 pooling (shared with the sparsity term), then a stage without pool whose stride
     # does not divide its input.
-    "l2_then_nopool": NetworkSpec(input=(2, 8, 8), stages=(
-        _stage(FilterSpec(maps=3, field=3), PoolSpec(size=2, stride=1), LCNSpec(size=3), lam=0.2),
-        _stage(FilterSpec(maps=2, field=2, stride=2), None, LCNSpec(size=3), lam=0.1),
-    )),
+    "l2_then_nopool": NetworkSpec(
+        input=(2, 8, 8),
+        stages=(
+            _stage(FilterSpec(maps=3, field=3), PoolSpec(size=2, stride=1), LCNSpec(size=3), lam=0.2),
+            _stage(FilterSpec(maps=2, field=2, stride=2), None, LCNSpec(size=3), lam=0.1),
+        ),
+    ),
     # A tied (convolutional) stage with max pooling, then avg pooling without LCN: both
     # use a separate L2 pool for sparsity.
-    "conv_max_avg": NetworkSpec(input=(1, 9, 9), stages=(
-        _stage(FilterSpec(maps=3, field=3, tied=True), PoolSpec(size=3, stride=2, kind="max"), LCNSpec(size=3)),
-        _stage(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1, kind="avg", eps=0.05), None, lam=0.3),
-    )),
+    "conv_max_avg": NetworkSpec(
+        input=(1, 9, 9),
+        stages=(
+            _stage(FilterSpec(maps=3, field=3, tied=True), PoolSpec(size=3, stride=2, kind="max"), LCNSpec(size=3)),
+            _stage(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1, kind="avg", eps=0.05), None, lam=0.3),
+        ),
+    ),
     # No pool and no LCN; a stage with no filter (pool + LCN only); a reconstruction-only stage.
-    "bare_nofilter_lam0": NetworkSpec(input=(1, 8, 8), stages=(
-        _stage(FilterSpec(maps=2, field=3), None, None, lam=0.1),
-        _stage(None, PoolSpec(size=2, stride=2, kind="avg"), LCNSpec(size=3, sigma=1.0)),
-        _stage(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1), None, lam=0.0),
-    )),
+    "bare_nofilter_lam0": NetworkSpec(
+        input=(1, 8, 8),
+        stages=(
+            _stage(FilterSpec(maps=2, field=3), None, None, lam=0.1),
+            _stage(None, PoolSpec(size=2, stride=2, kind="avg"), LCNSpec(size=3, sigma=1.0)),
+            _stage(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1), None, lam=0.0),
+        ),
+    ),
     "tiny": preset("tiny"),
 }
 
@@ -124,10 +132,13 @@ def test_tica_stage_input_gradient_flows_through_lower_stages():
     # The second stage's loss alone moves the first stage's encoder: joint training.
     spec = SPECS["l2_then_nopool"]
     net, params, x, _ = _setup(spec)
-    only2 = NetworkSpec(input=spec.input, stages=(
-        StageSpec(filter=spec.stages[0].filter, pool=spec.stages[0].pool, lcn=spec.stages[0].lcn, lam=0.0),
-        spec.stages[1],
-    ))
+    only2 = NetworkSpec(
+        input=spec.input,
+        stages=(
+            StageSpec(filter=spec.stages[0].filter, pool=spec.stages[0].pool, lcn=spec.stages[0].lcn, lam=0.0),
+            spec.stages[1],
+        ),
+    )
     net2 = Network(only2, dtype=np.float64)
     _, g_all, info = net.tica(params, x)
     _, g2, info2 = net2.tica(params, x)

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from downpour.nn import LCN, FilterSpec, LCNSpec, LocalFilter, Network, NetworkSpec, Pool, PoolSpec, StageSpec
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
-from downpour.nn import LCN, FilterSpec, LCNSpec, LocalFilter, Network, NetworkSpec, Pool, PoolSpec, StageSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_nn_naive import (  # noqa: E402
@@ -84,9 +83,15 @@ def test_decode_forward_and_backward(case):
 
 @FAST
 @given(
-    C=st.integers(1, 3), p=st.integers(1, 4), extra_h=st.integers(0, 5), extra_w=st.integers(0, 5),
-    stride_extra=st.integers(0, 4), B=st.integers(1, 3), kind=st.sampled_from(["l2", "max", "avg"]),
-    eps=st.sampled_from([1e-3, 1e-2, 0.5]), seed=st.integers(0, 2**31 - 1),
+    C=st.integers(1, 3),
+    p=st.integers(1, 4),
+    extra_h=st.integers(0, 5),
+    extra_w=st.integers(0, 5),
+    stride_extra=st.integers(0, 4),
+    B=st.integers(1, 3),
+    kind=st.sampled_from(["l2", "max", "avg"]),
+    eps=st.sampled_from([1e-3, 1e-2, 0.5]),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_pool_forward_and_backward(C, p, extra_h, extra_w, stride_extra, B, kind, eps, seed):
     s = 1 + stride_extra % p  # 1..p, as a spec allows
@@ -109,8 +114,13 @@ def test_pool_forward_and_backward(C, p, extra_h, extra_w, stride_extra, B, kind
 
 @FAST
 @given(
-    C=st.integers(1, 3), H=st.integers(1, 7), W=st.integers(1, 7), half=st.integers(0, 3),
-    sigma=st.sampled_from([0.0, 0.6, 2.0]), B=st.integers(1, 3), scale=st.sampled_from([1e-2, 1.0, 30.0]),
+    C=st.integers(1, 3),
+    H=st.integers(1, 7),
+    W=st.integers(1, 7),
+    half=st.integers(0, 3),
+    sigma=st.sampled_from([0.0, 0.6, 2.0]),
+    B=st.integers(1, 3),
+    scale=st.sampled_from([1e-2, 1.0, 30.0]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_lcn_forward_and_backward(C, H, W, half, sigma, B, scale, seed):
@@ -146,8 +156,12 @@ def small_specs(draw):
     pool = None
     if draw(st.booleans()) and min(ho, wo) >= 1:
         p = draw(st.integers(1, min(3, ho, wo)))
-        pool = PoolSpec(size=p, stride=draw(st.integers(1, p)), kind=draw(st.sampled_from(["l2", "max", "avg"])),
-                        eps=draw(st.sampled_from([1e-2, 0.1])))
+        pool = PoolSpec(
+            size=p,
+            stride=draw(st.integers(1, p)),
+            kind=draw(st.sampled_from(["l2", "max", "avg"])),
+            eps=draw(st.sampled_from([1e-2, 0.1])),
+        )
     lcn = LCNSpec(size=draw(st.sampled_from([1, 3, 5]))) if draw(st.booleans()) else None
     lam = draw(st.sampled_from([0.0, 0.1, 0.5]))
     stage = StageSpec(filter=FilterSpec(maps=maps, field=k, stride=s, tied=tied), pool=pool, lcn=lcn, lam=lam)

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from downpour.nn import FilterSpec, LCNSpec, Network, NetworkSpec, PoolSpec, StageSpec, from_dict, to_dict
-from downpour.nn import presets
+from downpour.nn import FilterSpec, LCNSpec, Network, NetworkSpec, PoolSpec, StageSpec, from_dict, presets, to_dict
 from downpour.nn.summary import summarize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,12 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 def _base():
     return {
         "input": [1, 12, 12],
-        "stages": [{
-            "filter": {"maps": 4, "field": 5, "stride": 1, "tied": False},
-            "pool": {"size": 3, "stride": 1, "kind": "l2", "eps": 0.01},
-            "lcn": {"size": 3, "sigma": 0.0, "eps": 1e-4},
-            "lam": 0.1,
-        }],
+        "stages": [
+            {
+                "filter": {"maps": 4, "field": 5, "stride": 1, "tied": False},
+                "pool": {"size": 3, "stride": 1, "kind": "l2", "eps": 0.01},
+                "lcn": {"size": 3, "sigma": 0.0, "eps": 1e-4},
+                "lam": 0.1,
+            }
+        ],
         "classes": 0,
     }
 
@@ -62,41 +62,52 @@ def test_from_dict_null_parts_and_defaults():
         assert from_dict(presets.get(name).to_dict()) == presets.get(name)
 
 
-@pytest.mark.parametrize("path,value,match", [
-    # geometry
-    (("stages", 0, "filter", "field"), 13, r"stages\[1\]\.filter\.field=13 is out of range; allowed: 1\.\.12"),
-    (("stages", 0, "filter", "stride"), 0, r"stages\[1\]\.filter\.stride=0 is out of range"),
-    (("stages", 0, "filter", "stride"), 6, r"stages\[1\]\.filter\.stride=6 .*allowed: 1\.\.5"),
-    (("stages", 0, "filter", "maps"), 0, r"stages\[1\]\.filter\.maps=0"),
-    (("stages", 0, "pool", "size"), 9, r"stages\[1\]\.pool\.size=9 .*allowed: 1\.\.8"),  # 12-5+1 = 8 left
-    (("stages", 0, "pool", "stride"), 0, r"stages\[1\]\.pool\.stride=0"),
-    (("stages", 0, "pool", "stride"), 4, r"stages\[1\]\.pool\.stride=4"),
-    (("stages", 0, "pool", "eps"), 0.0, r"stages\[1\]\.pool\.eps=0\.0 .*allowed: > 0"),
-    (("stages", 0, "pool", "kind"), "median", r"stages\[1\]\.pool\.kind='median' is unknown; allowed: l2, max, avg"),
-    (("stages", 0, "lcn", "size"), 4, r"stages\[1\]\.lcn\.size=4 must be odd"),
-    (("stages", 0, "lcn", "size"), 0, r"stages\[1\]\.lcn\.size=0"),
-    (("stages", 0, "lcn", "sigma"), -1.0, r"stages\[1\]\.lcn\.sigma=-1\.0"),
-    (("stages", 0, "lcn", "eps"), 0.0, r"stages\[1\]\.lcn\.eps"),
-    (("stages", 0, "lam"), -0.1, r"stages\[1\]\.lam=-0\.1"),
-    (("input",), [1, 0, 12], r"input\.height=0"),
-    (("input",), [1, 12], r"model\.input must be \[channels, height, width\]"),
-    (("classes",), -1, r"classes=-1"),
-    (("stages",), [], r"stages must list at least one stage"),
-    # unknown keys
-    (("stages", 0, "filter", "fields"), 3, r"model\.stages\[1\]\.filter: unknown key\(s\) 'fields'; allowed: maps, field"),
-    (("stages", 0, "pooling"), {}, r"model\.stages\[1\]: unknown key\(s\) 'pooling'"),
-    (("epochs",), 3, r"model: unknown key\(s\) 'epochs'"),
-    # wrong types
-    (("stages", 0, "filter", "field"), 2.5, r"stages\[1\]\.filter\.field must be an integer, got float"),
-    (("stages", 0, "filter", "maps"), "8", r"stages\[1\]\.filter\.maps must be an integer, got str"),
-    (("stages", 0, "filter", "maps"), True, r"stages\[1\]\.filter\.maps must be an integer, got bool"),
-    (("stages", 0, "filter", "tied"), "yes", r"model\.stages\[1\]\.filter\.tied must be true or false"),
-    (("stages", 0, "pool", "kind"), 2, r"model\.stages\[1\]\.pool\.kind must be a string"),
-    (("stages", 0, "lam"), "0.1", r"model\.stages\[1\]\.lam must be a number"),
-    (("stages", 0, "lcn", "sigma"), True, r"model\.stages\[1\]\.lcn\.sigma must be a number"),
-    (("stages", 0, "filter"), 5, r"model\.stages\[1\]\.filter must be a mapping, got int"),
-    (("stages",), {"a": 1}, r"model\.stages must be a list"),
-])
+@pytest.mark.parametrize(
+    "path,value,match",
+    [
+        # geometry
+        (("stages", 0, "filter", "field"), 13, r"stages\[1\]\.filter\.field=13 is out of range; allowed: 1\.\.12"),
+        (("stages", 0, "filter", "stride"), 0, r"stages\[1\]\.filter\.stride=0 is out of range"),
+        (("stages", 0, "filter", "stride"), 6, r"stages\[1\]\.filter\.stride=6 .*allowed: 1\.\.5"),
+        (("stages", 0, "filter", "maps"), 0, r"stages\[1\]\.filter\.maps=0"),
+        (("stages", 0, "pool", "size"), 9, r"stages\[1\]\.pool\.size=9 .*allowed: 1\.\.8"),  # 12-5+1 = 8 left
+        (("stages", 0, "pool", "stride"), 0, r"stages\[1\]\.pool\.stride=0"),
+        (("stages", 0, "pool", "stride"), 4, r"stages\[1\]\.pool\.stride=4"),
+        (("stages", 0, "pool", "eps"), 0.0, r"stages\[1\]\.pool\.eps=0\.0 .*allowed: > 0"),
+        (
+            ("stages", 0, "pool", "kind"),
+            "median",
+            r"stages\[1\]\.pool\.kind='median' is unknown; allowed: l2, max, avg",
+        ),
+        (("stages", 0, "lcn", "size"), 4, r"stages\[1\]\.lcn\.size=4 must be odd"),
+        (("stages", 0, "lcn", "size"), 0, r"stages\[1\]\.lcn\.size=0"),
+        (("stages", 0, "lcn", "sigma"), -1.0, r"stages\[1\]\.lcn\.sigma=-1\.0"),
+        (("stages", 0, "lcn", "eps"), 0.0, r"stages\[1\]\.lcn\.eps"),
+        (("stages", 0, "lam"), -0.1, r"stages\[1\]\.lam=-0\.1"),
+        (("input",), [1, 0, 12], r"input\.height=0"),
+        (("input",), [1, 12], r"model\.input must be \[channels, height, width\]"),
+        (("classes",), -1, r"classes=-1"),
+        (("stages",), [], r"stages must list at least one stage"),
+        # unknown keys
+        (
+            ("stages", 0, "filter", "fields"),
+            3,
+            r"model\.stages\[1\]\.filter: unknown key\(s\) 'fields'; allowed: maps, field",
+        ),
+        (("stages", 0, "pooling"), {}, r"model\.stages\[1\]: unknown key\(s\) 'pooling'"),
+        (("epochs",), 3, r"model: unknown key\(s\) 'epochs'"),
+        # wrong types
+        (("stages", 0, "filter", "field"), 2.5, r"stages\[1\]\.filter\.field must be an integer, got float"),
+        (("stages", 0, "filter", "maps"), "8", r"stages\[1\]\.filter\.maps must be an integer, got str"),
+        (("stages", 0, "filter", "maps"), True, r"stages\[1\]\.filter\.maps must be an integer, got bool"),
+        (("stages", 0, "filter", "tied"), "yes", r"model\.stages\[1\]\.filter\.tied must be true or false"),
+        (("stages", 0, "pool", "kind"), 2, r"model\.stages\[1\]\.pool\.kind must be a string"),
+        (("stages", 0, "lam"), "0.1", r"model\.stages\[1\]\.lam must be a number"),
+        (("stages", 0, "lcn", "sigma"), True, r"model\.stages\[1\]\.lcn\.sigma must be a number"),
+        (("stages", 0, "filter"), 5, r"model\.stages\[1\]\.filter must be a mapping, got int"),
+        (("stages",), {"a": 1}, r"model\.stages must be a list"),
+    ],
+)
 def test_from_dict_rejects(path, value, match):
     with pytest.raises(ValueError, match=match):
         from_dict(_bad(path, value))
@@ -127,8 +138,10 @@ def test_dataclass_specs_validate_on_construction():
     with pytest.raises(ValueError, match=r"stages\[1\] must be a stage"):
         NetworkSpec(input=(1, 8, 8), stages=({"filter": None},))
     # a field exactly the size of the input, and a pool of the whole map, are fine
-    spec = NetworkSpec(input=(1, 8, 8), stages=(StageSpec(filter=FilterSpec(field=8, maps=2), pool=PoolSpec(size=1),
-                                                          lcn=LCNSpec(size=1)),))
+    spec = NetworkSpec(
+        input=(1, 8, 8),
+        stages=(StageSpec(filter=FilterSpec(field=8, maps=2), pool=PoolSpec(size=1), lcn=LCNSpec(size=1)),),
+    )
     assert Network(spec).out_shape == (2, 1, 1)
 
 
@@ -138,6 +151,7 @@ def test_unknown_preset():
 
 
 # ------------------------------------------------------------------ counts and the CLI
+
 
 def _hand_count(input_chw, stages):
     """Encoder connections, and parameters with decoders, from (maps, field, stride, pool) tuples."""
@@ -154,8 +168,13 @@ def _hand_count(input_chw, stages):
 def _model_json(name):
     exe = REPO / ".venv" / "bin" / "downpour"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "downpour.cli"]
-    res = subprocess.run(cmd + ["model", "--preset", name, "--json"], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    res = subprocess.run(
+        cmd + ["model", "--preset", name, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -187,14 +206,23 @@ def test_model_json_le2012_is_about_a_billion_connections():
     assert info["connections"] == conns
     assert 0.9e9 <= info["connections"] <= 1.5e9
     assert info["total_parameters"] == params
-    assert [layer["out_shape"] for layer in info["layers"] if layer["name"].endswith(".pool")] == \
-        [[8, 179, 179], [8, 158, 158], [8, 137, 137]]
+    assert [layer["out_shape"] for layer in info["layers"] if layer["name"].endswith(".pool")] == [
+        [8, 179, 179],
+        [8, 158, 158],
+        [8, 137, 137],
+    ]
 
 
 def test_summary_counts_head_and_tied_layers():
-    spec = NetworkSpec(input=(2, 9, 9), classes=4, stages=(
-        StageSpec(filter=FilterSpec(maps=3, field=3, tied=True), pool=PoolSpec(size=2, stride=2, kind="max"), lcn=None),
-    ))
+    spec = NetworkSpec(
+        input=(2, 9, 9),
+        classes=4,
+        stages=(
+            StageSpec(
+                filter=FilterSpec(maps=3, field=3, tied=True), pool=PoolSpec(size=2, stride=2, kind="max"), lcn=None
+            ),
+        ),
+    )
     info = summarize(spec)
     # tied: 7x7 locations share one 3x3x2 -> 3 weight set; the head sees 3x3x3 features
     assert info["connections"] == 7 * 7 * 3 * 18

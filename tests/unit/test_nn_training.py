@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from downpour.nn import Network
 from downpour.nn.presets import get as preset
 
@@ -31,7 +30,7 @@ def natural_patches(n_per_image=300, seed=0):
         for _ in range(n_per_image):
             i = rng.integers(0, im.shape[0] - SIZE + 1)
             j = rng.integers(0, im.shape[1] - SIZE + 1)
-            out.append(im[i:i + SIZE, j:j + SIZE])
+            out.append(im[i : i + SIZE, j : j + SIZE])
     p = np.stack(out)
     p = p - p.mean(axis=(1, 2), keepdims=True)
     std = p.std(axis=(1, 2), keepdims=True)

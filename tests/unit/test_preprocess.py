@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from downpour.feeder import preprocess
 from downpour.feeder.preprocess import PreprocessSpec
 
@@ -13,13 +12,16 @@ def test_spec_defaults_and_coercion():
     assert PreprocessSpec().size is None and PreprocessSpec().normalize == "none"
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"channels": 2}, ["channels", "(1, 3)"]),
-    ({"normalize": "whiten"}, ["normalize", "standardize", "minmax"]),
-    ({"size": 0}, ["size"]),
-    ({"size": "big"}, ["size"]),
-    ({"size": 16, "crop": 20}, ["crop", "size"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"channels": 2}, ["channels", "(1, 3)"]),
+        ({"normalize": "whiten"}, ["normalize", "standardize", "minmax"]),
+        ({"size": 0}, ["size"]),
+        ({"size": "big"}, ["size"]),
+        ({"size": 16, "crop": 20}, ["crop", "size"]),
+    ],
+)
 def test_spec_rejects_bad_values_by_name(kwargs, words):
     with pytest.raises(ValueError) as e:
         PreprocessSpec(**kwargs)
@@ -75,7 +77,7 @@ def test_center_and_random_crops():
     assert r1.shape == (2, 1, 3, 3) and np.array_equal(r1, r2)
     # each crop is a genuine window of its own example
     for i in range(2):
-        windows = [b[i, 0, t:t + 3, l:l + 3] for t in range(4) for l in range(4)]
+        windows = [b[i, 0, t : t + 3, l : l + 3] for t in range(4) for l in range(4)]
         assert any(np.array_equal(r1[i, 0], w) for w in windows)
     with pytest.raises(ValueError, match="crop"):
         preprocess.crop(b, (7, 7))

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from downpour.feeder.sharding import batches, epoch_order, epochs, shard_indices
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 @settings(max_examples=200, deadline=None)
@@ -51,8 +51,8 @@ def test_batches_are_full_and_visit_each_example_once_per_epoch(n, bs):
     stream = np.concatenate([next(it) for _ in range((3 * n) // bs + 2)])
     assert all(len(b) == bs for b in [next(it) for _ in range(3)])
     for e in range(len(stream) // n):
-        assert np.array_equal(np.sort(stream[e * n:(e + 1) * n]), shard)
+        assert np.array_equal(np.sort(stream[e * n : (e + 1) * n]), shard)
     # resuming at (epoch, position) continues the same stream
     k = min(n - 1, 3)
     resumed = batches(shard, bs, seed=1, start_epoch=0, start_position=k)
-    assert np.array_equal(next(resumed), stream[k:k + bs])
+    assert np.array_equal(next(resumed), stream[k : k + bs])

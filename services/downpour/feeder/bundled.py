@@ -66,12 +66,29 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import preprocess
-from .datasets import ArrayDataset, ConcatDataset, Dataset
+from .base import ArrayDataset, ConcatDataset, Dataset
 from .preprocess import PreprocessSpec
 
-NATURAL_IMAGES = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "page",
-                  "text", "immunohistochemistry", "hubble_deep_field", "brick", "grass", "gravel",
-                  "clock", "retina", "cell", "motorcycle")
+NATURAL_IMAGES = (
+    "astronaut",
+    "camera",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "brick",
+    "grass",
+    "gravel",
+    "clock",
+    "retina",
+    "cell",
+    "motorcycle",
+)
 WITH_FACES = ("astronaut",)
 DEFAULT_SIZE = (32, 32)
 HELDOUT_FRACTION = 0.25
@@ -93,7 +110,7 @@ SPLITS = ("train", "heldout_faces", "heldout_nonfaces", "heldout_natural", "dist
 @functools.lru_cache(maxsize=2)
 def natural_images(channels: int) -> tuple[np.ndarray, ...]:
     """The natural images as float32 (C, H, W) in [0, 1], in ``NATURAL_IMAGES`` order."""
-    from skimage import data
+    from skimage import data  # local: scikit-image takes ~0.4 s to load, paid only when the bundled data is built
 
     out = []
     for name in NATURAL_IMAGES:
@@ -105,7 +122,7 @@ def natural_images(channels: int) -> tuple[np.ndarray, ...]:
 @functools.lru_cache(maxsize=1)
 def lfw() -> np.ndarray:
     """``skimage.data.lfw_subset()`` as float32 (200, 1, 25, 25)."""
-    from skimage import data
+    from skimage import data  # local: scikit-image takes ~0.4 s to load, paid only when the bundled data is built
 
     return data.lfw_subset().astype(np.float32)[:, None]
 
@@ -118,7 +135,7 @@ def face_frames(images: np.ndarray, per_image: int, seed: int = FRAME_SEED) -> n
     centre (edges repeated) and mirrored with probability 1/2. The views of
     image ``i`` are rows ``i * per_image`` to ``(i + 1) * per_image - 1``.
     """
-    from skimage.transform import AffineTransform, warp
+    from skimage.transform import AffineTransform, warp  # local: scikit-image is loaded only when it is used
 
     rng = np.random.default_rng(seed)
     n, c, h, w = images.shape
@@ -126,10 +143,14 @@ def face_frames(images: np.ndarray, per_image: int, seed: int = FRAME_SEED) -> n
     out = np.empty((n * per_image, c, h, w), np.float32)
     for i in range(n):
         for j in range(per_image):
-            t = (AffineTransform(translation=-centre)
-                 + AffineTransform(scale=np.exp(rng.uniform(-FRAME_LOG_SCALE, FRAME_LOG_SCALE)),
-                                   rotation=np.deg2rad(rng.uniform(-FRAME_ROTATION, FRAME_ROTATION)))
-                 + AffineTransform(translation=centre + rng.uniform(-FRAME_SHIFT, FRAME_SHIFT, 2)))
+            t = (
+                AffineTransform(translation=-centre)
+                + AffineTransform(
+                    scale=np.exp(rng.uniform(-FRAME_LOG_SCALE, FRAME_LOG_SCALE)),
+                    rotation=np.deg2rad(rng.uniform(-FRAME_ROTATION, FRAME_ROTATION)),
+                )
+                + AffineTransform(translation=centre + rng.uniform(-FRAME_SHIFT, FRAME_SHIFT, 2))
+            )
             mirror = rng.random() < 0.5
             for k in range(c):
                 v = warp(images[i, k], t.inverse, mode="edge", preserve_range=True)
@@ -151,9 +172,16 @@ def _region(img: np.ndarray, split: str, size: tuple[int, int]) -> np.ndarray:
 class PatchDataset(Dataset):
     """Patches cut on demand from a few large images, optionally gain/bias adjusted."""
 
-    def __init__(self, regions: list[np.ndarray], positions: np.ndarray, size: tuple[int, int],
-                 spec: PreprocessSpec, labels: np.ndarray | None = None,
-                 gain: np.ndarray | None = None, bias: np.ndarray | None = None):
+    def __init__(
+        self,
+        regions: list[np.ndarray],
+        positions: np.ndarray,
+        size: tuple[int, int],
+        spec: PreprocessSpec,
+        labels: np.ndarray | None = None,
+        gain: np.ndarray | None = None,
+        bias: np.ndarray | None = None,
+    ):
         super().__init__(spec)
         self.regions, self.positions, self.size = regions, positions, size
         self.labels = labels
@@ -165,8 +193,8 @@ class PatchDataset(Dataset):
 
     def _raw(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h, w = self.size
-        out = np.stack([self.regions[r][:, t:t + h, l:l + w] for r, t, l in self.positions[indices]])
-        if self.gain is not None:
+        out = np.stack([self.regions[r][:, t : t + h, l : l + w] for r, t, l in self.positions[indices]])
+        if self.gain is not None and self.bias is not None:
             out = out * self.gain[indices, None, None, None] + self.bias[indices, None, None, None]
             np.clip(out, 0.0, 1.0, out=out)  # stay a valid image, like every other split
         return out.astype(np.float32), indices
@@ -175,8 +203,14 @@ class PatchDataset(Dataset):
         return self.size
 
 
-def _sample(regions: list[np.ndarray], allowed: list[int], n: int, size: tuple[int, int],
-            rng: np.random.Generator, min_std: float = MIN_PATCH_STD) -> np.ndarray:
+def _sample(
+    regions: list[np.ndarray],
+    allowed: list[int],
+    n: int,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    min_std: float = MIN_PATCH_STD,
+) -> np.ndarray:
     h, w = size
     pos: dict[tuple[int, int, int], None] = {}  # ordered set: a position is never drawn twice
     while len(pos) < n:
@@ -184,13 +218,20 @@ def _sample(regions: list[np.ndarray], allowed: list[int], n: int, size: tuple[i
         reg = regions[r]
         t = int(rng.integers(reg.shape[1] - h + 1))
         l = int(rng.integers(reg.shape[2] - w + 1))
-        if (r, t, l) not in pos and reg[:, t:t + h, l:l + w].std() >= min_std:
+        if (r, t, l) not in pos and reg[:, t : t + h, l : l + w].std() >= min_std:
             pos[(r, t, l)] = None
     return np.array(list(pos), dtype=np.int64).reshape(-1, 3)
 
 
-def _matched(regions: list[np.ndarray], allowed: list[int], means: np.ndarray, stds: np.ndarray,
-             n: int, size: tuple[int, int], rng: np.random.Generator):
+def _matched(
+    regions: list[np.ndarray],
+    allowed: list[int],
+    means: np.ndarray,
+    stds: np.ndarray,
+    n: int,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+):
     """Positions, gains and biases of ``n`` patches whose mean/std match target ``i % len(means)``.
 
     A candidate is kept only if its matched, [0, 1]-clipped version is within
@@ -201,18 +242,19 @@ def _matched(regions: list[np.ndarray], allowed: list[int], means: np.ndarray, s
     for i in range(n):
         m, sd = means[i % len(means)], stds[i % len(stds)]
         for _ in range(10_000):  # bounded: if nothing matches, the last candidate is kept
-            (r, t, l), = _sample(regions, allowed, 1, size, rng, MIN_DISTRACTOR_STD)
+            ((r, t, l),) = _sample(regions, allowed, 1, size, rng, MIN_DISTRACTOR_STD)
             if (r, t, l) in pos:
                 continue
-            p = regions[r][:, t:t + size[0], l:l + size[1]]
+            p = regions[r][:, t : t + size[0], l : l + size[1]]
             g = sd / p.std()
             b = m - p.mean() * g
             q = np.clip(p * g + b, 0.0, 1.0)
             if abs(q.mean() - m) <= MATCH_TOL and abs(q.std() - sd) <= MATCH_TOL:
                 break
-        pos.append((r, t, l)), gains.append(g), biases.append(b)
-    return (np.array(pos, np.int64).reshape(-1, 3), np.array(gains, np.float32),
-            np.array(biases, np.float32))
+        pos.append((r, t, l))
+        gains.append(g)
+        biases.append(b)
+    return (np.array(pos, np.int64).reshape(-1, 3), np.array(gains, np.float32), np.array(biases, np.float32))
 
 
 @dataclass
@@ -232,18 +274,25 @@ class BundledSplits:
         return getattr(self, name)
 
 
-def build(spec: PreprocessSpec | None = None, *, n_train_patches: int = N_TRAIN_PATCHES,
-          n_heldout_patches: int = N_HELDOUT_PATCHES, n_distractors: int = N_DISTRACTORS,
-          seed: int = SAMPLING_SEED, face_frames: int = 0) -> BundledSplits:
+def build(
+    spec: PreprocessSpec | None = None,
+    *,
+    n_train_patches: int = N_TRAIN_PATCHES,
+    n_heldout_patches: int = N_HELDOUT_PATCHES,
+    n_distractors: int = N_DISTRACTORS,
+    seed: int = SAMPLING_SEED,
+    face_frames: int = 0,
+) -> BundledSplits:
     """Build all splits; examples are ``spec.size`` (default 32x32) with ``spec.channels``.
 
     ``face_frames`` > 0 appends that many jittered views (``face_frames()``) of
     each of the 50 training faces to ``train``, after its 2100 examples.
     """
     spec = spec or PreprocessSpec()
+    size = spec.size if spec.size is not None else DEFAULT_SIZE
     if spec.size is None:
-        spec = dataclasses.replace(spec, size=DEFAULT_SIZE)
-    size, c = spec.size, spec.channels
+        spec = dataclasses.replace(spec, size=size)
+    c = spec.channels
     rng = np.random.default_rng(seed)
     images = natural_images(c)
     train_regions = [_region(im, "train", size) for im in images]
@@ -256,24 +305,23 @@ def build(spec: PreprocessSpec | None = None, *, n_train_patches: int = N_TRAIN_
     is_face = np.arange(len(faces)) < N_FACES
     train_lfw = ArrayDataset(faces[~odd], None, spec, name="lfw_subset[train]")
     hf = faces[odd & is_face]
-    heldout_faces = ArrayDataset(hf, np.ones(len(hf), np.int64), spec, name="lfw_subset[heldout faces]",
-                                 num_classes=2)
+    heldout_faces = ArrayDataset(hf, np.ones(len(hf), np.int64), spec, name="lfw_subset[heldout faces]", num_classes=2)
     hn = faces[odd & ~is_face]
-    heldout_nonfaces = ArrayDataset(hn, np.zeros(len(hn), np.int64), spec,
-                                    name="lfw_subset[heldout non-faces]", num_classes=2)
+    heldout_nonfaces = ArrayDataset(
+        hn, np.zeros(len(hn), np.int64), spec, name="lfw_subset[heldout non-faces]", num_classes=2
+    )
 
-    train_patches = PatchDataset(train_regions, _sample(train_regions, every, n_train_patches, size, rng),
-                                 size, spec)
-    heldout_natural = PatchDataset(held_regions, _sample(held_regions, every, n_heldout_patches, size, rng),
-                                   size, spec)
+    train_patches = PatchDataset(train_regions, _sample(train_regions, every, n_train_patches, size, rng), size, spec)
+    heldout_natural = PatchDataset(held_regions, _sample(held_regions, every, n_heldout_patches, size, rng), size, spec)
 
     # match each distractor's mean/std to one held-out face, at the example size and channels
     face_imgs = np.stack([preprocess.resize(preprocess.convert_channels(f, c), size) for f in hf])
     f_mean = face_imgs.reshape(len(hf), -1).mean(1)
     f_std = face_imgs.reshape(len(hf), -1).std(1)
     dpos, gain, bias = _matched(held_regions, face_free, f_mean, f_std, n_distractors, size, rng)
-    distractors = PatchDataset(held_regions, dpos, size, spec, labels=np.zeros(len(dpos), np.int64),
-                               gain=gain, bias=bias)
+    distractors = PatchDataset(
+        held_regions, dpos, size, spec, labels=np.zeros(len(dpos), np.int64), gain=gain, bias=bias
+    )
 
     parts = [train_patches, train_lfw]
     if face_frames > 0:

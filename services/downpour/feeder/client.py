@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -30,11 +30,17 @@ from downpour.v1 import feeder_pb2_grpc
 log = logging.getLogger("downpour.feeder.client")
 
 # Failures that a restarted or reachable-again feeder cures.
-RETRYABLE = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 
 Batch = tuple[np.ndarray, "np.ndarray | None"]
 
@@ -43,11 +49,23 @@ class FeederUnavailable(ConnectionError):
     """The feeder stayed unreachable for longer than the reconnect deadline."""
 
 
-def batch_stream(address: str, replica: int, num_replicas: int, batch_size: int, start_batch: int = 0,
-                 with_labels: bool = False, seed: int = 0, channel_config: ChannelConfig | None = None, *,
-                 split: int = pb.SPLIT_TRAIN, max_batches: int = 0, deterministic: bool = False,
-                 reconnect_timeout: float = 120.0, backoff_initial: float = 0.05,
-                 backoff_max: float = 2.0) -> Iterator[Batch]:
+def batch_stream(
+    address: str,
+    replica: int,
+    num_replicas: int,
+    batch_size: int,
+    start_batch: int = 0,
+    with_labels: bool = False,
+    seed: int = 0,
+    channel_config: ChannelConfig | None = None,
+    *,
+    split: int = pb.SPLIT_TRAIN,
+    max_batches: int = 0,
+    deterministic: bool = False,
+    reconnect_timeout: float = 120.0,
+    backoff_initial: float = 0.05,
+    backoff_max: float = 2.0,
+) -> Iterator[Batch]:
     """Minibatches ``(x, y)`` of shard ``replica`` of ``num_replicas``, from ``start_batch`` on.
 
     ``max_batches`` > 0 ends the iterator after that many batches; 0 streams
@@ -61,9 +79,16 @@ def batch_stream(address: str, replica: int, num_replicas: int, batch_size: int,
     delay = backoff_initial
     while end is None or next_batch < end:
         req = pb.StreamBatchesRequest(
-            replica=replica, num_replicas=num_replicas, batch_size=batch_size, split=split, seed=seed,
-            max_batches=(end - next_batch) if end is not None else 0, start_batch=next_batch,
-            with_labels=with_labels, deterministic=deterministic)
+            replica=replica,
+            num_replicas=num_replicas,
+            batch_size=batch_size,
+            split=pb.Split.ValueType(split),
+            seed=seed,
+            max_batches=(end - next_batch) if end is not None else 0,
+            start_batch=next_batch,
+            with_labels=with_labels,
+            deterministic=deterministic,
+        )
         channel = open_channel(address, channel_config)
         call = None
         try:
@@ -88,8 +113,10 @@ def batch_stream(address: str, replica: int, num_replicas: int, batch_size: int,
             failing_since = now if failing_since is None else failing_since
             if now - failing_since > reconnect_timeout:
                 detail = e.details() if isinstance(e, grpc.RpcError) else "stream ended early"
-                raise FeederUnavailable(f"feeder {address} unreachable for {now - failing_since:.0f}s "
-                                        f"(last: {code.name}: {detail}); next batch was {next_batch}") from None
+                raise FeederUnavailable(
+                    f"feeder {address} unreachable for {now - failing_since:.0f}s "
+                    f"(last: {code.name}: {detail}); next batch was {next_batch}"
+                ) from None
             log.warning("feeder %s: %s; reconnecting in %.2fs at batch %d", address, code.name, delay, next_batch)
             time.sleep(delay)
             delay = min(backoff_max, delay * 2)
@@ -103,9 +130,11 @@ class _Interrupted(Exception):
     pass
 
 
-def dataset_info(address: str, split: int = pb.SPLIT_TRAIN, channel_config: ChannelConfig | None = None,
-                 timeout: float = 10.0) -> pb.DatasetInfoResponse:
+def dataset_info(
+    address: str, split: int = pb.SPLIT_TRAIN, channel_config: ChannelConfig | None = None, timeout: float = 10.0
+) -> pb.DatasetInfoResponse:
     """What the feeder serves for ``split``: name, num_examples, shape, classes."""
     with open_channel(address, channel_config) as channel:
         return feeder_pb2_grpc.DataFeederStub(channel).DatasetInfo(
-            pb.DatasetInfoRequest(split=split), timeout=timeout, wait_for_ready=True)
+            pb.DatasetInfoRequest(split=pb.Split.ValueType(split)), timeout=timeout, wait_for_ready=True
+        )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-DTYPES = {
+DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype("u1"),
     0x09: np.dtype("i1"),
     0x0B: np.dtype(">i2"),
@@ -39,8 +39,10 @@ def _is_gzip(path: Path) -> bool:
 
 def _parse_header(head: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
     if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in DTYPES:
-        raise ValueError(f"{path}: not an IDX file (expected 00 00 <dtype code> <ndim> magic, "
-                         f"dtype code one of {[hex(c) for c in DTYPES]})")
+        raise ValueError(
+            f"{path}: not an IDX file (expected 00 00 <dtype code> <ndim> magic, "
+            f"dtype code one of {[hex(c) for c in DTYPES]})"
+        )
     ndim = head[3]
     end = 4 + 4 * ndim
     if len(head) < end:
@@ -69,11 +71,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if _is_gzip(path):
         with gzip.open(path, "rb") as f:
             raw = f.read()
-        dtype, dims, off = _parse_header(raw[:4 + 4 * 255], path)
+        dtype, dims, off = _parse_header(raw[: 4 + 4 * 255], path)
         count = int(np.prod(dims, dtype=np.int64))
         if len(raw) - off < count * dtype.itemsize:
-            raise ValueError(f"{path}: IDX data truncated: header says {dims} of {dtype}, "
-                             f"file holds {len(raw) - off} bytes")
+            raise ValueError(
+                f"{path}: IDX data truncated: header says {dims} of {dtype}, file holds {len(raw) - off} bytes"
+            )
         arr = np.frombuffer(raw, dtype=dtype, count=count, offset=off).reshape(dims)
     else:
         with open(path, "rb") as f:
@@ -81,10 +84,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         dtype, dims, off = _parse_header(head, path)
         count = int(np.prod(dims, dtype=np.int64))
         if path.stat().st_size - off < count * dtype.itemsize:
-            raise ValueError(f"{path}: IDX data truncated: header says {dims} of {dtype}, "
-                             f"file holds {path.stat().st_size - off} bytes")
-        arr = np.memmap(path, dtype=dtype, mode="r", offset=off, shape=dims) if count else \
-            np.zeros(dims, dtype)
+            raise ValueError(
+                f"{path}: IDX data truncated: header says {dims} of {dtype}, "
+                f"file holds {path.stat().st_size - off} bytes"
+            )
+        arr = np.memmap(path, dtype=dtype, mode="r", offset=off, shape=dims) if count else np.zeros(dims, dtype)
     return arr.astype(dtype.newbyteorder("="), copy=False) if dtype.itemsize > 1 else arr
 
 

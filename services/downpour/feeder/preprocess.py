@@ -20,8 +20,9 @@ Pure NumPy + Pillow; nothing here does I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -70,7 +71,7 @@ class PreprocessSpec:
             raise ValueError(f"preprocess.crop {self.crop} is larger than preprocess.size {self.size}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "PreprocessSpec":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> PreprocessSpec:
         """Build from a config mapping; unknown keys are rejected by name."""
         d = dict(d or {})
         allowed = [f.name for f in fields(cls)]
@@ -78,6 +79,12 @@ class PreprocessSpec:
         if unknown:
             raise ValueError(f"unknown preprocess setting(s) {unknown}; allowed: {allowed}")
         return cls(**d)
+
+    @classmethod
+    def for_input(cls, input_chw: tuple[int, ...], normalize: str = "standardize") -> PreprocessSpec:
+        """What the feeder gives a model whose input is (C, H, W): its channels and size, normalised per example."""
+        c, h, w = input_chw
+        return cls(channels=c, size=(h, w), normalize=normalize)
 
     def output_hw(self, source_hw: tuple[int, int]) -> tuple[int, int]:
         """(H, W) of an example whose source (or resized) size is ``source_hw``."""
@@ -166,10 +173,10 @@ def crop(batch: np.ndarray, size: tuple[int, int], rng: np.random.Generator | No
         return batch
     if rng is None:
         top, left = (h - ch) // 2, (w - cw) // 2
-        return batch[:, :, top:top + ch, left:left + cw]
+        return batch[:, :, top : top + ch, left : left + cw]
     tops = rng.integers(0, h - ch + 1, size=n)
     lefts = rng.integers(0, w - cw + 1, size=n)
-    return np.stack([batch[i, :, t:t + ch, l:l + cw] for i, (t, l) in enumerate(zip(tops, lefts))])
+    return np.stack([batch[i, :, t : t + ch, l : l + cw] for i, (t, l) in enumerate(zip(tops, lefts))])
 
 
 def normalize(batch: np.ndarray, mode: str) -> np.ndarray:
@@ -192,9 +199,12 @@ def normalize(batch: np.ndarray, mode: str) -> np.ndarray:
     return out.astype(np.float32).reshape(batch.shape)
 
 
-def apply(images: np.ndarray | Sequence[np.ndarray], spec: PreprocessSpec,
-          rng: np.random.Generator | None = None,
-          default_size: tuple[int, int] | None = None) -> np.ndarray:
+def apply(
+    images: np.ndarray | Sequence[np.ndarray],
+    spec: PreprocessSpec,
+    rng: np.random.Generator | None = None,
+    default_size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Raw images -> float32 (N, C, H, W) batch as ``spec`` says.
 
     ``images`` is an (N, C, H, W) array or a sequence of (C, H, W) arrays

@@ -42,14 +42,16 @@ import logging
 import queue
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import NoReturn
 
 import grpc
 import numpy as np
 
+from downpour import config as jobconfig
 from downpour import metrics
-from downpour.feeder import sharding
+from downpour.feeder import bundled, sharding
 from downpour.feeder.datasets import Dataset, open_dataset
 from downpour.feeder.preprocess import NORMALIZE_MODES, PreprocessSpec
 from downpour.rpc.codec import tensor_to_proto
@@ -68,6 +70,12 @@ HOLDOUT_SEED = 2012
 # How often a waiting stream or producer looks at whether it should stop.
 POLL_SECONDS = 0.1
 BUNDLED_CLASS_NAMES = ["not a face", "face"]
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """``context.abort``, typed as what it does: it always raises."""
+    context.abort(code, details)
+    raise AssertionError("grpc's context.abort returned")  # never reached: abort raises
 
 
 class StartupError(Exception):
@@ -115,15 +123,17 @@ def holdout_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def load_splits(data: str, spec: PreprocessSpec, on_skip: SkipCounter | None = None) -> dict[int, Split]:
     """The TRAIN and (if there is one) TEST split of ``data``; StartupError if unusable."""
+    out: dict[int, Split]
     try:
         if data == "default":
-            from downpour.feeder import bundled
-
             splits = bundled.build(spec)
             train, test = splits.train, splits.heldout
-            out = {pb.SPLIT_TRAIN: Split("default:train", train, np.arange(len(train), dtype=np.int64)),
-                   pb.SPLIT_TEST: Split("default:heldout", test, np.arange(len(test), dtype=np.int64),
-                                        list(BUNDLED_CLASS_NAMES))}
+            out = {
+                pb.SPLIT_TRAIN: Split("default:train", train, np.arange(len(train), dtype=np.int64)),
+                pb.SPLIT_TEST: Split(
+                    "default:heldout", test, np.arange(len(test), dtype=np.int64), list(BUNDLED_CLASS_NAMES)
+                ),
+            }
         else:
             ds = open_dataset(data, spec, on_skip=on_skip)
             names = list(getattr(ds, "classes", []) or [])
@@ -146,7 +156,12 @@ class _Failed:
     error: BaseException
 
 
-_END = object()
+class _End:
+    """The producer's last item: every batch asked for has been queued."""
+
+
+_END = _End()
+_Item = pb.StreamBatchesResponse | _Failed | _End
 
 
 class _Producer:
@@ -154,10 +169,9 @@ class _Producer:
 
     def __init__(self, split: Split, req: pb.StreamBatchesRequest, prefetch: int) -> None:
         self.split, self.req = split, req
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.queue: queue.Queue[_Item] = queue.Queue(maxsize=max(1, prefetch))
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name=f"feeder-r{req.replica}of{req.num_replicas}")
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"feeder-r{req.replica}of{req.num_replicas}")
         seed = None if req.deterministic else int(req.seed)
         self.shard = split.indices[sharding.shard_indices(len(split), req.replica, req.num_replicas, seed)]
 
@@ -173,7 +187,7 @@ class _Producer:
             first_epoch = epoch
             parts, need = [], size
             while need:
-                take = order[pos:pos + need]
+                take = order[pos : pos + need]
                 parts.append(take)
                 need -= len(take)
                 pos += len(take)
@@ -188,7 +202,7 @@ class _Producer:
             return self.shard
         return sharding.epoch_order(self.shard, epoch, int(self.req.seed), int(self.req.replica))
 
-    def _put(self, item: object) -> bool:
+    def _put(self, item: _Item) -> bool:
         while not self.stop.is_set():
             try:
                 self.queue.put(item, timeout=POLL_SECONDS)
@@ -205,8 +219,9 @@ class _Producer:
                     return
                 rng = np.random.default_rng([int(req.seed), int(req.replica), b])
                 x, y = ds.get(idx, rng=rng)
-                resp = pb.StreamBatchesResponse(batch_index=b, epoch=epoch, examples=tensor_to_proto(x),
-                                                example_ids=idx.tolist())
+                resp = pb.StreamBatchesResponse(
+                    batch_index=b, epoch=epoch, examples=tensor_to_proto(x), example_ids=idx.tolist()
+                )
                 if req.with_labels and y is not None:
                     resp.labels.CopyFrom(tensor_to_proto(np.asarray(y, np.int64)))
                 if not self._put(resp):
@@ -216,7 +231,7 @@ class _Producer:
             log.exception("producer for replica %d failed", req.replica)
             self._put(_Failed(e))
 
-    def get(self, active) -> object:
+    def get(self, active: Callable[[], bool]) -> _Item | None:
         """The next item, or None once ``active()`` turns false."""
         while active() and not self.stop.is_set():
             try:
@@ -271,16 +286,18 @@ class Feeder(feeder_pb2_grpc.DataFeederServicer):
         split = self._split(req.split, context)
         pre = grpc.StatusCode.FAILED_PRECONDITION
         if split is None:
-            context.abort(pre, "split: this dataset has no TEST split (fewer than 10 examples)")
+            _abort(context, pre, "split: this dataset has no TEST split (fewer than 10 examples)")
         if req.with_labels and not split.labelled:
             context.abort(pre, f"with_labels: dataset {split.name} has no labels")
         if req.num_replicas > len(split):
-            context.abort(pre, f"num_replicas: {req.num_replicas} replicas but {split.name} holds only "
-                               f"{len(split)} examples")
+            context.abort(
+                pre, f"num_replicas: {req.num_replicas} replicas but {split.name} holds only {len(split)} examples"
+            )
         return split
 
-    def StreamBatches(self, request: pb.StreamBatchesRequest,
-                      context: grpc.ServicerContext) -> Iterator[pb.StreamBatchesResponse]:
+    def StreamBatches(
+        self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamBatchesResponse]:
         split = self._validate(request, context)
         producer = _Producer(split, request, self.prefetch)
         context.add_callback(producer.stop.set)  # the client went away or the RPC ended
@@ -289,16 +306,22 @@ class Feeder(feeder_pb2_grpc.DataFeederServicer):
             self._producers.add(producer)
         metrics.FEEDER_STREAMS.inc()
         producer.thread.start()
-        log.info("stream: replica %d/%d, %s, batch %d from %d, %s", request.replica, request.num_replicas,
-                 split.name, request.batch_size, request.start_batch,
-                 f"{request.max_batches} batches" if request.max_batches else "endless")
+        log.info(
+            "stream: replica %d/%d, %s, batch %d from %d, %s",
+            request.replica,
+            request.num_replicas,
+            split.name,
+            request.batch_size,
+            request.start_batch,
+            f"{request.max_batches} batches" if request.max_batches else "endless",
+        )
         try:
             while True:
                 item = producer.get(context.is_active)
-                if item is None or item is _END:
+                if item is None or isinstance(item, _End):
                     return
                 if isinstance(item, _Failed):
-                    context.abort(grpc.StatusCode.INTERNAL, f"preparing a batch failed: {item.error}")
+                    _abort(context, grpc.StatusCode.INTERNAL, f"preparing a batch failed: {item.error}")
                 yield item
                 metrics.FEEDER_BATCHES.labels(label).inc()
                 metrics.FEEDER_EXAMPLES.labels(label).inc(request.batch_size)
@@ -313,11 +336,17 @@ class Feeder(feeder_pb2_grpc.DataFeederServicer):
         if split is None:  # no TEST split: nothing to serve
             train = self.splits[pb.SPLIT_TRAIN]
             c, h, w = train.dataset.shape
-            return pb.DatasetInfoResponse(name=f"{self.data}:test", num_examples=0,
-                                          channels=c, height=h, width=w)
+            return pb.DatasetInfoResponse(name=f"{self.data}:test", num_examples=0, channels=c, height=h, width=w)
         c, h, w = split.dataset.shape
-        return pb.DatasetInfoResponse(name=split.name, num_examples=len(split), height=h, width=w, channels=c,
-                                      num_classes=split.dataset.num_classes, class_names=split.class_names)
+        return pb.DatasetInfoResponse(
+            name=split.name,
+            num_examples=len(split),
+            height=h,
+            width=w,
+            channels=c,
+            num_classes=split.dataset.num_classes,
+            class_names=split.class_names,
+        )
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -333,10 +362,13 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="downpour serve feeder", description=__doc__.splitlines()[0])
     ServerConfig.add_arguments(ap, port=DEFAULT_PORT)
-    ap.add_argument("--config", help="the job spec (YAML): data, input shape, normalize; "
-                                     "required unless --data and --shape are given")
-    ap.add_argument("--data", help="dataset, overriding the job's: 'default', a folder of images, "
-                                   ".npy/.npz or an IDX file")
+    ap.add_argument(
+        "--config",
+        help="the job spec (YAML): data, input shape, normalize; required unless --data and --shape are given",
+    )
+    ap.add_argument(
+        "--data", help="dataset, overriding the job's: 'default', a folder of images, .npy/.npz or an IDX file"
+    )
     ap.add_argument("--shape", type=parse_shape, help="example shape C,H,W (default: the model's input)")
     ap.add_argument("--normalize", choices=NORMALIZE_MODES, help="per-example normalisation (default: the job's)")
     ap.add_argument("--prefetch", type=int, default=4, help="batches prepared ahead per stream (default 4)")
@@ -347,19 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s feeder %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s feeder %(levelname)s %(name)s: %(message)s"
+    )
     if not args.config and not (args.data and args.shape):
         ap.error("--config is required unless both --data and --shape are given")
     if args.prefetch < 1:
         ap.error(f"--prefetch must be >= 1, got {args.prefetch}")
-    from downpour import config as jobconfig
-
     try:
         cfg = jobconfig.load(args.config, env={}) if args.config else jobconfig.JobConfig()
         shape = args.shape or tuple(cfg.network_spec().input)
-        spec = PreprocessSpec(channels=shape[0], size=(shape[1], shape[2]),
-                              normalize=args.normalize or cfg.normalize, seed=cfg.seed)
+        spec = PreprocessSpec(
+            channels=shape[0], size=(shape[1], shape[2]), normalize=args.normalize or cfg.normalize, seed=cfg.seed
+        )
     except (OSError, ValueError) as e:
         ap.error(str(e))
     data = args.data or cfg.data
@@ -370,8 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"downpour serve feeder: {e}", file=sys.stderr, flush=True)
         return 2
     for s in splits.values():
-        log.info("%s: %d examples of %s, %d classes", s.name, len(s), "x".join(map(str, s.dataset.shape)),
-                 s.dataset.num_classes)
+        log.info(
+            "%s: %d examples of %s, %d classes",
+            s.name,
+            len(s),
+            "x".join(map(str, s.dataset.shape)),
+            s.dataset.num_classes,
+        )
     feeder = Feeder(splits, args.prefetch, data)
     metrics.FEEDER_QUEUE_DEPTH.set_function(feeder.queue_depth)
     server = Server("feeder", ServerConfig.from_args(args))

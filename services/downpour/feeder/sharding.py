@@ -14,7 +14,7 @@ which lets a stream resume at (epoch, position) without replaying the past.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -52,8 +52,9 @@ def epochs(shard: np.ndarray, seed: int = 0, replica: int = 0, start_epoch: int 
         epoch += 1
 
 
-def batches(shard: np.ndarray, batch_size: int, seed: int = 0, replica: int = 0,
-            start_epoch: int = 0, start_position: int = 0) -> Iterator[np.ndarray]:
+def batches(
+    shard: np.ndarray, batch_size: int, seed: int = 0, replica: int = 0, start_epoch: int = 0, start_position: int = 0
+) -> Iterator[np.ndarray]:
     """Endless minibatches of indices from shuffled epochs over ``shard``.
 
     Every batch is full: a batch that reaches the end of an epoch is completed

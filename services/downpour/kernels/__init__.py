@@ -18,5 +18,14 @@ from .lcn import LCNKernels
 from .pooling import L2PoolKernels
 from .source import KERNELS, SOURCE, signatures
 
-__all__ = ["LocalFilterKernels", "L2PoolKernels", "LCNKernels", "Launcher", "CupyLauncher", "launcher_for",
-           "SOURCE", "KERNELS", "signatures"]
+__all__ = [
+    "LocalFilterKernels",
+    "L2PoolKernels",
+    "LCNKernels",
+    "Launcher",
+    "CupyLauncher",
+    "launcher_for",
+    "SOURCE",
+    "KERNELS",
+    "signatures",
+]

@@ -16,7 +16,7 @@ layer is its reference.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .launch import Launcher, launcher_for
 
@@ -49,7 +49,7 @@ class LocalFilterKernels:
     def _im2col(self, launch, x, i0: int, n: int, buf):
         f = self.f
         B = x.shape[3]
-        P = buf[:n * f.Wo * f.K * B].reshape(n * f.Wo, f.K, B)
+        P = buf[: n * f.Wo * f.K * B].reshape(n * f.Wo, f.K, B)
         launch("im2col", P.size, x, P, f.W, f.C, B, f.Wo, f.k, f.s, i0 * f.Wo, P.size)
         return P
 
@@ -64,15 +64,35 @@ class LocalFilterKernels:
         n = self._rows(B, dtype.itemsize)
         return self.xp.empty(n * self.f.Wo * self.f.K * B, dtype=dtype)
 
-    def _dtype(self, *arrays):
-        return self.xp.result_type(*(a.dtype for a in arrays))
+    def _begin(self, *arrays):
+        """(the element type the arrays combine to, the launcher for it): how every direction starts."""
+        dt = self.xp.result_type(*(a.dtype for a in arrays))
+        return dt, self._launcher(dt)
+
+    def _per_location(self, a, dtype):
+        """Codes or their gradient, (Ho, Wo, M, B), as (L, M, B) of ``dtype``."""
+        return self._contig(a, dtype).reshape(self.f.L, self.f.M, a.shape[3])
+
+    def _transposed(self, w, shape, dtype):
+        """Weights reshaped to ``shape`` (1 or L, rows, cols), as (1 or L, cols, rows) of ``dtype``."""
+        return w.reshape(shape).astype(dtype, copy=False).transpose(0, 2, 1)
+
+    def _weight_grad(self, shape, dtype):
+        # tied: every block adds into the one shared location, so it starts at zero
+        return self.xp.zeros(shape, dtype=dtype) if self.f.tied else self.xp.empty(shape, dtype=dtype)
+
+    def _add_weight_grad(self, dW, loc: slice, g) -> None:
+        """Store one block's per-location weight gradient ``g`` (summed over locations when tied)."""
+        if self.f.tied:
+            dW[0] += g.sum(axis=0)
+        else:
+            dW[loc] = g
 
     # the four directions ----------------------------------------------------------
     def forward(self, w, x):
         f, xp = self.f, self.xp
         f._check(x)
-        dt = self._dtype(w, x)
-        launch = self._launcher(dt)
+        dt, launch = self._begin(w, x)
         x = self._contig(x, dt)
         B = x.shape[3]
         w3 = w.reshape(f.weight_shape).astype(dt, copy=False)
@@ -86,24 +106,18 @@ class LocalFilterKernels:
 
     def backward(self, w, x, dy, need_dx: bool = True):
         f, xp = self.f, self.xp
-        dt = self._dtype(w, x, dy)
-        launch = self._launcher(dt)
+        dt, launch = self._begin(w, x, dy)
         x = self._contig(x, dt)
         B = dy.shape[3]
-        w3 = w.reshape(f.weight_shape).astype(dt, copy=False)
-        dY = self._contig(dy, dt).reshape(f.L, f.M, B)
-        dW = xp.zeros(f.weight_shape, dtype=dt) if f.tied else xp.empty(f.weight_shape, dtype=dt)
+        dY = self._per_location(dy, dt)
+        dW = self._weight_grad(f.weight_shape, dt)
         dx = xp.zeros((f.H, f.W, f.C, B), dtype=dt) if need_dx else None
-        wt = w3.transpose(0, 2, 1)  # (1 or L, K, M)
+        wt = self._transposed(w, f.weight_shape, dt)  # (1 or L, K, M)
         buf = self._buffer(B, dt)
         for i0, n in self._blocks(B, dt.itemsize):
             loc = slice(i0 * f.Wo, (i0 + n) * f.Wo)
             P = self._im2col(launch, x, i0, n, buf)
-            g = xp.matmul(dY[loc], P.transpose(0, 2, 1))  # (n*Wo, M, K)
-            if f.tied:
-                dW[0] += g.sum(axis=0)
-            else:
-                dW[loc] = g
+            self._add_weight_grad(dW, loc, xp.matmul(dY[loc], P.transpose(0, 2, 1)))  # (n*Wo, M, K)
             if need_dx:
                 cols = self._contig(xp.matmul(wt if f.tied else wt[loc], dY[loc]), dt)  # (n*Wo, K, B)
                 self._col2im_add(launch, cols, i0, n, dx)
@@ -111,11 +125,10 @@ class LocalFilterKernels:
 
     def decode(self, w2, z):
         f, xp = self.f, self.xp
-        dt = self._dtype(w2, z)
-        launch = self._launcher(dt)
+        dt, launch = self._begin(w2, z)
         B = z.shape[3]
         w3 = w2.reshape(f.decoder_shape).astype(dt, copy=False)
-        Z = self._contig(z, dt).reshape(f.L, f.M, B)
+        Z = self._per_location(z, dt)
         r = xp.zeros((f.H, f.W, f.C, B), dtype=dt)
         for i0, n in self._blocks(B, dt.itemsize):
             loc = slice(i0 * f.Wo, (i0 + n) * f.Wo)
@@ -125,23 +138,17 @@ class LocalFilterKernels:
 
     def decode_backward(self, w2, z, dr):
         f, xp = self.f, self.xp
-        dt = self._dtype(w2, z, dr)
-        launch = self._launcher(dt)
+        dt, launch = self._begin(w2, z, dr)
         dr = self._contig(dr, dt)
         B = z.shape[3]
-        w3 = w2.reshape(f.decoder_shape).astype(dt, copy=False)
-        Z = self._contig(z, dt).reshape(f.L, f.M, B)
-        w2t = w3.transpose(0, 2, 1)  # (1 or L, M, K)
+        Z = self._per_location(z, dt)
+        w2t = self._transposed(w2, f.decoder_shape, dt)  # (1 or L, M, K)
         dZ = xp.empty((f.L, f.M, B), dtype=dt)
-        dW2 = xp.zeros(f.decoder_shape, dtype=dt) if f.tied else xp.empty(f.decoder_shape, dtype=dt)
+        dW2 = self._weight_grad(f.decoder_shape, dt)
         buf = self._buffer(B, dt)
         for i0, n in self._blocks(B, dt.itemsize):
             loc = slice(i0 * f.Wo, (i0 + n) * f.Wo)
             P = self._im2col(launch, dr, i0, n, buf)
             dZ[loc] = xp.matmul(w2t if f.tied else w2t[loc], P)
-            g = xp.matmul(P, Z[loc].transpose(0, 2, 1))  # (n*Wo, K, M)
-            if f.tied:
-                dW2[0] += g.sum(axis=0)
-            else:
-                dW2[loc] = g
+            self._add_weight_grad(dW2, loc, xp.matmul(P, Z[loc].transpose(0, 2, 1)))  # (n*Wo, K, M)
         return dZ.reshape(f.Ho, f.Wo, f.M, B), dW2

@@ -50,14 +50,17 @@ class Launcher:
         if sig is None:
             raise KeyError(f"no kernel {name!r}; kernels: {', '.join(self.signatures)}")
         if len(args) != len(sig):
-            raise TypeError(f"kernel {name} takes {len(sig)} arguments ({', '.join(n for _, n in sig)}), "
-                            f"got {len(args)}")
+            raise TypeError(
+                f"kernel {name} takes {len(sig)} arguments ({', '.join(n for _, n in sig)}), got {len(args)}"
+            )
         out = []
         for (kind, pname), a in zip(sig, args):
             if kind == "array":
                 if a.dtype != self.dtype or not a.flags.c_contiguous:
-                    raise ValueError(f"kernel {name}: {pname} must be C-contiguous {self.dtype}, "
-                                     f"got {a.dtype}{'' if a.flags.c_contiguous else ' (not contiguous)'}")
+                    raise ValueError(
+                        f"kernel {name}: {pname} must be C-contiguous {self.dtype}, "
+                        f"got {a.dtype}{'' if a.flags.c_contiguous else ' (not contiguous)'}"
+                    )
                 out.append(a)
             elif kind == "real":
                 out.append(self.dtype.type(a))
@@ -93,10 +96,10 @@ class CupyLauncher(Launcher):
         fn((blocks,), (BLOCK,), tuple(args))
 
 
-_cache: dict = {}
+_cache: dict[tuple[int, str], CupyLauncher] = {}
 
 
-def launcher_for(xp: ModuleType, dtype) -> Launcher:
+def launcher_for(xp: ModuleType, dtype) -> CupyLauncher:
     """The (shared) CuPy launcher for ``dtype``; one compiled module per element type."""
     if xp is numpy:
         raise ValueError("the raw kernels run on CuPy arrays; NumPy uses downpour.nn's own code")

@@ -9,7 +9,7 @@ rest of LCN is elementwise work and reductions that CuPy runs as they are.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy
 

@@ -9,7 +9,7 @@ temporaries) of the array-level code. Max and average pooling keep
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .launch import Launcher, launcher_for
 

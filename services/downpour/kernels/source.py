@@ -22,8 +22,9 @@ arguments to exactly those C types.
 from __future__ import annotations
 
 import re
+import string
 
-SOURCE = r"""
+_TEMPLATE = r"""
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 /* First window start i (stride s, size k) with i*s + k > pos, i >= 0. */
@@ -37,8 +38,7 @@ __device__ __forceinline__ int first_cover(int pos, int k, int s) {
 extern "C" __global__ void im2col(const real* __restrict__ x, real* __restrict__ out,
                                   int W, int C, int B, int Wo, int k, int s, int l0, long long count) {
     const int K = k * k * C;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < count;
-         t += (long long)blockDim.x * gridDim.x) {
+${GRID_STRIDE}
         const int b = (int)(t % B);
         const long long r = t / B;
         const int kk = (int)(r % K);
@@ -57,14 +57,7 @@ extern "C" __global__ void col2im_add(const real* __restrict__ cols, real* __res
                                       int W, int C, int B, int Wo, int k, int s,
                                       int i0, int i1, int h0, long long count) {
     const int K = k * k * C;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < count;
-         t += (long long)blockDim.x * gridDim.x) {
-        const int b = (int)(t % B);
-        long long r = t / B;
-        const int c = (int)(r % C);
-        r /= C;
-        const int w = (int)(r % W);
-        const int h = (int)(r / W) + h0;
+${HWCB_COL2IM}
         const int ilo = imax(first_cover(h, k, s), i0), ihi = imin(h / s, i1 - 1);
         const int jlo = first_cover(w, k, s), jhi = imin(w / s, Wo - 1);
         real acc = 0;
@@ -85,14 +78,7 @@ extern "C" __global__ void col2im_add(const real* __restrict__ cols, real* __res
 extern "C" __global__ void l2pool_fwd(const real* __restrict__ x, real* __restrict__ y,
                                       int W, int C, int B, int Wo, int p, int s, real eps,
                                       long long count) {
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < count;
-         t += (long long)blockDim.x * gridDim.x) {
-        const int b = (int)(t % B);
-        long long r = t / B;
-        const int c = (int)(r % C);
-        r /= C;
-        const int j = (int)(r % Wo);
-        const int i = (int)(r / Wo);
+${HWCB_POOL_OUT}
         real acc = 0;
         for (int dy = 0; dy < p; ++dy) {
             const long long row = (long long)(i * s + dy) * W;
@@ -111,14 +97,7 @@ extern "C" __global__ void l2pool_bwd(const real* __restrict__ x, const real* __
                                       const real* __restrict__ dy, real* __restrict__ dx,
                                       int W, int C, int B, int Ho, int Wo, int p, int s,
                                       long long count) {
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < count;
-         t += (long long)blockDim.x * gridDim.x) {
-        const int b = (int)(t % B);
-        long long r = t / B;
-        const int c = (int)(r % C);
-        r /= C;
-        const int w = (int)(r % W);
-        const int h = (int)(r / W);
+${HWCB_POOL_IN}
         const int ihi = imin(h / s, Ho - 1), jhi = imin(w / s, Wo - 1);
         const int jlo = first_cover(w, p, s);
         real acc = 0;
@@ -139,8 +118,7 @@ extern "C" __global__ void blur_axis(const real* __restrict__ u, const real* __r
                                      real* __restrict__ out, int size, int n, long long step,
                                      long long count) {
     const int r = size / 2;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < count;
-         t += (long long)blockDim.x * gridDim.x) {
+${GRID_STRIDE}
         const int pos = (int)((t / step) % n);
         const int qlo = imax(0, r - pos), qhi = imin(size - 1, n - 1 - pos + r);
         real acc = 0;
@@ -149,6 +127,32 @@ extern "C" __global__ void blur_axis(const real* __restrict__ u, const real* __r
     }
 }
 """
+
+
+def _unravel_hwcb(x: str, width: str, y: str, offset: str = "") -> str:
+    """The grid-stride loop over the elements t of a (.., width, C, B) array, with t's
+    position in it: b, c, then ``x`` < ``width`` and ``y`` (plus ``offset``)."""
+    return _GRID_STRIDE + (
+        "        const int b = (int)(t % B);\n"
+        "        long long r = t / B;\n"
+        "        const int c = (int)(r % C);\n"
+        "        r /= C;\n"
+        f"        const int {x} = (int)(r % {width});\n"
+        f"        const int {y} = (int)(r / {width}){offset};\n"
+    )
+
+
+# Every kernel walks its elements with this loop (written once here, expanded into the source).
+_GRID_STRIDE = (
+    "    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < count;\n"
+    "         t += (long long)blockDim.x * gridDim.x) {\n"
+)
+SOURCE = string.Template(_TEMPLATE).substitute(
+    GRID_STRIDE=_GRID_STRIDE.rstrip("\n"),
+    HWCB_COL2IM=_unravel_hwcb("w", "W", "h", " + h0").rstrip("\n"),  # input rows h0..
+    HWCB_POOL_OUT=_unravel_hwcb("j", "Wo", "i").rstrip("\n"),
+    HWCB_POOL_IN=_unravel_hwcb("w", "W", "h").rstrip("\n"),
+)
 
 # C type -> the kind a launcher converts a Python argument to.
 _KINDS = {"const real*": "array", "real*": "array", "int": "int32", "long long": "int64", "real": "real"}

@@ -15,7 +15,21 @@ from .spec import FilterSpec, LCNSpec, NetworkSpec, PoolSpec, StageSpec, from_di
 L2Pool = Pool  # the paper's name for the default kind
 
 __all__ = [
-    "LocalFilter", "Pool", "L2Pool", "LCN", "Stage", "Network", "im2col", "col2im",
-    "to_internal", "to_external",
-    "NetworkSpec", "StageSpec", "FilterSpec", "PoolSpec", "LCNSpec", "from_dict", "to_dict",
+    "LocalFilter",
+    "Pool",
+    "L2Pool",
+    "LCN",
+    "Stage",
+    "Network",
+    "im2col",
+    "col2im",
+    "to_internal",
+    "to_external",
+    "NetworkSpec",
+    "StageSpec",
+    "FilterSpec",
+    "PoolSpec",
+    "LCNSpec",
+    "from_dict",
+    "to_dict",
 ]

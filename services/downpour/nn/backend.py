@@ -20,7 +20,7 @@ def get(name: str = "numpy") -> ModuleType:
         return numpy
     if name == "cupy":
         try:
-            import cupy  # noqa: PLC0415 - optional dependency
+            import cupy  # local: CuPy is optional (the gpu extra), imported only when asked for
         except ImportError as e:  # pragma: no cover - depends on the machine
             raise ValueError("backend 'cupy' needs CuPy: pip install 'downpour[gpu]'") from e
         return cupy
@@ -59,5 +59,8 @@ def sliding_view(xp: ModuleType, x, axes: tuple[int, int], window: tuple[int, in
     strides = list(x.strides)
     out_shape = (Ho, Wo, *shape)
     out_strides = (x.strides[ah] * sh, x.strides[aw] * sw, *strides)
-    return xp.lib.stride_tricks.as_strided(x, shape=out_shape, strides=out_strides, writeable=False) \
-        if xp is numpy else xp.lib.stride_tricks.as_strided(x, shape=out_shape, strides=out_strides)
+    return (
+        xp.lib.stride_tricks.as_strided(x, shape=out_shape, strides=out_strides, writeable=False)
+        if xp is numpy
+        else xp.lib.stride_tricks.as_strided(x, shape=out_shape, strides=out_strides)
+    )

@@ -20,6 +20,8 @@ from types import ModuleType
 
 import numpy
 
+from downpour.kernels import LocalFilterKernels
+
 from .backend import sliding_view
 
 
@@ -50,12 +52,12 @@ def col2im(xp: ModuleType, cols, in_shape: tuple[int, int, int, int], field: int
         # Few locations, big fields: add one whole patch per location.
         for i in range(Ho):
             for j in range(Wo):
-                out[i * stride:i * stride + field, j * stride:j * stride + field] += c6[i, j]
+                out[i * stride : i * stride + field, j * stride : j * stride + field] += c6[i, j]
     else:
         # Many locations: one strided add per offset inside the field.
         for dy in range(field):
             for dx in range(field):
-                out[dy:dy + hspan:stride, dx:dx + wspan:stride] += c6[:, :, dy, dx]
+                out[dy : dy + hspan : stride, dx : dx + wspan : stride] += c6[:, :, dy, dx]
     return out
 
 
@@ -65,8 +67,15 @@ class LocalFilter:
     Parameters: ``W`` of shape (L, M, K), or (1, M, K) when ``tied``.
     """
 
-    def __init__(self, in_shape: tuple[int, int, int], maps: int, field: int,
-                 stride: int = 1, tied: bool = False, xp: ModuleType = numpy):
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        maps: int,
+        field: int,
+        stride: int = 1,
+        tied: bool = False,
+        xp: ModuleType = numpy,
+    ):
         C, H, W = in_shape
         if field > min(H, W) or field < 1:
             raise ValueError(f"field={field} does not fit the {H}x{W} input; allowed: 1..{min(H, W)}")
@@ -82,7 +91,6 @@ class LocalFilter:
         # CuPy: the raw kernels of downpour.kernels; NumPy: the code below.
         self.accel = None
         if xp is not numpy:
-            from downpour.kernels import LocalFilterKernels  # noqa: PLC0415 - GPU only
             self.accel = LocalFilterKernels(self)
 
     # shapes -----------------------------------------------------------------
@@ -118,8 +126,9 @@ class LocalFilter:
 
     def _check(self, x) -> None:
         if x.shape[:3] != (self.H, self.W, self.C):
-            raise ValueError(f"input of shape {tuple(x.shape)} does not match (H, W, C) = "
-                             f"{(self.H, self.W, self.C)} (+ batch)")
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not match (H, W, C) = {(self.H, self.W, self.C)} (+ batch)"
+            )
 
     # row walks ----------------------------------------------------------------
     # Every direction walks the Ho rows of output locations instead of
@@ -150,8 +159,8 @@ class LocalFilter:
 
     def _row_patches(self, view, i0, n, out):
         """Copy the patches of output rows i0..i0+n-1 into ``out``; (n*Wo, K, B)."""
-        out = out[:n * self.Wo]
-        out.reshape(n, *view.shape[1:])[...] = view[i0:i0 + n]  # (a reshape of the view would copy)
+        out = out[: n * self.Wo]
+        out.reshape(n, *view.shape[1:])[...] = view[i0 : i0 + n]  # (a reshape of the view would copy)
         return out.reshape(n * self.Wo, self.K, out.shape[-1])
 
     def _patches(self, x):
@@ -178,7 +187,7 @@ class LocalFilter:
             # Few rows: row by row, each add covering the field's whole
             # height (one output row's k offsets dy land on distinct rows).
             for i in range(n):
-                self._add_cols(rows[s * i:s * i + self.k], T[i:i + 1], None, gx)
+                self._add_cols(rows[s * i : s * i + self.k], T[i : i + 1], None, gx)
         else:
             self._add_cols(rows, T, gy, gx)
 
@@ -189,15 +198,15 @@ class LocalFilter:
             if gy is None:
                 dy_view = rows[None]  # (1, k, W, C, B)
             elif wy == s:
-                dy_view = rows[a:a + s * n].reshape(n, s, *rows.shape[1:])
+                dy_view = rows[a : a + s * n].reshape(n, s, *rows.shape[1:])
             else:
-                dy_view = rows[a:a + s * (n - 1) + 1:s, None]
+                dy_view = rows[a : a + s * (n - 1) + 1 : s, None]
             for b, wx in gx:
                 if wx == s:
-                    dst = dy_view[:, :, b:b + s * Wo].reshape(n, wy, Wo, s, *dy_view.shape[3:])
+                    dst = dy_view[:, :, b : b + s * Wo].reshape(n, wy, Wo, s, *dy_view.shape[3:])
                 else:
-                    dst = dy_view[:, :, b:b + s * (Wo - 1) + 1:s, None]
-                dst += T[:, :, a:a + wy, b:b + wx].transpose(0, 2, 1, 3, 4, 5)
+                    dst = dy_view[:, :, b : b + s * (Wo - 1) + 1 : s, None]
+                dst += T[:, :, a : a + wy, b : b + wx].transpose(0, 2, 1, 3, 4, 5)
 
     def _gemm_col2im(self, wt, Z, r):
         """r += col2im(wt @ Z) for wt (1 or L, K, M) (any strides), Z (L, M, B)."""
@@ -215,21 +224,21 @@ class LocalFilter:
         for i0 in range(0, self.Ho, nr):
             n = min(nr, self.Ho - i0)
             loc = slice(i0 * Wo, (i0 + n) * Wo)
-            rows = r[s * i0:s * (i0 + n - 1) + k]
+            rows = r[s * i0 : s * (i0 + n - 1) + k]
             wi = wt[0] if self.tied else wt[loc]
             if self.C == 1 and s == 1:
-                Tk = T[:K * n * Wo * B].reshape(k, k, n, Wo, 1, B)
+                Tk = T[: K * n * Wo * B].reshape(k, k, n, Wo, 1, B)
                 xp.matmul(wi, Z[loc], out=Tk.reshape(K, n * Wo, B).transpose(1, 0, 2))
                 if n < k:
                     for i in range(n):
                         for dx in range(k):
-                            rows[i:i + k, dx:dx + Wo] += Tk[:, dx, i]
+                            rows[i : i + k, dx : dx + Wo] += Tk[:, dx, i]
                 else:
                     for dy in range(k):
                         for dx in range(k):
-                            rows[dy:dy + n, dx:dx + Wo] += Tk[dy, dx]
+                            rows[dy : dy + n, dx : dx + Wo] += Tk[dy, dx]
             else:
-                Tb = T[:n * Wo]
+                Tb = T[: n * Wo]
                 xp.matmul(wi, Z[loc], out=Tb.reshape(n * Wo, K, B))
                 self._add_block_cols(rows, Tb, n)
         return r

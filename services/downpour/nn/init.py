@@ -55,19 +55,25 @@ def layouts(net) -> dict[str, ParamLayout]:
             continue
         overlap = max(1, -(-f.k // f.s)) ** 2
         grid = None if f.tied else (f.Ho, f.Wo)
-        for key, shape, std in ((f"{st.name}.W1", f.weight_shape, 1 / numpy.sqrt(f.K)),
-                                (f"{st.name}.W2", f.decoder_shape, 1 / numpy.sqrt(f.M * overlap * f.K))):
+        for key, shape, std in (
+            (f"{st.name}.W1", f.weight_shape, 1 / numpy.sqrt(f.K)),
+            (f"{st.name}.W2", f.decoder_shape, 1 / numpy.sqrt(f.M * overlap * f.K)),
+        ):
             out[key] = ParamLayout(key, tuple(shape), grid, (), tuple(shape[1:]), float(std))
     if net.spec.classes:
         c, h, w = net.out_shape
         n = net.spec.classes
-        out["head.W"] = ParamLayout("head.W", (n, net.features), (h, w), (n,), (c,), float(1 / numpy.sqrt(net.features)))
+        out["head.W"] = ParamLayout(
+            "head.W", (n, net.features), (h, w), (n,), (c,), float(1 / numpy.sqrt(net.features))
+        )
         out["head.b"] = ParamLayout("head.b", (n,), None, (), (n,), 0.0)
     return out
 
 
 def _stream(seed: int, name: str, row: int) -> numpy.random.Generator:
-    return numpy.random.Generator(numpy.random.PCG64(numpy.random.SeedSequence([int(seed), zlib.crc32(name.encode()), row])))
+    return numpy.random.Generator(
+        numpy.random.PCG64(numpy.random.SeedSequence([int(seed), zlib.crc32(name.encode()), row]))
+    )
 
 
 def values(lay: ParamLayout, seed: int, tile: Tile | None = None, out: numpy.ndarray | None = None) -> numpy.ndarray:

@@ -16,6 +16,8 @@ from types import ModuleType
 
 import numpy
 
+from downpour.kernels import LCNKernels
+
 
 def gaussian_1d(size: int, sigma: float) -> numpy.ndarray:
     r = numpy.arange(size, dtype=numpy.float64) - (size - 1) / 2.0
@@ -30,8 +32,14 @@ def _inside(g: numpy.ndarray, n: int) -> numpy.ndarray:
 
 
 class LCN:
-    def __init__(self, in_shape: tuple[int, int, int], size: int = 5, sigma: float = 0.0,
-                 eps: float = 1e-4, xp: ModuleType = numpy):
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        size: int = 5,
+        sigma: float = 0.0,
+        eps: float = 1e-4,
+        xp: ModuleType = numpy,
+    ):
         C, H, W = in_shape
         if size < 1 or size % 2 == 0:
             raise ValueError(f"lcn size={size} must be odd and >= 1; allowed: 1, 3, 5, ...")
@@ -42,12 +50,11 @@ class LCN:
         self._g = [float(v) for v in g]
         # Weight inside the image for each row / column: the border renormaliser.
         nh, nw = _inside(g, H), _inside(g, W)
-        self._inv_norm = {}
+        self._inv_norm: dict[numpy.dtype, object] = {}  # the renormaliser per dtype, on xp's device
         self._inv_norm_np = (1.0 / numpy.outer(nh, nw))[:, :, None]  # (H, W, 1)
         # CuPy: the blurs by the raw kernels of downpour.kernels; NumPy: _blur below.
         self.accel = None
         if xp is not numpy:
-            from downpour.kernels import LCNKernels  # noqa: PLC0415 - GPU only
             self.accel = LCNKernels(self)
 
     @property
@@ -74,15 +81,15 @@ class LCN:
             return u * self._g[0]
         B = u.shape[2]
         pad = xp.zeros((H + 2 * r, W, B), dtype=u.dtype)
-        pad[r:r + H] = u
+        pad[r : r + H] = u
         t = pad[0:H] * self._g[0]
         for i in range(1, self.size):
-            t += pad[i:i + H] * self._g[i]
+            t += pad[i : i + H] * self._g[i]
         pad = xp.zeros((H, W + 2 * r, B), dtype=u.dtype)
-        pad[:, r:r + W] = t
+        pad[:, r : r + W] = t
         out = pad[:, 0:W] * self._g[0]
         for i in range(1, self.size):
-            out += pad[:, i:i + W] * self._g[i]
+            out += pad[:, i : i + W] * self._g[i]
         return out
 
     def _G(self, x):
@@ -97,8 +104,9 @@ class LCN:
     def forward(self, x):
         xp = self.xp
         if x.shape[:3] != (self.H, self.W, self.C):
-            raise ValueError(f"lcn input of shape {tuple(x.shape)} does not match (H, W, C) = "
-                             f"{(self.H, self.W, self.C)} (+ batch)")
+            raise ValueError(
+                f"lcn input of shape {tuple(x.shape)} does not match (H, W, C) = {(self.H, self.W, self.C)} (+ batch)"
+            )
         v = x - self._G(x)[:, :, None, :]
         sigma = xp.sqrt(xp.maximum(self._G(v * v), 0))  # (H, W, B); clamp rounding below 0
         c = sigma.mean(axis=(0, 1))  # (B,)

@@ -27,6 +27,7 @@ from types import ModuleType
 
 import numpy
 
+from . import init
 from .filtering import LocalFilter
 from .lcn import LCN
 from .pooling import Pool
@@ -148,8 +149,7 @@ class Stage:
         if tica is not None:
             err, sp_ctx, sp_out = tica
             if sp_ctx is not None:
-                g_sp = self.sparsity_pool.backward(
-                    sp_ctx, xp.full(sp_out.shape, self.spec.lam / B, dtype=sp_out.dtype))
+                g_sp = self.sparsity_pool.backward(sp_ctx, xp.full(sp_out.shape, self.spec.lam / B, dtype=sp_out.dtype))
                 dz = g_sp if dz is None else dz + g_sp
             dr = err * (2.0 / B)
             dz_rec, dW2 = self.filter.decode_backward(params[f"{self.name}.W2"], ctx["z"], dr)
@@ -198,10 +198,10 @@ class Network:
         The values are the ones each parameter shard draws for its blocks (``nn.init``):
         an in-process run and a cluster run of the same job start from the same parameters.
         """
-        from . import init
-
-        return {k: self.xp.asarray(init.values(lay, seed).astype(self.dtype, copy=False))
-                for k, lay in init.layouts(self).items()}
+        return {
+            k: self.xp.asarray(init.values(lay, seed).astype(self.dtype, copy=False))
+            for k, lay in init.layouts(self).items()
+        }
 
     def encoder_names(self, upto: int | None = None) -> list[str]:
         """The blocks inference reads (``forward``): the encoders of stages[:upto], and the head
@@ -220,7 +220,9 @@ class Network:
             raise KeyError(f"missing parameter block(s): {', '.join(missing)}")
         for k, s in shapes.items():
             if params[k].size != int(numpy.prod(s)):
-                raise ValueError(f"block {k!r} has {params[k].size} values; expected {int(numpy.prod(s))} for shape {s}")
+                raise ValueError(
+                    f"block {k!r} has {params[k].size} values; expected {int(numpy.prod(s))} for shape {s}"
+                )
         return params
 
     def _input(self, x):

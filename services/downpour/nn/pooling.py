@@ -15,10 +15,19 @@ from types import ModuleType
 
 import numpy
 
+from downpour.kernels import L2PoolKernels
+
 
 class Pool:
-    def __init__(self, in_shape: tuple[int, int, int], size: int, stride: int = 1,
-                 kind: str = "l2", eps: float = 1e-2, xp: ModuleType = numpy):
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        size: int,
+        stride: int = 1,
+        kind: str = "l2",
+        eps: float = 1e-2,
+        xp: ModuleType = numpy,
+    ):
         C, H, W = in_shape
         if kind not in ("l2", "max", "avg"):
             raise ValueError(f"pool kind={kind!r} is unknown; allowed: l2, max, avg")
@@ -33,7 +42,6 @@ class Pool:
         # other kinds: the array code below.
         self.accel = None
         if xp is not numpy and kind == "l2":
-            from downpour.kernels import L2PoolKernels  # noqa: PLC0415 - GPU only
             self.accel = L2PoolKernels(self)
 
     @property
@@ -54,8 +62,9 @@ class Pool:
         """Returns (y as (Ho, Wo, C, B), context for backward)."""
         xp = self.xp
         if x.shape[:3] != (self.H, self.W, self.C):
-            raise ValueError(f"pool input of shape {tuple(x.shape)} does not match (H, W, C) = "
-                             f"{(self.H, self.W, self.C)} (+ batch)")
+            raise ValueError(
+                f"pool input of shape {tuple(x.shape)} does not match (H, W, C) = {(self.H, self.W, self.C)} (+ batch)"
+            )
         if self.accel is not None:
             return self.accel.forward(x)
         B = x.shape[3]

@@ -71,6 +71,7 @@ class NetworkSpec:
 
 # ---------------------------------------------------------------- geometry
 
+
 def filter_out(hw: tuple[int, int], f: FilterSpec) -> tuple[int, int]:
     return ((hw[0] - f.field) // f.stride + 1, (hw[1] - f.field) // f.stride + 1)
 
@@ -100,6 +101,7 @@ def stage_shapes(spec: NetworkSpec) -> list[dict[str, tuple[int, int, int]]]:
 
 
 # ---------------------------------------------------------------- validation
+
 
 def _check_int(where: str, value: Any, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -159,6 +161,7 @@ def validate(spec: NetworkSpec) -> None:
 
 
 # ---------------------------------------------------------------- dict <-> spec
+
 
 def _from_fields(cls, d: Any, where: str):
     if d is None:

@@ -26,29 +26,69 @@ def summarize(spec: NetworkSpec) -> dict:
             n = int(numpy.prod(f.weight_shape))
             connections += f.connections
             total += 2 * n  # encoder W1 + decoder W2
-            layers.append({"name": f"stage{i}.filter", "kind": "conv" if f.tied else "local",
-                           "in_shape": list(shape), "out_shape": list(f.out_shape),
-                           "field": f.k, "stride": f.s, "parameters": 2 * n,
-                           "connections": f.connections, "flops": f.flops()})
+            layers.append(
+                {
+                    "name": f"stage{i}.filter",
+                    "kind": "conv" if f.tied else "local",
+                    "in_shape": list(shape),
+                    "out_shape": list(f.out_shape),
+                    "field": f.k,
+                    "stride": f.s,
+                    "parameters": 2 * n,
+                    "connections": f.connections,
+                    "flops": f.flops(),
+                }
+            )
             shape = f.out_shape
         if st.pool is not None:
             p = Pool(shape, st.pool.size, st.pool.stride, st.pool.kind)
-            layers.append({"name": f"stage{i}.pool", "kind": f"{p.kind}_pool", "in_shape": list(shape),
-                           "out_shape": list(p.out_shape), "size": p.p, "stride": p.s,
-                           "parameters": 0, "flops": p.flops()})
+            layers.append(
+                {
+                    "name": f"stage{i}.pool",
+                    "kind": f"{p.kind}_pool",
+                    "in_shape": list(shape),
+                    "out_shape": list(p.out_shape),
+                    "size": p.p,
+                    "stride": p.s,
+                    "parameters": 0,
+                    "flops": p.flops(),
+                }
+            )
             shape = p.out_shape
         if st.lcn is not None:
-            n = LCN(shape, st.lcn.size, st.lcn.sigma)
-            layers.append({"name": f"stage{i}.lcn", "kind": "lcn", "in_shape": list(shape),
-                           "out_shape": list(shape), "size": n.size, "parameters": 0, "flops": n.flops()})
+            norm = LCN(shape, st.lcn.size, st.lcn.sigma)
+            layers.append(
+                {
+                    "name": f"stage{i}.lcn",
+                    "kind": "lcn",
+                    "in_shape": list(shape),
+                    "out_shape": list(shape),
+                    "size": norm.size,
+                    "parameters": 0,
+                    "flops": norm.flops(),
+                }
+            )
     if spec.classes:
         feats = int(numpy.prod(shape))
         n = spec.classes * feats + spec.classes
         total += n
-        layers.append({"name": "head", "kind": "softmax", "in_shape": list(shape), "out_shape": [spec.classes],
-                       "parameters": n, "flops": 2 * spec.classes * feats})
-    return {"input": list(spec.input), "connections": connections, "total_parameters": total,
-            "flops_per_example": sum(layer["flops"] for layer in layers), "layers": layers}
+        layers.append(
+            {
+                "name": "head",
+                "kind": "softmax",
+                "in_shape": list(shape),
+                "out_shape": [spec.classes],
+                "parameters": n,
+                "flops": 2 * spec.classes * feats,
+            }
+        )
+    return {
+        "input": list(spec.input),
+        "connections": connections,
+        "total_parameters": total,
+        "flops_per_example": sum(layer["flops"] for layer in layers),
+        "layers": layers,
+    }
 
 
 def _human(n: float) -> str:
@@ -63,8 +103,10 @@ def format_summary(name: str, info: dict) -> str:
     rows.append(f"{'layer':<16}{'kind':<10}{'output':>14}{'params':>12}{'FLOPs/ex':>12}")
     for layer in info["layers"]:
         out = "x".join(map(str, layer["out_shape"]))
-        rows.append(f"{layer['name']:<16}{layer['kind']:<10}{out:>14}{_human(layer['parameters']):>12}"
-                    f"{_human(layer['flops']):>12}")
+        rows.append(
+            f"{layer['name']:<16}{layer['kind']:<10}{out:>14}{_human(layer['parameters']):>12}"
+            f"{_human(layer['flops']):>12}"
+        )
     rows.append("")
     rows.append(f"encoder connections: {info['connections']:,}")
     rows.append(f"total parameters (decoders included): {info['total_parameters']:,}")
