@@ -162,7 +162,6 @@ class PeerLinks:
 
     def __init__(self, peers: dict[int, str], chcfg: ChannelConfig) -> None:
         self.links = {p: _Link(a, chcfg) for p, a in peers.items()}
-        self.bytes_sent = 0
 
     def send(self, h: Halo) -> None:
         link = self.links.get(h.to_partition)
@@ -170,7 +169,6 @@ class PeerLinks:
             raise PeerLost(f"no address for partition {h.to_partition}")
         req = to_proto(h)
         n = len(req.halo.tensor.data)
-        self.bytes_sent += n
         metrics.WORKER_HALO_BYTES.inc(n)
         link.send(req)
 

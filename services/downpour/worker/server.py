@@ -79,7 +79,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
     def __init__(
         self, coordinator: str, address: str, chcfg: ChannelConfig, device: str = "cpu", xp: ModuleType = np
     ) -> None:
-        self.coordinator_addr, self.address, self.chcfg, self.device = coordinator, address, chcfg, device
+        self.address, self.chcfg, self.device = address, chcfg, device
         self.xp = xp  # numpy, or cupy for --device gpu (checked at start by downpour.device)
         self.coord = coordinator_pb2_grpc.CoordinatorStub(open_channel(coordinator, chcfg))
         self.member_id = ""
