@@ -156,7 +156,7 @@ def _tiny_with_head():
 
 
 def test_head_only_zeroes_every_gradient_but_the_heads():
-    from downpour.worker.server import head_only
+    from downpour.worker.build import head_only
 
     from downpour.nn.spec import from_dict
 

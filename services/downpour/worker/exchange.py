@@ -38,15 +38,39 @@ class PeerLost(RuntimeError):
 
 
 def to_proto(h: Halo) -> worker_pb2.ExchangeRequest:
-    return worker_pb2.ExchangeRequest(halo=worker_pb2.Halo(
-        generation=h.generation, replica=h.replica, from_partition=h.from_partition, to_partition=h.to_partition,
-        step=h.step, layer=h.layer, direction=h.direction, y0=h.y0, x0=h.x0, y1=h.y1, x1=h.x1,
-        tensor=codec.tensor_to_proto(np.ascontiguousarray(h.tensor))))
+    return worker_pb2.ExchangeRequest(
+        halo=worker_pb2.Halo(
+            generation=h.generation,
+            replica=h.replica,
+            from_partition=h.from_partition,
+            to_partition=h.to_partition,
+            step=h.step,
+            layer=h.layer,
+            direction=worker_pb2.HaloDirection.ValueType(h.direction),
+            y0=h.y0,
+            x0=h.x0,
+            y1=h.y1,
+            x1=h.x1,
+            tensor=codec.tensor_to_proto(np.ascontiguousarray(h.tensor)),
+        )
+    )
 
 
 def from_proto(m: worker_pb2.Halo) -> Halo:
-    return Halo(m.generation, m.replica, m.from_partition, m.to_partition, m.step, m.layer, m.direction,
-                m.y0, m.x0, m.y1, m.x1, codec.tensor_from_proto(m.tensor))
+    return Halo(
+        m.generation,
+        m.replica,
+        m.from_partition,
+        m.to_partition,
+        m.step,
+        m.layer,
+        m.direction,
+        m.y0,
+        m.x0,
+        m.y1,
+        m.x1,
+        codec.tensor_from_proto(m.tensor),
+    )
 
 
 class Mailbox:
@@ -74,8 +98,16 @@ class Mailbox:
             self._cond.notify_all()
             return True
 
-    def take(self, generation: int, step: int, layer: int, direction: int, senders: list[int],
-             timeout: float, cancelled=lambda: False) -> list[Halo]:
+    def take(
+        self,
+        generation: int,
+        step: int,
+        layer: int,
+        direction: int,
+        senders: list[int],
+        timeout: float,
+        cancelled=lambda: False,
+    ) -> list[Halo]:
         deadline = time.monotonic() + timeout
         keys = [(generation, step, layer, direction, s) for s in senders]
         with self._cond:
@@ -85,8 +117,9 @@ class Mailbox:
                 left = deadline - time.monotonic()
                 if left <= 0 or cancelled() or self.generation != generation:
                     missing = [k[-1] for k in keys if k not in self._box]
-                    raise PeerLost(f"no halo from partition(s) {missing} for step {step} layer tag {layer} "
-                                   f"within {timeout:.0f}s")
+                    raise PeerLost(
+                        f"no halo from partition(s) {missing} for step {step} layer tag {layer} within {timeout:.0f}s"
+                    )
                 self._cond.wait(min(left, 0.2))
 
 
@@ -95,7 +128,7 @@ class _Link:
         self.address = address
         self.q: queue.Queue = queue.Queue()
         self.channel = open_channel(address, chcfg)
-        self.error: Exception | None = None
+        self.error: grpc.RpcError | None = None
         call = worker_pb2_grpc.ModelWorkerStub(self.channel).Exchange(self._requests())
         self.thread = threading.Thread(target=self._drain, args=(call,), daemon=True, name=f"halo->{address}")
         self.thread.start()
@@ -129,7 +162,6 @@ class PeerLinks:
 
     def __init__(self, peers: dict[int, str], chcfg: ChannelConfig) -> None:
         self.links = {p: _Link(a, chcfg) for p, a in peers.items()}
-        self.bytes_sent = 0
 
     def send(self, h: Halo) -> None:
         link = self.links.get(h.to_partition)
@@ -137,7 +169,6 @@ class PeerLinks:
             raise PeerLost(f"no address for partition {h.to_partition}")
         req = to_proto(h)
         n = len(req.halo.tensor.data)
-        self.bytes_sent += n
         metrics.WORKER_HALO_BYTES.inc(n)
         link.send(req)
 
@@ -146,8 +177,7 @@ class PeerLinks:
             link.close()
 
 
-def drive(gen, links: PeerLinks, mailbox: Mailbox, generation: int, step: int, timeout: float,
-          cancelled=lambda: False):
+def drive(gen, links: PeerLinks, mailbox: Mailbox, generation: int, step: int, timeout: float, cancelled=lambda: False):
     """Run one partition generator to its ``PartitionResult``, exchanging through links and mailbox."""
     inbox = None
     while True:
@@ -157,8 +187,11 @@ def drive(gen, links: PeerLinks, mailbox: Mailbox, generation: int, step: int, t
             return stop.value
         for h in ex.send:
             links.send(h)
-        inbox = mailbox.take(generation, step, ex.tag, ex.direction, sorted(ex.expect), timeout, cancelled) \
-            if ex.expect else []
+        inbox = (
+            mailbox.take(generation, step, ex.tag, ex.direction, sorted(ex.expect), timeout, cancelled)
+            if ex.expect
+            else []
+        )
 
 
 def serve_exchange(mailbox: Mailbox, request_iterator, context):
@@ -174,6 +207,8 @@ def serve_exchange(mailbox: Mailbox, request_iterator, context):
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad halo tensor: {e}")
         if h.to_partition != mailbox.partition and mailbox.partition >= 0:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"halo for partition {h.to_partition} sent to partition {mailbox.partition}")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"halo for partition {h.to_partition} sent to partition {mailbox.partition}",
+            )
         mailbox.put(h)

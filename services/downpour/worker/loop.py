@@ -27,13 +27,29 @@ array}``: the parameter-server client in a worker, an in-memory store
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 
 from downpour.config import SCHEDULES
+
+
+class ParamStore(Protocol):
+    """What the loop needs of a parameter store (``ParamClient``, ``LocalStore``)."""
+
+    def pull(self, names: list[str]) -> dict[str, np.ndarray]: ...
+
+    def push(self, grads: dict[str, np.ndarray]) -> Any: ...  # a ticket for ``wait``
+
+    def wait(self, ticket: Any) -> object: ...
+
+    def push_pull(self, grads: dict[str, np.ndarray], views: bool = False) -> dict[str, np.ndarray]: ...
+
+
+Compute = Callable[[dict, Any, Any], tuple[float, dict]]
 
 
 @dataclass
@@ -81,9 +97,18 @@ class LocalStore:
 class DownpourLoop:
     """Runs steps of one replica against a parameter store and a batch source."""
 
-    def __init__(self, compute: Callable, store, names: list[str], batches: Iterator,
-                 n_fetch: int = 1, n_push: int = 1, overlap: bool = True, schedule: str = "overlap",
-                 to_host: Callable | None = None):
+    def __init__(
+        self,
+        compute: Compute,
+        store: ParamStore,
+        names: list[str],
+        batches: Iterator,
+        n_fetch: int = 1,
+        n_push: int = 1,
+        overlap: bool = True,
+        schedule: str = "overlap",
+        to_host: Callable[[dict], dict] | None = None,
+    ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
         self.compute = compute  # (params, x, y) -> (loss, grads)
@@ -94,32 +119,32 @@ class DownpourLoop:
         # Background threads only where the schedule overlaps transfers with compute.
         self.overlap = overlap and schedule == "overlap"
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="downpour-io") if self.overlap else None
-        self._pull: Future | None = None
-        self._push: Future | None = None
+        self._pull: Future[dict[str, np.ndarray]] | None = None
+        self._push: Future[None] | None = None
         self._acc: dict[str, np.ndarray] | None = None
         self._nacc = 0
         self.params: dict | None = None
         # Seconds this loop spent blocked, by cause: what overlap did not hide.
         self.waited = {"pull": 0.0, "push": 0.0, "batch": 0.0}
 
-    def _submit(self, fn, *args):
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         if self._pool is None:
-            f: Future = Future()
+            f: Future[Any] = Future()
             f.set_result(fn(*args))
             return f
         return self._pool.submit(fn, *args)
 
-    def _host(self, grads):
+    def _host(self, grads: dict) -> dict:
         return grads if self.to_host is None else self.to_host(grads)
 
-    def _do_push(self, grads):
+    def _do_push(self, grads: dict) -> None:
         self.store.wait(self.store.push(self._host(grads)))
 
     def flush(self) -> None:
         """Push what has been accumulated and wait for every push in flight."""
         if self.schedule == "pushpull":
             if self._acc is not None and self._nacc:
-                self.params = {**self.params, **self.store.push_pull(self._host(self._acc), views=True)}
+                self.params = {**(self.params or {}), **self.store.push_pull(self._host(self._acc), views=True)}
                 self._acc, self._nacc = None, 0
             return
         if self._acc is not None and self._nacc:
@@ -162,26 +187,27 @@ class DownpourLoop:
             self.params = self.store.pull(self.names)
             self.waited["pull"] += time.perf_counter() - t0
         x, loss = self._compute()
-        if self._nacc >= self.n_push:
+        if self._nacc >= self.n_push and self._acc is not None:
             t = time.perf_counter()
             # The shards apply our gradients and hand back the result: the next
             # step computes on parameters that include this replica's own updates.
             # Nothing else pulls meanwhile, so views of the shared region will do.
-            self.params = {**self.params, **self.store.push_pull(self._host(self._acc), views=True)}
+            self.params = {**(self.params or {}), **self.store.push_pull(self._host(self._acc), views=True)}
             self.waited["push"] += time.perf_counter() - t
             self._acc, self._nacc = None, 0
         return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0)
 
-    def _compute(self):
+    def _compute(self) -> tuple[Any, float]:
         """Take a batch, compute the step's gradients and add them to what is pending."""
         t = time.perf_counter()
         x, y = next(self.batches)
         self.waited["batch"] += time.perf_counter() - t
+        assert self.params is not None, "a step pulls before it computes"
         loss, grads = self.compute(self.params, x, y)
         self._accumulate(grads)
         return x, loss
 
-    def _accumulate(self, grads) -> None:
+    def _accumulate(self, grads: dict) -> None:
         if self._acc is None:
             # The gradients are fresh arrays each step: take them over instead of copying.
             self._acc = {k: v if self.to_host else np.asarray(v, dtype=np.float32) for k, v in grads.items()}

@@ -35,6 +35,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -42,204 +45,237 @@ import numpy as np
 from downpour import config as jobconfig
 from downpour import device as devices
 from downpour import metrics
+from downpour.feeder.client import FeederUnavailable
 from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.rpc.server import Server, ServerConfig
-from downpour.v1 import coordinator_pb2 as cpb, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from downpour.worker.exchange import Mailbox, PeerLinks, PeerLost, drive, serve_exchange
-from downpour.worker.loop import DownpourLoop
+from downpour.v1 import common_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from downpour.v1 import coordinator_pb2 as cpb
+from downpour.worker.build import Training, build, missing_peers
+from downpour.worker.exchange import Mailbox, PeerLost, serve_exchange
+from downpour.worker.state import WIRE_STATE, Control, Event, Inbox, State, from_heartbeat, transition
 
 log = logging.getLogger("downpour.worker")
 
-PARAM_TIMEOUT_SECONDS = 30.0  # one pull or push attempt
-PARAM_RETRY_SECONDS = 120.0  # retrying a shard that is down, before giving the slot back
-
-
-def head_only(grads: dict) -> dict:
-    """The gradients with every block but the softmax head's zeroed: a step that trains the head alone
-    (Adagrad and SGD leave a block with a zero gradient exactly where it is)."""
-    return {k: v if k.startswith("head.") else v * 0 for k, v in grads.items()}
+# Coordinator answers that retrying cannot change.
+FINAL_CODES = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
 
 
 class Stop(Exception):
-    """The coordinator ended this worker's part in the job."""
-
-
-class Reassigned(Exception):
-    """The coordinator moved this worker to another slot."""
+    """The process is shutting down: a coordinator call gave up waiting."""
 
 
 class Worker(worker_pb2_grpc.ModelWorkerServicer):
-    def __init__(self, coordinator: str, address: str, chcfg: ChannelConfig, device: str = "cpu", xp=np):
-        self.coordinator_addr, self.address, self.chcfg, self.device = coordinator, address, chcfg, device
+    """The ``ModelWorker`` service and the worker's life (``run``, on the training thread).
+
+    The training thread owns ``life``, ``assignment`` and the progress fields; the heartbeat
+    thread reads ``member_id`` and ``lease`` and speaks to the owner only through ``inbox``.
+    """
+
+    def __init__(
+        self, coordinator: str, address: str, chcfg: ChannelConfig, device: str = "cpu", xp: ModuleType = np
+    ) -> None:
+        self.address, self.chcfg, self.device = address, chcfg, device
         self.xp = xp  # numpy, or cupy for --device gpu (checked at start by downpour.device)
         self.coord = coordinator_pb2_grpc.CoordinatorStub(open_channel(coordinator, chcfg))
         self.member_id = ""
-        self.assignment = None
-        self.job = None
-        self.state = worker_pb2.WORKER_STATE_WAITING
+        self.assignment: common_pb2.Assignment | None = None
+        self.job: common_pb2.JobSpec | None = None
+        self.life = State.REGISTERING
         self.step = 0
         self.loss = float("nan")
         self.rate = 0.0
         self.lease = 5.0
-        self._pending: str | None = None  # "stop" or "reassign", set by the heartbeat thread
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self.inbox = Inbox()  # control from the heartbeat thread and the progress reports
+        self._stop = threading.Event()  # process shutdown: ends every wait and retry at once
         self.mailbox = Mailbox()  # halos from the other partitions of our replica
         self.halo_timeout = 30.0  # a peer silent this long is lost: the replica resynchronises
 
+    def shutdown(self) -> None:
+        """End the worker from any thread: waits and retries stop, the owner sees STOP."""
+        self._stop.set()
+        self.inbox.put(Control(Event.STOP))
+
     # ------------------------------------------------------------- RPCs
-    def Status(self, request, context):
-        r = worker_pb2.StatusResponse(member_id=self.member_id, state=self.state, step=self.step, loss=self.loss,
-                                      examples_per_second=self.rate, device=self.device)
-        if self.assignment is not None:
-            r.assignment.CopyFrom(self.assignment)
+    def Status(self, request: worker_pb2.StatusRequest, context: Any) -> worker_pb2.StatusResponse:
+        r = worker_pb2.StatusResponse(
+            member_id=self.member_id,
+            state=WIRE_STATE[self.life],
+            step=self.step,
+            loss=self.loss,
+            examples_per_second=self.rate,
+            device=self.device,
+        )
+        a = self.assignment
+        if a is not None:
+            r.assignment.CopyFrom(a)
         return r
 
-    def Exchange(self, request_iterator, context):
+    def Exchange(self, request_iterator: Any, context: Any) -> Any:
         return serve_exchange(self.mailbox, request_iterator, context)
 
     # ------------------------------------------------------- coordinator
-    def _call(self, fn, request, timeout: float = 5.0):
-        """A coordinator call retried with backoff until it answers or we are stopped."""
+    def _call(self, fn: Callable[..., Any], request: Any, timeout: float = 5.0) -> Any:
+        """A coordinator call retried with backoff until it answers or we are shut down."""
         delay = 0.1
         while not self._stop.is_set():
             try:
                 return fn(request, timeout=timeout)
             except grpc.RpcError as e:
-                if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                if e.code() in FINAL_CODES:
                     raise
                 log.info("coordinator unavailable (%s); retrying in %.1fs", e.code().name, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 2.0)
         raise Stop()
 
-    def register(self) -> None:
-        r = self._call(self.coord.Register, cpb.RegisterRequest(role=cpb.ROLE_WORKER, address=self.address,
-                                                                member_id=self.member_id))
-        self.member_id, self.job, self.lease = r.member_id, r.job, r.lease_seconds or 5.0
-        self.assignment = r.assignment if r.HasField("assignment") else None
-
     def heartbeat_loop(self) -> None:
+        """The heartbeat thread: renew the lease, and pass on what the coordinator says."""
         while not self._stop.wait(max(0.2, self.lease / 4)):
-            if not self.member_id:
+            member_id = self.member_id
+            if not member_id:
                 continue
             try:
-                r = self.coord.Heartbeat(cpb.HeartbeatRequest(member_id=self.member_id, step=self.step), timeout=2.0)
+                r = self.coord.Heartbeat(cpb.HeartbeatRequest(member_id=member_id, step=self.step), timeout=2.0)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
-                    self._pending = "reregister"  # a coordinator that lost us: register again
+                    self.inbox.put(Control(Event.REREGISTER))  # a coordinator that lost us: register again
                 continue  # coordinator down: keep training, try again later
             metrics.WORKER_HEARTBEATS.inc()
-            if r.action == cpb.ACTION_STOP:
-                self._pending = "stop"
-            elif r.action == cpb.ACTION_REASSIGN or (
-                    r.action == cpb.ACTION_CONTINUE and r.HasField("assignment") and self.assignment is not None
-                    and r.assignment.generation != self.assignment.generation):
-                # A new slot, or a peer partition of our replica was replaced: restart there.
-                with self._lock:
-                    self.assignment = r.assignment
-                self._pending = "reassign"
+            c = from_heartbeat(r)
+            if c is not None:
+                self.inbox.put(c)
 
-    def wait_for_slot(self) -> None:
-        while self.assignment is None:
-            self.state = worker_pb2.WORKER_STATE_WAITING
-            if self._pending == "stop":
-                raise Stop()
-            if self._pending in ("reassign", "reregister"):
-                if self._pending == "reregister":
-                    self.register()
-                self._pending = None
-                continue
-            self._stop.wait(0.2)
+    def _generation(self) -> int | None:
+        return None if self.assignment is None else int(self.assignment.generation)
 
-    # ------------------------------------------------------------ training
-    def train_once(self) -> None:
-        """Run the current assignment until its replica is done or we are moved."""
-        from downpour.feeder.client import batch_stream
-        from downpour.nn import Network
-        from downpour.paramserver.client import ParamClient
+    def _control(self) -> Control | None:
+        """Take the control to act on now, adopting a reassignment's slot."""
+        c = self.inbox.take(self._generation())
+        if c is not None and c.event is Event.REASSIGN:
+            self.assignment = c.assignment
+        return c
 
-        a = self.assignment
-        cfg = jobconfig.from_yaml(self.job.spec_yaml)
-        xp = self.xp
-        if xp is not np and a.num_partitions > 1:
-            raise devices.DeviceError(f"--device gpu: this job's replicas are split into {cfg.partitions} partitions, "
-                                      "and model-parallel partitions compute on the CPU only; run this worker "
-                                      "with --device cpu or the job with partitions 1x1")
-        net = Network(cfg.network_spec(), xp=xp)
-        placement = {b.name: b.shard for b in a.blocks}
-        names = [b.name for b in a.blocks]
-        client = ParamClient(list(a.shard_addresses), placement=placement, channel_config=self.chcfg,
-                             worker_id=self.member_id or self.address, timeout=PARAM_TIMEOUT_SECONDS,
-                             retry_deadline=PARAM_RETRY_SECONDS, shared=cfg.shared_memory,
-                             wire_dtype=cfg.wire_dtype)
-        supervised = cfg.supervised
-        links = None
-        cur = {"step": int(a.start_step)}
+    def _await_control(self) -> Event:
+        """Wait for the coordinator's next word (a spare, a finished replica, a partition without peers)."""
+        while not self._stop.is_set():
+            self.inbox.wait(self._generation(), 0.2)  # read what arrived into the inbox's hold
+            c = self._control()
+            if c is not None and c.event is not None:
+                return c.event
+        return Event.STOP
 
-        if a.num_partitions > 1:
-            # Model parallelism: this worker computes its tile of every layer and
-            # trades halos with the other partitions of the replica.
-            from downpour.nn import to_internal
-            from downpour.partition import PartitionRuntime, plan
+    # ------------------------------------------------------------- states
+    def run(self) -> int:
+        """The worker's life: act in the current state, feed the outcome through ``transition``."""
+        threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
+        actions: dict[State, Callable[[], Event]] = {
+            State.REGISTERING: self._register,
+            State.WAITING: self._await_control,
+            State.TRAINING: self._train,
+            State.RESYNCING: self._resync,
+            State.DONE: self._await_control,
+        }
+        try:
+            while self.life is not State.STOPPED:
+                event = actions[self.life]()
+                self.life = transition(self.life, event)
+        except Stop:
+            self.life = State.STOPPED
+        finally:
+            self._stop.set()
+        log.info("stopped by the coordinator at step %d", self.step)
+        return 0
 
-            rows, cols = cfg.grid()
-            pl = plan(cfg.network_spec(), rows, cols)
-            peers = {q.partition: q.address for q in a.peers if q.partition != a.partition}
-            if len(peers) < a.num_partitions - 1:
-                log.info("replica %d partition %d: waiting for %d more partition(s) to join", a.replica,
-                         a.partition, a.num_partitions - 1 - len(peers))
-                client.close()
-                # The coordinator bumps the replica's generation when a slot fills.
-                while self._pending is None and not self._stop.is_set():
-                    self._stop.wait(0.2)
-                return
-            self.mailbox.reset(a.generation, a.replica, a.partition)
-            links = PeerLinks(peers, self.chcfg)
-            runtime = PartitionRuntime(pl, a.partition, replica=a.replica, generation=a.generation)
-            y0, y1, x0, x1 = pl.tile(0, a.partition)
+    def _register(self) -> Event:
+        r = self._call(
+            self.coord.Register,
+            cpb.RegisterRequest(role=cpb.ROLE_WORKER, address=self.address, member_id=self.member_id),
+        )
+        self.member_id, self.job, self.lease = r.member_id, r.job, r.lease_seconds or 5.0
+        self.assignment = r.assignment if r.HasField("assignment") else None
+        return Event.NO_SLOT if self.assignment is None else Event.SLOT
 
-            def compute(params, x, y):
-                tile = to_internal(np, x)[y0:y1, x0:x1]
-                gen = (runtime.supervised(params, tile, y, cur["step"]) if supervised
-                       else runtime.tica(params, tile, cur["step"]))
-                res = drive(gen, links, self.mailbox, a.generation, cur["step"], self.halo_timeout,
-                            cancelled=lambda: self._pending is not None or self._stop.is_set())
-                return res.loss, head_only(res.grads) if cur["step"] < cfg.head_only_steps else res.grads
-        else:
-            on_device = {"host": None, "params": None}
+    def _resync(self) -> Event:
+        """Give our slot back and take it again: the replica gets a new generation."""
+        c = self._control()
+        if c is not None and c.event is Event.STOP:
+            return Event.STOP
+        gen = self.assignment.generation if self.assignment is not None else -1
+        try:
+            self._call(self.coord.Deregister, cpb.DeregisterRequest(member_id=self.member_id))
+        except grpc.RpcError:
+            pass
+        self.assignment = None
+        self._register()
+        # Wait (bounded) until the peers' heartbeats can see the new generation too.
+        deadline = time.monotonic() + self.lease
+        while self.assignment is not None and self.assignment.generation == gen and time.monotonic() < deadline:
+            self.inbox.wait(self._generation(), 0.2)
+            c = self._control()  # a reassignment is adopted; a lost membership we have just renewed
+            if (c is not None and c.event is Event.STOP) or self._stop.is_set():
+                return Event.STOP
+        return Event.NO_SLOT if self.assignment is None else Event.SLOT
 
-            def compute(params, x, y):
-                # The loop hands us the same host dict until its next pull: copy it to the device once.
-                if params is not on_device["host"]:
-                    on_device["host"], on_device["params"] = params, devices.to_device(xp, params)
-                if supervised:
-                    loss, grads, _ = net.supervised(on_device["params"], x, y)
-                    if cur["step"] < cfg.head_only_steps:
-                        grads = head_only(grads)
-                else:
-                    loss, grads, _ = net.tica(on_device["params"], x)
-                return loss, grads
+    def _train(self) -> Event:
+        """Run the current assignment until its replica is done, we are moved, or a peer, shard or feeder fails."""
+        a, job = self.assignment, self.job
+        assert a is not None and job is not None, "training needs an assignment and a job"
+        if missing_peers(a):
+            log.info(
+                "replica %d partition %d: waiting for %d more partition(s) to join",
+                a.replica,
+                a.partition,
+                missing_peers(a),
+            )
+            return self._await_control()  # the coordinator bumps the replica's generation when a slot fills
+        gen = int(a.generation)
+        try:
+            t = build(
+                a,
+                jobconfig.from_yaml(job.spec_yaml),
+                worker_id=self.member_id or self.address,
+                chcfg=self.chcfg,
+                xp=self.xp,
+                mailbox=self.mailbox,
+                halo_timeout=self.halo_timeout,
+                cancelled=lambda: self.inbox.pending(gen) is not None or self._stop.is_set(),
+            )
+            return self._run_loop(a, t)
+        except (grpc.RpcError, FeederUnavailable) as e:
+            # A shard or the feeder stayed away past the retry deadline: start over in a
+            # fresh generation rather than exit.
+            what = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
+            log.warning("training interrupted (%s); taking the slot again", what)
+            self._stop.wait(1.0)
+            return Event.INTERRUPTED
+        except PeerLost as e:
+            c = self._control()
+            if c is not None and c.event is not None:
+                log.info("replica changed while exchanging halos (%s); restarting the step", c.event.value)
+                return c.event
+            # Nobody moved: ask for a fresh generation so that every partition of the replica restarts together.
+            log.warning("%s; resynchronising the replica", e)
+            return Event.PEER_LOST
 
-        batches = batch_stream(a.feeder_address, a.replica, a.num_replicas, cfg.batch_size,
-                               start_batch=int(a.start_step), with_labels=supervised, seed=cfg.seed,
-                               channel_config=self.chcfg)
-        loop = DownpourLoop(compute, client, names, batches, cfg.n_fetch, cfg.n_push, schedule=cfg.schedule,
-                            to_host=None if xp is np else devices.to_host)
-        self.state = worker_pb2.WORKER_STATE_TRAINING
+    def _run_loop(self, a: common_pb2.Assignment, t: Training) -> Event:
+        """Step ``t``'s loop to the job's last step or until a control event arrives; report progress."""
+        cfg, loop, gen = t.cfg, t.loop, int(a.generation)
         step = int(a.start_step)
         self.step = step
         log.info("replica %d partition %d: training from step %d to %d", a.replica, a.partition, step, cfg.steps)
         last_report, t_rate, n_rate = 0.0, time.perf_counter(), 0
         loss_sum, loss_n = 0.0, 0  # report the mean loss since the last report: less noise than one batch
+        n_steps, first = 0, True
         try:
-            first = True
-            n_steps = 0
             while step < cfg.steps:
-                if self._pending in ("stop", "reassign", "reregister") or self._stop.is_set():
+                if self.inbox.pending(gen) is not None or self._stop.is_set():
                     break
-                cur["step"] = step
+                t.cursor.step = step
                 res = loop.step(step, first=first)
                 first = False
                 step += 1
@@ -258,97 +294,37 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
                     self._report(a, step, loss_sum / loss_n, n_steps * cfg.batch_size)
                     loss_sum, loss_n, n_steps = 0.0, 0, 0
         finally:
-            if links is not None:
-                links.close()
-            loop.close()
-            client.close()
-            batches.close() if hasattr(batches, "close") else None
+            t.close()
         if step >= cfg.steps:
             # The last report is the one the job's completion waits for: a coordinator that is
             # down (restarting) now would otherwise never learn that this replica is done.
             self._report(a, step, self.loss, 0, until_answered=True)
+        c = self._control()
+        if c is not None and c.event is not None:
+            return c.event
+        return Event.STOP if self._stop.is_set() or step < cfg.steps else Event.FINISHED
 
-    def _report(self, a, step: int, loss: float, examples: int, until_answered: bool = False) -> None:
-        req = cpb.ReportProgressRequest(member_id=self.member_id, replica=a.replica, partition=a.partition, step=step,
-                                        loss=loss if np.isfinite(loss) else 0.0, examples=examples)
+    def _report(
+        self, a: common_pb2.Assignment, step: int, loss: float, examples: int, until_answered: bool = False
+    ) -> None:
+        req = cpb.ReportProgressRequest(
+            member_id=self.member_id,
+            replica=a.replica,
+            partition=a.partition,
+            step=step,
+            loss=loss if np.isfinite(loss) else 0.0,
+            examples=examples,
+        )
         try:
-            r = self._call(self.coord.ReportProgress, req, 2.0) if until_answered else \
-                self.coord.ReportProgress(req, timeout=2.0)
+            r = (
+                self._call(self.coord.ReportProgress, req, 2.0)
+                if until_answered
+                else self.coord.ReportProgress(req, timeout=2.0)
+            )
             if not r.keep_running:
-                self._pending = self._pending or "stop"
+                self.inbox.put(Control(Event.STOP))
         except grpc.RpcError:
             pass  # the coordinator is down: keep training, it will catch up from the next report
-
-    def _resync(self) -> None:
-        """Give our slot back and take it again: the replica gets a new generation."""
-        gen = self.assignment.generation if self.assignment is not None else -1
-        try:
-            self._call(self.coord.Deregister, cpb.DeregisterRequest(member_id=self.member_id))
-        except grpc.RpcError:
-            pass
-        self.assignment = None
-        self.register()
-        # Wait (bounded) until the peers' heartbeats can see the new generation too.
-        deadline = time.monotonic() + self.lease
-        while self.assignment is not None and self.assignment.generation == gen and time.monotonic() < deadline:
-            self._stop.wait(0.2)
-
-    def run(self) -> int:
-        from downpour.feeder.client import FeederUnavailable
-
-        threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
-        try:
-            self.register()
-            while True:
-                self.wait_for_slot()
-                try:
-                    self.train_once()
-                except (grpc.RpcError, FeederUnavailable) as e:
-                    # A shard or the feeder stayed away past the retry deadline:
-                    # start over in a fresh generation rather than exit.
-                    what = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
-                    log.warning("training interrupted (%s); taking the slot again", what)
-                    if self._pending == "stop":
-                        raise Stop() from None
-                    self._pending = None
-                    self._stop.wait(1.0)
-                    self._resync()
-                    continue
-                except PeerLost as e:
-                    if self._pending is None:
-                        # Nobody moved: ask for a fresh generation so that every
-                        # partition of the replica restarts together.
-                        log.warning("%s; resynchronising the replica", e)
-                        self._resync()
-                    else:
-                        log.info("replica changed while exchanging halos (%s); restarting the step", self._pending)
-                    if self._pending == "stop":
-                        raise Stop() from None
-                    if self._pending == "reassign":
-                        self._pending = None
-                    continue
-                if self._pending == "reassign":
-                    self._pending = None
-                    continue
-                if self._pending == "reregister":
-                    self._pending = None
-                    self.assignment = None
-                    self.register()
-                    continue
-                # Our replica is done: wait for the coordinator to end the job.
-                self.state = worker_pb2.WORKER_STATE_PAUSED
-                while self._pending not in ("stop", "reassign") and not self._stop.is_set():
-                    self._stop.wait(0.2)
-                if self._pending == "reassign":
-                    self._pending = None
-                    continue
-                raise Stop()
-        except Stop:
-            self.state = worker_pb2.WORKER_STATE_STOPPED
-            log.info("stopped by the coordinator at step %d", self.step)
-            return 0
-        finally:
-            self._stop.set()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,8 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     ServerConfig.add_arguments(ap, port=0)
     ap.add_argument("--coordinator", required=True, help="the coordinator's address (host:port)")
     ap.add_argument("--advertise", default="", help="host name peers reach this worker at (default: this host)")
-    ap.add_argument("--device", default="cpu", choices=devices.DEVICES,
-                    help="compute device: cpu (NumPy) or gpu (CuPy, one CUDA GPU)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=devices.DEVICES,
+        help="compute device: cpu (NumPy) or gpu (CuPy, one CUDA GPU)",
+    )
     return ap
 
 
@@ -382,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     result = {"code": 0}
 
-    def train():
+    def train() -> None:
         try:
             result["code"] = worker.run()
         except Exception:  # noqa: BLE001 - log, exit non-zero so a supervisor restarts us
@@ -394,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threading.Thread(target=train, name="train", daemon=True).start()
     server.wait()
-    worker._stop.set()
+    worker.shutdown()
     if not done.wait(10):
         log.warning("training did not stop within 10 s of shutdown")
     # I/O threads still retrying a pull or push against a dead peer would hold
