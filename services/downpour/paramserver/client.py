@@ -47,7 +47,7 @@ from downpour.paramserver import shared as shm
 from downpour.paramserver.errors import refusal
 from downpour.paramserver.retry import RETRYABLE, RETRYABLE_UNDER_DEADLINE, RetryPolicy
 from downpour.paramserver.server import CREATE_PAYLOAD, PULL_PAYLOAD, PUSH_PAYLOAD, SERVICE, UNARY
-from downpour.paramserver.shared_client import SharedLinks
+from downpour.paramserver.shared_client import SharedCall, SharedLinks
 from downpour.rpc import codec, lowp
 from downpour.rpc.channel import ChannelConfig, open_channel, wait_ready
 from downpour.v1 import common_pb2
@@ -231,7 +231,7 @@ class ParamClient:
         accumulators: bool = False,
     ) -> None:
         link = None if accumulators else self.links.link(shard, group, exact=False)
-        if link is not None and self.links.call(shard, group, link, None, 0, result, out):
+        if link is not None and self.links.call(shard, link, SharedCall(group, None, 0, result, out)):
             return
         part = pb.BLOCK_PART_ACCUMULATOR if accumulators else pb.BLOCK_PART_WEIGHTS
 
@@ -281,7 +281,7 @@ class ParamClient:
 
         def shard_push_pull(shard: int, group: list[str]) -> None:
             link = self.links.link(shard, group, exact=True)
-            if link is not None and self.links.call(shard, group, link, flat, seq, result, None, views=views):
+            if link is not None and self.links.call(shard, link, SharedCall(group, flat, seq, result, views=views)):
                 return
             self._push_shard(shard, group, flat, seq)
             self._pull_group(shard, group, result, None)
@@ -310,7 +310,7 @@ class ParamClient:
         link = self.links.link(shard, names, exact=True)
         if link is not None:
             got: dict[str, np.ndarray] = {}
-            resp = self.links.call(shard, names, link, flat, seq, got, None, pull=False)
+            resp = self.links.call(shard, link, SharedCall(names, flat, seq, got, pull=False))
             if resp:
                 return pb.PushResponse(
                     duplicate=resp.duplicate,

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import grpc
@@ -36,6 +37,19 @@ log = logging.getLogger("downpour.paramserver.client")
 
 # (op, shard, call) -> call(), retried as the client's policy says
 Retrying = Callable[[str, int, Callable[[], Any]], Any]
+
+
+@dataclass
+class SharedCall:
+    """One pull and/or push through a link: what to send, what to read back and where to."""
+
+    group: list[str]  # the blocks to read back (with pull)
+    flat: Mapping[str, np.ndarray] | None  # gradients to push, by block; None: no push
+    seq: int  # the push's sequence number
+    result: dict  # filled with the blocks read back
+    out: Mapping[str, np.ndarray] | None = None  # preallocated arrays to read into
+    pull: bool = True
+    views: bool = False  # read back read-only views of the weight region, not copies
 
 
 class Link:
@@ -114,19 +128,8 @@ class SharedLinks:
         log.info("shard %d (%s): %d blocks through shared memory", shard, address, len(names))
         return Link(region, names, sizes)
 
-    def call(
-        self,
-        shard: int,
-        group: list[str],
-        link: Link,
-        flat: Mapping[str, np.ndarray] | None,
-        seq: int,
-        result: dict,
-        out: Mapping[str, np.ndarray] | None,
-        pull: bool = True,
-        views: bool = False,
-    ) -> pb.PushPullSharedResponse | None:
-        """Push ``flat`` (if given) and/or pull ``group`` through the link; None to fall back to gRPC.
+    def call(self, shard: int, link: Link, job: SharedCall) -> pb.PushPullSharedResponse | None:
+        """Push ``job.flat`` (if given) and/or pull ``job.group`` through the link; None to fall back to gRPC.
 
         A shard that lost our mapping (it restarted) gets a fresh file; one that
         cannot map it any more sends us back to Pull and Push.
@@ -134,11 +137,8 @@ class SharedLinks:
         now = link
         for _ in range(2):
             try:
-                return self.retrying(
-                    "push" if flat is not None else "pull",
-                    shard,
-                    functools.partial(self._once, shard, group, now, flat, seq, result, out, pull, views),
-                )
+                op = "push" if job.flat is not None else "pull"
+                return self.retrying(op, shard, functools.partial(self._once, shard, now, job))
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
                     raise
@@ -154,18 +154,9 @@ class SharedLinks:
                 now = fresh
         return None
 
-    def _once(
-        self,
-        shard: int,
-        group: list[str],
-        link: Link,
-        flat: Mapping[str, np.ndarray] | None,
-        seq: int,
-        result: dict,
-        out: Mapping[str, np.ndarray] | None,
-        pull: bool,
-        views: bool = False,
-    ) -> pb.PushPullSharedResponse:
+    def _once(self, shard: int, link: Link, job: SharedCall) -> pb.PushPullSharedResponse:
+        flat, group, result, out, pull, views = job.flat, job.group, job.result, job.out, job.pull, job.views
+        seq = job.seq
         with link.lock:
             if flat is not None:
                 for n in link.names:
