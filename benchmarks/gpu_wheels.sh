@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels of the services' Python dependencies that a GPU host with CuPy, PyTorch,
 # numpy, grpcio and prometheus-client may lack or have in other versions (the
-# gRPC health and reflection services, protobuf and grpcio matching the
+# gRPC health, reflection and status packages, protobuf and grpcio matching the
 # generated stubs, cryptography), for a host without a package index:
 #
 #   benchmarks/gpu_wheels.sh [DIR]     # default benchmarks/wheels (git-ignored)
@@ -16,7 +16,7 @@ PY=${PYTHON:-.venv/bin/python}
 PYVER=${PYVER:-3.12}
 mkdir -p "$out"
 specs=()
-for n in grpcio grpcio-health-checking grpcio-reflection protobuf cryptography cffi pycparser; do
+for n in grpcio grpcio-health-checking grpcio-reflection grpcio-status googleapis-common-protos protobuf cryptography cffi pycparser; do
     v=$("$PY" -c "import importlib.metadata as m; print(m.version('$n'))")
     specs+=("$n==$v")
 done

@@ -48,8 +48,7 @@ def reference(cfg: jobconfig.JobConfig, net, x_train, x_test) -> dict:
     from downpour.feeder.sharding import batches, shard_indices
     from downpour.worker.loop import DownpourLoop, LocalStore
 
-    store = LocalStore(net.init_params(cfg.seed), cfg.optimizer.lr, cfg.optimizer.eps, cfg.optimizer.kind,
-                       cfg.optimizer.initial_accumulator)
+    store = LocalStore(net.init_params(cfg.seed), cfg.optimizer)
     idx = batches(shard_indices(len(x_train), 0, 1, cfg.seed), cfg.batch_size, cfg.seed, 0)
     source = ((x_train[b], None) for b in idx)
     loop = DownpourLoop(lambda p, x, y: net.tica(p, x)[:2], store, list(store.w), source, schedule="pushpull")

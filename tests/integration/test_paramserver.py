@@ -19,12 +19,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
-from downpour.paramserver.client import ParamClient
+from downpour.paramserver.client import ParamClient, refusal
 from downpour.paramserver.server import PUSH_PAYLOAD
 from downpour.rpc import codec
 from downpour.rpc.channel import open_channel, wait_ready
-from downpour.v1 import common_pb2, paramserver_pb2 as pb
+from downpour.v1 import common_pb2
+from downpour.v1 import paramserver_pb2 as pb
 
 
 class Shard:
@@ -35,8 +35,21 @@ class Shard:
         self.flags = flags
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "downpour.cli", "serve", "paramserver", "--host", "127.0.0.1", "--port", "0", *flags],
-                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                [
+                    sys.executable,
+                    "-m",
+                    "downpour.cli",
+                    "serve",
+                    "paramserver",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    *flags,
+                ],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         self.port = self._read_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -75,6 +88,10 @@ def shards(tmp_path):
             s.kill()
 
 
+# Accumulators from zero (the job's default is 0.1): the expectations below are the formula's from acc = 0.
+FROM_ZERO = ("--initial-accumulator", "0")
+
+
 def adagrad_expected(w0, grads, lr, eps):
     """Adagrad in float64, straight from the formula."""
     w, acc = np.asarray(w0, np.float64).copy(), np.zeros(np.shape(w0))
@@ -86,7 +103,7 @@ def adagrad_expected(w0, grads, lr, eps):
 
 def test_adagrad_exact_after_known_pushes(shards):
     lr, eps = 0.1, 1e-3
-    s = shards("--lr", str(lr), "--eps", str(eps))
+    s = shards("--lr", str(lr), "--eps", str(eps), *FROM_ZERO)
     # 5000 values in chunks of 4 KiB: every block arrives in several chunks.
     with ParamClient([s.address], worker_id="w", chunk_bytes=4096) as ps:
         w0 = np.linspace(-1, 1, 5000, dtype=np.float32).reshape(50, 100)
@@ -112,7 +129,7 @@ def test_adagrad_exact_after_known_pushes(shards):
 
 def test_four_concurrent_pushers_lose_nothing(shards):
     lr, eps, n_each = 0.05, 1e-8, 25
-    addrs = [shards("--lr", str(lr), "--eps", str(eps)).address for _ in range(2)]
+    addrs = [shards("--lr", str(lr), "--eps", str(eps), *FROM_ZERO).address for _ in range(2)]
     # 2-D blocks too: the pushers never pull, so shapes come from their gradients
     blocks = {f"b{i}": np.full((10 * (i + 1), 100), 1.0, np.float32) for i in range(4)}
     with ParamClient(addrs, worker_id="init") as ps:
@@ -146,7 +163,7 @@ def test_four_concurrent_pushers_lose_nothing(shards):
 
 
 def test_retried_push_is_applied_once(shards):
-    s = shards("--lr", "0.5", "--eps", "0")
+    s = shards("--lr", "0.5", "--eps", "0", *FROM_ZERO)
     with ParamClient([s.address], worker_id="w7") as ps:
         ps.init({"x": np.ones(8, np.float32)})
         g = {"x": np.ones(8, np.float32)}
@@ -197,9 +214,14 @@ def test_checkpoint_sigkill_restart_identical(shards, tmp_path):
 def _raw_push(address: str, chunks: list[tuple[common_pb2.TensorChunk, bytes]], worker="bad", seq=1, commit=True):
     ch = open_channel(address)
     try:
-        push = ch.stream_unary(f"/downpour.v1.ParameterServer/Push", request_serializer=None,
-                               response_deserializer=pb.PushResponse.FromString)
-        msgs = [codec.encode(pb.PushRequest(worker_id=worker, seq=seq, chunk=c), PUSH_PAYLOAD, data) for c, data in chunks]
+        push = ch.stream_unary(
+            "/downpour.v1.ParameterServer/Push",
+            request_serializer=None,
+            response_deserializer=pb.PushResponse.FromString,
+        )
+        msgs = [
+            codec.encode(pb.PushRequest(worker_id=worker, seq=seq, chunk=c), PUSH_PAYLOAD, data) for c, data in chunks
+        ]
         if commit:
             msgs.append(pb.PushRequest(worker_id=worker, seq=seq, commit=True).SerializeToString())
         return push(iter(msgs), timeout=30)
@@ -213,30 +235,81 @@ def _chunk(name, shape, dtype=common_pb2.DTYPE_FLOAT32, offset=0, last=True):
 
 GOOD = np.ones(4096, np.float32)
 BAD_INPUTS = {
-    "nan": ([(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 17, np.nan, 1).astype(np.float32).tobytes())],
-            grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': gradient contains NaN or Inf"),
-    "inf": ([(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 4095, -np.inf, 1).astype(np.float32).tobytes())],
-            grpc.StatusCode.INVALID_ARGUMENT, r"NaN or Inf"),
-    "wrong_shape": ([(_chunk("stage1.W1", [4096]), GOOD.tobytes())],
-                    grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': shape \[4096\] does not match the block's \[64, 64\]"),
-    "wrong_dtype": ([(_chunk("stage1.W1", [64, 64], dtype=common_pb2.DTYPE_FLOAT64), np.ones(4096).tobytes())],
-                    grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': dtype float64, expected float32"),
-    "unknown_block": ([(_chunk("stage9.W", [64, 64]), GOOD.tobytes())],
-                      grpc.StatusCode.NOT_FOUND, r"unknown block 'stage9.W'"),
-    "truncated_values": ([(_chunk("stage1.W1", [64, 64]), GOOD[:4095].tobytes())],
-                         grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': expected 4096 float32 values, got 4095"),
-    "truncated_bytes": ([(_chunk("stage1.W1", [64, 64]), GOOD.tobytes()[:-3])],
-                        grpc.StatusCode.INVALID_ARGUMENT, r"16381 bytes, not a whole number of float32 values"),
-    "out_of_order": ([(_chunk("stage1.W1", [64, 64], offset=2048, last=False), GOOD[:2048].tobytes())],
-                     grpc.StatusCode.INVALID_ARGUMENT, r"chunk at offset 2048, expected 0"),
-    "nan_in_second_chunk": ([(_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes()),
-                             (_chunk("stage1.W1", [64, 64], offset=2048), np.full(2048, np.nan, np.float32).tobytes())],
-                            grpc.StatusCode.INVALID_ARGUMENT, r"NaN or Inf \(chunk at offset 2048\)"),
-    "over_limit": ([(_chunk("stage1.W1", [64, 64]), np.ones(300_000, np.float32).tobytes())],
-                   grpc.StatusCode.RESOURCE_EXHAUSTED, r"(?i)larger than max"),
+    "nan": (
+        [(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 17, np.nan, 1).astype(np.float32).tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"block 'stage1.W1': gradient contains NaN or Inf",
+    ),
+    "inf": (
+        [(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 4095, -np.inf, 1).astype(np.float32).tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"NaN or Inf",
+    ),
+    "wrong_shape": (
+        [(_chunk("stage1.W1", [4096]), GOOD.tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"block 'stage1.W1': shape \[4096\] does not match the block's \[64, 64\]",
+    ),
+    "wrong_dtype": (
+        [(_chunk("stage1.W1", [64, 64], dtype=common_pb2.DTYPE_FLOAT64), np.ones(4096).tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"block 'stage1.W1': dtype float64, expected float32",
+    ),
+    "unknown_block": (
+        [(_chunk("stage9.W", [64, 64]), GOOD.tobytes())],
+        grpc.StatusCode.NOT_FOUND,
+        r"unknown block 'stage9.W'",
+    ),
+    "truncated_values": (
+        [(_chunk("stage1.W1", [64, 64]), GOOD[:4095].tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"block 'stage1.W1': expected 4096 float32 values, got 4095",
+    ),
+    "truncated_bytes": (
+        [(_chunk("stage1.W1", [64, 64]), GOOD.tobytes()[:-3])],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"16381 bytes, not a whole number of float32 values",
+    ),
+    "out_of_order": (
+        [(_chunk("stage1.W1", [64, 64], offset=2048, last=False), GOOD[:2048].tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"chunk at offset 2048, expected 0",
+    ),
+    "nan_in_second_chunk": (
+        [
+            (_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes()),
+            (_chunk("stage1.W1", [64, 64], offset=2048), np.full(2048, np.nan, np.float32).tobytes()),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"NaN or Inf \(chunk at offset 2048\)",
+    ),
+    "over_limit": (
+        [(_chunk("stage1.W1", [64, 64]), np.ones(300_000, np.float32).tobytes())],
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        r"(?i)larger than max",
+    ),
     # a stream that stops before a block is complete and without commit
-    "no_commit": ([(_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes())],
-                  grpc.StatusCode.INVALID_ARGUMENT, r"push ended without commit"),
+    "no_commit": (
+        [(_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"push ended without commit",
+    ),
+}
+
+
+# The RefusalReason each bad input is refused with (None: gRPC refuses it before the shard sees it).
+REFUSAL = {
+    "nan": "NOT_FINITE",
+    "inf": "NOT_FINITE",
+    "wrong_shape": "WRONG_SHAPE",
+    "wrong_dtype": "WRONG_DTYPE",
+    "unknown_block": "UNKNOWN_BLOCK",
+    "truncated_values": "TRUNCATED",
+    "truncated_bytes": "TRUNCATED",
+    "out_of_order": "OUT_OF_ORDER",
+    "nan_in_second_chunk": "NOT_FINITE",
+    "over_limit": None,
+    "no_commit": "NO_COMMIT",
 }
 
 
@@ -252,12 +325,23 @@ def strict_shard(tmp_path_factory):
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_push_is_refused_and_changes_nothing(strict_shard, case):
     chunks, code, pattern = BAD_INPUTS[case]
+    reason = REFUSAL[case]
     with ParamClient([strict_shard.address], placement={"stage1.W1": 0, "other": 0}, chunk_bytes=64 << 10) as ps:
         before = (ps.pull(), ps.pull(accumulators=True), [(b.name, b.version) for b in ps.list_blocks()[0].blocks])
         with pytest.raises(grpc.RpcError) as err:
             _raw_push(strict_shard.address, chunks, commit=case != "no_commit")
         assert err.value.code() == code, err.value.details()
-        assert re.search(pattern, err.value.details()), err.value.details()
+        assert re.search(pattern, err.value.details()), err.value.details()  # a message people can act on
+        # ...and the same as data: nothing applied, the refused block and why.
+        got = refusal(err.value)
+        if reason is None:  # refused by gRPC itself, before the shard saw it
+            assert got is None
+        else:
+            assert list(got.applied) == [] and len(got.refused) == 1, got
+            assert got.refused[0].reason == pb.RefusalReason.Value(f"REFUSAL_REASON_{reason}"), got
+            assert got.refused[0].block == (
+                "stage9.W" if case == "unknown_block" else "" if case == "no_commit" else "stage1.W1"
+            )
         after = (ps.pull(), ps.pull(accumulators=True), [(b.name, b.version) for b in ps.list_blocks()[0].blocks])
     for a, b in zip(before[:2], after[:2]):
         for n in a:
@@ -268,7 +352,7 @@ def test_bad_push_is_refused_and_changes_nothing(strict_shard, case):
 def test_push_is_atomic_per_block_and_a_retry_completes_it(shards):
     """A good block before a bad one is applied; the bad one is not; retrying
     the same (worker_id, seq) with a good gradient applies only the missing block."""
-    s = shards("--lr", "0.5", "--eps", "0")
+    s = shards("--lr", "0.5", "--eps", "0", *FROM_ZERO)
     with ParamClient([s.address], worker_id="init") as ps:
         ps.init({"a": np.ones(16, np.float32), "b": np.ones(16, np.float32)})
         good = np.ones(16, np.float32).tobytes()
@@ -276,7 +360,9 @@ def test_push_is_atomic_per_block_and_a_retry_completes_it(shards):
         with pytest.raises(grpc.RpcError) as err:
             _raw_push(s.address, [(_chunk("a", [16]), good), (_chunk("b", [16]), bad)], worker="w", seq=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "block 'b'" in err.value.details() and "applied: ['a']" in err.value.details()
+        got = refusal(err.value)  # what was applied and what refused, as data
+        assert got is not None and list(got.applied) == ["a"]
+        assert [(r.block, r.reason) for r in got.refused] == [("b", pb.REFUSAL_REASON_NOT_FINITE)]
         got = ps.pull(["a", "b"])
         np.testing.assert_array_equal(got["a"], 0.5)  # 1 - 0.5 * 1 / sqrt(1)
         np.testing.assert_array_equal(got["b"], 1.0)
@@ -311,7 +397,10 @@ def test_metrics_health_and_graceful_sigterm(shards, tmp_path):
         with pytest.raises(grpc.RpcError):
             ps.wait(ps.push({"a": np.full(16, np.nan, np.float32)}))
     text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
-    assert re.search(r'grpc_server_handled_total\{grpc_code="OK",grpc_method="Push",grpc_service="downpour.v1.ParameterServer",grpc_type="client_stream"\} 2.0', text)
+    assert re.search(
+        r'grpc_server_handled_total\{grpc_code="OK",grpc_method="Push",grpc_service="downpour.v1.ParameterServer",grpc_type="client_stream"\} 2.0',
+        text,
+    )
     assert re.search(r'grpc_server_handled_total\{grpc_code="INVALID_ARGUMENT",grpc_method="Push",[^}]*\} 1.0', text)
     assert 'grpc_server_handling_seconds_count{grpc_method="Push"' in text
     assert 'downpour_paramserver_pushes_total{outcome="rejected",shard="0"} 1.0' in text
@@ -327,7 +416,9 @@ def test_reflection_lists_the_services(strict_shard):
     ch = open_channel(strict_shard.address)
     try:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        resp = next(
+            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        )
     finally:
         ch.close()
     names = {s.name for s in resp.list_services_response.service}

@@ -14,39 +14,49 @@ import sys
 import grpc
 import numpy as np
 import pytest
+from downpour.paramserver import shared as shm
+from downpour.paramserver.client import ParamClient, refusal
+from downpour.rpc.channel import open_channel
+from downpour.v1 import paramserver_pb2 as pb
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_paramserver import adagrad_expected, shards  # noqa: E402,F401 - the fixture is used by name
+import test_paramserver  # noqa: E402 - found through the sys.path entry above
+from test_paramserver import adagrad_expected  # noqa: E402 - as above
 
-from downpour.paramserver import shared as shm  # noqa: E402
-from downpour.paramserver.client import ParamClient  # noqa: E402
-from downpour.rpc.channel import open_channel  # noqa: E402
-from downpour.v1 import paramserver_pb2 as pb  # noqa: E402
+shards = test_paramserver.shards  # the shard-process fixture, requested by name below
 
 pytestmark = pytest.mark.skipif(not shm.usable(), reason="no writable /dev/shm on this machine")
 
 LR, EPS = 0.1, 1e-3
+# Accumulators from zero (the job's default is 0.1): the expectations are the formula's from acc = 0.
+FLAGS = ("--lr", str(LR), "--eps", str(EPS), "--initial-accumulator", "0")
 PLACE = {"a": 0, "b": 0}
 
 
 def _blocks():
-    return {"a": np.linspace(-1, 1, 3000, dtype=np.float32).reshape(30, 100),
-            "b": np.array([1.0, 2.0, 3.0], np.float32)}
+    return {
+        "a": np.linspace(-1, 1, 3000, dtype=np.float32).reshape(30, 100),
+        "b": np.array([1.0, 2.0, 3.0], np.float32),
+    }
 
 
 def _stub(address: str):
     ch = open_channel(address)
-    attach = ch.unary_unary("/downpour.v1.ParameterServer/AttachShared",
-                            request_serializer=pb.AttachSharedRequest.SerializeToString,
-                            response_deserializer=pb.AttachSharedResponse.FromString)
-    pp = ch.unary_unary("/downpour.v1.ParameterServer/PushPullShared",
-                        request_serializer=pb.PushPullSharedRequest.SerializeToString,
-                        response_deserializer=pb.PushPullSharedResponse.FromString)
+    attach = ch.unary_unary(
+        "/downpour.v1.ParameterServer/AttachShared",
+        request_serializer=pb.AttachSharedRequest.SerializeToString,
+        response_deserializer=pb.AttachSharedResponse.FromString,
+    )
+    pp = ch.unary_unary(
+        "/downpour.v1.ParameterServer/PushPullShared",
+        request_serializer=pb.PushPullSharedRequest.SerializeToString,
+        response_deserializer=pb.PushPullSharedResponse.FromString,
+    )
     return ch, attach, pp
 
 
 def test_shared_pushes_and_pulls_are_exact_and_link_is_used(shards):
-    s = shards("--lr", str(LR), "--eps", str(EPS))
+    s = shards(*FLAGS)
     w0 = _blocks()
     g1 = {"a": np.full((30, 100), 2.0, np.float32), "b": np.array([0.5, -1.0, 0.0], np.float32)}
     g2 = {"a": np.arange(3000, dtype=np.float32).reshape(30, 100) / 1000, "b": np.array([1.0, 1.0, 1.0], np.float32)}
@@ -56,8 +66,8 @@ def test_shared_pushes_and_pulls_are_exact_and_link_is_used(shards):
         first = ps.pull(["a", "b"])  # through gRPC: the client learns the shapes, then maps a file
         np.testing.assert_array_equal(first["a"], w0["a"])
         assert ps.pull(["a", "b"])["b"].tolist() == [1.0, 2.0, 3.0]
-        assert ps._links and all(isinstance(v, object) and v is not False for v in ps._links.values())
-        link = ps._links[0]
+        assert ps.links.links and all(isinstance(v, object) and v is not False for v in ps.links.links.values())
+        link = ps.links.links[0]
         assert set(link.names) == {"a", "b"} and not os.path.exists(link.region.path)  # unlinked once mapped
         ps.wait(ps.push(g1))
         got = ps.push_pull(g2)
@@ -76,7 +86,7 @@ def test_shared_pushes_and_pulls_are_exact_and_link_is_used(shards):
 
 
 def test_retried_shared_push_applies_once_and_bad_gradients_change_nothing(shards):
-    s = shards("--lr", str(LR), "--eps", str(EPS))
+    s = shards(*FLAGS)
     w0 = _blocks()
     with ParamClient([s.address], worker_id="init") as ps:
         ps.init(w0)
@@ -98,6 +108,9 @@ def test_retried_shared_push_applies_once_and_bad_gradients_change_nothing(shard
         with pytest.raises(grpc.RpcError) as e:
             pp(pb.PushPullSharedRequest(worker_id="raw", seq=8, push=True), timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in e.value.details()
+        got = refusal(e.value)  # every block is checked before any is applied: none was
+        assert got is not None and list(got.applied) == []
+        assert [(r.block, r.reason) for r in got.refused] == [("b", pb.REFUSAL_REASON_NOT_FINITE)]
         with pytest.raises(grpc.RpcError) as e:
             pp(pb.PushPullSharedRequest(worker_id="raw", seq=0, push=True), timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -147,7 +160,7 @@ def test_hostile_attach_requests_are_refused(shards, tmp_path):
 
 def test_client_falls_back_to_grpc_where_the_shard_cannot_map_its_file(shards, monkeypatch):
     """A shard on another host: simulated by a client whose files the shard cannot see."""
-    s = shards("--lr", str(LR), "--eps", str(EPS))
+    s = shards(*FLAGS)
     w0 = _blocks()
     with ParamClient([s.address], worker_id="init") as ps:
         ps.init(w0)
@@ -166,7 +179,7 @@ def test_client_falls_back_to_grpc_where_the_shard_cannot_map_its_file(shards, m
     with ParamClient([s.address], worker_id="w", shared=True, placement=PLACE) as ps:
         ps.pull(["a", "b"])
         got = ps.push_pull(g)
-        assert ps._links == {0: False}
+        assert ps.links.links == {0: False}
     for path in elsewhere:
         os.unlink(path)
     np.testing.assert_allclose(got["b"], w0["b"] - LR / (1 + EPS), rtol=1e-6)
@@ -176,7 +189,7 @@ def test_client_falls_back_to_grpc_where_the_shard_cannot_map_its_file(shards, m
 def test_reduced_precision_on_the_wire_is_applied_in_float32(shards, wire):
     """A 16-bit gradient is widened exactly and applied to float32 master weights;
     a 16-bit pull is the shard's float32 values rounded once."""
-    s = shards("--lr", str(LR), "--eps", str(EPS))
+    s = shards(*FLAGS)
     w0 = _blocks()
     rng = np.random.default_rng(1)
     g = {"a": rng.standard_normal((30, 100)).astype(np.float32), "b": np.array([0.3, -0.7, 1e-3], np.float32)}

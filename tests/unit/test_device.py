@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 from downpour import device as devices
+from downpour.optim import OptimizerConfig
 from downpour.worker.loop import DownpourLoop, LocalStore
 
 
@@ -142,7 +143,7 @@ def test_loop_copies_gradients_to_host_once_per_push(n_push):
 
     results = {}
     for name, to_host in (("numpy", None), ("device", CountingHost())):
-        store = LocalStore(init, lr=0.1, eps=1e-6)
+        store = LocalStore(init, OptimizerConfig(lr=0.1, eps=1e-6, initial_accumulator=0.0))
         loop = DownpourLoop(
             compute, store, ["w"], iter(batches), n_fetch=1, n_push=n_push, overlap=False, to_host=to_host
         )

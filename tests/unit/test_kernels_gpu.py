@@ -143,6 +143,7 @@ def test_network_objectives_parity(which, dtype):
 
 def test_training_steps_of_tiny_through_the_worker_loop_match_the_cpu():
     """20 Adagrad steps of tiny: the worker's GPU compute (copy per pull, gradients back per push) vs NumPy."""
+    from downpour.optim import OptimizerConfig
     from downpour.worker.loop import DownpourLoop, LocalStore
 
     spec = presets.get("tiny")
@@ -161,7 +162,7 @@ def test_training_steps_of_tiny_through_the_worker_loop_match_the_cpu():
             loss, grads, _ = net.tica(cache["dev"], x)
             return loss, grads
 
-        store = LocalStore(init, lr=0.01, eps=1e-6)
+        store = LocalStore(init, OptimizerConfig(lr=0.01, eps=1e-6, initial_accumulator=0.0))
         # No overlap: with it, whether a pull sees the previous push depends on timing, and
         # Adagrad's first steps (about lr * sign(g)) turn such differences into lr-sized ones.
         loop = DownpourLoop(

@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 import pytest
+
+from downpour.optim import OptimizerConfig
 from downpour.worker.loop import DownpourLoop, LocalStore
 
 
@@ -195,7 +197,8 @@ def test_unknown_schedule_is_refused():
 def test_local_store_push_pull_equals_push_then_pull():
     w0 = {"a": np.linspace(-1, 1, 7, dtype=np.float32)}
     g = {"a": np.arange(7, dtype=np.float32) - 3}
-    s1, s2 = LocalStore(w0, 0.1, 1e-6), LocalStore(w0, 0.1, 1e-6)
+    opt = OptimizerConfig(lr=0.1, eps=1e-6, initial_accumulator=0.0)
+    s1, s2 = LocalStore(w0, opt), LocalStore(w0, opt)
     got = s1.push_pull(g)
     s2.push(g)
     np.testing.assert_array_equal(got["a"], s2.pull(["a"])["a"])

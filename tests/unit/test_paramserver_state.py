@@ -1,13 +1,17 @@
-"""Shard state without gRPC: placement, dedup, atomic verified checkpoints."""
+"""Shard state without gRPC: placement, dedup, atomic verified checkpoints, refusals as data."""
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
-
 from downpour.paramserver import checkpoint as ckpt
+from downpour.paramserver import errors
+from downpour.paramserver.assembly import Assembly
 from downpour.paramserver.client import balanced_placement
-from downpour.paramserver.store import OptimizerConfig, ShardStore
+from downpour.paramserver.store import OptimizerConfig, ShardStore, StoreError
+from downpour.v1 import common_pb2
+from downpour.v1 import paramserver_pb2 as pb
 
 
 def test_balanced_placement_largest_first_least_loaded():
@@ -73,3 +77,103 @@ def test_checkpoint_ids_are_checked(tmp_path):
     for bad in ("", "..", "a/b"):
         with pytest.raises(ValueError):
             ckpt.shard_path(tmp_path, bad, 0)
+
+
+# -- refusals as data -------------------------------------------------------------------
+
+
+def _chunk(shape=(2, 3), dtype=common_pb2.DTYPE_FLOAT32, offset=0):
+    return common_pb2.TensorChunk(name="blk", dtype=dtype, shape=list(shape), offset=offset)
+
+
+def _values(*v):
+    return memoryview(np.asarray(v, np.float32).tobytes())
+
+
+@pytest.mark.parametrize(
+    "chunks, reason",
+    [
+        ([(_chunk(dtype=common_pb2.DTYPE_FLOAT64), memoryview(np.ones(6).tobytes()))], "wrong_dtype"),
+        ([(_chunk(shape=(6,)), _values(*range(6)))], "wrong_shape"),
+        ([(_chunk(), memoryview(np.ones(6, np.float32).tobytes()[:-1]))], "truncated"),
+        ([(_chunk(offset=3), _values(1, 2, 3))], "out_of_order"),
+        ([(_chunk(), _values(*range(7)))], "too_long"),
+        ([(_chunk(), _values(1, 2, np.nan, 4, 5, 6))], "not_finite"),
+        ([(_chunk(), _values(*range(6))), (_chunk(offset=6), _values(1))], "repeated"),
+    ],
+)
+def test_a_refused_block_says_which_and_why_as_data(chunks, reason):
+    asm = Assembly("blk", (2, 3), 6, reduced=True)
+    with pytest.raises(StoreError) as e:
+        for c, payload in chunks:
+            asm.add(c, payload, check_finite=True)
+    assert (e.value.kind, e.value.block, e.value.reason) == ("invalid", "blk", reason)
+    assert errors.reason_name(errors.reason_value(reason)) == reason
+
+
+def test_incomplete_and_unknown_blocks_are_refused_with_their_reason():
+    asm = Assembly("blk", (2, 3), 6)
+    asm.add(_chunk(), _values(1, 2, 3), check_finite=True)
+    with pytest.raises(StoreError) as e:
+        asm.check_complete()
+    assert (e.value.block, e.value.reason) == ("blk", "truncated")
+    with pytest.raises(StoreError) as e:
+        ShardStore().get("nope")
+    assert (e.value.kind, e.value.block, e.value.reason) == ("not_found", "nope", "unknown_block")
+
+
+def test_every_refusal_reason_has_a_name_and_back():
+    for value in pb.RefusalReason.values():
+        if value:
+            assert errors.reason_value(errors.reason_name(value)) == value
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """The two ways a servicer context ends a call, recorded."""
+
+    def abort(self, code, message):
+        self.status = (code, message, ())
+        raise _Aborted
+
+    def abort_with_status(self, status):
+        self.status = (status.code, status.details, status.trailing_metadata)
+        raise _Aborted
+
+
+class _FailedCall(grpc.RpcError):
+    """What a client sees of that call."""
+
+    def __init__(self, status):
+        self._code, self._details, self._trailing = status
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+def test_a_push_refusal_travels_in_the_status_details():
+    ctx = _Context()
+    error = StoreError("invalid", "block 'b': gradient contains NaN or Inf", block="b", reason="not_finite")
+    with pytest.raises(_Aborted):
+        errors.abort(ctx, error, applied=["a"])
+    assert ctx.status[0] == grpc.StatusCode.INVALID_ARGUMENT
+    got = errors.refusal(_FailedCall(ctx.status))
+    assert got is not None and list(got.applied) == ["a"]
+    assert [(r.block, r.reason) for r in got.refused] == [("b", pb.REFUSAL_REASON_NOT_FINITE)]
+
+
+def test_other_errors_carry_no_refusal():
+    ctx = _Context()
+    with pytest.raises(_Aborted):
+        errors.abort(ctx, StoreError("exists", "block 'a' already exists"))
+    assert ctx.status[0] == grpc.StatusCode.ALREADY_EXISTS
+    assert errors.refusal(_FailedCall(ctx.status)) is None

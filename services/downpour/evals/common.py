@@ -22,10 +22,14 @@ import numpy as np
 from downpour.feeder.preprocess import PreprocessSpec
 from downpour.nn import Network
 from downpour.nn.spec import NetworkSpec
+from downpour.optim import OptimizerConfig
 from downpour.worker.loop import DownpourLoop, LocalStore
 
-DEFAULT_LR = 0.02  # the job config's Adagrad defaults
-DEFAULT_EPS = 1e-6
+# The job's optimizer (downpour.config.JobConfig's defaults): in-process training here
+# takes the steps a distributed job with default settings would.
+OPTIMIZER = OptimizerConfig()
+DEFAULT_LR = OPTIMIZER.lr
+DEFAULT_EPS = OPTIMIZER.eps
 
 
 def preprocess_for(spec: NetworkSpec, normalize: str = "standardize") -> PreprocessSpec:
@@ -71,11 +75,13 @@ def train(net: Network, dataset, *, steps: int, batch_size: int = 32, lr: float 
           time_budget: float | None = None, log=None) -> TrainResult:
     """Train in this process with the Downpour loop against an in-memory Adagrad store.
 
+    The job's optimizer (``OPTIMIZER``) with ``lr`` and ``eps`` in place of its own.
     TICA (unsupervised) by default, softmax cross-entropy with ``supervised``.
     Stops after ``steps`` or when ``time_budget`` seconds have passed.
     """
     init = params if params is not None else net.init_params(seed)
-    store = LocalStore({k: np.asarray(v) for k, v in init.items()}, lr, eps)
+    optimizer = dataclasses.replace(OPTIMIZER, lr=lr, eps=eps)
+    store = LocalStore({k: np.asarray(v) for k, v in init.items()}, optimizer)
     if supervised:
         def compute(p, x, y):
             loss, g, _ = net.supervised(p, x, y)

@@ -14,49 +14,48 @@ the version of each block it pulled and sends it with the gradient, so the
 shards can measure staleness.
 
 With ``retry_deadline`` > 0 (what a worker uses), a pull or push that fails
-because a shard is down, restarting or not yet refilled (UNAVAILABLE,
-DEADLINE_EXCEEDED, NOT_FOUND, CANCELLED) is retried with exponential backoff
-until it succeeds or ``retry_deadline`` seconds have passed; each attempt has
-its own ``timeout``. Without it, only UNAVAILABLE and DEADLINE_EXCEEDED are
-retried, ``retries`` times, at once.
+because a shard is down, restarting or not yet refilled is retried with
+exponential backoff until ``retry_deadline`` seconds have passed; without it,
+only UNAVAILABLE and DEADLINE_EXCEEDED are retried, ``retries`` times, at once
+(``retry.py``). Each attempt has its own ``timeout``.
 
 With ``shared=True`` the client maps a shared-memory file with each shard on
-its host (``paramserver.shared``) after its first pull of a set of blocks;
-from then on pulls and pushes of that set move no tensor bytes through gRPC,
-and ``push_pull`` pushes and pulls in one round trip. A shard elsewhere
-refuses the file and the client keeps to Pull and Push, block for block the
-same results.
+its host after its first pull of a set of blocks (``shared_client.py``); from
+then on pulls and pushes of that set move no tensor bytes through gRPC, and
+``push_pull`` pushes and pulls in one round trip. A shard elsewhere refuses
+the file and the client keeps to Pull and Push, block for block the same
+results.
+
+A push a shard refuses raises its ``grpc.RpcError``; ``refusal(error)`` reads
+what the shard applied of it and why it refused the rest (errors.py).
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
-import os
+import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 
 from downpour.paramserver import shared as shm
-from downpour.paramserver.server import CREATE_PAYLOAD, PULL_PAYLOAD, PUSH_PAYLOAD, SERVICE
+from downpour.paramserver.errors import refusal
+from downpour.paramserver.retry import RETRYABLE, RETRYABLE_UNDER_DEADLINE, RetryPolicy
+from downpour.paramserver.server import CREATE_PAYLOAD, PULL_PAYLOAD, PUSH_PAYLOAD, SERVICE, UNARY
+from downpour.paramserver.shared_client import SharedCall, SharedLinks
 from downpour.rpc import codec, lowp
 from downpour.rpc.channel import ChannelConfig, open_channel, wait_ready
-from downpour.v1 import common_pb2, paramserver_pb2 as pb
+from downpour.v1 import common_pb2
+from downpour.v1 import paramserver_pb2 as pb
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-# A shard that restarted answers NOT_FOUND until the coordinator has refilled it.
-RETRYABLE_UNDER_DEADLINE = RETRYABLE + (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED)
-# An AttachShared that fails with these is asked again later (the shard is away or being
-# refilled); any other answer (FAILED_PRECONDITION: it cannot open our file) means gRPC for good.
-_NOT_YET = RETRYABLE_UNDER_DEADLINE
-_LATER = object()
+__all__ = ["RETRYABLE", "RETRYABLE_UNDER_DEADLINE", "ParamClient", "balanced_placement", "refusal"]
 
-log = logging.getLogger("downpour.paramserver.client")
+T = TypeVar("T")
 
 
 def balanced_placement(block_sizes: Mapping[str, int], num_shards: int) -> dict[str, int]:
@@ -71,40 +70,39 @@ def balanced_placement(block_sizes: Mapping[str, int], num_shards: int) -> dict[
 
 
 class _Shard:
+    """One shard's channel and a callable per RPC, the unary ones named after it in snake case."""
+
+    list_blocks: Any
+    checkpoint: Any
+    restore: Any
+    set_optimizer: Any
+    init_blocks: Any
+    attach_shared: Any
+    push_pull_shared: Any
+
     def __init__(self, address: str, config: ChannelConfig) -> None:
         self.address = address
         self.channel = open_channel(address, config)
-        self.create = self.channel.stream_unary(
-            f"/{SERVICE}/CreateBlocks", request_serializer=None, response_deserializer=pb.CreateBlocksResponse.FromString)
-        self.pull = self.channel.unary_stream(
-            f"/{SERVICE}/Pull", request_serializer=pb.PullRequest.SerializeToString,
-            response_deserializer=lambda b: codec.decode(pb.PullResponse, b, PULL_PAYLOAD))
-        self.push = self.channel.stream_unary(
-            f"/{SERVICE}/Push", request_serializer=None, response_deserializer=pb.PushResponse.FromString)
-        self.list_blocks = self.channel.unary_unary(
-            f"/{SERVICE}/ListBlocks", request_serializer=pb.ListBlocksRequest.SerializeToString,
-            response_deserializer=pb.ListBlocksResponse.FromString)
-        self.checkpoint = self.channel.unary_unary(
-            f"/{SERVICE}/Checkpoint", request_serializer=pb.CheckpointRequest.SerializeToString,
-            response_deserializer=pb.CheckpointResponse.FromString)
-        self.restore = self.channel.unary_unary(
-            f"/{SERVICE}/Restore", request_serializer=pb.RestoreRequest.SerializeToString,
-            response_deserializer=pb.RestoreResponse.FromString)
-        self.attach_shared = self.channel.unary_unary(
-            f"/{SERVICE}/AttachShared", request_serializer=pb.AttachSharedRequest.SerializeToString,
-            response_deserializer=pb.AttachSharedResponse.FromString)
-        self.push_pull_shared = self.channel.unary_unary(
-            f"/{SERVICE}/PushPullShared", request_serializer=pb.PushPullSharedRequest.SerializeToString,
-            response_deserializer=pb.PushPullSharedResponse.FromString)
-
-
-class _Link:
-    """A shared-memory file mapped by this client and one shard."""
-
-    def __init__(self, region: shm.Region, names: list[str], sizes: list[int]) -> None:
-        self.region, self.names = region, names
-        self.index = dict(zip(names, shm.layout(sizes)))
-        self.lock = threading.Lock()  # the regions hold one call's data at a time
+        self.create: Any = self.channel.stream_unary(
+            f"/{SERVICE}/CreateBlocks",
+            request_serializer=None,
+            response_deserializer=pb.CreateBlocksResponse.FromString,
+        )
+        self.pull: Any = self.channel.unary_stream(
+            f"/{SERVICE}/Pull",
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=lambda b: codec.decode(pb.PullResponse, b, PULL_PAYLOAD),
+        )
+        self.push: Any = self.channel.stream_unary(
+            f"/{SERVICE}/Push", request_serializer=None, response_deserializer=pb.PushResponse.FromString
+        )
+        for name in UNARY:
+            stub = self.channel.unary_unary(
+                f"/{SERVICE}/{name}",
+                request_serializer=getattr(pb, f"{name}Request").SerializeToString,
+                response_deserializer=getattr(pb, f"{name}Response").FromString,
+            )
+            setattr(self, re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower(), stub)  # ListBlocks -> list_blocks
 
 
 def _flat(name: str, a: np.ndarray) -> np.ndarray:
@@ -116,11 +114,22 @@ def _flat(name: str, a: np.ndarray) -> np.ndarray:
 
 
 class ParamClient:
-    def __init__(self, shard_addresses: Iterable[str], *, worker_id: str = "", placement: Mapping[str, int] | None = None,
-                 channel_config: ChannelConfig | None = None, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 timeout: float = 120.0, retries: int = 3, retry_deadline: float = 0.0,
-                 backoff_initial: float = 0.1, backoff_max: float = 2.0, shared: bool = False,
-                 wire_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        shard_addresses: Iterable[str],
+        *,
+        worker_id: str = "",
+        placement: Mapping[str, int] | None = None,
+        channel_config: ChannelConfig | None = None,
+        chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+        timeout: float = 120.0,
+        retries: int = 3,
+        retry_deadline: float = 0.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 2.0,
+        shared: bool = False,
+        wire_dtype: str = "float32",
+    ) -> None:
         cfg = channel_config or ChannelConfig()
         self.shards = [_Shard(a, cfg) for a in shard_addresses]
         if not self.shards:
@@ -130,8 +139,8 @@ class ParamClient:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.versions: dict[str, int] = {}
         self.chunk_bytes = min(chunk_bytes, cfg.max_message_bytes - (64 << 10))
-        self.timeout, self.retries = timeout, retries
-        self.retry_deadline, self.backoff = retry_deadline, (backoff_initial, backoff_max)
+        self.timeout = timeout
+        self.retry = RetryPolicy(retries, retry_deadline, backoff_initial, backoff_max)
         self._closed = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(self.shards)), thread_name_prefix="ps-client")
         # Sequence numbers start from the clock (microseconds), not from 1: a worker that
@@ -142,11 +151,13 @@ class ParamClient:
         self._tickets: dict[int, list[Future]] = {}
         self._lock = threading.Lock()
         self.shared = shared and shm.usable()
+        self.links = SharedLinks(
+            self.shards, self.worker_id, timeout, self.shapes, self.versions, self._retrying, enabled=self.shared
+        )
         if wire_dtype not in lowp.WIRE_DTYPES:
             raise ValueError(f"wire_dtype={wire_dtype!r} is unknown; allowed: {', '.join(lowp.WIRE_DTYPES)}")
         # How weights and gradients travel through gRPC (the shared-memory path is float32).
         self.wire = lowp.WIRE_DTYPES[wire_dtype]
-        self._links: dict[int, _Link | bool] = {}  # False: this shard cannot map our files
 
     # -- placement -----------------------------------------------------------
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -180,10 +191,14 @@ class ParamClient:
                 for n in names:
                     shape = tuple(np.shape(blocks[n]))
                     for a, b in codec.chunk_spans(flat[n].size, 4, self.chunk_bytes):
-                        hdr = common_pb2.TensorChunk(name=n, dtype=common_pb2.DTYPE_FLOAT32, shape=shape, offset=a,
-                                                     last=b >= flat[n].size)
-                        yield codec.encode(pb.CreateBlocksRequest(chunk=hdr, overwrite=overwrite), CREATE_PAYLOAD, flat[n][a:b])
+                        hdr = common_pb2.TensorChunk(
+                            name=n, dtype=common_pb2.DTYPE_FLOAT32, shape=shape, offset=a, last=b >= flat[n].size
+                        )
+                        yield codec.encode(
+                            pb.CreateBlocksRequest(chunk=hdr, overwrite=overwrite), CREATE_PAYLOAD, flat[n][a:b]
+                        )
                 yield pb.CreateBlocksRequest(commit=True).SerializeToString()
+
             resp = self.shards[shard].create(reqs(), timeout=self.timeout)
             for info in resp.blocks:
                 self.shapes[info.name] = tuple(info.shape)
@@ -191,8 +206,13 @@ class ParamClient:
 
         self._all_shards(create, self._by_shard(flat))
 
-    def pull(self, names: Iterable[str] | None = None, *, out: Mapping[str, np.ndarray] | None = None,
-             accumulators: bool = False) -> dict[str, np.ndarray]:
+    def pull(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        out: Mapping[str, np.ndarray] | None = None,
+        accumulators: bool = False,
+    ) -> dict[str, np.ndarray]:
         """Current values of ``names`` (default: every placed block), from all shards in parallel.
 
         ``out`` may supply preallocated float32 arrays to fill (no allocation).
@@ -202,16 +222,26 @@ class ParamClient:
         self._all_shards(lambda s, g: self._pull_group(s, g, result, out, accumulators), self._by_shard(names))
         return {n: result[n].reshape(self.shapes[n]) for n in names}
 
-    def _pull_group(self, shard: int, group: list[str], result: dict, out: Mapping[str, np.ndarray] | None,
-                    accumulators: bool = False) -> None:
-        link = None if accumulators else self._link(shard, group, exact=False)
-        if link is not None and self._call_shared(shard, group, link, None, 0, result, out):
+    def _pull_group(
+        self,
+        shard: int,
+        group: list[str],
+        result: dict,
+        out: Mapping[str, np.ndarray] | None,
+        accumulators: bool = False,
+    ) -> None:
+        link = None if accumulators else self.links.link(shard, group, exact=False)
+        if link is not None and self.links.call(shard, link, SharedCall(group, None, 0, result, out)):
             return
         part = pb.BLOCK_PART_ACCUMULATOR if accumulators else pb.BLOCK_PART_WEIGHTS
 
         def pull_shard(shard: int, group: list[str]) -> None:
-            req = pb.PullRequest(names=group, max_chunk_bytes=self.chunk_bytes, part=part,
-                                 dtype=common_pb2.DTYPE_FLOAT32 if accumulators else self.wire)
+            req = pb.PullRequest(
+                names=group,
+                max_chunk_bytes=self.chunk_bytes,
+                part=part,
+                dtype=common_pb2.DTYPE_FLOAT32 if accumulators else self.wire,
+            )
             for msg, payload in self.shards[shard].pull(req, timeout=self.timeout):
                 c = msg.chunk
                 dst = result.get(c.name)
@@ -231,7 +261,7 @@ class ParamClient:
                 item = lowp.ITEMSIZE.get(c.dtype)
                 if item is None or payload.nbytes % item:
                     raise ValueError(f"block {c.name!r}: shard sent {payload.nbytes} bytes of dtype {c.dtype}")
-                lowp.decode(payload, c.dtype, out=dst[c.offset:c.offset + payload.nbytes // item])
+                lowp.decode(payload, c.dtype, out=dst[c.offset : c.offset + payload.nbytes // item])
 
         self._retrying("pull", shard, lambda: pull_shard(shard, group))
 
@@ -250,8 +280,8 @@ class ParamClient:
         result: dict[str, np.ndarray] = {}
 
         def shard_push_pull(shard: int, group: list[str]) -> None:
-            link = self._link(shard, group, exact=True)
-            if link is not None and self._call_shared(shard, group, link, flat, seq, result, None, views=views):
+            link = self.links.link(shard, group, exact=True)
+            if link is not None and self.links.call(shard, link, SharedCall(group, flat, seq, result, views=views)):
                 return
             self._push_shard(shard, group, flat, seq)
             self._pull_group(shard, group, result, None)
@@ -277,181 +307,68 @@ class ParamClient:
         return [f.result() for f in futs]
 
     def _push_shard(self, shard: int, names: list[str], flat: Mapping[str, np.ndarray], seq: int) -> pb.PushResponse:
-        link = self._link(shard, names, exact=True)
+        link = self.links.link(shard, names, exact=True)
         if link is not None:
             got: dict[str, np.ndarray] = {}
-            resp = self._call_shared(shard, names, link, flat, seq, got, None, pull=False)
+            resp = self.links.call(shard, link, SharedCall(names, flat, seq, got, pull=False))
             if resp:
-                return pb.PushResponse(duplicate=resp.duplicate, blocks=[
-                    pb.BlockInfo(name=n, version=v) for n, v in zip(link.names, resp.versions)])
+                return pb.PushResponse(
+                    duplicate=resp.duplicate,
+                    blocks=[pb.BlockInfo(name=n, version=v) for n, v in zip(link.names, resp.versions)],
+                )
+
         def reqs() -> Iterator[bytes]:
             for n in names:
                 g = flat[n]
                 shape = self.shapes.get(n, (g.size,))
                 for a, b in codec.chunk_spans(g.size, lowp.ITEMSIZE[self.wire], self.chunk_bytes):
                     hdr = common_pb2.TensorChunk(name=n, dtype=self.wire, shape=shape, offset=a, last=b >= g.size)
-                    yield codec.encode(pb.PushRequest(worker_id=self.worker_id, seq=seq, chunk=hdr,
-                                                      base_version=self.versions.get(n, 0)), PUSH_PAYLOAD,
-                                       lowp.encode(g[a:b], self.wire))
+                    yield codec.encode(
+                        pb.PushRequest(
+                            worker_id=self.worker_id, seq=seq, chunk=hdr, base_version=self.versions.get(n, 0)
+                        ),
+                        PUSH_PAYLOAD,
+                        lowp.encode(g[a:b], self.wire),
+                    )
             yield pb.PushRequest(worker_id=self.worker_id, seq=seq, commit=True).SerializeToString()
 
-        if self.retry_deadline > 0:
-            # Same (worker_id, seq) on every attempt: the shard applies it at most once.
-            return self._retrying("push", shard, lambda: self.shards[shard].push(reqs(), timeout=self.timeout))
-        for attempt in range(self.retries + 1):
-            try:
-                resp = self.shards[shard].push(reqs(), timeout=self.timeout)
-                break
-            except grpc.RpcError as e:
-                # Same (worker_id, seq) on every attempt: the shard applies it at most once.
-                if e.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-        return resp
+        # Same (worker_id, seq) on every attempt: the shard applies it at most once.
+        def call() -> pb.PushResponse:
+            return self.shards[shard].push(reqs(), timeout=self.timeout)
 
-    def _retrying(self, op: str, shard: int, call):
+        return self._retrying("push", shard, call) if self.retry.deadline > 0 else self.retry.at_once(call)
+
+    def _retrying(self, op: str, shard: int, call: Callable[[], T]) -> T:
         """``call()`` retried with exponential backoff until ``retry_deadline`` (when set)."""
-        if self.retry_deadline <= 0:
-            return call()
-        from downpour import metrics
-
-        give_up = time.monotonic() + self.retry_deadline
-        delay, cap = self.backoff
-        while True:
-            try:
-                return call()
-            except grpc.RpcError as e:
-                code = e.code()
-                if code not in RETRYABLE_UNDER_DEADLINE or time.monotonic() + delay > give_up or self._closed.is_set():
-                    raise
-                metrics.PARAM_CLIENT_RETRIES.labels(op, code.name).inc()
-                log.warning("%s on shard %d (%s) failed: %s; retrying in %.1fs", op, shard,
-                            self.shards[shard].address, code.name, delay)
-                if self._closed.wait(delay):
-                    raise
-                delay = min(cap, delay * 2)
-
-    # -- the shared-memory data plane --------------------------------------------------
-    def _link(self, shard: int, names: list[str], exact: bool) -> _Link | None:
-        """This shard's shared link if it covers ``names`` (exactly, for a push); maps one if none yet."""
-        if not self.shared:
-            return None
-        with self._lock:
-            link = self._links.get(shard)
-            if link is None and all(n in self.shapes for n in names):
-                link = self._attach(shard, names)
-                if link is not _LATER:
-                    self._links[shard] = link or False
-        if not isinstance(link, _Link):
-            return None
-        if (set(names) != set(link.names)) if exact else not set(names) <= set(link.index):
-            return None
-        return link
-
-    def _attach(self, shard: int, names: list[str]) -> _Link | None:
-        sizes = [int(np.prod(self.shapes[n], dtype=np.int64)) for n in names]
-        region, token = shm.Region.create(int(sum(sizes)))
-        try:
-            self.shards[shard].attach_shared(pb.AttachSharedRequest(
-                worker_id=self.worker_id, path=region.path, token=token, names=names), timeout=self.timeout)
-        except grpc.RpcError as e:
-            region.close(unlink=True)
-            if e.code() in _NOT_YET:
-                # A shard that restarted and is still being refilled (or is away): ask again on the
-                # next call rather than keep to gRPC for good.
-                log.info("shard %d (%s) cannot map shared memory yet (%s: %s); asking again on the next call",
-                         shard, self.shards[shard].address, e.code().name, e.details())
-                return _LATER
-            log.info("shard %d (%s) does not map shared memory (%s: %s): pulls and pushes go through gRPC",
-                     shard, self.shards[shard].address, e.code().name, e.details())
-            return None
-        # Both sides hold the mapping now: the name can go, so nothing is left behind if either dies.
-        os.unlink(region.path)
-        log.info("shard %d (%s): %d blocks through shared memory", shard, self.shards[shard].address, len(names))
-        return _Link(region, names, sizes)
-
-    def _call_shared(self, shard: int, group: list[str], link: _Link, flat: Mapping[str, np.ndarray] | None,
-                     seq: int, result: dict, out: Mapping[str, np.ndarray] | None, pull: bool = True,
-                     views: bool = False):
-        """Push ``flat`` (if given) and/or pull ``group`` through the link; None to fall back to gRPC.
-
-        A shard that lost our mapping (it restarted) gets a fresh file; one that
-        cannot map it any more sends us back to Pull and Push.
-        """
-        for _ in range(2):
-            try:
-                return self._retrying("push" if flat is not None else "pull", shard,
-                                      lambda: self._shared_once(shard, group, link, flat, seq, result, out, pull,
-                                                                views))
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
-                with self._lock:
-                    fresh = self._attach(shard, link.names)
-                    if fresh is _LATER:  # no link now; the next call attaches again
-                        self._links.pop(shard, None)
-                        fresh = None
-                    else:
-                        self._links[shard] = fresh or False
-                    old, link = link, fresh
-                old.region.close()
-                if fresh is None:
-                    return None
-        return None
-
-    def _shared_once(self, shard: int, group: list[str], link: _Link, flat, seq: int, result: dict, out, pull: bool,
-                     views: bool = False):
-        with link.lock:
-            if flat is not None:
-                for n in link.names:
-                    a, b = link.index[n]
-                    link.region.grads[a:b] = flat[n]
-            resp = self.shards[shard].push_pull_shared(pb.PushPullSharedRequest(
-                worker_id=self.worker_id, seq=seq, push=flat is not None, pull=pull,
-                base_versions=[self.versions.get(n, 0) for n in link.names] if flat is not None else []),
-                timeout=self.timeout)
-            if pull:
-                for n, v in zip(link.names, resp.versions):
-                    self.versions[n] = v
-                for n in group:
-                    a, b = link.index[n]
-                    if views:
-                        v = link.region.weights[a:b]
-                        v.flags.writeable = False
-                        result[n] = v
-                        continue
-                    given = None if out is None else out.get(n)
-                    dst = np.empty(b - a, np.float32) if given is None else given.reshape(-1)
-                    if dst.size != b - a or dst.dtype != np.float32:
-                        raise ValueError(f"out[{n!r}] must be a C-contiguous float32 array of {b - a} values")
-                    dst[:] = link.region.weights[a:b]
-                    result[n] = dst
-        return resp
+        where = f"shard {shard} ({self.shards[shard].address})"
+        return self.retry.under_deadline(op, where, call, self._closed)
 
     # -- administration ------------------------------------------------------------
     def list_blocks(self) -> list[pb.ListBlocksResponse]:
         return [s.list_blocks(pb.ListBlocksRequest(), timeout=self.timeout) for s in self.shards]
 
     def checkpoint(self, checkpoint_id: str) -> list[pb.CheckpointResponse]:
-        futs = [self._pool.submit(s.checkpoint, pb.CheckpointRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
-                for s in self.shards]
+        futs = [
+            self._pool.submit(s.checkpoint, pb.CheckpointRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
+            for s in self.shards
+        ]
         return [f.result() for f in futs]
 
     def restore(self, checkpoint_id: str) -> list[pb.RestoreResponse]:
-        futs = [self._pool.submit(s.restore, pb.RestoreRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
-                for s in self.shards]
+        futs = [
+            self._pool.submit(s.restore, pb.RestoreRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
+            for s in self.shards
+        ]
         return [f.result() for f in futs]
 
     def close(self) -> None:
         self._closed.set()  # ends retries in progress
         self._pool.shutdown(wait=True)
-        for link in self._links.values():
-            if isinstance(link, _Link):
-                link.region.close()
-        self._links = {}
+        self.links.close()
         for s in self.shards:
             s.channel.close()
 
-    def __enter__(self) -> "ParamClient":
+    def __enter__(self) -> ParamClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,7 +1,7 @@
 """The ParameterServer service: one shard.
 
     downpour serve paramserver --port 7100 --shard-index 0 \\
-        --checkpoint-dir /data/ckpt --lr 0.01 --eps 1e-8 [--restore step-000100]
+        --checkpoint-dir /data/ckpt --lr 0.01 --eps 1e-6 [--restore step-000100]
 
 Blocks are created by the CreateBlocks RPC (normally from the client or the
 coordinator) or restored from a checkpoint. The hot RPCs (CreateBlocks, Pull,
@@ -14,8 +14,10 @@ A push is applied block by block, each block as soon as all its chunks have
 arrived and passed validation, on a small pool of apply threads so that
 receiving the next block overlaps applying the last. The block is the unit of
 atomicity (see store.py): a rejected block changes nothing; blocks completed
-earlier in the same push stay applied, the error says which, and a retry with
-the same (worker_id, seq) applies only the rest.
+earlier in the same push stay applied, the error's PushRefusal detail says
+which (errors.py), and a retry with the same (worker_id, seq) applies only the
+rest. The optimizer flags default to the job's (downpour.optim); a job's
+coordinator sets its own with SetOptimizer.
 
 Status codes: INVALID_ARGUMENT for a malformed push (NaN/Inf, wrong shape or
 dtype, truncated data, chunks out of order); NOT_FOUND for an unknown block;
@@ -31,19 +33,24 @@ import errno
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
-import numpy as np
 
 from downpour import metrics, optim
 from downpour.paramserver import checkpoint as ckpt
+from downpour.paramserver import errors, initial
+from downpour.paramserver.assembly import Assembly
+from downpour.paramserver.creation import BlockCreation
 from downpour.paramserver.shared import Attachments, SharedPlane
+from downpour.paramserver.shared import block_info as _info
 from downpour.paramserver.store import Block, OptimizerConfig, ShardStore, StoreError
 from downpour.rpc import codec, lowp
 from downpour.rpc.server import Server, ServerConfig
-from downpour.v1 import common_pb2, paramserver_pb2 as pb
+from downpour.v1 import common_pb2
+from downpour.v1 import paramserver_pb2 as pb
 
 # Write errors that mean "no room": the disk (or the quota, or the file size limit) is full.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -57,64 +64,22 @@ PUSH_PAYLOAD = (3, 15)  # PushRequest.chunk.data
 HEADER_ROOM = 64 << 10  # bytes reserved for a chunk's non-payload fields
 MAX_BLOCK_BYTES = 8 << 30  # one block's weights; a larger shape is refused before anything is allocated
 
-_CODES = {
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "exists": grpc.StatusCode.ALREADY_EXISTS,
-}
-
-_OPT_KINDS = {common_pb2.OPTIMIZER_KIND_ADAGRAD: "adagrad", common_pb2.OPTIMIZER_KIND_SGD: "sgd"}
+# The RPCs with one request and one response, each served by the method of its name.
+UNARY = ("ListBlocks", "Checkpoint", "Restore", "SetOptimizer", "InitBlocks", "AttachShared", "PushPullShared")
 
 
-def _opt_to_proto(o: OptimizerConfig) -> common_pb2.OptimizerSpec:
-    kind = {v: k for k, v in _OPT_KINDS.items()}[o.kind]
-    return common_pb2.OptimizerSpec(kind=kind, learning_rate=o.lr, eps=o.eps, initial_accumulator=o.initial_accumulator)
+class ParameterServer(BlockCreation, SharedPlane):
+    """One shard's RPCs: CreateBlocks (creation.py), shared memory (shared.py), the rest here."""
 
-
-def _info(b: Block) -> pb.BlockInfo:
-    return pb.BlockInfo(name=b.name, dtype=common_pb2.DTYPE_FLOAT32, shape=b.shape, num_elements=b.size, version=b.version)
-
-
-class _Assembly:
-    """Validates a block's chunks as they arrive (in order, float32, right shape)."""
-
-    def __init__(self, name: str, shape: tuple[int, ...], size: int, reduced: bool = False) -> None:
-        self.name, self.shape, self.size = name, shape, size
-        self.reduced = reduced  # gradients may arrive as bfloat16 or float16 (initial values may not)
-        self.next = 0
-        self.chunks: list[tuple[int, np.ndarray]] = []
-
-    def add(self, chunk: common_pb2.TensorChunk, payload: memoryview, check_finite: bool) -> None:
-        name = self.name
-        item = lowp.ITEMSIZE.get(chunk.dtype) if self.reduced else 4 if chunk.dtype == common_pb2.DTYPE_FLOAT32 else None
-        if item is None:
-            allowed = "float32, bfloat16 or float16" if self.reduced else "float32"
-            raise StoreError("invalid", f"block {name!r}: dtype {codec.dtype_name(chunk.dtype)}, expected {allowed}")
-        if tuple(chunk.shape) != self.shape:
-            raise StoreError("invalid", f"block {name!r}: shape {list(chunk.shape)} does not match the block's {list(self.shape)}")
-        if payload.nbytes % item:
-            raise StoreError("invalid", f"block {name!r}: chunk at offset {chunk.offset} has {payload.nbytes} bytes, "
-                                        f"not a whole number of {codec.dtype_name(chunk.dtype)} values (truncated?)")
-        if self.next >= self.size and self.size:
-            raise StoreError("invalid", f"block {name!r} appears twice in one request")
-        if chunk.offset != self.next:
-            raise StoreError("invalid", f"block {name!r}: chunk at offset {chunk.offset}, expected {self.next} (chunks must arrive in order)")
-        g = lowp.decode(payload, chunk.dtype)  # float32: a view of what arrived, or a widened copy
-        if self.next + g.shape[0] > self.size:
-            raise StoreError("invalid", f"block {name!r}: expected {self.size} float32 values, got at least {self.next + g.shape[0]}")
-        if check_finite and not optim.all_finite(g):
-            raise StoreError("invalid", f"block {name!r}: gradient contains NaN or Inf (chunk at offset {chunk.offset})")
-        self.chunks.append((chunk.offset, g))
-        self.next += g.shape[0]
-
-    def check_complete(self) -> None:
-        if self.next != self.size:
-            raise StoreError("invalid", f"block {self.name!r}: expected {self.size} float32 values, got {self.next}")
-
-
-class ParameterServer(SharedPlane):
-    def __init__(self, store: ShardStore, checkpoint_dir: str = "", chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = 64 << 20, apply_threads: int = 2, max_pending_blocks: int = 2) -> None:
+    def __init__(
+        self,
+        store: ShardStore,
+        checkpoint_dir: str = "",
+        chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = 64 << 20,
+        apply_threads: int = 2,
+        max_pending_blocks: int = 2,
+    ) -> None:
         self.store = store
         self._appliers = ThreadPoolExecutor(apply_threads, thread_name_prefix="apply") if apply_threads > 0 else None
         self.max_pending_blocks = max_pending_blocks
@@ -130,96 +95,49 @@ class ParameterServer(SharedPlane):
         metrics.PS_PARAMETERS.labels(self.shard).set(self.store.num_parameters)
 
     def handlers(self) -> grpc.GenericRpcHandler:
-        raw = lambda cls, path: (lambda data: codec.decode(cls, data, path))  # noqa: E731
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "CreateBlocks": grpc.stream_unary_rpc_method_handler(
-                self.CreateBlocks, request_deserializer=raw(pb.CreateBlocksRequest, CREATE_PAYLOAD),
-                response_serializer=pb.CreateBlocksResponse.SerializeToString),
-            "Pull": grpc.unary_stream_rpc_method_handler(
-                self.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=None),
-            "Push": grpc.stream_unary_rpc_method_handler(
-                self.Push, request_deserializer=raw(pb.PushRequest, PUSH_PAYLOAD),
-                response_serializer=pb.PushResponse.SerializeToString),
-            "ListBlocks": grpc.unary_unary_rpc_method_handler(
-                self.ListBlocks, request_deserializer=pb.ListBlocksRequest.FromString,
-                response_serializer=pb.ListBlocksResponse.SerializeToString),
-            "Checkpoint": grpc.unary_unary_rpc_method_handler(
-                self.Checkpoint, request_deserializer=pb.CheckpointRequest.FromString,
-                response_serializer=pb.CheckpointResponse.SerializeToString),
-            "Restore": grpc.unary_unary_rpc_method_handler(
-                self.Restore, request_deserializer=pb.RestoreRequest.FromString,
-                response_serializer=pb.RestoreResponse.SerializeToString),
-            "SetOptimizer": grpc.unary_unary_rpc_method_handler(
-                self.SetOptimizer, request_deserializer=pb.SetOptimizerRequest.FromString,
-                response_serializer=pb.SetOptimizerResponse.SerializeToString),
-            "InitBlocks": grpc.unary_unary_rpc_method_handler(
-                self.InitBlocks, request_deserializer=pb.InitBlocksRequest.FromString,
-                response_serializer=pb.InitBlocksResponse.SerializeToString),
-            "AttachShared": grpc.unary_unary_rpc_method_handler(
-                self.AttachShared, request_deserializer=pb.AttachSharedRequest.FromString,
-                response_serializer=pb.AttachSharedResponse.SerializeToString),
-            "PushPullShared": grpc.unary_unary_rpc_method_handler(
-                self.PushPullShared, request_deserializer=pb.PushPullSharedRequest.FromString,
-                response_serializer=pb.PushPullSharedResponse.SerializeToString),
-        })
+        def raw(cls: Any, path: tuple[int, ...]) -> Any:
+            return lambda data: codec.decode(cls, data, path)
+
+        table = {
+            name: grpc.unary_unary_rpc_method_handler(
+                getattr(self, name),
+                request_deserializer=getattr(pb, f"{name}Request").FromString,
+                response_serializer=getattr(pb, f"{name}Response").SerializeToString,
+            )
+            for name in UNARY
+        }
+        table["CreateBlocks"] = grpc.stream_unary_rpc_method_handler(
+            self.CreateBlocks,
+            request_deserializer=raw(pb.CreateBlocksRequest, CREATE_PAYLOAD),
+            response_serializer=pb.CreateBlocksResponse.SerializeToString,
+        )
+        table["Pull"] = grpc.unary_stream_rpc_method_handler(
+            self.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=None
+        )
+        table["Push"] = grpc.stream_unary_rpc_method_handler(
+            self.Push,
+            request_deserializer=raw(pb.PushRequest, PUSH_PAYLOAD),
+            response_serializer=pb.PushResponse.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, table)
 
     # -- RPCs --------------------------------------------------------------------
-    def CreateBlocks(self, requests: Iterator[tuple[pb.CreateBlocksRequest, memoryview]], context: Any) -> pb.CreateBlocksResponse:
-        pending: dict[str, tuple[np.ndarray, _Assembly, bool]] = {}
-        committed = False
-        try:
-            for req, payload in requests:
-                if committed:
-                    raise StoreError("invalid", "message after commit")
-                committed = req.commit
-                if not req.HasField("chunk"):
-                    continue
-                c = req.chunk
-                if c.name not in pending:
-                    shape = tuple(int(s) for s in c.shape)
-                    if any(s < 0 for s in shape):
-                        raise StoreError("invalid", f"block {c.name!r}: negative shape {list(shape)}")
-                    n = 1
-                    for s in shape:  # Python ints: no int64 overflow on hostile shapes
-                        n *= s
-                    if n * 4 > self.max_block_bytes:
-                        raise StoreError("invalid", f"block {c.name!r}: shape {list(shape)} is {n * 4} bytes, over "
-                                                    f"this shard's limit of {self.max_block_bytes} per block")
-                    # The values are kept as they arrive and joined at the commit: memory
-                    # follows the data actually sent, not the shape a message claims.
-                    pending[c.name] = ([], _Assembly(c.name, shape, n), req.overwrite)
-                parts, asm, _ = pending[c.name]
-                asm.add(c, payload, check_finite=True)
-                _, g = asm.chunks.pop()
-                parts.append(g.copy())  # copy now: the received buffer is not kept
-            if not committed or not context.is_active():
-                raise StoreError("invalid", "stream ended without commit: nothing created")
-            for parts, asm, _ in pending.values():
-                asm.check_complete()
-                if not asm.name:
-                    raise StoreError("invalid", "block name is empty")
-                if not pending[asm.name][2] and asm.name in self.store.blocks:
-                    raise StoreError("exists", f"block {asm.name!r} already exists on shard {self.store.shard_index}")
-            created = [self.store.create(a.name, a.shape, np.concatenate(parts) if parts else np.empty(0, np.float32),
-                                         overwrite=ow) for parts, a, ow in pending.values()]
-        except StoreError as e:
-            context.abort(_CODES[e.kind], str(e))
-        self._gauges()
-        return pb.CreateBlocksResponse(blocks=[_info(b) for b in created])
-
     def Pull(self, request: pb.PullRequest, context: Any) -> Iterator[bytes]:
         try:
             names = list(request.names) or list(self.store.blocks)
             blocks = [self.store.get(n) for n in names]
         except StoreError as e:
-            context.abort(_CODES[e.kind], str(e))
+            errors.abort(context, e)
         limit = self.chunk_bytes if request.max_chunk_bytes <= 0 else min(request.max_chunk_bytes, self.chunk_bytes)
         acc = request.part == pb.BLOCK_PART_ACCUMULATOR
         part = pb.BLOCK_PART_ACCUMULATOR if acc else pb.BLOCK_PART_WEIGHTS
         dt = request.dtype or common_pb2.DTYPE_FLOAT32
         if dt not in lowp.ITEMSIZE or (acc and dt != common_pb2.DTYPE_FLOAT32):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dtype {codec.dtype_name(dt)}: weights travel as float32, "
-                                                            "bfloat16 or float16, accumulators as float32")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"dtype {codec.dtype_name(dt)}: weights travel as float32, "
+                "bfloat16 or float16, accumulators as float32",
+            )
         sent = 0
         for blk in blocks:
             # Encode a whole block under its lock (one copy, which is also the
@@ -228,19 +146,24 @@ class ParameterServer(SharedPlane):
                 arr = blk.acc if acc else blk.w
                 msgs = [
                     codec.encode(
-                        pb.PullResponse(chunk=common_pb2.TensorChunk(
-                            name=blk.name, dtype=dt, shape=blk.shape, offset=a, last=b >= blk.size),
-                            version=blk.version, part=part),
-                        PULL_PAYLOAD, lowp.encode(arr[a:b], dt))
+                        pb.PullResponse(
+                            chunk=common_pb2.TensorChunk(
+                                name=blk.name, dtype=dt, shape=blk.shape, offset=a, last=b >= blk.size
+                            ),
+                            version=blk.version,
+                            part=part,
+                        ),
+                        PULL_PAYLOAD,
+                        lowp.encode(arr[a:b], dt),
+                    )
                     for a, b in codec.chunk_spans(blk.size, lowp.ITEMSIZE[dt], limit)
                 ]
-            for m in msgs:
-                yield m
+            yield from msgs
             sent += blk.size * lowp.ITEMSIZE[dt]
             del msgs
         metrics.PS_PULL_BYTES.labels(self.shard).inc(sent)
 
-    def _apply_block(self, worker: str, seq: int, blk: Block, asm: "_Assembly", base: int) -> bool:
+    def _apply_block(self, worker: str, seq: int, blk: Block, asm: Assembly, base: int) -> bool:
         t0 = time.perf_counter()
         before = self.store.apply_once(worker, seq, blk, asm.chunks)
         asm.chunks = []  # let the received buffers go
@@ -260,28 +183,36 @@ class ParameterServer(SharedPlane):
         """
         store = self.store
         worker, seq = "", 0
-        asms: dict[str, tuple[Block, _Assembly, int]] = {}
+        asms: dict[str, tuple[Block, Assembly, int]] = {}
         jobs: list[tuple[Block, Any]] = []
         committed = False
         error: StoreError | None = None
         try:
             for i, (req, payload) in enumerate(requests):
                 if committed:
-                    raise StoreError("invalid", "push message after commit")
+                    raise StoreError("invalid", "push message after commit", reason="malformed")
                 committed = req.commit
                 if i == 0:
                     worker, seq = req.worker_id, req.seq
                     if not worker:
-                        raise StoreError("invalid", "push without worker_id (needed to apply a retried push at most once)")
+                        raise StoreError(
+                            "invalid",
+                            "push without worker_id (needed to apply a retried push at most once)",
+                            reason="bad_identity",
+                        )
                 elif (req.worker_id and req.worker_id != worker) or (req.seq and req.seq != seq):
-                    raise StoreError("invalid", f"push mixes ({req.worker_id!r}, {req.seq}) into ({worker!r}, {seq})")
+                    raise StoreError(
+                        "invalid",
+                        f"push mixes ({req.worker_id!r}, {req.seq}) into ({worker!r}, {seq})",
+                        reason="bad_identity",
+                    )
                 if not req.HasField("chunk"):
                     continue
                 c = req.chunk
                 entry = asms.get(c.name)
                 if entry is None:
                     blk = store.get(c.name)
-                    entry = asms[c.name] = (blk, _Assembly(c.name, blk.shape, blk.size, reduced=True), req.base_version)
+                    entry = asms[c.name] = (blk, Assembly(c.name, blk.shape, blk.size, reduced=True), req.base_version)
                 blk, asm, base = entry
                 asm.add(c, payload, check_finite=True)
                 if asm.next == asm.size:
@@ -297,16 +228,16 @@ class ParameterServer(SharedPlane):
             # gRPC ends the request iterator quietly when the call fails (a
             # message over the limit, a cancel): only a commit proves the end.
             if not committed or not context.is_active():
-                raise StoreError("invalid", "push ended without commit")
+                raise StoreError("invalid", "push ended without commit", reason="no_commit")
             for _, asm, _ in asms.values():
                 asm.check_complete()
         except StoreError as e:
             error = e
         applied = [(blk, f.result()) for blk, f in jobs]  # finish what was started, then answer
         if error is not None:
-            done = [b.name for b, ok in applied]
             metrics.PS_PUSHES.labels(self.shard, "rejected").inc()
-            context.abort(_CODES[error.kind], f"{error}" + (f"; blocks completed before it were applied: {done}" if done else ""))
+            # Blocks completed before the error are applied (now or by an earlier attempt).
+            errors.abort(context, error, applied=[b.name for b, _ in applied])
         duplicate = bool(applied) and not any(ok for _, ok in applied)
         metrics.PS_PUSHES.labels(self.shard, "duplicate" if duplicate else "applied").inc()
         if not duplicate:
@@ -315,13 +246,13 @@ class ParameterServer(SharedPlane):
 
     def InitBlocks(self, request: pb.InitBlocksRequest, context: Any) -> pb.InitBlocksResponse:
         """This shard's blocks with their initial values, made here (see initial.py)."""
-        from downpour.paramserver import initial
-
         if not request.overwrite:
             exists = [n for n in request.names if n in self.store.blocks]
             if exists:
-                context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                              f"block {exists[0]!r} already exists on shard {self.store.shard_index}")
+                context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"block {exists[0]!r} already exists on shard {self.store.shard_index}",
+                )
         created, taken = [], []
         try:
             for name, shape, values, from_ck in initial.make_blocks(request.job_yaml, list(request.names)):
@@ -332,16 +263,22 @@ class ParameterServer(SharedPlane):
             code = grpc.StatusCode.INVALID_ARGUMENT if e.kind == "invalid" else grpc.StatusCode.FAILED_PRECONDITION
             context.abort(code, str(e))
         except StoreError as e:
-            context.abort(_CODES[e.kind], str(e))
+            errors.abort(context, e)
         self._gauges()
-        log.info("created %d blocks (%d parameters), %d of them from init_from", len(created),
-                 sum(b.size for b in created), len(taken))
+        log.info(
+            "created %d blocks (%d parameters), %d of them from init_from",
+            len(created),
+            sum(b.size for b in created),
+            len(taken),
+        )
         return pb.InitBlocksResponse(blocks=[_info(b) for b in created], from_checkpoint=taken)
 
     def ListBlocks(self, request: pb.ListBlocksRequest, context: Any) -> pb.ListBlocksResponse:
-        return pb.ListBlocksResponse(shard_index=self.store.shard_index,
-                                     blocks=[_info(b) for b in list(self.store.blocks.values())],
-                                     optimizer=_opt_to_proto(self.store.optimizer))
+        return pb.ListBlocksResponse(
+            shard_index=self.store.shard_index,
+            blocks=[_info(b) for b in list(self.store.blocks.values())],
+            optimizer=optim.to_proto(self.store.optimizer),
+        )
 
     def _path(self, checkpoint_id: str, context: Any):
         if not self.checkpoint_dir:
@@ -366,9 +303,11 @@ class ParameterServer(SharedPlane):
             full = e.errno in DISK_FULL
             metrics.CHECKPOINT_FAILURES.labels("paramserver", "disk_full" if full else "error").inc()
             log.error("checkpoint %s not written: %s", path, e)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE,
-                          f"shard {self.store.shard_index} could not write checkpoint {request.checkpoint_id}: "
-                          f"{e.strerror or e}" + (" (the disk is full)" if full else ""))
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE,
+                f"shard {self.store.shard_index} could not write checkpoint {request.checkpoint_id}: "
+                f"{e.strerror or e}" + (" (the disk is full)" if full else ""),
+            )
         metrics.CHECKPOINT_SECONDS.labels("paramserver").observe(time.perf_counter() - t0)
         metrics.CHECKPOINT_BYTES.labels("paramserver").set(size)
         log.info("checkpoint %s: %d blocks, %d bytes", path, n, size)
@@ -398,12 +337,11 @@ class ParameterServer(SharedPlane):
         return pb.RestoreResponse(path=str(path), blocks=[_info(b) for b in blocks])
 
     def SetOptimizer(self, request: pb.SetOptimizerRequest, context: Any) -> pb.SetOptimizerResponse:
-        o = request.optimizer
-        kind = _OPT_KINDS.get(o.kind)
-        if kind is None or not (o.learning_rate > 0) or o.eps < 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid optimizer: kind {o.kind}, learning_rate {o.learning_rate}, eps {o.eps}")
-        self.store.optimizer = OptimizerConfig(kind, o.learning_rate, o.eps, o.initial_accumulator)
-        return pb.SetOptimizerResponse(optimizer=_opt_to_proto(self.store.optimizer))
+        try:
+            self.store.optimizer = optim.from_proto(request.optimizer)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid optimizer: {e}")
+        return pb.SetOptimizerResponse(optimizer=optim.to_proto(self.store.optimizer))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,20 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shard-index", type=int, default=0)
     ap.add_argument("--checkpoint-dir", default="", help="where Checkpoint writes <id>/shard-<i>.ckpt")
     ap.add_argument("--restore", default="", metavar="ID", help="load this checkpoint before serving")
-    ap.add_argument("--optimizer", choices=("adagrad", "sgd"), default="adagrad")
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--eps", type=float, default=1e-8)
-    ap.add_argument("--initial-accumulator", type=float, default=0.0)
+    job = OptimizerConfig()  # the job's defaults: a shard alone applies what a job would
+    ap.add_argument("--optimizer", choices=optim.KINDS, default=job.kind)
+    ap.add_argument("--lr", type=float, default=job.lr)
+    ap.add_argument("--eps", type=float, default=job.eps)
+    ap.add_argument("--initial-accumulator", type=float, default=job.initial_accumulator)
     ap.add_argument("--chunk-bytes", type=int, default=codec.DEFAULT_CHUNK_BYTES, help="payload bytes per Pull message")
-    ap.add_argument("--apply-threads", type=int, default=2, help="threads applying pushed blocks (0: apply on the receiving thread)")
+    ap.add_argument(
+        "--apply-threads", type=int, default=2, help="threads applying pushed blocks (0: apply on the receiving thread)"
+    )
     ap.add_argument("--log-level", default="INFO")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     cfg = ServerConfig.from_args(args)
     store = ShardStore(args.shard_index, OptimizerConfig(args.optimizer, args.lr, args.eps, args.initial_accumulator))
     ps = ParameterServer(store, args.checkpoint_dir, args.chunk_bytes, cfg.max_message_bytes, args.apply_threads)

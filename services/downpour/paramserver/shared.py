@@ -31,12 +31,15 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-import grpc
+from typing import Any
+
 import numpy as np
 
 from downpour import metrics, optim
-from downpour.paramserver.store import ShardStore, StoreError
-from downpour.v1 import common_pb2, paramserver_pb2 as pb
+from downpour.paramserver import errors
+from downpour.paramserver.store import Block, ShardStore, StoreError
+from downpour.v1 import common_pb2
+from downpour.v1 import paramserver_pb2 as pb
 
 SHM_DIR = "/dev/shm"
 HEADER = 64  # bytes before the weight region; the first 16 are the token
@@ -45,12 +48,8 @@ MAX_ATTACHMENTS = 1024  # per shard: a client that attaches in a loop cannot exh
 _NAME = re.compile(r"downpour-[A-Za-z0-9_.-]{1,200}")
 
 
-class SharedError(Exception):
-    """A request the shard refuses; ``kind`` maps to a gRPC status code."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind  # "invalid", "precondition", "exhausted", "not_found"
+class SharedError(StoreError):
+    """A shared-memory request the shard refuses (kinds also "precondition", "exhausted")."""
 
 
 def usable(directory: str = SHM_DIR) -> bool:
@@ -76,7 +75,7 @@ class Region:
         self.weights, self.grads = buf[:n], buf[n:]
 
     @classmethod
-    def create(cls, n: int, directory: str = SHM_DIR) -> tuple["Region", bytes]:
+    def create(cls, n: int, directory: str = SHM_DIR) -> tuple[Region, bytes]:
         """A new file for ``n`` values, readable and writable by this user only."""
         token = secrets.token_bytes(TOKEN_BYTES)
         path = os.path.join(directory, f"downpour-{os.getpid()}-{secrets.token_hex(8)}")
@@ -84,7 +83,7 @@ class Region:
         return cls(path, n, fd, True, token), token
 
     @classmethod
-    def open(cls, path: str, n: int, token: bytes, directory: str = SHM_DIR) -> "Region":
+    def open(cls, path: str, n: int, token: bytes, directory: str = SHM_DIR) -> Region:
         """Map a client's file after checking that it is what the client says it is."""
         d, name = os.path.split(path)
         if os.path.realpath(d or ".") != os.path.realpath(directory) or not _NAME.fullmatch(name):
@@ -170,7 +169,9 @@ class Attachments:
         with self._lock:
             att = self._by_worker.get(worker)
         if att is None:
-            raise SharedError("precondition", f"worker {worker!r} has no shared file attached on this shard")
+            raise SharedError(
+                "precondition", f"worker {worker!r} has no shared file attached on this shard", reason="not_attached"
+            )
         return att
 
     def close(self) -> None:
@@ -188,19 +189,15 @@ class SharedPlane:
     attachments: Attachments
     _appliers: ThreadPoolExecutor | None
 
-    def _shared_abort(self, context, e: Exception) -> None:
-        codes = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "precondition": grpc.StatusCode.FAILED_PRECONDITION,
-                 "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED, "not_found": grpc.StatusCode.NOT_FOUND}
-        context.abort(codes.get(getattr(e, "kind", ""), grpc.StatusCode.INVALID_ARGUMENT), str(e))
-
-    def AttachShared(self, request, context):
+    def AttachShared(self, request: pb.AttachSharedRequest, context: Any) -> pb.AttachSharedResponse:
         try:
             blocks = [self.store.get(n) for n in request.names]
-            self.attachments.attach(request.worker_id, request.path, bytes(request.token), list(request.names),
-                                    [b.size for b in blocks])
-        except (SharedError, StoreError) as e:
-            self._shared_abort(context, e)
-        return pb.AttachSharedResponse(blocks=[_block_info(b) for b in blocks])
+            self.attachments.attach(
+                request.worker_id, request.path, bytes(request.token), list(request.names), [b.size for b in blocks]
+            )
+        except StoreError as e:  # SharedError too
+            errors.abort(context, e)
+        return pb.AttachSharedResponse(blocks=[block_info(b) for b in blocks])
 
     def _apply_shared(self, worker: str, seq: int, blk, g: np.ndarray) -> int | None:
         t0 = time.perf_counter()
@@ -209,7 +206,7 @@ class SharedPlane:
             metrics.PS_APPLY_SECONDS.labels(self.shard).observe(time.perf_counter() - t0)
         return before
 
-    def PushPullShared(self, request, context):
+    def PushPullShared(self, request: pb.PushPullSharedRequest, context: Any) -> pb.PushPullSharedResponse:
         worker, seq = request.worker_id, request.seq
         try:
             att = self.attachments.get(worker)
@@ -217,12 +214,20 @@ class SharedPlane:
                 blocks = [self.store.get(n) for n in att.names]
                 for blk, (a, b) in zip(blocks, att.offsets):
                     if blk.size != b - a:
-                        raise SharedError("precondition", f"block {blk.name!r} now has {blk.size} values, "
-                                                          f"the shared file {b - a}: attach again")
+                        raise SharedError(
+                            "precondition",
+                            f"block {blk.name!r} now has {blk.size} values, the shared file {b - a}: attach again",
+                            block=blk.name,
+                            reason="not_attached",
+                        )
                 duplicate = False
                 if request.push:
                     if seq == 0:
-                        raise SharedError("invalid", "a push needs seq > 0 (to apply a retried push at most once)")
+                        raise SharedError(
+                            "invalid",
+                            "a push needs seq > 0 (to apply a retried push at most once)",
+                            reason="bad_identity",
+                        )
                     bases = list(request.base_versions)
                     if bases and len(bases) != len(blocks):
                         raise SharedError("invalid", f"{len(bases)} base_versions for {len(blocks)} attached blocks")
@@ -234,11 +239,20 @@ class SharedPlane:
                     grads = [att.private[a:b] for a, b in att.offsets]
                     for blk, g in zip(blocks, grads):
                         if not optim.all_finite(g):
-                            raise SharedError("invalid", f"block {blk.name!r}: gradient contains NaN or Inf")
+                            raise SharedError(
+                                "invalid",
+                                f"block {blk.name!r}: gradient contains NaN or Inf",
+                                block=blk.name,
+                                reason="not_finite",
+                            )
                     # The client waits for this call: spread the blocks over the apply threads.
                     pool = self._appliers
-                    jobs = [pool.submit(self._apply_shared, worker, seq, blk, g) if pool is not None
-                            else _done(self._apply_shared(worker, seq, blk, g)) for blk, g in zip(blocks, grads)]
+                    jobs = [
+                        pool.submit(self._apply_shared, worker, seq, blk, g)
+                        if pool is not None
+                        else _done(self._apply_shared(worker, seq, blk, g))
+                        for blk, g in zip(blocks, grads)
+                    ]
                     applied = 0
                     for i, (blk, job) in enumerate(zip(blocks, jobs)):
                         before = job.result()
@@ -263,8 +277,9 @@ class SharedPlane:
                         versions.append(blk.version)
                 if request.pull:
                     metrics.PS_PULL_BYTES.labels(self.shard).inc(4 * sum(b.size for b in blocks))
-        except (SharedError, StoreError) as e:
-            self._shared_abort(context, e)
+        except StoreError as e:  # SharedError too
+            # Every block of a push is validated before any is applied: a refused one applied none.
+            errors.abort(context, e, applied=[] if request.push else None)
         return pb.PushPullSharedResponse(versions=versions, duplicate=duplicate)
 
 
@@ -274,6 +289,7 @@ def _done(value) -> Future:
     return f
 
 
-def _block_info(b):
-    return pb.BlockInfo(name=b.name, dtype=common_pb2.DTYPE_FLOAT32, shape=b.shape, num_elements=b.size,
-                        version=b.version)
+def block_info(b: Block) -> pb.BlockInfo:
+    return pb.BlockInfo(
+        name=b.name, dtype=common_pb2.DTYPE_FLOAT32, shape=b.shape, num_elements=b.size, version=b.version
+    )

@@ -1,7 +1,8 @@
 """The state of one parameter shard, independent of gRPC.
 
-Blocks are named flat float32 arrays with an Adagrad accumulator and a version
-(the number of updates applied). Each block has its own lock.
+Blocks are named flat float32 arrays with their optimizer state (the Adagrad
+accumulator) and a version (the number of updates applied). Each block has its
+own lock. The update rule itself lives in ``downpour.optim``.
 
 The unit of atomicity is the block: a block's gradient is validated in full
 (every chunk) before any of it is applied, then applied under the block's
@@ -20,30 +21,31 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 
 from downpour import optim
+from downpour.optim import OptimizerConfig
 
 DEDUP_WINDOW = 4096  # sequence numbers remembered per worker
 
 
 class StoreError(Exception):
-    """A request the shard refuses; ``kind`` maps to a gRPC status code."""
+    """A request the shard refuses.
 
-    def __init__(self, kind: str, message: str) -> None:
+    ``kind`` maps to a gRPC status code; ``block`` and ``reason`` say, as data,
+    which block of a push was refused and why (``reason`` is a RefusalReason
+    of paramserver.proto in lower case, without its prefix: "not_finite"), so
+    that no caller has to read the message.
+    """
+
+    def __init__(self, kind: str, message: str, *, block: str = "", reason: str = "malformed") -> None:
         super().__init__(message)
         self.kind = kind  # "invalid", "not_found", "exists"
-
-
-@dataclass
-class OptimizerConfig:
-    kind: str = "adagrad"  # or "sgd"
-    lr: float = 0.01
-    eps: float = 1e-8
-    initial_accumulator: float = 0.0
+        self.block = block
+        self.reason = reason
 
 
 @dataclass
@@ -132,10 +134,12 @@ class ShardStore:
         if not name:
             raise StoreError("invalid", "block name is empty")
         if w.shape[0] != n:
-            raise StoreError("invalid", f"block {name!r}: shape {list(shape)} needs {n} float32 values, got {w.shape[0]}")
+            raise StoreError(
+                "invalid", f"block {name!r}: shape {list(shape)} needs {n} float32 values, got {w.shape[0]}"
+            )
         if not optim.all_finite(w):
             raise StoreError("invalid", f"block {name!r}: initial values contain NaN or Inf")
-        acc = np.full(n, self.optimizer.initial_accumulator, dtype=np.float32)
+        acc = optim.get(self.optimizer.kind).init(n, self.optimizer)
         blk = Block(name, tuple(int(s) for s in shape), w, acc)
         with self._meta:
             if name in self.blocks and not overwrite:
@@ -147,7 +151,9 @@ class ShardStore:
         try:
             return self.blocks[name]
         except KeyError:
-            raise StoreError("not_found", f"unknown block {name!r} on shard {self.shard_index}") from None
+            raise StoreError(
+                "not_found", f"unknown block {name!r} on shard {self.shard_index}", block=name, reason="unknown_block"
+            ) from None
 
     def replace_all(self, blocks: Iterable[Block], dedup: dict[str, list[list]]) -> None:
         """Swap in restored state (callers hold ``rw`` exclusively)."""
@@ -223,14 +229,12 @@ class ShardStore:
 
         Returns the block's version before the update (for staleness).
         """
-        opt, scratch = self.optimizer, self._scratch()
+        config, scratch = self.optimizer, self._scratch()
+        rule = optim.get(config.kind)
         with blk.lock:
             before = blk.version
             for off, g in chunks:
                 end = off + g.shape[0]
-                if opt.kind == "sgd":
-                    optim.sgd_(blk.w[off:end], g, opt.lr, scratch)
-                else:
-                    optim.adagrad_(blk.w[off:end], blk.acc[off:end], g, opt.lr, opt.eps, scratch)
+                rule.update(blk.w[off:end], blk.acc[off:end], g, config, scratch)
             blk.version += 1
         return before

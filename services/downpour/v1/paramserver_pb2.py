@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from downpour.v1 import common_pb2 as downpour_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ownpour/v1/paramserver.proto\x12\x0b\x64ownpour.v1\x1a\x18\x64ownpour/v1/common.proto\"r\n\tBlockInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.downpour.v1.Dtype\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0cnum_elements\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x04\"a\n\x13\x43reateBlocksRequest\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x11\n\toverwrite\x18\x02 \x01(\x08\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\">\n\x14\x43reateBlocksResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"~\n\x0bPullRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\x12$\n\x04part\x18\x03 \x01(\x0e\x32\x16.downpour.v1.BlockPart\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.downpour.v1.Dtype\"n\n\x0cPullResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12$\n\x04part\x18\x03 \x01(\x0e\x32\x16.downpour.v1.BlockPart\"|\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\'\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x05 \x01(\x08\"I\n\x0cPushResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x13\n\x11ListBlocksRequest\"\x80\x01\n\x12ListBlocksResponse\x12\x13\n\x0bshard_index\x18\x01 \x01(\x05\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\x12-\n\toptimizer\x18\x03 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"*\n\x11\x43heckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"X\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"\'\n\x0eRestoreRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"G\n\x0fRestoreResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"D\n\x13SetOptimizerRequest\x12-\n\toptimizer\x18\x01 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"E\n\x14SetOptimizerResponse\x12-\n\toptimizer\x18\x01 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"G\n\x11InitBlocksRequest\x12\x10\n\x08job_yaml\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"U\n\x12InitBlocksResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\x12\x17\n\x0f\x66rom_checkpoint\x18\x02 \x03(\t\"T\n\x13\x41ttachSharedRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x0c\x12\r\n\x05names\x18\x04 \x03(\t\">\n\x14\x41ttachSharedResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"j\n\x15PushPullSharedRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04push\x18\x03 \x01(\x08\x12\x0c\n\x04pull\x18\x04 \x01(\x08\x12\x15\n\rbase_versions\x18\x05 \x03(\x04\"=\n\x16PushPullSharedResponse\x12\x10\n\x08versions\x18\x01 \x03(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08*[\n\tBlockPart\x12\x1a\n\x16\x42LOCK_PART_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42LOCK_PART_WEIGHTS\x10\x01\x12\x1a\n\x16\x42LOCK_PART_ACCUMULATOR\x10\x02\x32\x9e\x06\n\x0fParameterServer\x12U\n\x0c\x43reateBlocks\x12 .downpour.v1.CreateBlocksRequest\x1a!.downpour.v1.CreateBlocksResponse(\x01\x12=\n\x04Pull\x12\x18.downpour.v1.PullRequest\x1a\x19.downpour.v1.PullResponse0\x01\x12=\n\x04Push\x12\x18.downpour.v1.PushRequest\x1a\x19.downpour.v1.PushResponse(\x01\x12M\n\nListBlocks\x12\x1e.downpour.v1.ListBlocksRequest\x1a\x1f.downpour.v1.ListBlocksResponse\x12M\n\nCheckpoint\x12\x1e.downpour.v1.CheckpointRequest\x1a\x1f.downpour.v1.CheckpointResponse\x12\x44\n\x07Restore\x12\x1b.downpour.v1.RestoreRequest\x1a\x1c.downpour.v1.RestoreResponse\x12S\n\x0cSetOptimizer\x12 .downpour.v1.SetOptimizerRequest\x1a!.downpour.v1.SetOptimizerResponse\x12M\n\nInitBlocks\x12\x1e.downpour.v1.InitBlocksRequest\x1a\x1f.downpour.v1.InitBlocksResponse\x12S\n\x0c\x41ttachShared\x12 .downpour.v1.AttachSharedRequest\x1a!.downpour.v1.AttachSharedResponse\x12Y\n\x0ePushPullShared\x12\".downpour.v1.PushPullSharedRequest\x1a#.downpour.v1.PushPullSharedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ownpour/v1/paramserver.proto\x12\x0b\x64ownpour.v1\x1a\x18\x64ownpour/v1/common.proto\"r\n\tBlockInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.downpour.v1.Dtype\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x14\n\x0cnum_elements\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x04\"a\n\x13\x43reateBlocksRequest\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x11\n\toverwrite\x18\x02 \x01(\x08\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\">\n\x14\x43reateBlocksResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"~\n\x0bPullRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\x12$\n\x04part\x18\x03 \x01(\x0e\x32\x16.downpour.v1.BlockPart\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.downpour.v1.Dtype\"n\n\x0cPullResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12$\n\x04part\x18\x03 \x01(\x0e\x32\x16.downpour.v1.BlockPart\"|\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\'\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x18.downpour.v1.TensorChunk\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x05 \x01(\x08\"I\n\x0cPushResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"Z\n\x0c\x42lockRefusal\x12\r\n\x05\x62lock\x18\x01 \x01(\t\x12*\n\x06reason\x18\x02 \x01(\x0e\x32\x1a.downpour.v1.RefusalReason\x12\x0f\n\x07message\x18\x03 \x01(\t\"J\n\x0bPushRefusal\x12\x0f\n\x07\x61pplied\x18\x01 \x03(\t\x12*\n\x07refused\x18\x02 \x03(\x0b\x32\x19.downpour.v1.BlockRefusal\"\x13\n\x11ListBlocksRequest\"\x80\x01\n\x12ListBlocksResponse\x12\x13\n\x0bshard_index\x18\x01 \x01(\x05\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\x12-\n\toptimizer\x18\x03 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"*\n\x11\x43heckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"X\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"\'\n\x0eRestoreRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"G\n\x0fRestoreResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12&\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"D\n\x13SetOptimizerRequest\x12-\n\toptimizer\x18\x01 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"E\n\x14SetOptimizerResponse\x12-\n\toptimizer\x18\x01 \x01(\x0b\x32\x1a.downpour.v1.OptimizerSpec\"G\n\x11InitBlocksRequest\x12\x10\n\x08job_yaml\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"U\n\x12InitBlocksResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\x12\x17\n\x0f\x66rom_checkpoint\x18\x02 \x03(\t\"T\n\x13\x41ttachSharedRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x0c\x12\r\n\x05names\x18\x04 \x03(\t\">\n\x14\x41ttachSharedResponse\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.downpour.v1.BlockInfo\"j\n\x15PushPullSharedRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04push\x18\x03 \x01(\x08\x12\x0c\n\x04pull\x18\x04 \x01(\x08\x12\x15\n\rbase_versions\x18\x05 \x03(\x04\"=\n\x16PushPullSharedResponse\x12\x10\n\x08versions\x18\x01 \x03(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08*[\n\tBlockPart\x12\x1a\n\x16\x42LOCK_PART_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42LOCK_PART_WEIGHTS\x10\x01\x12\x1a\n\x16\x42LOCK_PART_ACCUMULATOR\x10\x02*\xa7\x03\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REFUSAL_REASON_MALFORMED\x10\x01\x12\x1d\n\x19REFUSAL_REASON_NOT_FINITE\x10\x02\x12\x1e\n\x1aREFUSAL_REASON_WRONG_SHAPE\x10\x03\x12\x1e\n\x1aREFUSAL_REASON_WRONG_DTYPE\x10\x04\x12\x1c\n\x18REFUSAL_REASON_TRUNCATED\x10\x05\x12\x1b\n\x17REFUSAL_REASON_TOO_LONG\x10\x06\x12\x1f\n\x1bREFUSAL_REASON_OUT_OF_ORDER\x10\x07\x12\x1b\n\x17REFUSAL_REASON_REPEATED\x10\x08\x12 \n\x1cREFUSAL_REASON_UNKNOWN_BLOCK\x10\t\x12\x1c\n\x18REFUSAL_REASON_NO_COMMIT\x10\n\x12\x1f\n\x1bREFUSAL_REASON_BAD_IDENTITY\x10\x0b\x12\x1f\n\x1bREFUSAL_REASON_NOT_ATTACHED\x10\x0c\x32\x9e\x06\n\x0fParameterServer\x12U\n\x0c\x43reateBlocks\x12 .downpour.v1.CreateBlocksRequest\x1a!.downpour.v1.CreateBlocksResponse(\x01\x12=\n\x04Pull\x12\x18.downpour.v1.PullRequest\x1a\x19.downpour.v1.PullResponse0\x01\x12=\n\x04Push\x12\x18.downpour.v1.PushRequest\x1a\x19.downpour.v1.PushResponse(\x01\x12M\n\nListBlocks\x12\x1e.downpour.v1.ListBlocksRequest\x1a\x1f.downpour.v1.ListBlocksResponse\x12M\n\nCheckpoint\x12\x1e.downpour.v1.CheckpointRequest\x1a\x1f.downpour.v1.CheckpointResponse\x12\x44\n\x07Restore\x12\x1b.downpour.v1.RestoreRequest\x1a\x1c.downpour.v1.RestoreResponse\x12S\n\x0cSetOptimizer\x12 .downpour.v1.SetOptimizerRequest\x1a!.downpour.v1.SetOptimizerResponse\x12M\n\nInitBlocks\x12\x1e.downpour.v1.InitBlocksRequest\x1a\x1f.downpour.v1.InitBlocksResponse\x12S\n\x0c\x41ttachShared\x12 .downpour.v1.AttachSharedRequest\x1a!.downpour.v1.AttachSharedResponse\x12Y\n\x0ePushPullShared\x12\".downpour.v1.PushPullSharedRequest\x1a#.downpour.v1.PushPullSharedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'downpour.v1.paramserver_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BLOCKPART']._serialized_start=1814
-  _globals['_BLOCKPART']._serialized_end=1905
+  _globals['_BLOCKPART']._serialized_start=1982
+  _globals['_BLOCKPART']._serialized_end=2073
+  _globals['_REFUSALREASON']._serialized_start=2076
+  _globals['_REFUSALREASON']._serialized_end=2499
   _globals['_BLOCKINFO']._serialized_start=72
   _globals['_BLOCKINFO']._serialized_end=186
   _globals['_CREATEBLOCKSREQUEST']._serialized_start=188
@@ -48,34 +50,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHREQUEST']._serialized_end=715
   _globals['_PUSHRESPONSE']._serialized_start=717
   _globals['_PUSHRESPONSE']._serialized_end=790
-  _globals['_LISTBLOCKSREQUEST']._serialized_start=792
-  _globals['_LISTBLOCKSREQUEST']._serialized_end=811
-  _globals['_LISTBLOCKSRESPONSE']._serialized_start=814
-  _globals['_LISTBLOCKSRESPONSE']._serialized_end=942
-  _globals['_CHECKPOINTREQUEST']._serialized_start=944
-  _globals['_CHECKPOINTREQUEST']._serialized_end=986
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=988
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=1076
-  _globals['_RESTOREREQUEST']._serialized_start=1078
-  _globals['_RESTOREREQUEST']._serialized_end=1117
-  _globals['_RESTORERESPONSE']._serialized_start=1119
-  _globals['_RESTORERESPONSE']._serialized_end=1190
-  _globals['_SETOPTIMIZERREQUEST']._serialized_start=1192
-  _globals['_SETOPTIMIZERREQUEST']._serialized_end=1260
-  _globals['_SETOPTIMIZERRESPONSE']._serialized_start=1262
-  _globals['_SETOPTIMIZERRESPONSE']._serialized_end=1331
-  _globals['_INITBLOCKSREQUEST']._serialized_start=1333
-  _globals['_INITBLOCKSREQUEST']._serialized_end=1404
-  _globals['_INITBLOCKSRESPONSE']._serialized_start=1406
-  _globals['_INITBLOCKSRESPONSE']._serialized_end=1491
-  _globals['_ATTACHSHAREDREQUEST']._serialized_start=1493
-  _globals['_ATTACHSHAREDREQUEST']._serialized_end=1577
-  _globals['_ATTACHSHAREDRESPONSE']._serialized_start=1579
-  _globals['_ATTACHSHAREDRESPONSE']._serialized_end=1641
-  _globals['_PUSHPULLSHAREDREQUEST']._serialized_start=1643
-  _globals['_PUSHPULLSHAREDREQUEST']._serialized_end=1749
-  _globals['_PUSHPULLSHAREDRESPONSE']._serialized_start=1751
-  _globals['_PUSHPULLSHAREDRESPONSE']._serialized_end=1812
-  _globals['_PARAMETERSERVER']._serialized_start=1908
-  _globals['_PARAMETERSERVER']._serialized_end=2706
+  _globals['_BLOCKREFUSAL']._serialized_start=792
+  _globals['_BLOCKREFUSAL']._serialized_end=882
+  _globals['_PUSHREFUSAL']._serialized_start=884
+  _globals['_PUSHREFUSAL']._serialized_end=958
+  _globals['_LISTBLOCKSREQUEST']._serialized_start=960
+  _globals['_LISTBLOCKSREQUEST']._serialized_end=979
+  _globals['_LISTBLOCKSRESPONSE']._serialized_start=982
+  _globals['_LISTBLOCKSRESPONSE']._serialized_end=1110
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1112
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1154
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1156
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1244
+  _globals['_RESTOREREQUEST']._serialized_start=1246
+  _globals['_RESTOREREQUEST']._serialized_end=1285
+  _globals['_RESTORERESPONSE']._serialized_start=1287
+  _globals['_RESTORERESPONSE']._serialized_end=1358
+  _globals['_SETOPTIMIZERREQUEST']._serialized_start=1360
+  _globals['_SETOPTIMIZERREQUEST']._serialized_end=1428
+  _globals['_SETOPTIMIZERRESPONSE']._serialized_start=1430
+  _globals['_SETOPTIMIZERRESPONSE']._serialized_end=1499
+  _globals['_INITBLOCKSREQUEST']._serialized_start=1501
+  _globals['_INITBLOCKSREQUEST']._serialized_end=1572
+  _globals['_INITBLOCKSRESPONSE']._serialized_start=1574
+  _globals['_INITBLOCKSRESPONSE']._serialized_end=1659
+  _globals['_ATTACHSHAREDREQUEST']._serialized_start=1661
+  _globals['_ATTACHSHAREDREQUEST']._serialized_end=1745
+  _globals['_ATTACHSHAREDRESPONSE']._serialized_start=1747
+  _globals['_ATTACHSHAREDRESPONSE']._serialized_end=1809
+  _globals['_PUSHPULLSHAREDREQUEST']._serialized_start=1811
+  _globals['_PUSHPULLSHAREDREQUEST']._serialized_end=1917
+  _globals['_PUSHPULLSHAREDRESPONSE']._serialized_start=1919
+  _globals['_PUSHPULLSHAREDRESPONSE']._serialized_end=1980
+  _globals['_PARAMETERSERVER']._serialized_start=2502
+  _globals['_PARAMETERSERVER']._serialized_end=3300
 # @@protoc_insertion_point(module_scope)

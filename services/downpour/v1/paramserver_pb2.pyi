@@ -47,6 +47,84 @@ BLOCK_PART_WEIGHTS: BlockPart.ValueType  # 1
 BLOCK_PART_ACCUMULATOR: BlockPart.ValueType  # 2
 Global___BlockPart: _TypeAlias = BlockPart  # noqa: Y015
 
+class _RefusalReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RefusalReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RefusalReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REFUSAL_REASON_UNSPECIFIED: _RefusalReason.ValueType  # 0
+    REFUSAL_REASON_MALFORMED: _RefusalReason.ValueType  # 1
+    """A request the other reasons do not name (e.g. a message after commit)."""
+    REFUSAL_REASON_NOT_FINITE: _RefusalReason.ValueType  # 2
+    """The gradient holds a NaN or an Inf."""
+    REFUSAL_REASON_WRONG_SHAPE: _RefusalReason.ValueType  # 3
+    """A chunk's shape is not the block's."""
+    REFUSAL_REASON_WRONG_DTYPE: _RefusalReason.ValueType  # 4
+    """A chunk's dtype is not one the block takes."""
+    REFUSAL_REASON_TRUNCATED: _RefusalReason.ValueType  # 5
+    """Fewer values than the block has, or a chunk that is not a whole number
+    of values.
+    """
+    REFUSAL_REASON_TOO_LONG: _RefusalReason.ValueType  # 6
+    """More values than the block has."""
+    REFUSAL_REASON_OUT_OF_ORDER: _RefusalReason.ValueType  # 7
+    """A chunk does not start where the block's previous chunk ended."""
+    REFUSAL_REASON_REPEATED: _RefusalReason.ValueType  # 8
+    """The block appears twice in one push."""
+    REFUSAL_REASON_UNKNOWN_BLOCK: _RefusalReason.ValueType  # 9
+    """The shard has no block of that name."""
+    REFUSAL_REASON_NO_COMMIT: _RefusalReason.ValueType  # 10
+    """The stream ended without commit (cut short): what had not arrived
+    complete was not applied.
+    """
+    REFUSAL_REASON_BAD_IDENTITY: _RefusalReason.ValueType  # 11
+    """No worker_id, a seq of 0 where one is needed, or messages of one push
+    naming another (worker_id, seq).
+    """
+    REFUSAL_REASON_NOT_ATTACHED: _RefusalReason.ValueType  # 12
+    """The shared file no longer matches the shard's blocks (attach again), or
+    the worker has none attached.
+    """
+
+class RefusalReason(_RefusalReason, metaclass=_RefusalReasonEnumTypeWrapper):
+    """Why a shard refused a push, or one block of it."""
+
+REFUSAL_REASON_UNSPECIFIED: RefusalReason.ValueType  # 0
+REFUSAL_REASON_MALFORMED: RefusalReason.ValueType  # 1
+"""A request the other reasons do not name (e.g. a message after commit)."""
+REFUSAL_REASON_NOT_FINITE: RefusalReason.ValueType  # 2
+"""The gradient holds a NaN or an Inf."""
+REFUSAL_REASON_WRONG_SHAPE: RefusalReason.ValueType  # 3
+"""A chunk's shape is not the block's."""
+REFUSAL_REASON_WRONG_DTYPE: RefusalReason.ValueType  # 4
+"""A chunk's dtype is not one the block takes."""
+REFUSAL_REASON_TRUNCATED: RefusalReason.ValueType  # 5
+"""Fewer values than the block has, or a chunk that is not a whole number
+of values.
+"""
+REFUSAL_REASON_TOO_LONG: RefusalReason.ValueType  # 6
+"""More values than the block has."""
+REFUSAL_REASON_OUT_OF_ORDER: RefusalReason.ValueType  # 7
+"""A chunk does not start where the block's previous chunk ended."""
+REFUSAL_REASON_REPEATED: RefusalReason.ValueType  # 8
+"""The block appears twice in one push."""
+REFUSAL_REASON_UNKNOWN_BLOCK: RefusalReason.ValueType  # 9
+"""The shard has no block of that name."""
+REFUSAL_REASON_NO_COMMIT: RefusalReason.ValueType  # 10
+"""The stream ended without commit (cut short): what had not arrived
+complete was not applied.
+"""
+REFUSAL_REASON_BAD_IDENTITY: RefusalReason.ValueType  # 11
+"""No worker_id, a seq of 0 where one is needed, or messages of one push
+naming another (worker_id, seq).
+"""
+REFUSAL_REASON_NOT_ATTACHED: RefusalReason.ValueType  # 12
+"""The shared file no longer matches the shard's blocks (attach again), or
+the worker has none attached.
+"""
+Global___RefusalReason: _TypeAlias = RefusalReason  # noqa: Y015
+
 @_typing.final
 class BlockInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -268,6 +346,68 @@ class PushResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushResponse: _TypeAlias = PushResponse  # noqa: Y015
+
+@_typing.final
+class BlockRefusal(_message.Message):
+    """One refusal: the block (empty when the push as a whole was refused), why,
+    and the same in words for people (programs read block and reason).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCK_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    block: _builtins.str
+    reason: Global___RefusalReason.ValueType
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        block: _builtins.str = ...,
+        reason: Global___RefusalReason.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockRefusal: _TypeAlias = BlockRefusal  # noqa: Y015
+
+@_typing.final
+class PushRefusal(_message.Message):
+    """The status detail of a refused Push or PushPullShared."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPLIED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def applied(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Blocks of this push that are applied on the shard (by this call or by an
+        earlier one with the same (worker_id, seq)). Any other block of the push
+        is not: a retry with the same (worker_id, seq) applies only those.
+        """
+
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockRefusal]:
+        """What was refused, and why."""
+
+    def __init__(
+        self,
+        *,
+        applied: _abc.Iterable[_builtins.str] | None = ...,
+        refused: _abc.Iterable[Global___BlockRefusal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "refused", b"refused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushRefusal: _TypeAlias = PushRefusal  # noqa: Y015
 
 @_typing.final
 class ListBlocksRequest(_message.Message):

@@ -109,8 +109,10 @@ class ParameterServerServicer:
     def Push(self, request_iterator, context):
         """Stream gradients in; each block is applied as soon as all its chunks
         have arrived and been validated. On an error, the blocks completed
-        before it stay applied (the error names them); a retry with the same
-        (worker_id, seq) applies only the others.
+        before it stay applied; a retry with the same (worker_id, seq) applies
+        only the others. A refused push carries a PushRefusal in its status
+        details (google.rpc.Status, trailing metadata grpc-status-details-bin):
+        which blocks are applied, which was refused and why.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,7 +173,9 @@ class ParameterServerServicer:
     def PushPullShared(self, request, context):
         """Apply the gradient region (push) and/or copy the current weights into the
         weight region (pull) of an attached file, in that order, in one round
-        trip. Only control travels over gRPC.
+        trip. Only control travels over gRPC. A refused push carries a
+        PushRefusal in its status details, as Push does (every block is
+        validated before any is applied: nothing of a refused push is applied).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,8 +49,10 @@ class ParameterServerStub:
     Push: _grpc.StreamUnaryMultiCallable[_paramserver_pb2.PushRequest, _paramserver_pb2.PushResponse]
     """Stream gradients in; each block is applied as soon as all its chunks
     have arrived and been validated. On an error, the blocks completed
-    before it stay applied (the error names them); a retry with the same
-    (worker_id, seq) applies only the others.
+    before it stay applied; a retry with the same (worker_id, seq) applies
+    only the others. A refused push carries a PushRefusal in its status
+    details (google.rpc.Status, trailing metadata grpc-status-details-bin):
+    which blocks are applied, which was refused and why.
     """
     ListBlocks: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.ListBlocksRequest, _paramserver_pb2.ListBlocksResponse]
     """Names, shapes and versions of the blocks held by this shard."""
@@ -79,7 +81,9 @@ class ParameterServerStub:
     PushPullShared: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.PushPullSharedRequest, _paramserver_pb2.PushPullSharedResponse]
     """Apply the gradient region (push) and/or copy the current weights into the
     weight region (pull) of an attached file, in that order, in one round
-    trip. Only control travels over gRPC.
+    trip. Only control travels over gRPC. A refused push carries a
+    PushRefusal in its status details, as Push does (every block is
+    validated before any is applied: nothing of a refused push is applied).
     """
 
 @_typing.type_check_only
@@ -96,8 +100,10 @@ class ParameterServerAsyncStub(ParameterServerStub):
     Push: _aio.StreamUnaryMultiCallable[_paramserver_pb2.PushRequest, _paramserver_pb2.PushResponse]  # type: ignore[assignment]
     """Stream gradients in; each block is applied as soon as all its chunks
     have arrived and been validated. On an error, the blocks completed
-    before it stay applied (the error names them); a retry with the same
-    (worker_id, seq) applies only the others.
+    before it stay applied; a retry with the same (worker_id, seq) applies
+    only the others. A refused push carries a PushRefusal in its status
+    details (google.rpc.Status, trailing metadata grpc-status-details-bin):
+    which blocks are applied, which was refused and why.
     """
     ListBlocks: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.ListBlocksRequest, _paramserver_pb2.ListBlocksResponse]  # type: ignore[assignment]
     """Names, shapes and versions of the blocks held by this shard."""
@@ -126,7 +132,9 @@ class ParameterServerAsyncStub(ParameterServerStub):
     PushPullShared: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.PushPullSharedRequest, _paramserver_pb2.PushPullSharedResponse]  # type: ignore[assignment]
     """Apply the gradient region (push) and/or copy the current weights into the
     weight region (pull) of an attached file, in that order, in one round
-    trip. Only control travels over gRPC.
+    trip. Only control travels over gRPC. A refused push carries a
+    PushRefusal in its status details, as Push does (every block is
+    validated before any is applied: nothing of a refused push is applied).
     """
 
 class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
@@ -158,8 +166,10 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_paramserver_pb2.PushResponse, _abc.Awaitable[_paramserver_pb2.PushResponse]]:
         """Stream gradients in; each block is applied as soon as all its chunks
         have arrived and been validated. On an error, the blocks completed
-        before it stay applied (the error names them); a retry with the same
-        (worker_id, seq) applies only the others.
+        before it stay applied; a retry with the same (worker_id, seq) applies
+        only the others. A refused push carries a PushRefusal in its status
+        details (google.rpc.Status, trailing metadata grpc-status-details-bin):
+        which blocks are applied, which was refused and why.
         """
 
     @_abc_1.abstractmethod
@@ -230,7 +240,9 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_paramserver_pb2.PushPullSharedResponse, _abc.Awaitable[_paramserver_pb2.PushPullSharedResponse]]:
         """Apply the gradient region (push) and/or copy the current weights into the
         weight region (pull) of an attached file, in that order, in one round
-        trip. Only control travels over gRPC.
+        trip. Only control travels over gRPC. A refused push carries a
+        PushRefusal in its status details, as Push does (every block is
+        validated before any is applied: nothing of a refused push is applied).
         """
 
 def add_ParameterServerServicer_to_server(servicer: ParameterServerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

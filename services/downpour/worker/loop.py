@@ -34,7 +34,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from downpour import optim
 from downpour.config import SCHEDULES
+from downpour.optim import OptimizerConfig
 
 
 class ParamStore(Protocol):
@@ -61,29 +63,26 @@ class StepResult:
 
 
 class LocalStore:
-    """Parameters and Adagrad state in this process: the baseline without RPC."""
+    """Parameters and optimizer state in this process: the baseline without RPC.
 
-    def __init__(self, params: dict[str, np.ndarray], lr: float, eps: float, kind: str = "adagrad",
-                 initial_accumulator: float = 0.0):
+    Updates go through ``downpour.optim``, the shards' own rule and kernels, so
+    a replica trained here takes bit for bit the steps a shard would apply.
+    """
+
+    def __init__(self, params: dict[str, np.ndarray], optimizer: OptimizerConfig) -> None:
+        optim.check(optimizer)
+        self.optimizer, self._rule = optimizer, optim.get(optimizer.kind)
         self.w = {k: np.array(v, dtype=np.float32).reshape(-1) for k, v in params.items()}
-        self.acc = {k: np.full_like(v, initial_accumulator) for k, v in self.w.items()}
-        self.lr, self.eps, self.kind = np.float32(lr), np.float32(eps), kind
+        self.acc = {k: self._rule.init(v.size, optimizer) for k, v in self.w.items()}
+        self._scratch = optim.Scratch()
 
     def pull(self, names):
         return {k: self.w[k].copy() for k in names}
 
     def push(self, grads):
         for k, g in grads.items():
-            w, acc = self.w[k], self.acc[k]
-            if self.kind == "sgd":
-                w -= self.lr * g
-                continue
-            acc += g * g
-            d = np.sqrt(acc)
-            d += self.eps
-            np.divide(g, d, out=d)
-            d *= self.lr
-            w -= d
+            g = np.ascontiguousarray(g, dtype=np.float32).reshape(-1)
+            self._rule.update(self.w[k], self.acc[k], g, self.optimizer, self._scratch)
         return None
 
     def wait(self, ticket) -> None:
