@@ -155,7 +155,8 @@ def test_one_config_with_the_job_defaults_everywhere():
     assert paramserver_store.ShardStore().optimizer == job
     args = paramserver_server.build_parser().parse_args([])
     assert optim.OptimizerConfig(args.optimizer, args.lr, args.eps, args.initial_accumulator) == job
-    assert common.OPTIMIZER == job  # the in-process evaluations train with the job's optimizer
+    # the experiments keep their own step (larger, from a zero accumulator) and say so
+    assert common.OPTIMIZER == optim.OptimizerConfig(kind="adagrad", lr=0.02, eps=1e-6, initial_accumulator=0.0)
 
 
 def test_local_store_applies_what_a_shard_applies():
