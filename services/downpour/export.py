@@ -37,7 +37,7 @@ PREFIX = "downpour."
 
 def checkpoint_params(path: str | os.PathLike, checkpoint_id: str = ""):
     """(job config, manifest, {name: float32 array in its network shape}) of a run folder or checkpoint directory."""
-    from downpour import checkpoints
+    from downpour import checkpoint as checkpoints
     from downpour.nn import Network
     from downpour.trained import _checkpoint_dir_of
 

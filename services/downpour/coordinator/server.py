@@ -38,7 +38,7 @@ import time
 
 import grpc
 
-from downpour import checkpoints as cks
+from downpour import checkpoint as cks
 from downpour import config as jobconfig
 from downpour import metrics
 from downpour.coordinator.state import Checkpoint, JobState, atomic_write
@@ -103,7 +103,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         Raises ValueError naming the problem."""
         if not self.cfg.init_from:
             return
-        from downpour.paramserver.initial import check_init_from
+        from downpour.checkpoint.initfrom import check_init_from
 
         taken, m = check_init_from(self.cfg)
         fresh = sorted(set(self.net.param_shapes()) - set(taken))

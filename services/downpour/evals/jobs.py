@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from downpour import checkpoints as cks
+from downpour import checkpoint as cks
 from downpour import config as jobconfig
 from downpour.evals.common import DEFAULT_EPS, DEFAULT_LR, TrainResult
 from downpour.nn.spec import NetworkSpec, to_dict
