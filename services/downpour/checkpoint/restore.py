@@ -35,7 +35,7 @@ def load_blocks(checkpoint_dir: str | os.PathLike, manifest: dict) -> dict[str, 
             raise CheckpointInvalid(str(e)) from None
         for b in blocks:
             want = table.get(b.name)
-            if want is not None and want["crc32_w"] != zlib.crc32(b.w):
+            if want is not None and want["crc32_w"] != zlib.crc32(b.w.data):
                 raise CheckpointInvalid(f"{path}: block {b.name!r} does not match the manifest")
             out[b.name] = b.w.reshape(b.shape)
     missing = set(table) - set(out)

@@ -89,7 +89,7 @@ def save(store: ShardStore, path: Path) -> tuple[int, int, int]:
         "optimizer": opt,
         "dedup": dedup,
         "blocks": [
-            {"name": n, "shape": list(s), "version": v, "crc32_w": zlib.crc32(w), "crc32_acc": zlib.crc32(a)}
+            {"name": n, "shape": list(s), "version": v, "crc32_w": zlib.crc32(w.data), "crc32_acc": zlib.crc32(a.data)}
             for n, s, v, w, a in snap
         ],
     }
@@ -105,7 +105,7 @@ def save(store: ShardStore, path: Path) -> tuple[int, int, int]:
                 crc, size = zlib.crc32(part, crc), size + len(part)
             for _, _, _, w, a in snap:
                 for arr in (w, a):
-                    mv = memoryview(arr).cast("B")
+                    mv = arr.data.cast("B")
                     f.write(mv)
                     crc, size = zlib.crc32(mv, crc), size + mv.nbytes
             f.flush()
