@@ -152,7 +152,15 @@ def discard_uncommitted(checkpoint_dir: str | os.PathLike, checkpoint_id: str) -
 
 
 def remove(manifest_path: str) -> None:
-    """Remove a committed checkpoint that fell out of retention: its whole folder."""
+    """Remove a committed checkpoint that fell out of retention: its whole folder.
+
+    The manifest goes first: a removal cut short (the coordinator killed) leaves an uncommitted
+    folder, removed by a later ``remove_uncommitted``, never a manifest naming files that are gone.
+    """
+    try:
+        os.remove(manifest_path)
+    except FileNotFoundError:
+        pass
     shutil.rmtree(os.path.dirname(manifest_path), ignore_errors=True)
 
 
