@@ -37,7 +37,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(__file__))
 from staleness import heldout_loss, setup  # noqa: E402
 
-from downpour import checkpoints  # noqa: E402
+from downpour import checkpoint as checkpoints  # noqa: E402
 from downpour import config as jobconfig  # noqa: E402
 
 RUNS = {"a": (0, 0), "b": (1, 1), "c": (2, 2), "d": (4, 2)}

@@ -32,7 +32,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, safe_open, save_file
 
-from downpour import checkpoints
+from downpour import checkpoint as checkpoints
 from downpour import config as jobconfig
 from downpour.nn import Network
 from downpour.nn.spec import from_dict, to_dict

@@ -543,7 +543,7 @@ def run(cfg: jobconfig.JobConfig, out: str, resume: bool = False, quiet: bool = 
     if cfg.init_from and not resume:
         # job.yaml must mean the same folder to whoever reads it later, whatever its working directory.
         cfg.init_from = os.path.abspath(cfg.init_from)
-        from downpour import checkpoints as cks
+        from downpour import checkpoint as cks
 
         if cks.newest_valid(cfg.init_from) is None:
             raise ValueError(f"init_from={cfg.init_from}: no committed checkpoint whose files verify there")

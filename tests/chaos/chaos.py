@@ -75,7 +75,7 @@ def heldout_loss(out: Path) -> float:
     """The TICA loss of the run's final committed (and verified) parameters on the bundled held-out split."""
     import numpy as np
 
-    from downpour import checkpoints as cks
+    from downpour import checkpoint as cks
     from downpour.evals.common import preprocess_for
     from downpour.feeder import bundled
     from downpour.nn import Network
@@ -127,7 +127,7 @@ def run_job(out: Path, steps: int, kills: int = 0, seed: int = 0, interval: floa
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    from downpour import checkpoints as cks
+    from downpour import checkpoint as cks
 
     manifests = cks.list_manifests(out / "checkpoints")
     corrupt = []

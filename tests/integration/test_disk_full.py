@@ -24,7 +24,7 @@ import urllib.request
 import grpc
 import pytest
 
-from downpour import checkpoints as cks
+from downpour import checkpoint as cks
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from downpour import checkpoints as cks
-from downpour.paramserver import checkpoint as ckpt
+from downpour import checkpoint as cks
+from downpour.checkpoint import shardfile as ckpt
 from downpour.paramserver.store import OptimizerConfig, ShardStore
 
 

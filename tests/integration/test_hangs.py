@@ -133,7 +133,7 @@ def test_sigstop_of_each_role_is_detected_replaced_and_the_job_completes(tmp_pat
     assert proc.returncode == 130, err[-3000:]
     err = " ".join(err.split())  # the console wraps long lines
     assert "last checkpoint was not written" not in err, err[-3000:]
-    from downpour import checkpoints as cks
+    from downpour import checkpoint as cks
 
     manifests = cks.list_manifests(str(out / "checkpoints"))
     assert manifests, "no committed checkpoint"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from downpour import checkpoints as cks
+from downpour import checkpoint as cks
 from downpour.nn import Network, presets
 from downpour.nn.spec import NetworkSpec, to_dict
 

@@ -13,7 +13,7 @@ import pytest
 
 from downpour.config import from_yaml
 from downpour.partition import join_params, plan
-from downpour.paramserver import checkpoint as ckpt
+from downpour.checkpoint import shardfile as ckpt
 
 pytestmark = pytest.mark.slow
 

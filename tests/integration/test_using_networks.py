@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 import downpour
-from downpour import checkpoints
+from downpour import checkpoint as checkpoints
 from downpour.client import NeuronsClient
 from downpour.nn import Network
 from downpour.rpc import codec

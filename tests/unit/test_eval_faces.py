@@ -227,7 +227,7 @@ def test_eval_faces_from_a_checkpoint_directory(tmp_path):
     from downpour import config as jobconfig
     from downpour.evals import faces
     from downpour.nn import Network, presets
-    from downpour.paramserver import checkpoint as ckpt
+    from downpour.checkpoint import shardfile as ckpt
     from downpour.paramserver.store import OptimizerConfig, ShardStore
 
     spec = presets.get("tiny")

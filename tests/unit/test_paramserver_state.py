@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from downpour.paramserver import checkpoint as ckpt
+from downpour.checkpoint import shardfile as ckpt
 from downpour.paramserver import errors
 from downpour.paramserver.assembly import Assembly
 from downpour.paramserver.client import balanced_placement

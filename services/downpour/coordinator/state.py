@@ -22,6 +22,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+from downpour import metrics
+from downpour.checkpoint.files import atomic_write
 from downpour.config import JobConfig, from_yaml
 
 log = logging.getLogger("downpour.coordinator")
@@ -62,28 +64,6 @@ class Member:
     partition: int = -1
     lease_until: float = 0.0
     generation: int = 0
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``path`` whole or not at all (temp file, fsync, rename, fsync of the folder).
-
-    A failed write (a full disk) leaves the old file as it was and no temp file behind.
-    """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class JobState:
@@ -188,8 +168,11 @@ class JobState:
 
     def peers(self, replica: int) -> list[tuple[int, str]]:
         with self.lock:
-            return [(p, self.slots[(replica, p)].address) for p in range(self.partitions)
-                    if self.slots[(replica, p)].member_id]
+            return [
+                (p, self.slots[(replica, p)].address)
+                for p in range(self.partitions)
+                if self.slots[(replica, p)].member_id
+            ]
 
     # --------------------------------------------------------------- progress
     def report(self, member_id: str, step: int, loss: float, examples: int) -> bool:
@@ -232,8 +215,8 @@ class JobState:
         """Record a committed checkpoint; returns those that fall out of retention."""
         with self.lock:
             self.checkpoints.append(ck)
-            dropped = self.checkpoints[:-self.cfg.keep_checkpoints]
-            self.checkpoints = self.checkpoints[-self.cfg.keep_checkpoints:]
+            dropped = self.checkpoints[: -self.cfg.keep_checkpoints]
+            self.checkpoints = self.checkpoints[-self.cfg.keep_checkpoints :]
             self._save()
             return dropped
 
@@ -253,9 +236,13 @@ class JobState:
     def to_json(self) -> dict:
         wall_offset = time.time() - self.clock()  # leases are monotonic; store wall time
         return {
-            "job_id": self.job_id, "generation": self.generation, "config": self.cfg.to_yaml(),
-            "replica_generation": self.replica_generation, "replica_start": self.replica_start,
-            "initialized": self.initialized, "started": self.started,
+            "job_id": self.job_id,
+            "generation": self.generation,
+            "config": self.cfg.to_yaml(),
+            "replica_generation": self.replica_generation,
+            "replica_start": self.replica_start,
+            "initialized": self.initialized,
+            "started": self.started,
             "slots": [dict(asdict(s), lease_until=s.lease_until + wall_offset) for s in self.slots.values()],
             "members": [dict(asdict(m), lease_until=m.lease_until + wall_offset) for m in self.members.values()],
             "progress": [asdict(p) for p in self.progress],
@@ -271,8 +258,6 @@ class JobState:
         except OSError as e:
             # A full disk must not fail a worker's Register or Heartbeat: the state stays in memory
             # and the checkpoint thread writes it again every second until there is room.
-            from downpour import metrics
-
             metrics.STATE_SAVE_FAILURES.inc()
             log.warning("could not write %s/state.json (%s); kept in memory, retrying", self.state_dir, e)
 
@@ -281,7 +266,7 @@ class JobState:
             self._save()
 
     @classmethod
-    def load(cls, state_dir: str, clock=time.monotonic) -> "JobState | None":
+    def load(cls, state_dir: str, clock=time.monotonic) -> JobState | None:
         """The state a previous coordinator left in ``state_dir``, or None."""
         path = os.path.join(state_dir, "state.json")
         if not os.path.exists(path):

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from downpour import checkpoints as cks
+from downpour import checkpoint as cks
 from downpour import config as jobconfig
 from downpour.evals.common import DEFAULT_EPS, DEFAULT_LR, TrainResult
 from downpour.nn.spec import NetworkSpec, to_dict

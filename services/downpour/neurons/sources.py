@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from downpour import checkpoints
+from downpour import checkpoint as checkpoints
 from downpour import config as jobconfig
 from downpour import metrics
 from downpour.neurons.model import NeuronModel

@@ -40,7 +40,7 @@ from typing import Any
 import grpc
 
 from downpour import metrics, optim
-from downpour.paramserver import checkpoint as ckpt
+from downpour.checkpoint import shardfile as ckpt
 from downpour.paramserver import errors, initial
 from downpour.paramserver.assembly import Assembly
 from downpour.paramserver.creation import BlockCreation
@@ -331,9 +331,10 @@ class ParameterServer(BlockCreation, SharedPlane):
         path = self._path(request.checkpoint_id, context)
         try:
             blocks = self.restore(path)
-        except ckpt.CheckpointError as e:
-            code = grpc.StatusCode.NOT_FOUND if "not found" in str(e) else grpc.StatusCode.DATA_LOSS
-            context.abort(code, str(e))
+        except ckpt.CheckpointNotFound as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except ckpt.CheckpointError as e:  # damaged, or another shard's file
+            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
         return pb.RestoreResponse(path=str(path), blocks=[_info(b) for b in blocks])
 
     def SetOptimizer(self, request: pb.SetOptimizerRequest, context: Any) -> pb.SetOptimizerResponse:
