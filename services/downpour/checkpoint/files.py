@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import zlib
+
+# Write errors that mean "no room": the disk (or the quota, or the file size limit) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

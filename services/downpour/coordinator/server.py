@@ -30,7 +30,7 @@ import grpc
 
 from downpour import checkpoint as cks
 from downpour import config as jobconfig
-from downpour import metrics
+from downpour import metrics, optim
 from downpour.coordinator.manager import CheckpointFailed, CheckpointManager
 from downpour.coordinator.params import Parameters
 from downpour.coordinator.shards import GrpcShards, ShardError, connect, disk_full
@@ -159,11 +159,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         return a
 
     def _optimizer(self) -> common_pb2.OptimizerSpec:
-        o = self.cfg.optimizer
-        kind = {"adagrad": common_pb2.OPTIMIZER_KIND_ADAGRAD, "sgd": common_pb2.OPTIMIZER_KIND_SGD}[o.kind]
-        return common_pb2.OptimizerSpec(
-            kind=kind, learning_rate=o.lr, eps=o.eps, initial_accumulator=o.initial_accumulator
-        )
+        return optim.to_proto(self.cfg.optimizer)
 
     def _job(self) -> common_pb2.JobSpec:
         c = self.cfg

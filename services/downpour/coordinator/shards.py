@@ -10,7 +10,6 @@ restore ``CheckpointNotFound`` / ``CheckpointInvalid`` as the shard reported the
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -18,11 +17,9 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from downpour.checkpoint.errors import CheckpointInvalid, CheckpointNotFound
+from downpour.checkpoint.files import DISK_FULL
 from downpour.paramserver.client import ParamClient
 from downpour.v1 import common_pb2, paramserver_pb2, paramserver_pb2_grpc
-
-# Write errors that mean "no room": the disk (or the quota, or the file size limit) is full.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 T = TypeVar("T")
 

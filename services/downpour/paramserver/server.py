@@ -29,7 +29,6 @@ restore problems.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import sys
 import time
@@ -41,6 +40,7 @@ import grpc
 
 from downpour import metrics, optim
 from downpour.checkpoint import shardfile as ckpt
+from downpour.checkpoint.files import DISK_FULL
 from downpour.paramserver import errors, initial
 from downpour.paramserver.assembly import Assembly
 from downpour.paramserver.creation import BlockCreation
@@ -51,9 +51,6 @@ from downpour.rpc import codec, lowp
 from downpour.rpc.server import Server, ServerConfig
 from downpour.v1 import common_pb2
 from downpour.v1 import paramserver_pb2 as pb
-
-# Write errors that mean "no room": the disk (or the quota, or the file size limit) is full.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 log = logging.getLogger("downpour.paramserver")
 
