@@ -33,12 +33,19 @@ import io
 import logging
 import socket
 import ssl
+import sys
 import threading
+import time
 from importlib import resources
 from typing import Any, Callable
 
+import grpc
 import numpy as np
 from aiohttp import web
+
+from downpour import trained
+from downpour.client import NeuronsClient
+from downpour.rpc.channel import ChannelConfig
 
 log = logging.getLogger("downpour.explorer")
 
@@ -75,8 +82,6 @@ def map_pngs(values: np.ndarray, shape: tuple[int, int, int]) -> list[dict]:
 
 def _error_response(e: Exception) -> web.Response:
     """What a failed question is to the browser: 400 for bad input, 404 for unknown things, 503 otherwise."""
-    import grpc
-
     if isinstance(e, grpc.RpcError):
         code = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
                 grpc.StatusCode.UNAUTHENTICATED: 401}.get(e.code(), 503)
@@ -276,23 +281,15 @@ def add_explore_parser(subparsers):
 
 
 def _cmd_explore(args) -> int:
-    import sys
-    import time
-
     if args.addr:
-        from downpour.client import NeuronsClient
-        from downpour.rpc.channel import ChannelConfig
-
         token = ""
         if args.token_file:
             with open(args.token_file, encoding="utf-8") as f:
                 token = f.read().strip()
         backend: Any = NeuronsClient(args.addr, ChannelConfig(ca=args.ca, cert=args.cert, key=args.key, token=token))
     else:
-        import downpour
-
         try:
-            backend = downpour.load(args.checkpoint)
+            backend = trained.load(args.checkpoint)
         except (OSError, ValueError) as e:
             print(f"downpour explore: {e}", file=sys.stderr)
             return 2
