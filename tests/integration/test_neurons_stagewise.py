@@ -22,7 +22,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-
 from downpour import config as jobconfig
 from downpour.client import NeuronsClient
 from downpour.neurons import sources
@@ -59,8 +58,9 @@ def cluster(tmp_path_factory):
     ckdir = tmp_path_factory.mktemp("checkpoints")
     servers, addresses = [], []
     for i in range(2):
-        ps = ParameterServer(ShardStore(i, OptimizerConfig("adagrad", 0.5, 1e-8, 0.0)), str(ckdir), 1 << 20,
-                             64 << 20, 0)
+        ps = ParameterServer(
+            ShardStore(i, OptimizerConfig("adagrad", 0.5, 1e-8, 0.0)), str(ckdir), 1 << 20, 64 << 20, 0
+        )
         srv = Server(f"paramserver-{i}", ServerConfig(host="127.0.0.1", port=0))
         srv.add(lambda s, ps=ps: s.add_generic_rpc_handlers((ps.handlers(),)), SERVICE)
         addresses.append(f"127.0.0.1:{srv.start(install_signal_handlers=False)}")
@@ -71,9 +71,18 @@ def cluster(tmp_path_factory):
     client.wait_ready(30)
     client.init({k: np.asarray(v) for k, v in params.items()})
     parts = client.checkpoint("ck-1")
-    (ckdir / "ck-1" / "MANIFEST.json").write_text(json.dumps({
-        "checkpoint_id": "ck-1", "step": 1, "created": time.time(), "config": job().to_yaml(),
-        "placement": client.placement, "shards": [{"shard": i, "path": p.path} for i, p in enumerate(parts)]}))
+    (ckdir / "ck-1" / "MANIFEST.json").write_text(
+        json.dumps(
+            {
+                "checkpoint_id": "ck-1",
+                "step": 1,
+                "created": time.time(),
+                "config": job().to_yaml(),
+                "placement": client.placement,
+                "shards": [{"shard": i, "path": p.path} for i, p in enumerate(parts)],
+            }
+        )
+    )
     yield {"addresses": addresses, "params": params, "ckdir": str(ckdir), "client": client}
     client.close()
     for srv in servers:
@@ -155,8 +164,10 @@ def test_a_checkpoint_named_in_a_query_is_read_stage_by_stage_too(cluster, tmp_p
     try:
         old = TrainedNetwork(src).model("ck-1")
         x = inputs()
-        np.testing.assert_array_equal(old.layer_activations(x, "head.logits"),
-                                      np.asarray(Network(SPEC).forward(cluster["params"], x)["head.logits"]))
+        np.testing.assert_array_equal(
+            old.layer_activations(x, "head.logits"),
+            np.asarray(Network(SPEC).forward(cluster["params"], x)["head.logits"]),
+        )
         assert old.meter is src.meter and src.meter.peak <= largest_stage(old)
     finally:
         src.close()
@@ -173,8 +184,9 @@ def test_a_partitioned_job_is_joined_one_parameter_at_a_time(cluster):
         x = inputs()
         want = Network(SPEC).forward(Network(SPEC).init_params(SEED + 1), x)
         for layer in ("stage1.filter", "stage3.output", "head.logits"):
-            np.testing.assert_array_equal(src.model.layer_activations(x, layer),
-                                          np.asarray(want[layer]).reshape(len(x), -1), err_msg=layer)
+            np.testing.assert_array_equal(
+                src.model.layer_activations(x, layer), np.asarray(want[layer]).reshape(len(x), -1), err_msg=layer
+            )
         # while a parameter's pieces are joined, they and the whole parameter exist together
         assert src.meter.peak <= 2 * largest_stage(src.model)
     finally:
@@ -204,8 +216,23 @@ def test_the_service_exports_its_peak_parameter_bytes(cluster, tmp_path):
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(job().to_yaml())
     metrics_port, log = _free_port(), tmp_path / "neurons.log"
-    cmd = [sys.executable, "-m", "downpour.cli", "serve", "neurons", "--host", "127.0.0.1", "--port", "0",
-           "--metrics-port", str(metrics_port), "--shards", ",".join(cluster["addresses"]), "--config", str(cfg_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "downpour.cli",
+        "serve",
+        "neurons",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        str(metrics_port),
+        "--shards",
+        ",".join(cluster["addresses"]),
+        "--config",
+        str(cfg_path),
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

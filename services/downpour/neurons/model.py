@@ -23,7 +23,6 @@ its ``Meter``. A store that keeps its parameters in memory anyway
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,8 +77,9 @@ class NeuronModel:
     ``params``: a ``Blocks`` store, or a dict of blocks (kept in memory as ``HeldBlocks``).
     """
 
-    def __init__(self, spec: NetworkSpec, params: Blocks | dict, version: int = 0, backend="numpy",
-                 meter: Meter | None = None):
+    def __init__(
+        self, spec: NetworkSpec, params: Blocks | dict, version: int = 0, backend="numpy", meter: Meter | None = None
+    ):
         self.spec = spec
         # "numpy", "cupy", or an array module itself (tests stand NumPy in for CuPy)
         xp = nnbackend.get(backend) if isinstance(backend, str) else backend
@@ -95,8 +95,11 @@ class NeuronModel:
             self.store = params
         else:
             needed = set(self.net.encoder_names())
-            held = {k: xp.asarray(np.asarray(nnbackend.to_numpy(v), np.float32).reshape(-1))
-                    for k, v in params.items() if k in needed}
+            held = {
+                k: xp.asarray(np.asarray(nnbackend.to_numpy(v), np.float32).reshape(-1))
+                for k, v in params.items()
+                if k in needed
+            }
             self.net._views(held, self.net.encoder_names())  # raises on missing or mis-sized blocks
             self.store = HeldBlocks(held, version)
         self._kept = nbytes(held) if isinstance(self.store, HeldBlocks) else 0  # counted while the model lives
@@ -162,15 +165,18 @@ class NeuronModel:
     def flat_index(self, u: Unit) -> int:
         c, h, w = self.layer_shape(u.layer)
         if not (0 <= u.map < c and 0 <= u.y < h and 0 <= u.x < w):
-            raise QueryError(f"neuron (map={u.map}, y={u.y}, x={u.x}) is outside layer {u.layer!r} of shape "
-                             f"[maps={c}, height={h}, width={w}]")
+            raise QueryError(
+                f"neuron (map={u.map}, y={u.y}, x={u.x}) is outside layer {u.layer!r} of shape "
+                f"[maps={c}, height={h}, width={w}]"
+            )
         return (u.map * h + u.y) * w + u.x
 
     def unit(self, layer: str, flat: int) -> Unit:
         c, h, w = self.layer_shape(layer)
         if not 0 <= flat < c * h * w:
-            raise QueryError(f"neuron id {flat} is outside layer {layer!r} of {c * h * w} units "
-                             f"([maps={c}, height={h}, width={w}])")
+            raise QueryError(
+                f"neuron id {flat} is outside layer {layer!r} of {c * h * w} units ([maps={c}, height={h}, width={w}])"
+            )
         m, r = divmod(int(flat), h * w)
         return Unit(layer, m, r // w, r % w)
 
@@ -178,8 +184,10 @@ class NeuronModel:
     def _check_input(self, x: np.ndarray) -> np.ndarray:
         c, h, w = self.spec.input
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
-            raise QueryError(f"images must be {h}x{w} with {c} channel(s); got batch shape "
-                             f"{tuple(x.shape[2:])} x {x.shape[1] if x.ndim == 4 else '?'} channel(s)")
+            raise QueryError(
+                f"images must be {h}x{w} with {c} channel(s); got batch shape "
+                f"{tuple(x.shape[2:])} x {x.shape[1] if x.ndim == 4 else '?'} channel(s)"
+            )
         if not np.all(np.isfinite(x)):
             raise QueryError("images contain NaN or Inf")
         return np.ascontiguousarray(x, self.net.dtype)
@@ -201,7 +209,7 @@ class NeuronModel:
         part = "" if head else layer.split(".")[1]
         out: list[np.ndarray] = []
         with self.meter.lock:
-            hs = [net._input(x[i:i + batch]) for i in range(0, len(x), batch)]
+            hs = [net._input(x[i : i + batch]) for i in range(0, len(x), batch)]
             held = None
             try:
                 for i, st in enumerate(net.stages[:s]):
@@ -259,6 +267,7 @@ class NeuronModel:
                     held = self._swap(i, held)
                     h, ctx = st.forward(held.params, h)
                     ctxs.append(ctx)
+                assert held is not None  # s >= 1: a unit's stage was fetched
                 B = h.shape[3]
                 st = net.stages[s - 1]
                 if head:
@@ -277,22 +286,35 @@ class NeuronModel:
                     if part == "output":
                         dx, _ = st.backward(held.params, ctxs[-1], dy, need_dx=True)
                     else:
-                        dz = st.pool.backward(ctxs[-1]["pool"], dy) if part == "pool" else dy
+                        # a filter or pool layer exists only where the stage has that part
+                        assert st.filter is not None and (part != "pool" or st.pool is not None)
+                        dz = st.pool.backward(ctxs[-1]["pool"], dy) if st.pool is not None and part == "pool" else dy
                         dx, _ = st.filter.backward(held.params[f"{st.name}.W1"], ctxs[-1]["P"], dz, need_dx=True)
                 for i in range(s - 2, -1, -1):
                     held = self._swap(i, held)
                     dx, _ = net.stages[i].backward(held.params, ctxs[i], dx, need_dx=True)
                 # copies: the layers reuse their buffers once the lock is released
-                return (np.array(nnbackend.to_numpy(value), np.float64),
-                        np.array(nnbackend.to_numpy(to_external(xp, dx)), np.float64))
+                return (
+                    np.array(nnbackend.to_numpy(value), np.float64),
+                    np.array(nnbackend.to_numpy(to_external(xp, dx)), np.float64),
+                )
             finally:
                 self._release(held)
 
     def input_gradient(self, x_bchw: np.ndarray, u: Unit) -> tuple[np.ndarray, np.ndarray]:
         return self._value_and_input_grad(self._check_input(np.asarray(x_bchw)), u)
 
-    def optimal_stimulus(self, u: Unit, *, steps: int = 200, lr: float = 0.1, seed: int = 0,
-                         restarts: int = 8, norm: float = 1.0, n_random: int = 64) -> dict:
+    def optimal_stimulus(
+        self,
+        u: Unit,
+        *,
+        steps: int = 200,
+        lr: float = 0.1,
+        seed: int = 0,
+        restarts: int = 8,
+        norm: float = 1.0,
+        n_random: int = 64,
+    ) -> dict:
         """Maximise the unit's activation over inputs with ||x||_2 = ``norm``.
 
         Projected gradient ascent from ``restarts`` random points at once: each
@@ -321,8 +343,13 @@ class NeuronModel:
                 best_v, best_x = float(v[i]), x[i].copy()
             gn = np.sqrt((g.reshape(len(g), -1) ** 2).sum(1))
             x = project(x + step * g / np.maximum(gn, 1e-20)[:, None, None, None])
-        return {"stimulus": best_x.astype(np.float32), "activation": best_v,
-                "random_mean": float(base.mean()), "random_max": float(base.max()), "random": base}
+        return {
+            "stimulus": best_x.astype(np.float32),
+            "activation": best_v,
+            "random_mean": float(base.mean()),
+            "random_max": float(base.max()),
+            "random": base,
+        }
 
     def top_inputs(self, x_bchw: np.ndarray, u: Unit, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices (into x) and activations of the k inputs that excite the unit most, best first."""

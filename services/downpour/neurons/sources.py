@@ -29,11 +29,9 @@ import time
 
 import numpy as np
 
-from downpour import checkpoints
+from downpour import checkpoints, metrics
 from downpour import config as jobconfig
-from downpour import metrics
-from downpour.neurons.blocks import (Blocks, CheckpointBlocks, HeldBlocks, Meter, NpzBlocks, RandomBlocks,
-                                     ShardBlocks)
+from downpour.neurons.blocks import Blocks, CheckpointBlocks, HeldBlocks, Meter, NpzBlocks, RandomBlocks, ShardBlocks
 from downpour.neurons.model import NeuronModel
 from downpour.nn import Network
 from downpour.nn.spec import NetworkSpec
@@ -138,8 +136,17 @@ class Source:
 
 
 class StaticSource(Source):
-    def __init__(self, spec: NetworkSpec, params: Blocks | dict, description: str, normalize: str = "standardize",
-                 data: str = "default", checkpoint_dir: str = "", backend: str = "numpy", hold: bool = False) -> None:
+    def __init__(
+        self,
+        spec: NetworkSpec,
+        params: Blocks | dict,
+        description: str,
+        normalize: str = "standardize",
+        data: str = "default",
+        checkpoint_dir: str = "",
+        backend: str = "numpy",
+        hold: bool = False,
+    ) -> None:
         super().__init__(backend, hold)
         self.description, self.normalize, self.data = description, normalize, data
         self.checkpoint_dir = checkpoint_dir
@@ -182,16 +189,29 @@ class CheckpointSource(Source):
 
 
 class ShardSource(Source):
-    def __init__(self, shards: list[str], cfg: jobconfig.JobConfig, checkpoint_dir: str = "",
-                 channel_config=None, timeout: float = 60.0, backend: str = "numpy", hold: bool = False) -> None:
+    def __init__(
+        self,
+        shards: list[str],
+        cfg: jobconfig.JobConfig,
+        checkpoint_dir: str = "",
+        channel_config=None,
+        timeout: float = 60.0,
+        backend: str = "numpy",
+        hold: bool = False,
+    ) -> None:
         super().__init__(backend, hold)
         self.spec = cfg.network_spec()
         self.normalize, self.data = cfg.normalize, cfg.data
         self.checkpoint_dir = checkpoint_dir
         sizes, _ = block_layout(cfg)
         # the coordinator places blocks the same way (size-balanced over the shards)
-        self.client = ParamClient(shards, worker_id="neurons", placement=balanced_placement(sizes, len(shards)),
-                                  channel_config=channel_config, timeout=timeout)
+        self.client = ParamClient(
+            shards,
+            worker_id="neurons",
+            placement=balanced_placement(sizes, len(shards)),
+            channel_config=channel_config,
+            timeout=timeout,
+        )
         # Queries read the encoders and the head only: the decoders (half the parameters) are never pulled.
         wanted = set(Network(self.spec).encoder_names())
         self.names = [n for n in sizes if n.split("[")[0] in wanted]
@@ -221,7 +241,7 @@ class Refresher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="neurons-refresh", daemon=True)
 
-    def start(self) -> "Refresher":
+    def start(self) -> Refresher:
         if self.interval > 0:
             self._thread.start()
         return self
@@ -237,13 +257,15 @@ class Refresher:
                 metrics.NEURONS_REFRESHES.labels("changed" if changed else "unchanged").inc()
                 if changed:
                     metrics.NEURONS_PARAMETERS_VERSION.set(self.source.model.version)
-                    log.info("parameters refreshed from %s (version %d)", self.source.description,
-                             self.source.model.version)
+                    log.info(
+                        "parameters refreshed from %s (version %d)", self.source.description, self.source.model.version
+                    )
             except Exception as e:  # keep serving the last good parameters
                 metrics.NEURONS_REFRESHES.labels("failed").inc()
                 msg = e.details() if hasattr(e, "details") else str(e)
                 (log.debug if failing else log.warning)(
-                    "refresh from %s failed (serving the last parameters): %s", self.source.description, msg)
+                    "refresh from %s failed (serving the last parameters): %s", self.source.description, msg
+                )
                 failing = True
 
     def stop(self) -> None:
@@ -256,7 +278,7 @@ def wait_for_first(source: Source, timeout: float) -> None:
     while True:
         try:
             source.refresh()
-            source.model
+            _ = source.model  # raises SourceError until there are parameters
             return
         except Exception as e:
             if time.monotonic() > deadline:
@@ -270,6 +292,20 @@ def job_config_from(path: str = "", preset: str = "") -> jobconfig.JobConfig:
     return jobconfig.load(None, env={}, overrides={"preset": preset or "small"})
 
 
-__all__ = ["Source", "StaticSource", "checkpoint_blocks", "grid_of", "held", "CheckpointSource", "ShardSource", "Refresher", "random_source",
-           "npz_source", "load_checkpoint", "list_manifests", "job_config_from", "wait_for_first",
-           "SourceError"]
+__all__ = [
+    "Source",
+    "StaticSource",
+    "checkpoint_blocks",
+    "grid_of",
+    "held",
+    "CheckpointSource",
+    "ShardSource",
+    "Refresher",
+    "random_source",
+    "npz_source",
+    "load_checkpoint",
+    "list_manifests",
+    "job_config_from",
+    "wait_for_first",
+    "SourceError",
+]
