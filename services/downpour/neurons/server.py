@@ -49,16 +49,14 @@ import time
 import grpc
 import numpy as np
 
-from downpour import config as jobconfig
 from downpour import device as devices
 from downpour import metrics
-from downpour.neurons import images, sources
+from downpour.neurons import images, source_args, sources
 from downpour.neurons.model import QueryError
 from downpour.rpc import codec
-from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.rpc.server import Server, ServerConfig
 from downpour.trained import TrainedNetwork
-from downpour.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, neurons_pb2_grpc
+from downpour.v1 import common_pb2, neurons_pb2_grpc
 from downpour.v1 import neurons_pb2 as pb
 
 log = logging.getLogger("downpour.neurons")
@@ -254,16 +252,7 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="downpour serve neurons", description=__doc__.splitlines()[0])
     ServerConfig.add_arguments(ap, port=DEFAULT_PORT)
-    g = ap.add_argument_group("parameters (one source)")
-    g.add_argument("--coordinator", default="", help="a running job's coordinator: its shards, spec and checkpoints")
-    g.add_argument("--shards", default="", help="comma-separated parameter shard addresses (live parameters)")
-    g.add_argument("--checkpoint-dir", default="", help="committed checkpoints; with live shards: for checkpoint_id")
-    g.add_argument("--params", default="", help=".npz file of named parameter blocks")
-    g.add_argument("--random-seed", type=int, default=None, help="serve a seeded random initialisation")
-    g.add_argument("--peer-ca", default="", help="PEM CA of the coordinator and shards (TLS)")
-    g.add_argument("--peer-cert", default="", help="PEM client certificate for them (mutual TLS)")
-    g.add_argument("--peer-key", default="", help="PEM client key for them (mutual TLS)")
-    g.add_argument("--peer-token-file", default="", help="bearer token the coordinator and shards expect")
+    source_args.add_arguments(ap)
     ap.add_argument("--config", default="", help="job config (YAML): the model and its normalisation")
     ap.add_argument("--preset", default="", help="network preset when there is no --config (default small)")
     ap.add_argument("--refresh-seconds", type=float, default=5.0, help="re-pull live parameters this often (0: never)")
@@ -301,79 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _channel_config(args: argparse.Namespace):
-    """How this service calls the coordinator and the shards (TLS and token as they require).
-
-    Without ``--peer-*`` flags it calls them as every other service calls its
-    peers: with its own CA, certificate and token (``DOWNPOUR_TLS_*``, as
-    ``downpour up --secure`` sets them).
-    """
-    if not (args.peer_ca or args.peer_cert or args.peer_key or args.peer_token_file):
-        return ServerConfig.from_args(args).channel_config()
-    token = ""
-    if args.peer_token_file:
-        with open(args.peer_token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-    return ChannelConfig(
-        max_message_bytes=args.max_message_bytes, ca=args.peer_ca, cert=args.peer_cert, key=args.peer_key, token=token
-    )
-
-
-def make_source(args: argparse.Namespace, xp=np) -> sources.Source:
-    backend = "numpy" if xp is np else "cupy"
-    chosen = [
-        n
-        for n, v in (
-            ("--coordinator", args.coordinator),
-            ("--shards", args.shards),
-            ("--params", args.params),
-            ("--random-seed", args.random_seed is not None),
-        )
-        if v
-    ]
-    if len(chosen) > 1:
-        raise ValueError(f"choose one parameter source, got {', '.join(chosen)}")
-    if args.coordinator:
-        with open_channel(args.coordinator, _channel_config(args)) as ch:
-            st = coordinator_pb2_grpc.CoordinatorStub(ch).JobStatus(
-                coordinator_pb2.JobStatusRequest(), timeout=10.0, wait_for_ready=True
-            )
-        cfg = jobconfig.from_yaml(st.job.spec_yaml)
-        return sources.ShardSource(
-            list(st.shard_addresses),
-            cfg,
-            args.checkpoint_dir or st.job.checkpoint_dir,
-            channel_config=_channel_config(args),
-            backend=backend,
-            hold=args.hold_encoder,
-        )
-    if args.shards:
-        cfg = sources.job_config_from(args.config, args.preset)
-        return sources.ShardSource(
-            [s for s in args.shards.split(",") if s],
-            cfg,
-            args.checkpoint_dir,
-            channel_config=_channel_config(args),
-            backend=backend,
-            hold=args.hold_encoder,
-        )
-    cfg = sources.job_config_from(args.config, args.preset)
-    kw = dict(
-        normalize=cfg.normalize,
-        data=cfg.data,
-        checkpoint_dir=args.checkpoint_dir,
-        backend=backend,
-        hold=args.hold_encoder,
-    )
-    if args.params:
-        return sources.npz_source(args.params, cfg.network_spec(), **kw)
-    if args.random_seed is not None:
-        return sources.random_source(cfg.network_spec(), args.random_seed, **kw)
-    if args.checkpoint_dir:
-        return sources.CheckpointSource(args.checkpoint_dir, backend=backend, hold=args.hold_encoder)
-    raise ValueError("no parameters: give --coordinator, --shards, --checkpoint-dir, --params or --random-seed")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -395,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ServerConfig.from_args(args)
     server = Server("neurons", cfg)
     try:
-        source = make_source(args, xp)
+        source = source_args.make_source(args, xp)
     except (ValueError, OSError, sources.SourceError, grpc.RpcError) as e:
         print(f"neurons: {e}", file=sys.stderr)
         return 2
