@@ -21,8 +21,9 @@ Per process (bytes; n = the parameters it holds, B = the batch size):
   or the head: a query fetches a stage's blocks, runs it and lets them go
   before the next), its pieces once more while a partitioned job's blocks
   are joined into the whole layer, and the activations in flight of a
-  query of ``NEURONS_QUERY_IMAGES`` images (one slice of them inside a
-  stage: its input and outputs; every image's stage output between stages). ``--hold-encoder`` (opt-in) keeps the whole encoder instead: 4E.
+  query of ``memshapes.NEURONS_QUERY_IMAGES`` images (one slice of them
+  inside a stage: its input and outputs; every image's stage output between
+  stages). ``--hold-encoder`` (opt-in) keeps the whole encoder instead: 4E.
 * feeder: its data in memory (the bundled images at the model's input size).
 * coordinator: its interpreter, libraries and buffers only: it never holds a
   parameter.
@@ -30,15 +31,18 @@ Per process (bytes; n = the parameters it holds, B = the batch size):
 Every process also pays a fixed base (the interpreter, NumPy, gRPC, its
 threads), measured per role with ``benchmarks/memory.py`` on the ``tiny``
 preset; the coefficients below were fitted to the peaks that benchmark
-measured for tiny, small and medium runs (see docs/benchmarks.md).
+measured for tiny, small and medium runs (see docs/benchmarks.md). The
+counts the bytes are made of (blocks, activation values, the feeder's data)
+come from the model's shapes in ``downpour.memshapes``.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import os
+import dataclasses
 from dataclasses import dataclass, field
+
+from downpour import memshapes
+from downpour.paramserver.client import balanced_placement
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -52,11 +56,6 @@ EXCHANGE = 10 * MiB
 # (which also keeps each layer's halo-grown input, the exchanged halos and their gradients).
 ACTIVATION_BYTES = 42.0
 ACTIVATION_BYTES_PARTITION = 100.0
-# The feeder's bundled images at the model's input size: regions, patches and batches (fitted).
-FEEDER_EXAMPLES = 640
-# Most images one neurons query runs (the service's --max-images), and the slice a stage runs at once.
-NEURONS_QUERY_IMAGES = 256
-NEURONS_SLICE = 256
 
 
 @dataclass
@@ -134,88 +133,12 @@ def _fmt(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
 
 
-def _layer_values(spec, rows: int, cols: int, partition: int) -> int:
-    """Activation values per example of one partition's tile of every layer (the whole replica's
-    layers when the grid is 1x1)."""
-    return _shapes(spec, rows, cols)[4][partition]
-
-
-@functools.lru_cache(maxsize=64)
-def _shapes(spec, rows: int, cols: int):
-    """(parameter sizes, block sizes, blocks pulled per partition, encoder block names, activation
-    values per example per partition) of a model on a grid; shapes only, nothing allocated."""
-    from downpour.nn import Network
-    from downpour.partition import block_shapes
-    from downpour.partition import plan as pplan
-
-    net = Network(spec)
-    full = net.block_sizes()
-    pl = pplan(spec, rows, cols)
-    if rows * cols > 1:
-        sizes = {k: math.prod(v) for k, v in block_shapes(pl).items()}
-        pulled = [pl.blocks_pulled(p) for p in range(rows * cols)]
-    else:
-        sizes, pulled = dict(full), [list(full)]
-    values = []
-    for p in range(rows * cols):
-        total = 0
-        for lay in pl.layers:
-            y0, y1, x0, x1 = lay.tiles[p]
-            total += lay.shape[0] * (y1 - y0) * (x1 - x0)
-        values.append(total)
-    return full, sizes, pulled, net.encoder_names(), values
-
-
-@functools.lru_cache(maxsize=64)
-def _neurons_query(spec) -> tuple[int, int]:
-    """(values of the largest step's blocks: a stage's encoder or the head, float32 bytes of the
-    activations one query has in flight at most): one slice inside a stage (its input, the
-    filter, pool and LCN outputs; the filter builds its patches a block of rows at a time, in
-    scratch of its own) and every image's output between stages."""
-    from downpour.nn import Network
-
-    net = Network(spec)
-    sizes = net.block_sizes()
-    steps = [[f"{st.name}.W1"] for st in net.stages if st.filter is not None]
-    if spec.classes:
-        steps.append(["head.W", "head.b"])
-    largest = max((sum(sizes[n] for n in g) for g in steps), default=0)
-    inside, between = 0, 0
-    for st in net.stages:
-        values = math.prod(st.in_shape) + math.prod(st.out_shape)
-        if st.filter is not None:
-            f = st.filter
-            values += f.L * f.M
-        if st.pool is not None:
-            values += math.prod(st.pool.out_shape)
-        inside = max(inside, values)
-        between = max(between, math.prod(st.out_shape))
-    slice_ = min(NEURONS_SLICE, NEURONS_QUERY_IMAGES)
-    return largest, 4 * (slice_ * inside + NEURONS_QUERY_IMAGES * between)
-
-
-def _feeder_data(cfg, values_per_example: int) -> int:
-    """The feeder's data in memory: the bundled images at the input size, or the dataset's size on disk."""
-    if cfg.data == "default" or cfg.data.startswith("default:"):
-        return 4 * FEEDER_EXAMPLES * values_per_example
-    path = os.path.expanduser(cfg.data[len("file://") :] if cfg.data.startswith("file://") else cfg.data)
-    if os.path.isdir(path):  # decoded images: at most the input size each, as float32
-        n = sum(len(files) for _, _, files in os.walk(path))
-        return 4 * n * values_per_example
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
 def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
     """The memory plan of job ``cfg`` (a ``downpour.config.JobConfig``) run by ``downpour up``."""
-    from downpour.paramserver.client import balanced_placement
-
     spec = cfg.network_spec()
     rows, cols = cfg.grid()
     parts_n = rows * cols
-    full, sizes, pulled, _, _ = _shapes(spec, rows, cols)
+    full, sizes, pulled, _, _ = memshapes.shapes(spec, rows, cols)
     N = sum(full.values())
     place = balanced_placement(sizes, cfg.shards)
     procs: list[Process] = []
@@ -242,14 +165,16 @@ def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
             )
         )
     c, h, w = spec.input
-    procs.append(Process("feeder", "feeder", {"base": BASE["feeder"], "activations": _feeder_data(cfg, c * h * w)}))
+    procs.append(
+        Process("feeder", "feeder", {"base": BASE["feeder"], "activations": memshapes.feeder_data(cfg, c * h * w)})
+    )
     procs.append(Process("coordinator", "coordinator", {"base": BASE["coordinator"]}))
     k = 0
     for _ in range(cfg.replicas):
         for p in range(parts_n):
             n = sum(sizes[b] for b in pulled[p])
             per_value = ACTIVATION_BYTES_PARTITION if parts_n > 1 else ACTIVATION_BYTES
-            act = int(per_value * cfg.batch_size * _layer_values(spec, rows, cols, p))
+            act = int(per_value * cfg.batch_size * memshapes.layer_values(spec, rows, cols, p))
             # Over shared memory the loop computes on views of the weight region (no copy of its own).
             procs.append(
                 Process(
@@ -267,7 +192,7 @@ def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
             )
             k += 1
     if neurons:
-        S, act = _neurons_query(spec)  # one stage's blocks at a time, never a decoder
+        S, act = memshapes.neurons_query(spec)  # one stage's blocks at a time, never a decoder
         procs.append(
             Process(
                 "neurons",
@@ -351,8 +276,6 @@ def smallest_layout(cfg, machine_bytes: int, neurons: bool = True):
     A layout on more than one machine is planned without the shared-memory plane (gRPC between
     hosts: no shared regions, each worker its own copy of its weights).
     """
-    import dataclasses
-
     best = None
     for grid in GRIDS:
         for shards in SHARDS:
