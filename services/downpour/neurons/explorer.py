@@ -42,7 +42,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from downpour import trained
 from downpour.client import NeuronsClient
@@ -216,7 +216,8 @@ class Explorer:
         if request.content_type.startswith("multipart/"):
             reader = await request.multipart()
             part = await reader.next()
-            data = await part.read() if part is not None else b""
+            # the first part's bytes; a nested multipart is not an image
+            data = await part.read() if isinstance(part, BodyPartReader) else b""
         else:
             data = await request.read()
         if not data:
