@@ -17,10 +17,13 @@ Per process (bytes; n = the parameters it holds, B = the batch size):
   their weight region; without shared memory, weights 4n of its own), and
   activations at the batch size (every layer of its tile with contexts and
   gradients).
-* neurons: the encoders' and the head's weights (4E, about half the model:
-  queries never read the decoders), once more while a refresh replaces the
-  previous copy, and once more when a partitioned job's blocks are joined
-  back into whole layers.
+* neurons: one stage's encoder at a time (4S, S the largest stage's encoder
+  or the head: a query fetches a stage's blocks, runs it and lets them go
+  before the next), its pieces once more while a partitioned job's blocks
+  are joined into the whole layer, and the activations in flight of a
+  query of ``memshapes.NEURONS_QUERY_IMAGES`` images (one slice of them
+  inside a stage: its input and outputs; every image's stage output between
+  stages). ``--hold-encoder`` (opt-in) keeps the whole encoder instead: 4E.
 * feeder: its data in memory (the bundled images at the model's input size).
 * coordinator: its interpreter, libraries and buffers only: it never holds a
   parameter.
@@ -28,22 +31,24 @@ Per process (bytes; n = the parameters it holds, B = the batch size):
 Every process also pays a fixed base (the interpreter, NumPy, gRPC, its
 threads), measured per role with ``benchmarks/memory.py`` on the ``tiny``
 preset; the coefficients below were fitted to the peaks that benchmark
-measured for tiny, small and medium runs (see docs/benchmarks.md).
+measured for tiny, small and medium runs (see docs/benchmarks.md). The
+counts the bytes are made of (blocks, activation values, the feeder's data)
+come from the model's shapes in ``downpour.memshapes``.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import os
+import dataclasses
 from dataclasses import dataclass, field
+
+from downpour import memshapes
+from downpour.paramserver.client import balanced_placement
 
 MiB = 1 << 20
 GiB = 1 << 30
 
 # Resident memory of an idle process of each role (interpreter, NumPy, gRPC, threads), measured.
-BASE = {"paramserver": 62 * MiB, "worker": 64 * MiB, "feeder": 168 * MiB, "coordinator": 60 * MiB,
-        "neurons": 62 * MiB}
+BASE = {"paramserver": 62 * MiB, "worker": 64 * MiB, "feeder": 168 * MiB, "coordinator": 60 * MiB, "neurons": 62 * MiB}
 # A model-parallel worker's halo exchange: its own server, peer channels, mailboxes (measured).
 EXCHANGE = 10 * MiB
 # Bytes of live activations (their gradients, the layers' contexts and scratch) per activation
@@ -51,8 +56,6 @@ EXCHANGE = 10 * MiB
 # (which also keeps each layer's halo-grown input, the exchanged halos and their gradients).
 ACTIVATION_BYTES = 42.0
 ACTIVATION_BYTES_PARTITION = 100.0
-# The feeder's bundled images at the model's input size: regions, patches and batches (fitted).
-FEEDER_EXAMPLES = 640
 
 
 @dataclass
@@ -88,25 +91,40 @@ class Plan:
 
     def layout(self) -> str:
         r, c = self.grid
-        return (f"{self.replicas} replica(s) x {r}x{c} partitions, {self.shards} shard(s), batch {self.batch_size}"
-                + ("" if self.shared_memory else ", shared_memory: false (gRPC transport)"))
+        return f"{self.replicas} replica(s) x {r}x{c} partitions, {self.shards} shard(s), batch {self.batch_size}" + (
+            "" if self.shared_memory else ", shared_memory: false (gRPC transport)"
+        )
 
     def format(self) -> str:
         keys = ["base", "weights", "optimizer", "checkpoint", "gradients", "activations", "transport", "copies"]
-        lines = [f"memory plan: {self.preset} ({self.parameters / 1e6:,.1f} M parameters), {self.layout()}",
-                 f"{'process':<16}{'params M':>9}" + "".join(f"{k:>12}" for k in keys) + f"{'total':>12}"]
+        lines = [
+            f"memory plan: {self.preset} ({self.parameters / 1e6:,.1f} M parameters), {self.layout()}",
+            f"{'process':<16}{'params M':>9}" + "".join(f"{k:>12}" for k in keys) + f"{'total':>12}",
+        ]
         for p in self.processes:
-            lines.append(f"{p.name:<16}{p.parameters / 1e6:>9.1f}" + "".join(
-                f"{_fmt(p.parts.get(k, 0)):>12}" for k in keys) + f"{_fmt(p.total):>12}")
+            lines.append(
+                f"{p.name:<16}{p.parameters / 1e6:>9.1f}"
+                + "".join(f"{_fmt(p.parts.get(k, 0)):>12}" for k in keys)
+                + f"{_fmt(p.total):>12}"
+            )
         lines.append(f"{'all processes':<16}{'':>9}" + "".join(f"{'':>12}" for _ in keys) + f"{_fmt(self.total):>12}")
         lines.append(f"largest process: {self.largest.name}, {_fmt(self.largest.total)}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"preset": self.preset, "replicas": self.replicas, "grid": list(self.grid), "shards": self.shards,
-                "batch_size": self.batch_size, "parameters": self.parameters, "total_bytes": self.total,
-                "processes": [{"name": p.name, "role": p.role, "parameters": p.parameters, "parts": p.parts,
-                               "total_bytes": p.total} for p in self.processes]}
+        return {
+            "preset": self.preset,
+            "replicas": self.replicas,
+            "grid": list(self.grid),
+            "shards": self.shards,
+            "batch_size": self.batch_size,
+            "parameters": self.parameters,
+            "total_bytes": self.total,
+            "processes": [
+                {"name": p.name, "role": p.role, "parameters": p.parameters, "parts": p.parts, "total_bytes": p.total}
+                for p in self.processes
+            ],
+        }
 
 
 def _fmt(n: float) -> str:
@@ -115,59 +133,12 @@ def _fmt(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
 
 
-def _layer_values(spec, rows: int, cols: int, partition: int) -> int:
-    """Activation values per example of one partition's tile of every layer (the whole replica's
-    layers when the grid is 1x1)."""
-    return _shapes(spec, rows, cols)[4][partition]
-
-
-@functools.lru_cache(maxsize=64)
-def _shapes(spec, rows: int, cols: int):
-    """(parameter sizes, block sizes, blocks pulled per partition, encoder block names, activation
-    values per example per partition) of a model on a grid; shapes only, nothing allocated."""
-    from downpour.nn import Network
-    from downpour.partition import block_shapes, plan as pplan
-
-    net = Network(spec)
-    full = net.block_sizes()
-    pl = pplan(spec, rows, cols)
-    if rows * cols > 1:
-        sizes = {k: math.prod(v) for k, v in block_shapes(pl).items()}
-        pulled = [pl.blocks_pulled(p) for p in range(rows * cols)]
-    else:
-        sizes, pulled = dict(full), [list(full)]
-    values = []
-    for p in range(rows * cols):
-        total = 0
-        for lay in pl.layers:
-            y0, y1, x0, x1 = lay.tiles[p]
-            total += lay.shape[0] * (y1 - y0) * (x1 - x0)
-        values.append(total)
-    return full, sizes, pulled, net.encoder_names(), values
-
-
-def _feeder_data(cfg, values_per_example: int) -> int:
-    """The feeder's data in memory: the bundled images at the input size, or the dataset's size on disk."""
-    if cfg.data == "default" or cfg.data.startswith("default:"):
-        return 4 * FEEDER_EXAMPLES * values_per_example
-    path = os.path.expanduser(cfg.data[len("file://"):] if cfg.data.startswith("file://") else cfg.data)
-    if os.path.isdir(path):  # decoded images: at most the input size each, as float32
-        n = sum(len(files) for _, _, files in os.walk(path))
-        return 4 * n * values_per_example
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
 def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
     """The memory plan of job ``cfg`` (a ``downpour.config.JobConfig``) run by ``downpour up``."""
-    from downpour.paramserver.client import balanced_placement
-
     spec = cfg.network_spec()
     rows, cols = cfg.grid()
     parts_n = rows * cols
-    full, sizes, pulled, encoders, _ = _shapes(spec, rows, cols)
+    full, sizes, pulled, _, _ = memshapes.shapes(spec, rows, cols)
     N = sum(full.values())
     place = balanced_placement(sizes, cfg.shards)
     procs: list[Process] = []
@@ -178,29 +149,68 @@ def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
         # Every replica's partition that pulls a block of this shard maps it (one region each).
         mapped = cfg.replicas * sum(sizes[k] for p in pulled for k in p if place[k] == i) if shared else 0
         largest = max((sizes[k] for k in mine), default=0)
-        procs.append(Process(f"paramserver-{i}", "paramserver", {
-            "base": BASE["paramserver"], "weights": 4 * n, "optimizer": 4 * n, "checkpoint": 8 * n,
-            "transport": 8 * mapped, "copies": 8 * largest}, n))
+        procs.append(
+            Process(
+                f"paramserver-{i}",
+                "paramserver",
+                {
+                    "base": BASE["paramserver"],
+                    "weights": 4 * n,
+                    "optimizer": 4 * n,
+                    "checkpoint": 8 * n,
+                    "transport": 8 * mapped,
+                    "copies": 8 * largest,
+                },
+                n,
+            )
+        )
     c, h, w = spec.input
-    procs.append(Process("feeder", "feeder", {"base": BASE["feeder"], "activations": _feeder_data(cfg, c * h * w)}))
+    procs.append(
+        Process("feeder", "feeder", {"base": BASE["feeder"], "activations": memshapes.feeder_data(cfg, c * h * w)})
+    )
     procs.append(Process("coordinator", "coordinator", {"base": BASE["coordinator"]}))
     k = 0
     for _ in range(cfg.replicas):
         for p in range(parts_n):
             n = sum(sizes[b] for b in pulled[p])
             per_value = ACTIVATION_BYTES_PARTITION if parts_n > 1 else ACTIVATION_BYTES
-            act = int(per_value * cfg.batch_size * _layer_values(spec, rows, cols, p))
+            act = int(per_value * cfg.batch_size * memshapes.layer_values(spec, rows, cols, p))
             # Over shared memory the loop computes on views of the weight region (no copy of its own).
-            procs.append(Process(f"worker-{k}", "worker", {
-                "base": BASE["worker"] + (EXCHANGE if parts_n > 1 else 0), "weights": 0 if shared else 4 * n,
-                "gradients": 4 * n, "activations": act, "transport": 8 * n if shared else 0}, n))
+            procs.append(
+                Process(
+                    f"worker-{k}",
+                    "worker",
+                    {
+                        "base": BASE["worker"] + (EXCHANGE if parts_n > 1 else 0),
+                        "weights": 0 if shared else 4 * n,
+                        "gradients": 4 * n,
+                        "activations": act,
+                        "transport": 8 * n if shared else 0,
+                    },
+                    n,
+                )
+            )
             k += 1
     if neurons:
-        E = sum(full[k] for k in encoders)  # queries read the encoders and the head only
-        copies = 4 * E * (2 if parts_n > 1 else 1)
-        procs.append(Process("neurons", "neurons", {"base": BASE["neurons"], "weights": 4 * E, "copies": copies}, E))
-    return Plan(preset or (cfg.preset if cfg.model is None else "custom"), cfg.replicas, (rows, cols), cfg.shards,
-                cfg.batch_size, N, procs, shared)
+        S, act = memshapes.neurons_query(spec)  # one stage's blocks at a time, never a decoder
+        procs.append(
+            Process(
+                "neurons",
+                "neurons",
+                {"base": BASE["neurons"], "weights": 4 * S, "activations": act, "copies": 4 * S if parts_n > 1 else 0},
+                S,
+            )
+        )
+    return Plan(
+        preset or (cfg.preset if cfg.model is None else "custom"),
+        cfg.replicas,
+        (rows, cols),
+        cfg.shards,
+        cfg.batch_size,
+        N,
+        procs,
+        shared,
+    )
 
 
 def machine_memory(override: str = "") -> tuple[int, str]:
@@ -220,8 +230,10 @@ def machine_memory(override: str = "") -> tuple[int, str]:
                     best, where = int(line.split()[1]) * 1024, "available memory (/proc/meminfo)"
     except OSError:
         pass
-    for lim, cur in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                     ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for lim, cur in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             with open(lim, encoding="ascii") as f:
                 text = f.read().strip()
@@ -264,8 +276,6 @@ def smallest_layout(cfg, machine_bytes: int, neurons: bool = True):
     A layout on more than one machine is planned without the shared-memory plane (gRPC between
     hosts: no shared regions, each worker its own copy of its weights).
     """
-    import dataclasses
-
     best = None
     for grid in GRIDS:
         for shards in SHARDS:
@@ -307,18 +317,22 @@ def check_fits(cfg, neurons: bool = True, memory: str = "") -> Plan:
     have, where = machine_memory(memory)
     if p.total <= have:
         return p
-    msg = [f"this job needs about {_fmt(p.total)} of memory but this machine has {_fmt(have)} "
-           f"({where}): not started.", p.format()]
+    msg = [
+        f"this job needs about {_fmt(p.total)} of memory but this machine has {_fmt(have)} ({where}): not started.",
+        p.format(),
+    ]
     fit = smallest_layout(cfg, have, neurons)
     if fit is None and neurons:
         fit = smallest_layout(cfg, have, False)
         if fit is not None:
-            msg.append("the neurons service holds the whole encoder: without it (--no-neurons)")
+            msg.append("the neurons service holds one stage and a query's activations: without it (--no-neurons)")
     if fit is None:
         msg.append(f"no layout of this model puts every process in {_fmt(have)}: it needs bigger machines")
     else:
         fp, machines = fit
         where_to = "on this machine" if machines == 1 else f"on {machines} machines of {_fmt(have)}"
-        msg.append(f"smallest layout that fits {where_to}: {fp.layout()} "
-                   f"(largest process {_fmt(fp.largest.total)}, all together {_fmt(fp.total)})")
+        msg.append(
+            f"smallest layout that fits {where_to}: {fp.layout()} "
+            f"(largest process {_fmt(fp.largest.total)}, all together {_fmt(fp.total)})"
+        )
     raise MemoryError("\n".join(msg))

@@ -95,6 +95,12 @@ NEURONS_REFRESHES = Counter(
 NEURONS_IMAGES = Counter(
     "downpour_neurons_images_total", "Images run through the network by the neurons service.", ["method"]
 )
+NEURONS_PARAM_BYTES = Gauge(
+    "downpour_neurons_param_bytes", "Parameter bytes the neurons service holds now (one stage while a query runs)."
+)
+NEURONS_PARAM_BYTES_PEAK = Gauge(
+    "downpour_neurons_param_bytes_peak", "Most parameter bytes the neurons service has held at once."
+)
 WORKER_HALO_BYTES = Counter("downpour_worker_halo_bytes_total", "Halo tensor bytes sent to peer partitions.")
 
 # -- security and fault handling ------------------------------------------------------

@@ -33,12 +33,20 @@ import io
 import logging
 import socket
 import ssl
+import sys
 import threading
+import time
+from collections.abc import Callable
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
+import grpc
 import numpy as np
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+
+from downpour import trained
+from downpour.client import NeuronsClient
+from downpour.rpc.channel import ChannelConfig
 
 log = logging.getLogger("downpour.explorer")
 
@@ -75,11 +83,12 @@ def map_pngs(values: np.ndarray, shape: tuple[int, int, int]) -> list[dict]:
 
 def _error_response(e: Exception) -> web.Response:
     """What a failed question is to the browser: 400 for bad input, 404 for unknown things, 503 otherwise."""
-    import grpc
-
     if isinstance(e, grpc.RpcError):
-        code = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
-                grpc.StatusCode.UNAUTHENTICATED: 401}.get(e.code(), 503)
+        code = {
+            grpc.StatusCode.INVALID_ARGUMENT: 400,
+            grpc.StatusCode.NOT_FOUND: 404,
+            grpc.StatusCode.UNAUTHENTICATED: 401,
+        }.get(e.code(), 503)
         return web.json_response({"error": f"{e.code().name}: {e.details()}"}, status=code)
     if isinstance(e, (BadRequest, ValueError, TypeError)):
         return web.json_response({"error": str(e)}, status=400)
@@ -122,8 +131,9 @@ class Explorer:
     async def _call(self, fn: Callable[[], Any]) -> Any:
         # the math (or a gRPC call) blocks: keep it off the event loop, and bound how much runs at once
         if self.in_flight >= self.max_in_flight:
-            raise web.HTTPTooManyRequests(text='{"error": "busy: too many questions at once; try again"}',
-                                          content_type="application/json")
+            raise web.HTTPTooManyRequests(
+                text='{"error": "busy: too many questions at once; try again"}', content_type="application/json"
+            )
         self.in_flight += 1  # only the event loop's thread touches the count
         try:
             return await asyncio.get_running_loop().run_in_executor(None, fn)
@@ -137,20 +147,33 @@ class Explorer:
 
     async def model(self, request: web.Request) -> web.Response:
         d = await self._call(self.backend.describe)
-        return web.json_response({
-            "layers": [{"name": l.name, "shape": list(l.shape)} for l in d.layers],
-            "input_shape": list(d.input_shape), "source": d.source, "parameters_version": d.parameters_version,
-            "checkpoint_id": d.checkpoint_id, "step": d.step, "normalize": d.normalize, "datasets": d.datasets})
+        return web.json_response(
+            {
+                "layers": [{"name": l.name, "shape": list(l.shape)} for l in d.layers],
+                "input_shape": list(d.input_shape),
+                "source": d.source,
+                "parameters_version": d.parameters_version,
+                "checkpoint_id": d.checkpoint_id,
+                "step": d.step,
+                "normalize": d.normalize,
+                "datasets": d.datasets,
+            }
+        )
 
     async def stimulus(self, request: web.Request) -> web.Response:
         q = request.query
         layer, unit = self._unit(q)
         steps = self._int(q, "steps", 100, 1, MAX_STEPS)
         s = await self._call(lambda: self.backend.optimal_stimulus(layer, unit, steps=steps))
-        return web.json_response({"png": _b64png(s.png), "activation": s.activation,
-                                  "random_activation_max": s.random_activation_max,
-                                  "random_activation_mean": s.random_activation_mean,
-                                  "parameters_version": s.parameters_version})
+        return web.json_response(
+            {
+                "png": _b64png(s.png),
+                "activation": s.activation,
+                "random_activation_max": s.random_activation_max,
+                "random_activation_mean": s.random_activation_mean,
+                "parameters_version": s.parameters_version,
+            }
+        )
 
     async def top(self, request: web.Request) -> web.Response:
         q = request.query
@@ -158,8 +181,19 @@ class Explorer:
         k = self._int(q, "k", 16, 1, MAX_TOP_K)
         dataset = q.get("dataset", "")
         top = await self._call(lambda: self.backend.top_inputs(layer, unit, dataset=dataset, k=k, thumbnails=True))
-        return web.json_response({"inputs": [{"example_id": t.example_id, "activation": t.activation,
-                                              "label": t.label, "png": _b64png(t.thumbnail_png)} for t in top]})
+        return web.json_response(
+            {
+                "inputs": [
+                    {
+                        "example_id": t.example_id,
+                        "activation": t.activation,
+                        "label": t.label,
+                        "png": _b64png(t.thumbnail_png),
+                    }
+                    for t in top
+                ]
+            }
+        )
 
     async def histogram(self, request: web.Request) -> web.Response:
         q = request.query
@@ -167,8 +201,13 @@ class Explorer:
         bins = self._int(q, "bins", 30, 1, MAX_BINS)
         dataset = q.get("dataset", "")
         h = await self._call(lambda: self.backend.activation_histogram(layer, unit, dataset=dataset, bins=bins))
-        return web.json_response({"edges": [float(e) for e in h.edges], "counts": [int(c) for c in h.counts],
-                                  "examples_scanned": h.examples_scanned})
+        return web.json_response(
+            {
+                "edges": [float(e) for e in h.edges],
+                "counts": [int(c) for c in h.counts],
+                "examples_scanned": h.examples_scanned,
+            }
+        )
 
     async def maps(self, request: web.Request) -> web.Response:
         layer = request.query.get("layer", "")
@@ -177,25 +216,35 @@ class Explorer:
         if request.content_type.startswith("multipart/"):
             reader = await request.multipart()
             part = await reader.next()
-            data = await part.read() if part is not None else b""
+            # the first part's bytes; a nested multipart is not an image
+            data = await part.read() if isinstance(part, BodyPartReader) else b""
         else:
             data = await request.read()
         if not data:
             raise BadRequest("no image: send the encoded image as the request body")
         a = await self._call(lambda: self.backend.activations([bytes(data)], layer))
-        return web.json_response({"layer": layer, "shape": list(a.layer_shape),
-                                  "maps": map_pngs(a.values[0], a.layer_shape),
-                                  "parameters_version": a.parameters_version})
+        return web.json_response(
+            {
+                "layer": layer,
+                "shape": list(a.layer_shape),
+                "maps": map_pngs(a.values[0], a.layer_shape),
+                "parameters_version": a.parameters_version,
+            }
+        )
 
     # -- the application ----------------------------------------------------------------------
     @web.middleware
     async def guard(self, request: web.Request, handler) -> web.StreamResponse:
         if self.token:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
-                or request.query.get("token", "") or request.cookies.get(COOKIE, "")
+            given = (
+                request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                or request.query.get("token", "")
+                or request.cookies.get(COOKIE, "")
+            )
             if not hmac.compare_digest(given.encode(), self.token.encode()):
-                return web.json_response({"error": "a token is required (Authorization: Bearer, or ?token=)"},
-                                         status=401)
+                return web.json_response(
+                    {"error": "a token is required (Authorization: Bearer, or ?token=)"}, status=401
+                )
         try:
             resp = await handler(request)
         except web.HTTPException:
@@ -208,20 +257,36 @@ class Explorer:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_UPLOAD_BYTES, middlewares=[self.guard])
-        app.add_routes([web.get("/", self.page), web.get("/api/model", self.model),
-                        web.get("/api/stimulus", self.stimulus), web.get("/api/top", self.top),
-                        web.get("/api/histogram", self.histogram), web.post("/api/maps", self.maps)])
+        app.add_routes(
+            [
+                web.get("/", self.page),
+                web.get("/api/model", self.model),
+                web.get("/api/stimulus", self.stimulus),
+                web.get("/api/top", self.top),
+                web.get("/api/histogram", self.histogram),
+                web.post("/api/maps", self.maps),
+            ]
+        )
         return app
 
 
 class ExplorerServer:
     """The explorer on its own port, in a background thread with its own event loop."""
 
-    def __init__(self, backend: Any, host: str = "127.0.0.1", port: int = 0, token: str = "",
-                 tls_cert: str = "", tls_key: str = "") -> None:
+    def __init__(
+        self,
+        backend: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+    ) -> None:
         if token and not tls_cert:
-            raise ValueError("the explorer would send its token in clear: give it TLS (--tls-cert/--tls-key) "
-                             "or leave its HTTP port off")
+            raise ValueError(
+                "the explorer would send its token in clear: give it TLS (--tls-cert/--tls-key) "
+                "or leave its HTTP port off"
+            )
         self.explorer = Explorer(backend, token)
         self.host, self.port = host, port
         self.ssl: ssl.SSLContext | None = None
@@ -237,15 +302,16 @@ class ExplorerServer:
         host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         return f"{'https' if self.ssl else 'http'}://{host}:{self.port}/"
 
-    def start(self) -> "ExplorerServer":
+    def start(self) -> ExplorerServer:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
         return self
 
     async def _start(self) -> None:
         # bind here, so that port 0 gives a port we can tell the user
-        sock = socket.create_server((self.host, self.port), family=socket.AF_INET6 if ":" in self.host
-                                    else socket.AF_INET, reuse_port=False)
+        sock = socket.create_server(
+            (self.host, self.port), family=socket.AF_INET6 if ":" in self.host else socket.AF_INET, reuse_port=False
+        )
         self.port = sock.getsockname()[1]
         self._runner = web.AppRunner(self.explorer.app(), access_log=None)
         await self._runner.setup()
@@ -259,6 +325,7 @@ class ExplorerServer:
 
 
 # -- downpour explore ----------------------------------------------------------------------------
+
 
 def add_explore_parser(subparsers):
     e = subparsers.add_parser("explore", help="the neuron explorer web page, over a service or a checkpoint")
@@ -276,23 +343,15 @@ def add_explore_parser(subparsers):
 
 
 def _cmd_explore(args) -> int:
-    import sys
-    import time
-
     if args.addr:
-        from downpour.client import NeuronsClient
-        from downpour.rpc.channel import ChannelConfig
-
         token = ""
         if args.token_file:
             with open(args.token_file, encoding="utf-8") as f:
                 token = f.read().strip()
         backend: Any = NeuronsClient(args.addr, ChannelConfig(ca=args.ca, cert=args.cert, key=args.key, token=token))
     else:
-        import downpour
-
         try:
-            backend = downpour.load(args.checkpoint)
+            backend = trained.load(args.checkpoint)
         except (OSError, ValueError) as e:
             print(f"downpour explore: {e}", file=sys.stderr)
             return 2

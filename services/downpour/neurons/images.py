@@ -27,7 +27,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,8 +55,10 @@ class PixelBudget:
 
     def take(self, n: int, what: str) -> None:
         if n > self.left:
-            raise QueryError(f"{what}: the request's images have more than {self.total} pixels together; "
-                             f"send fewer or smaller images")
+            raise QueryError(
+                f"{what}: the request's images have more than {self.total} pixels together; "
+                f"send fewer or smaller images"
+            )
         self.left -= n
 
 
@@ -67,7 +70,7 @@ def from_encoded(data: bytes, what: str, budget: PixelBudget | None = None) -> n
         with warnings.catch_warnings():
             # Pillow warns (rather than refuses) between its two bomb limits: make that a refusal too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))  # exif_transpose gives a plain Image
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise QueryError(f"{what} is {h}x{w} = {w * h} pixels; at most {MAX_PIXELS} are decoded")
@@ -78,14 +81,22 @@ def from_encoded(data: bytes, what: str, budget: PixelBudget | None = None) -> n
     except QueryError:
         raise
     # DecompressionBombError: a header claiming billions of pixels is refused, not decoded.
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError,
-            ValueError, SyntaxError, EOFError) as e:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+    ) as e:
         raise QueryError(f"{what}: not a decodable image ({e})") from None
+    chw: np.ndarray
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         chw = (np.asarray(im, np.float32) / 65535.0)[None]
     elif im.mode == "I":
-        a = np.asarray(im, np.float64)
-        chw = (a / max(float(a.max()), 1.0)).astype(np.float32)[None]
+        wide = np.asarray(im, np.float64)  # 32-bit integers: float32 would round them
+        chw = (wide / max(float(wide.max()), 1.0)).astype(np.float32)[None]
     elif im.mode == "F":
         chw = np.asarray(im, np.float32)[None]
     else:
@@ -117,8 +128,10 @@ def from_batch(arr: np.ndarray, what: str, dtype_name: str | None = None) -> lis
         raise QueryError(f"{what} must be [batch, height, width, channels]; got shape {list(arr.shape)}")
     n, h, w, c = arr.shape
     if c not in CHANNELS:
-        raise QueryError(f"{what} have {c} channels (shape {list(arr.shape)}); send 1 (grey), 3 (RGB) or "
-                         f"4 (RGBA) as the last axis of [batch, height, width, channels]")
+        raise QueryError(
+            f"{what} have {c} channels (shape {list(arr.shape)}); send 1 (grey), 3 (RGB) or "
+            f"4 (RGBA) as the last axis of [batch, height, width, channels]"
+        )
     if h < 1 or w < 1:
         raise QueryError(f"{what} are {h}x{w}: empty")
     if h * w > MAX_PIXELS:
@@ -134,8 +147,9 @@ def from_batch(arr: np.ndarray, what: str, dtype_name: str | None = None) -> lis
     return [np.ascontiguousarray(np.moveaxis(x[i], -1, 0)) for i in range(n)]
 
 
-def to_input(items: Iterable[np.ndarray], input_chw: Sequence[int], *, resize: bool = True,
-             names: Sequence[str] | None = None) -> np.ndarray:
+def to_input(
+    items: Iterable[np.ndarray], input_chw: Sequence[int], *, resize: bool = True, names: Sequence[str] | None = None
+) -> np.ndarray:
     """(C, H, W) images in [0, 1] -> the model's (B, C, H, W) float32 input (see the module docstring).
 
     ``items`` may be a generator: each image is fitted before the next is made, so that only
@@ -148,8 +162,10 @@ def to_input(items: Iterable[np.ndarray], input_chw: Sequence[int], *, resize: b
         x = preprocess.convert_channels(im, c)
         if x.shape[1:] != (h, w):
             if not resize:
-                raise QueryError(f"{name} is {x.shape[1]}x{x.shape[2]}; the model takes {h}x{w} (height x width) "
-                                 f"and resizing was turned off")
+                raise QueryError(
+                    f"{name} is {x.shape[1]}x{x.shape[2]}; the model takes {h}x{w} (height x width) "
+                    f"and resizing was turned off"
+                )
             x = preprocess.fit(x, (h, w))
         out.append(np.asarray(x, np.float32))
     if not out:
@@ -192,6 +208,8 @@ def _load_each(images: list, names: list[str]) -> Iterator[np.ndarray]:
             a = im[:, :, None] if im.ndim == 2 else im
             yield from_batch(a[None], name)[0]
         else:
-            raise TypeError(f"images[{i}]: expected a path, encoded bytes, a PIL image or an array "
-                            f"[height, width(, channels)], got {type(im).__name__}"
-                            f"{' of shape ' + str(im.shape) if isinstance(im, np.ndarray) else ''}")
+            raise TypeError(
+                f"images[{i}]: expected a path, encoded bytes, a PIL image or an array "
+                f"[height, width(, channels)], got {type(im).__name__}"
+                f"{' of shape ' + str(im.shape) if isinstance(im, np.ndarray) else ''}"
+            )

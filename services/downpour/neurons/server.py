@@ -24,14 +24,24 @@ images, a bad dataset name, ...) are answered INVALID_ARGUMENT with a message
 saying what is allowed; an unknown checkpoint NOT_FOUND; no parameters yet
 FAILED_PRECONDITION.
 
-``--device gpu`` runs the network on CuPy (parameters copied to the GPU once
-per refresh); without CuPy or a visible GPU the service stops at start with
-the reason (exit 2).
+A query holds one stage's parameter blocks at a time (``downpour.neurons.model``):
+it fetches stage 1's blocks (pulled from the shards, or read from the
+checkpoint's files), runs stage 1 on the query's images, lets them go, fetches
+stage 2's, and so on up to the queried layer; never a decoder, never a stage
+above it. ``--hold-encoder`` instead keeps the whole encoder and head between
+queries (refreshed on the interval): faster queries for about half the
+model's size in memory. ``downpour_neurons_param_bytes_peak`` is the most
+parameter bytes the service has held at once.
+
+``--device gpu`` runs the network on CuPy (each stage's blocks copied to the
+GPU as it is fetched); without CuPy or a visible GPU the service stops at
+start with the reason (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -41,22 +51,25 @@ import numpy as np
 
 from downpour import device as devices
 from downpour import metrics
-from downpour.neurons import images, sources
+from downpour.neurons import images, source_args, sources
 from downpour.neurons.model import QueryError
 from downpour.rpc import codec
 from downpour.rpc.server import Server, ServerConfig
 from downpour.trained import TrainedNetwork
-from downpour.v1 import common_pb2
+from downpour.v1 import common_pb2, neurons_pb2_grpc
 from downpour.v1 import neurons_pb2 as pb
-from downpour.v1 import neurons_pb2_grpc
 
 log = logging.getLogger("downpour.neurons")
 SERVICE = "downpour.v1.Neurons"
 DEFAULT_PORT = 7300
 # The tensor dtypes images may come in, and how each is read (see images.ARRAY_DTYPES).
-IMAGE_DTYPES = {common_pb2.DTYPE_UINT8: "uint8", common_pb2.DTYPE_FLOAT16: "float16",
-                common_pb2.DTYPE_BFLOAT16: "bfloat16", common_pb2.DTYPE_FLOAT32: "float32",
-                common_pb2.DTYPE_FLOAT64: "float64"}
+IMAGE_DTYPES = {
+    common_pb2.DTYPE_UINT8: "uint8",
+    common_pb2.DTYPE_FLOAT16: "float16",
+    common_pb2.DTYPE_BFLOAT16: "bfloat16",
+    common_pb2.DTYPE_FLOAT32: "float32",
+    common_pb2.DTYPE_FLOAT64: "float64",
+}
 
 
 def images_from_request(req: pb.GetActivationsRequest, max_images: int):
@@ -74,14 +87,17 @@ def images_from_request(req: pb.GetActivationsRequest, max_images: int):
         return (images.from_encoded(d, names[i], budget) for i, d in enumerate(req.encoded_images)), names
     if has_tensor:
         if req.images.dtype not in IMAGE_DTYPES:
-            allowed = ", ".join(f"{common_pb2.Dtype.Name(d)} ({images.ARRAY_DTYPES[n]})"
-                                for d, n in IMAGE_DTYPES.items())
-            raise QueryError(f"images of dtype {codec.dtype_name(req.images.dtype)} are not supported; "
-                             f"send one of: {allowed}")
+            allowed = ", ".join(
+                f"{common_pb2.Dtype.Name(d)} ({images.ARRAY_DTYPES[n]})" for d, n in IMAGE_DTYPES.items()
+            )
+            raise QueryError(
+                f"images of dtype {codec.dtype_name(req.images.dtype)} are not supported; send one of: {allowed}"
+            )
         shape = list(req.images.shape)
         if len(shape) == 4 and shape[1] * shape[2] > images.MAX_PIXELS:  # before a byte is read
-            raise QueryError(f"images are {shape[1]}x{shape[2]} = {shape[1] * shape[2]} pixels each; "
-                             f"at most {images.MAX_PIXELS}")
+            raise QueryError(
+                f"images are {shape[1]}x{shape[2]} = {shape[1] * shape[2]} pixels each; at most {images.MAX_PIXELS}"
+            )
         try:
             arr = codec.tensor_from_proto(req.images)
         except (ValueError, KeyError) as e:
@@ -93,11 +109,29 @@ def images_from_request(req: pb.GetActivationsRequest, max_images: int):
     raise QueryError("no images: set images (a tensor) or encoded_images")
 
 
+def _rpc(method):
+    """An RPC whose errors become status codes (see ``Neurons._fail``)."""
+
+    @functools.wraps(method)
+    def call(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as e:
+            self._fail(context, e)
+
+    return call
+
+
 class Neurons(neurons_pb2_grpc.NeuronsServicer):
     """The gRPC face of a ``TrainedNetwork`` over the service's parameter source."""
 
-    def __init__(self, source: sources.Source, max_images: int = 256, max_scan: int = 20000,
-                 datasets: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        source: sources.Source,
+        max_images: int = 256,
+        max_scan: int = 20000,
+        datasets: dict[str, str] | None = None,
+    ) -> None:
         self.source = source
         self.max_images = max_images
         self.net = TrainedNetwork(source, max_scan=max_scan, datasets=datasets, max_images=max_images)
@@ -117,168 +151,150 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
         return ref.layer, (ref.map, ref.y, ref.x)
 
     # -- RPCs -----------------------------------------------------------------------
+    @_rpc
     def GetActivations(self, request, context):
-        try:
-            model = self.net.model(request.checkpoint_id)
-            items, names = images_from_request(request, self.max_images)
-            x = self.net.prepare(items, names, raw=request.raw, resize=not request.no_resize,
-                                 checkpoint_id=request.checkpoint_id)
-            resp = pb.GetActivationsResponse(parameters_version=model.version)
-            if request.neurons:
-                if request.layer or request.neuron_ids:
-                    raise QueryError("give either neurons or layer (+ neuron_ids), not both")
-                units = [self.net.unit(model, *self._neuron(r)) for r in request.neurons]
-                acts = model.activations(x, units)
-            else:
-                if not request.layer:
-                    raise QueryError(f"say which units: neurons, or a layer; layers: {', '.join(model.layers)}")
-                a = self.net.activations_of(x, request.layer, list(request.neuron_ids),
-                                            checkpoint_id=request.checkpoint_id)
-                acts = a.values
-                resp.layer_shape.extend(a.layer_shape)
-                resp.neuron_ids.extend(a.neuron_ids)
-            resp.activations.CopyFrom(codec.tensor_to_proto(np.ascontiguousarray(acts, np.float32)))
-            metrics.NEURONS_IMAGES.labels("GetActivations").inc(len(x))
-            return resp
-        except Exception as e:
-            self._fail(context, e)
+        model = self.net.model(request.checkpoint_id)
+        items, names = images_from_request(request, self.max_images)
+        x = self.net.prepare(
+            items, names, raw=request.raw, resize=not request.no_resize, checkpoint_id=request.checkpoint_id
+        )
+        resp = pb.GetActivationsResponse()
+        if request.neurons:
+            if request.layer or request.neuron_ids:
+                raise QueryError("give either neurons or layer (+ neuron_ids), not both")
+            units = [self.net.unit(model, *self._neuron(r)) for r in request.neurons]
+            acts = model.activations(x, units)
+        else:
+            if not request.layer:
+                raise QueryError(f"say which units: neurons, or a layer; layers: {', '.join(model.layers)}")
+            a = self.net.activations_of(x, request.layer, list(request.neuron_ids), checkpoint_id=request.checkpoint_id)
+            acts = a.values
+            resp.layer_shape.extend(a.layer_shape)
+            resp.neuron_ids.extend(a.neuron_ids)
+        resp.activations.CopyFrom(codec.tensor_to_proto(np.ascontiguousarray(acts, np.float32)))
+        resp.parameters_version = model.version  # live blocks were pulled by this query: their version now
+        metrics.NEURONS_IMAGES.labels("GetActivations").inc(len(x))
+        return resp
 
+    @_rpc
     def TopInputs(self, request, context):
-        try:
-            layer, neuron = self._neuron(request.neuron)
-            top, hist = self.net.top_and_histogram(
-                layer, neuron, dataset=request.dataset, k=request.k or 10, max_examples=request.max_examples,
-                images=request.include_images, thumbnails=request.include_thumbnails,
-                checkpoint_id=request.checkpoint_id, bins=request.histogram_bins)
-            resp = pb.TopInputsResponse(examples_scanned=hist.examples_scanned,
-                                        parameters_version=hist.parameters_version,
-                                        histogram_edges=[float(e) for e in hist.edges],
-                                        histogram_counts=[int(c) for c in hist.counts])
-            for t in top:
-                s = resp.inputs.add(example_id=t.example_id, activation=t.activation, label=t.label)
-                if t.image is not None:
-                    s.image.CopyFrom(codec.tensor_to_proto(t.image))
-                if t.thumbnail_png:
-                    s.thumbnail_png = t.thumbnail_png
-            metrics.NEURONS_IMAGES.labels("TopInputs").inc(hist.examples_scanned)
-            return resp
-        except Exception as e:
-            self._fail(context, e)
+        layer, neuron = self._neuron(request.neuron)
+        top, hist = self.net.top_and_histogram(
+            layer,
+            neuron,
+            dataset=request.dataset,
+            k=request.k or 10,
+            max_examples=request.max_examples,
+            images=request.include_images,
+            thumbnails=request.include_thumbnails,
+            checkpoint_id=request.checkpoint_id,
+            bins=request.histogram_bins,
+        )
+        resp = pb.TopInputsResponse(
+            examples_scanned=hist.examples_scanned,
+            parameters_version=hist.parameters_version,
+            histogram_edges=[float(e) for e in hist.edges],
+            histogram_counts=[int(c) for c in hist.counts],
+        )
+        for t in top:
+            s = resp.inputs.add(example_id=t.example_id, activation=t.activation, label=t.label)
+            if t.image is not None:
+                s.image.CopyFrom(codec.tensor_to_proto(t.image))
+            if t.thumbnail_png:
+                s.thumbnail_png = t.thumbnail_png
+        metrics.NEURONS_IMAGES.labels("TopInputs").inc(hist.examples_scanned)
+        return resp
 
+    @_rpc
     def OptimalStimulus(self, request, context):
-        try:
-            layer, neuron = self._neuron(request.neuron)
-            s = self.net.optimal_stimulus(layer, neuron, steps=request.steps or 200,
-                                          learning_rate=request.learning_rate or 0.1,
-                                          restarts=request.restarts or 8, norm=request.norm or 1.0,
-                                          seed=request.seed, checkpoint_id=request.checkpoint_id)
-            return pb.OptimalStimulusResponse(
-                stimulus=codec.tensor_to_proto(s.image), activation=s.activation,
-                random_activation_mean=s.random_activation_mean, random_activation_max=s.random_activation_max,
-                parameters_version=s.parameters_version, png=s.png)
-        except Exception as e:
-            self._fail(context, e)
+        layer, neuron = self._neuron(request.neuron)
+        s = self.net.optimal_stimulus(
+            layer,
+            neuron,
+            steps=request.steps or 200,
+            learning_rate=request.learning_rate or 0.1,
+            restarts=request.restarts or 8,
+            norm=request.norm or 1.0,
+            seed=request.seed,
+            checkpoint_id=request.checkpoint_id,
+        )
+        return pb.OptimalStimulusResponse(
+            stimulus=codec.tensor_to_proto(s.image),
+            activation=s.activation,
+            random_activation_mean=s.random_activation_mean,
+            random_activation_max=s.random_activation_max,
+            parameters_version=s.parameters_version,
+            png=s.png,
+        )
 
+    @_rpc
     def DescribeModel(self, request, context):
-        try:
-            d = self.net.describe(request.checkpoint_id)
-            resp = pb.DescribeModelResponse(
-                input_shape=list(d.input_shape), source=d.source, parameters_version=d.parameters_version,
-                checkpoint_id=d.checkpoint_id, step=d.step, normalize=d.normalize, max_images=self.max_images,
-                datasets=d.datasets, seconds_since_refresh=max(0.0, time.time() - self.source.refreshed_at))
-            for layer in d.layers:
-                resp.layers.add(name=layer.name, shape=list(layer.shape))
-            return resp
-        except Exception as e:
-            self._fail(context, e)
+        d = self.net.describe(request.checkpoint_id)
+        resp = pb.DescribeModelResponse(
+            input_shape=list(d.input_shape),
+            source=d.source,
+            parameters_version=d.parameters_version,
+            checkpoint_id=d.checkpoint_id,
+            step=d.step,
+            normalize=d.normalize,
+            max_images=self.max_images,
+            datasets=d.datasets,
+            seconds_since_refresh=max(0.0, time.time() - self.source.refreshed_at),
+        )
+        for layer in d.layers:
+            resp.layers.add(name=layer.name, shape=list(layer.shape))
+        return resp
+
 
 # -- the command -------------------------------------------------------------------------
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="downpour serve neurons", description=__doc__.splitlines()[0])
     ServerConfig.add_arguments(ap, port=DEFAULT_PORT)
-    g = ap.add_argument_group("parameters (one source)")
-    g.add_argument("--coordinator", default="", help="a running job's coordinator: its shards, spec and checkpoints")
-    g.add_argument("--shards", default="", help="comma-separated parameter shard addresses (live parameters)")
-    g.add_argument("--checkpoint-dir", default="", help="committed checkpoints; with live shards: for checkpoint_id")
-    g.add_argument("--params", default="", help=".npz file of named parameter blocks")
-    g.add_argument("--random-seed", type=int, default=None, help="serve a seeded random initialisation")
-    g.add_argument("--peer-ca", default="", help="PEM CA of the coordinator and shards (TLS)")
-    g.add_argument("--peer-cert", default="", help="PEM client certificate for them (mutual TLS)")
-    g.add_argument("--peer-key", default="", help="PEM client key for them (mutual TLS)")
-    g.add_argument("--peer-token-file", default="", help="bearer token the coordinator and shards expect")
+    source_args.add_arguments(ap)
     ap.add_argument("--config", default="", help="job config (YAML): the model and its normalisation")
     ap.add_argument("--preset", default="", help="network preset when there is no --config (default small)")
     ap.add_argument("--refresh-seconds", type=float, default=5.0, help="re-pull live parameters this often (0: never)")
+    ap.add_argument(
+        "--hold-encoder",
+        action="store_true",
+        help="keep the whole encoder and head in memory between queries (refreshed on the interval): "
+        "faster queries for about half the model's size; by default a query holds one stage's "
+        "blocks at a time",
+    )
     ap.add_argument("--max-images", type=int, default=256, help="most images per GetActivations")
     ap.add_argument("--max-scan", type=int, default=20000, help="most examples one TopInputs scans")
-    ap.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
-                    help="another dataset TopInputs may scan (repeatable)")
-    ap.add_argument("--http-port", type=int, default=None,
-                    help="serve the neuron explorer web page on this port (0: any free port; default: off). "
-                         "With a token it needs TLS (--tls-cert/--tls-key), and then serves HTTPS")
+    ap.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another dataset TopInputs may scan (repeatable)",
+    )
+    ap.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="serve the neuron explorer web page on this port (0: any free port; default: off). "
+        "With a token it needs TLS (--tls-cert/--tls-key), and then serves HTTPS",
+    )
     ap.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the first parameters")
-    ap.add_argument("--device", default="cpu", choices=devices.DEVICES,
-                    help="compute device: cpu (NumPy) or gpu (CuPy, one CUDA GPU)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=devices.DEVICES,
+        help="compute device: cpu (NumPy) or gpu (CuPy, one CUDA GPU)",
+    )
     ap.add_argument("--log-level", default="info")
     return ap
 
 
-def _channel_config(args: argparse.Namespace):
-    """How this service calls the coordinator and the shards (TLS and token as they require).
-
-    Without ``--peer-*`` flags it calls them as every other service calls its
-    peers: with its own CA, certificate and token (``DOWNPOUR_TLS_*``, as
-    ``downpour up --secure`` sets them).
-    """
-    from downpour.rpc.channel import ChannelConfig
-
-    if not (args.peer_ca or args.peer_cert or args.peer_key or args.peer_token_file):
-        return ServerConfig.from_args(args).channel_config()
-    token = ""
-    if args.peer_token_file:
-        with open(args.peer_token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-    return ChannelConfig(max_message_bytes=args.max_message_bytes, ca=args.peer_ca, cert=args.peer_cert,
-                         key=args.peer_key, token=token)
-
-
-def make_source(args: argparse.Namespace, xp=np) -> sources.Source:
-    backend = "numpy" if xp is np else "cupy"
-    chosen = [n for n, v in (("--coordinator", args.coordinator), ("--shards", args.shards),
-                             ("--params", args.params), ("--random-seed", args.random_seed is not None)) if v]
-    if len(chosen) > 1:
-        raise ValueError(f"choose one parameter source, got {', '.join(chosen)}")
-    if args.coordinator:
-        from downpour import config as jobconfig
-        from downpour.rpc.channel import open_channel
-        from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
-
-        with open_channel(args.coordinator, _channel_config(args)) as ch:
-            st = coordinator_pb2_grpc.CoordinatorStub(ch).JobStatus(coordinator_pb2.JobStatusRequest(), timeout=10.0,
-                                                                    wait_for_ready=True)
-        cfg = jobconfig.from_yaml(st.job.spec_yaml)
-        return sources.ShardSource(list(st.shard_addresses), cfg, args.checkpoint_dir or st.job.checkpoint_dir,
-                                   channel_config=_channel_config(args), backend=backend)
-    if args.shards:
-        cfg = sources.job_config_from(args.config, args.preset)
-        return sources.ShardSource([s for s in args.shards.split(",") if s], cfg, args.checkpoint_dir,
-                                   channel_config=_channel_config(args), backend=backend)
-    cfg = sources.job_config_from(args.config, args.preset)
-    kw = dict(normalize=cfg.normalize, data=cfg.data, checkpoint_dir=args.checkpoint_dir, backend=backend)
-    if args.params:
-        return sources.npz_source(args.params, cfg.network_spec(), **kw)
-    if args.random_seed is not None:
-        return sources.random_source(cfg.network_spec(), args.random_seed, **kw)
-    if args.checkpoint_dir:
-        return sources.CheckpointSource(args.checkpoint_dir, backend=backend)
-    raise ValueError("no parameters: give --coordinator, --shards, --checkpoint-dir, --params or --random-seed")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     extra = {}
     for d in args.dataset:
         name, sep, path = d.partition("=")
@@ -295,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ServerConfig.from_args(args)
     server = Server("neurons", cfg)
     try:
-        source = make_source(args, xp)
+        source = source_args.make_source(args, xp)
     except (ValueError, OSError, sources.SourceError, grpc.RpcError) as e:
         print(f"neurons: {e}", file=sys.stderr)
         return 2
@@ -305,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         from downpour.neurons.explorer import ExplorerServer
 
         try:  # the same parameters, limits, TLS certificate and token as the gRPC API
-            explorer = ExplorerServer(svc.net, cfg.host, args.http_port, token=cfg.token, tls_cert=cfg.tls_cert,
-                                      tls_key=cfg.tls_key)
+            explorer = ExplorerServer(
+                svc.net, cfg.host, args.http_port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key
+            )
         except (ValueError, OSError) as e:
             print(f"neurons: --http-port: {e}", file=sys.stderr)
             return 2

@@ -1,16 +1,24 @@
 """Where the Neurons service gets its parameters.
 
-* ``ShardSource``: the live parameter shards, pulled again every
-  ``refresh_seconds`` in a background thread, so that neurons can be watched
-  while the job trains. The version is the sum of the blocks' versions.
+* ``ShardSource``: the live parameter shards. A query pulls the blocks of
+  one stage at a time when it runs (``blocks.ShardBlocks``); every
+  ``refresh_seconds`` a background thread asks the shards for the blocks'
+  versions only, so that neurons can be watched while the job trains. The
+  version is the sum of the blocks' versions.
 * ``CheckpointSource``: a checkpoint directory of committed checkpoints
   (``<dir>/<id>/MANIFEST.json`` naming each shard's file); the newest one is
-  served and a newer one is picked up on the refresh interval.
+  served, read block by block from its files as queries need them, and a
+  newer one is picked up on the refresh interval.
 * ``NpzSource``: named blocks in an .npz file (what ``downpour eval`` saves).
 * ``RandomSource``: a seeded initialisation (demos and tests).
 
-Every source yields a ``NeuronModel``; a job config (YAML) gives the network
-spec and the normalisation the feeder used (a checkpoint carries its own).
+Every source yields a ``NeuronModel`` over a ``Blocks`` store, and all the
+models of one source share one ``Meter``: one query computes at a time and
+holds one stage's blocks at a time. ``hold=True`` (``--hold-encoder``) is the
+opt-in cache: the whole encoder and head are kept between queries and
+replaced on refresh (faster queries, about half the model in memory). A job
+config (YAML) gives the network spec and the normalisation the feeder used (a
+checkpoint carries its own).
 """
 
 from __future__ import annotations
@@ -24,9 +32,13 @@ import numpy as np
 from downpour import checkpoint as checkpoints
 from downpour import config as jobconfig
 from downpour import metrics
+from downpour.neurons.blocks import Blocks, CheckpointBlocks, HeldBlocks, Meter, NpzBlocks, RandomBlocks, ShardBlocks
 from downpour.neurons.model import NeuronModel
 from downpour.nn import Network
 from downpour.nn.spec import NetworkSpec
+from downpour.paramserver.client import ParamClient, balanced_placement
+from downpour.partition import PartitionPlan
+from downpour.partition import plan as partition_plan
 
 log = logging.getLogger("downpour.neurons")
 MANIFEST = "MANIFEST.json"
@@ -52,14 +64,36 @@ def load_checkpoint(checkpoint_dir: str, manifest: dict) -> tuple[jobconfig.JobC
         raise SourceError(str(e)) from None
 
 
+def grid_of(cfg: jobconfig.JobConfig) -> PartitionPlan | None:
+    """The partition grid a job's blocks are cut by (None: one block per parameter)."""
+    rows, cols = cfg.grid()
+    return partition_plan(cfg.network_spec(), rows, cols) if rows * cols > 1 else None
+
+
+def checkpoint_blocks(checkpoint_dir: str, manifest: dict) -> tuple[jobconfig.JobConfig, CheckpointBlocks]:
+    """The job config of a committed checkpoint and its blocks, read only when asked for."""
+    try:
+        cfg = jobconfig.from_yaml(manifest["config"])
+        return cfg, CheckpointBlocks(checkpoint_dir, manifest, grid_of(cfg))
+    except (checkpoints.CheckpointInvalid, OSError, KeyError, ValueError) as e:
+        raise SourceError(f"checkpoint {manifest.get('checkpoint_id')}: {e}") from None
+
+
+def held(model: NeuronModel) -> NeuronModel:
+    """The same model with its whole encoder and head fetched and kept (``--hold-encoder``)."""
+    return NeuronModel(model.spec, model.params, version=model.version, backend=model.net.xp, meter=model.meter)
+
+
 class Source:
     """Holds the current model; ``refresh()`` replaces it when the parameters changed."""
 
     description = ""
     checkpoint_dir = ""
 
-    def __init__(self, backend: str = "numpy") -> None:
+    def __init__(self, backend: str = "numpy", hold: bool = False) -> None:
         self.backend = backend  # "numpy" or "cupy": where the model computes
+        self.hold = hold  # keep the whole encoder between queries (opt-in cache)
+        self.meter = Meter()  # shared by every model of this source
         self._model: NeuronModel | None = None
         self.checkpoint_id = ""
         self.step = 0
@@ -74,22 +108,28 @@ class Source:
             raise SourceError(f"no parameters loaded yet from {self.description}")
         return self._model
 
+    def _new_model(self, spec: NetworkSpec, store: Blocks | dict, version: int = 0) -> NeuronModel:
+        m = NeuronModel(spec, store, version=version, backend=self.backend, meter=self.meter)
+        return held(m) if self.hold and not isinstance(m.store, HeldBlocks) else m
+
     def _set(self, model: NeuronModel) -> None:
         with self._lock:
-            self._model = model
+            old, self._model = self._model, model
             self.refreshed_at = time.time()
+        if old is not None and old is not model:
+            old.let_go()  # a held copy is no longer counted (freed once no query uses it)
 
     def refresh(self) -> bool:
         return False
 
     def checkpoint(self, checkpoint_id: str) -> NeuronModel:
-        """The model of a named committed checkpoint in ``checkpoint_dir``."""
+        """The model of a named committed checkpoint in ``checkpoint_dir`` (its blocks read when asked for)."""
         if not self.checkpoint_dir:
             raise SourceError("this server has no checkpoint directory; start it with --checkpoint-dir")
         for m in list_manifests(self.checkpoint_dir):
             if m["checkpoint_id"] == checkpoint_id:
-                cfg, blocks = load_checkpoint(self.checkpoint_dir, m)
-                return NeuronModel(cfg.network_spec(), blocks, version=int(m["step"]), backend=self.backend)
+                cfg, store = checkpoint_blocks(self.checkpoint_dir, m)
+                return NeuronModel(cfg.network_spec(), store, backend=self.backend, meter=self.meter)
         raise KeyError(f"no committed checkpoint {checkpoint_id!r} in {self.checkpoint_dir}")
 
     def close(self) -> None:
@@ -97,29 +137,40 @@ class Source:
 
 
 class StaticSource(Source):
-    def __init__(self, spec: NetworkSpec, params: dict, description: str, normalize: str = "standardize",
-                 data: str = "default", checkpoint_dir: str = "", backend: str = "numpy") -> None:
-        super().__init__(backend)
+    def __init__(
+        self,
+        spec: NetworkSpec,
+        params: Blocks | dict,
+        description: str,
+        normalize: str = "standardize",
+        data: str = "default",
+        checkpoint_dir: str = "",
+        backend: str = "numpy",
+        hold: bool = False,
+    ) -> None:
+        super().__init__(backend, hold)
         self.description, self.normalize, self.data = description, normalize, data
         self.checkpoint_dir = checkpoint_dir
-        self._set(NeuronModel(spec, params, backend=backend))
+        self._set(self._new_model(spec, params))
 
 
 def random_source(spec: NetworkSpec, seed: int, **kw) -> StaticSource:
-    from downpour.nn import Network
-
-    return StaticSource(spec, Network(spec).init_params(seed), f"random initialisation (seed {seed})", **kw)
+    """A seeded initialisation, drawn one stage at a time as queries need it."""
+    return StaticSource(spec, RandomBlocks(spec, seed), f"random initialisation (seed {seed})", **kw)
 
 
 def npz_source(path: str, spec: NetworkSpec, **kw) -> StaticSource:
-    with np.load(path, allow_pickle=False) as z:
-        params = {k: z[k] for k in z.files}
-    return StaticSource(spec, params, f"parameters file {path}", **kw)
+    """Named blocks in an .npz file, read one stage at a time as queries need them."""
+    src = StaticSource(spec, NpzBlocks(path), f"parameters file {path}", **kw)
+    model = src.model
+    for g in range(len(model.groups)):  # every block present and of its size, checked now, a stage at a time
+        model._release(model._swap(g, None))
+    return src
 
 
 class CheckpointSource(Source):
-    def __init__(self, checkpoint_dir: str, backend: str = "numpy") -> None:
-        super().__init__(backend)
+    def __init__(self, checkpoint_dir: str, backend: str = "numpy", hold: bool = False) -> None:
+        super().__init__(backend, hold)
         self.checkpoint_dir = checkpoint_dir
         self.description = f"checkpoints in {checkpoint_dir}"
         if not self.refresh():
@@ -129,8 +180,8 @@ class CheckpointSource(Source):
         m = checkpoints.newest_valid(self.checkpoint_dir)  # past a corrupt or partial newest one
         if m is None or m["checkpoint_id"] == self.checkpoint_id:
             return False
-        cfg, blocks = load_checkpoint(self.checkpoint_dir, m)
-        self._set(NeuronModel(cfg.network_spec(), blocks, version=int(m["step"]), backend=self.backend))
+        cfg, store = checkpoint_blocks(self.checkpoint_dir, m)
+        self._set(self._new_model(cfg.network_spec(), store))
         self.checkpoint_id, self.step = m["checkpoint_id"], int(m["step"])
         self.normalize, self.data = cfg.normalize, cfg.data
         self.description = f"checkpoint {self.checkpoint_id} (step {self.step}) in {self.checkpoint_dir}"
@@ -139,40 +190,43 @@ class CheckpointSource(Source):
 
 
 class ShardSource(Source):
-    def __init__(self, shards: list[str], cfg: jobconfig.JobConfig, checkpoint_dir: str = "",
-                 channel_config=None, timeout: float = 60.0, backend: str = "numpy") -> None:
-        from downpour.paramserver.client import ParamClient, balanced_placement
-
-        super().__init__(backend)
+    def __init__(
+        self,
+        shards: list[str],
+        cfg: jobconfig.JobConfig,
+        checkpoint_dir: str = "",
+        channel_config=None,
+        timeout: float = 60.0,
+        backend: str = "numpy",
+        hold: bool = False,
+    ) -> None:
+        super().__init__(backend, hold)
         self.spec = cfg.network_spec()
         self.normalize, self.data = cfg.normalize, cfg.data
         self.checkpoint_dir = checkpoint_dir
-        sizes, join = block_layout(cfg)
+        sizes, _ = block_layout(cfg)
         # the coordinator places blocks the same way (size-balanced over the shards)
-        self.client = ParamClient(shards, worker_id="neurons", placement=balanced_placement(sizes, len(shards)),
-                                  channel_config=channel_config, timeout=timeout)
+        self.client = ParamClient(
+            shards,
+            worker_id="neurons",
+            placement=balanced_placement(sizes, len(shards)),
+            channel_config=channel_config,
+            timeout=timeout,
+        )
         # Queries read the encoders and the head only: the decoders (half the parameters) are never pulled.
         wanted = set(Network(self.spec).encoder_names())
         self.names = [n for n in sizes if n.split("[")[0] in wanted]
-        rows, cols = cfg.grid()
-        if rows * cols > 1:
-            from downpour.partition import join_params, plan
-
-            pl = plan(self.spec, rows, cols)
-            self._join = lambda blocks: join_params(pl, blocks, partial=True)
-        else:
-            self._join = join
+        self.blocks = ShardBlocks(self.client, self.names, grid_of(cfg))
         self.description = "shards " + ",".join(shards)
         self._version = -1
 
     def refresh(self) -> bool:
-        params = self.client.pull(self.names)
-        version = int(sum(self.client.versions.get(n, 0) for n in self.names))
+        """Ask the shards for the blocks' versions (no values; with ``hold``, pull all when they changed)."""
+        version = self.blocks.poll()
         if version == self._version and self._model is not None:
             self.refreshed_at = time.time()
             return False
-        params = self._join(params)  # (a partitioned job's blocks: the pulled ones are dropped here)
-        self._set(NeuronModel(self.spec, params, version=version, backend=self.backend))
+        self._set(self._new_model(self.spec, self.blocks))
         self._version = version
         return True
 
@@ -188,7 +242,7 @@ class Refresher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="neurons-refresh", daemon=True)
 
-    def start(self) -> "Refresher":
+    def start(self) -> Refresher:
         if self.interval > 0:
             self._thread.start()
         return self
@@ -204,13 +258,15 @@ class Refresher:
                 metrics.NEURONS_REFRESHES.labels("changed" if changed else "unchanged").inc()
                 if changed:
                     metrics.NEURONS_PARAMETERS_VERSION.set(self.source.model.version)
-                    log.info("parameters refreshed from %s (version %d)", self.source.description,
-                             self.source.model.version)
+                    log.info(
+                        "parameters refreshed from %s (version %d)", self.source.description, self.source.model.version
+                    )
             except Exception as e:  # keep serving the last good parameters
                 metrics.NEURONS_REFRESHES.labels("failed").inc()
                 msg = e.details() if hasattr(e, "details") else str(e)
                 (log.debug if failing else log.warning)(
-                    "refresh from %s failed (serving the last parameters): %s", self.source.description, msg)
+                    "refresh from %s failed (serving the last parameters): %s", self.source.description, msg
+                )
                 failing = True
 
     def stop(self) -> None:
@@ -223,7 +279,7 @@ def wait_for_first(source: Source, timeout: float) -> None:
     while True:
         try:
             source.refresh()
-            source.model
+            _ = source.model  # raises SourceError until there are parameters
             return
         except Exception as e:
             if time.monotonic() > deadline:
@@ -237,6 +293,20 @@ def job_config_from(path: str = "", preset: str = "") -> jobconfig.JobConfig:
     return jobconfig.load(None, env={}, overrides={"preset": preset or "small"})
 
 
-__all__ = ["Source", "StaticSource", "CheckpointSource", "ShardSource", "Refresher", "random_source",
-           "npz_source", "load_checkpoint", "list_manifests", "job_config_from", "wait_for_first",
-           "SourceError"]
+__all__ = [
+    "Source",
+    "StaticSource",
+    "checkpoint_blocks",
+    "grid_of",
+    "held",
+    "CheckpointSource",
+    "ShardSource",
+    "Refresher",
+    "random_source",
+    "npz_source",
+    "load_checkpoint",
+    "list_manifests",
+    "job_config_from",
+    "wait_for_first",
+    "SourceError",
+]
