@@ -61,7 +61,7 @@ class Schedule:
 
 def setup(cfg: jobconfig.JobConfig):
     from downpour.feeder.preprocess import PreprocessSpec
-    from downpour.feeder.server import load_splits
+    from downpour.feeder.splits import load_splits
     from downpour.nn import Network
     from downpour.v1 import feeder_pb2
 

@@ -21,7 +21,6 @@ training data unless ``raw`` is set.
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from downpour import export
 from downpour.feeder import bundled, preprocess
@@ -37,6 +35,7 @@ from downpour.feeder.datasets import open_dataset
 from downpour.feeder.preprocess import PreprocessSpec
 from downpour.neurons import images as imagelib
 from downpour.neurons import sources
+from downpour.neurons.images import png_bytes
 from downpour.neurons.model import NeuronModel, QueryError, Unit
 from downpour.neurons.results import Activations, Histogram, LayerInfo, ModelInfo, Stimulus, TopInput
 from downpour.nn import backend as nnbackend
@@ -48,18 +47,6 @@ MAX_BINS = 1000
 SCAN_BATCH = 512
 
 NeuronSpec = int | tuple[int, int, int]
-
-
-def png_bytes(img_chw: np.ndarray) -> bytes:
-    """A (C, H, W) float image, min-max scaled, as 8-bit PNG (grey or RGB)."""
-    a = np.asarray(img_chw, np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    u8 = np.round(a * 255).astype(np.uint8)
-    im = Image.fromarray(u8[0]) if u8.shape[0] == 1 else Image.fromarray(np.moveaxis(u8[:3], 0, -1))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class TrainedNetwork:

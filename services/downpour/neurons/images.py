@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from downpour.feeder import preprocess
 from downpour.neurons.model import QueryError
@@ -64,8 +65,6 @@ class PixelBudget:
 
 def from_encoded(data: bytes, what: str, budget: PixelBudget | None = None) -> np.ndarray:
     """Encoded bytes (any format Pillow reads) -> (C, H, W) float32 in [0, 1]; QueryError if not."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             # Pillow warns (rather than refuses) between its two bomb limits: make that a refusal too
@@ -213,3 +212,15 @@ def _load_each(images: list, names: list[str]) -> Iterator[np.ndarray]:
                 f"[height, width(, channels)], got {type(im).__name__}"
                 f"{' of shape ' + str(im.shape) if isinstance(im, np.ndarray) else ''}"
             )
+
+
+def png_bytes(img_chw: np.ndarray) -> bytes:
+    """A (C, H, W) float image, min-max scaled, as 8-bit PNG (grey or RGB)."""
+    a = np.asarray(img_chw, np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    u8 = np.round(a * 255).astype(np.uint8)
+    im = Image.fromarray(u8[0]) if u8.shape[0] == 1 else Image.fromarray(np.moveaxis(u8[:3], 0, -1))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
