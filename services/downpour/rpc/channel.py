@@ -9,6 +9,7 @@ token, if set, is sent as ``authorization`` metadata on every call.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,3 +116,21 @@ def wait_ready(
             last = f"{e.code().name}: {e.details()}"
         time.sleep(0.05)
     raise TimeoutError(f"server not SERVING after {timeout:.0f}s ({last})")
+
+
+def add_channel_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags of a command that calls a service: its CA (TLS), a client certificate and key
+    (mutual TLS) and its bearer token; ``channel_config_from_args`` reads them back."""
+    ap.add_argument("--ca", default="", help="PEM CA of the service (TLS)")
+    ap.add_argument("--cert", default="", help="PEM client certificate (mutual TLS)")
+    ap.add_argument("--key", default="", help="PEM client key (mutual TLS)")
+    ap.add_argument("--token-file", default="", help="file holding the service's bearer token")
+
+
+def channel_config_from_args(args: argparse.Namespace) -> ChannelConfig:
+    """The ChannelConfig of the flags ``add_channel_arguments`` added (the token read from its file)."""
+    token = ""
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    return ChannelConfig(ca=args.ca, cert=args.cert, key=args.key, token=token)
