@@ -243,7 +243,8 @@ def parse_neurons(text: str) -> list[NeuronSpec]:
             bits = part.split(":")
             if len(bits) != 3:
                 raise ValueError(f"neuron {part!r}: write a flat id (17) or map:y:x (2:4:4)")
-            out.append(tuple(int(b) for b in bits))  # type: ignore[arg-type]
+            m, y, x = (int(b) for b in bits)
+            out.append((m, y, x))
         else:
             out.append(int(part))
     kinds = {isinstance(n, tuple) for n in out}

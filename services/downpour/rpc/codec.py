@@ -152,7 +152,7 @@ def decode(cls: type[M], data: bytes, path: Sequence[int]) -> tuple[M, memoryvie
     """Parse ``data`` as ``cls``; the bytes field at ``path`` comes back as a view."""
     view = memoryview(data)
     rest, payload = _strip(view, 0, len(view), path)
-    msg = cls.FromString(rest)  # type: ignore[attr-defined]
+    msg = cls.FromString(rest)  # type: ignore[attr-defined]  # M is any generated message class; each has FromString
     return msg, payload if payload is not None else view[:0]
 
 
