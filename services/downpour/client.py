@@ -25,13 +25,21 @@ import argparse
 import json
 import os
 import sys
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
+import grpc
 import numpy as np
 
 from downpour.neurons.results import Activations, Histogram, LayerInfo, ModelInfo, Stimulus, TopInput
 from downpour.rpc import codec
-from downpour.rpc.channel import ChannelConfig, open_channel, wait_ready
+from downpour.rpc.channel import (
+    ChannelConfig,
+    add_channel_arguments,
+    channel_config_from_args,
+    open_channel,
+    wait_ready,
+)
 from downpour.v1 import neurons_pb2 as pb
 from downpour.v1 import neurons_pb2_grpc
 
@@ -66,7 +74,7 @@ class NeuronsClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "NeuronsClient":
+    def __enter__(self) -> NeuronsClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -80,19 +88,34 @@ class NeuronsClient:
                 _, h, w = self.describe().layer_shape(layer)
             except KeyError as e:
                 raise ValueError(str(e.args[0])) from None
-            m, r = divmod(int(neuron), h * w)
+            m, r = divmod(int(cast(int, neuron)), h * w)  # not a tuple or list: an int (or NumPy int)
             y, x = divmod(r, w)
         return pb.NeuronRef(layer=layer, map=int(m), y=int(y), x=int(x))
 
     def describe(self, checkpoint_id: str = "") -> ModelInfo:
         r = self.stub.DescribeModel(pb.DescribeModelRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
-        return ModelInfo(layers=[LayerInfo(l.name, tuple(l.shape)) for l in r.layers],
-                         input_shape=tuple(r.input_shape), source=r.source, parameters_version=r.parameters_version,
-                         checkpoint_id=r.checkpoint_id, step=r.step, normalize=r.normalize,
-                         datasets=list(r.datasets), max_images=r.max_images)
+        return ModelInfo(
+            layers=[LayerInfo(l.name, tuple(l.shape)) for l in r.layers],
+            input_shape=tuple(r.input_shape),
+            source=r.source,
+            parameters_version=r.parameters_version,
+            checkpoint_id=r.checkpoint_id,
+            step=r.step,
+            normalize=r.normalize,
+            datasets=list(r.datasets),
+            max_images=r.max_images,
+        )
 
-    def activations(self, images, layer: str, neurons: Sequence[NeuronSpec] | None = None, *,
-                    raw: bool = False, resize: bool = True, checkpoint_id: str = "") -> Activations:
+    def activations(
+        self,
+        images,
+        layer: str,
+        neurons: Sequence[NeuronSpec] | None = None,
+        *,
+        raw: bool = False,
+        resize: bool = True,
+        checkpoint_id: str = "",
+    ) -> Activations:
         """Activations of ``neurons`` (flat ids or (map, y, x); None: every unit) of ``layer``."""
         enc, arr = _encoded(images)
         req = pb.GetActivationsRequest(encoded_images=enc, raw=raw, no_resize=not resize, checkpoint_id=checkpoint_id)
@@ -103,50 +126,125 @@ class NeuronsClient:
             req.neurons.extend(self._ref(layer, n) for n in neurons)
         else:
             req.layer = layer
-            req.neuron_ids.extend(int(n) for n in neurons)
+            req.neuron_ids.extend(int(cast(int, n)) for n in neurons)  # not all triples: flat ids
         r = self.stub.GetActivations(req, timeout=self.timeout)
-        return Activations(codec.tensor_from_proto(r.activations).copy(), list(r.neuron_ids), tuple(r.layer_shape),
-                           r.parameters_version)
+        return Activations(
+            codec.tensor_from_proto(r.activations).copy(),
+            list(r.neuron_ids),
+            tuple(r.layer_shape),
+            r.parameters_version,
+        )
 
-    def top_inputs(self, layer: str, neuron: NeuronSpec, *, dataset: str = "", k: int = 9,
-                   max_examples: int = 0, images: bool = False, thumbnails: bool = False,
-                   checkpoint_id: str = "") -> list[TopInput]:
-        r = self.stub.TopInputs(pb.TopInputsRequest(
-            neuron=self._ref(layer, neuron), k=k, dataset=dataset, max_examples=max_examples,
-            include_images=images, include_thumbnails=thumbnails, checkpoint_id=checkpoint_id), timeout=self.timeout)
-        return [TopInput(s.example_id, s.activation, s.label,
-                         codec.tensor_from_proto(s.image).copy() if s.HasField("image") else None, s.thumbnail_png)
-                for s in r.inputs]
+    def top_inputs(
+        self,
+        layer: str,
+        neuron: NeuronSpec,
+        *,
+        dataset: str = "",
+        k: int = 9,
+        max_examples: int = 0,
+        images: bool = False,
+        thumbnails: bool = False,
+        checkpoint_id: str = "",
+    ) -> list[TopInput]:
+        r = self.stub.TopInputs(
+            pb.TopInputsRequest(
+                neuron=self._ref(layer, neuron),
+                k=k,
+                dataset=dataset,
+                max_examples=max_examples,
+                include_images=images,
+                include_thumbnails=thumbnails,
+                checkpoint_id=checkpoint_id,
+            ),
+            timeout=self.timeout,
+        )
+        return [
+            TopInput(
+                s.example_id,
+                s.activation,
+                s.label,
+                codec.tensor_from_proto(s.image).copy() if s.HasField("image") else None,
+                s.thumbnail_png,
+            )
+            for s in r.inputs
+        ]
 
-    def activation_histogram(self, layer: str, neuron: NeuronSpec, *, dataset: str = "", bins: int = 30,
-                             max_examples: int = 0, checkpoint_id: str = "") -> Histogram:
-        r = self.stub.TopInputs(pb.TopInputsRequest(
-            neuron=self._ref(layer, neuron), k=1, dataset=dataset, max_examples=max_examples, histogram_bins=bins,
-            checkpoint_id=checkpoint_id), timeout=self.timeout)
-        return Histogram(np.asarray(r.histogram_edges, np.float64), np.asarray(r.histogram_counts, np.int64),
-                         r.examples_scanned, r.parameters_version)
+    def activation_histogram(
+        self,
+        layer: str,
+        neuron: NeuronSpec,
+        *,
+        dataset: str = "",
+        bins: int = 30,
+        max_examples: int = 0,
+        checkpoint_id: str = "",
+    ) -> Histogram:
+        r = self.stub.TopInputs(
+            pb.TopInputsRequest(
+                neuron=self._ref(layer, neuron),
+                k=1,
+                dataset=dataset,
+                max_examples=max_examples,
+                histogram_bins=bins,
+                checkpoint_id=checkpoint_id,
+            ),
+            timeout=self.timeout,
+        )
+        return Histogram(
+            np.asarray(r.histogram_edges, np.float64),
+            np.asarray(r.histogram_counts, np.int64),
+            r.examples_scanned,
+            r.parameters_version,
+        )
 
-    def optimal_stimulus(self, layer: str, neuron: NeuronSpec, *, steps: int = 200,
-                         learning_rate: float = 0.1, restarts: int = 8, norm: float = 1.0, seed: int = 0,
-                         checkpoint_id: str = "") -> Stimulus:
-        r = self.stub.OptimalStimulus(pb.OptimalStimulusRequest(
-            neuron=self._ref(layer, neuron), steps=steps, learning_rate=learning_rate, restarts=restarts,
-            norm=norm, seed=seed, checkpoint_id=checkpoint_id), timeout=max(self.timeout, 300.0))
-        return Stimulus(codec.tensor_from_proto(r.stimulus).copy(), r.activation, r.random_activation_mean,
-                        r.random_activation_max, r.parameters_version, r.png)
+    def optimal_stimulus(
+        self,
+        layer: str,
+        neuron: NeuronSpec,
+        *,
+        steps: int = 200,
+        learning_rate: float = 0.1,
+        restarts: int = 8,
+        norm: float = 1.0,
+        seed: int = 0,
+        checkpoint_id: str = "",
+    ) -> Stimulus:
+        r = self.stub.OptimalStimulus(
+            pb.OptimalStimulusRequest(
+                neuron=self._ref(layer, neuron),
+                steps=steps,
+                learning_rate=learning_rate,
+                restarts=restarts,
+                norm=norm,
+                seed=seed,
+                checkpoint_id=checkpoint_id,
+            ),
+            timeout=max(self.timeout, 300.0),
+        )
+        return Stimulus(
+            codec.tensor_from_proto(r.stimulus).copy(),
+            r.activation,
+            r.random_activation_mean,
+            r.random_activation_max,
+            r.parameters_version,
+            r.png,
+        )
 
 
 # -- downpour query -----------------------------------------------------------------------
 
+
 def parse_neurons(text: str) -> list[NeuronSpec]:
-    """"5,17" -> [5, 17]; "0:1:2;3:0:0" (map:y:x) -> [(0, 1, 2), (3, 0, 0)]."""
+    """ "5,17" -> [5, 17]; "0:1:2;3:0:0" (map:y:x) -> [(0, 1, 2), (3, 0, 0)]."""
     out: list[NeuronSpec] = []
     for part in [p for p in text.replace(";", ",").split(",") if p.strip()]:
         if ":" in part:
             bits = part.split(":")
             if len(bits) != 3:
                 raise ValueError(f"neuron {part!r}: write a flat id (17) or map:y:x (2:4:4)")
-            out.append(tuple(int(b) for b in bits))  # type: ignore[arg-type]
+            m, y, x = (int(b) for b in bits)
+            out.append((m, y, x))
         else:
             out.append(int(part))
     kinds = {isinstance(n, tuple) for n in out}
@@ -156,33 +254,41 @@ def parse_neurons(text: str) -> list[NeuronSpec]:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    import grpc
-
-    from downpour.rpc.channel import ChannelConfig
-
-    token = ""
-    if args.token_file:
-        with open(args.token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-    cc = ChannelConfig(ca=args.ca, cert=args.cert, key=args.key, token=token)
+    cc = channel_config_from_args(args)
     try:
         neurons = parse_neurons(args.neurons) if args.neurons else None
         with NeuronsClient(args.addr, cc, timeout=args.timeout) as nc:
-            r = nc.activations(args.image, args.layer, neurons, raw=args.raw, resize=not args.no_resize,
-                               checkpoint_id=args.checkpoint_id)
+            r = nc.activations(
+                args.image,
+                args.layer,
+                neurons,
+                raw=args.raw,
+                resize=not args.no_resize,
+                checkpoint_id=args.checkpoint_id,
+            )
     except grpc.RpcError as e:
         print(f"downpour query: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:
         print(f"downpour query: {e}", file=sys.stderr)
         return 2
-    cols = [f"{n[0]}:{n[1]}:{n[2]}" for n in neurons] if neurons and isinstance(neurons[0], tuple) else \
-        [str(i) for i in r.neuron_ids]
+    triples = [n for n in neurons or [] if isinstance(n, tuple)]  # parse_neurons: all triples or none
+    cols = [f"{m}:{y}:{x}" for m, y, x in triples] if triples else [str(i) for i in r.neuron_ids]
     if args.json:
-        print(json.dumps({"layer": args.layer, "layer_shape": list(r.layer_shape), "neurons": cols,
-                          "parameters_version": r.parameters_version,
-                          "images": [{"image": im, "activations": [float(v) for v in row]}
-                                     for im, row in zip(args.image, r.values)]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "layer": args.layer,
+                    "layer_shape": list(r.layer_shape),
+                    "neurons": cols,
+                    "parameters_version": r.parameters_version,
+                    "images": [
+                        {"image": im, "activations": [float(v) for v in row]} for im, row in zip(args.image, r.values)
+                    ],
+                },
+                indent=1,
+            )
+        )
         return 0
     shape = "x".join(map(str, r.layer_shape)) if r.layer_shape else ""
     print(f"{args.layer}{' [' + shape + ']' if shape else ''}, parameters version {r.parameters_version}")
@@ -191,30 +297,36 @@ def _cmd_query(args: argparse.Namespace) -> int:
             vals = "  ".join(f"{c}={v:.4g}" for c, v in zip(cols, row))
         else:
             top = np.argsort(-row)[:8]
-            vals = (f"{len(row)} units: mean {row.mean():.4g}, max {row.max():.4g}; top "
-                    + "  ".join(f"{cols[j]}={row[j]:.4g}" for j in top))
+            vals = f"{len(row)} units: mean {row.mean():.4g}, max {row.max():.4g}; top " + "  ".join(
+                f"{cols[j]}={row[j]:.4g}" for j in top
+            )
         print(f"{im}: {vals}")
     return 0
 
 
-def add_query_parser(subparsers) -> argparse.ArgumentParser:
+def add_query_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``downpour query`` to a ``downpour`` subparsers object."""
     q = subparsers.add_parser("query", help="activations of neurons for images, from a neurons service")
     q.add_argument("--addr", default="127.0.0.1:7300", help="the neurons service's address")
-    q.add_argument("--image", nargs="+", required=True, metavar="F",
-                   help="image files (PNG, JPEG, ...) of any size: fitted to the model's input")
+    q.add_argument(
+        "--image",
+        nargs="+",
+        required=True,
+        metavar="F",
+        help="image files (PNG, JPEG, ...) of any size: fitted to the model's input",
+    )
     q.add_argument("--layer", required=True, help="e.g. stage3.pool (see the service's DescribeModel)")
     q.add_argument("--neurons", default="", help="flat ids '5,17' or map:y:x triples '2:4:4,0:0:1'; default all")
     q.add_argument("--raw", action="store_true", help="skip the job's per-image normalisation")
-    q.add_argument("--no-resize", action="store_true",
-                   help="refuse images that are not the model's input size (default: fit them, aspect kept)")
+    q.add_argument(
+        "--no-resize",
+        action="store_true",
+        help="refuse images that are not the model's input size (default: fit them, aspect kept)",
+    )
     q.add_argument("--checkpoint-id", default="", help="a committed checkpoint instead of the live parameters")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--timeout", type=float, default=60.0)
-    q.add_argument("--ca", default="", help="PEM CA of the server (TLS)")
-    q.add_argument("--cert", default="", help="PEM client certificate (mutual TLS)")
-    q.add_argument("--key", default="", help="PEM client key (mutual TLS)")
-    q.add_argument("--token-file", default="", help="file holding the bearer token")
+    add_channel_arguments(q)
     q.set_defaults(func=_cmd_query)
     return q
 

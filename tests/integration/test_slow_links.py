@@ -59,7 +59,7 @@ def _duplicates(metrics_port: int) -> float:
 
 
 def test_latency_cuts_and_silence_between_workers_and_shards(tmp_path):
-    from downpour.rpc.server import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS
+    from downpour.rpc.options import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS
     from downpour.up import Child, free_port, wait_healthy
 
     job = tmp_path / "job.yaml"

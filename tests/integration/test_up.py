@@ -217,7 +217,7 @@ def test_a_child_whose_port_was_taken_starts_again_on_another(tmp_path, monkeypa
     import socket
 
     from downpour import config as jobconfig
-    from downpour import up as upmod
+    from downpour.up import cluster as upmod
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

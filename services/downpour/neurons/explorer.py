@@ -46,7 +46,7 @@ from aiohttp import BodyPartReader, web
 
 from downpour import trained
 from downpour.client import NeuronsClient
-from downpour.rpc.channel import ChannelConfig
+from downpour.rpc.channel import add_channel_arguments, channel_config_from_args
 
 log = logging.getLogger("downpour.explorer")
 
@@ -334,21 +334,14 @@ def add_explore_parser(subparsers):
     g.add_argument("--checkpoint", metavar="PATH", help="a run folder, checkpoint directory or exported file")
     e.add_argument("--host", default="127.0.0.1", help="address the page is served on")
     e.add_argument("--port", type=int, default=8300, help="HTTP port (0: any free port)")
-    e.add_argument("--ca", default="", help="PEM CA of the service (TLS)")
-    e.add_argument("--cert", default="", help="PEM client certificate (mutual TLS)")
-    e.add_argument("--key", default="", help="PEM client key (mutual TLS)")
-    e.add_argument("--token-file", default="", help="the service's bearer token")
+    add_channel_arguments(e)
     e.set_defaults(func=_cmd_explore)
     return e
 
 
 def _cmd_explore(args) -> int:
     if args.addr:
-        token = ""
-        if args.token_file:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        backend: Any = NeuronsClient(args.addr, ChannelConfig(ca=args.ca, cert=args.cert, key=args.key, token=token))
+        backend: Any = NeuronsClient(args.addr, channel_config_from_args(args))
     else:
         try:
             backend = trained.load(args.checkpoint)

@@ -9,14 +9,17 @@ token, if set, is sent as ``authorization`` metadata on every call.
 
 from __future__ import annotations
 
+import argparse
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from downpour.rpc.server import grpc_options
+from downpour.rpc.options import grpc_options
 
 
 @dataclass
@@ -37,8 +40,12 @@ class _TokenAuth(grpc.AuthMetadataPlugin):
         callback(self._md, None)
 
 
-class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds the token on plaintext channels (call credentials need TLS)."""
 
     def __init__(self, token: str) -> None:
@@ -48,16 +55,16 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
         md = list(d.metadata or []) + [self._md]
         return d._replace(metadata=md) if hasattr(d, "_replace") else _Details(d, md)
 
-    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[override]
+    def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
 
-    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[override]
+    def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._details(details), request)
 
-    def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[override]
+    def intercept_stream_unary(self, continuation, details, request_iterator):
         return continuation(self._details(details), request_iterator)
 
-    def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[override]
+    def intercept_stream_stream(self, continuation, details, request_iterator):
         return continuation(self._details(details), request_iterator)
 
 
@@ -86,15 +93,14 @@ def open_channel(address: str, config: ChannelConfig | None = None) -> grpc.Chan
     return grpc.intercept_channel(ch, _TokenInterceptor(c.token)) if c.token else ch
 
 
-def wait_ready(channel: grpc.Channel, timeout: float = 30.0, service: str = "",
-               alive: Callable[[], bool] | None = None) -> None:
+def wait_ready(
+    channel: grpc.Channel, timeout: float = 30.0, service: str = "", alive: Callable[[], bool] | None = None
+) -> None:
     """Block until the server's health check answers SERVING (TimeoutError otherwise).
 
     ``alive``, when given, is asked before every try: a server process that
     exited raises RuntimeError at once instead of waiting out the timeout.
     """
-    import time
-
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -110,3 +116,21 @@ def wait_ready(channel: grpc.Channel, timeout: float = 30.0, service: str = "",
             last = f"{e.code().name}: {e.details()}"
         time.sleep(0.05)
     raise TimeoutError(f"server not SERVING after {timeout:.0f}s ({last})")
+
+
+def add_channel_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags of a command that calls a service: its CA (TLS), a client certificate and key
+    (mutual TLS) and its bearer token; ``channel_config_from_args`` reads them back."""
+    ap.add_argument("--ca", default="", help="PEM CA of the service (TLS)")
+    ap.add_argument("--cert", default="", help="PEM client certificate (mutual TLS)")
+    ap.add_argument("--key", default="", help="PEM client key (mutual TLS)")
+    ap.add_argument("--token-file", default="", help="file holding the service's bearer token")
+
+
+def channel_config_from_args(args: argparse.Namespace) -> ChannelConfig:
+    """The ChannelConfig of the flags ``add_channel_arguments`` added (the token read from its file)."""
+    token = ""
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    return ChannelConfig(ca=args.ca, cert=args.cert, key=args.key, token=token)

@@ -20,7 +20,8 @@ field, e.g. ``PUSH_PAYLOAD = (3, 15)`` for ``PushRequest.chunk.data``.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,7 +32,7 @@ M = TypeVar("M")
 _WT_VARINT, _WT_I64, _WT_LEN, _WT_I32 = 0, 1, 2, 5
 
 # bfloat16 has no NumPy dtype: it travels and is held as its uint16 bit pattern.
-_NP_OF = {
+_NP_OF: dict[int, np.dtype] = {
     common_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     common_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
     common_pb2.DTYPE_BFLOAT16: np.dtype("<u2"),
@@ -40,7 +41,9 @@ _NP_OF = {
     common_pb2.DTYPE_INT64: np.dtype("<i8"),
     common_pb2.DTYPE_UINT8: np.dtype("u1"),
 }
-_DT_OF = {v.str.lstrip("<|"): k for k, v in _NP_OF.items() if k != common_pb2.DTYPE_BFLOAT16}
+_DT_OF: dict[str, common_pb2.Dtype.ValueType] = {
+    v.str.lstrip("<|"): common_pb2.Dtype.ValueType(k) for k, v in _NP_OF.items() if k != common_pb2.DTYPE_BFLOAT16
+}
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # cheapest per byte here: copies of a 1 MiB message stay in L2 (benchmarks/transport.py)
 
@@ -50,10 +53,12 @@ def np_dtype(dtype: int) -> np.dtype:
     try:
         return _NP_OF[dtype]
     except KeyError:
-        raise ValueError(f"unsupported dtype {common_pb2.Dtype.Name(dtype) if dtype in common_pb2.Dtype.values() else dtype}") from None
+        raise ValueError(
+            f"unsupported dtype {common_pb2.Dtype.Name(common_pb2.Dtype.ValueType(dtype)) if dtype in common_pb2.Dtype.values() else dtype}"
+        ) from None
 
 
-def wire_dtype(dtype: Any) -> int:
+def wire_dtype(dtype: Any) -> common_pb2.Dtype.ValueType:
     """Wire Dtype of a NumPy dtype."""
     key = np.dtype(dtype).str.lstrip("<>|=")
     try:
@@ -63,10 +68,15 @@ def wire_dtype(dtype: Any) -> int:
 
 
 def dtype_name(dtype: int) -> str:
-    return common_pb2.Dtype.Name(dtype).removeprefix("DTYPE_").lower() if dtype in common_pb2.Dtype.values() else str(dtype)
+    return (
+        common_pb2.Dtype.Name(common_pb2.Dtype.ValueType(dtype)).removeprefix("DTYPE_").lower()
+        if dtype in common_pb2.Dtype.values()
+        else str(dtype)
+    )
 
 
 # -- wire format primitives ---------------------------------------------------
+
 
 def varint(n: int) -> bytes:
     out = bytearray()
@@ -120,7 +130,7 @@ def _strip(buf: memoryview, start: int, end: int, path: Sequence[int]) -> tuple[
                 raise ValueError("truncated message: field runs past the end")
             if field == path[0]:
                 if len(path) == 1:
-                    payload = buf[pos:pos + n]  # last occurrence wins, as in protobuf
+                    payload = buf[pos : pos + n]  # last occurrence wins, as in protobuf
                     pos += n
                     continue
                 inner, sub = _strip(buf, pos, pos + n, path[1:])
@@ -142,7 +152,7 @@ def decode(cls: type[M], data: bytes, path: Sequence[int]) -> tuple[M, memoryvie
     """Parse ``data`` as ``cls``; the bytes field at ``path`` comes back as a view."""
     view = memoryview(data)
     rest, payload = _strip(view, 0, len(view), path)
-    msg = cls.FromString(rest)  # type: ignore[attr-defined]
+    msg = cls.FromString(rest)  # type: ignore[attr-defined]  # M is any generated message class; each has FromString
     return msg, payload if payload is not None else view[:0]
 
 
@@ -161,9 +171,6 @@ def encode(msg: Any, path: Sequence[int], payload: Any) -> bytes:
 
 # -- tensors --------------------------------------------------------------------
 
-TENSOR_PAYLOAD = (15,)
-CHUNK_PAYLOAD = (15,)
-
 
 def tensor_to_proto(arr: np.ndarray) -> common_pb2.Tensor:
     """A whole (small) tensor as one Tensor message."""
@@ -176,7 +183,9 @@ def tensor_from_proto(t: common_pb2.Tensor) -> np.ndarray:
     shape = tuple(t.shape)
     n = int(np.prod(shape, dtype=np.int64))
     if len(t.data) != n * dt.itemsize:
-        raise ValueError(f"tensor of shape {shape} and dtype {dtype_name(t.dtype)} needs {n * dt.itemsize} bytes, got {len(t.data)}")
+        raise ValueError(
+            f"tensor of shape {shape} and dtype {dtype_name(t.dtype)} needs {n * dt.itemsize} bytes, got {len(t.data)}"
+        )
     return np.frombuffer(t.data, dtype=dt).reshape(shape)
 
 
@@ -188,9 +197,3 @@ def chunk_spans(num_elements: int, itemsize: int, max_chunk_bytes: int) -> Itera
         return
     for start in range(0, num_elements, step):
         yield start, min(num_elements, start + step)
-
-
-def chunk_header(name: str, arr: np.ndarray, start: int, stop: int) -> common_pb2.TensorChunk:
-    return common_pb2.TensorChunk(
-        name=name, dtype=wire_dtype(arr.dtype), shape=arr.shape, offset=start, last=stop >= arr.size
-    )

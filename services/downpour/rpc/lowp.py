@@ -16,8 +16,11 @@ import numpy as np
 
 from downpour.v1 import common_pb2
 
-WIRE_DTYPES = {"float32": common_pb2.DTYPE_FLOAT32, "bfloat16": common_pb2.DTYPE_BFLOAT16,
-               "float16": common_pb2.DTYPE_FLOAT16}
+WIRE_DTYPES = {
+    "float32": common_pb2.DTYPE_FLOAT32,
+    "bfloat16": common_pb2.DTYPE_BFLOAT16,
+    "float16": common_pb2.DTYPE_FLOAT16,
+}
 ITEMSIZE = {common_pb2.DTYPE_FLOAT32: 4, common_pb2.DTYPE_BFLOAT16: 2, common_pb2.DTYPE_FLOAT16: 2}
 
 

@@ -1,0 +1,227 @@
+"""The server interceptors every downpour service runs, outermost first in ``Server``:
+
+client certificate names (mTLS), the bearer token, metrics (counted and timed the way
+go-grpc-prometheus names them) and, innermost, a guard that answers INVALID_ARGUMENT to
+request bytes that do not decode.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+
+from downpour import metrics
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+def _split(method: str) -> tuple[str, str]:
+    _, service, name = method.split("/") if method.count("/") == 2 else ("", "unknown", method)
+    return service, name
+
+
+def _rpc_type(h: grpc.RpcMethodHandler) -> str:
+    if h.request_streaming and h.response_streaming:
+        return "bidi_stream"
+    if h.request_streaming:
+        return "client_stream"
+    if h.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+def _rewrap(
+    h: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable], request_deserializer: Callable | None = None
+) -> grpc.RpcMethodHandler:
+    kw = dict(
+        request_deserializer=request_deserializer or h.request_deserializer, response_serializer=h.response_serializer
+    )
+    if h.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap(h.unary_unary), **kw)
+    if h.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap(h.unary_stream), **kw)
+    if h.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap(h.stream_unary), **kw)
+    return grpc.stream_stream_rpc_method_handler(wrap(h.stream_stream), **kw)
+
+
+def _code_of(context: grpc.ServicerContext, exc: BaseException | None) -> str:
+    code = getattr(context, "code", lambda: None)()
+    if code is None:
+        code = grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return str(code)
+
+
+class _Undecodable:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class DecodeGuardInterceptor(grpc.ServerInterceptor):
+    """Bytes that are not a valid request message get INVALID_ARGUMENT.
+
+    gRPC's own answer to a request it cannot deserialise is INTERNAL, which
+    reads as a server bug; a malformed message is the client's.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def guarded_decode(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as e:  # noqa: BLE001 - any decoding failure is the sender's
+                return _Undecodable(e)
+
+        def reject(context: grpc.ServicerContext, bad: _Undecodable) -> None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {bad.error}")
+
+        def wrap(fn: Callable) -> Callable:
+            if handler.request_streaming:
+
+                def checked_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                    def it() -> Iterator[Any]:
+                        for r in requests:
+                            if isinstance(r, _Undecodable):
+                                reject(context, r)
+                            yield r
+
+                    return fn(it(), context)
+
+                return checked_stream
+
+            def checked(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    reject(context, request)
+                return fn(request, context)
+
+            return checked
+
+        return _rewrap(handler, wrap, guarded_decode)
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every RPC the way go-grpc-prometheus names it."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split(handler_call_details.method)
+        kind = _rpc_type(handler)
+        labels = (service, method, kind)
+
+        def done(context: grpc.ServicerContext, start: float, exc: BaseException | None) -> None:
+            metrics.GRPC_SERVER_HANDLED.labels(*labels, _code_of(context, exc)).inc()
+            metrics.GRPC_SERVER_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - start)
+
+        def wrap(fn: Callable) -> Callable:
+            if handler.response_streaming:
+
+                def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    metrics.GRPC_SERVER_STARTED.labels(*labels).inc()
+                    start, exc = time.perf_counter(), None
+                    try:
+                        yield from fn(request, context)
+                    except BaseException as e:
+                        exc = e
+                        raise
+                    finally:
+                        done(context, start, exc)
+
+                return streaming
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                metrics.GRPC_SERVER_STARTED.labels(*labels).inc()
+                start, exc = time.perf_counter(), None
+                try:
+                    return fn(request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    done(context, start, exc)
+
+            return unary
+
+        return _rewrap(handler, wrap)
+
+
+def _deny(handler: grpc.RpcMethodHandler, method: str, reason: str, message: str) -> grpc.RpcMethodHandler:
+    """A handler that answers UNAUTHENTICATED (and counts it) instead of running the RPC."""
+    service, name = _split(method)
+
+    def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        metrics.GRPC_UNAUTHENTICATED.labels(service, name, reason).inc()
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return _rewrap(handler, lambda fn: deny)
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Rejects RPCs without ``authorization: Bearer <token>`` (health is exempt,
+    so that orchestrators' probes need no secret). Every rejection is counted
+    in ``downpour_grpc_unauthenticated_total``."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            return continuation(handler_call_details)
+        got, present = b"", False
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                got, present = (value.encode() if isinstance(value, str) else value), True
+        # compare_digest: the time taken must not reveal how much of the token matched.
+        if hmac.compare_digest(got, self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        reason = "bad_token" if present else "missing_token"
+        return _deny(handler, handler_call_details.method, reason, "missing or invalid bearer token")
+
+
+class ClientNameInterceptor(grpc.ServerInterceptor):
+    """Under mutual TLS, lets in only client certificates issued to one of ``names``.
+
+    The TLS handshake already refused certificates that the client CA did not
+    sign (the client sees UNAVAILABLE: there is no call to answer); this
+    answers UNAUTHENTICATED, counted, to a validly signed certificate issued to
+    a name that is not allowed (e.g. another cluster's, from a shared CA).
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._names = {n.encode() for n in names}
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            return handler
+        allowed, method = self._names, handler_call_details.method
+        service, name = _split(method)
+
+        def wrap(fn: Callable) -> Callable:
+            def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+                auth = context.auth_context() or {}
+                got = set(auth.get("x509_common_name", ())) | set(auth.get("x509_subject_alternative_name", ()))
+                if not got & allowed:
+                    metrics.GRPC_UNAUTHENTICATED.labels(service, name, "client_certificate").inc()
+                    context.abort(
+                        grpc.StatusCode.UNAUTHENTICATED, "client certificate is not issued to an allowed name"
+                    )
+                return fn(request, context)
+
+            return guarded
+
+        return _rewrap(handler, wrap)

@@ -1,0 +1,123 @@
+"""``downpour up`` and ``downpour status``: their flags and what they print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from downpour import config as jobconfig
+from downpour.up.launch import run
+from downpour.up.status import job_status
+from downpour.v1 import coordinator_pb2
+
+
+def add_up_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``downpour up`` to a ``downpour`` subparsers object."""
+    u = subparsers.add_parser("up", help="run the whole cluster as local processes and train")
+    u.add_argument("--config", help="job config (YAML); flags and DOWNPOUR_* variables override it")
+    u.add_argument("--preset", help="network preset: tiny, small (default), medium or le2012")
+    u.add_argument("--replicas", type=int, help="model replicas (data parallelism)")
+    u.add_argument("--shards", type=int, help="parameter server shards")
+    u.add_argument("--partitions", help="model-parallel grid per replica, RxC")
+    u.add_argument("--steps", type=int, help="minibatch steps per replica")
+    u.add_argument("--batch-size", type=int, help="examples per minibatch")
+    u.add_argument("--data", help="'default' (bundled), a folder of images, .npy/.npz or IDX")
+    u.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from the newest checkpoint in DIR (its blocks this model shares, e.g. "
+        "runs/a/checkpoints under a supervised head); the rest fresh",
+    )
+    u.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        help="where workers and the neurons service compute: cpu (default) or gpu (CuPy)",
+    )
+    u.add_argument("--out", help="run directory (default runs/<time>)")
+    u.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    u.add_argument("--quiet", action="store_true", help="no progress display")
+    u.add_argument("--secure", action="store_true", help="mutual TLS and a bearer token between every service")
+    u.add_argument(
+        "--memory",
+        metavar="SIZE",
+        help="the memory the job may use (e.g. 24G); default: what this machine has available. "
+        "A job whose memory plan does not fit is refused before anything starts",
+    )
+    u.add_argument(
+        "--no-neurons",
+        action="store_true",
+        help="do not start the neurons service (by default it serves the live parameters)",
+    )
+    u.set_defaults(func=_cmd_up)
+    return u
+
+
+def add_status_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``downpour status`` to a ``downpour`` subparsers object."""
+    st = subparsers.add_parser("status", help="the state of a running cluster")
+    st.add_argument("--coordinator", default="127.0.0.1:7070", help="the coordinator's address")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
+    return st
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    overrides = {
+        "preset": args.preset,
+        "replicas": args.replicas,
+        "shards": args.shards,
+        "steps": args.steps,
+        "data": args.data,
+        "partitions": args.partitions,
+        "batch_size": args.batch_size,
+        "init_from": args.init_from,
+        "device": args.device,
+    }
+    if args.resume:
+        # Continue a run: its own job spec, flags on top (e.g. more --steps).
+        job = os.path.join(args.resume, "job.yaml")
+        if not os.path.exists(job):
+            raise ValueError(f"--resume {args.resume}: no job.yaml there; is it a downpour run directory?")
+        cfg = jobconfig.load(job, overrides=overrides)
+        out = args.resume
+        with open(job, "w", encoding="utf-8") as f:
+            f.write(cfg.to_yaml())
+    else:
+        cfg = jobconfig.load(args.config, overrides=overrides)
+        out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    return run(
+        cfg,
+        out,
+        resume=bool(args.resume),
+        quiet=args.quiet,
+        secure=args.secure,
+        neurons=not args.no_neurons,
+        memory=args.memory or "",
+    )
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    st = job_status(args.coordinator, timeout=5.0)
+    if args.json:
+        print(json.dumps(MessageToDict(st, preserving_proto_field_name=True), indent=2))
+        return 0
+    print(
+        f"job {st.job.job_id}: {coordinator_pb2.JobState.Name(st.state)}, step {st.step}/{st.job.max_steps}, "
+        f"{st.examples_per_second:.0f} examples/s, last checkpoint {st.last_checkpoint_id or '-'}"
+    )
+    if st.message:
+        print(f"why: {st.message}")
+    print("shards: " + ", ".join(st.shard_addresses))
+    print(f"{'replica':>7} {'part':>4} {'step':>7} {'loss':>10} {'heartbeat':>10}  member @ address")
+    for s in st.slots:
+        hb = f"{s.seconds_since_heartbeat:.1f}s" if s.seconds_since_heartbeat >= 0 else "-"
+        print(
+            f"{s.replica:>7} {s.partition:>4} {s.step:>7} {s.loss:>10.4g} {hb:>10}  "
+            f"{s.member_id or '(free)'} @ {s.address or '-'}"
+        )
+    return 0

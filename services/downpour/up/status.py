@@ -1,0 +1,41 @@
+"""The launcher's calls to the coordinator: the job's status (and the progress snapshot taken
+from it each poll) and the last checkpoint on the way out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from downpour.rpc.channel import ChannelConfig, open_channel
+from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+
+def job_status(
+    address: str, timeout: float = 2.0, chcfg: ChannelConfig | None = None
+) -> coordinator_pb2.JobStatusResponse:
+    with open_channel(address, chcfg) as ch:
+        return coordinator_pb2_grpc.CoordinatorStub(ch).JobStatus(coordinator_pb2.JobStatusRequest(), timeout=timeout)
+
+
+def request_checkpoint(
+    address: str, timeout: float = 60.0, chcfg: ChannelConfig | None = None
+) -> coordinator_pb2.CreateCheckpointResponse:
+    with open_channel(address, chcfg) as ch:
+        return coordinator_pb2_grpc.CoordinatorStub(ch).CreateCheckpoint(
+            coordinator_pb2.CreateCheckpointRequest(), timeout=timeout
+        )
+
+
+def snapshot(status: coordinator_pb2.JobStatusResponse) -> dict[str, Any]:
+    """One row of the run's history (metrics.json): time, step, rate and each replica's step and loss."""
+    reps: dict[int, dict[str, Any]] = {}
+    for s in status.slots:
+        if s.partition == 0:
+            reps[s.replica] = {"step": int(s.step), "loss": float(s.loss), "member": s.member_id}
+    n = max(reps) + 1 if reps else 0
+    return {
+        "time": time.time(),
+        "step": int(status.step),
+        "examples_per_second": float(status.examples_per_second),
+        "replicas": [reps.get(r, {"step": 0, "loss": float("nan"), "member": ""}) for r in range(n)],
+    }
