@@ -62,6 +62,12 @@ def _encoded(images) -> tuple[list[bytes], np.ndarray | None]:
     return out, None
 
 
+def _shape3(shape) -> tuple[int, int, int]:
+    """A layer's (C, H, W) from the wire, which carries it as a repeated field."""
+    c, h, w = (int(v) for v in shape)
+    return c, h, w
+
+
 class NeuronsClient:
     def __init__(self, address: str, channel_config: ChannelConfig | None = None, timeout: float = 60.0) -> None:
         self.address, self.timeout = address, timeout
@@ -95,8 +101,8 @@ class NeuronsClient:
     def describe(self, checkpoint_id: str = "") -> ModelInfo:
         r = self.stub.DescribeModel(pb.DescribeModelRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
         return ModelInfo(
-            layers=[LayerInfo(l.name, tuple(l.shape)) for l in r.layers],
-            input_shape=tuple(r.input_shape),
+            layers=[LayerInfo(l.name, _shape3(l.shape)) for l in r.layers],
+            input_shape=_shape3(r.input_shape),
             source=r.source,
             parameters_version=r.parameters_version,
             checkpoint_id=r.checkpoint_id,

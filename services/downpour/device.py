@@ -33,7 +33,7 @@ def array_module(device: str) -> ModuleType:
     if device != "gpu":
         raise DeviceError(f"--device {device!r} is unknown; allowed: {', '.join(DEVICES)}")
     try:
-        import cupy  # local: CuPy is optional (the gpu extra), and only --device gpu needs it
+        import cupy  # noqa: PLC0415 - CuPy is optional (the gpu extra), and only --device gpu needs it
     except ImportError as e:
         raise DeviceError(
             "--device gpu needs CuPy, which is not installed here: pip install 'downpour[gpu]' "
@@ -41,7 +41,7 @@ def array_module(device: str) -> ModuleType:
         ) from None
     try:
         n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDARuntimeError and driver load failures alike
+    except Exception as e:  # noqa: BLE001 - CUDARuntimeError and driver load failures alike
         raise DeviceError(
             f"--device gpu found no usable CUDA GPU: {_reason(e)}. Is the NVIDIA driver installed "
             "and the GPU visible to this process (docker --gpus / a compose device reservation, "
@@ -51,7 +51,7 @@ def array_module(device: str) -> ModuleType:
         raise DeviceError("--device gpu found no CUDA GPU (CUDA reports 0 devices; check CUDA_VISIBLE_DEVICES)")
     try:
         launcher_for(cupy, numpy.float32).module.get_function("im2col")  # compiles the kernels now
-    except Exception as e:  # NVRTC, driver and file errors alike: "cannot compile here"
+    except Exception as e:  # noqa: BLE001 - NVRTC, driver and file errors alike: "cannot compile here"
         raise DeviceError(
             f"--device gpu: the GPU kernels do not compile or load here: {_reason(e)} "
             "(the CUDA runtime image includes NVRTC; a pip install needs nvidia-cuda-nvrtc-cu12)"

@@ -67,13 +67,24 @@ def batches(dataset, batch_size: int, seed: int):
     while True:
         order = rng.permutation(n)
         for i in range(0, n - batch_size + 1, batch_size):
-            x, y = dataset.get(order[i:i + batch_size])
+            x, y = dataset.get(order[i : i + batch_size])
             yield x, y
 
 
-def train(net: Network, dataset, *, steps: int, batch_size: int = 32, lr: float = DEFAULT_LR,
-          eps: float = DEFAULT_EPS, seed: int = 0, supervised: bool = False, params: dict | None = None,
-          time_budget: float | None = None, log=None) -> TrainResult:
+def train(
+    net: Network,
+    dataset,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = DEFAULT_LR,
+    eps: float = DEFAULT_EPS,
+    seed: int = 0,
+    supervised: bool = False,
+    params: dict | None = None,
+    time_budget: float | None = None,
+    log=None,
+) -> TrainResult:
     """Train in this process with the Downpour loop against an in-memory Adagrad store.
 
     The experiments' optimizer (``OPTIMIZER``) with ``lr`` and ``eps`` in place of its own.
@@ -84,13 +95,16 @@ def train(net: Network, dataset, *, steps: int, batch_size: int = 32, lr: float 
     optimizer = dataclasses.replace(OPTIMIZER, lr=lr, eps=eps)
     store = LocalStore({k: np.asarray(v) for k, v in init.items()}, optimizer)
     if supervised:
+
         def compute(p, x, y):
             loss, g, _ = net.supervised(p, x, y)
             return loss, g
     else:
+
         def compute(p, x, y):
             loss, g, _ = net.tica(p, x)
             return loss, g
+
     loop = DownpourLoop(compute, store, list(init), batches(dataset, batch_size, seed + 1), overlap=False)
     losses = []
     t0 = time.perf_counter()
@@ -109,12 +123,13 @@ def train(net: Network, dataset, *, steps: int, batch_size: int = 32, lr: float 
     return TrainResult(store.pull(list(init)), done, time.perf_counter() - t0, losses)
 
 
-def activations(net: Network, params: dict, x: np.ndarray, layers: list[str] | None = None,
-                batch: int = 256) -> dict[str, np.ndarray]:
+def activations(
+    net: Network, params: dict, x: np.ndarray, layers: list[str] | None = None, batch: int = 256
+) -> dict[str, np.ndarray]:
     """Every layer's activations for ``x``, each flattened to (N, neurons) float32."""
     out: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(x), batch):
-        acts = net.forward(params, x[i:i + batch])
+        acts = net.forward(params, x[i : i + batch])
         for k, v in acts.items():
             if layers is None or k in layers:
                 out.setdefault(k, []).append(np.asarray(v, np.float32).reshape(len(v), -1))
@@ -122,6 +137,7 @@ def activations(net: Network, params: dict, x: np.ndarray, layers: list[str] | N
 
 
 # -- single-neuron classifiers ------------------------------------------------------
+
 
 def fit_thresholds(A: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For every column of ``A`` (examples x neurons): the threshold that maximises the
@@ -192,8 +208,9 @@ class SingleNeuronResult:
         return float(np.std([f.test_accuracy for f in self.folds]))
 
 
-def best_single_neuron(layers: dict[str, np.ndarray], y: np.ndarray, first_half: np.ndarray | list[np.ndarray]
-                       ) -> SingleNeuronResult:
+def best_single_neuron(
+    layers: dict[str, np.ndarray], y: np.ndarray, first_half: np.ndarray | list[np.ndarray]
+) -> SingleNeuronResult:
     """Pick neuron + threshold on one half, measure on the other; both ways round.
 
     ``first_half`` is one mask or a list of masks (repeated random halvings):

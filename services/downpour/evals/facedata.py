@@ -68,7 +68,7 @@ class Pool:
 
 def _frames(images: np.ndarray, per_image: int, backgrounds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``per_image`` views of each (C, h, w) image over random backgrounds (N, C, H, W)."""
-    from skimage.transform import AffineTransform, warp  # optional dependency: only the faces eval needs it
+    from skimage.transform import AffineTransform, warp  # noqa: PLC0415 - heavy (~0.4 s), only the faces eval needs it
 
     n = len(images)
     _, c, H, W = backgrounds.shape
@@ -201,7 +201,7 @@ def load_test_dir(path: str, size: tuple[int, int], channels: int = 1):
     cover it, the centre kept: ``preprocess.fit``). Unreadable files are an
     error naming the file; so are a missing or empty sub-folder.
     """
-    from PIL import Image  # optional dependency: only a user's test folder needs it
+    from PIL import Image  # noqa: PLC0415 - only a user's test folder needs Pillow here
 
     if not os.path.isdir(path):
         raise ValueError(f"--test {path}: not a directory")
@@ -222,7 +222,7 @@ def load_test_dir(path: str, size: tuple[int, int], channels: int = 1):
                 with Image.open(p) as im:
                     img = im.convert("RGB") if im.mode not in ("L", "F", "I", "I;16") else im
                     a = preprocess.to_chw(np.asarray(img))
-            except Exception as e:  # Pillow raises many types for bad files
+            except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
                 raise ValueError(
                     f"--test {path}: cannot read {dirs[0]}/{f} as an image ({type(e).__name__}: {e})"
                 ) from None

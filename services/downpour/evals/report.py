@@ -7,10 +7,10 @@ import numpy as np
 
 def _plt():
     # matplotlib is optional (only the eval reports draw); Agg must be chosen before pyplot loads
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - see above
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after use("Agg")
 
     return plt
 

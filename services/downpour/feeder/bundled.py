@@ -110,7 +110,7 @@ SPLITS = ("train", "heldout_faces", "heldout_nonfaces", "heldout_natural", "dist
 @functools.lru_cache(maxsize=2)
 def natural_images(channels: int) -> tuple[np.ndarray, ...]:
     """The natural images as float32 (C, H, W) in [0, 1], in ``NATURAL_IMAGES`` order."""
-    from skimage import data  # local: scikit-image takes ~0.4 s to load, paid only when the bundled data is built
+    from skimage import data  # noqa: PLC0415 - scikit-image takes ~0.4 s to load, paid only when the bundled data is built
 
     out = []
     for name in NATURAL_IMAGES:
@@ -122,7 +122,7 @@ def natural_images(channels: int) -> tuple[np.ndarray, ...]:
 @functools.lru_cache(maxsize=1)
 def lfw() -> np.ndarray:
     """``skimage.data.lfw_subset()`` as float32 (200, 1, 25, 25)."""
-    from skimage import data  # local: scikit-image takes ~0.4 s to load, paid only when the bundled data is built
+    from skimage import data  # noqa: PLC0415 - scikit-image takes ~0.4 s to load, paid only when the bundled data is built
 
     return data.lfw_subset().astype(np.float32)[:, None]
 
@@ -135,7 +135,7 @@ def face_frames(images: np.ndarray, per_image: int, seed: int = FRAME_SEED) -> n
     centre (edges repeated) and mirrored with probability 1/2. The views of
     image ``i`` are rows ``i * per_image`` to ``(i + 1) * per_image - 1``.
     """
-    from skimage.transform import AffineTransform, warp  # local: scikit-image is loaded only when it is used
+    from skimage.transform import AffineTransform, warp  # noqa: PLC0415 - scikit-image is loaded only when it is used
 
     rng = np.random.default_rng(seed)
     n, c, h, w = images.shape

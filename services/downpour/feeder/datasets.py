@@ -87,7 +87,7 @@ class FolderDataset(Dataset):
                 im = f if f.mode in GREY_MODES else f.convert("RGB")
                 a = np.asarray(im)
                 return a[None] if a.ndim == 2 else np.moveaxis(a, -1, 0)
-        except Exception as e:  # Pillow raises many types for bad files
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
             self.bad.add(i)
             self._skip(str(self.files[i]), f"{type(e).__name__}: {e}")
             return None

@@ -43,6 +43,7 @@ from typing import Any
 import grpc
 import numpy as np
 from aiohttp import BodyPartReader, web
+from PIL import Image
 
 from downpour import trained
 from downpour.client import NeuronsClient
@@ -68,7 +69,6 @@ def _b64png(data: bytes) -> str:
 
 def map_pngs(values: np.ndarray, shape: tuple[int, int, int]) -> list[dict]:
     """A layer's activations (one image) as one grey PNG per map, each min-max scaled on its own."""
-    from PIL import Image
 
     c, h, w = shape
     out = []

@@ -45,6 +45,7 @@ import functools
 import logging
 import sys
 import time
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -116,7 +117,7 @@ def _rpc(method):
     def call(self, request, context):
         try:
             return method(self, request, context)
-        except Exception as e:
+        except (QueryError, ValueError, KeyError, sources.SourceError) as e:  # the rest: INTERNAL, logged
             self._fail(context, e)
 
     return call
@@ -137,7 +138,7 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
         self.net = TrainedNetwork(source, max_scan=max_scan, datasets=datasets, max_images=max_images)
 
     @staticmethod
-    def _fail(context, e: Exception):
+    def _fail(context, e: Exception) -> NoReturn:
         if isinstance(e, (QueryError, ValueError)):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if isinstance(e, KeyError):
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     svc = Neurons(source, max_images=args.max_images, max_scan=args.max_scan, datasets=extra)
     explorer = None
     if args.http_port is not None:
-        from downpour.neurons.explorer import ExplorerServer
+        from downpour.neurons.explorer import ExplorerServer  # noqa: PLC0415 - aiohttp (~0.3 s) only with --http-port
 
         try:  # the same parameters, limits, TLS certificate and token as the gRPC API
             explorer = ExplorerServer(

@@ -261,7 +261,7 @@ class Refresher:
                     log.info(
                         "parameters refreshed from %s (version %d)", self.source.description, self.source.model.version
                     )
-            except Exception as e:  # keep serving the last good parameters
+            except Exception as e:  # noqa: BLE001 - keep serving the last good parameters, whatever went wrong
                 metrics.NEURONS_REFRESHES.labels("failed").inc()
                 msg = e.details() if hasattr(e, "details") else str(e)
                 (log.debug if failing else log.warning)(

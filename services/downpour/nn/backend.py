@@ -20,7 +20,7 @@ def get(name: str = "numpy") -> ModuleType:
         return numpy
     if name == "cupy":
         try:
-            import cupy  # local: CuPy is optional (the gpu extra), imported only when asked for
+            import cupy  # noqa: PLC0415 - CuPy is optional (the gpu extra), imported only when asked for
         except ImportError as e:  # pragma: no cover - depends on the machine
             raise ValueError("backend 'cupy' needs CuPy: pip install 'downpour[gpu]'") from e
         return cupy

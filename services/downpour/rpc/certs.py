@@ -16,15 +16,18 @@ import os
 import secrets
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 
 def _key():
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _pem_key(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
 
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -33,9 +36,6 @@ def _pem_key(key) -> bytes:
 
 def make_ca(name: str = "downpour local CA", days: int = 30):
     """(certificate, key) of a self-signed CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
 
     key = _key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -70,9 +70,6 @@ def make_ca(name: str = "downpour local CA", days: int = 30):
 
 def issue(ca_cert, ca_key, common_name: str, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 30):
     """(certificate, key) for ``common_name``, valid for ``hosts``, as a server and as a client."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     key = _key()
     sans: list[x509.GeneralName] = []
@@ -104,7 +101,6 @@ def issue(ca_cert, ca_key, common_name: str, hosts: tuple[str, ...] = ("127.0.0.
 
 def write_pair(directory: str | os.PathLike, stem: str, cert, key) -> tuple[str, str]:
     """Write ``<stem>.pem`` and ``<stem>.key`` (mode 0600); returns their paths."""
-    from cryptography.hazmat.primitives import serialization
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

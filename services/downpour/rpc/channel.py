@@ -52,7 +52,7 @@ class _TokenInterceptor(
         self._md = ("authorization", f"Bearer {token}")
 
     def _details(self, d: Any) -> Any:
-        md = list(d.metadata or []) + [self._md]
+        md = (*tuple(d.metadata or ()), self._md)
         return d._replace(metadata=md) if hasattr(d, "_replace") else _Details(d, md)
 
     def intercept_unary_unary(self, continuation, details, request):
@@ -69,7 +69,7 @@ class _TokenInterceptor(
 
 
 class _Details(grpc.ClientCallDetails):
-    def __init__(self, d: Any, metadata: list) -> None:
+    def __init__(self, d: Any, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
         self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
         self.wait_for_ready, self.compression = getattr(d, "wait_for_ready", None), getattr(d, "compression", None)
         self.metadata = metadata

@@ -46,6 +46,7 @@ def _rewrap(
         return grpc.unary_stream_rpc_method_handler(wrap(h.unary_stream), **kw)
     if h.stream_unary:
         return grpc.stream_unary_rpc_method_handler(wrap(h.stream_unary), **kw)
+    assert h.stream_stream is not None  # a handler has exactly one of the four behaviours
     return grpc.stream_stream_rpc_method_handler(wrap(h.stream_stream), **kw)
 
 

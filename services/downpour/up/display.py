@@ -31,7 +31,7 @@ class Display:
     """The terminal of one run: ``say`` (dropped by --quiet), ``tell`` (always) and the progress bars."""
 
     def __init__(self, quiet: bool) -> None:
-        from rich.console import Console  # ~0.3 s to import: not paid by the services that import downpour.up
+        from rich.console import Console  # noqa: PLC0415 - ~0.3 s to import: only the interactive display needs it
 
         self.quiet = quiet
         self.console = Console(stderr=True)
@@ -52,7 +52,7 @@ class Bars:
 
     def __init__(self, console: Any, replicas: int, steps: int, disable: bool) -> None:
         # rich.progress: see Display for why it is imported here
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415 - as Console
 
         self.steps = steps
         self._progress = Progress(

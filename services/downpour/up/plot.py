@@ -11,10 +11,10 @@ from downpour import config as jobconfig
 def plot_loss(out: str, history: list[dict[str, Any]], cfg: jobconfig.JobConfig) -> None:
     """Write ``<out>/loss.png`` from the progress seen while training."""
     try:
-        import matplotlib  # optional for the package, and ~0.5 s to import: only a finished run plots
+        import matplotlib  # noqa: PLC0415 - ~0.5 s to import: only a finished run plots
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # after use("Agg"): no display is needed
+        import matplotlib.pyplot as plt  # noqa: PLC0415 - after use("Agg"): no display is needed
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         return
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)

@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     def train() -> None:
         try:
             result["code"] = worker.run()
-        except Exception:  # noqa: BLE001 - log, exit non-zero so a supervisor restarts us
+        except Exception:
             log.exception("training failed")
             result["code"] = 1
         finally:
