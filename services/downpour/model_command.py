@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from downpour import config as jobconfig
-from downpour import memplan
+from downpour import jobflags, memplan
 from downpour.nn import presets
 from downpour.nn.summary import format_summary, summarize
 
@@ -25,10 +25,7 @@ def add_model_parser(subparsers: Any) -> argparse.ArgumentParser:
         "replicas, partitions, shards and batch size below), against this machine's memory",
     )
     m.add_argument("--config", help="with --plan: the job config (YAML) to plan for")
-    m.add_argument("--replicas", type=int, help="with --plan: model replicas")
-    m.add_argument("--partitions", help="with --plan: model-parallel grid per replica, RxC")
-    m.add_argument("--shards", type=int, help="with --plan: parameter server shards")
-    m.add_argument("--batch-size", type=int, help="with --plan: examples per minibatch")
+    jobflags.add_layout_flags(m, ("replicas", "partitions", "shards", "batch_size"), prefix="with --plan: ")
     m.add_argument("--no-neurons", action="store_true", help="with --plan: without the neurons service")
     m.add_argument(
         "--memory",
@@ -54,13 +51,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
 def _print_plan(args: argparse.Namespace) -> int:
     cfg = jobconfig.load(
         args.config,
-        overrides={
-            "preset": args.preset,
-            "replicas": args.replicas,
-            "shards": args.shards,
-            "partitions": args.partitions,
-            "batch_size": args.batch_size,
-        },
+        overrides=jobflags.overrides(args, ("preset", "replicas", "shards", "partitions", "batch_size")),
     )
     p = memplan.plan(cfg, neurons=not args.no_neurons)
     have, where = memplan.machine_memory(args.memory or "")

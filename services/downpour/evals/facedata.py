@@ -68,22 +68,18 @@ class Pool:
 
 def _frames(images: np.ndarray, per_image: int, backgrounds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``per_image`` views of each (C, h, w) image over random backgrounds (N, C, H, W)."""
-    from skimage.transform import AffineTransform, warp  # noqa: PLC0415 - heavy (~0.4 s), only the faces eval needs it
-
     n = len(images)
     _, c, H, W = backgrounds.shape
-    centre = np.array([(W - 1) / 2, (H - 1) / 2])
     out = np.empty((n * per_image, c, H, W), np.float32)
     for i in range(n):
         img = preprocess.resize(images[i], (H, W))
         for j in range(per_image):
-            t = (
-                AffineTransform(translation=-centre)
-                + AffineTransform(
-                    scale=np.exp(rng.uniform(-LOG_SCALE, LOG_SCALE)),
-                    rotation=np.deg2rad(rng.uniform(-MAX_ROTATION, MAX_ROTATION)),
-                )
-                + AffineTransform(translation=centre + rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * (W, H))
+            # the draws' order (scale, rotation, shift, then the rest below) fixes the pool a seed gives
+            t = preprocess.similarity(
+                (H, W),
+                np.exp(rng.uniform(-LOG_SCALE, LOG_SCALE)),
+                rng.uniform(-MAX_ROTATION, MAX_ROTATION),
+                rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * (W, H),
             )
             gain = np.exp(rng.uniform(-LOG_CONTRAST, LOG_CONTRAST))
             bias = rng.uniform(-MAX_BRIGHTNESS, MAX_BRIGHTNESS)
@@ -94,7 +90,7 @@ def _frames(images: np.ndarray, per_image: int, backgrounds: np.ndarray, rng: np
                 m = v.mean()
                 v = np.clip(m + gain * (v - m) + bias, 0.0, 1.0)
                 # NaN marks the pixels the moved image no longer covers: the scene shows there
-                v = warp(v, t.inverse, mode="constant", cval=np.nan, preserve_range=True)
+                v = preprocess.warp(v, t, mode="constant", cval=np.nan)
                 v = np.where(np.isnan(v), bg[k], v)
                 out[i * per_image + j, k] = v[:, ::-1] if mirror else v
     return out

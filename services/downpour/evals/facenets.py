@@ -43,19 +43,12 @@ def load_checkpoint_dir(checkpoint_dir: str):
 
 def transform(imgs: np.ndarray, *, shift=(0.0, 0.0), scale: float = 1.0, angle: float = 0.0) -> np.ndarray:
     """Shift (dy, dx pixels), scale and rotate (degrees) (N, C, H, W) images about their centre."""
-    from skimage.transform import AffineTransform, warp  # noqa: PLC0415 - heavy (~0.4 s), only the faces eval needs it
-
     n, c, h, w = imgs.shape
-    centre = np.array([(w - 1) / 2, (h - 1) / 2])
-    t = (
-        AffineTransform(translation=-centre)
-        + AffineTransform(scale=scale, rotation=np.deg2rad(angle))
-        + AffineTransform(translation=centre + np.array([shift[1], shift[0]]))
-    )
+    t = preprocess.similarity((h, w), scale, angle, (shift[1], shift[0]))
     out = np.empty_like(imgs)
     for i in range(n):
         for j in range(c):
-            out[i, j] = warp(imgs[i, j], t.inverse, mode="edge", preserve_range=True)
+            out[i, j] = preprocess.warp(imgs[i, j], t, mode="edge")
     return out
 
 

@@ -135,25 +135,21 @@ def face_frames(images: np.ndarray, per_image: int, seed: int = FRAME_SEED) -> n
     centre (edges repeated) and mirrored with probability 1/2. The views of
     image ``i`` are rows ``i * per_image`` to ``(i + 1) * per_image - 1``.
     """
-    from skimage.transform import AffineTransform, warp  # noqa: PLC0415 - scikit-image is loaded only when it is used
-
     rng = np.random.default_rng(seed)
     n, c, h, w = images.shape
-    centre = np.array([(w - 1) / 2, (h - 1) / 2])
     out = np.empty((n * per_image, c, h, w), np.float32)
     for i in range(n):
         for j in range(per_image):
-            t = (
-                AffineTransform(translation=-centre)
-                + AffineTransform(
-                    scale=np.exp(rng.uniform(-FRAME_LOG_SCALE, FRAME_LOG_SCALE)),
-                    rotation=np.deg2rad(rng.uniform(-FRAME_ROTATION, FRAME_ROTATION)),
-                )
-                + AffineTransform(translation=centre + rng.uniform(-FRAME_SHIFT, FRAME_SHIFT, 2))
+            # the draws' order (scale, rotation, shift, mirror) fixes the frames a seed gives
+            t = preprocess.similarity(
+                (h, w),
+                np.exp(rng.uniform(-FRAME_LOG_SCALE, FRAME_LOG_SCALE)),
+                rng.uniform(-FRAME_ROTATION, FRAME_ROTATION),
+                rng.uniform(-FRAME_SHIFT, FRAME_SHIFT, 2),
             )
             mirror = rng.random() < 0.5
             for k in range(c):
-                v = warp(images[i, k], t.inverse, mode="edge", preserve_range=True)
+                v = preprocess.warp(images[i, k], t, mode="edge")
                 out[i * per_image + j, k] = v[:, ::-1] if mirror else v
     return out
 

@@ -15,17 +15,26 @@ A ``PreprocessSpec`` says what every example should look like:
 - ``seed``: seeds the generator that readers use for random crops.
 
 Integer images are scaled to [0, 1] on the way in; float images are kept.
-Pure NumPy + Pillow; nothing here does I/O.
+
+``similarity`` and ``warp`` move an image (scale and rotation about its centre,
+then a shift): the jittered views of the bundled face frames and the faces
+eval, and the faces eval's invariance curves.
+
+Pure NumPy + Pillow (scikit-image's warp, loaded when first used, for
+``warp``); nothing here does I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from skimage.transform import AffineTransform
 
 NORMALIZE_MODES = ("none", "standardize", "minmax")
 CHANNEL_CHOICES = (1, 3)
@@ -226,3 +235,29 @@ def apply(
     if spec.crop:
         batch = crop(batch, spec.crop, rng)
     return np.ascontiguousarray(normalize(batch, spec.normalize), dtype=np.float32)
+
+
+def similarity(
+    size: tuple[int, int], scale: float, degrees: float, shift: Sequence[float] | np.ndarray
+) -> AffineTransform:
+    """Scale by ``scale`` and rotate by ``degrees`` about the centre of an (H, W) image of
+    ``size``, then shift by ``shift`` (x, y) pixels: the transform ``warp`` applies."""
+    # scikit-image takes ~0.4 s to load: only the code that moves images pays for it
+    from skimage.transform import AffineTransform  # noqa: PLC0415 - heavy (~0.4 s), loaded only when images are moved
+
+    h, w = size
+    centre = np.array([(w - 1) / 2, (h - 1) / 2])
+    return (
+        AffineTransform(translation=-centre)
+        + AffineTransform(scale=scale, rotation=np.deg2rad(degrees))
+        + AffineTransform(translation=centre + np.asarray(shift))
+    )
+
+
+def warp(x: np.ndarray, t: AffineTransform, mode: str = "edge", cval: float = 0.0) -> np.ndarray:
+    """One (H, W) channel moved by ``t`` (bilinear); where it no longer covers the frame,
+    ``mode`` fills in (scikit-image's modes: "edge" repeats the border, "constant" puts
+    ``cval``)."""
+    from skimage.transform import warp as sk_warp  # noqa: PLC0415 - heavy (~0.4 s), loaded only when images are moved
+
+    return sk_warp(x, t.inverse, mode=mode, cval=cval, preserve_range=True)

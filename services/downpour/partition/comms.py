@@ -47,6 +47,10 @@ class PartitionComms:
         self.plan, self.p, self.xp, self.dtype = plan, partition, xp, numpy.dtype(dtype)
         self.replica, self.generation = replica, generation
         self.step = 0  # the step the messages belong to; set by every objective
+        self._setup()
+
+    def _setup(self) -> None:
+        """What a subclass builds once the partition's identity is set (the runtime: its layers)."""
 
     def _halo(self, to: int, tag: int, direction: int, r: Region, tensor) -> Halo:
         return Halo(
@@ -78,25 +82,33 @@ class PartitionComms:
                 )
         return inbox
 
+    def _trade(
+        self, tag: int, direction: int, arr, at: Region, to: list[tuple[int, Region]], senders: list[tuple[int, Region]]
+    ):
+        """One halo exchange: send each partition ``q`` of ``to`` (``(q, region)`` pairs) ``arr``
+        (held over ``at``) cropped to its region, expect one message from each partition of
+        ``senders``, and return those messages, checked. ``_fetch`` and ``_scatter`` trade the
+        same way with the two directions of the plan's sinks and sources swapped."""
+        p = self.p
+        send = [self._halo(q, tag, direction, ov, self._wire(crop(arr, at, ov))) for q, ov in to if q != p]
+        expect = [q for q, _ in senders if q != p]
+        inbox = yield Exchange(tag, direction, send, expect)
+        return self._receive(inbox, tag, direction, expect)
+
     def _fetch(self, layer: int, kind: str, own, direction: int, need_kind: str = "act"):
         """``layer`` over this partition's need region: its own tile plus halos."""
         pl, p, xp = self.plan, self.p, self.xp
         T, R = pl.tile(layer, p), pl.need(layer, need_kind, p)
         if not pl.exchanged(layer, need_kind):
             return crop(own, T, R)
-        tag = pl.tag(layer, kind)
-        send = [
-            self._halo(q, tag, direction, ov, self._wire(crop(own, T, ov)))
-            for q, ov in pl.sinks(layer, need_kind, p)
-            if q != p
-        ]
-        expect = [q for q, _ in pl.sources(layer, need_kind, p) if q != p]
-        inbox = yield Exchange(tag, direction, send, expect)
+        got = yield from self._trade(
+            pl.tag(layer, kind), direction, own, T, pl.sinks(layer, need_kind, p), pl.sources(layer, need_kind, p)
+        )
         out = xp.empty((*size(R), *own.shape[2:]), dtype=own.dtype)
         ov = intersect(R, T)
         if ov is not None:
             crop(out, R, ov)[...] = crop(own, T, ov)
-        for m in self._receive(inbox, tag, direction, expect):
+        for m in got:
             if m.region != intersect(R, pl.tile(layer, m.from_partition)):
                 raise ValueError(f"partition {self.p}: halo from {m.from_partition} covers {m.region}")
             crop(out, R, m.region)[...] = self._unwire(m.tensor)
@@ -112,15 +124,10 @@ class PartitionComms:
             crop(out, T, ov)[...] += crop(arr, R, ov)
         if not pl.exchanged(layer, need_kind):
             return out
-        tag = pl.tag(layer, kind)
-        send = [
-            self._halo(q, tag, direction, ov, self._wire(crop(arr, R, ov)))
-            for q, ov in pl.sources(layer, need_kind, p)
-            if q != p
-        ]
-        expect = [q for q, _ in pl.sinks(layer, need_kind, p) if q != p]
-        inbox = yield Exchange(tag, direction, send, expect)
-        for m in self._receive(inbox, tag, direction, expect):
+        got = yield from self._trade(
+            pl.tag(layer, kind), direction, arr, R, pl.sources(layer, need_kind, p), pl.sinks(layer, need_kind, p)
+        )
+        for m in got:
             if m.region != intersect(T, pl.need(layer, need_kind, m.from_partition)):
                 raise ValueError(f"partition {self.p}: partial sum from {m.from_partition} covers {m.region}")
             crop(out, T, m.region)[...] += self._unwire(m.tensor)

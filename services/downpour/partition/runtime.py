@@ -30,7 +30,7 @@ Each loss term is counted once, by the owner of the pixel or location.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy
@@ -41,7 +41,6 @@ from downpour.nn.pooling import Pool
 
 from .comms import PartitionComms
 from .halo import BACKWARD, FORWARD
-from .plan import PartitionPlan
 from .regions import crop, size
 from .tilelcn import TileLCN
 
@@ -58,17 +57,8 @@ class PartitionResult:
 class PartitionRuntime(PartitionComms):
     """Partition ``partition`` of one replica: its layers' compute on its tiles."""
 
-    def __init__(
-        self,
-        plan: PartitionPlan,
-        partition: int,
-        xp: ModuleType = numpy,
-        dtype=numpy.float32,
-        replica: int = 0,
-        generation: int = 0,
-    ):
-        super().__init__(plan, partition, xp, dtype, replica, generation)
-        self._stages = [self._build(st, sl) for st, sl in zip(plan.network.stages, plan.stages)]
+    def _setup(self) -> None:
+        self._stages = [self._build(st, sl) for st, sl in zip(self.plan.network.stages, self.plan.stages)]
 
     # construction -------------------------------------------------------------
     def _build(self, st, sl):

@@ -46,6 +46,33 @@ from downpour.rpc.options import grpc_options
 log = logging.getLogger("downpour.rpc")
 
 
+# The security flags of every service: flag, the DOWNPOUR_* variable that gives its default, help.
+_SECURITY_FLAGS = (
+    (
+        "--tls-cert",
+        "DOWNPOUR_TLS_CERT",
+        "PEM certificate chain (enables TLS; also this service's client certificate)",
+    ),
+    ("--tls-key", "DOWNPOUR_TLS_KEY", "PEM private key"),
+    ("--tls-client-ca", "DOWNPOUR_TLS_CLIENT_CA", "PEM CA for client certificates (mutual TLS)"),
+    (
+        "--tls-ca",
+        "DOWNPOUR_TLS_CA",
+        "PEM CA of the servers this service calls (default: --tls-client-ca when TLS is on)",
+    ),
+    (
+        "--tls-client-names",
+        "DOWNPOUR_TLS_CLIENT_NAMES",
+        "comma-separated client certificate names (CN or DNS SAN) let in under mTLS",
+    ),
+    (
+        "--token-file",
+        "DOWNPOUR_TOKEN_FILE",
+        "file holding the bearer token clients must send (and this service sends)",
+    ),
+)
+
+
 @dataclass
 class ServerConfig:
     host: str = "0.0.0.0"
@@ -82,33 +109,8 @@ class ServerConfig:
         ap.add_argument("--max-message-bytes", type=int, default=cls.max_message_bytes)
         ap.add_argument("--max-concurrent-rpcs", type=int, default=cls.max_concurrent_rpcs)
         # Security comes from flags or, for every service at once, from DOWNPOUR_* variables.
-        env = os.environ.get
-        ap.add_argument(
-            "--tls-cert",
-            default=env("DOWNPOUR_TLS_CERT", ""),
-            help="PEM certificate chain (enables TLS; also this service's client certificate)",
-        )
-        ap.add_argument("--tls-key", default=env("DOWNPOUR_TLS_KEY", ""), help="PEM private key")
-        ap.add_argument(
-            "--tls-client-ca",
-            default=env("DOWNPOUR_TLS_CLIENT_CA", ""),
-            help="PEM CA for client certificates (mutual TLS)",
-        )
-        ap.add_argument(
-            "--tls-ca",
-            default=env("DOWNPOUR_TLS_CA", ""),
-            help="PEM CA of the servers this service calls (default: --tls-client-ca when TLS is on)",
-        )
-        ap.add_argument(
-            "--tls-client-names",
-            default=env("DOWNPOUR_TLS_CLIENT_NAMES", ""),
-            help="comma-separated client certificate names (CN or DNS SAN) let in under mTLS",
-        )
-        ap.add_argument(
-            "--token-file",
-            default=env("DOWNPOUR_TOKEN_FILE", ""),
-            help="file holding the bearer token clients must send (and this service sends)",
-        )
+        for flag, variable, help_text in _SECURITY_FLAGS:
+            ap.add_argument(flag, default=os.environ.get(variable, ""), help=help_text)
         ap.add_argument("--grace-seconds", type=float, default=cls.grace_seconds)
 
     @classmethod

@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from downpour import config as jobconfig
+from downpour import jobflags
 from downpour.up.launch import run
 from downpour.up.status import job_status
 from downpour.v1 import coordinator_pb2
@@ -21,11 +22,9 @@ def add_up_parser(subparsers: Any) -> argparse.ArgumentParser:
     u = subparsers.add_parser("up", help="run the whole cluster as local processes and train")
     u.add_argument("--config", help="job config (YAML); flags and DOWNPOUR_* variables override it")
     u.add_argument("--preset", help="network preset: tiny, small (default), medium or le2012")
-    u.add_argument("--replicas", type=int, help="model replicas (data parallelism)")
-    u.add_argument("--shards", type=int, help="parameter server shards")
-    u.add_argument("--partitions", help="model-parallel grid per replica, RxC")
-    u.add_argument("--steps", type=int, help="minibatch steps per replica")
-    u.add_argument("--batch-size", type=int, help="examples per minibatch")
+    jobflags.add_layout_flags(
+        u, ("replicas", "shards", "partitions", "steps", "batch_size"), notes={"replicas": " (data parallelism)"}
+    )
     u.add_argument("--data", help="'default' (bundled), a folder of images, .npy/.npz or IDX")
     u.add_argument(
         "--init-from",
@@ -67,17 +66,9 @@ def add_status_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    overrides = {
-        "preset": args.preset,
-        "replicas": args.replicas,
-        "shards": args.shards,
-        "steps": args.steps,
-        "data": args.data,
-        "partitions": args.partitions,
-        "batch_size": args.batch_size,
-        "init_from": args.init_from,
-        "device": args.device,
-    }
+    overrides = jobflags.overrides(
+        args, ("preset", "replicas", "shards", "steps", "data", "partitions", "batch_size", "init_from", "device")
+    )
     if args.resume:
         # Continue a run: its own job spec, flags on top (e.g. more --steps).
         job = os.path.join(args.resume, "job.yaml")
