@@ -161,14 +161,16 @@ class ConcatDataset(Dataset):
 
     def _raw(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         which = np.searchsorted(self.offsets, indices, side="right") - 1
-        images: list[np.ndarray] = [None] * len(indices)  # type: ignore[list-item]
+        slots: list[np.ndarray | None] = [None] * len(indices)  # every slot is filled below
         used = np.array(indices, dtype=np.int64)
         for w in np.unique(which):
             sel = np.flatnonzero(which == w)
             raw, got = self.parts[w]._raw(indices[sel] - self.offsets[w])
             for k, j in enumerate(sel):
-                images[j] = raw[k]
+                slots[j] = raw[k]
             used[sel] = got + self.offsets[w]
+        images = [a for a in slots if a is not None]
+        assert len(images) == len(slots)
         return images, used
 
     def _source_shape(self) -> tuple[int, int]:

@@ -161,7 +161,9 @@ class PartitionPlan:
         self.needs[key] = tuple(regions)
 
     def _stage_needs(self, st, sl: StageLayers) -> None:
-        tiles = lambda i: self.layers[i].tiles  # noqa: E731
+        def tiles(i):  # the stage's layers are set where its needs are read (None only for absent ones)
+            return self.layers[i].tiles
+
         if sl.filter is not None:
             f = st.filter
             self._set(sl.input, "act", (window(t, f.k, f.s) for t in tiles(sl.filter)))
