@@ -12,7 +12,8 @@
     downpour query --addr 127.0.0.1:7300 --image photo.jpg --layer stage3.pool --neurons 5,17 [--json]
 
 The methods, their arguments and their results (``downpour.neurons.results``)
-are those of ``downpour.load(path)``, which answers in process. Images are file
+are those of ``downpour.load(path)``, which answers in process: both are
+``downpour.neurons.api.NeuronQueries``. Images are file
 paths / encoded bytes (sent as encoded images, so the server decodes them) or
 arrays [batch, height, width, channels] (uint8, or float in [0, 1]), of any
 size: the server fits them to the model's input unless ``resize=False``. A
@@ -31,7 +32,9 @@ from typing import Any, cast
 import grpc
 import numpy as np
 
-from downpour.neurons.results import Activations, Histogram, LayerInfo, ModelInfo, Stimulus, TopInput
+from downpour.neurons import wire
+from downpour.neurons.api import NeuronQueries, NeuronSpec, Scan, StimulusSettings
+from downpour.neurons.results import Activations, Histogram, ModelInfo, Stimulus, TopInput
 from downpour.rpc import codec
 from downpour.rpc.channel import (
     ChannelConfig,
@@ -42,8 +45,6 @@ from downpour.rpc.channel import (
 )
 from downpour.v1 import neurons_pb2 as pb
 from downpour.v1 import neurons_pb2_grpc
-
-NeuronSpec = int | tuple[int, int, int]
 
 
 def _encoded(images) -> tuple[list[bytes], np.ndarray | None]:
@@ -62,13 +63,7 @@ def _encoded(images) -> tuple[list[bytes], np.ndarray | None]:
     return out, None
 
 
-def _shape3(shape) -> tuple[int, int, int]:
-    """A layer's (C, H, W) from the wire, which carries it as a repeated field."""
-    c, h, w = (int(v) for v in shape)
-    return c, h, w
-
-
-class NeuronsClient:
+class NeuronsClient(NeuronQueries):
     def __init__(self, address: str, channel_config: ChannelConfig | None = None, timeout: float = 60.0) -> None:
         self.address, self.timeout = address, timeout
         self.channel = open_channel(address, channel_config)
@@ -100,17 +95,7 @@ class NeuronsClient:
 
     def describe(self, checkpoint_id: str = "") -> ModelInfo:
         r = self.stub.DescribeModel(pb.DescribeModelRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
-        return ModelInfo(
-            layers=[LayerInfo(l.name, _shape3(l.shape)) for l in r.layers],
-            input_shape=_shape3(r.input_shape),
-            source=r.source,
-            parameters_version=r.parameters_version,
-            checkpoint_id=r.checkpoint_id,
-            step=r.step,
-            normalize=r.normalize,
-            datasets=list(r.datasets),
-            max_images=r.max_images,
-        )
+        return wire.model_info(r)
 
     def activations(
         self,
@@ -141,31 +126,22 @@ class NeuronsClient:
             r.parameters_version,
         )
 
-    def top_inputs(
-        self,
-        layer: str,
-        neuron: NeuronSpec,
-        *,
-        dataset: str = "",
-        k: int = 9,
-        max_examples: int = 0,
-        images: bool = False,
-        thumbnails: bool = False,
-        checkpoint_id: str = "",
-    ) -> list[TopInput]:
+    def top_and_histogram(self, scan: Scan) -> tuple[list[TopInput], Histogram]:
+        """One TopInputs call: the k best inputs and (with ``bins``) the histogram of the activations."""
         r = self.stub.TopInputs(
             pb.TopInputsRequest(
-                neuron=self._ref(layer, neuron),
-                k=k,
-                dataset=dataset,
-                max_examples=max_examples,
-                include_images=images,
-                include_thumbnails=thumbnails,
-                checkpoint_id=checkpoint_id,
+                neuron=self._ref(scan.layer, scan.neuron),
+                k=scan.k,
+                dataset=scan.dataset,
+                max_examples=scan.max_examples,
+                include_images=scan.images,
+                include_thumbnails=scan.thumbnails,
+                histogram_bins=scan.bins,
+                checkpoint_id=scan.checkpoint_id,
             ),
             timeout=self.timeout,
         )
-        return [
+        top = [
             TopInput(
                 s.example_id,
                 s.activation,
@@ -175,55 +151,26 @@ class NeuronsClient:
             )
             for s in r.inputs
         ]
-
-    def activation_histogram(
-        self,
-        layer: str,
-        neuron: NeuronSpec,
-        *,
-        dataset: str = "",
-        bins: int = 30,
-        max_examples: int = 0,
-        checkpoint_id: str = "",
-    ) -> Histogram:
-        r = self.stub.TopInputs(
-            pb.TopInputsRequest(
-                neuron=self._ref(layer, neuron),
-                k=1,
-                dataset=dataset,
-                max_examples=max_examples,
-                histogram_bins=bins,
-                checkpoint_id=checkpoint_id,
-            ),
-            timeout=self.timeout,
-        )
-        return Histogram(
+        hist = Histogram(
             np.asarray(r.histogram_edges, np.float64),
             np.asarray(r.histogram_counts, np.int64),
             r.examples_scanned,
             r.parameters_version,
         )
+        return top, hist
 
-    def optimal_stimulus(
-        self,
-        layer: str,
-        neuron: NeuronSpec,
-        *,
-        steps: int = 200,
-        learning_rate: float = 0.1,
-        restarts: int = 8,
-        norm: float = 1.0,
-        seed: int = 0,
-        checkpoint_id: str = "",
+    def stimulus(
+        self, layer: str, neuron: NeuronSpec, settings: StimulusSettings, *, checkpoint_id: str = ""
     ) -> Stimulus:
+        """One OptimalStimulus call (given at least 300 s: the search is long)."""
         r = self.stub.OptimalStimulus(
             pb.OptimalStimulusRequest(
                 neuron=self._ref(layer, neuron),
-                steps=steps,
-                learning_rate=learning_rate,
-                restarts=restarts,
-                norm=norm,
-                seed=seed,
+                steps=settings.steps,
+                learning_rate=settings.learning_rate,
+                restarts=settings.restarts,
+                norm=settings.norm,
+                seed=settings.seed,
                 checkpoint_id=checkpoint_id,
             ),
             timeout=max(self.timeout, 300.0),

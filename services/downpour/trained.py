@@ -12,8 +12,8 @@
 
 ``downpour.client.NeuronsClient`` has the same methods with the same
 arguments and results (``downpour.neurons.results``) against the remote
-service; the service itself answers through a ``TrainedNetwork`` over its
-live parameters. The math is ``downpour.neurons.model`` on NumPy, or on CuPy
+service: both are ``downpour.neurons.api.NeuronQueries``. The service itself
+answers through a ``TrainedNetwork`` over its live parameters. The math is ``downpour.neurons.model`` on NumPy, or on CuPy
 with ``backend="cupy"``. Images are turned into the model's input by
 ``downpour.neurons.images`` and normalised as the feeder normalised the
 training data unless ``raw`` is set.
@@ -35,6 +35,7 @@ from downpour.feeder.datasets import open_dataset
 from downpour.feeder.preprocess import PreprocessSpec
 from downpour.neurons import images as imagelib
 from downpour.neurons import sources
+from downpour.neurons.api import NeuronQueries, NeuronSpec, Scan, StimulusSettings
 from downpour.neurons.images import png_bytes
 from downpour.neurons.model import NeuronModel, QueryError, Unit
 from downpour.neurons.results import Activations, Histogram, LayerInfo, ModelInfo, Stimulus, TopInput
@@ -46,10 +47,8 @@ MAX_RESTARTS = 64
 MAX_BINS = 1000
 SCAN_BATCH = 512
 
-NeuronSpec = int | tuple[int, int, int]
 
-
-class TrainedNetwork:
+class TrainedNetwork(NeuronQueries):
     """Questions about the units of a network whose parameters come from ``source``.
 
     ``allow_paths`` lets ``top_inputs`` scan any dataset path (in process: the
@@ -226,66 +225,16 @@ class TrainedNetwork:
             idx.append(i)
         return ds, n, np.concatenate(acts), np.concatenate(idx)
 
-    def top_inputs(
-        self,
-        layer: str,
-        neuron: NeuronSpec,
-        *,
-        dataset: str = "",
-        k: int = 9,
-        max_examples: int = 0,
-        images: bool = False,
-        thumbnails: bool = False,
-        checkpoint_id: str = "",
-    ) -> list[TopInput]:
-        """The k examples of ``dataset`` that excite the unit most, best first."""
-        return self.top_and_histogram(
-            layer,
-            neuron,
-            dataset=dataset,
-            k=k,
-            max_examples=max_examples,
-            images=images,
-            thumbnails=thumbnails,
-            checkpoint_id=checkpoint_id,
-        )[0]
-
-    def activation_histogram(
-        self,
-        layer: str,
-        neuron: NeuronSpec,
-        *,
-        dataset: str = "",
-        bins: int = 30,
-        max_examples: int = 0,
-        checkpoint_id: str = "",
-    ) -> Histogram:
-        """How the unit's activations over ``dataset`` are distributed (``bins`` equal-width bins)."""
-        return self.top_and_histogram(
-            layer, neuron, dataset=dataset, k=1, max_examples=max_examples, checkpoint_id=checkpoint_id, bins=bins
-        )[1]
-
-    def top_and_histogram(
-        self,
-        layer: str,
-        neuron: NeuronSpec,
-        *,
-        dataset: str,
-        k: int,
-        max_examples: int,
-        images: bool = False,
-        thumbnails: bool = False,
-        checkpoint_id: str = "",
-        bins: int = 0,
-    ) -> tuple[list[TopInput], Histogram]:
-        """One scan of ``dataset``: the k best inputs and (with ``bins``) the histogram of the activations."""
-        model = self.model(checkpoint_id)
-        u = self.unit(model, layer, neuron)
+    def top_and_histogram(self, scan: Scan) -> tuple[list[TopInput], Histogram]:
+        """One scan of ``scan.dataset``: the k best inputs and (with ``bins``) the histogram of the activations."""
+        model = self.model(scan.checkpoint_id)
+        u = self.unit(model, scan.layer, scan.neuron)
+        k, bins = scan.k, scan.bins
         if not 1 <= k <= MAX_K:
             raise QueryError(f"k={k} is out of range; allowed: 1..{MAX_K}")
         if not 0 <= bins <= MAX_BINS:
             raise QueryError(f"histogram_bins={bins} is out of range; allowed: 0..{MAX_BINS}")
-        ds, n, a, idx = self._scan(model, u, dataset, max_examples)
+        ds, n, a, idx = self._scan(model, u, scan.dataset, scan.max_examples)
         order = np.argsort(-a, kind="stable")[:k]
         out: list[TopInput] = []
         if len(order):
@@ -296,8 +245,8 @@ class TrainedNetwork:
                         int(idx[o]),
                         float(a[o]),
                         int(ys[j]) if ys is not None else -1,
-                        np.ascontiguousarray(np.moveaxis(xs[j], 0, -1)) if images else None,
-                        png_bytes(xs[j]) if thumbnails else b"",
+                        np.ascontiguousarray(np.moveaxis(xs[j], 0, -1)) if scan.images else None,
+                        png_bytes(xs[j]) if scan.thumbnails else b"",
                     )
                 )
         if bins and len(a):
@@ -307,32 +256,24 @@ class TrainedNetwork:
         return out, Histogram(edges, counts.astype(np.int64), n, model.version)
 
     # -- optimal stimulus ------------------------------------------------------------------
-    def optimal_stimulus(
-        self,
-        layer: str,
-        neuron: NeuronSpec,
-        *,
-        steps: int = 200,
-        learning_rate: float = 0.1,
-        restarts: int = 8,
-        norm: float = 1.0,
-        seed: int = 0,
-        checkpoint_id: str = "",
+    def stimulus(
+        self, layer: str, neuron: NeuronSpec, settings: StimulusSettings, *, checkpoint_id: str = ""
     ) -> Stimulus:
-        """The input of L2 norm ``norm`` that excites the unit most (projected gradient ascent, Le et al.)."""
+        """The input of L2 norm ``settings.norm`` that excites the unit most (projected gradient ascent)."""
         model = self.model(checkpoint_id)
         u = self.unit(model, layer, neuron)
-        if not 1 <= steps <= MAX_STEPS:
-            raise QueryError(f"steps={steps} is out of range; allowed: 1..{MAX_STEPS}")
-        if not (np.isfinite(learning_rate) and learning_rate > 0):
-            raise QueryError(f"learning_rate={learning_rate} must be a positive number")
-        if not 1 <= restarts <= MAX_RESTARTS:
-            raise QueryError(f"restarts={restarts} is out of range; allowed: 1..{MAX_RESTARTS}")
-        if not (np.isfinite(norm) and norm > 0):
-            raise QueryError(f"norm={norm} must be a positive number")
-        if seed < 0:
-            raise QueryError(f"seed={seed} must be >= 0")
-        r = model.optimal_stimulus(u, steps=steps, lr=learning_rate, seed=seed, restarts=restarts, norm=norm)
+        st = settings
+        if not 1 <= st.steps <= MAX_STEPS:
+            raise QueryError(f"steps={st.steps} is out of range; allowed: 1..{MAX_STEPS}")
+        if not (np.isfinite(st.learning_rate) and st.learning_rate > 0):
+            raise QueryError(f"learning_rate={st.learning_rate} must be a positive number")
+        if not 1 <= st.restarts <= MAX_RESTARTS:
+            raise QueryError(f"restarts={st.restarts} is out of range; allowed: 1..{MAX_RESTARTS}")
+        if not (np.isfinite(st.norm) and st.norm > 0):
+            raise QueryError(f"norm={st.norm} must be a positive number")
+        if st.seed < 0:
+            raise QueryError(f"seed={st.seed} must be >= 0")
+        r = model.optimal_stimulus(u, st)
         return Stimulus(
             np.ascontiguousarray(np.moveaxis(r["stimulus"], 0, -1)),
             r["activation"],

@@ -19,6 +19,7 @@ from downpour.evals import facedata as D
 from downpour.evals import facenets as N
 from downpour.evals import neuronscore as S
 from downpour.evals import report
+from downpour.neurons.api import StimulusSettings
 from downpour.neurons.model import NeuronModel
 from downpour.nn import Network
 from downpour.nn.spec import NetworkSpec
@@ -117,7 +118,7 @@ def neuron_pictures(
         unit = model.unit(sel["layer"], sel["index"])
         curves = N.invariance(model, unit, faces_raw, prep, sel["threshold"])
         order, top_a = model.top_inputs(x_show, unit, 16)
-        stim = model.optimal_stimulus(unit, steps=stimulus_steps, seed=seed)
+        stim = model.optimal_stimulus(unit, StimulusSettings(steps=stimulus_steps, seed=seed))
         where = f"{unit.layer} (map {unit.map}, y {unit.y}, x {unit.x})"
         report.image_grid(
             os.path.join(out, f"top_inputs_{tag}.png"),

@@ -63,6 +63,11 @@ class BadRequest(ValueError):
     pass
 
 
+def _fields(result: Any, *names: str) -> dict[str, Any]:
+    """The named attributes of a result, under the same names in the page's JSON."""
+    return {n: getattr(result, n) for n in names}
+
+
 def _b64png(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -151,12 +156,7 @@ class Explorer:
             {
                 "layers": [{"name": l.name, "shape": list(l.shape)} for l in d.layers],
                 "input_shape": list(d.input_shape),
-                "source": d.source,
-                "parameters_version": d.parameters_version,
-                "checkpoint_id": d.checkpoint_id,
-                "step": d.step,
-                "normalize": d.normalize,
-                "datasets": d.datasets,
+                **_fields(d, "source", "parameters_version", "checkpoint_id", "step", "normalize", "datasets"),
             }
         )
 
@@ -168,10 +168,7 @@ class Explorer:
         return web.json_response(
             {
                 "png": _b64png(s.png),
-                "activation": s.activation,
-                "random_activation_max": s.random_activation_max,
-                "random_activation_mean": s.random_activation_mean,
-                "parameters_version": s.parameters_version,
+                **_fields(s, "activation", "random_activation_max", "random_activation_mean", "parameters_version"),
             }
         )
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from downpour.neurons.api import DEFAULT_STIMULUS, StimulusSettings
 from downpour.neurons.blocks import Blocks, HeldBlocks, Meter, nbytes
 from downpour.nn import Network
 from downpour.nn import backend as nnbackend
@@ -304,26 +305,18 @@ class NeuronModel:
     def input_gradient(self, x_bchw: np.ndarray, u: Unit) -> tuple[np.ndarray, np.ndarray]:
         return self._value_and_input_grad(self._check_input(np.asarray(x_bchw)), u)
 
-    def optimal_stimulus(
-        self,
-        u: Unit,
-        *,
-        steps: int = 200,
-        lr: float = 0.1,
-        seed: int = 0,
-        restarts: int = 8,
-        norm: float = 1.0,
-        n_random: int = 64,
-    ) -> dict:
-        """Maximise the unit's activation over inputs with ||x||_2 = ``norm``.
+    def optimal_stimulus(self, u: Unit, settings: StimulusSettings = DEFAULT_STIMULUS, n_random: int = 64) -> dict:
+        """Maximise the unit's activation over inputs with ||x||_2 = ``settings.norm``.
 
-        Projected gradient ascent from ``restarts`` random points at once: each
-        step moves ``lr * norm`` along the normalised gradient, then projects
-        back onto the sphere. Returns the best input (C, H, W), its activation
-        and the activations of ``n_random`` random inputs of the same norm.
+        Projected gradient ascent from ``settings.restarts`` random points at
+        once: each step moves ``learning_rate * norm`` along the normalised
+        gradient, then projects back onto the sphere. Returns the best input
+        (C, H, W), its activation and the activations of ``n_random`` random
+        inputs of the same norm.
         """
+        steps, restarts, norm = settings.steps, settings.restarts, settings.norm
         self.flat_index(u)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(settings.seed)
         shape = (restarts,) + tuple(self.spec.input)
 
         def project(z):
@@ -335,7 +328,7 @@ class NeuronModel:
         # start from the best random points: cheaper than ascending from the worst
         x = rand[np.argsort(-base)[:restarts]] if restarts <= n_random else project(rng.standard_normal(shape))
         best_x, best_v = x[0].copy(), -np.inf
-        step = lr * norm
+        step = settings.learning_rate * norm
         for _ in range(max(steps, 0) + 1):
             v, g = self._value_and_input_grad(x.astype(np.float32), u)
             i = int(np.argmax(v))

@@ -52,9 +52,10 @@ import numpy as np
 
 from downpour import device as devices
 from downpour import metrics
-from downpour.neurons import images, source_args, sources
+from downpour.neurons import images, source_args, sources, wire
+from downpour.neurons.api import DEFAULT_STIMULUS, Scan, StimulusSettings
 from downpour.neurons.model import QueryError
-from downpour.rpc import codec
+from downpour.rpc import codec, logs
 from downpour.rpc.server import Server, ServerConfig
 from downpour.trained import TrainedNetwork
 from downpour.v1 import common_pb2, neurons_pb2_grpc
@@ -181,15 +182,17 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
     def TopInputs(self, request, context):
         layer, neuron = self._neuron(request.neuron)
         top, hist = self.net.top_and_histogram(
-            layer,
-            neuron,
-            dataset=request.dataset,
-            k=request.k or 10,
-            max_examples=request.max_examples,
-            images=request.include_images,
-            thumbnails=request.include_thumbnails,
-            checkpoint_id=request.checkpoint_id,
-            bins=request.histogram_bins,
+            Scan(
+                layer,
+                neuron,
+                dataset=request.dataset,
+                k=request.k or 10,
+                max_examples=request.max_examples,
+                images=request.include_images,
+                thumbnails=request.include_thumbnails,
+                checkpoint_id=request.checkpoint_id,
+                bins=request.histogram_bins,
+            )
         )
         resp = pb.TopInputsResponse(
             examples_scanned=hist.examples_scanned,
@@ -209,16 +212,15 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
     @_rpc
     def OptimalStimulus(self, request, context):
         layer, neuron = self._neuron(request.neuron)
-        s = self.net.optimal_stimulus(
-            layer,
-            neuron,
-            steps=request.steps or 200,
-            learning_rate=request.learning_rate or 0.1,
-            restarts=request.restarts or 8,
-            norm=request.norm or 1.0,
+        d = DEFAULT_STIMULUS  # an unset (zero) field asks for the default
+        settings = StimulusSettings(
+            steps=request.steps or d.steps,
+            learning_rate=request.learning_rate or d.learning_rate,
+            restarts=request.restarts or d.restarts,
+            norm=request.norm or d.norm,
             seed=request.seed,
-            checkpoint_id=request.checkpoint_id,
         )
+        s = self.net.stimulus(layer, neuron, settings, checkpoint_id=request.checkpoint_id)
         return pb.OptimalStimulusResponse(
             stimulus=codec.tensor_to_proto(s.image),
             activation=s.activation,
@@ -231,20 +233,7 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
     @_rpc
     def DescribeModel(self, request, context):
         d = self.net.describe(request.checkpoint_id)
-        resp = pb.DescribeModelResponse(
-            input_shape=list(d.input_shape),
-            source=d.source,
-            parameters_version=d.parameters_version,
-            checkpoint_id=d.checkpoint_id,
-            step=d.step,
-            normalize=d.normalize,
-            max_images=self.max_images,
-            datasets=d.datasets,
-            seconds_since_refresh=max(0.0, time.time() - self.source.refreshed_at),
-        )
-        for layer in d.layers:
-            resp.layers.add(name=layer.name, shape=list(layer.shape))
-        return resp
+        return wire.describe_response(d, seconds_since_refresh=max(0.0, time.time() - self.source.refreshed_at))
 
 
 # -- the command -------------------------------------------------------------------------
@@ -287,15 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=devices.DEVICES,
         help="compute device: cpu (NumPy) or gpu (CuPy, one CUDA GPU)",
     )
-    ap.add_argument("--log-level", default="info")
+    logs.add_log_level_argument(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level)
     extra = {}
     for d in args.dataset:
         name, sep, path = d.partition("=")

@@ -47,7 +47,7 @@ from downpour.paramserver.creation import BlockCreation
 from downpour.paramserver.shared import Attachments, SharedPlane
 from downpour.paramserver.shared import block_info as _info
 from downpour.paramserver.store import Block, OptimizerConfig, ShardStore, StoreError
-from downpour.rpc import codec, lowp
+from downpour.rpc import codec, logs, lowp
 from downpour.rpc.server import Server, ServerConfig
 from downpour.v1 import common_pb2
 from downpour.v1 import paramserver_pb2 as pb
@@ -357,15 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--apply-threads", type=int, default=2, help="threads applying pushed blocks (0: apply on the receiving thread)"
     )
-    ap.add_argument("--log-level", default="INFO")
+    logs.add_log_level_argument(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level)
     cfg = ServerConfig.from_args(args)
     store = ShardStore(args.shard_index, OptimizerConfig(args.optimizer, args.lr, args.eps, args.initial_accumulator))
     ps = ParameterServer(store, args.checkpoint_dir, args.chunk_bytes, cfg.max_message_bytes, args.apply_threads)
