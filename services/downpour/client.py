@@ -26,14 +26,14 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, cast
 
 import grpc
 import numpy as np
 
 from downpour.neurons import wire
-from downpour.neurons.api import NeuronQueries, NeuronSpec, Scan, StimulusSettings
+from downpour.neurons.api import NeuronQueries, NeuronSpec, Probe, Scan, StimulusSettings
 from downpour.neurons.results import Activations, Histogram, ModelInfo, Stimulus, TopInput
 from downpour.rpc import codec
 from downpour.rpc.channel import (
@@ -97,22 +97,16 @@ class NeuronsClient(NeuronQueries):
         r = self.stub.DescribeModel(pb.DescribeModelRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
         return wire.model_info(r)
 
-    def activations(
-        self,
-        images,
-        layer: str,
-        neurons: Sequence[NeuronSpec] | None = None,
-        *,
-        raw: bool = False,
-        resize: bool = True,
-        checkpoint_id: str = "",
-    ) -> Activations:
-        """Activations of ``neurons`` (flat ids or (map, y, x); None: every unit) of ``layer``."""
-        enc, arr = _encoded(images)
-        req = pb.GetActivationsRequest(encoded_images=enc, raw=raw, no_resize=not resize, checkpoint_id=checkpoint_id)
+    def probe(self, probe: Probe) -> Activations:
+        """One GetActivations call."""
+        layer = probe.layer
+        enc, arr = _encoded(probe.images)
+        req = pb.GetActivationsRequest(
+            encoded_images=enc, raw=probe.raw, no_resize=not probe.resize, checkpoint_id=probe.checkpoint_id
+        )
         if arr is not None:
             req.images.CopyFrom(codec.tensor_to_proto(np.ascontiguousarray(arr)))
-        neurons = list(neurons or [])
+        neurons = list(probe.neurons or [])
         if neurons and all(isinstance(n, (tuple, list)) for n in neurons):
             req.neurons.extend(self._ref(layer, n) for n in neurons)
         else:

@@ -35,7 +35,7 @@ from downpour.feeder.datasets import open_dataset
 from downpour.feeder.preprocess import PreprocessSpec
 from downpour.neurons import images as imagelib
 from downpour.neurons import sources
-from downpour.neurons.api import NeuronQueries, NeuronSpec, Scan, StimulusSettings
+from downpour.neurons.api import NeuronQueries, NeuronSpec, Probe, Scan, StimulusSettings
 from downpour.neurons.images import png_bytes
 from downpour.neurons.model import NeuronModel, QueryError, Unit
 from downpour.neurons.results import Activations, Histogram, LayerInfo, ModelInfo, Stimulus, TopInput
@@ -119,28 +119,16 @@ class TrainedNetwork(NeuronQueries):
         x = imagelib.to_input(items, self.model(checkpoint_id).spec.input, resize=resize, names=names)
         return x if raw else preprocess.normalize(x, self.source.normalize)
 
-    def activations(
-        self,
-        images: Any,
-        layer: str,
-        neurons: Sequence[NeuronSpec] | None = None,
-        *,
-        raw: bool = False,
-        resize: bool = True,
-        checkpoint_id: str = "",
-    ) -> Activations:
-        """Activations of ``neurons`` (flat ids or (map, y, x); None: every unit) of ``layer``.
-
-        ``images``: paths, encoded bytes, PIL images or arrays [H, W(, C)], or one
-        array [batch, H, W, C] (uint8, or float in [0, 1]); any size (see ``resize``).
-        """
+    def probe(self, probe: Probe) -> Activations:
+        """The probe's images loaded, fitted and normalised, then shown to the model."""
+        images, checkpoint_id = probe.images, probe.checkpoint_id
         if self.max_images and isinstance(images, (list, tuple)) and len(images) > self.max_images:
             raise QueryError(f"too many images: {len(images)}; at most {self.max_images} per request")
         items, names = imagelib.load(images)
         return self.activations_of(
-            self.prepare(items, names, raw=raw, resize=resize, checkpoint_id=checkpoint_id),
-            layer,
-            neurons,
+            self.prepare(items, names, raw=probe.raw, resize=probe.resize, checkpoint_id=checkpoint_id),
+            probe.layer,
+            probe.neurons,
             checkpoint_id=checkpoint_id,
         )
 

@@ -4,16 +4,18 @@
 ``downpour.client.NeuronsClient`` (the remote service) both derive from
 ``NeuronQueries``: the public methods below, with their arguments and
 defaults, are written once here, each in terms of one primitive that each side
-implements (``top_and_histogram`` of a ``Scan``, ``stimulus``). Code written against one
+implements (``probe``, ``top_and_histogram`` of a ``Scan``, ``stimulus``). Code written against one
 runs against the other; the results are the types of ``downpour.neurons.results``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from downpour.neurons.results import Histogram, Stimulus, TopInput
+from downpour.neurons.results import Activations, Histogram, Stimulus, TopInput
 
 NeuronSpec = int | tuple[int, int, int]  # a flat id into its layer, or (map, y, x)
 
@@ -47,8 +49,24 @@ class Scan:
     bins: int = 0  # histogram bins (0: no histogram)
 
 
+@dataclass(frozen=True)
+class Probe:
+    """Images shown to the network: what ``activations`` asks."""
+
+    images: Any  # paths, encoded bytes, PIL images, arrays [H, W(, C)] or one array [B, H, W, C]
+    layer: str
+    neurons: Sequence[NeuronSpec] | None = None  # None: every unit of the layer
+    raw: bool = False  # the images are already normalised as the model's input
+    resize: bool = True  # fit any size to the input (False: the size must match)
+    checkpoint_id: str = ""
+
+
 class NeuronQueries(ABC):
     """The unit-level questions shared by the in-process network and the remote client."""
+
+    @abstractmethod
+    def probe(self, probe: Probe) -> Activations:
+        """The activations the probe's images cause in its layer."""
 
     @abstractmethod
     def top_and_histogram(self, scan: Scan) -> tuple[list[TopInput], Histogram]:
@@ -59,6 +77,23 @@ class NeuronQueries(ABC):
         self, layer: str, neuron: NeuronSpec, settings: StimulusSettings, *, checkpoint_id: str = ""
     ) -> Stimulus:
         """The optimal stimulus of the unit, searched for as ``settings`` say."""
+
+    def activations(
+        self,
+        images: Any,
+        layer: str,
+        neurons: Sequence[NeuronSpec] | None = None,
+        *,
+        raw: bool = False,
+        resize: bool = True,
+        checkpoint_id: str = "",
+    ) -> Activations:
+        """Activations of ``neurons`` (flat ids or (map, y, x); None: every unit) of ``layer``.
+
+        ``images``: paths, encoded bytes, PIL images or arrays [H, W(, C)], or one
+        array [batch, H, W, C] (uint8, or float in [0, 1]); any size (see ``resize``).
+        """
+        return self.probe(Probe(images, layer, neurons, raw, resize, checkpoint_id))
 
     def top_inputs(
         self,
