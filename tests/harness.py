@@ -10,6 +10,8 @@
   ``wait_serving()`` (gRPC health SERVING) and its Prometheus metrics.
 - ``cli(...)``: a ``python -m downpour.cli`` process and ``up(...)`` a ``downpour up`` launcher
   whose children's logs (``OUT/logs``) count as its own.
+- ``cluster(out)`` and ``job_status(out)``: a ``downpour up`` run's children and its coordinator's
+  view; ``wait_job(out, ok, ...)`` waits for a JobStatus that satisfies ``ok``.
 - ``Procs``: what a fixture hands a test: starts processes and stops them all at teardown.
 
 Every process started here is remembered; when a test fails, the hooks at the end of this module
@@ -19,6 +21,7 @@ still running (the module fixtures'), to the failure report.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -34,6 +37,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from downpour.rpc.channel import ChannelConfig, open_channel
+from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 T = TypeVar("T")
@@ -91,14 +95,16 @@ class Proc:
         name: str,
         cmd: Sequence[str],
         log: Path,
-        env: dict[str, str] | None = None,
+        env: dict[str, str | None] | None = None,
         logs_dir: Path | None = None,
         new_session: bool = False,
     ) -> None:
+        """``env`` is added to this process's environment; a None value removes that variable."""
         self.name, self.cmd, self.log = name, list(cmd), Path(log)
         self.logs_dir = logs_dir  # more logs of this process (a launcher's children), shown on failure
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        merged: dict[str, str | None] = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {k: v for k, v in merged.items() if v is not None}
         with open(self.log, "wb") as f:
             self.popen = subprocess.Popen(
                 self.cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, start_new_session=new_session
@@ -171,7 +177,7 @@ class Service(Proc):
         *flags: str,
         port: int | None = None,
         metrics: bool = False,
-        env: dict[str, str] | None = None,
+        env: dict[str, str | None] | None = None,
         channel_config: ChannelConfig | None = None,
     ) -> None:
         self.role = role
@@ -217,18 +223,58 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def cli(tmp: Path, name: str, *args: str, env: dict[str, str] | None = None, logs_dir: Path | None = None,
+def cli(tmp: Path, name: str, *args: str, env: dict[str, str | None] | None = None, logs_dir: Path | None = None,
         new_session: bool = False) -> Proc:
     """``python -m downpour.cli ARGS`` as a process (logged to ``tmp/NAME.log``)."""
     return Proc(name, [sys.executable, "-m", "downpour.cli", *args], Path(tmp) / f"{name}-{time.monotonic_ns()}.log",
                 env, logs_dir, new_session)
 
 
-def up(out: Path, *args: str, env: dict[str, str] | None = None, new_session: bool = False) -> Proc:
+def up(out: Path, *args: str, env: dict[str, str | None] | None = None, new_session: bool = False) -> Proc:
     """``downpour up --out OUT ARGS``: its log beside OUT, its children's logs (OUT/logs) reported with it."""
     out = Path(out)
     return cli(out.parent, f"up-{out.name}", "up", "--out", str(out), *args, env=env, logs_dir=out / "logs",
                new_session=new_session)
+
+
+def cluster(out: Path) -> dict[str, dict[str, Any]]:
+    """A ``downpour up`` run's children by name (its ``cluster.json``: role, address, pid, restarts);
+    empty while the file is not there yet."""
+    try:
+        return {r["name"]: r for r in json.loads((Path(out) / "cluster.json").read_text())}
+    except (OSError, ValueError):
+        return {}
+
+
+def job_status(out: Path, timeout: float = 1.0) -> coordinator_pb2.JobStatusResponse | None:
+    """The JobStatus of a ``downpour up`` run's coordinator, or None while it is down or restarting."""
+    row = cluster(out).get("coordinator")
+    if row is None:
+        return None
+    try:
+        with open_channel(row["address"]) as ch:
+            stub = coordinator_pb2_grpc.CoordinatorStub(ch)
+            return stub.JobStatus(coordinator_pb2.JobStatusRequest(), timeout=timeout)
+    except grpc.RpcError:
+        return None
+
+
+def wait_job(
+    out: Path,
+    ok: Callable[[coordinator_pb2.JobStatusResponse], object],
+    deadline: float,
+    what: str,
+    procs: Iterable[Proc] = (),
+) -> coordinator_pb2.JobStatusResponse:
+    """Poll a ``downpour up`` run's JobStatus until ``ok(status)``; return that status."""
+
+    def check() -> coordinator_pb2.JobStatusResponse | None:
+        st = job_status(out)
+        return st if st is not None and ok(st) else None
+
+    st = wait_for(check, deadline, what, every=0.2, procs=procs)
+    assert st is not None  # wait_for returns only a truthy value
+    return st
 
 
 class Procs:
