@@ -1,15 +1,15 @@
 """The one way the integration, fuzz, chaos and e2e tests run real processes and wait on them.
 
-- ``free_port()``: a free TCP port on 127.0.0.1.
+- ``free_port()``: a free TCP port on 127.0.0.1; ``accepts(port)``: does something listen there.
 - ``wait_for(condition, deadline, what=...)``: poll until ``condition()`` is truthy; on timeout the
   error says what was awaited, how long, and the last thing the condition raised. Processes given
   as ``procs`` end the wait early when one of them exits, with its exit code and log.
 - ``Proc``: any command as a real process, its stdout and stderr in a log file; ``stop()``
   terminates, then kills.
 - ``Service``: ``python -m downpour.cli serve ROLE`` on 127.0.0.1 on free ports, with
-  ``wait_serving()`` (gRPC health SERVING) and its Prometheus metrics.
+  ``wait_serving()`` (gRPC health SERVING) and its Prometheus metrics (``scrape``, ``metric_value``).
 - ``cli(...)``: a ``python -m downpour.cli`` process and ``up(...)`` a ``downpour up`` launcher
-  whose children's logs (``OUT/logs``) count as its own.
+  whose children's logs (``OUT/logs``) count as its own; ``run_cli(...)`` runs one to its end.
 - ``cluster(out)`` and ``job_status(out)``: a ``downpour up`` run's children and its coordinator's
   view; ``wait_job(out, ok, ...)`` waits for a JobStatus that satisfies ``ok``.
 - ``Procs``: what a fixture hands a test: starts processes and stops them all at teardown.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -39,6 +38,7 @@ import pytest
 from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 T = TypeVar("T")
 
@@ -52,6 +52,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port`` now."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def wait_for(
@@ -192,35 +201,53 @@ class Service(Proc):
 
     def serving(self) -> bool:
         """One health check: is it SERVING now?"""
-        with open_channel(self.address, self.channel_config) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            r = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-            return r.status == health_pb2.HealthCheckResponse.SERVING
+        return serving(self.address, self.channel_config)
 
     def wait_serving(self, deadline: float = 60.0) -> Service:
         """Wait until its gRPC health check answers SERVING (a process that exits fails at once)."""
-        wait_for(self.serving, deadline, f"{self.role} at {self.address} to be SERVING", procs=[self],
-                 ignore=(grpc.RpcError,))
+        wait_for(self.serving, deadline, f"{self.role} at {self.address} to be SERVING", procs=[self])
         return self
 
     def metrics(self) -> str:
         """Its Prometheus exposition text."""
         assert self.metrics_port, f"{self.role} was started without metrics=True"
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return str(r.read().decode())
+        return scrape(self.metrics_port)
 
     def metric(self, name: str, **labels: str) -> float | None:
-        """The value of one sample (``name`` with exactly these labels, in any order), None if absent."""
+        """The sum of ``name``'s samples whose labels include ``labels`` (None: no such sample)."""
         return metric_value(self.metrics(), name, **labels)
 
 
+def serving(address: str, channel_config: ChannelConfig | None = None) -> bool:
+    """One gRPC health check of ``address``: SERVING now? (False when it does not answer.)"""
+    try:
+        with open_channel(address, channel_config) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+            return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
 def metric_value(text: str, name: str, **labels: str) -> float | None:
-    """One sample from Prometheus exposition ``text``: ``name`` with exactly ``labels``; None if absent."""
-    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if got == labels:
-            return float(m.group(2))
-    return None
+    """The sum of the samples of ``name`` whose labels include ``labels``, in Prometheus exposition
+    ``text``; None when there is no such sample."""
+    found = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    return float(sum(found)) if found else None
+
+
+def scrape(metrics_port: int) -> str:
+    """The Prometheus exposition text of whatever serves metrics on 127.0.0.1:``metrics_port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def run_cli(*args: str, env: dict[str, str | None] | None = None, timeout: float = 240,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m downpour.cli ARGS`` run to its end, its stdout and stderr captured (for one-shot commands)."""
+    merged: dict[str, str | None] = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "downpour.cli", *args], capture_output=True, text=True,
+                          env={k: v for k, v in merged.items() if v is not None}, timeout=timeout, cwd=cwd)
 
 
 def cli(tmp: Path, name: str, *args: str, env: dict[str, str | None] | None = None, logs_dir: Path | None = None,
@@ -249,10 +276,13 @@ def cluster(out: Path) -> dict[str, dict[str, Any]]:
 def job_status(out: Path, timeout: float = 1.0) -> coordinator_pb2.JobStatusResponse | None:
     """The JobStatus of a ``downpour up`` run's coordinator, or None while it is down or restarting."""
     row = cluster(out).get("coordinator")
-    if row is None:
-        return None
+    return None if row is None else job_status_at(row["address"], timeout)
+
+
+def job_status_at(address: str, timeout: float = 1.0) -> coordinator_pb2.JobStatusResponse | None:
+    """The JobStatus of the coordinator at ``address``, or None while it does not answer."""
     try:
-        with open_channel(row["address"]) as ch:
+        with open_channel(address) as ch:
             stub = coordinator_pb2_grpc.CoordinatorStub(ch)
             return stub.JobStatus(coordinator_pb2.JobStatusRequest(), timeout=timeout)
     except grpc.RpcError:
