@@ -1,4 +1,4 @@
-"""Shared fixtures of the integration tests: the initial loss, the one trained run, a photo."""
+"""Shared fixtures of the integration tests: the initial loss, shards, the one trained run, a photo."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def _initial_loss(preset: str, batch: int = 32) -> float:
 def initial_loss():
     """The loss a run starts from, computed independently of the cluster."""
     return _initial_loss
+
+
+@pytest.fixture
+def shards(procs):
+    """Start a `downpour serve paramserver FLAGS` shard; it is SERVING when returned."""
+
+    def start(*flags: str, **kw) -> harness.Service:
+        return procs.serve("paramserver", *flags, **kw)
+
+    return start
 
 
 @pytest.fixture(scope="session")

@@ -24,16 +24,6 @@ from downpour.v1 import paramserver_pb2 as pb
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 
-@pytest.fixture
-def shards(procs):
-    """Start a `downpour serve paramserver FLAGS` shard; it is SERVING when returned."""
-
-    def start(*flags: str, **kw) -> harness.Service:
-        return procs.serve("paramserver", *flags, **kw)
-
-    return start
-
-
 def adagrad_expected(w0, grads, lr, eps):
     """Adagrad in float64, straight from the formula."""
     w, acc = np.asarray(w0, np.float64).copy(), np.zeros(np.shape(w0))

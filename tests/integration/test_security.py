@@ -6,9 +6,6 @@ The tests make their own CA and certificates (``downpour.rpc.certs``, on the
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import grpc
 import harness
 import pytest
@@ -129,9 +126,8 @@ def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
 
 def test_downpour_up_secure_trains_with_mtls_and_a_token_everywhere(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "downpour.cli", "up", "--secure", "--quiet", "--out", str(out),
-                        "--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", "60"],
-                       capture_output=True, text=True, timeout=240)
+    r = harness.run_cli("up", "--secure", "--quiet", "--out", str(out), "--preset", "tiny", "--replicas", "2",
+                        "--shards", "2", "--steps", "60", timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     # Each child says in its log whether it served TLS; once the run is over nothing else can tell.
     logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}

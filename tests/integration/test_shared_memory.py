@@ -9,19 +9,15 @@ or gradient must be refused with its status code and change nothing.
 from __future__ import annotations
 
 import os
-import sys
 
 import grpc
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_paramserver import adagrad_expected, shards  # noqa: E402,F401 - the fixture is used by name
-
-from downpour.paramserver import shared as shm  # noqa: E402
-from downpour.paramserver.client import ParamClient  # noqa: E402
-from downpour.rpc.channel import open_channel  # noqa: E402
-from downpour.v1 import paramserver_pb2 as pb  # noqa: E402
+from downpour.paramserver import shared as shm
+from downpour.paramserver.client import ParamClient
+from downpour.rpc.channel import open_channel
+from downpour.v1 import paramserver_pb2 as pb
+from test_paramserver import adagrad_expected
 
 pytestmark = pytest.mark.skipif(not shm.usable(), reason="no writable /dev/shm on this machine")
 
