@@ -12,6 +12,7 @@ import harness
 import numpy as np
 import pytest
 from downpour.config import from_yaml
+from downpour.nn import Network, presets
 from downpour.paramserver import checkpoint as ckpt
 from downpour.partition import join_params, plan
 
@@ -50,8 +51,6 @@ def test_one_training_step_with_partitions_equals_one_without(tmp_path):
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6 * float(np.abs(a[k]).max()), err_msg=k)
     # ...and the step did change them (the comparison is not of two initial states)
-    from downpour.nn import Network, presets
-
     init = Network(presets.get("tiny")).init_params(0)
     assert any(not np.allclose(a[k], init[k]) for k in a)
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from downpour.paramserver import shared as shm
 from downpour.paramserver.client import ParamClient
+from downpour.rpc import lowp
 from downpour.rpc.channel import open_channel
+from downpour.v1 import common_pb2
 from downpour.v1 import paramserver_pb2 as pb
 from test_paramserver import adagrad_expected
 
@@ -176,9 +178,6 @@ def test_reduced_precision_on_the_wire_is_applied_in_float32(shards, wire):
     w0 = _blocks()
     rng = np.random.default_rng(1)
     g = {"a": rng.standard_normal((30, 100)).astype(np.float32), "b": np.array([0.3, -0.7, 1e-3], np.float32)}
-    from downpour.rpc import lowp
-    from downpour.v1 import common_pb2
-
     dt = lowp.WIRE_DTYPES[wire]
     with ParamClient([s.address], worker_id="init") as ps:
         ps.init(w0)

@@ -26,6 +26,8 @@ from downpour.nn import Network
 from downpour.rpc import codec
 from downpour.v1 import common_pb2
 from downpour.v1 import neurons_pb2 as pb
+from google.protobuf import descriptor_pool, message_factory
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 
 LAYER = "stage2.output"
@@ -238,9 +240,6 @@ def test_cupy_backend_matches_numpy(trained_run, photo):
 def test_a_client_with_nothing_but_reflection_gets_the_same_activations(trained_run, photo, service):
     """What grpcurl or a client generated in another language sees: the contract from server reflection,
     no downpour stubs. The photo goes as encoded bytes; the answer is a Tensor of float32 bytes."""
-    from google.protobuf import descriptor_pool, message_factory
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-
     with grpc.insecure_channel(service.address) as ch:
         grpc.channel_ready_future(ch).result(timeout=60)
         db = ProtoReflectionDescriptorDatabase(ch)
