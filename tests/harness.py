@@ -162,10 +162,13 @@ class Proc:
         return self.popen.wait()
 
     def _kill_all(self) -> None:
-        if self.popen.pid == os.getpgid(self.popen.pid):  # its own session: take its children with it
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        else:
-            self.popen.kill()
+        try:
+            if self.popen.pid == os.getpgid(self.popen.pid):  # its own session: take its children with it
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                return
+        except ProcessLookupError:  # it exited meanwhile
+            return
+        self.popen.kill()
 
     def report(self) -> str:
         """The tail of its log (and of its children's logs), for a failure message."""
