@@ -15,10 +15,18 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the harness, when run as a script
+import harness  # noqa: E402 - importable only once tests/ is on the path
+from downpour import checkpoint as cks  # noqa: E402 - after the path set-up above, like the harness
+from downpour.evals.common import preprocess_for  # noqa: E402 - as above
+from downpour.feeder import bundled  # noqa: E402 - as above
+from downpour.nn import Network  # noqa: E402 - as above
 
 ROLES = ("worker", "paramserver", "feeder", "coordinator")
 ENV = {"DOWNPOUR_LEASE_SECONDS": "2", "DOWNPOUR_CHECKPOINT_EVERY": "10", "DOWNPOUR_KEEP_CHECKPOINTS": "3"}
@@ -36,24 +44,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _cluster(out: Path) -> list[dict]:
-    try:
-        return json.loads((out / "cluster.json").read_text())
-    except (OSError, ValueError):
-        return []
-
-
 def _step(out: Path) -> int:
-    """The job's step as the coordinator reports it (0 when it does not answer)."""
-    from downpour.up import job_status
-
-    rows = {r["name"]: r for r in _cluster(out)}
-    if "coordinator" not in rows:
-        return 0
-    try:
-        return int(job_status(rows["coordinator"]["address"], timeout=1.0).step)
-    except Exception:  # noqa: BLE001 - down or restarting
-        return -1
+    """The job's step as the coordinator reports it (-1 when it does not answer)."""
+    st = harness.job_status(out)
+    return -1 if st is None else int(st.step)
 
 
 def final_losses(out: Path, tail: int = 8) -> list[float]:
@@ -73,13 +67,6 @@ def final_losses(out: Path, tail: int = 8) -> list[float]:
 
 def heldout_loss(out: Path) -> float:
     """The TICA loss of the run's final committed (and verified) parameters on the bundled held-out split."""
-    import numpy as np
-
-    from downpour import checkpoint as cks
-    from downpour.evals.common import preprocess_for
-    from downpour.feeder import bundled
-    from downpour.nn import Network
-
     m = cks.newest_valid(out / "checkpoints")
     cfg, blocks = cks.load_checkpoint(out / "checkpoints", m)
     spec = cfg.network_spec()
@@ -94,41 +81,30 @@ def run_job(out: Path, steps: int, kills: int = 0, seed: int = 0, interval: floa
             roles: tuple[str, ...] = ROLES, timeout: float = 400.0, quiet_tail: float = 0.3) -> dict:
     """Run a job, killing ``kills`` children at random (none in the last ``quiet_tail`` of the steps)."""
     out = Path(out)
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
-           "--replicas", "2", "--shards", "2", "--steps", str(steps)]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict({k: v for k, v in os.environ.items() if not k.startswith("DOWNPOUR_CHAOS_")},
-                                     **ENV))  # the test's own knobs are not job settings
+    proc = harness.up(out, "--quiet", "--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", str(steps),
+                      env={**{k: None for k in os.environ if k.startswith("DOWNPOUR_CHAOS_")},  # the test's own
+                           **ENV})  # knobs are not job settings
     rng = random.Random(seed)
     done: list[dict] = []
     try:
         # Kill only once training is under way, and stop before the last stretch.
-        while kills and proc.poll() is None and _step(out) < 5:
-            time.sleep(0.2)
-            if time.monotonic() - t0 > 90:
-                raise TimeoutError("the job never started training")
-        while len(done) < kills and proc.poll() is None:
-            time.sleep(interval * (0.5 + rng.random()))
+        if kills:
+            harness.wait_job(out, lambda s: s.step >= 5, 90, "the job to start training", [proc])
+        while len(done) < kills and proc.alive():
+            time.sleep(interval * (0.5 + rng.random()))  # the kills' pace is the behaviour under test
             if _step(out) >= steps * (1 - quiet_tail):
                 break  # the rest of the job runs undisturbed
             role = rng.choice(roles)
-            live = [r for r in _cluster(out) if r["role"] == role and r["pid"] and _alive(r["pid"])]
+            live = [r for r in harness.cluster(out).values() if r["role"] == role and r["pid"] and _alive(r["pid"])]
             if not live:
                 continue
             victim = rng.choice(live)
             os.kill(victim["pid"], signal.SIGKILL)
             done.append({"t": round(time.monotonic() - t0, 2), "name": victim["name"], "step": _step(out)})
-        stdout, stderr = proc.communicate(timeout=max(10.0, timeout - (time.monotonic() - t0)))
+        proc.wait(max(10.0, timeout - (time.monotonic() - t0)))
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    from downpour import checkpoint as cks
-
+        proc.stop(20)
     manifests = cks.list_manifests(out / "checkpoints")
     corrupt = []
     for m in manifests:
@@ -136,6 +112,7 @@ def run_job(out: Path, steps: int, kills: int = 0, seed: int = 0, interval: floa
             cks.verify(out / "checkpoints", m)
         except Exception as e:  # noqa: BLE001 - report every kind of damage
             corrupt.append(f"{m['checkpoint_id']}: {e}")
+    # Refills and re-adoptions are told only in the coordinator's log (figures, not assertions).
     logs = out / "logs"
     coord_log = "".join(p.read_text(errors="replace") for p in sorted(logs.glob("coordinator.log")))
     losses = final_losses(out) if (out / "metrics.json").exists() else []
@@ -147,11 +124,11 @@ def run_job(out: Path, steps: int, kills: int = 0, seed: int = 0, interval: floa
     return {
         "returncode": proc.returncode, "seconds": round(time.monotonic() - t0, 1), "kills": done,
         "kills_by_role": {r: sum(k["name"].startswith(r) for k in done) for r in ROLES},
-        "restarts": stderr.count("restarted "), "final_loss": sum(losses) / len(losses) if losses else float("nan"),
+        "restarts": sum(r["restarts"] for r in harness.cluster(out).values()), "final_loss": sum(losses) / len(losses) if losses else float("nan"),
         "heldout_loss": held,
         "final_losses": losses, "manifests": len(manifests), "corrupt": corrupt,
         "shard_refills": coord_log.count("restored from checkpoint") + coord_log.count("refilled with initial"),
-        "readoptions": coord_log.count("re-adopted job"), "stderr_tail": stderr[-2000:],
+        "readoptions": coord_log.count("re-adopted job"), "stderr_tail": proc.text()[-2000:],
     }
 
 

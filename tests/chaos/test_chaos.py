@@ -11,13 +11,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from chaos import ROLES, run_job  # noqa: E402
+from chaos import ROLES, run_job
 
 pytestmark = pytest.mark.slow
 

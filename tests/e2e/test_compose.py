@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import harness
+import numpy as np
 import pytest
+from downpour.client import NeuronsClient
+from downpour.v1 import coordinator_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BASE = "python:3.11-slim"
@@ -113,34 +116,6 @@ def _base_image(client) -> tuple[str, bool]:
     return tag, True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(what: str, fn, timeout: float, every: float = 1.0):
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            got = fn()
-            if got:
-                return got
-        except Exception as e:  # noqa: BLE001 - keep trying until the deadline
-            last = e
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last})" if last else ""))
-
-
-def _job_status(address: str):
-    import grpc
-
-    from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
-
-    with grpc.insecure_channel(address) as ch:
-        return coordinator_pb2_grpc.CoordinatorStub(ch).JobStatus(coordinator_pb2.JobStatusRequest(), timeout=5)
-
-
 def test_compose_cluster_trains_serves_and_survives_a_worker_kill():
     client = _engine()
     compose = _compose_cmd()
@@ -164,7 +139,7 @@ def test_compose_cluster_trains_serves_and_survives_a_worker_kill():
     timings["images"] = time.monotonic() - t0
 
     project = f"downpour-e2e-{os.getpid()}"
-    ports = {"NEURONS_PORT": _free_port(), "COORDINATOR_PORT": _free_port(), "PROMETHEUS_PORT": _free_port()}
+    ports = {"NEURONS_PORT": harness.free_port(), "COORDINATOR_PORT": harness.free_port(), "PROMETHEUS_PORT": harness.free_port()}
     job_dir = tempfile.mkdtemp(prefix="downpour-e2e-")
     job = Path(job_dir) / "job.yaml"
     job.write_text(f"preset: small\nreplicas: 2\nshards: 2\npartitions: 1x1\nsteps: {STEPS}\n"
@@ -192,7 +167,7 @@ def test_compose_cluster_trains_serves_and_survives_a_worker_kill():
                 if c.status != "running" or health not in (None, "healthy"):
                     return False
             return len(cs) == 8  # 2 shards, feeder, coordinator, 2 workers, neurons, prometheus
-        _wait("every container healthy", all_healthy, 300, every=2)
+        harness.wait_for(all_healthy, 300, "every container healthy", every=2, ignore=(Exception,))
         timings["up and healthy"] = time.monotonic() - t
 
         t = time.monotonic()
@@ -205,17 +180,15 @@ def test_compose_cluster_trains_serves_and_survives_a_worker_kill():
             ok = all(tg["health"] == "up" for tg in active) and jobs.count("worker") == 2 and jobs.count(
                 "paramserver") == 2 and {"coordinator", "feeder", "neurons", "prometheus"} <= set(jobs)
             return active if ok else None
-        active = _wait("every Prometheus scrape target up", targets_up, 120, every=2)
+        active = harness.wait_for(targets_up, 120, "every Prometheus scrape target up", every=2,
+                                  ignore=(Exception,))
         _log("scrape targets up: " + ", ".join(sorted(tg["scrapeUrl"] for tg in active)))
         timings["prometheus targets up"] = time.monotonic() - t
 
         t = time.monotonic()
-        import numpy as np
-
-        from downpour.client import NeuronsClient
-
         with NeuronsClient(f"127.0.0.1:{ports['NEURONS_PORT']}") as nc:
-            info = _wait("the neurons service to describe its model", nc.describe, 60)
+            info = harness.wait_for(nc.describe, 60, "the neurons service to describe its model", every=1.0,
+                                    ignore=(Exception,))
             h, w, c = list(info.input_shape)
             layer = info.layers[-1].name
             images = np.random.default_rng(0).integers(0, 256, size=(3, h, w, c), dtype=np.uint8)
@@ -226,9 +199,8 @@ def test_compose_cluster_trains_serves_and_survives_a_worker_kill():
         timings["activation query"] = time.monotonic() - t
 
         t = time.monotonic()
-        from downpour.v1 import coordinator_pb2
-
-        st = _job_status(coordinator)
+        st = harness.job_status_at(coordinator, timeout=5)
+        assert st is not None, "the coordinator does not answer"
         assert st.state == coordinator_pb2.JOB_STATE_RUNNING and st.step < STEPS, (st.state, st.step)
         victim = containers("worker")[0]
         _log(f"killing {victim.name} at step {st.step}")
@@ -239,9 +211,9 @@ def test_compose_cluster_trains_serves_and_survives_a_worker_kill():
         _run([*compose, "up", "-d", "--no-build", "--no-recreate", "--scale", "worker=2", "worker"], env=env)
 
         def finished():
-            s = _job_status(coordinator)
-            return s if s.state == coordinator_pb2.JOB_STATE_SUCCEEDED else None
-        st = _wait(f"the job to reach {STEPS} steps", finished, 600, every=2)
+            s = harness.job_status_at(coordinator, timeout=5)
+            return s if s is not None and s.state == coordinator_pb2.JOB_STATE_SUCCEEDED else None
+        st = harness.wait_for(finished, 600, f"the job to reach {STEPS} steps", every=2, ignore=(Exception,))
         steps = [s.step for s in st.slots]
         assert st.step >= STEPS and min(steps) >= STEPS, steps
         _log(f"job done at step {st.step}, slots {steps}, last checkpoint {st.last_checkpoint_id or '-'}")

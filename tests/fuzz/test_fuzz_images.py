@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import io
 import struct
-import subprocess
-import sys
-import urllib.request
 import zlib
 
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
-
 from downpour.rpc.codec import tensor_to_proto
-from downpour.up import free_port, wait_healthy
 from downpour.v1 import common_pb2, feeder_pb2, feeder_pb2_grpc, neurons_pb2, neurons_pb2_grpc
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +53,7 @@ def hostile(size=16) -> dict[str, bytes]:
         "bad_bomb.png": bomb_png(),
         "bad_huge_valid.png": _encode(Image.new("L", (6000, 6000)), "PNG"),
         "ok_cmyk.jpg": _encode(grey.convert("CMYK"), "JPEG"),
-        "ok_16bit.png": _encode(Image.fromarray((np.asarray(grey).astype(np.uint16) * 257)), "PNG"),
+        "ok_16bit.png": _encode(Image.fromarray(np.asarray(grey).astype(np.uint16) * 257), "PNG"),
         "ok_palette.gif": _encode(grey.convert("P"), "GIF"),
         "ok_rgba.png": _encode(grey.convert("RGBA"), "PNG"),
         "ok_bilevel.bmp": _encode(grey.convert("1"), "BMP"),
@@ -66,25 +61,7 @@ def hostile(size=16) -> dict[str, bytes]:
     }
 
 
-def _serve(role, args, tmp_path):
-    port, mport = free_port(), free_port()
-    log = open(tmp_path / f"{role}.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "downpour.cli", "serve", role, "--host", "127.0.0.1", "--port",
-                          str(port), "--metrics-port", str(mport), *args], stdout=log, stderr=subprocess.STDOUT)
-    addr = f"127.0.0.1:{port}"
-    wait_healthy(addr, 90, p)
-    return p, addr, mport
-
-
-def _stop(p):
-    p.terminate()
-    try:
-        p.wait(15)
-    except subprocess.TimeoutExpired:
-        p.kill()
-
-
-def test_the_feeder_skips_hostile_files_and_serves_the_rest(tmp_path):
+def test_the_feeder_skips_hostile_files_and_serves_the_rest(procs, tmp_path):
     d = tmp_path / "images"
     d.mkdir()
     rng = np.random.default_rng(1)
@@ -93,71 +70,65 @@ def test_the_feeder_skips_hostile_files_and_serves_the_rest(tmp_path):
     files = hostile(20)
     for name, data in files.items():
         (d / name).write_bytes(data)
-    p, addr, mport = _serve("feeder", ["--data", str(d), "--shape", "1,16,16"], tmp_path)
-    try:
-        with grpc.insecure_channel(addr) as ch:
-            stub = feeder_pb2_grpc.DataFeederStub(ch)
-            info = stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=10)
-            seen = 0
-            for split in (feeder_pb2.SPLIT_TRAIN, feeder_pb2.SPLIT_TEST):
-                req = feeder_pb2.StreamBatchesRequest(replica=0, num_replicas=1, batch_size=4, split=split,
-                                                      deterministic=True, max_batches=12)
-                for resp in stub.StreamBatches(req, timeout=120):
-                    x = np.frombuffer(resp.examples.data, "<f4").reshape(tuple(resp.examples.shape))
-                    assert x.shape[1:] == (1, 16, 16) and np.all(np.isfinite(x))
-                    seen += x.shape[0]
-            assert seen > 0 and info.num_examples > 0
-        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
-        skipped = [float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith("downpour_feeder_skipped_files_total ")]
-        bad = sum(n.startswith("bad_") for n in files)
-        assert skipped and skipped[0] >= bad - 1, (skipped, bad)  # the 6000x6000 one may decode
-        assert p.poll() is None
-    finally:
-        _stop(p)
+    p = procs.serve("feeder", "--data", str(d), "--shape", "1,16,16", metrics=True, deadline=90)
+    addr = p.address
+    with grpc.insecure_channel(addr) as ch:
+        stub = feeder_pb2_grpc.DataFeederStub(ch)
+        info = stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=10)
+        seen = 0
+        for split in (feeder_pb2.SPLIT_TRAIN, feeder_pb2.SPLIT_TEST):
+            req = feeder_pb2.StreamBatchesRequest(replica=0, num_replicas=1, batch_size=4, split=split,
+                                                  deterministic=True, max_batches=12)
+            for resp in stub.StreamBatches(req, timeout=120):
+                x = np.frombuffer(resp.examples.data, "<f4").reshape(tuple(resp.examples.shape))
+                assert x.shape[1:] == (1, 16, 16) and np.all(np.isfinite(x))
+                seen += x.shape[0]
+        assert seen > 0 and info.num_examples > 0
+    skipped = p.metric("downpour_feeder_skipped_files_total")
+    bad = sum(n.startswith("bad_") for n in files)
+    assert skipped is not None and skipped >= bad - 1, (skipped, bad)  # the 6000x6000 one may decode
+    assert p.alive()
 
 
-def test_the_neurons_service_refuses_hostile_images_cleanly(tmp_path):
-    p, addr, _ = _serve("neurons", ["--random-seed", "0", "--preset", "tiny"], tmp_path)
+def test_the_neurons_service_refuses_hostile_images_cleanly(procs):
+    p = procs.serve("neurons", "--random-seed", "0", "--preset", "tiny", metrics=True, deadline=90)
+    addr = p.address
     codes = {}
-    try:
-        with grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-            stub = neurons_pb2_grpc.NeuronsStub(ch)
-            desc = stub.DescribeModel(neurons_pb2.DescribeModelRequest(), timeout=30)
-            layer = desc.layers[0].name
+    with grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        stub = neurons_pb2_grpc.NeuronsStub(ch)
+        desc = stub.DescribeModel(neurons_pb2.DescribeModelRequest(), timeout=30)
+        layer = desc.layers[0].name
 
-            def ask(req):
-                try:
-                    stub.GetActivations(req, timeout=60)
-                    return grpc.StatusCode.OK
-                except grpc.RpcError as e:
-                    return e.code()
+        def ask(req):
+            try:
+                stub.GetActivations(req, timeout=60)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                return e.code()
 
-            for name, data in hostile(16).items():
-                codes[name] = ask(neurons_pb2.GetActivationsRequest(encoded_images=[data], layer=layer))
-            # Tensors that lie about their size, or claim absurd dimensions.
-            lies = {
-                "tensor_huge_dims": common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[2 ** 31, 2 ** 31, 16, 1],
-                                                      data=b"\x00" * 64),
-                "tensor_short_data": common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[1, 16, 16, 1],
-                                                       data=b"\x00" * 10),
-                "tensor_wrong_dtype": common_pb2.Tensor(dtype=99, shape=[1, 16, 16, 1], data=b"\x00" * 1024),
-                "tensor_nan": tensor_to_proto(np.full((1, 16, 16, 1), np.nan, np.float32)),
-                "tensor_wrong_size": tensor_to_proto(np.zeros((1, 17, 5, 1), np.float32)),
-            }
-            for name, t in lies.items():
-                # other sizes are fitted to the model's input unless the request refuses resizing
-                codes[name] = ask(neurons_pb2.GetActivationsRequest(images=t, layer=layer,
-                                                                    no_resize=name == "tensor_wrong_size"))
-            # each within the per-image limit, together past the request's (8 x 36 M pixels)
-            codes["many_huge_valid"] = ask(neurons_pb2.GetActivationsRequest(
-                encoded_images=[hostile(16)["bad_huge_valid.png"]] * 8, layer=layer))
-            codes["tensor_other_size_fitted"] = ask(neurons_pb2.GetActivationsRequest(
-                images=tensor_to_proto(np.zeros((1, 17, 5, 1), np.float32)), layer=layer))
-            stub.DescribeModel(neurons_pb2.DescribeModelRequest(), timeout=30)  # still answering
-        assert p.poll() is None
-    finally:
-        _stop(p)
+        for name, data in hostile(16).items():
+            codes[name] = ask(neurons_pb2.GetActivationsRequest(encoded_images=[data], layer=layer))
+        # Tensors that lie about their size, or claim absurd dimensions.
+        lies = {
+            "tensor_huge_dims": common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[2 ** 31, 2 ** 31, 16, 1],
+                                                  data=b"\x00" * 64),
+            "tensor_short_data": common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[1, 16, 16, 1],
+                                                   data=b"\x00" * 10),
+            "tensor_wrong_dtype": common_pb2.Tensor(dtype=99, shape=[1, 16, 16, 1], data=b"\x00" * 1024),
+            "tensor_nan": tensor_to_proto(np.full((1, 16, 16, 1), np.nan, np.float32)),
+            "tensor_wrong_size": tensor_to_proto(np.zeros((1, 17, 5, 1), np.float32)),
+        }
+        for name, t in lies.items():
+            # other sizes are fitted to the model's input unless the request refuses resizing
+            codes[name] = ask(neurons_pb2.GetActivationsRequest(images=t, layer=layer,
+                                                                no_resize=name == "tensor_wrong_size"))
+        # each within the per-image limit, together past the request's (8 x 36 M pixels)
+        codes["many_huge_valid"] = ask(neurons_pb2.GetActivationsRequest(
+            encoded_images=[hostile(16)["bad_huge_valid.png"]] * 8, layer=layer))
+        codes["tensor_other_size_fitted"] = ask(neurons_pb2.GetActivationsRequest(
+            images=tensor_to_proto(np.zeros((1, 17, 5, 1), np.float32)), layer=layer))
+        stub.DescribeModel(neurons_pb2.DescribeModelRequest(), timeout=30)  # still answering
+    assert p.alive()
     print("\nneurons answers:", {k: v.name for k, v in codes.items()})
     allowed = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
     assert all(c in allowed for c in codes.values()), codes

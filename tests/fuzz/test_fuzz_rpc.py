@@ -17,23 +17,24 @@ the RPCs; it must send at least ``DOWNPOUR_FUZZ_MIN_MESSAGES`` (default 10000).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
+import harness
 import numpy as np
 import pytest
+from downpour.paramserver.client import ParamClient, refusal
+from downpour.paramserver.server import PULL_PAYLOAD, PUSH_PAYLOAD
+from downpour.rpc import codec
+from downpour.v1 import common_pb2
+from downpour.v1 import coordinator_pb2 as cpb
+from downpour.v1 import feeder_pb2 as fpb
+from downpour.v1 import neurons_pb2 as npb
+from downpour.v1 import paramserver_pb2 as ppb
+from downpour.v1 import worker_pb2 as wpb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).parent))
-from strategies import messages, raw_bytes  # noqa: E402
-
-from downpour.up import free_port, wait_healthy  # noqa: E402
-from downpour.v1 import common_pb2, coordinator_pb2 as cpb, feeder_pb2 as fpb, neurons_pb2 as npb  # noqa: E402
-from downpour.v1 import paramserver_pb2 as ppb, worker_pb2 as wpb  # noqa: E402
+from strategies import messages, raw_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -85,38 +86,29 @@ checkpoint_every: 1000000
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
     (d / "job.yaml").write_text(JOB)
-    procs, addr = {}, {}
+    with harness.Procs(d) as started:
+        procs: dict[str, harness.Service] = {}
 
-    def start(role, *args):
-        port = free_port()
-        log = open(d / f"{role}.log", "wb")
-        procs[role] = subprocess.Popen([sys.executable, "-m", "downpour.cli", "serve", role, "--host", "127.0.0.1",
-                                        "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT)
-        addr[role] = f"127.0.0.1:{port}"
+        def start(role, *args):
+            procs[role] = started.serve(role, *args, wait=False)
 
-    ck = str(d / "ck")
-    start("paramserver", "--checkpoint-dir", ck)
-    start("feeder", "--config", str(d / "job.yaml"))
-    start("neurons", "--random-seed", "0", "--preset", "tiny", "--max-images", "16")
-    # A worker whose coordinator never answers keeps serving its own RPCs while it retries.
-    start("worker", "--coordinator", f"127.0.0.1:{free_port()}")
-    for role in list(procs):
-        wait_healthy(addr[role], 90, procs[role])
-    start("coordinator", "--config", str(d / "job.yaml"), "--shards", addr["paramserver"], "--feeder",
-          addr["feeder"], "--state-dir", str(d / "state"), "--checkpoint-dir", ck)
-    wait_healthy(addr["coordinator"], 90, procs["coordinator"])
-    channels = {r: grpc.insecure_channel(a) for r, a in addr.items()}
-    yield {"procs": procs, "addr": addr, "channels": channels, "dir": d}
-    print(f"\nfuzz: {SENT['messages']} messages in {SENT['calls']} calls; status codes {SENT['codes']}")
-    for ch in channels.values():
-        ch.close()
-    for p in procs.values():
-        p.terminate()
-    for p in procs.values():
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        ck = str(d / "ck")
+        start("paramserver", "--checkpoint-dir", ck)
+        start("feeder", "--config", str(d / "job.yaml"))
+        start("neurons", "--random-seed", "0", "--preset", "tiny", "--max-images", "16")
+        # A worker whose coordinator never answers keeps serving its own RPCs while it retries.
+        start("worker", "--coordinator", f"127.0.0.1:{harness.free_port()}")
+        for p in procs.values():
+            p.wait_serving(90)
+        start("coordinator", "--config", str(d / "job.yaml"), "--shards", procs["paramserver"].address, "--feeder",
+              procs["feeder"].address, "--state-dir", str(d / "state"), "--checkpoint-dir", ck)
+        procs["coordinator"].wait_serving(90)
+        addr = {r: p.address for r, p in procs.items()}
+        channels = {r: grpc.insecure_channel(a) for r, a in addr.items()}
+        yield {"procs": procs, "addr": addr, "channels": channels, "dir": d}
+        print(f"\nfuzz: {SENT['messages']} messages in {SENT['calls']} calls; status codes {SENT['codes']}")
+        for ch in channels.values():
+            ch.close()
 
 
 def _call(channel, method, kind, items, timeout=5.0):
@@ -163,9 +155,6 @@ def _items(cls, kind):
 
 
 def _pull_all(channel):
-    from downpour.paramserver.server import PULL_PAYLOAD
-    from downpour.rpc import codec
-
     pull = channel.unary_stream("/downpour.v1.ParameterServer/Pull", request_serializer=ppb.PullRequest.SerializeToString,
                                 response_deserializer=lambda b: codec.decode(ppb.PullResponse, b, PULL_PAYLOAD))
     out: dict[str, list] = {}
@@ -211,10 +200,6 @@ def _push_strategy():
 
 def test_rejected_pushes_leave_the_parameters_unchanged(cluster):
     """Create two blocks, then fuzz near-valid pushes at them; every rejection must change nothing."""
-    from downpour.paramserver.client import ParamClient, refusal
-    from downpour.paramserver.server import PUSH_PAYLOAD
-    from downpour.rpc import codec
-
     addr = cluster["addr"]["paramserver"]
     with ParamClient([addr]) as c:
         c.init({"b0": np.zeros((4, 8), np.float32), "b1": np.ones(32, np.float32)}, overwrite=True)
@@ -265,8 +250,8 @@ def test_rejected_pushes_leave_the_parameters_unchanged(cluster):
 
 def test_every_service_survived_and_enough_messages_were_sent(cluster):
     for role, p in cluster["procs"].items():
-        assert p.poll() is None, f"{role} died: see {cluster['dir'] / (role + '.log')}"
-        wait_healthy(cluster["addr"][role], 10)
+        assert p.alive(), f"{role} died:\n{p.report()}"
+        p.wait_serving(10)
     print(f"\nfuzz total: {SENT['messages']} messages, {SENT['calls']} calls")
     if SECONDS >= 30:  # a shorter run (a quick local check) is not held to the count
         assert SENT["messages"] >= MIN_MESSAGES, SENT

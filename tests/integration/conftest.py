@@ -1,20 +1,22 @@
-"""Shared helpers for the integration tests."""
+"""Shared fixtures of the integration tests: the initial loss, shards, the one trained run, a photo."""
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
+import harness
 import numpy as np
 import pytest
+from downpour.feeder.datasets import open_dataset
+from downpour.feeder.preprocess import PreprocessSpec
+from downpour.nn import Network, presets
+from PIL import Image
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _initial_loss(preset: str, batch: int = 32) -> float:
     """TICA loss of the initial parameters (seed 0) on bundled training examples, in-process."""
-    from downpour.feeder.datasets import open_dataset
-    from downpour.feeder.preprocess import PreprocessSpec
-    from downpour.nn import Network, presets
-
     spec = presets.get(preset)
     c, h, w = spec.input
     ds = open_dataset("default", PreprocessSpec(channels=c, size=(h, w), normalize="standardize"))
@@ -29,15 +31,33 @@ def initial_loss():
     return _initial_loss
 
 
+@pytest.fixture
+def shards(procs):
+    """Start a `downpour serve paramserver FLAGS` shard; it is SERVING when returned."""
+
+    def start(*flags: str, **kw) -> harness.Service:
+        return procs.serve("paramserver", *flags, **kw)
+
+    return start
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """A real `downpour up` run folder: tiny preset, 20 steps, one replica, two shards (about 5 s)."""
-    import subprocess
-    import sys
+    """A real `downpour up` run folder: tiny preset, 20 steps, one replica, two shards (about 5 s).
 
+    The one trained run of the suite: test_explorer and test_using_networks both read it."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    r = subprocess.run([sys.executable, "-m", "downpour.cli", "up", "--preset", "tiny", "--replicas", "1",
-                        "--shards", "2", "--steps", "20", "--quiet", "--no-neurons", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = harness.run_cli("up", "--preset", "tiny", "--replicas", "1", "--shards", "2", "--steps", "20", "--quiet",
+                        "--no-neurons", "--out", str(out), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    """A 120x90 RGB JPEG with structure (a gradient and a disc), as a camera would give."""
+    yy, xx = np.mgrid[0:90, 0:120]
+    rgb = np.stack([xx * 2, yy * 2, ((xx - 70) ** 2 + (yy - 40) ** 2 < 400) * 255], -1).clip(0, 255).astype(np.uint8)
+    p = tmp_path_factory.mktemp("photo") / "photo.jpg"
+    Image.fromarray(rgb).save(p, quality=95)
+    return p

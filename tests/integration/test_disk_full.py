@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 
 import grpc
+import harness
 import pytest
-
 from downpour import checkpoint as cks
+from downpour.up import request_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -56,28 +54,8 @@ def fill(directory, leave: int) -> str:
     return path
 
 
-def _cluster(out) -> dict[str, dict]:
-    with open(os.path.join(out, "cluster.json")) as f:
-        return {r["name"]: r for r in json.load(f)}
-
-
-def _status(out):
-    from downpour.up import job_status
-
-    return job_status(_cluster(out)["coordinator"]["address"], timeout=2.0)
-
-
 def _metric(port: int, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    return harness.metric_value(harness.scrape(port), name, **labels) or 0.0
 
 
 def _folders(ckdir) -> tuple[list[str], list[str]]:
@@ -87,81 +65,57 @@ def _folders(ckdir) -> tuple[list[str], list[str]]:
     return committed, [n for n in names if n not in committed]
 
 
-def _wait(pred, timeout: float, what: str, proc=None):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"downpour up exited ({proc.returncode}) while waiting for {what}: "
-                                 f"{proc.communicate()[1][-3000:]}")
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+def _up(procs, out, steps: int, **env) -> harness.Proc:
+    return procs.up(out, "--quiet", "--no-neurons", "--preset", "tiny", "--replicas", "2", "--shards", "2",
+                    "--steps", str(steps), env=env, new_session=True)
 
 
-def _up(out, steps: int, **env):
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--no-neurons", "--out", str(out), "--preset",
-           "tiny", "--replicas", "2", "--shards", "2", "--steps", str(steps)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **env), start_new_session=True)
-
-
-def _finish(proc, sig=None, timeout=90) -> str:
-    if sig is not None and proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.communicate(timeout=timeout)[1]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return proc.communicate()[1]
-
-
-def test_a_disk_that_fills_fails_checkpoints_cleanly_training_goes_on_and_they_commit_again(tmp_path):
-    from downpour.up import request_checkpoint
-
+def test_a_disk_that_fills_fails_checkpoints_cleanly_training_goes_on_and_they_commit_again(tmp_path, procs):
     out = tmp_path / "run"
     ckdir = out / "checkpoints"
     with small_tmpfs(ckdir, "3m"):
-        proc = _up(out, 100000, DOWNPOUR_CHECKPOINT_EVERY="50", DOWNPOUR_KEEP_CHECKPOINTS="2")
+        proc = _up(procs, out, 100000, DOWNPOUR_CHECKPOINT_EVERY="50", DOWNPOUR_KEEP_CHECKPOINTS="2")
         try:
-            _wait(lambda: (out / "cluster.json").exists() and _folders(ckdir)[0], 90, "a first checkpoint", proc)
-            newest = _wait(lambda: cks.newest_valid(str(ckdir)), 10, "a valid checkpoint")
+            harness.wait_for(lambda: harness.cluster(out) and _folders(ckdir)[0], 90, "a first checkpoint", 0.2, [proc])
+            newest = harness.wait_for(lambda: cks.newest_valid(str(ckdir)), 10, "a valid checkpoint", 0.2)
             # One shard file is ~220 kB: leave 100 kB, so the next checkpoint runs out part-way through.
             filler = fill(ckdir, leave=100_000)
-            time.sleep(1.0)  # a checkpoint in flight when the disk filled may still commit
+            # A checkpoint in flight when the disk filled may still commit: give it the time one takes
+            # (attempts follow each other too closely for "none in flight" to be awaited).
+            time.sleep(1.0)
             newest = cks.newest_valid(str(ckdir))
-            step0 = _status(out).step
+            step0 = harness.job_status(out, timeout=2.0).step
             with pytest.raises(grpc.RpcError) as exc:
-                request_checkpoint(_cluster(out)["coordinator"]["address"], timeout=30)
+                request_checkpoint(harness.cluster(out)["coordinator"]["address"], timeout=30)
             assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.value
             assert "disk is full" in exc.value.details(), exc.value.details()
             # Several failed attempts (the background's too): none leaves a folder, none is taken as valid.
             seen_uncommitted = 0
-            for _ in range(25):
+            for _ in range(25):  # watched for 5 s: the behaviour under test is what stays true meanwhile
                 committed, uncommitted = _folders(ckdir)
                 seen_uncommitted = max(seen_uncommitted, len(uncommitted))
                 assert len(uncommitted) <= 1, uncommitted  # at most the attempt in progress
                 assert cks.newest_valid(str(ckdir))["checkpoint_id"] == newest["checkpoint_id"]
                 time.sleep(0.2)
-            assert _status(out).step > step0 + 20, "training stopped while the disk was full"
-            cl = _cluster(out)
+            assert harness.job_status(out, timeout=2.0).step > step0 + 20, "training stopped while the disk was full"
+            cl = harness.cluster(out)
             assert _metric(cl["coordinator"]["metrics_port"], "downpour_checkpoint_failures_total",
                            component="coordinator", reason="disk_full") >= 2
             assert sum(_metric(cl[f"paramserver-{i}"]["metrics_port"], "downpour_checkpoint_failures_total",
                                component="paramserver", reason="disk_full") for i in (0, 1)) >= 1
+            # The metrics above count the failures; the logs are what an operator reads: they must say why.
             log = (out / "logs" / "coordinator.log").read_text()
             assert "the disk is full" in log and "next attempt in" in log, log[-2000:]
             for i in (0, 1):
                 assert "not written" in (out / "logs" / f"paramserver-{i}.log").read_text()
             # Space returns: the next checkpoint (the backoff is at most a few seconds here) commits.
             os.unlink(filler)
-            after = _wait(lambda: (lambda m: m if m and m["checkpoint_id"] != newest["checkpoint_id"] else None)(
-                cks.newest_valid(str(ckdir))), 40, "a checkpoint after the disk had room again", proc)
+            after = harness.wait_for(lambda: (lambda m: m if m and m["checkpoint_id"] != newest["checkpoint_id"] else None)(
+                cks.newest_valid(str(ckdir))), 40, "a checkpoint after the disk had room again", 0.2, [proc])
             assert after["step"] > newest["step"]
         finally:
-            err = _finish(proc, signal.SIGINT)
-        assert proc.returncode == 130, err[-3000:]
+            code = proc.kill(signal.SIGINT, timeout=90)
+        assert code == 130, proc.report()
         committed, uncommitted = _folders(ckdir)
         assert not uncommitted, uncommitted
         assert len(committed) <= 2  # keep_checkpoints
@@ -170,16 +124,18 @@ def test_a_disk_that_fills_fails_checkpoints_cleanly_training_goes_on_and_they_c
         assert not [f for _, _, files in os.walk(ckdir) for f in files if ".tmp" in f]  # no temp file left
 
 
-def test_a_final_checkpoint_that_cannot_be_written_ends_the_job_with_a_clear_error(tmp_path):
+def test_a_final_checkpoint_that_cannot_be_written_ends_the_job_with_a_clear_error(tmp_path, procs):
     out = tmp_path / "run"
     ckdir = out / "checkpoints"
     with small_tmpfs(ckdir, "1m"):
         fill(ckdir, leave=0)
         t0 = time.monotonic()
-        proc = _up(out, 150)
-        err = " ".join(_finish(proc, timeout=150).split())  # the console wraps long lines
+        proc = _up(procs, out, 150)
+        code = proc.wait(150)
+        err = " ".join(proc.text().split())  # the console wraps long lines
         took = time.monotonic() - t0
-        assert proc.returncode == 1, err[-3000:]
+        assert code == 1, err[-3000:]
+        # The exit code says it failed; only its message can say why.
         assert "final checkpoint could not be written" in err and "disk is full" in err, err[-3000:]
         assert took < 120, took  # it did not retry forever
         assert _folders(ckdir) == ([], []), os.listdir(ckdir)

@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from downpour.evals import supervised
+from downpour.nn import Network, presets
 
 pytestmark = pytest.mark.slow
 
 
 def test_eval_supervised_on_tiny_trains_through_the_cluster(tmp_path):
-    from downpour.evals import supervised
-
     rng = np.random.default_rng(0)
     # a small labeled .npz: three classes told apart by where a bright bar is
     x = rng.random((300, 1, 16, 16)).astype(np.float32) * 0.3
@@ -55,8 +55,6 @@ def test_eval_supervised_on_tiny_trains_through_the_cluster(tmp_path):
     assert len(d0["y"]) == 30 and list(np.bincount(d0["y"])) == [10, 10, 10]
     assert not np.array_equal(d0["x"], d1["x"])
     # the fine-tuning job started from its own seed's pretraining checkpoint, the other one did not
-    from downpour.nn import Network, presets
-
     n_stage = len(Network(presets.get("tiny")).block_sizes())
     log = (sd / "labels30" / "fine_tune" / "logs" / "coordinator.log").read_text()
     assert f"initial values of {n_stage} of {n_stage + 2} blocks from checkpoint" in log

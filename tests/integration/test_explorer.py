@@ -2,7 +2,7 @@
 page itself in a real headless browser (Chromium through Selenium; skipped, with the reason, where
 either is missing).
 
-Every server is a real process: `downpour serve neurons --http-port 0` over a trained run's checkpoints
+Every server is a real process (tests/harness.py): `downpour serve neurons --http-port PORT` over a trained run's checkpoints
 (the same parameters the neurons API serves), `downpour explore --addr` over that service, `downpour
 explore --checkpoint` over the run folder. Set EXPLORER_SCREENSHOT=path to keep the browser's
 screenshot (docs/img/explorer.png is made that way).
@@ -13,35 +13,36 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import ssl
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import downpour
+import harness
 import numpy as np
 import pytest
+from downpour import config as jobconfig
+from downpour.neurons.explorer import MAX_IN_FLIGHT
+from downpour.nn import Network, presets
+from downpour.paramserver.client import ParamClient, balanced_placement
+from downpour.rpc.certs import make_cluster_pki
 from PIL import Image
-
-import downpour
-from test_neurons import Proc  # the one way these tests start a service
 
 LAYER = "stage2.output"
 UNIT = "layer=stage3.pool&map=1&y=0&x=1"
 
 
-def explorer_url(proc) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        m = re.search(r"explorer at (https?://\S+/)", proc.log.read_text())
-        if m:
-            return m.group(1)
-        time.sleep(0.05)
-    raise AssertionError(f"no explorer URL in the log:\n{proc.log.read_text()}")
+def explorer(procs: harness.Procs, *flags: str, scheme: str = "http") -> tuple[harness.Service, str]:
+    """`downpour serve neurons FLAGS` with its explorer page on a free port; the service and the page's URL."""
+    port = harness.free_port()
+    # the page is what these tests use (and a TLS service would refuse a plain health check)
+    p = procs.serve("neurons", *flags, "--http-port", str(port), wait=False)
+    url = f"{scheme}://127.0.0.1:{port}/"
+    harness.wait_for(lambda: harness.accepts(port), 60, f"the explorer at {url}", procs=[p])
+    return p, url
 
 
 def get(url: str, data: bytes | None = None, headers: dict | None = None, context=None) -> tuple[int, dict]:
@@ -55,20 +56,9 @@ def get(url: str, data: bytes | None = None, headers: dict | None = None, contex
 
 
 @pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    yy, xx = np.mgrid[0:90, 0:120]
-    rgb = np.stack([xx * 2, yy * 2, ((xx - 70) ** 2 + (yy - 40) ** 2 < 400) * 255], -1).clip(0, 255).astype(np.uint8)
-    p = tmp_path_factory.mktemp("photo") / "photo.jpg"
-    Image.fromarray(rgb).save(p, quality=95)
-    return p
-
-
-@pytest.fixture(scope="module")
 def served(trained_run, tmp_path_factory):
-    p = Proc(tmp_path_factory.mktemp("explorer"), "neurons", "--checkpoint-dir", str(trained_run / "checkpoints"),
-             "--http-port", "0")
-    yield p, explorer_url(p)
-    p.stop()
+    with harness.Procs(tmp_path_factory.mktemp("explorer")) as procs:
+        yield explorer(procs, "--checkpoint-dir", str(trained_run / "checkpoints"))
 
 
 def test_the_api_answers_what_the_network_answers_in_process(served, trained_run, photo):
@@ -123,52 +113,38 @@ def test_bad_requests_are_refused_with_the_reason(served, path, data, status, ne
     assert needle in body.get("error", ""), body
 
 
-def test_explore_over_a_service_and_over_a_checkpoint(served, trained_run, photo, tmp_path):
+def test_explore_over_a_service_and_over_a_checkpoint(served, trained_run, photo, procs):
     service, url = served
     direct = get(url + f"api/maps?layer={LAYER}", data=photo.read_bytes())[1]
     for flags in (["--addr", service.address], ["--checkpoint", str(trained_run)]):
-        log = tmp_path / "explore.log"
-        with open(log, "wb") as f:
-            p = subprocess.Popen([sys.executable, "-m", "downpour.cli", "explore", *flags, "--port", "0"],
-                                 stdout=f, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while not (m := re.search(r"explorer at (http://\S+/)", log.read_text())):
-                assert p.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
-            code, maps = get(m.group(1) + f"api/maps?layer={LAYER}", data=photo.read_bytes())
-            assert code == 200
-            np.testing.assert_allclose([(x["min"], x["max"]) for x in maps["maps"]],
-                                       [(x["min"], x["max"]) for x in direct["maps"]], rtol=1e-5)
-        finally:
-            p.terminate()
-            p.wait(15)
+        port = harness.free_port()
+        p = procs.cli("explore", "explore", *flags, "--port", str(port))
+        harness.wait_for(lambda port=port: harness.accepts(port), 60, "the explorer page", procs=[p])
+        code, maps = get(f"http://127.0.0.1:{port}/api/maps?layer={LAYER}", data=photo.read_bytes())
+        assert code == 200
+        np.testing.assert_allclose([(x["min"], x["max"]) for x in maps["maps"]],
+                                   [(x["min"], x["max"]) for x in direct["maps"]], rtol=1e-5)
+        p.stop()
 
 
-def test_with_a_token_the_explorer_needs_tls_and_the_token(trained_run, tmp_path):
-    from downpour.rpc.certs import make_cluster_pki
-
+def test_with_a_token_the_explorer_needs_tls_and_the_token(trained_run, tmp_path, procs):
     pki = make_cluster_pki(tmp_path / "tls")
     ck = str(trained_run / "checkpoints")
-    r = subprocess.run([sys.executable, "-m", "downpour.cli", "serve", "neurons", "--checkpoint-dir", ck,
-                        "--port", "0", "--http-port", "0", "--token-file", pki["token_file"]],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "token in clear" in r.stderr
-    p = Proc(tmp_path, "neurons", "--checkpoint-dir", ck, "--http-port", "0", "--token-file", pki["token_file"],
-             "--tls-cert", pki["cert"], "--tls-key", pki["key"])
-    try:
-        url = explorer_url(p)
-        assert url.startswith("https://")
-        ctx = ssl.create_default_context(cafile=pki["ca"])
-        ctx.check_hostname = False  # the node certificate names the cluster, not 127.0.0.1
-        assert get(url + "api/model", context=ctx)[0] == 401
-        assert get(url + "api/model", headers={"Authorization": "Bearer wrong"}, context=ctx)[0] == 401
-        code, body = get(url + "api/model", headers={"Authorization": f"Bearer {pki['token']}"}, context=ctx)
-        assert code == 200 and body["layers"]
-        with pytest.raises(OSError):  # plain HTTP to the TLS port: no answer
-            urllib.request.urlopen(url.replace("https://", "http://") + "api/model", timeout=10).read()
-    finally:
-        p.stop()
+    r = procs.cli("clear", "serve", "neurons", "--checkpoint-dir", ck, "--port", "0", "--http-port", "0",
+                  "--token-file", pki["token_file"])
+    # The exit code says it refused; only its message says why.
+    assert r.wait(60) == 2 and "token in clear" in r.text()
+    _, url = explorer(procs, "--checkpoint-dir", ck, "--token-file", pki["token_file"], "--tls-cert", pki["cert"],
+                      "--tls-key", pki["key"], scheme="https")
+    assert url.startswith("https://")
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    ctx.check_hostname = False  # the node certificate names the cluster, not 127.0.0.1
+    assert get(url + "api/model", context=ctx)[0] == 401
+    assert get(url + "api/model", headers={"Authorization": "Bearer wrong"}, context=ctx)[0] == 401
+    code, body = get(url + "api/model", headers={"Authorization": f"Bearer {pki['token']}"}, context=ctx)
+    assert code == 200 and body["layers"]
+    with pytest.raises(OSError):  # plain HTTP to the TLS port: no answer
+        urllib.request.urlopen(url.replace("https://", "http://") + "api/model", timeout=10).read()
 
 
 # -- the page in a real browser --------------------------------------------------------------
@@ -203,6 +179,8 @@ def test_the_page_in_a_headless_browser(served, trained_run, photo, tmp_path):
         browser.get(url)
         wait = WebDriverWait(browser, 120)
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        # the page shows its default unit at once: let those answers land before asking for another
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-busy") == "0")
         layers = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "layer")).options]
         assert layers == [l.name for l in net.describe().layers]
         # pick a unit and show it
@@ -212,8 +190,10 @@ def test_the_page_in_a_headless_browser(served, trained_run, photo, tmp_path):
             el.clear()
             el.send_keys(str(v))
         Select(browser.find_element(By.ID, "dataset")).select_by_value("heldout")
+        # The page writes its count of questions in flight to data-busy at every change: mark it, and
+        # "0" after the click can only come from the questions the click asked.
+        browser.execute_script("document.body.dataset.busy = 'clicked'")
         browser.find_element(By.ID, "show").click()
-        time.sleep(0.2)
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-busy") == "0")
         assert browser.find_element(By.ID, "error").text == ""
         thumbs = browser.find_elements(By.CSS_SELECTOR, "#top .thumb img")
@@ -238,53 +218,37 @@ def test_the_page_in_a_headless_browser(served, trained_run, photo, tmp_path):
         browser.quit()
 
 
-def test_the_explorer_follows_the_live_parameters_of_a_training_job(tmp_path):
+def test_the_explorer_follows_the_live_parameters_of_a_training_job(procs, tmp_path):
     """Over live shards, as `downpour up` serves them: a push moves the parameters and the page's answers."""
-    from downpour import config as jobconfig
-    from downpour.nn import Network, presets
-    from downpour.paramserver.client import ParamClient, balanced_placement
+    shards = [procs.serve("paramserver", "--shard-index", str(i), "--lr", "0.5") for i in range(2)]
+    net = Network(presets.get("tiny"))
+    params = net.init_params(5)
+    ps = ParamClient([s.address for s in shards], worker_id="test", placement=balanced_placement(net.block_sizes(), 2))
+    ps.wait_ready(30)
+    ps.init({k: np.asarray(v) for k, v in params.items()})
+    cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 2})
+    (tmp_path / "job.yaml").write_text(cfg.to_yaml())
+    _, url = explorer(procs, "--shards", ",".join(s.address for s in shards), "--config", str(tmp_path / "job.yaml"),
+                      "--refresh-seconds", "0.2")
+    img = np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    code, before = get(url + f"api/maps?layer={LAYER}", data=buf.getvalue())
+    assert code == 200
+    ps.wait(ps.push({k: np.ones(np.size(v), np.float32) for k, v in params.items()}))
 
-    shards = [Proc(tmp_path, "paramserver", "--shard-index", str(i), "--lr", "0.5") for i in range(2)]
-    procs = list(shards)
-    try:
-        net = Network(presets.get("tiny"))
-        params = net.init_params(5)
-        ps = ParamClient([s.address for s in shards], worker_id="test",
-                         placement=balanced_placement(net.block_sizes(), 2))
-        ps.wait_ready(30)
-        ps.init({k: np.asarray(v) for k, v in params.items()})
-        cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 2})
-        (tmp_path / "job.yaml").write_text(cfg.to_yaml())
-        live = Proc(tmp_path, "neurons", "--shards", ",".join(s.address for s in shards), "--config",
-                    str(tmp_path / "job.yaml"), "--refresh-seconds", "0.2", "--http-port", "0")
-        procs.append(live)
-        url = explorer_url(live)
-        img = np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")
-        code, before = get(url + f"api/maps?layer={LAYER}", data=buf.getvalue())
-        assert code == 200
-        ps.wait(ps.push({k: np.ones(np.size(v), np.float32) for k, v in params.items()}))
-        deadline = time.monotonic() + 20
-        while True:
-            after = get(url + f"api/maps?layer={LAYER}", data=buf.getvalue())[1]
-            if after["parameters_version"] != before["parameters_version"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert after["parameters_version"] > before["parameters_version"]
-        assert [m["max"] for m in after["maps"]] != [m["max"] for m in before["maps"]]
-        ps.close()
-    finally:
-        for p in procs:
-            p.stop()
+    def moved():
+        after = get(url + f"api/maps?layer={LAYER}", data=buf.getvalue())[1]
+        return after if after["parameters_version"] != before["parameters_version"] else None
+
+    after = harness.wait_for(moved, 20, "the page to answer with the pushed parameters", every=0.1)
+    assert after["parameters_version"] > before["parameters_version"]
+    assert [m["max"] for m in after["maps"]] != [m["max"] for m in before["maps"]]
+    ps.close()
 
 
 def test_questions_beyond_the_in_flight_limit_are_answered_429(served):
     """Twelve slow questions at once (1000 ascent steps each): eight are computed, the rest refused at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from downpour.neurons.explorer import MAX_IN_FLIGHT
-
     url = served[1] + f"api/stimulus?{UNIT}&steps=1000"
     with ThreadPoolExecutor(12) as pool:
         codes = sorted(c for c, _ in pool.map(lambda _: get(url), range(12)))

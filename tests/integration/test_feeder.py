@@ -1,94 +1,35 @@
 """The data feeder against real `downpour serve feeder` processes on 127.0.0.1.
 
-Each feeder is a subprocess on a free port, used once gRPC health answers
-SERVING and killed by the fixture's finaliser.
+Each feeder is a real process on a free port (tests/harness.py), used once gRPC health
+answers SERVING and stopped by the fixture's finaliser.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
+import harness
 import numpy as np
 import pytest
-from PIL import Image
-
 from downpour.feeder.client import batch_stream, dataset_info
 from downpour.rpc import codec
-from downpour.rpc.channel import open_channel, wait_ready
-from downpour.v1 import common_pb2
+from downpour.rpc.channel import open_channel
+from downpour.v1 import common_pb2, feeder_pb2_grpc
 from downpour.v1 import feeder_pb2 as pb
-from downpour.v1 import feeder_pb2_grpc
-
-START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Feeder:
-    """One `downpour serve feeder` process."""
-
-    def __init__(self, tmp: Path, *flags: str, port: int | None = None, metrics: bool = False) -> None:
-        self.port = port or free_port()
-        self.metrics_port = free_port() if metrics else 0
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = tmp / f"feeder-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "downpour.cli", "serve", "feeder", "--host", "127.0.0.1",
-               "--port", str(self.port), "--metrics-port", str(self.metrics_port), *flags]
-        with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_serving(self) -> "Feeder":
-        deadline = time.monotonic() + START_TIMEOUT
-        with open_channel(self.address) as ch:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"feeder exited with {self.proc.returncode}:\n{self.log.read_text()}")
-                try:
-                    wait_ready(ch, timeout=1.0)
-                    return self
-                except TimeoutError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"feeder not SERVING:\n{self.log.read_text()}") from None
-
-    def metric(self, name: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        m = re.search(rf"^{re.escape(name)} ([-+0-9.e]+)$", text, re.M)
-        assert m, f"{name} not on /metrics"
-        return float(m.group(1))
-
-    def stop(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        self.proc.wait(timeout=30)
+from PIL import Image
 
 
 @pytest.fixture
-def feeders(tmp_path):
-    started: list[Feeder] = []
+def feeders(procs):
+    """Start a `downpour serve feeder FLAGS` (SERVING when returned, unless wait=False)."""
 
-    def start(*flags: str, wait: bool = True, **kw) -> Feeder:
-        f = Feeder(tmp_path, *flags, **kw)
-        started.append(f)
-        return f.wait_serving() if wait else f
+    def start(*flags: str, **kw) -> harness.Service:
+        return procs.serve("feeder", *flags, **kw)
 
-    yield start
-    for f in started:
-        f.stop()
+    return start
 
 
 @pytest.fixture(scope="module")
@@ -101,24 +42,14 @@ def tiny_job(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def default_feeder(tmp_path_factory, tiny_job):
     """The bundled default dataset at the tiny preset's 1x16x16, prefetch 3."""
-    f = Feeder(tmp_path_factory.mktemp("default"), "--config", str(tiny_job), "--prefetch", "3", metrics=True)
-    try:
-        yield f.wait_serving()
-    finally:
-        f.stop()
+    with harness.Procs(tmp_path_factory.mktemp("default")) as procs:
+        yield procs.serve("feeder", "--config", str(tiny_job), "--prefetch", "3", metrics=True)
 
 
 def stream(address: str, **fields) -> list[pb.StreamBatchesResponse]:
     """Every response of one StreamBatches call (max_batches must be set)."""
     with open_channel(address) as ch:
         return list(feeder_pb2_grpc.DataFeederStub(ch).StreamBatches(pb.StreamBatchesRequest(**fields), timeout=30))
-
-
-def wait_for(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 # -- the bundled default --------------------------------------------------------------
@@ -207,12 +138,12 @@ def test_prefetch_is_bounded_and_cancel_stops_the_stream(default_feeder):
     it = batch_stream(default_feeder.address, 0, 1, 64)  # endless
     next(it)
     # the client reads no more: the producer fills its queue of --prefetch 3 and blocks
-    wait_for(lambda: default_feeder.metric("downpour_feeder_queue_depth") == 3)
+    harness.wait_for(lambda: default_feeder.metric("downpour_feeder_queue_depth") == 3, 10, "a full queue")
     assert default_feeder.metric("downpour_feeder_streams") == 1
-    time.sleep(0.3)
+    time.sleep(0.3)  # the behaviour under test: a while without reads, and the queue grows no further
     assert default_feeder.metric("downpour_feeder_queue_depth") == 3
     it.close()  # cancels the call
-    wait_for(lambda: default_feeder.metric("downpour_feeder_streams") == 0)
+    harness.wait_for(lambda: default_feeder.metric("downpour_feeder_streams") == 0, 10, "the stream to end")
     assert default_feeder.metric("downpour_feeder_queue_depth") == 0
 
 
@@ -270,24 +201,26 @@ def test_missing_or_empty_dataset_fails_at_startup(feeders, tmp_path, kind):
     if kind == "empty":
         path.mkdir()
     f = feeders("--data", str(path), "--shape", "1,8,8", wait=False)
-    assert f.proc.wait(timeout=60) == 2
-    out = f.log.read_text()
+    assert f.wait(60) == 2
+    # The exit code says it refused; only its message can say it named the path (and did not crash).
+    out = f.text()
     assert str(path) in out and "Traceback" not in out
 
 
 # -- a feeder that dies -------------------------------------------------------------------
 
 def test_batch_stream_survives_a_killed_feeder(feeders, tiny_job):
-    port = free_port()
+    port = harness.free_port()
     first = feeders("--config", str(tiny_job), port=port)
     kw = dict(replica=1, num_replicas=2, batch_size=16, seed=5)
     want = [r.examples.data for r in stream(first.address, max_batches=12, **kw)]
 
     it = batch_stream(first.address, 1, 2, 16, seed=5, reconnect_timeout=60)
     got = [next(it)[0].tobytes() for _ in range(5)]
-    first.stop(signal.SIGKILL)
+    first.kill()
 
-    restarted: list[Feeder] = []
+    restarted: list[harness.Service] = []
+    # The feeder stays down for a second (the behaviour under test): the stream must wait it out.
     starter = threading.Timer(1.0, lambda: restarted.append(feeders("--config", str(tiny_job), port=port,
                                                                      wait=False)))
     starter.start()

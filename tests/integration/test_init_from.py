@@ -3,14 +3,10 @@ new supervised head, through real ``downpour up`` clusters."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
+import harness
 import numpy as np
 import pytest
 import yaml
-
 from downpour import checkpoint as cks
 from downpour.nn import Network, presets
 from downpour.nn.spec import NetworkSpec, to_dict
@@ -19,8 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def up(args, out, env=None):
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--no-neurons", "--out", str(out), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), timeout=240)
+    return harness.run_cli("up", "--quiet", "--no-neurons", "--out", str(out), *args, env=env, timeout=240)
 
 
 def newest_params(run):

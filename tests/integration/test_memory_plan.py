@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
+import harness
 import pytest
-
 from downpour import config as jobconfig
 from downpour import memplan
 
 
 def cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "downpour.cli", *args], capture_output=True, text=True,
-                          env=dict(os.environ, **(env or {})), timeout=timeout)
+    return harness.run_cli(*args, env=env, timeout=timeout)
 
 
 def test_le2012_on_a_machine_too_small_is_refused_in_seconds_with_the_numbers(tmp_path):
@@ -65,23 +62,17 @@ def _hwm(pid: int) -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
-def test_a_tiny_jobs_processes_peak_within_15_percent_of_the_plan(tmp_path):
+def test_a_tiny_jobs_processes_peak_within_15_percent_of_the_plan(tmp_path, procs):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(run), "--preset",
-                             "tiny", "--replicas", "1", "--shards", "1", "--steps", "20"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = procs.up(run, "--quiet", "--preset", "tiny", "--replicas", "1", "--shards", "1", "--steps", "20")
     peaks: dict[str, int] = {}
     deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            rows = json.loads((run / "cluster.json").read_text())
-        except (OSError, ValueError):
-            rows = []
-        for row in rows:
+    while proc.alive() and time.monotonic() < deadline:
+        for row in harness.cluster(run).values():
             if row.get("pid"):
                 peaks[row["name"]] = max(peaks.get(row["name"], 0), _hwm(row["pid"]))
-        time.sleep(0.1)
-    assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+        time.sleep(0.1)  # the sampling period of the peaks: a measurement for the run's whole life, not a wait
+    assert proc.wait(60) == 0, proc.report()
     plan = memplan.plan(jobconfig.load(str(run / "job.yaml")))
     seen = {p.name: p for p in plan.processes if peaks.get(p.name)}
     assert set(seen) == {p.name for p in plan.processes}, peaks

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import signal
+import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import pytest
-
 from downpour.config import from_yaml
-from downpour.partition import join_params, plan
+from downpour.nn import Network, presets
 from downpour.checkpoint import shardfile as ckpt
+from downpour.partition import join_params, plan
 
 pytestmark = pytest.mark.slow
 
 
 def up(out, *args, env=None):
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, **(env or {})))
+    r = harness.run_cli("up", "--quiet", "--out", str(out), "--preset", "tiny", *args, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -51,8 +51,6 @@ def test_one_training_step_with_partitions_equals_one_without(tmp_path):
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6 * float(np.abs(a[k]).max()), err_msg=k)
     # ...and the step did change them (the comparison is not of two initial states)
-    from downpour.nn import Network, presets
-
     init = Network(presets.get("tiny")).init_params(0)
     assert any(not np.allclose(a[k], init[k]) for k in a)
 
@@ -74,43 +72,28 @@ def test_two_replicas_of_2x2_partitions_train_end_to_end(tmp_path, initial_loss)
         f"{r} partition {p}" for r in range(2) for p in range(4)}
 
 
-def test_a_dead_partition_stalls_only_its_replica_which_resumes_when_the_slot_is_refilled(tmp_path):
-    import signal
-    import time
-
-    from downpour.up import job_status
-
+def test_a_dead_partition_stalls_only_its_replica_which_resumes_when_the_slot_is_refilled(tmp_path, procs):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
-           "--replicas", "2", "--partitions", "1x2", "--shards", "1", "--steps", "250"]
-    env = dict(os.environ, DOWNPOUR_LEASE_SECONDS="2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        killed = None
-        trace = []  # (time, step of replica 0, step of replica 1) after the kill
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            if not (out / "cluster.json").exists():
-                continue
-            rows = {r["name"]: r for r in json.loads((out / "cluster.json").read_text())}
-            try:
-                st = job_status(rows["coordinator"]["address"])
-            except Exception:  # noqa: BLE001 - not up yet
-                continue
-            slots = {(s.replica, s.partition): s for s in st.slots}
-            if killed is None and slots[(1, 1)].step >= 20 and slots[(0, 0)].step < 150:
-                victim = next(r for r in rows.values() if r["address"] == slots[(1, 1)].address)
-                os.kill(victim["pid"], signal.SIGKILL)
-                killed = (time.monotonic(), slots[(0, 0)].step, slots[(1, 0)].step)
-            elif killed is not None:
-                trace.append((time.monotonic() - killed[0], slots[(0, 0)].step, slots[(1, 0)].step))
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = procs.up(out, "--quiet", "--preset", "tiny", "--replicas", "2", "--partitions", "1x2", "--shards", "1",
+                    "--steps", "250", env={"DOWNPOUR_LEASE_SECONDS": "2"})
+    deadline = time.monotonic() + 120
+    killed = None
+    trace = []  # (time, step of replica 0, step of replica 1) after the kill
+    while time.monotonic() < deadline and proc.alive():
+        time.sleep(0.2)  # the trace's sampling period: the test measures the replicas over time
+        st = harness.job_status(out, timeout=2.0)
+        if st is None:  # not up yet
+            continue
+        rows = harness.cluster(out)
+        slots = {(s.replica, s.partition): s for s in st.slots}
+        if killed is None and slots[(1, 1)].step >= 20 and slots[(0, 0)].step < 150:
+            victim = next(r for r in rows.values() if r["address"] == slots[(1, 1)].address)
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed = (time.monotonic(), slots[(0, 0)].step, slots[(1, 0)].step)
+        elif killed is not None:
+            trace.append((time.monotonic() - killed[0], slots[(0, 0)].step, slots[(1, 0)].step))
     assert killed is not None, "never reached the kill point"
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.wait(180) == 0, proc.report()
     # While replica 1 waited for its lease to run out and its slot to be refilled (>= 2 s),
     # replica 0 went on training.
     early = [t for t in trace if t[0] < 1.5]

@@ -1,6 +1,6 @@
 """The Neurons service against real processes on 127.0.0.1.
 
-The service runs as `python -m downpour.cli serve neurons` subprocesses (with
+The service runs as `python -m downpour.cli serve neurons` processes (tests/harness.py; with
 random weights, live parameter shards, or a checkpoint directory) and is
 queried by the gRPC client of this process and by `downpour query` in a third
 process. Results are compared with the same network evaluated in-process.
@@ -8,77 +8,36 @@ process. Results are compared with the same network evaluated in-process.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-import os
-import re
 import subprocess
 import sys
 import time
-from pathlib import Path
+from concurrent import futures
 
 import grpc
+import harness
 import numpy as np
 import pytest
-from PIL import Image
-
 from downpour import config as jobconfig
 from downpour.client import NeuronsClient
+from downpour.evals.common import preprocess_for
 from downpour.feeder import bundled, preprocess
 from downpour.neurons.model import NeuronModel, Unit, layer_shapes
 from downpour.nn import Network, presets
 from downpour.paramserver.client import ParamClient, balanced_placement
+from downpour.partition import plan, split_params
 from downpour.rpc import codec
-from downpour.v1 import common_pb2
+from downpour.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from downpour.v1 import neurons_pb2 as pb
+from PIL import Image
 
 SPEC = presets.get("tiny")
 H, W = SPEC.input[1:]
 
 
-class Proc:
-    """A `downpour serve <role>` process on a free port read from its log."""
-
-    def __init__(self, tmp: Path, role: str, *flags: str) -> None:
-        self.log = tmp / f"{role}-{time.monotonic_ns()}.log"
-        with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "downpour.cli", "serve", role, "--host", "127.0.0.1", "--port", "0", *flags],
-                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 60
-        while True:
-            m = re.search(r"listening on port (\d+)", self.log.read_text())
-            if m:
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{role} did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{m.group(1)}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-@pytest.fixture
-def procs(tmp_path):
-    started: list[Proc] = []
-
-    def start(role: str, *flags: str) -> Proc:
-        p = Proc(tmp_path, role, *flags)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
-
-
-def client(p: Proc) -> NeuronsClient:
+def client(p: harness.Service) -> NeuronsClient:
     nc = NeuronsClient(p.address, timeout=60)
     nc.wait_ready(60)
     return nc
@@ -86,10 +45,8 @@ def client(p: Proc) -> NeuronsClient:
 
 @pytest.fixture(scope="module")
 def random_server(tmp_path_factory):
-    p = Proc(tmp_path_factory.mktemp("neurons"), "neurons", "--preset", "tiny", "--random-seed", "3",
-             "--max-images", "8")
-    yield p
-    p.stop()
+    with harness.Procs(tmp_path_factory.mktemp("neurons")) as procs:
+        yield procs.serve("neurons", "--preset", "tiny", "--random-seed", "3", "--max-images", "8")
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +203,7 @@ def test_other_rpcs_reject_bad_requests(random_server):
     ]
     with client(random_server) as nc:
         for call, needle in bad:
-            e = _err(lambda: call(nc.stub))
+            e = _err(lambda call=call: call(nc.stub))
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()
             assert needle in e.details(), e.details()
         # no checkpoint directory behind a random-weights server
@@ -257,8 +214,6 @@ def test_other_rpcs_reject_bad_requests(random_server):
 # -- top inputs and optimal stimulus -------------------------------------------------------
 
 def test_top_inputs_are_the_k_best_of_the_split(random_server, local_model):
-    from downpour.evals.common import preprocess_for
-
     with client(random_server) as nc:
         top = nc.top_inputs("stage3.output", (1, 0, 1), dataset="heldout", k=5, images=True, thumbnails=True)
     ds = bundled.open_split("heldout", preprocess_for(SPEC))
@@ -313,7 +268,7 @@ def test_downpour_query_in_another_process(random_server, local_model, tmp_path)
 
 def test_live_shards_are_refreshed_and_checkpoints_are_served(procs, tmp_path):
     ckdir = tmp_path / "checkpoints"
-    shards = [procs("paramserver", "--shard-index", str(i), "--checkpoint-dir", str(ckdir), "--lr", "0.5")
+    shards = [procs.serve("paramserver", "--shard-index", str(i), "--checkpoint-dir", str(ckdir), "--lr", "0.5")
               for i in range(2)]
     addrs = [s.address for s in shards]
     net = Network(SPEC)
@@ -324,7 +279,7 @@ def test_live_shards_are_refreshed_and_checkpoints_are_served(procs, tmp_path):
     cfg_path = tmp_path / "job.yaml"
     cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 2})
     cfg_path.write_text(cfg.to_yaml())
-    live = procs("neurons", "--shards", ",".join(addrs), "--config", str(cfg_path), "--refresh-seconds", "0.2",
+    live = procs.serve("neurons", "--shards", ",".join(addrs), "--config", str(cfg_path), "--refresh-seconds", "0.2",
                  "--checkpoint-dir", str(ckdir))
     u8 = images(2, seed=9)
     with client(live) as nc:
@@ -339,12 +294,8 @@ def test_live_shards_are_refreshed_and_checkpoints_are_served(procs, tmp_path):
             "placement": ps.placement, "shards": [{"shard": i, "path": p.path} for i, p in enumerate(parts)]}))
         # training moves the shards; the service picks it up on its refresh interval
         ps.wait(ps.push({k: np.ones(np.size(v), np.float32) for k, v in params.items()}))
-        deadline = time.monotonic() + 20
-        while True:
-            a1 = nc.activations(u8, "stage3.output")
-            if a1.parameters_version != a0.parameters_version or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        a1 = harness.wait_for(lambda: (a := nc.activations(u8, "stage3.output")).parameters_version
+                              != a0.parameters_version and a, 20, "the service to refresh its parameters", every=0.1)
         assert a1.parameters_version > a0.parameters_version
         assert not np.allclose(a1.values, a0.values)
         old = nc.activations(u8, "stage3.output", checkpoint_id="ck-1")
@@ -353,7 +304,7 @@ def test_live_shards_are_refreshed_and_checkpoints_are_served(procs, tmp_path):
         assert e.code() == grpc.StatusCode.NOT_FOUND
     ps.close()
     # a server on the checkpoint directory alone serves the newest committed checkpoint
-    ck = procs("neurons", "--checkpoint-dir", str(ckdir))
+    ck = procs.serve("neurons", "--checkpoint-dir", str(ckdir))
     with client(ck) as nc:
         d = nc.describe()
         assert d.checkpoint_id == "ck-1" and d.step == 1
@@ -362,11 +313,7 @@ def test_live_shards_are_refreshed_and_checkpoints_are_served(procs, tmp_path):
 
 def test_coordinator_source_reads_the_job_and_its_shards(procs, tmp_path):
     """`--coordinator` (how `downpour up` starts the service): spec and shard addresses from JobStatus."""
-    from concurrent import futures
-
-    from downpour.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-
-    shard = procs("paramserver", "--shard-index", "0")
+    shard = procs.serve("paramserver", "--shard-index", "0")
     net = Network(SPEC)
     params = net.init_params(2)
     ps = ParamClient([shard.address], worker_id="test", placement=balanced_placement(net.block_sizes(), 1))
@@ -386,7 +333,7 @@ def test_coordinator_source_reads_the_job_and_its_shards(procs, tmp_path):
     port = srv.add_insecure_port("127.0.0.1:0")
     srv.start()
     try:
-        p = procs("neurons", "--coordinator", f"127.0.0.1:{port}")
+        p = procs.serve("neurons", "--coordinator", f"127.0.0.1:{port}")
         u8 = images(2, seed=4)
         with client(p) as nc:
             d = nc.describe()
@@ -401,9 +348,7 @@ def test_coordinator_source_reads_the_job_and_its_shards(procs, tmp_path):
 
 def test_partitioned_job_blocks_are_joined(procs, tmp_path):
     """A 2x2 model-parallel job keeps one block per partition on the shards; the service joins them."""
-    from downpour.partition import plan, split_params
-
-    shard = procs("paramserver", "--shard-index", "0")
+    shard = procs.serve("paramserver", "--shard-index", "0")
     params = Network(SPEC).init_params(8)
     blocks = split_params(plan(SPEC, 2, 2), params)
     ps = ParamClient([shard.address], worker_id="test", placement={k: 0 for k in blocks})
@@ -412,7 +357,7 @@ def test_partitioned_job_blocks_are_joined(procs, tmp_path):
     ps.close()
     cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 1, "partitions": "2x2"})
     (tmp_path / "job.yaml").write_text(cfg.to_yaml())
-    p = procs("neurons", "--shards", shard.address, "--config", str(tmp_path / "job.yaml"))
+    p = procs.serve("neurons", "--shards", shard.address, "--config", str(tmp_path / "job.yaml"))
     u8 = images(2, seed=6)
     with client(p) as nc:
         got = nc.activations(u8, "stage3.output").values
@@ -422,8 +367,6 @@ def test_partitioned_job_blocks_are_joined(procs, tmp_path):
 @pytest.mark.parametrize("layer", list(layer_shapes(presets.get("tiny"))) + ["head.logits"])
 def test_input_gradient_of_a_unit_matches_central_differences(layer):
     """The gradient OptimalStimulus climbs, for a unit of every layer (float64 network)."""
-    import dataclasses
-
     spec = dataclasses.replace(SPEC, classes=3)
     model = NeuronModel(spec, Network(spec).init_params(1))
     model.net = Network(spec, dtype=np.float64)

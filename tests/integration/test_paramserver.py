@@ -1,91 +1,27 @@
 """The parameter server against real shard processes on 127.0.0.1.
 
-Each test starts `python -m downpour.cli serve paramserver` subprocesses,
+Each test starts `python -m downpour.cli serve paramserver` processes (tests/harness.py),
 waits for gRPC health SERVING and checks exact, analytically known results.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import grpc
+import harness
 import numpy as np
 import pytest
 from downpour.paramserver.client import ParamClient, refusal
 from downpour.paramserver.server import PUSH_PAYLOAD
 from downpour.rpc import codec
-from downpour.rpc.channel import open_channel, wait_ready
+from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.v1 import common_pb2
 from downpour.v1 import paramserver_pb2 as pb
-
-
-class Shard:
-    """One shard process; its port is read from its log line."""
-
-    def __init__(self, tmp: Path, *flags: str, name: str = "shard") -> None:
-        self.log = tmp / f"{name}-{time.monotonic_ns()}.log"
-        self.flags = flags
-        with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "downpour.cli",
-                    "serve",
-                    "paramserver",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                    *flags,
-                ],
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        self.port = self._read_port()
-        self.address = f"127.0.0.1:{self.port}"
-        ch = open_channel(self.address)
-        wait_ready(ch, timeout=30)
-        ch.close()
-
-    def _read_port(self) -> int:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            m = re.search(r"listening on port (\d+)", self.log.read_text())
-            if m:
-                return int(m.group(1))
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"shard exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            time.sleep(0.05)
-        raise TimeoutError(f"shard did not start:\n{self.log.read_text()}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=30)
-
-
-@pytest.fixture
-def shards(tmp_path):
-    started: list[Shard] = []
-
-    def start(*flags: str) -> Shard:
-        s = Shard(tmp_path, *flags)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        if s.proc.poll() is None:
-            s.kill()
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 
 # Accumulators from zero (the job's default is 0.1): the expectations below are the formula's from acc = 0.
@@ -214,14 +150,9 @@ def test_checkpoint_sigkill_restart_identical(shards, tmp_path):
 def _raw_push(address: str, chunks: list[tuple[common_pb2.TensorChunk, bytes]], worker="bad", seq=1, commit=True):
     ch = open_channel(address)
     try:
-        push = ch.stream_unary(
-            "/downpour.v1.ParameterServer/Push",
-            request_serializer=None,
-            response_deserializer=pb.PushResponse.FromString,
-        )
-        msgs = [
-            codec.encode(pb.PushRequest(worker_id=worker, seq=seq, chunk=c), PUSH_PAYLOAD, data) for c, data in chunks
-        ]
+        push = ch.stream_unary("/downpour.v1.ParameterServer/Push", request_serializer=None,
+                               response_deserializer=pb.PushResponse.FromString)
+        msgs = [codec.encode(pb.PushRequest(worker_id=worker, seq=seq, chunk=c), PUSH_PAYLOAD, data) for c, data in chunks]
         if commit:
             msgs.append(pb.PushRequest(worker_id=worker, seq=seq, commit=True).SerializeToString())
         return push(iter(msgs), timeout=30)
@@ -235,69 +166,33 @@ def _chunk(name, shape, dtype=common_pb2.DTYPE_FLOAT32, offset=0, last=True):
 
 GOOD = np.ones(4096, np.float32)
 BAD_INPUTS = {
-    "nan": (
-        [(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 17, np.nan, 1).astype(np.float32).tobytes())],
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"block 'stage1.W1': gradient contains NaN or Inf",
-    ),
-    "inf": (
-        [(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 4095, -np.inf, 1).astype(np.float32).tobytes())],
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"NaN or Inf",
-    ),
-    "wrong_shape": (
-        [(_chunk("stage1.W1", [4096]), GOOD.tobytes())],
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"block 'stage1.W1': shape \[4096\] does not match the block's \[64, 64\]",
-    ),
-    "wrong_dtype": (
-        [(_chunk("stage1.W1", [64, 64], dtype=common_pb2.DTYPE_FLOAT64), np.ones(4096).tobytes())],
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"block 'stage1.W1': dtype float64, expected float32",
-    ),
-    "unknown_block": (
-        [(_chunk("stage9.W", [64, 64]), GOOD.tobytes())],
-        grpc.StatusCode.NOT_FOUND,
-        r"unknown block 'stage9.W'",
-    ),
-    "truncated_values": (
-        [(_chunk("stage1.W1", [64, 64]), GOOD[:4095].tobytes())],
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"block 'stage1.W1': expected 4096 float32 values, got 4095",
-    ),
-    "truncated_bytes": (
-        [(_chunk("stage1.W1", [64, 64]), GOOD.tobytes()[:-3])],
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"16381 bytes, not a whole number of float32 values",
-    ),
-    "out_of_order": (
-        [(_chunk("stage1.W1", [64, 64], offset=2048, last=False), GOOD[:2048].tobytes())],
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"chunk at offset 2048, expected 0",
-    ),
-    "nan_in_second_chunk": (
-        [
-            (_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes()),
-            (_chunk("stage1.W1", [64, 64], offset=2048), np.full(2048, np.nan, np.float32).tobytes()),
-        ],
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"NaN or Inf \(chunk at offset 2048\)",
-    ),
-    "over_limit": (
-        [(_chunk("stage1.W1", [64, 64]), np.ones(300_000, np.float32).tobytes())],
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        r"(?i)larger than max",
-    ),
+    "nan": ([(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 17, np.nan, 1).astype(np.float32).tobytes())],
+            grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': gradient contains NaN or Inf"),
+    "inf": ([(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 4095, -np.inf, 1).astype(np.float32).tobytes())],
+            grpc.StatusCode.INVALID_ARGUMENT, r"NaN or Inf"),
+    "wrong_shape": ([(_chunk("stage1.W1", [4096]), GOOD.tobytes())],
+                    grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': shape \[4096\] does not match the block's \[64, 64\]"),
+    "wrong_dtype": ([(_chunk("stage1.W1", [64, 64], dtype=common_pb2.DTYPE_FLOAT64), np.ones(4096).tobytes())],
+                    grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': dtype float64, expected float32"),
+    "unknown_block": ([(_chunk("stage9.W", [64, 64]), GOOD.tobytes())],
+                      grpc.StatusCode.NOT_FOUND, r"unknown block 'stage9.W'"),
+    "truncated_values": ([(_chunk("stage1.W1", [64, 64]), GOOD[:4095].tobytes())],
+                         grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': expected 4096 float32 values, got 4095"),
+    "truncated_bytes": ([(_chunk("stage1.W1", [64, 64]), GOOD.tobytes()[:-3])],
+                        grpc.StatusCode.INVALID_ARGUMENT, r"16381 bytes, not a whole number of float32 values"),
+    "out_of_order": ([(_chunk("stage1.W1", [64, 64], offset=2048, last=False), GOOD[:2048].tobytes())],
+                     grpc.StatusCode.INVALID_ARGUMENT, r"chunk at offset 2048, expected 0"),
+    "nan_in_second_chunk": ([(_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes()),
+                             (_chunk("stage1.W1", [64, 64], offset=2048), np.full(2048, np.nan, np.float32).tobytes())],
+                            grpc.StatusCode.INVALID_ARGUMENT, r"NaN or Inf \(chunk at offset 2048\)"),
+    "over_limit": ([(_chunk("stage1.W1", [64, 64]), np.ones(300_000, np.float32).tobytes())],
+                   grpc.StatusCode.RESOURCE_EXHAUSTED, r"(?i)larger than max"),
     # a stream that stops before a block is complete and without commit
-    "no_commit": (
-        [(_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes())],
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"push ended without commit",
-    ),
+    "no_commit": ([(_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes())],
+                  grpc.StatusCode.INVALID_ARGUMENT, r"push ended without commit"),
 }
 
-
-# The RefusalReason each bad input is refused with (None: gRPC refuses it before the shard sees it).
+# what the shard's structured refusal names (None: refused by gRPC itself, before the shard saw it)
 REFUSAL = {
     "nan": "NOT_FINITE",
     "inf": "NOT_FINITE",
@@ -315,11 +210,11 @@ REFUSAL = {
 
 @pytest.fixture(scope="module")
 def strict_shard(tmp_path_factory):
-    s = Shard(tmp_path_factory.mktemp("strict"), "--lr", "0.1", "--max-message-bytes", str(1 << 20))
-    with ParamClient([s.address], worker_id="init", chunk_bytes=64 << 10) as ps:
-        ps.init({"stage1.W1": np.arange(4096, dtype=np.float32).reshape(64, 64), "other": np.zeros(10, np.float32)})
-    yield s
-    s.kill()
+    with harness.Procs(tmp_path_factory.mktemp("strict")) as procs:
+        s = procs.serve("paramserver", "--lr", "0.1", "--max-message-bytes", str(1 << 20))
+        with ParamClient([s.address], worker_id="init", chunk_bytes=64 << 10) as ps:
+            ps.init({"stage1.W1": np.arange(4096, dtype=np.float32).reshape(64, 64), "other": np.zeros(10, np.float32)})
+        yield s
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -384,23 +279,15 @@ def test_pull_unknown_block_is_not_found(strict_shard):
 
 
 def test_metrics_health_and_graceful_sigterm(shards, tmp_path):
-    import socket
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        mport = sk.getsockname()[1]
-    s = shards("--metrics-port", str(mport))
+    s = shards(metrics=True)
     with ParamClient([s.address], worker_id="m") as ps:
         ps.init({"a": np.zeros(16, np.float32)})
         ps.wait(ps.push({"a": np.ones(16, np.float32)}))
         ps.wait(ps.push({"a": np.ones(16, np.float32)}))
         with pytest.raises(grpc.RpcError):
             ps.wait(ps.push({"a": np.full(16, np.nan, np.float32)}))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
-    assert re.search(
-        r'grpc_server_handled_total\{grpc_code="OK",grpc_method="Push",grpc_service="downpour.v1.ParameterServer",grpc_type="client_stream"\} 2.0',
-        text,
-    )
+    text = s.metrics()
+    assert re.search(r'grpc_server_handled_total\{grpc_code="OK",grpc_method="Push",grpc_service="downpour.v1.ParameterServer",grpc_type="client_stream"\} 2.0', text)
     assert re.search(r'grpc_server_handled_total\{grpc_code="INVALID_ARGUMENT",grpc_method="Push",[^}]*\} 1.0', text)
     assert 'grpc_server_handling_seconds_count{grpc_method="Push"' in text
     assert 'downpour_paramserver_pushes_total{outcome="rejected",shard="0"} 1.0' in text
@@ -411,14 +298,10 @@ def test_metrics_health_and_graceful_sigterm(shards, tmp_path):
 
 
 def test_reflection_lists_the_services(strict_shard):
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
     ch = open_channel(strict_shard.address)
     try:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        resp = next(
-            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
-        )
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
     finally:
         ch.close()
     names = {s.name for s in resp.list_services_response.service}
@@ -426,8 +309,6 @@ def test_reflection_lists_the_services(strict_shard):
 
 
 def test_bearer_token_hook(shards, tmp_path):
-    from downpour.rpc.channel import ChannelConfig
-
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     s = shards("--token-file", str(token))  # health needs no token: the fixture got SERVING

@@ -6,21 +6,15 @@ The tests make their own CA and certificates (``downpour.rpc.certs``, on the
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
-
 import grpc
+import harness
 import pytest
 
 pytest.importorskip("cryptography")
 
-from downpour.rpc import certs  # noqa: E402
-from downpour.rpc.channel import ChannelConfig, open_channel  # noqa: E402
-from downpour.up import free_port, wait_healthy  # noqa: E402
-from downpour.v1 import feeder_pb2, feeder_pb2_grpc, paramserver_pb2  # noqa: E402
+from downpour.rpc import certs  # noqa: E402 - after the importorskip above: certs needs cryptography
+from downpour.rpc.channel import ChannelConfig, open_channel  # noqa: E402 - after the importorskip above: certs needs cryptography
+from downpour.v1 import feeder_pb2, feeder_pb2_grpc, paramserver_pb2  # noqa: E402 - after the importorskip above: certs needs cryptography
 
 pytestmark = pytest.mark.slow
 
@@ -43,23 +37,6 @@ def pki(tmp_path_factory):
             "rogue": (rogue_pem, rogue_keyf), "token_file": str(token_file), "token": token, "dir": d}
 
 
-def _serve(role, args, tmp_path, env=None):
-    port, mport = free_port(), free_port()
-    log = open(tmp_path / f"{role}-{port}.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "downpour.cli", "serve", role, "--host", "127.0.0.1", "--port",
-                          str(port), "--metrics-port", str(mport), *args], stdout=log, stderr=subprocess.STDOUT,
-                         env=dict(os.environ, **(env or {})))
-    return p, f"127.0.0.1:{port}", mport
-
-
-def _stop(p):
-    p.terminate()
-    try:
-        p.wait(15)
-    except subprocess.TimeoutExpired:
-        p.kill()
-
-
 def _list_blocks(channel, timeout=5.0):
     return channel.unary_unary("/downpour.v1.ParameterServer/ListBlocks",
                                request_serializer=paramserver_pb2.ListBlocksRequest.SerializeToString,
@@ -67,16 +44,8 @@ def _list_blocks(channel, timeout=5.0):
         paramserver_pb2.ListBlocksRequest(), timeout=timeout)
 
 
-def _metric(mport, name, **labels):
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+def _metric(service, name, **labels):
+    return service.metric(name, **labels) or 0.0
 
 
 def _code(fn):
@@ -87,92 +56,80 @@ def _code(fn):
     return grpc.StatusCode.OK
 
 
-def test_mutual_tls_and_token_let_in_only_the_right_clients_and_count_the_rest(pki, tmp_path):
+def test_mutual_tls_and_token_let_in_only_the_right_clients_and_count_the_rest(pki, procs):
     args = ["--tls-cert", pki["cert"], "--tls-key", pki["key"], "--tls-client-ca", pki["ca"],
             "--token-file", pki["token_file"], "--tls-client-names", "node"]
-    p, addr, mport = _serve("paramserver", args, tmp_path)
     good = ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"], token=pki["token"])
-    try:
-        with open_channel(addr, good) as ch:
-            wait_healthy(addr, 60, p, good)
-            assert _list_blocks(ch).shard_index == 0  # the right certificate and token
-        cases = {
-            "no token": ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"]),
-            "wrong token": ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"], token=pki["token"] + "x"),
-            "token of another length": ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"], token="x"),
-            "certificate for another name": ChannelConfig(ca=pki["ca"], cert=pki["other"][0], key=pki["other"][1],
-                                                          token=pki["token"]),
-        }
-        for what, cfg in cases.items():
-            with open_channel(addr, cfg) as ch:
-                assert _code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED, what
-        name = "downpour_grpc_unauthenticated_total"
-        assert _metric(mport, name, reason="missing_token") >= 1
-        assert _metric(mport, name, reason="bad_token") >= 2
-        assert _metric(mport, name, reason="client_certificate") >= 1
-        assert _metric(mport, name, grpc_method="ListBlocks") >= 4
-        # Certificates the CA did not sign, or none at all, or no TLS: the handshake itself
-        # fails (there is no call to answer), so the client sees UNAVAILABLE.
-        for what, cfg in {"certificate from another CA": ChannelConfig(ca=pki["ca"], cert=pki["rogue"][0],
-                                                                        key=pki["rogue"][1], token=pki["token"]),
-                          "no client certificate": ChannelConfig(ca=pki["ca"], token=pki["token"])}.items():
-            with open_channel(addr, cfg) as ch:
-                assert _code(lambda: _list_blocks(ch, 3)) == grpc.StatusCode.UNAVAILABLE, what
-        with grpc.insecure_channel(addr) as ch:
-            assert _code(lambda: _list_blocks(ch, 3)) == grpc.StatusCode.UNAVAILABLE
-    finally:
-        _stop(p)
+    p = procs.serve("paramserver", *args, metrics=True, channel_config=good)
+    addr = p.address
+    with open_channel(addr, good) as ch:
+        assert _list_blocks(ch).shard_index == 0  # the right certificate and token
+    cases = {
+        "no token": ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"]),
+        "wrong token": ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"], token=pki["token"] + "x"),
+        "token of another length": ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"], token="x"),
+        "certificate for another name": ChannelConfig(ca=pki["ca"], cert=pki["other"][0], key=pki["other"][1],
+                                                      token=pki["token"]),
+    }
+    for what, cfg in cases.items():
+        with open_channel(addr, cfg) as ch:
+            assert _code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED, what
+    name = "downpour_grpc_unauthenticated_total"
+    assert _metric(p, name, reason="missing_token") >= 1
+    assert _metric(p, name, reason="bad_token") >= 2
+    assert _metric(p, name, reason="client_certificate") >= 1
+    assert _metric(p, name, grpc_method="ListBlocks") >= 4
+    # Certificates the CA did not sign, or none at all, or no TLS: the handshake itself
+    # fails (there is no call to answer), so the client sees UNAVAILABLE.
+    for what, cfg in {"certificate from another CA": ChannelConfig(ca=pki["ca"], cert=pki["rogue"][0],
+                                                                    key=pki["rogue"][1], token=pki["token"]),
+                      "no client certificate": ChannelConfig(ca=pki["ca"], token=pki["token"])}.items():
+        with open_channel(addr, cfg) as ch:
+            assert _code(lambda: _list_blocks(ch, 3)) == grpc.StatusCode.UNAVAILABLE, what
+    with grpc.insecure_channel(addr) as ch:
+        assert _code(lambda: _list_blocks(ch, 3)) == grpc.StatusCode.UNAVAILABLE
 
 
-def test_token_without_tls_is_checked_too(pki, tmp_path):
-    p, addr, mport = _serve("paramserver", ["--token-file", pki["token_file"]], tmp_path)
-    try:
-        wait_healthy(addr, 60, p)  # health needs no token: probes carry no secret
-        with open_channel(addr, ChannelConfig(token=pki["token"])) as ch:
-            _list_blocks(ch)
-        with grpc.insecure_channel(addr) as ch:
-            assert _code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED
-        assert _metric(mport, "downpour_grpc_unauthenticated_total", reason="missing_token") == 1
-    finally:
-        _stop(p)
+def test_token_without_tls_is_checked_too(pki, procs):
+    p = procs.serve("paramserver", "--token-file", pki["token_file"], metrics=True)  # health needs no token
+    addr = p.address
+    with open_channel(addr, ChannelConfig(token=pki["token"])) as ch:
+        _list_blocks(ch)
+    with grpc.insecure_channel(addr) as ch:
+        assert _code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED
+    assert _metric(p, "downpour_grpc_unauthenticated_total", reason="missing_token") == 1
 
 
-def test_message_size_and_concurrency_limits_answer_resource_exhausted(tmp_path):
-    p, addr, _ = _serve("feeder", ["--data", "default", "--shape", "1,16,16", "--max-message-bytes", str(1 << 20), "--max-concurrent-rpcs", "3"], tmp_path)
-    try:
-        wait_healthy(addr, 60, p)
-        with grpc.insecure_channel(addr) as ch:
-            # A request over the limit.
-            big = feeder_pb2.DatasetInfoRequest()
-            raw = big.SerializeToString() + b"\xfa\x3f" + b"\x80\x80\x80\x01" + b"x" * (2 << 20)  # unknown field 1023
-            call = ch.unary_unary("/downpour.v1.DataFeeder/DatasetInfo", request_serializer=None,
-                                  response_deserializer=None)
-            assert _code(lambda: call(raw, timeout=10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-            # More concurrent calls than allowed: open streams that stay open, then one more.
-            stub = feeder_pb2_grpc.DataFeederStub(ch)
-            req = feeder_pb2.StreamBatchesRequest(replica=0, num_replicas=1, batch_size=4)
-            streams = [stub.StreamBatches(req, timeout=30) for _ in range(3)]
-            for s in streams:
-                next(s)
-            deadline = time.monotonic() + 10
-            code = grpc.StatusCode.OK
-            while code != grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline:
-                code = _code(lambda: stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=5))
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            for s in streams:
-                s.cancel()
-            time.sleep(0.5)
-            stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=10)  # room again
-    finally:
-        _stop(p)
+def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
+    p = procs.serve("feeder", "--data", "default", "--shape", "1,16,16", "--max-message-bytes", str(1 << 20),
+                    "--max-concurrent-rpcs", "3", metrics=True)
+    addr = p.address
+    with grpc.insecure_channel(addr) as ch:
+        # A request over the limit.
+        big = feeder_pb2.DatasetInfoRequest()
+        raw = big.SerializeToString() + b"\xfa\x3f" + b"\x80\x80\x80\x01" + b"x" * (2 << 20)  # unknown field 1023
+        call = ch.unary_unary("/downpour.v1.DataFeeder/DatasetInfo", request_serializer=None,
+                              response_deserializer=None)
+        assert _code(lambda: call(raw, timeout=10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # More concurrent calls than allowed: open streams that stay open, then one more.
+        stub = feeder_pb2_grpc.DataFeederStub(ch)
+        req = feeder_pb2.StreamBatchesRequest(replica=0, num_replicas=1, batch_size=4)
+        streams = [stub.StreamBatches(req, timeout=30) for _ in range(3)]
+        for s in streams:
+            next(s)
+        info = lambda: _code(lambda: stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=5))  # noqa: E731 - a probe
+        harness.wait_for(lambda: info() == grpc.StatusCode.RESOURCE_EXHAUSTED, 10, "a call over the limit refused")
+        for s in streams:
+            s.cancel()
+        harness.wait_for(lambda: info() == grpc.StatusCode.OK, 10, "room again once the streams are cancelled")
 
 
 def test_downpour_up_secure_trains_with_mtls_and_a_token_everywhere(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "downpour.cli", "up", "--secure", "--quiet", "--out", str(out),
-                        "--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", "60"],
-                       capture_output=True, text=True, timeout=240)
+    r = harness.run_cli("up", "--secure", "--quiet", "--out", str(out), "--preset", "tiny", "--replicas", "2",
+                        "--shards", "2", "--steps", "60", timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
+    # Each child says in its log whether it served TLS; once the run is over nothing else can tell.
     logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
     roles = ("coordinator", "feeder", "paramserver-0", "paramserver-1", "worker-0", "worker-1", "neurons")
     for role in roles:

@@ -8,55 +8,30 @@ in-process run starts from); the coordinator sends block names only.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
-import subprocess
-import sys
-import time
 
 import grpc
+import harness
 import numpy as np
 import pytest
-
 from downpour import config as jobconfig
 from downpour.coordinator.server import Coordinator
 from downpour.coordinator.state import JobState
+from downpour.neurons.model import NeuronModel
+from downpour.neurons.sources import ShardSource
 from downpour.nn import Network, presets
 from downpour.nn.spec import to_dict
 from downpour.paramserver.client import ParamClient
 from downpour.partition import join_params, plan
-from downpour.rpc.channel import open_channel, wait_ready
-from downpour.v1 import paramserver_pb2 as pb, paramserver_pb2_grpc
-
-
-def _start(tmp, i):
-    log = tmp / f"shard-{i}.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "downpour.cli", "serve", "paramserver", "--host", "127.0.0.1",
-                                 "--port", "0", "--shard-index", str(i)], stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        m = re.search(r"listening on port (\d+)", log.read_text())
-        if m:
-            addr = f"127.0.0.1:{m.group(1)}"
-            ch = open_channel(addr)
-            wait_ready(ch, timeout=30)
-            ch.close()
-            return proc, addr
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.05)
-    raise TimeoutError(log.read_text())
+from downpour.rpc.channel import open_channel
+from downpour.v1 import paramserver_pb2 as pb
+from downpour.v1 import paramserver_pb2_grpc
 
 
 @pytest.fixture(scope="module")
 def shard_addresses(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("shards")
-    started = [_start(tmp, i) for i in range(4)]
-    yield [a for _, a in started]
-    for p, _ in started:
-        p.kill()
-        p.wait(timeout=30)
+    with harness.Procs(tmp_path_factory.mktemp("shards")) as procs:
+        started = [procs.serve("paramserver", "--shard-index", str(i), wait=False) for i in range(4)]
+        yield [s.wait_serving().address for s in started]  # the four start side by side
 
 
 def job(grid: str, shards: int) -> jobconfig.JobConfig:
@@ -113,30 +88,25 @@ def test_init_blocks_refuses_an_unknown_block_and_a_bad_job(shard_addresses):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no committed checkpoint" in e.value.details()
 
 
-def test_a_shard_that_restarts_empty_before_any_checkpoint_makes_its_initial_blocks_again(tmp_path, shard_addresses):
+def test_a_shard_that_restarts_empty_before_any_checkpoint_makes_its_initial_blocks_again(tmp_path, shard_addresses,
+                                                                                          procs):
     cfg = job("2x2", 2)
     coord, before = start_params(cfg, shard_addresses)
-    fresh_proc, fresh = _start(tmp_path, 1)  # shard 1 "restarted": a new, empty process in its place
-    try:
-        addresses = [shard_addresses[0], fresh]
-        state = JobState(cfg, None)
-        state.initialized = True
-        coord = Coordinator(state, addresses, "127.0.0.1:1", str(tmp_path / "no-checkpoints"))
-        with ParamClient(addresses, placement=coord.place) as client:
-            assert coord.check_shards(client) == [1]
-            after = {k: np.array(v).reshape(-1) for k, v in client.pull(list(coord.place)).items()}
-        assert set(after) == set(before)
-        for k in before:
-            np.testing.assert_array_equal(after[k], before[k], err_msg=k)
-    finally:
-        fresh_proc.kill()
-        fresh_proc.wait(timeout=30)
+    # shard 1 "restarted": a new, empty process in its place
+    fresh = procs.serve("paramserver", "--shard-index", "1").address
+    addresses = [shard_addresses[0], fresh]
+    state = JobState(cfg, None)
+    state.initialized = True
+    coord = Coordinator(state, addresses, "127.0.0.1:1", str(tmp_path / "no-checkpoints"))
+    with ParamClient(addresses, placement=coord.place) as client:
+        assert coord.check_shards(client) == [1]
+        after = {k: np.array(v).reshape(-1) for k, v in client.pull(list(coord.place)).items()}
+    assert set(after) == set(before)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
 
 
 def test_the_neurons_service_pulls_and_keeps_the_encoders_only(shard_addresses):
-    from downpour.neurons.model import NeuronModel
-    from downpour.neurons.sources import ShardSource
-
     cfg = job("2x2", 2)
     coord, blocks = start_params(cfg, shard_addresses)
     net = Network(cfg.network_spec())

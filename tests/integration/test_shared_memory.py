@@ -9,21 +9,17 @@ or gradient must be refused with its status code and change nothing.
 from __future__ import annotations
 
 import os
-import sys
 
 import grpc
 import numpy as np
 import pytest
 from downpour.paramserver import shared as shm
 from downpour.paramserver.client import ParamClient, refusal
+from downpour.rpc import lowp
 from downpour.rpc.channel import open_channel
+from downpour.v1 import common_pb2
 from downpour.v1 import paramserver_pb2 as pb
-
-sys.path.insert(0, os.path.dirname(__file__))
-import test_paramserver  # noqa: E402 - found through the sys.path entry above
-from test_paramserver import adagrad_expected  # noqa: E402 - as above
-
-shards = test_paramserver.shards  # the shard-process fixture, requested by name below
+from test_paramserver import adagrad_expected
 
 pytestmark = pytest.mark.skipif(not shm.usable(), reason="no writable /dev/shm on this machine")
 
@@ -34,24 +30,18 @@ PLACE = {"a": 0, "b": 0}
 
 
 def _blocks():
-    return {
-        "a": np.linspace(-1, 1, 3000, dtype=np.float32).reshape(30, 100),
-        "b": np.array([1.0, 2.0, 3.0], np.float32),
-    }
+    return {"a": np.linspace(-1, 1, 3000, dtype=np.float32).reshape(30, 100),
+            "b": np.array([1.0, 2.0, 3.0], np.float32)}
 
 
 def _stub(address: str):
     ch = open_channel(address)
-    attach = ch.unary_unary(
-        "/downpour.v1.ParameterServer/AttachShared",
-        request_serializer=pb.AttachSharedRequest.SerializeToString,
-        response_deserializer=pb.AttachSharedResponse.FromString,
-    )
-    pp = ch.unary_unary(
-        "/downpour.v1.ParameterServer/PushPullShared",
-        request_serializer=pb.PushPullSharedRequest.SerializeToString,
-        response_deserializer=pb.PushPullSharedResponse.FromString,
-    )
+    attach = ch.unary_unary("/downpour.v1.ParameterServer/AttachShared",
+                            request_serializer=pb.AttachSharedRequest.SerializeToString,
+                            response_deserializer=pb.AttachSharedResponse.FromString)
+    pp = ch.unary_unary("/downpour.v1.ParameterServer/PushPullShared",
+                        request_serializer=pb.PushPullSharedRequest.SerializeToString,
+                        response_deserializer=pb.PushPullSharedResponse.FromString)
     return ch, attach, pp
 
 
@@ -193,9 +183,6 @@ def test_reduced_precision_on_the_wire_is_applied_in_float32(shards, wire):
     w0 = _blocks()
     rng = np.random.default_rng(1)
     g = {"a": rng.standard_normal((30, 100)).astype(np.float32), "b": np.array([0.3, -0.7, 1e-3], np.float32)}
-    from downpour.rpc import lowp
-    from downpour.v1 import common_pb2
-
     dt = lowp.WIRE_DTYPES[wire]
     with ParamClient([s.address], worker_id="init") as ps:
         ps.init(w0)

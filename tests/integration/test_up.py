@@ -5,19 +5,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
+import socket
 
+import harness
+import numpy as np
 import pytest
+from downpour import config as jobconfig
+from downpour.up import cluster as upmod
+from downpour.client import NeuronsClient
 
 pytestmark = pytest.mark.slow
 
 
-def up(args, out, env=None, **kw):
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), *args]
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=240, **kw)
+def up(args, out, env=None):
+    return harness.run_cli("up", "--quiet", "--out", str(out), *args, env=env, timeout=240)
 
 
 def _no_nan(token):
@@ -62,54 +63,25 @@ def test_two_replicas_two_shards_train_and_the_loss_falls(tmp_path, initial_loss
     assert manifests, "no committed checkpoint"
 
 
-def _coordinator(out):
-    with open(os.path.join(out, "cluster.json")) as f:
-        rows = json.load(f)
-    return {r["name"]: r for r in rows}
-
-
-def _status(address):
-    from downpour.up import job_status
-
-    return job_status(address, timeout=2.0)
-
-
-def test_a_worker_killed_mid_run_is_replaced_and_the_job_reaches_its_step_count(tmp_path):
+def test_a_worker_killed_mid_run_is_replaced_and_the_job_reaches_its_step_count(tmp_path, procs):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
-           "--replicas", "2", "--shards", "1", "--steps", "300"]
-    env = dict(os.environ, DOWNPOUR_LEASE_SECONDS="2", DOWNPOUR_CHECKPOINT_EVERY="50")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 90
-        victim = None
-        while time.monotonic() < deadline and victim is None:
-            time.sleep(0.2)
-            if not (out / "cluster.json").exists():
-                continue
-            rows = _coordinator(out)
-            try:
-                st = _status(rows["coordinator"]["address"])
-            except Exception:  # noqa: BLE001 - not up yet
-                continue
-            slot = {s.replica: s for s in st.slots}.get(1)
-            if slot is not None and slot.step >= 30:
-                # whichever worker process holds replica 1's slot
-                victim = next(r for r in rows.values() if r["address"] == slot.address)
-                killed_at, killed_member = slot.step, slot.member_id
-                os.kill(victim["pid"], signal.SIGKILL)
-        assert victim is not None, "the job never reached step 30"
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
-    assert f"restarted {victim['name']}" in stderr
+    env = {"DOWNPOUR_LEASE_SECONDS": "2", "DOWNPOUR_CHECKPOINT_EVERY": "50"}
+    proc = procs.up(out, "--quiet", "--preset", "tiny", "--replicas", "2", "--shards", "1", "--steps", "300", env=env)
+    st = harness.wait_job(out, lambda st: any(s.replica == 1 and s.step >= 30 for s in st.slots), 90,
+                          "replica 1 at step 30", [proc])
+    slot = {s.replica: s for s in st.slots}[1]
+    # whichever worker process holds replica 1's slot
+    victim = next(r for r in harness.cluster(out).values() if r["address"] == slot.address)
+    killed_at, killed_member = slot.step, slot.member_id
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert proc.wait(180) == 0, proc.report()
+    assert harness.cluster(out)[victim["name"]]["restarts"] >= 1
     assert killed_at < 300
     last = history(out)["history"][-1]
     assert [rep["step"] for rep in last["replicas"]] == [300, 300]
     # replica 1's slot went to another member, which resumed the replica's step rather than starting at 0
     assert last["replicas"][1]["member"] != killed_member
+    # Slot hand-overs and the step a member starts from are told only in the coordinator's and workers' logs.
     coord_log = (out / "logs" / "coordinator.log").read_text()
     assert coord_log.count("-> replica 1 partition 0") >= 2
     starts = [int(line.split("from step ")[1].split()[0])
@@ -131,94 +103,64 @@ def test_resume_continues_the_step_count_from_the_checkpoint(tmp_path, initial_l
     steps = [h["replicas"][0]["step"] for h in second["history"] if h["replicas"]]
     assert steps[-1] == 80
     assert min(s for s in steps if s > 0) >= 40  # no step below the checkpoint's was run again
+    # the step count above is the structured evidence; where the coordinator took it from is only in its log
     assert "resumed from checkpoint" in (out / "logs" / "coordinator.log").read_text()
     # the parameters came back too: training goes on from the trained loss, not the initial one
     assert first_losses
     assert reported_losses(second, 0)[0] < 0.5 * initial_loss("tiny")
 
 
-def test_status_shows_the_running_cluster_and_ctrl_c_stops_every_child(tmp_path):
+def _alive(pids):
+    """Those of ``pids`` still running (a zombie, exited but not reaped, is not)."""
+    return [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+
+
+def test_status_shows_the_running_cluster_and_ctrl_c_stops_every_child(tmp_path, procs):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
-           "--replicas", "2", "--shards", "2", "--steps", "100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        status = None
-        while time.monotonic() < deadline:
-            time.sleep(0.3)
-            if not (out / "cluster.json").exists():
-                continue
-            addr = _coordinator(out)["coordinator"]["address"]
-            r = subprocess.run([sys.executable, "-m", "downpour.cli", "status", "--coordinator", addr],
-                               capture_output=True, text=True, timeout=30)
-            # replica 1 joins once replica 0 has taken the warm start's steps
-            if r.returncode == 0 and "JOB_STATE_RUNNING" in r.stdout and r.stdout.count("127.0.0.1:") >= 2 + 2:
-                status = r.stdout
-                break
-        assert status is not None, f"the cluster never reported RUNNING with two workers and two shards: {r.stdout}"
-        # ``up`` also serves the neurons of the live parameters, pulled from the shards
-        import numpy as np
+    proc = procs.up(out, "--quiet", "--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", "100000")
 
-        from downpour.client import NeuronsClient
+    def status():
+        addr = harness.cluster(out).get("coordinator", {}).get("address")
+        r = addr and harness.run_cli("status", "--coordinator", addr, timeout=30)
+        # replica 1 joins once replica 0 has taken the warm start's steps
+        if r and r.returncode == 0 and "JOB_STATE_RUNNING" in r.stdout and r.stdout.count("127.0.0.1:") >= 2 + 2:
+            return r.stdout
+        return None
 
-        rows = _coordinator(out)
-        assert rows["neurons"]["role"] == "neurons"
-        with NeuronsClient(rows["neurons"]["address"]) as nc:
-            nc.wait_ready(60)
-            info = nc.describe()
-            acts = nc.activations(np.random.default_rng(0).random((2, 16, 16, 1)), "stage3.output")
-        assert info.source.startswith("shards 127.0.0.1:"), info.source
-        assert acts.values.shape[0] == 2 and acts.values.shape[1] > 0 and np.isfinite(acts.values).all()
-        pids = [row["pid"] for row in _coordinator(out).values()]
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130
-    time.sleep(0.5)
-    alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
-    assert not alive, f"children still running after Ctrl-C: {alive}"
+    harness.wait_for(status, 90, "`downpour status` to show RUNNING with two workers and two shards", 0.3, [proc])
+    # ``up`` also serves the neurons of the live parameters, pulled from the shards
+    rows = harness.cluster(out)
+    assert rows["neurons"]["role"] == "neurons"
+    with NeuronsClient(rows["neurons"]["address"]) as nc:
+        nc.wait_ready(60)
+        info = nc.describe()
+        acts = nc.activations(np.random.default_rng(0).random((2, 16, 16, 1)), "stage3.output")
+    assert info.source.startswith("shards 127.0.0.1:"), info.source
+    assert acts.values.shape[0] == 2 and acts.values.shape[1] > 0 and np.isfinite(acts.values).all()
+    pids = [row["pid"] for row in harness.cluster(out).values()]
+    assert proc.kill(signal.SIGINT, timeout=90) == 130
+    # the launcher stops every child before it exits; reaping the last ones may take a moment
+    harness.wait_for(lambda: not _alive(pids), 2, "every child to be gone after Ctrl-C")
     # Ctrl-C took a checkpoint first, so the run can be resumed.
     assert list((out / "checkpoints").glob("*/MANIFEST.json"))
 
 
-def test_children_die_with_a_killed_launcher(tmp_path):
+def test_children_die_with_a_killed_launcher(tmp_path, procs):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", str(out), "--preset", "tiny",
-           "--replicas", "1", "--shards", "1", "--steps", "100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (out / "cluster.json").exists():
-            time.sleep(0.2)
-        rows = _coordinator(out)
-        assert {"paramserver-0", "feeder", "coordinator", "worker-0", "neurons"} <= set(rows)
-        pids = [r["pid"] for r in rows.values()]
-        time.sleep(2)  # every child is past its start-up
-        proc.kill()  # no chance to stop anything: the kernel must tell the children
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-    def alive():
-        return [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
-
-    deadline = time.monotonic() + 30
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert not alive(), f"children outlived their launcher: {alive()}"
+    proc = procs.up(out, "--quiet", "--preset", "tiny", "--replicas", "1", "--shards", "1", "--steps", "100000")
+    names = {"paramserver-0", "feeder", "coordinator", "worker-0", "neurons"}
+    rows = harness.wait_for(lambda: (r := harness.cluster(out)) and names <= set(r) and r, 90, "every child listed",
+                            0.2, [proc])
+    pids = [r["pid"] for r in rows.values()]
+    # every child past its start-up: each answers its health check
+    harness.wait_for(lambda: all(harness.serving(r["address"]) for r in rows.values()), 60, "every child SERVING",
+                     0.2, [proc])
+    proc.kill()  # no chance to stop anything: the kernel must tell the children
+    harness.wait_for(lambda: not _alive(pids), 30, "the children to die with their launcher", 0.3)
 
 
 def test_a_child_whose_port_was_taken_starts_again_on_another(tmp_path, monkeypatch):
     """Ports are picked free but bound later by the child: another program may take one first."""
-    import socket
-
-    from downpour import config as jobconfig
-    from downpour.up import cluster as upmod
-
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -236,6 +178,7 @@ def test_a_child_whose_port_was_taken_starts_again_on_another(tmp_path, monkeypa
         cluster.start(60)
         shard = next(c for c in cluster.children if c.role == "paramserver")
         assert shard.port != port and shard.alive()
+        # its new port above is the evidence; the log says why it moved
         assert "cannot bind" in (tmp_path / "run" / "logs" / "paramserver-0.log").read_text().lower()
         upmod.wait_healthy(shard.address, 10)
     finally:

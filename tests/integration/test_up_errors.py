@@ -1,22 +1,20 @@
 """`downpour up` errors a user can act on: checked before anything starts, or the failing child's own reason.
 
 Each case runs the real launcher in its own process and reads what the
-terminal would show (stdout and stderr).
+terminal would show (stdout and stderr): here the message is the behaviour under test.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
+import harness
 import numpy as np
 
 
 def up(tmp_path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "downpour.cli", "up", "--preset", "tiny", "--steps", "2",
-                           "--replicas", "1", "--shards", "1", "--no-neurons", "--out", str(tmp_path / "run"), *flags],
-                          capture_output=True, text=True, timeout=180, env={**os.environ, **(env or {})})
+    return harness.run_cli("up", "--preset", "tiny", "--steps", "2", "--replicas", "1", "--shards", "1",
+                           "--no-neurons", "--out", str(tmp_path / "run"), *flags, env=env, timeout=180)
 
 
 def test_a_missing_or_empty_dataset_is_refused_before_any_process_starts(tmp_path):

@@ -4,7 +4,7 @@ One real `downpour up` run (tiny preset, 20 steps, two shards) gives the run
 folder; the service runs as `downpour serve neurons --checkpoint-dir` in its own
 process, `downpour query` and `downpour export` in others. Every path is
 compared against one independent evaluation written here: the checkpoint's
-blocks read with `downpour.checkpoints`, the photo turned into the input with
+blocks read with `downpour.checkpoint`, the photo turned into the input with
 Pillow and NumPy directly (float luma, bilinear scale so that it covers the
 input, centre cut, per-example standardisation), and `downpour.nn.Network`.
 """
@@ -13,59 +13,36 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import downpour
 import grpc
+import harness
 import numpy as np
 import pytest
-from PIL import Image
-
-import downpour
 from downpour import checkpoint as checkpoints
 from downpour.client import NeuronsClient
 from downpour.nn import Network
 from downpour.rpc import codec
 from downpour.v1 import common_pb2
 from downpour.v1 import neurons_pb2 as pb
-
-from test_neurons import Proc  # the one way these tests start a service
+from google.protobuf import descriptor_pool, message_factory
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from PIL import Image
 
 LAYER = "stage2.output"
 
 
-def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "downpour.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def run(trained_run) -> Path:
-    return trained_run
+def service(trained_run, tmp_path_factory):
+    with harness.Procs(tmp_path_factory.mktemp("svc")) as procs:
+        yield procs.serve("neurons", "--checkpoint-dir", str(trained_run / "checkpoints"))
 
 
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    """A 120x90 RGB JPEG with structure (a gradient and a disc), as a camera would give."""
-    yy, xx = np.mgrid[0:90, 0:120]
-    rgb = np.stack([xx * 2, yy * 2, ((xx - 70) ** 2 + (yy - 40) ** 2 < 400) * 255], -1).clip(0, 255).astype(np.uint8)
-    p = tmp_path_factory.mktemp("photo") / "photo.jpg"
-    Image.fromarray(rgb).save(p, quality=95)
-    return p
-
-
-@pytest.fixture(scope="module")
-def service(run, tmp_path_factory):
-    p = Proc(tmp_path_factory.mktemp("svc"), "neurons", "--checkpoint-dir", str(run / "checkpoints"))
-    yield p
-    p.stop()
-
-
-def reference(run: Path, photo_bytes: bytes, layer: str = LAYER) -> np.ndarray:
+def reference(trained_run: Path, photo_bytes: bytes, layer: str = LAYER) -> np.ndarray:
     """The expected activations, computed without downpour's image or query code."""
-    m = checkpoints.newest_valid(run / "checkpoints")
-    cfg, params = checkpoints.load_params(run / "checkpoints", m)
+    m = checkpoints.newest_valid(trained_run / "checkpoints")
+    cfg, params = checkpoints.load_params(trained_run / "checkpoints", m)
     spec = cfg.network_spec()
     c, h, w = spec.input
     assert c == 1
@@ -84,9 +61,9 @@ def reference(run: Path, photo_bytes: bytes, layer: str = LAYER) -> np.ndarray:
 
 # -- 1. any image -------------------------------------------------------------------------
 
-def test_a_photo_of_any_size_gives_the_same_activations_everywhere(run, photo, service):
-    want = reference(run, photo.read_bytes())
-    net = downpour.load(run)
+def test_a_photo_of_any_size_gives_the_same_activations_everywhere(trained_run, photo, service):
+    want = reference(trained_run, photo.read_bytes())
+    net = downpour.load(trained_run)
     np.testing.assert_allclose(net.activations([photo], LAYER).values, want, rtol=1e-4, atol=1e-5)
     with NeuronsClient(service.address) as nc:
         nc.wait_ready(60)
@@ -96,14 +73,14 @@ def test_a_photo_of_any_size_gives_the_same_activations_everywhere(run, photo, s
     np.testing.assert_allclose(remote.values, want, rtol=1e-4, atol=1e-5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "encoded_images[0] is 90x120; the model takes 16x16" in e.value.details()
-    q = run_cli("query", "--addr", service.address, "--image", str(photo), "--layer", LAYER, "--json")
+    q = harness.run_cli("query", "--addr", service.address, "--image", str(photo), "--layer", LAYER, "--json")
     assert q.returncode == 0, q.stderr
     np.testing.assert_allclose([json.loads(q.stdout)["images"][0]["activations"]], want, rtol=1e-4, atol=1e-5)
-    q = run_cli("query", "--addr", service.address, "--image", str(photo), "--layer", LAYER, "--no-resize")
+    q = harness.run_cli("query", "--addr", service.address, "--image", str(photo), "--layer", LAYER, "--no-resize")
     assert q.returncode == 1 and "INVALID_ARGUMENT" in q.stderr and "90x120" in q.stderr
 
 
-def test_modes_and_orientation_are_converted_as_decoded(run, service, tmp_path):
+def test_modes_and_orientation_are_converted_as_decoded(trained_run, service, tmp_path):
     """Palette and RGBA give what their RGB pixels give; an EXIF-rotated photo what the upright one gives."""
     rng = np.random.default_rng(3)
     rgb = Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
@@ -127,7 +104,7 @@ def test_modes_and_orientation_are_converted_as_decoded(run, service, tmp_path):
     np.testing.assert_allclose(got[0], got[2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[1], got[2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[3], got[4], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got[2], reference(run, enc(as_rgb))[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[2], reference(trained_run, enc(as_rgb))[0], rtol=1e-4, atol=1e-5)
 
 
 def test_bfloat16_tensors_are_read_as_bfloat16(service):
@@ -159,8 +136,8 @@ def test_bfloat16_tensors_are_read_as_bfloat16(service):
 
 # -- 2. in process ----------------------------------------------------------------------------
 
-def test_in_process_answers_equal_the_service(run, service):
-    net = downpour.load(run)
+def test_in_process_answers_equal_the_service(trained_run, service):
+    net = downpour.load(trained_run)
     info = net.describe()
     with NeuronsClient(service.address) as nc:
         nc.wait_ready(60)
@@ -182,7 +159,7 @@ def test_in_process_answers_equal_the_service(run, service):
         s, rs = (x.optimal_stimulus("stage3.pool", (1, 0, 1), steps=15, seed=2) for x in (net, nc))
         np.testing.assert_allclose(s.image, rs.image, rtol=1e-5, atol=1e-6)
     # the histogram counts every scanned example; its range is the activations' range
-    assert h.counts.sum() == h.examples_scanned == len(downpour.load(run).dataset("heldout", net.model()))
+    assert h.counts.sum() == h.examples_scanned == len(downpour.load(trained_run).dataset("heldout", net.model()))
     assert h.edges[0] == pytest.approx(min(t.activation for t in net.top_inputs(
         "stage3.pool", 5, dataset="heldout", k=1000)), rel=1e-6)
     assert h.edges[-1] == pytest.approx(top_activation(net, 5), rel=1e-6)
@@ -208,12 +185,12 @@ def test_load_refuses_what_it_cannot_read(tmp_path):
 # -- 3. export --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npz"])
-def test_export_is_self_describing_and_loads_to_the_same_activations(run, photo, tmp_path, fmt):
+def test_export_is_self_describing_and_loads_to_the_same_activations(trained_run, photo, tmp_path, fmt):
     out = tmp_path / f"w.{fmt}"
-    r = run_cli("export", "--checkpoint", str(run), "--format", fmt, "--out", str(out), "--json")
+    r = harness.run_cli("export", "--checkpoint", str(trained_run), "--format", fmt, "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
-    m = checkpoints.newest_valid(run / "checkpoints")
-    cfg, params = checkpoints.load_params(run / "checkpoints", m)
+    m = checkpoints.newest_valid(trained_run / "checkpoints")
+    cfg, params = checkpoints.load_params(trained_run / "checkpoints", m)
     shapes = Network(cfg.network_spec()).param_shapes()
     if fmt == "safetensors":
         from safetensors.numpy import load_file, safe_open
@@ -234,38 +211,35 @@ def test_export_is_self_describing_and_loads_to_the_same_activations(run, photo,
     assert meta["downpour.checkpoint_id"] == m["checkpoint_id"] and meta["downpour.step"] == str(m["step"])
     assert json.loads(r.stdout)["parameters"] == sum(int(np.prod(s)) for s in shapes.values())
     images = [photo, np.random.default_rng(4).integers(0, 256, (16, 16), dtype=np.uint8)]
-    want = downpour.load(run).activations(images, "stage3.output").values
+    want = downpour.load(trained_run).activations(images, "stage3.output").values
     np.testing.assert_array_equal(downpour.load(out).activations(images, "stage3.output").values, want)
     assert downpour.load(out).describe().checkpoint_id == m["checkpoint_id"]
 
 
 def test_export_errors_name_the_problem(tmp_path):
-    r = run_cli("export", "--checkpoint", str(tmp_path), "--format", "npz", "--out", str(tmp_path / "x.npz"))
+    r = harness.run_cli("export", "--checkpoint", str(tmp_path), "--format", "npz", "--out", str(tmp_path / "x.npz"))
     assert r.returncode == 2 and "no committed checkpoint" in r.stderr
     assert not (tmp_path / "x.npz").exists()
 
 
 # -- CuPy where there is a GPU -------------------------------------------------------------
 
-def test_cupy_backend_matches_numpy(run, photo):
+def test_cupy_backend_matches_numpy(trained_run, photo):
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
     try:
         cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # noqa: BLE001 - any CUDA error means: no usable GPU here
         pytest.skip(f"no usable GPU: {e}")
-    cpu, gpu = downpour.load(run), downpour.load(run, backend="cupy")
+    cpu, gpu = downpour.load(trained_run), downpour.load(trained_run, backend="cupy")
     np.testing.assert_allclose(gpu.activations([photo], LAYER).values, cpu.activations([photo], LAYER).values,
                                rtol=1e-4, atol=1e-5)
     a, b = (n.optimal_stimulus("stage3.pool", (0, 0, 0), steps=10) for n in (cpu, gpu))
     assert b.activation == pytest.approx(a.activation, rel=1e-3)
 
 
-def test_a_client_with_nothing_but_reflection_gets_the_same_activations(run, photo, service):
+def test_a_client_with_nothing_but_reflection_gets_the_same_activations(trained_run, photo, service):
     """What grpcurl or a client generated in another language sees: the contract from server reflection,
     no downpour stubs. The photo goes as encoded bytes; the answer is a Tensor of float32 bytes."""
-    from google.protobuf import descriptor_pool, message_factory
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-
     with grpc.insecure_channel(service.address) as ch:
         grpc.channel_ready_future(ch).result(timeout=60)
         db = ProtoReflectionDescriptorDatabase(ch)
@@ -279,14 +253,14 @@ def test_a_client_with_nothing_but_reflection_gets_the_same_activations(run, pho
         r = call(Req(encoded_images=[photo.read_bytes()], layer=LAYER), timeout=60)
     assert pool.FindEnumTypeByName("downpour.v1.Dtype").values_by_number[r.activations.dtype].name == "DTYPE_FLOAT32"
     got = np.frombuffer(r.activations.data, "<f4").reshape(list(r.activations.shape))
-    np.testing.assert_allclose(got, reference(run, photo.read_bytes()), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, reference(trained_run, photo.read_bytes()), rtol=1e-4, atol=1e-5)
 
 
-def test_cupy_backend_without_cupy_says_how_to_get_it(run):
+def test_cupy_backend_without_cupy_says_how_to_get_it(trained_run):
     try:
         import cupy  # noqa: F401
     except ImportError:
         with pytest.raises(ValueError, match="needs CuPy"):
-            downpour.load(run, backend="cupy")
+            downpour.load(trained_run, backend="cupy")
     else:
         pytest.skip("CuPy is installed here: test_cupy_backend_matches_numpy covers it")
