@@ -24,9 +24,20 @@ import sys
 import tempfile
 import time
 
-NEEDED = ["yaml", "grpc", "grpc_health.v1.health", "grpc_reflection.v1alpha.reflection", "google.protobuf",
-          "downpour.v1.coordinator_pb2_grpc", "prometheus_client", "PIL", "skimage", "rich", "matplotlib",
-          "cryptography"]
+NEEDED = [
+    "yaml",
+    "grpc",
+    "grpc_health.v1.health",
+    "grpc_reflection.v1alpha.reflection",
+    "google.protobuf",
+    "downpour.v1.coordinator_pb2_grpc",
+    "prometheus_client",
+    "PIL",
+    "skimage",
+    "rich",
+    "matplotlib",
+    "cryptography",
+]
 
 
 def missing_modules() -> list[str]:
@@ -55,9 +66,27 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=1)
         return 0
     run = tempfile.mkdtemp(prefix="downpour-e2e-")
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--preset", "tiny", "--device", args.device,
-           "--replicas", "2", "--shards", "1", "--steps", str(args.steps), "--batch-size", "16", "--quiet",
-           "--out", os.path.join(run, "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "downpour.cli",
+        "up",
+        "--preset",
+        "tiny",
+        "--device",
+        args.device,
+        "--replicas",
+        "2",
+        "--shards",
+        "1",
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        "16",
+        "--quiet",
+        "--out",
+        os.path.join(run, "run"),
+    ]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -67,8 +96,10 @@ def main(argv=None) -> int:
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["exit_code"] = rc
     result["stderr_tail"] = err[-1500:]
-    logs = {os.path.basename(f): open(f, encoding="utf-8", errors="replace").read()
-            for f in glob.glob(os.path.join(run, "run", "logs", "*.log"))}
+    logs = {
+        os.path.basename(f): open(f, encoding="utf-8", errors="replace").read()
+        for f in glob.glob(os.path.join(run, "run", "logs", "*.log"))
+    }
     want = f"computing on {args.device}"
     result["workers"] = sorted(n for n in logs if n.startswith("worker"))
     result["workers_on_device"] = sorted(n for n, t in logs.items() if n.startswith("worker") and want in t)
@@ -80,24 +111,51 @@ def main(argv=None) -> int:
         with open(os.path.join(run, "run", "metrics.json"), encoding="utf-8") as f:
             m = json.load(f)
         # per replica, the first and last reported losses (null until a replica has reported)
-        seen = [[r["loss"] for h in m["history"] if i < len(h["replicas"])
-                 for r in [h["replicas"][i]] if r["loss"] is not None and r["step"] > 0] for i in range(2)]
+        seen = [
+            [
+                r["loss"]
+                for h in m["history"]
+                if i < len(h["replicas"])
+                for r in [h["replicas"][i]]
+                if r["loss"] is not None and r["step"] > 0
+            ]
+            for i in range(2)
+        ]
         first, last = [s[0] for s in seen], [s[-1] for s in seen]
-        result.update(loss_first=first, loss_last=last, final=m.get("final"),
-                      examples_per_second_mean=m.get("examples_per_second_mean"))
+        result.update(
+            loss_first=first,
+            loss_last=last,
+            final=m.get("final"),
+            examples_per_second_mean=m.get("examples_per_second_mean"),
+        )
         # A replica may report once (it can finish its steps within one report window), so
         # compare the job's final losses with the first loss any replica reported.
-        earliest = next(r["loss"] for h in m["history"] for r in h["replicas"] if r["loss"] is not None and r["step"] > 0)
+        earliest = next(
+            r["loss"] for h in m["history"] for r in h["replicas"] if r["loss"] is not None and r["step"] > 0
+        )
         loss_down = sum(last) / len(last) < earliest
     except (OSError, KeyError, IndexError, ValueError) as e:
         result["metrics_error"] = f"{type(e).__name__}: {e}"
         loss_down = False
-    result["ok"] = bool(rc == 0 and len(result["workers"]) == 2 and result["workers_on_device"] == result["workers"]
-                        and result["neurons_on_device"] and not result["tracebacks"] and loss_down)
+    result["ok"] = bool(
+        rc == 0
+        and len(result["workers"]) == 2
+        and result["workers_on_device"] == result["workers"]
+        and result["neurons_on_device"]
+        and not result["tracebacks"]
+        and loss_down
+    )
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps({k: result[k] for k in ("ok", "exit_code", "seconds", "workers_on_device", "neurons_on_device")
-                      if k in result}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("ok", "exit_code", "seconds", "workers_on_device", "neurons_on_device")
+                if k in result
+            }
+        )
+    )
     return 0 if result["ok"] else 1
 
 

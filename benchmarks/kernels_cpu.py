@@ -46,13 +46,13 @@ if any(k in os.environ for k in _BLAS_ENV) and os.environ.get("_KERNELS_CPU_REEX
     print(f"note: re-running without {', '.join(_BLAS_ENV)} for this benchmark only", flush=True)
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from threadpoolctl import threadpool_info  # noqa: E402
+import numpy as np  # noqa: E402 - after the thread count is pinned above
+import torch  # noqa: E402 - after the thread count is pinned above
+import torch.nn.functional as F  # noqa: E402 - after the thread count is pinned above
+from threadpoolctl import threadpool_info  # noqa: E402 - after the thread count is pinned above
 
-from downpour.nn import LCN, LocalFilter, Pool  # noqa: E402
-from downpour.nn.lcn import _inside, gaussian_1d  # noqa: E402
+from downpour.nn import LCN, LocalFilter, Pool  # noqa: E402 - after the thread count is pinned above
+from downpour.nn.lcn import _inside, gaussian_1d  # noqa: E402 - after the thread count is pinned above
 
 RTOL = 1e-4
 
@@ -138,20 +138,26 @@ def bench_local_filter(rng, reps, warmup, rows):
         return yt
 
     yt = torch_nchw()
-    errs = [check("LocalFilter y (nchw)", y, yt.detach().numpy().transpose(2, 3, 1, 0)),
-            check("LocalFilter dx (nchw)", dx, xt.grad.numpy().transpose(2, 3, 1, 0)),
-            check("LocalFilter dW (nchw)", dw, wt.grad.numpy().transpose(0, 1, 2, 4, 5, 3).reshape(L, M, K))]
+    errs = [
+        check("LocalFilter y (nchw)", y, yt.detach().numpy().transpose(2, 3, 1, 0)),
+        check("LocalFilter dx (nchw)", dx, xt.grad.numpy().transpose(2, 3, 1, 0)),
+        check("LocalFilter dW (nchw)", dw, wt.grad.numpy().transpose(0, 1, 2, 4, 5, 3).reshape(L, M, K)),
+    ]
     yt = torch_hwcb()
-    errs += [check("LocalFilter y (hwcb)", y.reshape(L, M, B), yt.detach().numpy()),
-             check("LocalFilter dx (hwcb)", dx, xh.grad.numpy()),
-             check("LocalFilter dW (hwcb)", dw, wh.grad.numpy())]
+    errs += [
+        check("LocalFilter y (hwcb)", y.reshape(L, M, B), yt.detach().numpy()),
+        check("LocalFilter dx (hwcb)", dx, xh.grad.numpy()),
+        check("LocalFilter dW (hwcb)", dw, wh.grad.numpy()),
+    ]
 
     flops = 3 * 2 * L * M * K * B  # forward 2LMKB, backward (dW and dx) twice that
     t_ours, t_a, t_b = interleaved_ms([ours, torch_nchw, torch_hwcb], reps, warmup)
     t_torch = min(t_a, t_b)
-    rows += [("LocalFilter f+b", "ours (H,W,C,B), row-blocked", t_ours, flops),
-             ("LocalFilter f+b", "torch NCHW unfold+einsum", t_a, flops),
-             ("LocalFilter f+b", "torch (L,K,B) unfold+bmm", t_b, flops)]
+    rows += [
+        ("LocalFilter f+b", "ours (H,W,C,B), row-blocked", t_ours, flops),
+        ("LocalFilter f+b", "torch NCHW unfold+einsum", t_a, flops),
+        ("LocalFilter f+b", "torch (L,K,B) unfold+bmm", t_b, flops),
+    ]
     return t_torch / t_ours, max(errs), (L, M, K, B)
 
 
@@ -159,7 +165,7 @@ def bench_local_filter(rng, reps, warmup, rows):
 def bench_tica_rec(rng, reps, warmup, rows):
     B, C, H, W, k, s, M = 32, 3, 64, 64, 12, 2, 8
     lf = LocalFilter((C, H, W), M, k, s)
-    Ho, Wo, L, K = lf.Ho, lf.Wo, lf.L, lf.K
+    L, K = lf.L, lf.K
     x = rng.standard_normal((H, W, C, B)).astype(np.float32)
     w1 = (rng.standard_normal(lf.weight_shape) * 0.05).astype(np.float32)  # (L, M, K)
     w2 = (rng.standard_normal(lf.decoder_shape) * 0.05).astype(np.float32)  # (L, K, M)
@@ -192,13 +198,17 @@ def bench_tica_rec(rng, reps, warmup, rows):
         return lt
 
     lt = torch_bmm_fold()
-    errs = [check("TICA rec loss", loss, lt.item()),
-            check("TICA rec dW1", dw1, w1h.grad.numpy()),
-            check("TICA rec dW2", dw2, w2h.grad.numpy())]
+    errs = [
+        check("TICA rec loss", loss, lt.item()),
+        check("TICA rec dW1", dw1, w1h.grad.numpy()),
+        check("TICA rec dW2", dw2, w2h.grad.numpy()),
+    ]
     flops = 4 * 2 * L * M * K * B  # forward, decode, decode_backward (2x), dW1
     t_ours, t_torch = interleaved_ms([ours, torch_bmm_fold], reps, warmup)
-    rows += [("TICA rec f+b", "ours (H,W,C,B), row-blocked", t_ours, flops),
-             ("TICA rec f+b", "torch (L,K,B) bmm+fold", t_torch, flops)]
+    rows += [
+        ("TICA rec f+b", "ours (H,W,C,B), row-blocked", t_ours, flops),
+        ("TICA rec f+b", "torch (L,K,B) bmm+fold", t_torch, flops),
+    ]
     return t_torch / t_ours, max(errs)
 
 
@@ -243,6 +253,7 @@ def bench_pool_lcn(rng, reps, warmup, rows):
             c = sig.mean(dim=(2, 3), keepdim=True)
             d = torch.clamp(torch.maximum(sig, c), min=leps)
             return v / d
+
         return f
 
     xt = torch.from_numpy(x.transpose(3, 2, 0, 1).copy()).requires_grad_()
@@ -251,14 +262,18 @@ def bench_pool_lcn(rng, reps, warmup, rows):
     errs, runs = [], []
     flops = 3 * B * (pool.flops() + lcn.flops())  # forward from the layers' counts; backward ~2x
     for name, f in variants:
+
         def run(f=f):
             xt.grad = None
             yt = f(xt)
             yt.backward(gt)
             return yt
+
         yt = run()
-        errs += [check(f"L2Pool+LCN y ({name})", y, yt.detach().numpy().transpose(2, 3, 1, 0)),
-                 check(f"L2Pool+LCN dx ({name})", dx, xt.grad.numpy().transpose(2, 3, 1, 0))]
+        errs += [
+            check(f"L2Pool+LCN y ({name})", y, yt.detach().numpy().transpose(2, 3, 1, 0)),
+            check(f"L2Pool+LCN dx ({name})", dx, xt.grad.numpy().transpose(2, 3, 1, 0)),
+        ]
         runs.append(run)
     t_ours, *times = interleaved_ms([ours, *runs], reps, warmup)
     rows.append(("L2Pool+LCN f+b", "ours (H,W,C,B)", t_ours, flops))
@@ -274,7 +289,7 @@ def roofline(rng, reps, warmup, shape):
     pa = rng.standard_normal((L, K, B)).astype(np.float32)
     out = np.empty((L, M, B), np.float32)
     t_loc = median_ms(lambda: np.matmul(wa, pa, out=out), reps, warmup)
-    return 2 * 1024 ** 3 / t_big / 1e6, 2 * L * M * K * B / t_loc / 1e6
+    return 2 * 1024**3 / t_big / 1e6, 2 * L * M * K * B / t_loc / 1e6
 
 
 def main() -> None:
@@ -286,8 +301,10 @@ def main() -> None:
 
     nthreads, desc = blas_info()
     torch.set_num_threads(nthreads)
-    print(f"numpy {np.__version__} BLAS: {desc}, threads={nthreads}; torch {torch.__version__} "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"numpy {np.__version__} BLAS: {desc}, threads={nthreads}; torch {torch.__version__} "
+        f"threads={torch.get_num_threads()}"
+    )
     rng = np.random.default_rng(args.seed)
     rows: list = []
     lf_ratio, lf_err, shape = bench_local_filter(rng, args.reps, args.warmup, rows)
@@ -298,14 +315,24 @@ def main() -> None:
     print(f"{'workload':<17}{'implementation':<32}{'ms':>9}{'GFLOP/s':>10}")
     for wl, impl, ms, fl in rows:
         print(f"{wl:<17}{impl:<32}{ms:>9.2f}{fl / ms / 1e6:>10.1f}")
-    print(f"roofline: numpy sgemm 1024^3 {gemm_big:.1f} GFLOP/s; "
-          f"per-location stack (L,M,K)@(L,K,B)={shape[0]}x({shape[1]}x{shape[2]})@({shape[2]}x{shape[3]}) "
-          f"{gemm_loc:.1f} GFLOP/s")
+    print(
+        f"roofline: numpy sgemm 1024^3 {gemm_big:.1f} GFLOP/s; "
+        f"per-location stack (L,M,K)@(L,K,B)={shape[0]}x({shape[1]}x{shape[2]})@({shape[2]}x{shape[3]}) "
+        f"{gemm_loc:.1f} GFLOP/s"
+    )
     print(f"agreement: max relative error LocalFilter {lf_err:.1e}, L2Pool+LCN {pl_err:.1e} (limit {RTOL:.0e})")
     print(f"agreement: max relative error TICA rec {tr_err:.1e} (limit {RTOL:.0e})")
-    print(json.dumps({"local_filter_speedup": round(lf_ratio, 3), "l2pool_lcn_speedup": round(pl_ratio, 3),
-                      "tica_rec_speedup": round(tr_ratio, 3),
-                      "sgemm_gflops": round(gemm_big, 1), "targets": {"local_filter": 2.0, "l2pool_lcn": 1.5}}))
+    print(
+        json.dumps(
+            {
+                "local_filter_speedup": round(lf_ratio, 3),
+                "l2pool_lcn_speedup": round(pl_ratio, 3),
+                "tica_rec_speedup": round(tr_ratio, 3),
+                "sgemm_gflops": round(gemm_big, 1),
+                "targets": {"local_filter": 2.0, "l2pool_lcn": 1.5},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

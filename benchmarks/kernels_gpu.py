@@ -70,7 +70,9 @@ class Backend:
             try:
                 import torch
             except ImportError as e:
-                raise SystemExit(f"kernels_gpu: PyTorch is not installed ({e}); --no-torch measures ours only") from None
+                raise SystemExit(
+                    f"kernels_gpu: PyTorch is not installed ({e}); --no-torch measures ours only"
+                ) from None
 
             if not smoke and not torch.cuda.is_available():
                 raise SystemExit("PyTorch sees no CUDA device")
@@ -154,6 +156,7 @@ def torch_pool_lcn(be: Backend, lcn: LCN, p: int, ps: int, peps: float, blur2d: 
         c = sig.mean(dim=(2, 3), keepdim=True)
         d = torch.clamp(torch.maximum(sig, c), min=lcn.eps)
         return v / d
+
     return f
 
 
@@ -179,10 +182,24 @@ def bench_stage(be: Backend, rng, name, C, H, W, M, k, s, pool, pool_s, lcn_size
 
     y, dx, dw = (None if a is None else be.host(a) for a in ours())
     flops = (3 if need_dx else 2) * 2 * L * M * K * B + 3 * B * (pl.flops() + ln.flops())
-    nbytes = 4 * (L * M * K * ((2 if need_dx else 1) + 1) + H * W * C * B * (2 if need_dx else 1)
-                  + 2 * Ho * Wo * M * B + 2 * Hp * Wp * M * B)
-    row = {"workload": "stage", "shape": name, "B": B, "need_dx": need_dx, "L": L, "M": M, "K": K,
-           "flops": flops, "min_bytes": nbytes, "impls": {}}
+    nbytes = 4 * (
+        L * M * K * ((2 if need_dx else 1) + 1)
+        + H * W * C * B * (2 if need_dx else 1)
+        + 2 * Ho * Wo * M * B
+        + 2 * Hp * Wp * M * B
+    )
+    row = {
+        "workload": "stage",
+        "shape": name,
+        "B": B,
+        "need_dx": need_dx,
+        "L": L,
+        "M": M,
+        "K": K,
+        "flops": flops,
+        "min_bytes": nbytes,
+        "impls": {},
+    }
     fns, names = [ours], ["ours"]
     errs = []
     if be.torch is not None:
@@ -201,8 +218,16 @@ def bench_stage(be: Backend, rng, name, C, H, W, M, k, s, pool, pool_s, lcn_size
                 yt = pf(z)
                 yt.backward(gt)
                 return yt, xh.grad, wh.grad
-            variants.append((f"torch (L,K,B) unfold+bmm, {'2-D' if blur2d else 'separable'} blur", run_a,
-                             lambda a: a.transpose(2, 3, 1, 0), lambda a: a, lambda a: a))
+
+            variants.append(
+                (
+                    f"torch (L,K,B) unfold+bmm, {'2-D' if blur2d else 'separable'} blur",
+                    run_a,
+                    lambda a: a.transpose(2, 3, 1, 0),
+                    lambda a: a,
+                    lambda a: a,
+                )
+            )
         # B: NCHW, unfold + einsum; weight (Ho, Wo, M, C, kh, kw)
         xn = be.t(x.transpose(3, 2, 0, 1), need_dx)
         wn = be.t(w.reshape(Ho, Wo, M, k, k, C).transpose(0, 1, 2, 5, 3, 4), True)
@@ -214,9 +239,16 @@ def bench_stage(be: Backend, rng, name, C, H, W, M, k, s, pool, pool_s, lcn_size
             yt = pf(torch.einsum("bchwyx,hwmcyx->bmhw", xu, wn))
             yt.backward(gt)
             return yt, xn.grad, wn.grad
-        variants.append(("torch NCHW unfold+einsum, separable blur", run_b, lambda a: a.transpose(2, 3, 1, 0),
-                         lambda a: a.transpose(2, 3, 1, 0),
-                         lambda a: a.transpose(0, 1, 2, 4, 5, 3).reshape(L, M, K)))
+
+        variants.append(
+            (
+                "torch NCHW unfold+einsum, separable blur",
+                run_b,
+                lambda a: a.transpose(2, 3, 1, 0),
+                lambda a: a.transpose(2, 3, 1, 0),
+                lambda a: a.transpose(0, 1, 2, 4, 5, 3).reshape(L, M, K),
+            )
+        )
         for vname, run, ty, tx, tw in variants:
             yt, gx, gw = run()
             errs.append(check(f"{name} y ({vname})", y, ty(yt.detach().cpu().numpy())))
@@ -258,8 +290,17 @@ def bench_tica_rec(be: Backend, rng, reps, warmup):
 
     loss, dw1, dw2 = ours()
     flops = 5 * 2 * L * M * K * B  # forward, decode, decode_backward (2 products), dW1
-    row = {"workload": "tica_rec", "shape": "cpu-benchmark", "B": B, "L": L, "M": M, "K": K, "flops": flops,
-           "min_bytes": 4 * (L * M * K * 5 + 3 * H * W * C * B), "impls": {}}
+    row = {
+        "workload": "tica_rec",
+        "shape": "cpu-benchmark",
+        "B": B,
+        "L": L,
+        "M": M,
+        "K": K,
+        "flops": flops,
+        "min_bytes": 4 * (L * M * K * 5 + 3 * H * W * C * B),
+        "impls": {},
+    }
     fns, names, errs = [ours], ["ours"], []
     if be.torch is not None:
         torch, F = be.torch, be.torch.nn.functional
@@ -274,9 +315,13 @@ def bench_tica_rec(be: Backend, rng, reps, warmup):
             lt = ((F.fold(cols, (H, W), k, stride=s) - xn) ** 2).sum() / B
             lt.backward()
             return lt
+
         lt = run()
-        errs = [check("tica_rec loss", loss, lt.item()), check("tica_rec dW1", be.host(dw1), w1h.grad.cpu().numpy()),
-                check("tica_rec dW2", be.host(dw2), w2h.grad.cpu().numpy())]
+        errs = [
+            check("tica_rec loss", loss, lt.item()),
+            check("tica_rec dW1", be.host(dw1), w1h.grad.cpu().numpy()),
+            check("tica_rec dW2", be.host(dw2), w2h.grad.cpu().numpy()),
+        ]
         fns.append(run)
         names.append("torch (L,K,B) bmm+fold")
     times = interleaved_ms(be, fns, reps, warmup)
@@ -300,9 +345,14 @@ def roofline(be: Backend, n: int, copy_bytes: int):
 
     def copy():
         dst[...] = src
+
     t_copy = interleaved_ms(be, [copy], 10, 3)[0]
-    return {"fp32_gemm_tflops": sig(2 * n ** 3 / t_gemm / 1e9), "gemm_n": n,
-            "copy_gb_per_s": sig(2 * copy_bytes / t_copy / 1e6), "copy_bytes": copy_bytes}
+    return {
+        "fp32_gemm_tflops": sig(2 * n**3 / t_gemm / 1e9),
+        "gemm_n": n,
+        "copy_gb_per_s": sig(2 * copy_bytes / t_copy / 1e6),
+        "copy_bytes": copy_bytes,
+    }
 
 
 def with_roofline(row: dict, roof: dict) -> dict:
@@ -338,22 +388,24 @@ def le2012_rate(be: Backend, spec, batches: list[int], steps: int, budget_s: flo
     for B in batches:
         left = budget_s - (time.perf_counter() - t_start)
         if per_image is not None and 3 * per_image * B > left:  # warm-up, one timed step, the gradient alone
-            out["runs"].append({"B": B, "skipped": f"about {3 * per_image * B:.0f} s needed, {left:.0f} s of the "
-                                                  "time budget left"})
+            out["runs"].append(
+                {"B": B, "skipped": f"about {3 * per_image * B:.0f} s needed, {left:.0f} s of the time budget left"}
+            )
             continue
         x = hrng.standard_normal((B, *spec.input)).astype(np.float32)  # host memory, like a feeder batch
 
-        def step():
+        def step(x=x):  # bound now: each batch size times its own batch
             loss, grads, _ = net.tica(params, x)
             for k, g in grads.items():  # Adagrad, as a shard applies it
                 a = acc[k]
                 a += g * g
                 params[k] -= np.float32(lr) * g / (xp.sqrt(a) + np.float32(eps))
             return loss
+
         try:
             step()  # warm-up: compiles kernels, sizes buffers
             be.sync()
-            times, grad_times, losses = [], [], []
+            times, losses = [], []
             for _ in range(steps):
                 t0 = time.perf_counter()
                 loss = step()
@@ -370,9 +422,18 @@ def le2012_rate(be: Backend, spec, batches: list[int], steps: int, budget_s: flo
             grad_s = time.perf_counter() - t0
             med = float(np.median(times))
             per_image = med / B
-            out["runs"].append({"B": B, "steps": len(times), "step_s": sig(med), "gradient_s": sig(grad_s),
-                                "images_per_second": sig(B / med), "loss_first": losses[0],
-                                "loss_last": losses[-1], "tflops_gradient": sig(net_flops(net, B) / grad_s / 1e12)})
+            out["runs"].append(
+                {
+                    "B": B,
+                    "steps": len(times),
+                    "step_s": sig(med),
+                    "gradient_s": sig(grad_s),
+                    "images_per_second": sig(B / med),
+                    "loss_first": losses[0],
+                    "loss_last": losses[-1],
+                    "tflops_gradient": sig(net_flops(net, B) / grad_s / 1e12),
+                }
+            )
         except Exception as e:  # noqa: BLE001 - out of memory at a large batch is a result too
             out["runs"].append({"B": B, "error": f"{type(e).__name__}: {e}"[:300]})
     ok = [r for r in out["runs"] if "images_per_second" in r]
@@ -409,14 +470,22 @@ def main(argv=None) -> int:
     ap.add_argument("--le2012-batches", default="32,128", help="batch sizes for le2012's training rate")
     ap.add_argument("--le2012-steps", type=int, default=4)
     ap.add_argument("--le2012-budget", type=float, default=150.0, help="seconds at most for the le2012 runs")
-    ap.add_argument("--smoke", action="store_true",
-                    help="no GPU: NumPy in place of CuPy, small shapes, tiny in place of le2012 (checks the script)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="no GPU: NumPy in place of CuPy, small shapes, tiny in place of le2012 (checks the script)",
+    )
     ap.add_argument("--no-torch", action="store_true", help="ours only (no PyTorch installed)")
     args = ap.parse_args(argv)
     be = Backend(args.smoke, not args.no_torch)
     rng = np.random.default_rng(0)
-    result = {"device": device_name(be), "python": sys.version.split()[0], "numpy": np.__version__,
-              "smoke": args.smoke, "targets": TARGETS}
+    result = {
+        "device": device_name(be),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "smoke": args.smoke,
+        "targets": TARGETS,
+    }
     if be.xp is not np:
         result["cupy"] = be.xp.__version__
         result["cuda_runtime"] = be.xp.cuda.runtime.runtimeGetVersion()
@@ -430,10 +499,12 @@ def main(argv=None) -> int:
     if args.smoke:
         shapes = [("cpu-benchmark (smoke: 3x24x24)", 3, 24, 24, 8, 12, 2, 3, 1, 5, 4, True)]
     else:
-        shapes = [("cpu-benchmark", 3, 64, 64, 8, 12, 2, 3, 1, 5, 32, True),
-                  ("le2012 stage1", 3, 200, 200, 8, 18, 1, 5, 1, 5, 32, False),
-                  ("le2012 stage2", 8, 179, 179, 8, 18, 1, 5, 1, 5, 32, True),
-                  ("le2012 stage3", 8, 158, 158, 8, 18, 1, 5, 1, 5, 32, True)]
+        shapes = [
+            ("cpu-benchmark", 3, 64, 64, 8, 12, 2, 3, 1, 5, 32, True),
+            ("le2012 stage1", 3, 200, 200, 8, 18, 1, 5, 1, 5, 32, False),
+            ("le2012 stage2", 8, 179, 179, 8, 18, 1, 5, 1, 5, 32, True),
+            ("le2012 stage3", 8, 158, 158, 8, 18, 1, 5, 1, 5, 32, True),
+        ]
     rows = []
     for sh in shapes:
         row = with_roofline(bench_stage(be, rng, *sh, reps=args.reps, warmup=args.warmup), roof)
@@ -447,8 +518,9 @@ def main(argv=None) -> int:
     be.free()  # give the cached memory of both libraries back before le2012's 30 GB of parameters and state
     spec = presets.get("tiny" if args.smoke else "le2012")
     batches = [int(b) for b in args.le2012_batches.split(",") if b]
-    result["le2012" if not args.smoke else "tiny"] = le2012_rate(be, spec, batches, args.le2012_steps,
-                                                                 args.le2012_budget)
+    result["le2012" if not args.smoke else "tiny"] = le2012_rate(
+        be, spec, batches, args.le2012_steps, args.le2012_budget
+    )
     print(json.dumps(result.get("le2012", result.get("tiny"))), flush=True)
     stage_ratios = [r["speedup_vs_torch"] for r in rows if r["workload"] == "stage" and "speedup_vs_torch" in r]
     rate = result.get("le2012", {}).get("best_images_per_second")
@@ -457,8 +529,16 @@ def main(argv=None) -> int:
         "le2012_images_per_second": (rate >= TARGETS["le2012_images_per_second"]) if rate else None,
     }
     write(args.out, result)
-    print(json.dumps({"device": result["device"], "stage_speedups": stage_ratios, "le2012_images_per_second": rate,
-                      "met": result["met"]}))
+    print(
+        json.dumps(
+            {
+                "device": result["device"],
+                "stage_speedups": stage_ratios,
+                "le2012_images_per_second": rate,
+                "met": result["met"],
+            }
+        )
+    )
     return 0
 
 

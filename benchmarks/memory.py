@@ -51,9 +51,27 @@ def _status(pid: int) -> dict[str, int]:
 def measure(name: str, out_dir: str) -> dict:
     preset, replicas, grid, shards, steps, batch, lr = RUNS[name]
     run = os.path.join(out_dir, name)
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", run, "--preset", preset,
-           "--replicas", str(replicas), "--partitions", grid, "--shards", str(shards), "--steps", str(steps),
-           "--batch-size", str(batch)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "downpour.cli",
+        "up",
+        "--quiet",
+        "--out",
+        run,
+        "--preset",
+        preset,
+        "--replicas",
+        str(replicas),
+        "--partitions",
+        grid,
+        "--shards",
+        str(shards),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+    ]
     t0 = time.time()
     env = dict(os.environ, **({"DOWNPOUR_OPTIMIZER__LR": str(lr)} if lr else {}))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -87,12 +105,33 @@ def measure(name: str, out_dir: str) -> dict:
     for p in plan.processes:
         if p.name not in peaks:
             continue
-        rows.append({"process": p.name, "role": p.role, "measured": peaks[p.name], "planned": p.total,
-                     "ratio": peaks[p.name] / p.total, "parts": p.parts})
-    return {"run": name, "preset": preset, "replicas": replicas, "grid": grid, "shards": shards, "steps": steps,
-            "batch_size": batch, "parameters": plan.parameters, "seconds": time.time() - t0, "processes": rows,
-            "final_step": last.get("step"), "final_losses": losses, "first_losses": first_losses,
-            "total_measured": sum(r["measured"] for r in rows), "total_planned": plan.total}
+        rows.append(
+            {
+                "process": p.name,
+                "role": p.role,
+                "measured": peaks[p.name],
+                "planned": p.total,
+                "ratio": peaks[p.name] / p.total,
+                "parts": p.parts,
+            }
+        )
+    return {
+        "run": name,
+        "preset": preset,
+        "replicas": replicas,
+        "grid": grid,
+        "shards": shards,
+        "steps": steps,
+        "batch_size": batch,
+        "parameters": plan.parameters,
+        "seconds": time.time() - t0,
+        "processes": rows,
+        "final_step": last.get("step"),
+        "final_losses": losses,
+        "first_losses": first_losses,
+        "total_measured": sum(r["measured"] for r in rows),
+        "total_planned": plan.total,
+    }
 
 
 def main() -> int:
@@ -105,14 +144,18 @@ def main() -> int:
         for name in args.runs:
             r = measure(name, tmp)
             results.append(r)
-            print(f"\n{name}: {r['preset']} ({r['parameters'] / 1e6:.1f} M parameters), {r['replicas']} replica, "
-                  f"grid {r['grid']}, {r['shards']} shard(s), batch {r['batch_size']}, {r['steps']} steps; "
-                  f"reached step {r['final_step']}, loss first logged {r['first_losses']}, last {r['final_losses']}, "
-                  f"{r['seconds']:.0f} s")
+            print(
+                f"\n{name}: {r['preset']} ({r['parameters'] / 1e6:.1f} M parameters), {r['replicas']} replica, "
+                f"grid {r['grid']}, {r['shards']} shard(s), batch {r['batch_size']}, {r['steps']} steps; "
+                f"reached step {r['final_step']}, loss first logged {r['first_losses']}, last {r['final_losses']}, "
+                f"{r['seconds']:.0f} s"
+            )
             print(f"  {'process':<14} {'measured MiB':>12} {'planned MiB':>12} {'ratio':>6}")
             for row in r["processes"]:
-                print(f"  {row['process']:<14} {row['measured'] / 2**20:>12.0f} {row['planned'] / 2**20:>12.0f} "
-                      f"{row['ratio']:>6.2f}")
+                print(
+                    f"  {row['process']:<14} {row['measured'] / 2**20:>12.0f} {row['planned'] / 2**20:>12.0f} "
+                    f"{row['ratio']:>6.2f}"
+                )
             print(f"  {'all':<14} {r['total_measured'] / 2**20:>12.0f} {r['total_planned'] / 2**20:>12.0f}")
     print("\nlargest process of each role (MiB, measured):")
     roles = sorted({row["role"] for r in results for row in r["processes"]})
@@ -125,9 +168,16 @@ def main() -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
-    print(json.dumps({"worst_deviation": round(worst, 3),
-                      "ratios": {r["run"]: {row["process"]: round(row["ratio"], 3) for row in r["processes"]}
-                                 for r in results}}))
+    print(
+        json.dumps(
+            {
+                "worst_deviation": round(worst, 3),
+                "ratios": {
+                    r["run"]: {row["process"]: round(row["ratio"], 3) for row in r["processes"]} for r in results
+                },
+            }
+        )
+    )
     return 0
 
 

@@ -61,16 +61,29 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
-    cfg = jobconfig.load(env={}, overrides={"preset": args.preset, "steps": args.steps, "replicas": 1, "shards": 1,
-                                            "batch_size": args.batch_size, "checkpoint_every": 10 ** 6})
+    cfg = jobconfig.load(
+        env={},
+        overrides={
+            "preset": args.preset,
+            "steps": args.steps,
+            "replicas": 1,
+            "shards": 1,
+            "batch_size": args.batch_size,
+            "checkpoint_every": 10**6,
+        },
+    )
     print(f"preset {args.preset}, batch {args.batch_size}, 1 replica, 1 shard, {os.cpu_count()} cores")
     print(f"{'grid':>5} {'exchanged/step':>15} {'activations':>12} {'fraction':>9} {'examples/s':>11} {'vs 1x1':>7}")
     rows = {}
     for r, c in GRIDS:
         sent, act = halo_bytes(cfg, r, c)
         rate = throughput(cfg, r, c)
-        rows[f"{r}x{c}"] = {"exchanged_bytes_per_step": sent, "activation_bytes": act,
-                            "halo_fraction": round(sent / act, 4), "examples_per_s": round(rate, 1)}
+        rows[f"{r}x{c}"] = {
+            "exchanged_bytes_per_step": sent,
+            "activation_bytes": act,
+            "halo_fraction": round(sent / act, 4),
+            "examples_per_s": round(rate, 1),
+        }
         base = rows["1x1"]["examples_per_s"]
         print(f"{r}x{c:<3} {sent / 1e6:12.2f} MB {act / 1e6:9.2f} MB {sent / act:9.3f} {rate:11.1f} {rate / base:7.2f}")
     base = rows["1x1"]["examples_per_s"]

@@ -43,15 +43,37 @@ def main() -> int:
     if not address:
         port = free_port()
         log = tempfile.NamedTemporaryFile(prefix="neurons-load-", suffix=".log", delete=False)
-        proc = subprocess.Popen([sys.executable, "-m", "downpour.cli", "serve", "neurons", "--host", "127.0.0.1",
-                                 "--port", str(port), "--random-seed", "0", "--preset", args.preset,
-                                 "--max-concurrent-rpcs", str(max(64, 2 * args.clients))],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "downpour.cli",
+                "serve",
+                "neurons",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--random-seed",
+                "0",
+                "--preset",
+                args.preset,
+                "--max-concurrent-rpcs",
+                str(max(64, 2 * args.clients)),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         address = f"127.0.0.1:{port}"
         wait_healthy(address, 120, proc)
     c, h, w = presets.get(args.preset).input
     with grpc.insecure_channel(address) as ch:
-        layer = neurons_pb2_grpc.NeuronsStub(ch).DescribeModel(neurons_pb2.DescribeModelRequest(), timeout=30).layers[-1].name
+        layer = (
+            neurons_pb2_grpc.NeuronsStub(ch)
+            .DescribeModel(neurons_pb2.DescribeModelRequest(), timeout=30)
+            .layers[-1]
+            .name
+        )
 
     latencies: list[list[float]] = [[] for _ in range(args.clients)]
     errors: list[str] = []
@@ -60,9 +82,14 @@ def main() -> int:
 
     def client(i: int) -> None:
         rng = np.random.default_rng(i)
-        reqs = [neurons_pb2.GetActivationsRequest(
-            images=tensor_to_proto(rng.random((args.images, h, w, c), dtype=np.float32)), layer=layer,
-            neuron_ids=[0, 1, 2, 3]) for _ in range(8)]
+        reqs = [
+            neurons_pb2.GetActivationsRequest(
+                images=tensor_to_proto(rng.random((args.images, h, w, c), dtype=np.float32)),
+                layer=layer,
+                neuron_ids=[0, 1, 2, 3],
+            )
+            for _ in range(8)
+        ]
         with grpc.insecure_channel(address) as chan:
             stub = neurons_pb2_grpc.NeuronsStub(chan)
             stub.GetActivations(reqs[0], timeout=30)  # warm the connection up
@@ -94,10 +121,17 @@ def main() -> int:
             proc.wait(30)
     lat = np.sort(np.concatenate([np.asarray(x) for x in latencies]))
     result = {
-        "clients": args.clients, "seconds": round(elapsed, 1), "preset": args.preset, "images_per_request": args.images,
-        "requests": int(lat.size), "requests_per_second": round(lat.size / elapsed, 1),
-        "p50_ms": round(1000 * float(np.percentile(lat, 50)), 2), "p99_ms": round(1000 * float(np.percentile(lat, 99)), 2),
-        "max_ms": round(1000 * float(lat[-1]), 2), "errors": len(errors), "cpus": os.cpu_count(),
+        "clients": args.clients,
+        "seconds": round(elapsed, 1),
+        "preset": args.preset,
+        "images_per_request": args.images,
+        "requests": int(lat.size),
+        "requests_per_second": round(lat.size / elapsed, 1),
+        "p50_ms": round(1000 * float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(1000 * float(np.percentile(lat, 99)), 2),
+        "max_ms": round(1000 * float(lat[-1]), 2),
+        "errors": len(errors),
+        "cpus": os.cpu_count(),
     }
     if errors:
         print("first errors:", errors[:5], file=sys.stderr)

@@ -32,8 +32,11 @@ from downpour.paramserver.client import ParamClient
 
 
 def start_shard() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "downpour.cli", "serve", "paramserver", "--host", "127.0.0.1",
-                             "--port", "0"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "downpour.cli", "serve", "paramserver", "--host", "127.0.0.1", "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while True:
         line = proc.stderr.readline()
         if not line:
@@ -77,8 +80,9 @@ def main() -> int:
     acc = {k: np.full_like(v, 0.1) for k, v in w.items()}
     flat = {k: v.reshape(-1) for k, v in grads.items()}
     scratch = optim.Scratch()
-    res["adagrad apply (limit)"] = timed(lambda: [optim.adagrad_(w[k], acc[k], flat[k], 0.01, 1e-6, scratch)
-                                                  for k in w], args.repeats)
+    res["adagrad apply (limit)"] = timed(
+        lambda: [optim.adagrad_(w[k], acc[k], flat[k], 0.01, 1e-6, scratch) for k in w], args.repeats
+    )
     src, dst = np.ones(2 * n, np.float32), np.empty(2 * n, np.float32)
     res["memcpy of 2 x params (limit)"] = timed(lambda: np.copyto(dst, src), args.repeats)
     print(f"preset {args.preset}: {n} parameters, {4 * n / 1e6:.1f} MB each way per step")

@@ -88,12 +88,31 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out or os.path.join("runs", time.strftime("soak-%Y%m%d-%H%M%S")))
     rng = random.Random(args.seed)
-    env = dict(os.environ, DOWNPOUR_CHECKPOINT_EVERY=str(args.checkpoint_every),
-               DOWNPOUR_KEEP_CHECKPOINTS=str(args.keep_checkpoints))
-    cmd = [sys.executable, "-m", "downpour.cli", "up", "--quiet", "--out", out, "--preset", args.preset,
-           "--replicas", "2", "--shards", "2", "--steps", "100000000"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
+    env = dict(
+        os.environ,
+        DOWNPOUR_CHECKPOINT_EVERY=str(args.checkpoint_every),
+        DOWNPOUR_KEEP_CHECKPOINTS=str(args.keep_checkpoints),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "downpour.cli",
+        "up",
+        "--quiet",
+        "--out",
+        out,
+        "--preset",
+        args.preset,
+        "--replicas",
+        "2",
+        "--shards",
+        "2",
+        "--steps",
+        "100000000",
+    ]
+    launcher = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     series: dict[tuple[str, int], list[tuple[float, dict]]] = {}
     kills: list[dict] = []
     folders_max = committed_max = 0
@@ -137,8 +156,13 @@ def main(argv: list[str] | None = None) -> int:
             os.killpg(launcher.pid, signal.SIGKILL)
     rows, ok = [], True
     for (name, pid), ser in sorted(series.items()):
-        row = {"name": name, "pid": pid, "lived_s": round(ser[-1][0] - ser[0][0], 1), "judged": False,
-               "series": [[round(t - t_start, 1), s["rss_kb"], s["fds"], s["threads"]] for t, s in ser]}
+        row = {
+            "name": name,
+            "pid": pid,
+            "lived_s": round(ser[-1][0] - ser[0][0], 1),
+            "judged": False,
+            "series": [[round(t - t_start, 1), s["rss_kb"], s["fds"], s["threads"]] for t, s in ser],
+        }
         for key in ("rss_kb", "fds", "threads"):
             g = growth(ser, key, args.settle)
             if g is None:
@@ -151,25 +175,40 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     folders_ok = folders_max <= args.keep_checkpoints + 1
     ok &= folders_ok
-    report = {"minutes": args.minutes, "kill_every_s": args.kill_every, "kills": kills, "processes": rows,
-              "checkpoint_folders_max": folders_max, "committed_checkpoints_max": committed_max,
-              "keep_checkpoints": args.keep_checkpoints, "ok": ok}
+    report = {
+        "minutes": args.minutes,
+        "kill_every_s": args.kill_every,
+        "kills": kills,
+        "processes": rows,
+        "checkpoint_folders_max": folders_max,
+        "committed_checkpoints_max": committed_max,
+        "keep_checkpoints": args.keep_checkpoints,
+        "ok": ok,
+    }
     with open(os.path.join(out, "soak.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(f"{'process':<16}{'pid':>8}{'lived s':>9}  {'RSS MB (settled -> end)':<28}{'fds':<14}{'threads':<12}")
     for r in rows:
         if not r["judged"]:
             continue
-        def cell(k, scale=1.0, fmt="{:.0f}"):
+
+        def cell(k, scale=1.0, fmt="{:.0f}", r=r):  # r bound now: the row being printed
             c = r[k]
-            return (f"{fmt.format(c['after_settle'] * scale)}->{fmt.format(c['end'] * scale)} "
-                    f"({c['growth']:+.0%}){'' if c['ok'] else ' !'}")
-        print(f"{r['name']:<16}{r['pid']:>8}{r['lived_s']:>9.0f}  {cell('rss_kb', 1 / 1024, '{:.1f}'):<28}"
-              f"{cell('fds'):<14}{cell('threads'):<12}")
+            return (
+                f"{fmt.format(c['after_settle'] * scale)}->{fmt.format(c['end'] * scale)} "
+                f"({c['growth']:+.0%}){'' if c['ok'] else ' !'}"
+            )
+
+        print(
+            f"{r['name']:<16}{r['pid']:>8}{r['lived_s']:>9.0f}  {cell('rss_kb', 1 / 1024, '{:.1f}'):<28}"
+            f"{cell('fds'):<14}{cell('threads'):<12}"
+        )
     short = sum(not r["judged"] for r in rows)
-    print(f"{len(kills)} kills; {short} process(es) lived under {2 * args.settle:.0f} s and are not judged; "
-          f"checkpoint folders at most {folders_max} (committed at most {committed_max}, keep "
-          f"{args.keep_checkpoints}){'' if folders_ok else ' !'}")
+    print(
+        f"{len(kills)} kills; {short} process(es) lived under {2 * args.settle:.0f} s and are not judged; "
+        f"checkpoint folders at most {folders_max} (committed at most {committed_max}, keep "
+        f"{args.keep_checkpoints}){'' if folders_ok else ' !'}"
+    )
     print("targets met" if ok else "TARGET MISSED (marked !)")
     print(json.dumps({"ok": ok, "report": os.path.join(out, "soak.json")}))
     return 0 if ok else 1

@@ -78,7 +78,7 @@ def heldout_loss(net, params, x_test, batch: int = 100) -> float:
     """Mean per-example TICA loss over the held-out images."""
     total = 0.0
     for i in range(0, len(x_test), batch):
-        xb = x_test[i:i + batch]
+        xb = x_test[i : i + batch]
         total += net.tica(params, xb)[0] * len(xb)
     return total / len(x_test)
 
@@ -125,8 +125,14 @@ def simulate(s: Schedule, net, x_train, x_test, examples: int, seed: int = 0) ->
     first = losses[0]
     early = max(losses[:100])
     held = heldout_loss(net, {k: v.reshape(shapes[k]) for k, v in w.items()}, x_test)
-    return {"name": s.name, "replicas": s.replicas, "delay": d, "heldout": held,
-            "train_last30": float(np.mean(losses[-30:])), "early_peak_over_first": early / first}
+    return {
+        "name": s.name,
+        "replicas": s.replicas,
+        "delay": d,
+        "heldout": held,
+        "train_last30": float(np.mean(losses[-30:])),
+        "early_peak_over_first": early / first,
+    }
 
 
 def schedules(replicas: list[int]) -> list[Schedule]:
@@ -136,16 +142,19 @@ def schedules(replicas: list[int]) -> list[Schedule]:
             if r == 1 and kind == "pushpull":
                 continue  # the same as sync
             b = Schedule(f"R{r} {kind}", r, kind)
-            out += [b, replace(b, name=b.name + " own", own=True),
-                    replace(b, name=b.name + " acc0=0.1", acc0=0.1),
-                    replace(b, name=b.name + " lr=0.005", lr=0.005),
-                    replace(b, name=b.name + " warm=30", warm=30),
-                    replace(b, name=b.name + " dc=2", dc=2.0),
-                    replace(b, name=b.name + " div", div=True),
-                    replace(b, name=b.name + " own acc0=0.1", own=True, acc0=0.1),
-                    replace(b, name=b.name + " warm=30 own", warm=30, own=True),
-                    replace(b, name=b.name + " warm=30 acc0=0.1", warm=30, acc0=0.1),
-                    replace(b, name=b.name + " warm=60", warm=60)]
+            out += [
+                b,
+                replace(b, name=b.name + " own", own=True),
+                replace(b, name=b.name + " acc0=0.1", acc0=0.1),
+                replace(b, name=b.name + " lr=0.005", lr=0.005),
+                replace(b, name=b.name + " warm=30", warm=30),
+                replace(b, name=b.name + " dc=2", dc=2.0),
+                replace(b, name=b.name + " div", div=True),
+                replace(b, name=b.name + " own acc0=0.1", own=True, acc0=0.1),
+                replace(b, name=b.name + " warm=30 own", warm=30, own=True),
+                replace(b, name=b.name + " warm=30 acc0=0.1", warm=30, acc0=0.1),
+                replace(b, name=b.name + " warm=60", warm=60),
+            ]
     return out
 
 
@@ -170,10 +179,20 @@ def main() -> int:
         ref = ref or r["heldout"]
         r["vs_sync"] = r["heldout"] / ref
         rows.append(r)
-        print(f"{s.name:28s} delay {r['delay']}  held-out {r['heldout']:9.1f}  {r['vs_sync']:5.2f}x sync  "
-              f"early peak {r['early_peak_over_first']:6.2f}x first  ({time.perf_counter() - t:4.0f} s)", flush=True)
-    print(json.dumps({"preset": args.preset, "examples": examples,
-                      "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}))
+        print(
+            f"{s.name:28s} delay {r['delay']}  held-out {r['heldout']:9.1f}  {r['vs_sync']:5.2f}x sync  "
+            f"early peak {r['early_peak_over_first']:6.2f}x first  ({time.perf_counter() - t:4.0f} s)",
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "examples": examples,
+                "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+            }
+        )
+    )
     return 0
 
 

@@ -35,10 +35,10 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-from staleness import heldout_loss, setup  # noqa: E402
+from staleness import heldout_loss, setup
 
-from downpour import checkpoint as checkpoints  # noqa: E402
-from downpour import config as jobconfig  # noqa: E402
+from downpour import checkpoint as checkpoints
+from downpour import config as jobconfig
 
 RUNS = {"a": (0, 0), "b": (1, 1), "c": (2, 2), "d": (4, 2)}
 
@@ -62,12 +62,19 @@ def reference(cfg: jobconfig.JobConfig, net, x_train, x_test) -> dict:
     rate = (cfg.steps - warm) * cfg.batch_size / (times[-1] - times[warm - 1])
     shapes = net.param_shapes()
     params = {k: v.reshape(shapes[k]) for k, v in store.w.items()}
-    return {"examples_per_s": rate, "heldout": heldout_loss(net, params, x_test), "losses": losses, "times": times,
-            "final_train": float(np.mean(losses[-30:])), "early_peak": max(losses[:100]) / losses[0]}
+    return {
+        "examples_per_s": rate,
+        "heldout": heldout_loss(net, params, x_test),
+        "losses": losses,
+        "times": times,
+        "final_train": float(np.mean(losses[-30:])),
+        "early_peak": max(losses[:100]) / losses[0],
+    }
 
 
-def cluster(cfg: jobconfig.JobConfig, replicas: int, shards: int, net, x_test, target: float,
-            longer: float = 2.0) -> dict:
+def cluster(
+    cfg: jobconfig.JobConfig, replicas: int, shards: int, net, x_test, target: float, longer: float = 2.0
+) -> dict:
     """One run with (a)'s number of examples; if it ends above (a)'s final loss, a second,
     ``longer`` times as long, only to time when it gets there."""
     r = _cluster(cfg, replicas, shards, net, x_test, target, 1.0)
@@ -80,8 +87,9 @@ def cluster(cfg: jobconfig.JobConfig, replicas: int, shards: int, net, x_test, t
 def _cluster(cfg: jobconfig.JobConfig, replicas: int, shards: int, net, x_test, target: float, scale: float) -> dict:
     from downpour.up import run, steady_rate
 
-    c = jobconfig.JobConfig(**{**cfg.__dict__, "replicas": replicas, "shards": shards,
-                               "steps": int(cfg.steps * scale) // replicas})
+    c = jobconfig.JobConfig(
+        **{**cfg.__dict__, "replicas": replicas, "shards": shards, "steps": int(cfg.steps * scale) // replicas}
+    )
     with tempfile.TemporaryDirectory() as out:
         code = run(c, out, quiet=True, neurons=False)
         if code != 0:
@@ -92,15 +100,24 @@ def _cluster(cfg: jobconfig.JobConfig, replicas: int, shards: int, net, x_test, 
         _, params = checkpoints.load_params(ck, checkpoints.newest_valid(ck))
     rows = [h for h in hist if h["replicas"] and any(r["step"] > 0 for r in h["replicas"])]
     t0 = rows[0]["time"]
-    logged = [(h["time"] - t0, [r["loss"] for r in h["replicas"] if r["step"] > 0 and r["loss"] is not None])
-              for h in rows]
+    logged = [
+        (h["time"] - t0, [r["loss"] for r in h["replicas"] if r["step"] > 0 and r["loss"] is not None]) for h in rows
+    ]
     curve = [(t, float(np.mean(v))) for t, v in logged if v]
     first = curve[0][1]
-    early = [float(np.mean([r["loss"] for r in h["replicas"] if r["step"] > 0 and r["loss"] is not None]))
-             for h in rows if max(r["step"] for r in h["replicas"]) <= 100]
+    early = [
+        float(np.mean([r["loss"] for r in h["replicas"] if r["step"] > 0 and r["loss"] is not None]))
+        for h in rows
+        if max(r["step"] for r in h["replicas"]) <= 100
+    ]
     reach = next((t for t, v in curve if v <= target), None)
-    return {"examples_per_s": steady_rate(hist, c.steps, c.batch_size), "heldout": heldout_loss(net, params, x_test),
-            "time_to_target": reach, "early_peak": max(early or [first]) / first, "steps_per_replica": c.steps}
+    return {
+        "examples_per_s": steady_rate(hist, c.steps, c.batch_size),
+        "heldout": heldout_loss(net, params, x_test),
+        "time_to_target": reach,
+        "early_peak": max(early or [first]) / first,
+        "steps_per_replica": c.steps,
+    }
 
 
 def main() -> int:
@@ -110,16 +127,19 @@ def main() -> int:
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a job setting for (b)-(d)")
     args = ap.parse_args()
-    overrides = {"preset": args.preset, "checkpoint_every": 10 ** 6}
+    overrides = {"preset": args.preset, "checkpoint_every": 10**6}
     for kv in args.set:
         k, _, v = kv.partition("=")
         overrides[k] = yaml.safe_load(v)
     cfg = jobconfig.load(env={}, overrides=overrides)
     cfg.steps = args.examples // cfg.batch_size
     net, x_train, x_test = setup(cfg)
-    print(f"preset {args.preset}, {cfg.steps * cfg.batch_size} examples per run, batch {cfg.batch_size}, "
-          f"schedule {cfg.schedule}, shared memory {cfg.shared_memory}, warm start {cfg.warm_start}, "
-          f"lr {cfg.optimizer.lr}; {os.cpu_count()} cores, python {sys.version.split()[0]}", flush=True)
+    print(
+        f"preset {args.preset}, {cfg.steps * cfg.batch_size} examples per run, batch {cfg.batch_size}, "
+        f"schedule {cfg.schedule}, shared memory {cfg.shared_memory}, warm start {cfg.warm_start}, "
+        f"lr {cfg.optimizer.lr}; {os.cpu_count()} cores, python {sys.version.split()[0]}",
+        flush=True,
+    )
     a = reference(cfg, net, x_train, x_test)
     res = {"a": {k: v for k, v in a.items() if k not in ("losses", "times")}}
     res["a"]["time_to_target"] = a["times"][-1]
@@ -128,23 +148,36 @@ def main() -> int:
             continue
         r, s = RUNS[name]
         res[name] = cluster(cfg, r, s, net, x_test, a["final_train"])
-    print(f"\n{'run':26s} {'ex/s':>7s} {'vs a':>5s} {'held-out':>9s} {'vs a':>5s} {'to a final':>10s} {'vs a':>5s} "
-          f"{'peak/first':>10s}")
-    labels = {"a": "(a) in-process, sync", "b": "(b) up 1 replica 1 shard", "c": "(c) up 2 replicas 2 shards",
-              "d": "(d) up 4 replicas 2 shards"}
+    print(
+        f"\n{'run':26s} {'ex/s':>7s} {'vs a':>5s} {'held-out':>9s} {'vs a':>5s} {'to a final':>10s} {'vs a':>5s} "
+        f"{'peak/first':>10s}"
+    )
+    labels = {
+        "a": "(a) in-process, sync",
+        "b": "(b) up 1 replica 1 shard",
+        "c": "(c) up 2 replicas 2 shards",
+        "d": "(d) up 4 replicas 2 shards",
+    }
     ra = res["a"]
     for name, r in res.items():
         tt = r["time_to_target"]
         r["examples_per_s_vs_a"] = r["examples_per_s"] / ra["examples_per_s"]
         r["heldout_vs_a"] = r["heldout"] / ra["heldout"]
         r["time_to_target_vs_a"] = None if tt is None else tt / ra["time_to_target"]
-        print(f"{labels[name]:26s} {r['examples_per_s']:7.0f} {r['examples_per_s_vs_a']:5.2f} {r['heldout']:9.1f} "
-              f"{r['heldout_vs_a']:5.2f} {('never' if tt is None else f'{tt:.1f} s'):>10s} "
-              f"{('-' if tt is None else format(r['time_to_target_vs_a'], '.2f')):>5s} {r['early_peak']:10.2f}")
-    out = {"preset": args.preset, "examples": cfg.steps * cfg.batch_size, "settings": overrides,
-           "a_final_train_loss": a["final_train"],
-           "runs": {k: {kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in v.items()}
-                    for k, v in res.items()}}
+        print(
+            f"{labels[name]:26s} {r['examples_per_s']:7.0f} {r['examples_per_s_vs_a']:5.2f} {r['heldout']:9.1f} "
+            f"{r['heldout_vs_a']:5.2f} {('never' if tt is None else f'{tt:.1f} s'):>10s} "
+            f"{('-' if tt is None else format(r['time_to_target_vs_a'], '.2f')):>5s} {r['early_peak']:10.2f}"
+        )
+    out = {
+        "preset": args.preset,
+        "examples": cfg.steps * cfg.batch_size,
+        "settings": overrides,
+        "a_final_train_loss": a["final_train"],
+        "runs": {
+            k: {kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in res.items()
+        },
+    }
     print(json.dumps(out))
     return 0
 

@@ -44,8 +44,8 @@ import numpy as np
 
 from downpour import optim
 from downpour.paramserver.client import ParamClient
-from downpour.rpc.channel import ChannelConfig  # noqa: E402
-from downpour.v1 import common_pb2  # noqa: E402
+from downpour.rpc.channel import ChannelConfig
+from downpour.v1 import common_pb2
 
 MB = 1 << 20
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -134,7 +134,7 @@ def _peer_server(port_q, total: int, msg_bytes: int) -> None:
 
     def download(req, ctx):
         for a in range(0, data.size, msg_bytes):
-            yield common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, data=data[a:a + msg_bytes].tobytes())
+            yield common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, data=data[a : a + msg_bytes].tobytes())
 
     def upload_raw(it, ctx):
         n = 0
@@ -148,12 +148,23 @@ def _peer_server(port_q, total: int, msg_bytes: int) -> None:
             yield msg
 
     server = grpc.server(futures.ThreadPoolExecutor(4), options=_OPTS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Peer", {
-        "Upload": grpc.stream_unary_rpc_method_handler(upload, common_pb2.Tensor.FromString, common_pb2.Tensor.SerializeToString),
-        "Download": grpc.unary_stream_rpc_method_handler(download, common_pb2.Tensor.FromString, common_pb2.Tensor.SerializeToString),
-        "UploadRaw": grpc.stream_unary_rpc_method_handler(upload_raw),
-        "DownloadRaw": grpc.unary_stream_rpc_method_handler(download_raw),
-    }),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "bench.Peer",
+                {
+                    "Upload": grpc.stream_unary_rpc_method_handler(
+                        upload, common_pb2.Tensor.FromString, common_pb2.Tensor.SerializeToString
+                    ),
+                    "Download": grpc.unary_stream_rpc_method_handler(
+                        download, common_pb2.Tensor.FromString, common_pb2.Tensor.SerializeToString
+                    ),
+                    "UploadRaw": grpc.stream_unary_rpc_method_handler(upload_raw),
+                    "DownloadRaw": grpc.unary_stream_rpc_method_handler(download_raw),
+                },
+            ),
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     port_q.put(port)
@@ -178,12 +189,14 @@ def peer(total: int, repeats: int, msg_bytes: int = MB) -> dict[str, Best]:
     def do_down():
         off = 0
         for m in down(common_pb2.Tensor()):
-            out[off:off + len(m.data)] = np.frombuffer(m.data, np.uint8)
+            out[off : off + len(m.data)] = np.frombuffer(m.data, np.uint8)
             off += len(m.data)
 
     def do_up():
-        up(common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, data=data[a:a + msg_bytes].tobytes())
-           for a in range(0, total, msg_bytes))
+        up(
+            common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, data=data[a : a + msg_bytes].tobytes())
+            for a in range(0, total, msg_bytes)
+        )
 
     def do_down_raw():
         for _m in down_raw(b""):
@@ -209,10 +222,29 @@ def peer(total: int, repeats: int, msg_bytes: int = MB) -> dict[str, Best]:
 def _start_shard(i: int, logdir: Path, max_msg: int) -> tuple[subprocess.Popen, str]:
     log = logdir / f"shard-{i}.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "downpour.cli", "serve", "paramserver", "--host", "127.0.0.1",
-                                 "--port", "0", "--shard-index", str(i), "--lr", "0.01", "--log-level", "WARNING",
-                                 "--max-message-bytes", str(max_msg)],
-                                stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "downpour.cli",
+                "serve",
+                "paramserver",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--shard-index",
+                str(i),
+                "--lr",
+                "0.01",
+                "--log-level",
+                "WARNING",
+                "--max-message-bytes",
+                str(max_msg),
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         m = re.search(r"listening on port (\d+)", log.read_text())
@@ -236,8 +268,12 @@ def downpour(total: int, n_shards: int, repeats: int, chunk: int, block_bytes: i
             blocks = {f"layer{i}.W": np.full(total // nb // 4, 0.5, np.float32) for i in range(nb)}
             grads = {n: np.full_like(v, 1e-3) for n, v in blocks.items()}
             out = {n: np.empty_like(v) for n, v in blocks.items()}
-            with ParamClient([a for _, a in procs], worker_id="bench", chunk_bytes=chunk,
-                             channel_config=ChannelConfig(max_message_bytes=max_msg)) as ps:
+            with ParamClient(
+                [a for _, a in procs],
+                worker_id="bench",
+                chunk_bytes=chunk,
+                channel_config=ChannelConfig(max_message_bytes=max_msg),
+            ) as ps:
                 ps.wait_ready(60)
                 ps.init(blocks)
                 for _ in range(repeats):
@@ -285,16 +321,23 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
     chunk, block = int(args.chunk_mb * MB), int(args.block_mb * MB)
 
-    gb = lambda x: x / 1e9  # noqa: E731
+    gb = lambda x: x / 1e9
     tcp = raw_tcp(total, repeats)
     pr = peer(total, repeats)
     rows = [("raw TCP loopback", tcp, "")]
-    rows += [("peer grpcio, server-stream 1 MB", pr["pull"], ""), ("peer grpcio, client-stream 1 MB", pr["push"], ""),
-             ("grpcio no-work ceiling, server-stream", pr["ceiling_pull"], ""),
-             ("grpcio no-work ceiling, client-stream", pr["ceiling_push"], "")]
+    rows += [
+        ("peer grpcio, server-stream 1 MB", pr["pull"], ""),
+        ("peer grpcio, client-stream 1 MB", pr["push"], ""),
+        ("grpcio no-work ceiling, server-stream", pr["ceiling_pull"], ""),
+        ("grpcio no-work ceiling, client-stream", pr["ceiling_push"], ""),
+    ]
     result: dict = {
-        "cpus": os.cpu_count(), "param_mb": total // MB, "chunk_mb": args.chunk_mb, "repeats": repeats,
-        "raw_tcp_gbps": round(gb(tcp.rate), 3), "raw_tcp_cpu_s_per_gb": round(tcp.cpu, 3),
+        "cpus": os.cpu_count(),
+        "param_mb": total // MB,
+        "chunk_mb": args.chunk_mb,
+        "repeats": repeats,
+        "raw_tcp_gbps": round(gb(tcp.rate), 3),
+        "raw_tcp_cpu_s_per_gb": round(tcp.cpu, 3),
         **{f"peer_{k}_gbps": round(gb(b.rate), 3) for k, b in pr.items()},
         **{f"peer_{k}_cpu_s_per_gb": round(b.cpu, 3) for k, b in pr.items()},
         "shards": {},
@@ -305,10 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"downpour pull, {n} shard(s)", pull, f"{pull.rate / pr['pull'].rate:.2f}x peer"))
         rows.append((f"downpour push+Adagrad, {n} shard(s)", push, f"{push.rate / pr['push'].rate:.2f}x peer"))
         result["shards"][str(n)] = {
-            "pull_gbps": round(gb(pull.rate), 3), "push_gbps": round(gb(push.rate), 3),
-            "pull_vs_tcp": round(pull.rate / tcp.rate, 3), "push_vs_tcp": round(push.rate / tcp.rate, 3),
-            "pull_vs_peer": round(pull.rate / pr["pull"].rate, 3), "push_vs_peer": round(push.rate / pr["push"].rate, 3),
-            "pull_cpu_s_per_gb": round(pull.cpu, 3), "push_cpu_s_per_gb": round(push.cpu, 3),
+            "pull_gbps": round(gb(pull.rate), 3),
+            "push_gbps": round(gb(push.rate), 3),
+            "pull_vs_tcp": round(pull.rate / tcp.rate, 3),
+            "push_vs_tcp": round(push.rate / tcp.rate, 3),
+            "pull_vs_peer": round(pull.rate / pr["pull"].rate, 3),
+            "push_vs_peer": round(push.rate / pr["push"].rate, 3),
+            "pull_cpu_s_per_gb": round(pull.cpu, 3),
+            "push_cpu_s_per_gb": round(push.cpu, 3),
             # the same ratios on CPU cost (peer CPU / ours): >1 means cheaper per byte than the peer
             "pull_cpu_efficiency_vs_peer": round(pr["pull"].cpu / pull.cpu, 3),
             "push_cpu_efficiency_vs_peer": round(pr["push"].cpu / push.cpu, 3),
@@ -319,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':40s} {'GB/s':>6s} {'vs TCP':>6s} {'CPU-s/GB':>8s}")
     for name, b, extra in rows:
         print(f"{name:40s} {gb(b.rate):6.2f} {b.rate / tcp.rate:6.0%} {b.cpu:8.2f}  {extra}")
-    print(f"{'Adagrad apply (one thread, in process)':40s} {gb(ada):6.2f} {ada / tcp.rate:6.0%} {'':8s}  {ada / mem:.2f}x memcpy")
+    print(
+        f"{'Adagrad apply (one thread, in process)':40s} {gb(ada):6.2f} {ada / tcp.rate:6.0%} {'':8s}  {ada / mem:.2f}x memcpy"
+    )
     print(f"{'memcpy (np.copyto)':40s} {gb(mem):6.2f} {mem / tcp.rate:6.0%}")
     print(json.dumps(result))
     return 0

@@ -35,10 +35,11 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from downpour.rpc.channel import ChannelConfig, open_channel
-from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+
+from downpour.rpc.channel import ChannelConfig, open_channel
+from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 T = TypeVar("T")
 
@@ -234,8 +235,12 @@ def serving(address: str, channel_config: ChannelConfig | None = None) -> bool:
 def metric_value(text: str, name: str, **labels: str) -> float | None:
     """The sum of the samples of ``name`` whose labels include ``labels``, in Prometheus exposition
     ``text``; None when there is no such sample."""
-    found = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    found = [
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     return float(sum(found)) if found else None
 
 
@@ -245,26 +250,54 @@ def scrape(metrics_port: int) -> str:
         return str(r.read().decode())
 
 
-def run_cli(*args: str, env: dict[str, str | None] | None = None, timeout: float = 240,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str | None] | None = None, timeout: float = 240, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """``python -m downpour.cli ARGS`` run to its end, its stdout and stderr captured (for one-shot commands)."""
     merged: dict[str, str | None] = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "downpour.cli", *args], capture_output=True, text=True,
-                          env={k: v for k, v in merged.items() if v is not None}, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "downpour.cli", *args],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in merged.items() if v is not None},
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
-def cli(tmp: Path, name: str, *args: str, env: dict[str, str | None] | None = None, logs_dir: Path | None = None,
-        new_session: bool = False) -> Proc:
+def cli(
+    tmp: Path,
+    name: str,
+    *args: str,
+    env: dict[str, str | None] | None = None,
+    logs_dir: Path | None = None,
+    new_session: bool = False,
+) -> Proc:
     """``python -m downpour.cli ARGS`` as a process (logged to ``tmp/NAME.log``)."""
-    return Proc(name, [sys.executable, "-m", "downpour.cli", *args], Path(tmp) / f"{name}-{time.monotonic_ns()}.log",
-                env, logs_dir, new_session)
+    return Proc(
+        name,
+        [sys.executable, "-m", "downpour.cli", *args],
+        Path(tmp) / f"{name}-{time.monotonic_ns()}.log",
+        env,
+        logs_dir,
+        new_session,
+    )
 
 
 def up(out: Path, *args: str, env: dict[str, str | None] | None = None, new_session: bool = False) -> Proc:
     """``downpour up --out OUT ARGS``: its log beside OUT, its children's logs (OUT/logs) reported with it."""
     out = Path(out)
-    return cli(out.parent, f"up-{out.name}", "up", "--out", str(out), *args, env=env, logs_dir=out / "logs",
-               new_session=new_session)
+    return cli(
+        out.parent,
+        f"up-{out.name}",
+        "up",
+        "--out",
+        str(out),
+        *args,
+        env=env,
+        logs_dir=out / "logs",
+        new_session=new_session,
+    )
 
 
 def cluster(out: Path) -> dict[str, dict[str, Any]]:

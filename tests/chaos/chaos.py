@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the harness, when run as a script
-import harness  # noqa: E402 - importable only once tests/ is on the path
-from downpour import checkpoint as cks  # noqa: E402 - after the path set-up above, like the harness
-from downpour.evals.common import preprocess_for  # noqa: E402 - as above
-from downpour.feeder import bundled  # noqa: E402 - as above
-from downpour.nn import Network  # noqa: E402 - as above
+import harness
+from downpour import checkpoint as cks
+from downpour.evals.common import preprocess_for
+from downpour.feeder import bundled
+from downpour.nn import Network
 
 ROLES = ("worker", "paramserver", "feeder", "coordinator")
 ENV = {"DOWNPOUR_LEASE_SECONDS": "2", "DOWNPOUR_CHECKPOINT_EVERY": "10", "DOWNPOUR_KEEP_CHECKPOINTS": "3"}
@@ -73,18 +73,39 @@ def heldout_loss(out: Path) -> float:
     x = bundled.build(preprocess_for(spec, cfg.normalize)).heldout
     xs, _ = x.get(np.arange(len(x)))
     net = Network(spec)
-    losses = [net.tica(blocks, xs[i:i + 50])[0] for i in range(0, len(xs) - 49, 50)]
+    losses = [net.tica(blocks, xs[i : i + 50])[0] for i in range(0, len(xs) - 49, 50)]
     return float(np.mean(losses))
 
 
-def run_job(out: Path, steps: int, kills: int = 0, seed: int = 0, interval: float = 1.0,
-            roles: tuple[str, ...] = ROLES, timeout: float = 400.0, quiet_tail: float = 0.3) -> dict:
+def run_job(
+    out: Path,
+    steps: int,
+    kills: int = 0,
+    seed: int = 0,
+    interval: float = 1.0,
+    roles: tuple[str, ...] = ROLES,
+    timeout: float = 400.0,
+    quiet_tail: float = 0.3,
+) -> dict:
     """Run a job, killing ``kills`` children at random (none in the last ``quiet_tail`` of the steps)."""
     out = Path(out)
     t0 = time.monotonic()
-    proc = harness.up(out, "--quiet", "--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", str(steps),
-                      env={**{k: None for k in os.environ if k.startswith("DOWNPOUR_CHAOS_")},  # the test's own
-                           **ENV})  # knobs are not job settings
+    proc = harness.up(
+        out,
+        "--quiet",
+        "--preset",
+        "tiny",
+        "--replicas",
+        "2",
+        "--shards",
+        "2",
+        "--steps",
+        str(steps),
+        env={
+            **{k: None for k in os.environ if k.startswith("DOWNPOUR_CHAOS_")},  # the test's own
+            **ENV,
+        },
+    )  # knobs are not job settings
     rng = random.Random(seed)
     done: list[dict] = []
     try:
@@ -122,13 +143,19 @@ def run_job(out: Path, steps: int, kills: int = 0, seed: int = 0, interval: floa
         held = float("nan")
         corrupt.append(f"final checkpoint unusable: {e}")
     return {
-        "returncode": proc.returncode, "seconds": round(time.monotonic() - t0, 1), "kills": done,
+        "returncode": proc.returncode,
+        "seconds": round(time.monotonic() - t0, 1),
+        "kills": done,
         "kills_by_role": {r: sum(k["name"].startswith(r) for k in done) for r in ROLES},
-        "restarts": sum(r["restarts"] for r in harness.cluster(out).values()), "final_loss": sum(losses) / len(losses) if losses else float("nan"),
+        "restarts": sum(r["restarts"] for r in harness.cluster(out).values()),
+        "final_loss": sum(losses) / len(losses) if losses else float("nan"),
         "heldout_loss": held,
-        "final_losses": losses, "manifests": len(manifests), "corrupt": corrupt,
+        "final_losses": losses,
+        "manifests": len(manifests),
+        "corrupt": corrupt,
         "shard_refills": coord_log.count("restored from checkpoint") + coord_log.count("refilled with initial"),
-        "readoptions": coord_log.count("re-adopted job"), "stderr_tail": proc.text()[-2000:],
+        "readoptions": coord_log.count("re-adopted job"),
+        "stderr_tail": proc.text()[-2000:],
     }
 
 

@@ -13,6 +13,7 @@ import os
 import statistics
 
 import pytest
+
 from chaos import ROLES, run_job
 
 pytestmark = pytest.mark.slow
@@ -30,12 +31,16 @@ def test_the_job_survives_random_kills_of_every_role(tmp_path):
     interval = min(1.0, base["seconds"] * 0.7 / (1.5 * KILLS))
     chaos = run_job(tmp_path / "chaos", STEPS, kills=KILLS, seed=SEED, interval=interval)
     figures = {
-        "kills": len(chaos["kills"]), "kills_by_role": chaos["kills_by_role"], "restarts": chaos["restarts"],
-        "shard_refills": chaos["shard_refills"], "coordinator_readoptions": chaos["readoptions"],
+        "kills": len(chaos["kills"]),
+        "kills_by_role": chaos["kills_by_role"],
+        "restarts": chaos["restarts"],
+        "shard_refills": chaos["shard_refills"],
+        "coordinator_readoptions": chaos["readoptions"],
         "seconds": {"baseline": base["seconds"], "chaos": chaos["seconds"]},
         "heldout_loss": {"baseline": round(base["heldout_loss"], 3), "chaos": round(chaos["heldout_loss"], 3)},
         "final_train_loss": {"baseline": round(base["final_loss"], 3), "chaos": round(chaos["final_loss"], 3)},
-        "manifests_checked": chaos["manifests"], "corrupt": chaos["corrupt"],
+        "manifests_checked": chaos["manifests"],
+        "corrupt": chaos["corrupt"],
     }
     noise = 2 * statistics.pstdev(base["final_losses"])
     figures["noise_band"] = round(noise, 3)

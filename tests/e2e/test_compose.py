@@ -24,9 +24,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import harness
 import numpy as np
 import pytest
+
+import harness
 from downpour.client import NeuronsClient
 from downpour.v1 import coordinator_pb2
 
@@ -110,8 +111,10 @@ def _base_image(client) -> tuple[str, bool]:
     if not _have(client, tag) and (os.geteuid() != 0 or not shutil.which("debootstrap")):
         # The README's test command must pass on a machine with Docker but without these;
         # CI installs debootstrap and runs as root, so there the test runs.
-        pytest.skip(f"{wanted} cannot be pulled and no base image can be built here: building one needs root "
-                    "and debootstrap (apt-get install debootstrap)")
+        pytest.skip(
+            f"{wanted} cannot be pulled and no base image can be built here: building one needs root "
+            "and debootstrap (apt-get install debootstrap)"
+        )
     _run(["bash", "scripts/build_base_image.sh", tag], timeout=1200)
     return tag, True
 
@@ -127,27 +130,66 @@ def test_compose_cluster_trains_serves_and_survives_a_worker_kill():
         # The project and its dependencies come from wheels built on this host.
         _run(["bash", "scripts/build_wheelhouse.sh"], env=dict(os.environ, PYTHON=sys.executable), timeout=900)
     _log(f"building {IMAGE} on {base}")
-    _run(["docker", "build", "-q", "-f", "deploy/docker/Dockerfile", "--build-arg", f"BASE_IMAGE={base}",
-          "-t", IMAGE, "."], timeout=1200)
+    _run(
+        [
+            "docker",
+            "build",
+            "-q",
+            "-f",
+            "deploy/docker/Dockerfile",
+            "--build-arg",
+            f"BASE_IMAGE={base}",
+            "-t",
+            IMAGE,
+            ".",
+        ],
+        timeout=1200,
+    )
     prometheus = os.environ.get("PROMETHEUS_IMAGE", DEFAULT_PROMETHEUS)
     if not _pull(client, prometheus):
         _log(f"{prometheus} cannot be pulled: building {LOCAL_PROMETHEUS} from Debian's package")
         prometheus = LOCAL_PROMETHEUS
         if not _have(client, prometheus):
-            _run(["docker", "build", "-q", "-f", "deploy/prometheus/Dockerfile", "--build-arg",
-                  f"BASE_IMAGE={base}", "-t", prometheus, "deploy/prometheus"], timeout=900)
+            _run(
+                [
+                    "docker",
+                    "build",
+                    "-q",
+                    "-f",
+                    "deploy/prometheus/Dockerfile",
+                    "--build-arg",
+                    f"BASE_IMAGE={base}",
+                    "-t",
+                    prometheus,
+                    "deploy/prometheus",
+                ],
+                timeout=900,
+            )
     timings["images"] = time.monotonic() - t0
 
     project = f"downpour-e2e-{os.getpid()}"
-    ports = {"NEURONS_PORT": harness.free_port(), "COORDINATOR_PORT": harness.free_port(), "PROMETHEUS_PORT": harness.free_port()}
+    ports = {
+        "NEURONS_PORT": harness.free_port(),
+        "COORDINATOR_PORT": harness.free_port(),
+        "PROMETHEUS_PORT": harness.free_port(),
+    }
     job_dir = tempfile.mkdtemp(prefix="downpour-e2e-")
     job = Path(job_dir) / "job.yaml"
-    job.write_text(f"preset: small\nreplicas: 2\nshards: 2\npartitions: 1x1\nsteps: {STEPS}\n"
-                   "batch_size: 32\ndata: default\ncheckpoint_every: 50\n")
+    job.write_text(
+        f"preset: small\nreplicas: 2\nshards: 2\npartitions: 1x1\nsteps: {STEPS}\n"
+        "batch_size: 32\ndata: default\ncheckpoint_every: 50\n"
+    )
     os.chmod(job_dir, 0o755)
     os.chmod(job, 0o644)
-    env = dict(os.environ, COMPOSE_PROJECT_NAME=project, DOWNPOUR_IMAGE=IMAGE, BASE_IMAGE=base,
-               PROMETHEUS_IMAGE=prometheus, DOWNPOUR_JOB=str(job), **{k: str(v) for k, v in ports.items()})
+    env = dict(
+        os.environ,
+        COMPOSE_PROJECT_NAME=project,
+        DOWNPOUR_IMAGE=IMAGE,
+        BASE_IMAGE=base,
+        PROMETHEUS_IMAGE=prometheus,
+        DOWNPOUR_JOB=str(job),
+        **{k: str(v) for k, v in ports.items()},
+    )
     coordinator = f"127.0.0.1:{ports['COORDINATOR_PORT']}"
     label = {"label": f"com.docker.compose.project={project}"}
 
@@ -167,6 +209,7 @@ def test_compose_cluster_trains_serves_and_survives_a_worker_kill():
                 if c.status != "running" or health not in (None, "healthy"):
                     return False
             return len(cs) == 8  # 2 shards, feeder, coordinator, 2 workers, neurons, prometheus
+
         harness.wait_for(all_healthy, 300, "every container healthy", every=2, ignore=(Exception,))
         timings["up and healthy"] = time.monotonic() - t
 
@@ -177,18 +220,23 @@ def test_compose_cluster_trains_serves_and_survives_a_worker_kill():
             with urllib.request.urlopen(f"{prom}/api/v1/targets?state=active", timeout=5) as r:
                 active = json.load(r)["data"]["activeTargets"]
             jobs = [tg["labels"]["job"] for tg in active]
-            ok = all(tg["health"] == "up" for tg in active) and jobs.count("worker") == 2 and jobs.count(
-                "paramserver") == 2 and {"coordinator", "feeder", "neurons", "prometheus"} <= set(jobs)
+            ok = (
+                all(tg["health"] == "up" for tg in active)
+                and jobs.count("worker") == 2
+                and jobs.count("paramserver") == 2
+                and {"coordinator", "feeder", "neurons", "prometheus"} <= set(jobs)
+            )
             return active if ok else None
-        active = harness.wait_for(targets_up, 120, "every Prometheus scrape target up", every=2,
-                                  ignore=(Exception,))
+
+        active = harness.wait_for(targets_up, 120, "every Prometheus scrape target up", every=2, ignore=(Exception,))
         _log("scrape targets up: " + ", ".join(sorted(tg["scrapeUrl"] for tg in active)))
         timings["prometheus targets up"] = time.monotonic() - t
 
         t = time.monotonic()
         with NeuronsClient(f"127.0.0.1:{ports['NEURONS_PORT']}") as nc:
-            info = harness.wait_for(nc.describe, 60, "the neurons service to describe its model", every=1.0,
-                                    ignore=(Exception,))
+            info = harness.wait_for(
+                nc.describe, 60, "the neurons service to describe its model", every=1.0, ignore=(Exception,)
+            )
             h, w, c = list(info.input_shape)
             layer = info.layers[-1].name
             images = np.random.default_rng(0).integers(0, 256, size=(3, h, w, c), dtype=np.uint8)
@@ -213,6 +261,7 @@ def test_compose_cluster_trains_serves_and_survives_a_worker_kill():
         def finished():
             s = harness.job_status_at(coordinator, timeout=5)
             return s if s is not None and s.state == coordinator_pb2.JOB_STATE_SUCCEEDED else None
+
         st = harness.wait_for(finished, 600, f"the job to reach {STEPS} steps", every=2, ignore=(Exception,))
         steps = [s.step for s in st.slots]
         assert st.step >= STEPS and min(steps) >= STEPS, steps

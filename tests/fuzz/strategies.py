@@ -13,15 +13,21 @@ from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import strategies as st
 
 _INT_LIMITS = {
-    F.TYPE_INT32: (-(2 ** 31), 2 ** 31 - 1), F.TYPE_SINT32: (-(2 ** 31), 2 ** 31 - 1),
-    F.TYPE_SFIXED32: (-(2 ** 31), 2 ** 31 - 1), F.TYPE_UINT32: (0, 2 ** 32 - 1), F.TYPE_FIXED32: (0, 2 ** 32 - 1),
-    F.TYPE_INT64: (-(2 ** 63), 2 ** 63 - 1), F.TYPE_SINT64: (-(2 ** 63), 2 ** 63 - 1),
-    F.TYPE_SFIXED64: (-(2 ** 63), 2 ** 63 - 1), F.TYPE_UINT64: (0, 2 ** 64 - 1), F.TYPE_FIXED64: (0, 2 ** 64 - 1),
+    F.TYPE_INT32: (-(2**31), 2**31 - 1),
+    F.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    F.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    F.TYPE_UINT32: (0, 2**32 - 1),
+    F.TYPE_FIXED32: (0, 2**32 - 1),
+    F.TYPE_INT64: (-(2**63), 2**63 - 1),
+    F.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    F.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    F.TYPE_UINT64: (0, 2**64 - 1),
+    F.TYPE_FIXED64: (0, 2**64 - 1),
 }
 
 
 def _int(lo: int, hi: int):
-    edges = [v for v in (lo, hi, -1, 0, 1, 2, 3, 16, 255, 2 ** 31 - 1, 2 ** 32) if lo <= v <= hi]
+    edges = [v for v in (lo, hi, -1, 0, 1, 2, 3, 16, 255, 2**31 - 1, 2**32) if lo <= v <= hi]
     return st.one_of(st.sampled_from(edges), st.integers(max(lo, -1000), min(hi, 1000)), st.integers(lo, hi))
 
 
@@ -34,8 +40,10 @@ def _scalar(fd):
     if t == F.TYPE_BOOL:
         return st.booleans()
     if t == F.TYPE_STRING:
-        return st.one_of(st.text(max_size=24), st.sampled_from(["", "..", "../../etc/passwd", "a/b", "\x00", "x" * 300,
-                                                                 "stage1.W1", "step-1"]))
+        return st.one_of(
+            st.text(max_size=24),
+            st.sampled_from(["", "..", "../../etc/passwd", "a/b", "\x00", "x" * 300, "stage1.W1", "step-1"]),
+        )
     if t == F.TYPE_BYTES:
         return st.binary(max_size=96)
     if t == F.TYPE_ENUM:
@@ -100,5 +108,7 @@ def _build(cls, d):
 
 def raw_bytes():
     """Byte strings for a message slot: garbage, truncated varints, huge length prefixes."""
-    return st.one_of(st.binary(max_size=64), st.sampled_from([b"\x0a\xff\xff\xff\xff\x0f", b"\x08", b"\xff" * 12,
-                                                               b"\x12\x80\x80\x80\x80\x10abc"]))
+    return st.one_of(
+        st.binary(max_size=64),
+        st.sampled_from([b"\x0a\xff\xff\xff\xff\x0f", b"\x08", b"\xff" * 12, b"\x12\x80\x80\x80\x80\x10abc"]),
+    )

@@ -16,9 +16,10 @@ import zlib
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+
 from downpour.rpc.codec import tensor_to_proto
 from downpour.v1 import common_pb2, feeder_pb2, feeder_pb2_grpc, neurons_pb2, neurons_pb2_grpc
-from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +30,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 def bomb_png(w=100_000, h=100_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _encode(im: Image.Image, fmt: str) -> bytes:
@@ -77,8 +82,9 @@ def test_the_feeder_skips_hostile_files_and_serves_the_rest(procs, tmp_path):
         info = stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=10)
         seen = 0
         for split in (feeder_pb2.SPLIT_TRAIN, feeder_pb2.SPLIT_TEST):
-            req = feeder_pb2.StreamBatchesRequest(replica=0, num_replicas=1, batch_size=4, split=split,
-                                                  deterministic=True, max_batches=12)
+            req = feeder_pb2.StreamBatchesRequest(
+                replica=0, num_replicas=1, batch_size=4, split=split, deterministic=True, max_batches=12
+            )
             for resp in stub.StreamBatches(req, timeout=120):
                 x = np.frombuffer(resp.examples.data, "<f4").reshape(tuple(resp.examples.shape))
                 assert x.shape[1:] == (1, 16, 16) and np.all(np.isfinite(x))
@@ -110,23 +116,28 @@ def test_the_neurons_service_refuses_hostile_images_cleanly(procs):
             codes[name] = ask(neurons_pb2.GetActivationsRequest(encoded_images=[data], layer=layer))
         # Tensors that lie about their size, or claim absurd dimensions.
         lies = {
-            "tensor_huge_dims": common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[2 ** 31, 2 ** 31, 16, 1],
-                                                  data=b"\x00" * 64),
-            "tensor_short_data": common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[1, 16, 16, 1],
-                                                   data=b"\x00" * 10),
+            "tensor_huge_dims": common_pb2.Tensor(
+                dtype=common_pb2.DTYPE_FLOAT32, shape=[2**31, 2**31, 16, 1], data=b"\x00" * 64
+            ),
+            "tensor_short_data": common_pb2.Tensor(
+                dtype=common_pb2.DTYPE_FLOAT32, shape=[1, 16, 16, 1], data=b"\x00" * 10
+            ),
             "tensor_wrong_dtype": common_pb2.Tensor(dtype=99, shape=[1, 16, 16, 1], data=b"\x00" * 1024),
             "tensor_nan": tensor_to_proto(np.full((1, 16, 16, 1), np.nan, np.float32)),
             "tensor_wrong_size": tensor_to_proto(np.zeros((1, 17, 5, 1), np.float32)),
         }
         for name, t in lies.items():
             # other sizes are fitted to the model's input unless the request refuses resizing
-            codes[name] = ask(neurons_pb2.GetActivationsRequest(images=t, layer=layer,
-                                                                no_resize=name == "tensor_wrong_size"))
+            codes[name] = ask(
+                neurons_pb2.GetActivationsRequest(images=t, layer=layer, no_resize=name == "tensor_wrong_size")
+            )
         # each within the per-image limit, together past the request's (8 x 36 M pixels)
-        codes["many_huge_valid"] = ask(neurons_pb2.GetActivationsRequest(
-            encoded_images=[hostile(16)["bad_huge_valid.png"]] * 8, layer=layer))
-        codes["tensor_other_size_fitted"] = ask(neurons_pb2.GetActivationsRequest(
-            images=tensor_to_proto(np.zeros((1, 17, 5, 1), np.float32)), layer=layer))
+        codes["many_huge_valid"] = ask(
+            neurons_pb2.GetActivationsRequest(encoded_images=[hostile(16)["bad_huge_valid.png"]] * 8, layer=layer)
+        )
+        codes["tensor_other_size_fitted"] = ask(
+            neurons_pb2.GetActivationsRequest(images=tensor_to_proto(np.zeros((1, 17, 5, 1), np.float32)), layer=layer)
+        )
         stub.DescribeModel(neurons_pb2.DescribeModelRequest(), timeout=30)  # still answering
     assert p.alive()
     print("\nneurons answers:", {k: v.name for k, v in codes.items()})
@@ -136,7 +147,12 @@ def test_the_neurons_service_refuses_hostile_images_cleanly(procs):
     assert codes["bad_huge_valid.png"] == grpc.StatusCode.OK
     for name, c in codes.items():
         if (name.startswith("bad_") and name != "bad_huge_valid.png") or name in (
-                "tensor_huge_dims", "tensor_short_data", "tensor_wrong_dtype", "tensor_wrong_size", "many_huge_valid"):
+            "tensor_huge_dims",
+            "tensor_short_data",
+            "tensor_wrong_dtype",
+            "tensor_wrong_size",
+            "many_huge_valid",
+        ):
             assert c == grpc.StatusCode.INVALID_ARGUMENT, (name, c)
     assert codes["bad_bomb.png"] == grpc.StatusCode.INVALID_ARGUMENT
     assert codes["tensor_other_size_fitted"] == grpc.StatusCode.OK

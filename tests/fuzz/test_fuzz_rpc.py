@@ -20,9 +20,12 @@ import os
 import time
 
 import grpc
-import harness
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import harness
 from downpour.paramserver.client import ParamClient, refusal
 from downpour.paramserver.server import PULL_PAYLOAD, PUSH_PAYLOAD
 from downpour.rpc import codec
@@ -32,8 +35,6 @@ from downpour.v1 import feeder_pb2 as fpb
 from downpour.v1 import neurons_pb2 as npb
 from downpour.v1 import paramserver_pb2 as ppb
 from downpour.v1 import worker_pb2 as wpb
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from strategies import messages, raw_bytes
 
 pytestmark = pytest.mark.slow
@@ -100,8 +101,19 @@ def cluster(tmp_path_factory):
         start("worker", "--coordinator", f"127.0.0.1:{harness.free_port()}")
         for p in procs.values():
             p.wait_serving(90)
-        start("coordinator", "--config", str(d / "job.yaml"), "--shards", procs["paramserver"].address, "--feeder",
-              procs["feeder"].address, "--state-dir", str(d / "state"), "--checkpoint-dir", ck)
+        start(
+            "coordinator",
+            "--config",
+            str(d / "job.yaml"),
+            "--shards",
+            procs["paramserver"].address,
+            "--feeder",
+            procs["feeder"].address,
+            "--state-dir",
+            str(d / "state"),
+            "--checkpoint-dir",
+            ck,
+        )
         procs["coordinator"].wait_serving(90)
         addr = {r: p.address for r, p in procs.items()}
         channels = {r: grpc.insecure_channel(a) for r, a in addr.items()}
@@ -113,25 +125,28 @@ def cluster(tmp_path_factory):
 
 def _call(channel, method, kind, items, timeout=5.0):
     """Send ``items`` (messages or raw bytes) as one call; returns the status code (OK included)."""
-    ser = lambda m: m if isinstance(m, bytes) else m.SerializeToString()  # noqa: E731
+    ser = lambda m: m if isinstance(m, bytes) else m.SerializeToString()
     SENT["messages"] += len(items)
     SENT["calls"] += 1
     try:
         if kind == U:
             channel.unary_unary(method, request_serializer=ser, response_deserializer=None)(items[0], timeout=timeout)
         elif kind == SS:
-            call = channel.unary_stream(method, request_serializer=ser, response_deserializer=None)(items[0],
-                                                                                                   timeout=timeout)
+            call = channel.unary_stream(method, request_serializer=ser, response_deserializer=None)(
+                items[0], timeout=timeout
+            )
             for i, _ in enumerate(call):
                 if i >= 2:
                     call.cancel()
                     break
         elif kind == CS:
-            channel.stream_unary(method, request_serializer=ser, response_deserializer=None)(iter(items),
-                                                                                             timeout=timeout)
+            channel.stream_unary(method, request_serializer=ser, response_deserializer=None)(
+                iter(items), timeout=timeout
+            )
         else:
             call = channel.stream_stream(method, request_serializer=ser, response_deserializer=None)(
-                iter(items), timeout=1.0)
+                iter(items), timeout=1.0
+            )
             for _ in call:
                 pass
         code = grpc.StatusCode.OK
@@ -155,8 +170,11 @@ def _items(cls, kind):
 
 
 def _pull_all(channel):
-    pull = channel.unary_stream("/downpour.v1.ParameterServer/Pull", request_serializer=ppb.PullRequest.SerializeToString,
-                                response_deserializer=lambda b: codec.decode(ppb.PullResponse, b, PULL_PAYLOAD))
+    pull = channel.unary_stream(
+        "/downpour.v1.ParameterServer/Pull",
+        request_serializer=ppb.PullRequest.SerializeToString,
+        response_deserializer=lambda b: codec.decode(ppb.PullResponse, b, PULL_PAYLOAD),
+    )
     out: dict[str, list] = {}
     for msg, payload in pull(ppb.PullRequest(), timeout=10):
         out.setdefault(msg.chunk.name, []).append(bytes(payload))
@@ -168,8 +186,7 @@ def test_fuzz(cluster, role, method, kind, cls):
     channel = cluster["channels"][role]
     end = time.monotonic() + BUDGET
 
-    @settings(max_examples=20, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=20, deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck))
     @given(items=_items(cls, kind))
     def run(items):
         if time.monotonic() > end:
@@ -186,15 +203,20 @@ def test_fuzz(cluster, role, method, kind, cls):
 
 def _push_strategy():
     """Pushes aimed at the real blocks: right or wrong names, shapes, lengths, values, commit or not."""
-    chunk = st.fixed_dictionaries({
-        "name": st.sampled_from(["b0", "b1", "missing", ""]),
-        "shape": st.sampled_from([[4, 8], [32], [4, 9], [], [-1, 8]]),
-        "dtype": st.sampled_from([common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_FLOAT16, 77]),
-        "offset": st.sampled_from([0, 0, 0, 16, 4, -1]),
-        "values": st.lists(st.floats(-1, 1, width=32) | st.sampled_from([float("nan"), float("inf")]),
-                           min_size=0, max_size=40),
-        "seq": st.sampled_from([1, 2, 3]),
-    })
+    chunk = st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(["b0", "b1", "missing", ""]),
+            "shape": st.sampled_from([[4, 8], [32], [4, 9], [], [-1, 8]]),
+            "dtype": st.sampled_from(
+                [common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_FLOAT16, 77]
+            ),
+            "offset": st.sampled_from([0, 0, 0, 16, 4, -1]),
+            "values": st.lists(
+                st.floats(-1, 1, width=32) | st.sampled_from([float("nan"), float("inf")]), min_size=0, max_size=40
+            ),
+            "seq": st.sampled_from([1, 2, 3]),
+        }
+    )
     return st.tuples(st.lists(chunk, min_size=0, max_size=3), st.booleans(), st.sampled_from(["w1", "w2", ""]))
 
 
@@ -204,8 +226,9 @@ def test_rejected_pushes_leave_the_parameters_unchanged(cluster):
     with ParamClient([addr]) as c:
         c.init({"b0": np.zeros((4, 8), np.float32), "b1": np.ones(32, np.float32)}, overwrite=True)
     channel = cluster["channels"]["paramserver"]
-    push = channel.stream_unary("/downpour.v1.ParameterServer/Push", request_serializer=None,
-                                response_deserializer=ppb.PushResponse.FromString)
+    push = channel.stream_unary(
+        "/downpour.v1.ParameterServer/Push", request_serializer=None, response_deserializer=ppb.PushResponse.FromString
+    )
     end = time.monotonic() + max(BUDGET * 2, 5.0)
     stats = {"rejected": 0, "applied": 0}
 
@@ -219,8 +242,13 @@ def test_rejected_pushes_leave_the_parameters_unchanged(cluster):
         msgs = []
         for c in chunks:
             data = np.asarray(c["values"], np.float32)
-            hdr = common_pb2.TensorChunk(name=c["name"], dtype=c["dtype"], shape=[max(s, 0) for s in c["shape"]],
-                                         offset=max(c["offset"], 0), last=True)
+            hdr = common_pb2.TensorChunk(
+                name=c["name"],
+                dtype=c["dtype"],
+                shape=[max(s, 0) for s in c["shape"]],
+                offset=max(c["offset"], 0),
+                last=True,
+            )
             msgs.append(codec.encode(ppb.PushRequest(worker_id=worker, seq=seq, chunk=hdr), PUSH_PAYLOAD, data))
         if commit:
             msgs.append(ppb.PushRequest(worker_id=worker, seq=seq, commit=True).SerializeToString())

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import harness
 import numpy as np
 import pytest
+from PIL import Image
+
+import harness
 from downpour.feeder.datasets import open_dataset
 from downpour.feeder.preprocess import PreprocessSpec
 from downpour.nn import Network, presets
-from PIL import Image
 
 
 @functools.cache
@@ -47,8 +48,22 @@ def trained_run(tmp_path_factory):
 
     The one trained run of the suite: test_explorer and test_using_networks both read it."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    r = harness.run_cli("up", "--preset", "tiny", "--replicas", "1", "--shards", "2", "--steps", "20", "--quiet",
-                        "--no-neurons", "--out", str(out), timeout=300)
+    r = harness.run_cli(
+        "up",
+        "--preset",
+        "tiny",
+        "--replicas",
+        "1",
+        "--shards",
+        "2",
+        "--steps",
+        "20",
+        "--quiet",
+        "--no-neurons",
+        "--out",
+        str(out),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return out
 

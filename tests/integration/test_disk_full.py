@@ -19,8 +19,9 @@ import subprocess
 import time
 
 import grpc
-import harness
 import pytest
+
+import harness
 from downpour import checkpoint as cks
 from downpour.up import request_checkpoint
 
@@ -30,8 +31,9 @@ pytestmark = pytest.mark.slow
 @contextlib.contextmanager
 def small_tmpfs(path, size: str):
     os.makedirs(path, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a {size} tmpfs at {path} (needs root): {r.stderr.strip() or r.returncode}")
     try:
@@ -66,8 +68,21 @@ def _folders(ckdir) -> tuple[list[str], list[str]]:
 
 
 def _up(procs, out, steps: int, **env) -> harness.Proc:
-    return procs.up(out, "--quiet", "--no-neurons", "--preset", "tiny", "--replicas", "2", "--shards", "2",
-                    "--steps", str(steps), env=env, new_session=True)
+    return procs.up(
+        out,
+        "--quiet",
+        "--no-neurons",
+        "--preset",
+        "tiny",
+        "--replicas",
+        "2",
+        "--shards",
+        "2",
+        "--steps",
+        str(steps),
+        env=env,
+        new_session=True,
+    )
 
 
 def test_a_disk_that_fills_fails_checkpoints_cleanly_training_goes_on_and_they_commit_again(tmp_path, procs):
@@ -99,10 +114,27 @@ def test_a_disk_that_fills_fails_checkpoints_cleanly_training_goes_on_and_they_c
                 time.sleep(0.2)
             assert harness.job_status(out, timeout=2.0).step > step0 + 20, "training stopped while the disk was full"
             cl = harness.cluster(out)
-            assert _metric(cl["coordinator"]["metrics_port"], "downpour_checkpoint_failures_total",
-                           component="coordinator", reason="disk_full") >= 2
-            assert sum(_metric(cl[f"paramserver-{i}"]["metrics_port"], "downpour_checkpoint_failures_total",
-                               component="paramserver", reason="disk_full") for i in (0, 1)) >= 1
+            assert (
+                _metric(
+                    cl["coordinator"]["metrics_port"],
+                    "downpour_checkpoint_failures_total",
+                    component="coordinator",
+                    reason="disk_full",
+                )
+                >= 2
+            )
+            assert (
+                sum(
+                    _metric(
+                        cl[f"paramserver-{i}"]["metrics_port"],
+                        "downpour_checkpoint_failures_total",
+                        component="paramserver",
+                        reason="disk_full",
+                    )
+                    for i in (0, 1)
+                )
+                >= 1
+            )
             # The metrics above count the failures; the logs are what an operator reads: they must say why.
             log = (out / "logs" / "coordinator.log").read_text()
             assert "the disk is full" in log and "next attempt in" in log, log[-2000:]
@@ -110,8 +142,15 @@ def test_a_disk_that_fills_fails_checkpoints_cleanly_training_goes_on_and_they_c
                 assert "not written" in (out / "logs" / f"paramserver-{i}.log").read_text()
             # Space returns: the next checkpoint (the backoff is at most a few seconds here) commits.
             os.unlink(filler)
-            after = harness.wait_for(lambda: (lambda m: m if m and m["checkpoint_id"] != newest["checkpoint_id"] else None)(
-                cks.newest_valid(str(ckdir))), 40, "a checkpoint after the disk had room again", 0.2, [proc])
+            after = harness.wait_for(
+                lambda: (lambda m: m if m and m["checkpoint_id"] != newest["checkpoint_id"] else None)(
+                    cks.newest_valid(str(ckdir))
+                ),
+                40,
+                "a checkpoint after the disk had room again",
+                0.2,
+                [proc],
+            )
             assert after["step"] > newest["step"]
         finally:
             code = proc.kill(signal.SIGINT, timeout=90)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from downpour.evals import supervised
 from downpour.nn import Network, presets
 
@@ -18,12 +19,22 @@ def test_eval_supervised_on_tiny_trains_through_the_cluster(tmp_path):
     x = rng.random((300, 1, 16, 16)).astype(np.float32) * 0.3
     y = rng.integers(0, 3, 300)
     for i, c in enumerate(y):
-        x[i, 0, 2 + 5 * c:5 + 5 * c, :] += 0.7
+        x[i, 0, 2 + 5 * c : 5 + 5 * c, :] += 0.7
     np.savez(tmp_path / "d.npz", x=x, y=y)
     out = tmp_path / "out"
-    res = supervised.run(str(out), data=str(tmp_path / "d.npz"), preset="tiny", seeds=2, labels=(30, 120),
-                         pretrain_steps=30, finetune_steps=40, head_only_steps=10, n_test=60, replicas=1,
-                         log=lambda *a: None)
+    res = supervised.run(
+        str(out),
+        data=str(tmp_path / "d.npz"),
+        preset="tiny",
+        seeds=2,
+        labels=(30, 120),
+        pretrain_steps=30,
+        finetune_steps=40,
+        head_only_steps=10,
+        n_test=60,
+        replicas=1,
+        log=lambda *a: None,
+    )
     assert res["seeds"] == [0, 1] and res["labels"] == [120, 30] and res["classes"] == 3
     rows = {(r["row"], r["labels"]): r for r in res["rows"]}
     assert [r["row"] for r in res["rows"][:5]] == list(supervised.ROWS) and len(rows) == 10
@@ -33,7 +44,10 @@ def test_eval_supervised_on_tiny_trains_through_the_cluster(tmp_path):
     assert rows["linear classifier on pixels", 120]["mean"] > 0.9  # the task is learnable
     assert rows["network fine-tuned from unsupervised pretraining", 120]["mean"] > 0.6  # and learned (chance ~0.33)
     assert len(res["comparisons"]) == 6 and {c["verdict"] for c in res["comparisons"]} <= {
-        "gain", "loss", "within the spread"}
+        "gain",
+        "loss",
+        "within the spread",
+    }
     assert {c["l2"] for c in res["linear_choices"]} <= set(supervised.L2_GRID) and len(res["linear_choices"]) == 8
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
     assert (out / "curve.png").stat().st_size > 1000
@@ -41,8 +55,11 @@ def test_eval_supervised_on_tiny_trains_through_the_cluster(tmp_path):
     for s in (0, 1):
         for name in ("pretrain", "labels30/from_random", "labels120/fine_tune"):
             m = json.loads((jobs / f"seed{s}" / name / "metrics.json").read_text())
-            assert [r["step"] for r in m["history"][-1]["replicas"]] == \
-                [res["training"][f"seed{s}/{name}"]["steps_per_replica"]] == [40 if "labels" in name else 30]
+            assert (
+                [r["step"] for r in m["history"][-1]["replicas"]]
+                == [res["training"][f"seed{s}/{name}"]["steps_per_replica"]]
+                == [40 if "labels" in name else 30]
+            )
             assert m["config"]["seed"] == s
     sd = jobs / "seed1"
     assert json.loads((sd / "pretrain" / "metrics.json").read_text())["config"]["supervised"] is False

@@ -20,16 +20,17 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import downpour
-import harness
 import numpy as np
 import pytest
+from PIL import Image
+
+import downpour
+import harness
 from downpour import config as jobconfig
 from downpour.neurons.explorer import MAX_IN_FLIGHT
 from downpour.nn import Network, presets
 from downpour.paramserver.client import ParamClient, balanced_placement
 from downpour.rpc.certs import make_cluster_pki
-from PIL import Image
 
 LAYER = "stage2.output"
 UNIT = "layer=stage3.pool&map=1&y=0&x=1"
@@ -66,8 +67,9 @@ def test_the_api_answers_what_the_network_answers_in_process(served, trained_run
     net = downpour.load(trained_run)
     code, model = get(url + "api/model")
     assert code == 200
-    assert [(x["name"], tuple(x["shape"])) for x in model["layers"]] == \
-        [(x.name, x.shape) for x in net.describe().layers]
+    assert [(x["name"], tuple(x["shape"])) for x in model["layers"]] == [
+        (x.name, x.shape) for x in net.describe().layers
+    ]
     assert model["checkpoint_id"] == net.describe().checkpoint_id and "heldout" in model["datasets"]
     code, maps = get(url + f"api/maps?layer={LAYER}", data=photo.read_bytes())
     assert code == 200
@@ -93,20 +95,23 @@ def test_the_api_answers_what_the_network_answers_in_process(served, trained_run
     assert stim["activation"] > stim["random_activation_max"]
 
 
-@pytest.mark.parametrize("path, data, status, needle", [
-    ("api/top?layer=stage3.pool&map=a&y=0&x=0", None, 400, "map='a' is not an integer"),
-    ("api/top?layer=stage3.pool&map=0&y=0", None, 400, "x is required"),
-    ("api/top?layer=stage3.pool&map=99&y=0&x=0", None, 400, "outside layer"),
-    ("api/top?layer=stage9.pool&map=0&y=0&x=0", None, 400, "unknown layer"),
-    (f"api/top?{UNIT}&k=100000", None, 400, "k=100000 is out of range"),
-    (f"api/top?{UNIT}&dataset=/etc/passwd", None, 400, "unknown dataset"),
-    (f"api/stimulus?{UNIT}&steps=0", None, 400, "steps=0 is out of range"),
-    (f"api/histogram?{UNIT}&bins=100000", None, 400, "bins=100000"),
-    (f"api/maps?layer={LAYER}", b"not an image", 400, "not a decodable image"),
-    (f"api/maps?layer={LAYER}", b"", 400, "no image"),
-    ("api/maps", b"x", 400, "layer is required"),
-    (f"api/maps?layer={LAYER}", b"\0" * (17 << 20), 413, ""),
-])
+@pytest.mark.parametrize(
+    "path, data, status, needle",
+    [
+        ("api/top?layer=stage3.pool&map=a&y=0&x=0", None, 400, "map='a' is not an integer"),
+        ("api/top?layer=stage3.pool&map=0&y=0", None, 400, "x is required"),
+        ("api/top?layer=stage3.pool&map=99&y=0&x=0", None, 400, "outside layer"),
+        ("api/top?layer=stage9.pool&map=0&y=0&x=0", None, 400, "unknown layer"),
+        (f"api/top?{UNIT}&k=100000", None, 400, "k=100000 is out of range"),
+        (f"api/top?{UNIT}&dataset=/etc/passwd", None, 400, "unknown dataset"),
+        (f"api/stimulus?{UNIT}&steps=0", None, 400, "steps=0 is out of range"),
+        (f"api/histogram?{UNIT}&bins=100000", None, 400, "bins=100000"),
+        (f"api/maps?layer={LAYER}", b"not an image", 400, "not a decodable image"),
+        (f"api/maps?layer={LAYER}", b"", 400, "no image"),
+        ("api/maps", b"x", 400, "layer is required"),
+        (f"api/maps?layer={LAYER}", b"\0" * (17 << 20), 413, ""),
+    ],
+)
 def test_bad_requests_are_refused_with_the_reason(served, path, data, status, needle):
     code, body = get(served[1] + path, data=data)
     assert code == status, body
@@ -122,20 +127,42 @@ def test_explore_over_a_service_and_over_a_checkpoint(served, trained_run, photo
         harness.wait_for(lambda port=port: harness.accepts(port), 60, "the explorer page", procs=[p])
         code, maps = get(f"http://127.0.0.1:{port}/api/maps?layer={LAYER}", data=photo.read_bytes())
         assert code == 200
-        np.testing.assert_allclose([(x["min"], x["max"]) for x in maps["maps"]],
-                                   [(x["min"], x["max"]) for x in direct["maps"]], rtol=1e-5)
+        np.testing.assert_allclose(
+            [(x["min"], x["max"]) for x in maps["maps"]], [(x["min"], x["max"]) for x in direct["maps"]], rtol=1e-5
+        )
         p.stop()
 
 
 def test_with_a_token_the_explorer_needs_tls_and_the_token(trained_run, tmp_path, procs):
     pki = make_cluster_pki(tmp_path / "tls")
     ck = str(trained_run / "checkpoints")
-    r = procs.cli("clear", "serve", "neurons", "--checkpoint-dir", ck, "--port", "0", "--http-port", "0",
-                  "--token-file", pki["token_file"])
+    r = procs.cli(
+        "clear",
+        "serve",
+        "neurons",
+        "--checkpoint-dir",
+        ck,
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+        "--token-file",
+        pki["token_file"],
+    )
     # The exit code says it refused; only its message says why.
     assert r.wait(60) == 2 and "token in clear" in r.text()
-    _, url = explorer(procs, "--checkpoint-dir", ck, "--token-file", pki["token_file"], "--tls-cert", pki["cert"],
-                      "--tls-key", pki["key"], scheme="https")
+    _, url = explorer(
+        procs,
+        "--checkpoint-dir",
+        ck,
+        "--token-file",
+        pki["token_file"],
+        "--tls-cert",
+        pki["cert"],
+        "--tls-key",
+        pki["key"],
+        scheme="https",
+    )
     assert url.startswith("https://")
     ctx = ssl.create_default_context(cafile=pki["ca"])
     ctx.check_hostname = False  # the node certificate names the cluster, not 127.0.0.1
@@ -148,6 +175,7 @@ def test_with_a_token_the_explorer_needs_tls_and_the_token(trained_run, tmp_path
 
 
 # -- the page in a real browser --------------------------------------------------------------
+
 
 def _browser():
     try:
@@ -228,8 +256,15 @@ def test_the_explorer_follows_the_live_parameters_of_a_training_job(procs, tmp_p
     ps.init({k: np.asarray(v) for k, v in params.items()})
     cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 2})
     (tmp_path / "job.yaml").write_text(cfg.to_yaml())
-    _, url = explorer(procs, "--shards", ",".join(s.address for s in shards), "--config", str(tmp_path / "job.yaml"),
-                      "--refresh-seconds", "0.2")
+    _, url = explorer(
+        procs,
+        "--shards",
+        ",".join(s.address for s in shards),
+        "--config",
+        str(tmp_path / "job.yaml"),
+        "--refresh-seconds",
+        "0.2",
+    )
     img = np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")

@@ -8,9 +8,10 @@ import signal
 import time
 from pathlib import Path
 
-import harness
 import numpy as np
 import pytest
+
+import harness
 from downpour import checkpoint as cks
 from downpour.checkpoint import shardfile as ckpt
 from downpour.paramserver.store import OptimizerConfig, ShardStore
@@ -26,14 +27,22 @@ def _commit(root: Path, ck_id: str, step: int, values: float) -> dict:
         n, size, crc = ckpt.save(st, path)
         parts.append({"shard": shard, "path": str(path), "num_bytes": size, "crc32": crc, "num_blocks": n})
         paths[shard] = path
-    m = {"checkpoint_id": ck_id, "step": step, "created": time.time(), "shards": parts, "replica_steps": [step],
-         "blocks": cks.block_table(paths), "config": "preset: tiny\n"}
+    m = {
+        "checkpoint_id": ck_id,
+        "step": step,
+        "created": time.time(),
+        "shards": parts,
+        "replica_steps": [step],
+        "blocks": cks.block_table(paths),
+        "config": "preset: tiny\n",
+    }
     (root / ck_id / cks.MANIFEST).write_text(json.dumps(m))
     return m
 
 
-@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete a shard file", "torn manifest",
-                                    "block crc in the manifest"])
+@pytest.mark.parametrize(
+    "damage", ["flip a byte", "truncate", "delete a shard file", "torn manifest", "block crc in the manifest"]
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
     _commit(tmp_path, "step-10", 10, 1.0)
     new = _commit(tmp_path, "step-20", 20, 2.0)
@@ -82,8 +91,9 @@ STEPS = 2000
 def test_a_cluster_survives_losing_a_shard_then_the_coordinator_then_the_feeder(procs, tmp_path):
     out = tmp_path / "run"
     env = {"DOWNPOUR_LEASE_SECONDS": "2", "DOWNPOUR_CHECKPOINT_EVERY": "20"}
-    proc = procs.up(out, "--quiet", "--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", str(STEPS),
-                    env=env)
+    proc = procs.up(
+        out, "--quiet", "--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", str(STEPS), env=env
+    )
 
     def kill_and_go_on(name: str, what: str) -> None:
         step = harness.wait_job(out, lambda s: True, 30, "the job's step", [proc]).step

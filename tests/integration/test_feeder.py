@@ -11,15 +11,16 @@ import time
 from pathlib import Path
 
 import grpc
-import harness
 import numpy as np
 import pytest
+from PIL import Image
+
+import harness
 from downpour.feeder.client import batch_stream, dataset_info
 from downpour.rpc import codec
 from downpour.rpc.channel import open_channel
 from downpour.v1 import common_pb2, feeder_pb2_grpc
 from downpour.v1 import feeder_pb2 as pb
-from PIL import Image
 
 
 @pytest.fixture
@@ -54,10 +55,17 @@ def stream(address: str, **fields) -> list[pb.StreamBatchesResponse]:
 
 # -- the bundled default --------------------------------------------------------------
 
+
 def test_default_shapes_dtypes_and_info(default_feeder):
     info = dataset_info(default_feeder.address)
-    assert (info.name, info.num_examples, info.channels, info.height, info.width, info.num_classes) == \
-        ("default:train", 2100, 1, 16, 16, 0)
+    assert (info.name, info.num_examples, info.channels, info.height, info.width, info.num_classes) == (
+        "default:train",
+        2100,
+        1,
+        16,
+        16,
+        0,
+    )
     test = dataset_info(default_feeder.address, split=pb.SPLIT_TEST)
     assert (test.name, test.num_examples, test.num_classes) == ("default:heldout", 300, 2)
     assert list(test.class_names) == ["not a face", "face"]
@@ -76,23 +84,35 @@ def test_default_shapes_dtypes_and_info(default_feeder):
         np.testing.assert_allclose(x.reshape(8, -1).mean(1), 0, atol=1e-5)
         np.testing.assert_allclose(x.reshape(8, -1).std(1), 1, atol=1e-3)
 
-    x, y = next(batch_stream(default_feeder.address, 0, 1, 16, with_labels=True, split=pb.SPLIT_TEST,
-                             deterministic=True, max_batches=1))
+    x, y = next(
+        batch_stream(
+            default_feeder.address, 0, 1, 16, with_labels=True, split=pb.SPLIT_TEST, deterministic=True, max_batches=1
+        )
+    )
     assert y.dtype == np.int64 and y.shape == (16,) and set(np.unique(y)) <= {0, 1}
 
 
 def test_two_replicas_get_disjoint_shards(default_feeder):
     # 2100 examples / 2 replicas = 1050 each = 21 batches of 50: exactly one epoch
-    ids = [np.concatenate([r.example_ids for r in stream(default_feeder.address, replica=k, num_replicas=2,
-                                                           batch_size=50, max_batches=21, seed=7)])
-           for k in range(2)]
+    ids = [
+        np.concatenate(
+            [
+                r.example_ids
+                for r in stream(
+                    default_feeder.address, replica=k, num_replicas=2, batch_size=50, max_batches=21, seed=7
+                )
+            ]
+        )
+        for k in range(2)
+    ]
     a, b = (set(i.tolist()) for i in ids)
     assert len(a) == len(ids[0]) == 1050 and len(b) == len(ids[1]) == 1050  # no repeat within an epoch
     assert not a & b
     assert a | b == set(range(2100))
     # the next epoch is the same shard in another order
-    nxt = stream(default_feeder.address, replica=0, num_replicas=2, batch_size=50, start_batch=21,
-                 max_batches=21, seed=7)
+    nxt = stream(
+        default_feeder.address, replica=0, num_replicas=2, batch_size=50, start_batch=21, max_batches=21, seed=7
+    )
     assert nxt[0].epoch == 1
     ep1 = np.concatenate([r.example_ids for r in nxt])
     assert set(ep1.tolist()) == a and not np.array_equal(ep1, ids[0])
@@ -118,10 +138,16 @@ def test_bad_requests_name_the_field(default_feeder):
         (dict(replica=-1, num_replicas=2, batch_size=8), grpc.StatusCode.INVALID_ARGUMENT, "replica"),
         (dict(replica=0, num_replicas=1, batch_size=0), grpc.StatusCode.INVALID_ARGUMENT, "batch_size"),
         (dict(replica=0, num_replicas=1, batch_size=4097), grpc.StatusCode.INVALID_ARGUMENT, "batch_size"),
-        (dict(replica=0, num_replicas=1, batch_size=8, start_batch=-1), grpc.StatusCode.INVALID_ARGUMENT,
-         "start_batch"),
-        (dict(replica=0, num_replicas=1, batch_size=8, with_labels=True), grpc.StatusCode.FAILED_PRECONDITION,
-         "with_labels"),
+        (
+            dict(replica=0, num_replicas=1, batch_size=8, start_batch=-1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "start_batch",
+        ),
+        (
+            dict(replica=0, num_replicas=1, batch_size=8, with_labels=True),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "with_labels",
+        ),
     ]
     for fields, code, name in cases:
         with pytest.raises(grpc.RpcError) as e:
@@ -149,6 +175,7 @@ def test_prefetch_is_bounded_and_cancel_stops_the_stream(default_feeder):
 
 # -- other datasets -------------------------------------------------------------------
 
+
 def test_labels_from_npz(feeders, tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(40, 8, 8), dtype=np.uint8)
@@ -168,8 +195,16 @@ def test_labels_from_npz(feeders, tmp_path):
         np.testing.assert_array_equal(labels, y[ids])
         np.testing.assert_allclose(codec.tensor_from_proto(r.examples)[:, 0], x[ids] / 255.0, rtol=1e-6)
 
-    held = stream(f.address, replica=0, num_replicas=1, batch_size=4, max_batches=1, split=pb.SPLIT_TEST,
-                  with_labels=True, deterministic=True)
+    held = stream(
+        f.address,
+        replica=0,
+        num_replicas=1,
+        batch_size=4,
+        max_batches=1,
+        split=pb.SPLIT_TEST,
+        with_labels=True,
+        deterministic=True,
+    )
     test_ids = list(held[0].example_ids)
     assert test_ids == sorted(test_ids) and not set(test_ids) & set(train_ids.tolist())
 
@@ -209,6 +244,7 @@ def test_missing_or_empty_dataset_fails_at_startup(feeders, tmp_path, kind):
 
 # -- a feeder that dies -------------------------------------------------------------------
 
+
 def test_batch_stream_survives_a_killed_feeder(feeders, tiny_job):
     port = harness.free_port()
     first = feeders("--config", str(tiny_job), port=port)
@@ -221,8 +257,7 @@ def test_batch_stream_survives_a_killed_feeder(feeders, tiny_job):
 
     restarted: list[harness.Service] = []
     # The feeder stays down for a second (the behaviour under test): the stream must wait it out.
-    starter = threading.Timer(1.0, lambda: restarted.append(feeders("--config", str(tiny_job), port=port,
-                                                                     wait=False)))
+    starter = threading.Timer(1.0, lambda: restarted.append(feeders("--config", str(tiny_job), port=port, wait=False)))
     starter.start()
     t0 = time.monotonic()
     got.append(next(it)[0].tobytes())  # waits for the new feeder

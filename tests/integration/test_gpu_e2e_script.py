@@ -20,8 +20,23 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_e2e_script_on_the_cpu(tmp_path):
     out = tmp_path / "e2e.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "services"))
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_e2e.py"), "--device", "cpu", "--steps", "30",
-                        "--out", str(out)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_e2e.py"),
+            "--device",
+            "cpu",
+            "--steps",
+            "30",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
     d = json.loads(out.read_text())
     assert r.returncode == 0 and d["ok"], {k: v for k, v in d.items()}
     assert d["workers_on_device"] == ["worker-0.log", "worker-1.log"] and d["neurons_on_device"]

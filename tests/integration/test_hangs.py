@@ -20,8 +20,9 @@ import subprocess
 import sys
 import time
 
-import harness
 import pytest
+
+import harness
 from downpour import checkpoint as cks
 
 pytestmark = pytest.mark.slow
@@ -59,8 +60,9 @@ class Rate:
             time.sleep(0.2)
 
 
-def _stop_and_measure(proc, out, rate: Rate, name: str, window: float = 2.0, before_window: float = 4.0,
-                      limit: float = 40.0) -> dict:
+def _stop_and_measure(
+    proc, out, rate: Rate, name: str, window: float = 2.0, before_window: float = 4.0, limit: float = 40.0
+) -> dict:
     """SIGSTOP child ``name``; seconds until the rate over the last ``window`` seconds is back to 80%
     of its rate over the ``before_window`` seconds before the stop."""
     rate.sample_for(before_window + 0.5)
@@ -92,16 +94,32 @@ def _stop_and_measure(proc, out, rate: Rate, name: str, window: float = 2.0, bef
             os.kill(pid, signal.SIGCONT)  # if it was never killed, do not leave it stopped
         except ProcessLookupError:
             pass
-    return {"name": name, "rate_before": before, "replaced_after_s": None if killed_at is None else killed_at - t0,
-            "recovered_within_s": None if recovered_at is None else recovered_at - t0,
-            "hangs": harness.cluster(out)[name]["hangs"]}
+    return {
+        "name": name,
+        "rate_before": before,
+        "replaced_after_s": None if killed_at is None else killed_at - t0,
+        "recovered_within_s": None if recovered_at is None else recovered_at - t0,
+        "hangs": harness.cluster(out)[name]["hangs"],
+    }
 
 
 def test_sigstop_of_each_role_is_detected_replaced_and_the_job_completes(tmp_path, procs):
     out = tmp_path / "run"
     env = {"DOWNPOUR_HANG_SECONDS": str(HANG_SECONDS), "DOWNPOUR_CHECKPOINT_EVERY": "50"}
-    proc = procs.up(out, "--quiet", "--preset", "tiny", "--replicas", "2", "--shards", "2", "--steps", "100000",
-                    env=env, new_session=True)
+    proc = procs.up(
+        out,
+        "--quiet",
+        "--preset",
+        "tiny",
+        "--replicas",
+        "2",
+        "--shards",
+        "2",
+        "--steps",
+        "100000",
+        env=env,
+        new_session=True,
+    )
     results = []
     try:
         harness.wait_for(lambda: harness.cluster(out), 90, "cluster.json", 0.2, [proc])
@@ -139,13 +157,29 @@ def test_the_container_health_check_kills_a_service_that_stopped_answering(tmp_p
     """deploy/docker/healthcheck.py --kill-hung (what compose runs): a real shard, answered, then SIGSTOPped."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     shard = procs.serve("paramserver")
-    env = dict(os.environ, HEALTHCHECK_PORT=str(shard.port), HEALTHCHECK_PID=str(shard.pid),
-               HEALTHCHECK_STATE=str(tmp_path / "health.json"))
+    env = dict(
+        os.environ,
+        HEALTHCHECK_PORT=str(shard.port),
+        HEALTHCHECK_PID=str(shard.pid),
+        HEALTHCHECK_STATE=str(tmp_path / "health.json"),
+    )
 
     def check(*extra):
-        return subprocess.run([sys.executable, os.path.join(root, "deploy", "docker", "healthcheck.py"),
-                               "--kill-hung", "2", "--timeout", "1", *extra], env=env, capture_output=True,
-                              text=True, timeout=30)
+        return subprocess.run(
+            [
+                sys.executable,
+                os.path.join(root, "deploy", "docker", "healthcheck.py"),
+                "--kill-hung",
+                "2",
+                "--timeout",
+                "1",
+                *extra,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     assert check().returncode == 0  # SERVING, and its answer is remembered
     os.kill(shard.pid, signal.SIGSTOP)
@@ -153,8 +187,9 @@ def test_the_container_health_check_kills_a_service_that_stopped_answering(tmp_p
     first = check()
     assert first.returncode == 1 and shard.alive(), first.stdout  # silent for less than 2 s: kept
     checks = [first]
-    harness.wait_for(lambda: checks.append(check()) or not shard.alive(), 20, "the health check to kill the shard",
-                     every=0)
+    harness.wait_for(
+        lambda: checks.append(check()) or not shard.alive(), 20, "the health check to kill the shard", every=0
+    )
     assert shard.wait(5) == -signal.SIGKILL, checks[-1].stdout
     assert "killed as hung" in checks[-1].stdout  # the check's own report: its output is all it has
     assert 2.0 < time.monotonic() - t0 < 10.0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
-import harness
 import pytest
+
+import harness
 
 pytest_plugins = ["pytester"]
 
@@ -60,7 +61,9 @@ def test_stop_terminates_then_kills(tmp_path):
 
 
 def test_a_failing_test_shows_the_logs_of_its_processes(pytester):
-    pytester.makeconftest("from harness import procs, pytest_runtest_makereport, pytest_runtest_setup  # noqa: F401\n")
+    pytester.makeconftest(
+        "from harness import procs, pytest_runtest_makereport, pytest_runtest_setup  # noqa: F401 - the hooks are used by pytest, by name\n"
+    )
     pytester.makepyfile(
         """
         import sys

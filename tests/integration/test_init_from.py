@@ -3,10 +3,11 @@ new supervised head, through real ``downpour up`` clusters."""
 
 from __future__ import annotations
 
-import harness
 import numpy as np
 import pytest
 import yaml
+
+import harness
 from downpour import checkpoint as cks
 from downpour.nn import Network, presets
 from downpour.nn.spec import NetworkSpec, to_dict
@@ -35,13 +36,22 @@ def supervised_job(tmp_path, classes=3):
     """A supervised job spec on tiny + a softmax head, and a labeled .npz for it."""
     spec = NetworkSpec(input=presets.get("tiny").input, stages=presets.get("tiny").stages, classes=classes)
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "labeled.npz", x=rng.random((64, 1, 16, 16), dtype=np.float32),
-             y=rng.integers(0, classes, 64))
+    np.savez(tmp_path / "labeled.npz", x=rng.random((64, 1, 16, 16), dtype=np.float32), y=rng.integers(0, classes, 64))
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"model": to_dict(spec), "supervised": True, "data": str(tmp_path / "labeled.npz"),
-                                   "replicas": 1, "shards": 2, "steps": 1,
-                                   # a vanishing learning rate: the one step leaves the start visible
-                                   "optimizer": {"lr": 1e-7}}))
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": to_dict(spec),
+                "supervised": True,
+                "data": str(tmp_path / "labeled.npz"),
+                "replicas": 1,
+                "shards": 2,
+                "steps": 1,
+                # a vanishing learning rate: the one step leaves the start visible
+                "optimizer": {"lr": 1e-7},
+            }
+        )
+    )
     return spec, job
 
 
@@ -67,8 +77,24 @@ def test_a_supervised_job_starts_from_the_unsupervised_checkpoint_with_a_fresh_h
 def test_model_parallel_blocks_are_joined_and_cut_again(tmp_path, pretrained):
     """Pretrained unpartitioned, started on a 1x2 grid: each partition's blocks are its tile of them."""
     run = tmp_path / "mp"
-    r = up(["--preset", "tiny", "--partitions", "1x2", "--replicas", "1", "--shards", "2", "--steps", "1",
-            "--init-from", str(pretrained / "checkpoints")], run, env={"DOWNPOUR_OPTIMIZER__LR": "1e-7"})
+    r = up(
+        [
+            "--preset",
+            "tiny",
+            "--partitions",
+            "1x2",
+            "--replicas",
+            "1",
+            "--shards",
+            "2",
+            "--steps",
+            "1",
+            "--init-from",
+            str(pretrained / "checkpoints"),
+        ],
+        run,
+        env={"DOWNPOUR_OPTIMIZER__LR": "1e-7"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     source, got = newest_params(pretrained), newest_params(run)  # load_params joins the partitions back
     assert set(got) == set(source)
@@ -82,8 +108,21 @@ def test_a_bad_init_from_stops_the_start_with_its_reason(tmp_path, pretrained):
     r = up(["--preset", "tiny", "--steps", "1", "--init-from", str(empty)], tmp_path / "a")
     assert r.returncode == 2 and "no committed checkpoint" in r.stderr, r.stderr[-2000:]
     # another model: same block names, other shapes
-    r = up(["--preset", "small", "--steps", "1", "--replicas", "1", "--shards", "1",
-            "--init-from", str(pretrained / "checkpoints")], tmp_path / "b")
+    r = up(
+        [
+            "--preset",
+            "small",
+            "--steps",
+            "1",
+            "--replicas",
+            "1",
+            "--shards",
+            "1",
+            "--init-from",
+            str(pretrained / "checkpoints"),
+        ],
+        tmp_path / "b",
+    )
     assert r.returncode != 0
     log = (tmp_path / "b" / "logs" / "coordinator.log").read_text()
     assert "has shape" in log and "in this model" in log, log[-2000:]
@@ -93,8 +132,7 @@ def test_a_bad_init_from_stops_the_start_with_its_reason(tmp_path, pretrained):
 
 def test_warm_start_takes_only_shared_names_and_refuses_no_overlap(pretrained):
     d = pretrained / "checkpoints"
-    fresh = {"stage1.W1": Network(presets.get("tiny")).init_params(0)["stage1.W1"],
-             "other": np.zeros(3, np.float32)}
+    fresh = {"stage1.W1": Network(presets.get("tiny")).init_params(0)["stage1.W1"], "other": np.zeros(3, np.float32)}
     params, taken, m = cks.warm_start(d, fresh)
     assert taken == ["stage1.W1"] and m["checkpoint_id"]
     np.testing.assert_array_equal(params["stage1.W1"], newest_params(pretrained)["stage1.W1"])

@@ -7,8 +7,9 @@ import json
 import os
 import time
 
-import harness
 import pytest
+
+import harness
 from downpour import config as jobconfig
 from downpour import memplan
 
@@ -32,8 +33,7 @@ def test_le2012_on_a_machine_too_small_is_refused_in_seconds_with_the_numbers(tm
 
 
 def test_a_tiny_job_under_a_tiny_limit_is_refused_before_any_process_starts(tmp_path):
-    r = cli("up", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "run"),
-            "--memory", "100M")
+    r = cli("up", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "run"), "--memory", "100M")
     assert r.returncode == 2 and "100 MiB" in r.stderr and "not started" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run" / "logs").exists() or not any((tmp_path / "run" / "logs").glob("*.log"))
 

@@ -8,12 +8,13 @@ import signal
 import time
 from pathlib import Path
 
-import harness
 import numpy as np
 import pytest
+
+import harness
+from downpour.checkpoint import shardfile as ckpt
 from downpour.config import from_yaml
 from downpour.nn import Network, presets
-from downpour.checkpoint import shardfile as ckpt
 from downpour.partition import join_params, plan
 
 pytestmark = pytest.mark.slow
@@ -69,13 +70,27 @@ def test_two_replicas_of_2x2_partitions_train_end_to_end(tmp_path, initial_loss)
     assert len(logs) == 8
     started = [line for f in logs for line in f.read_text().splitlines() if "training from step 0" in line]
     assert {line.split("replica ")[1].split(":")[0] for line in started} == {
-        f"{r} partition {p}" for r in range(2) for p in range(4)}
+        f"{r} partition {p}" for r in range(2) for p in range(4)
+    }
 
 
 def test_a_dead_partition_stalls_only_its_replica_which_resumes_when_the_slot_is_refilled(tmp_path, procs):
     out = tmp_path / "run"
-    proc = procs.up(out, "--quiet", "--preset", "tiny", "--replicas", "2", "--partitions", "1x2", "--shards", "1",
-                    "--steps", "250", env={"DOWNPOUR_LEASE_SECONDS": "2"})
+    proc = procs.up(
+        out,
+        "--quiet",
+        "--preset",
+        "tiny",
+        "--replicas",
+        "2",
+        "--partitions",
+        "1x2",
+        "--shards",
+        "1",
+        "--steps",
+        "250",
+        env={"DOWNPOUR_LEASE_SECONDS": "2"},
+    )
     deadline = time.monotonic() + 120
     killed = None
     trace = []  # (time, step of replica 0, step of replica 1) after the kill

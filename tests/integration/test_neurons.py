@@ -17,9 +17,11 @@ import time
 from concurrent import futures
 
 import grpc
-import harness
 import numpy as np
 import pytest
+from PIL import Image
+
+import harness
 from downpour import config as jobconfig
 from downpour.client import NeuronsClient
 from downpour.evals.common import preprocess_for
@@ -31,7 +33,6 @@ from downpour.partition import plan, split_params
 from downpour.rpc import codec
 from downpour.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from downpour.v1 import neurons_pb2 as pb
-from PIL import Image
 
 SPEC = presets.get("tiny")
 H, W = SPEC.input[1:]
@@ -79,6 +80,7 @@ def expected(model: NeuronModel, u8: np.ndarray, layer: str) -> np.ndarray:
 
 # -- shapes and values ------------------------------------------------------------------
 
+
 def test_describe_lists_every_layer_with_its_shape(random_server):
     with client(random_server) as nc:
         d = nc.describe()
@@ -119,32 +121,36 @@ def test_encoded_png_equals_tensor_and_neuron_selection(random_server, local_mod
 
 # -- every error ---------------------------------------------------------------------------
 
+
 def _err(fn) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as ei:
         fn()
     return ei.value
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("unknown layer", "unknown layer"),
-    ("neuron id out of range", "outside layer"),
-    ("neuron ref out of range", "outside layer"),
-    ("no layer", "layer"),
-    ("undecodable image", "not a decodable image"),
-    ("wrong size png, resizing off", "encoded_images[0] is 20x16; the model takes 16x16"),
-    ("wrong size tensor, resizing off", "images[0] is 15x16; the model takes 16x16"),
-    ("wrong channels", "have 2 channels"),
-    ("bomb png", "at most 40000000 are decoded"),
-    ("huge tensor", "at most 40000000"),
-    ("too many images", "too many images"),
-    ("too many encoded images", "too many images"),
-    ("no images", "no images"),
-    ("both kinds of images", "not both"),
-    ("not a batch", "[batch, height, width, channels]"),
-    ("nan", "NaN"),
-    ("bad dtype", "not supported"),
-    ("short tensor", "needs"),
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("unknown layer", "unknown layer"),
+        ("neuron id out of range", "outside layer"),
+        ("neuron ref out of range", "outside layer"),
+        ("no layer", "layer"),
+        ("undecodable image", "not a decodable image"),
+        ("wrong size png, resizing off", "encoded_images[0] is 20x16; the model takes 16x16"),
+        ("wrong size tensor, resizing off", "images[0] is 15x16; the model takes 16x16"),
+        ("wrong channels", "have 2 channels"),
+        ("bomb png", "at most 40000000 are decoded"),
+        ("huge tensor", "at most 40000000"),
+        ("too many images", "too many images"),
+        ("too many encoded images", "too many images"),
+        ("no images", "no images"),
+        ("both kinds of images", "not both"),
+        ("not a batch", "[batch, height, width, channels]"),
+        ("nan", "NaN"),
+        ("bad dtype", "not supported"),
+        ("short tensor", "needs"),
+    ],
+)
 def test_get_activations_errors_are_invalid_argument(random_server, case, needle):
     u8 = images(1)
     good = codec.tensor_to_proto(u8)
@@ -152,34 +158,45 @@ def test_get_activations_errors_are_invalid_argument(random_server, case, needle
         "unknown layer": pb.GetActivationsRequest(images=good, layer="stage9.pool"),
         "neuron id out of range": pb.GetActivationsRequest(images=good, layer="stage1.pool", neuron_ids=[10**6]),
         "neuron ref out of range": pb.GetActivationsRequest(
-            images=good, neurons=[pb.NeuronRef(layer="stage1.pool", map=99, y=0, x=0)]),
+            images=good, neurons=[pb.NeuronRef(layer="stage1.pool", map=99, y=0, x=0)]
+        ),
         "no layer": pb.GetActivationsRequest(images=good),
         "undecodable image": pb.GetActivationsRequest(encoded_images=[b"\x89PNG not really"]),
         "wrong size png, resizing off": pb.GetActivationsRequest(
-            encoded_images=[png(np.zeros((20, 16), np.uint8))], layer="stage1.pool", no_resize=True),
+            encoded_images=[png(np.zeros((20, 16), np.uint8))], layer="stage1.pool", no_resize=True
+        ),
         "wrong size tensor, resizing off": pb.GetActivationsRequest(
-            images=codec.tensor_to_proto(np.zeros((1, 15, 16, 1), np.uint8)), layer="stage1.pool", no_resize=True),
-        "wrong channels": pb.GetActivationsRequest(images=codec.tensor_to_proto(np.zeros((1, 16, 16, 2), np.uint8)),
-                                                   layer="stage1.pool"),
+            images=codec.tensor_to_proto(np.zeros((1, 15, 16, 1), np.uint8)), layer="stage1.pool", no_resize=True
+        ),
+        "wrong channels": pb.GetActivationsRequest(
+            images=codec.tensor_to_proto(np.zeros((1, 16, 16, 2), np.uint8)), layer="stage1.pool"
+        ),
         # a 1-bit PNG whose header claims 50 M pixels: a few kB on the wire, refused before decoding
         "bomb png": pb.GetActivationsRequest(encoded_images=[bomb_png(10000, 5000)], layer="stage1.pool"),
         # the shape alone is refused: no 41 M-pixel buffer is allocated
-        "huge tensor": pb.GetActivationsRequest(images=common_pb2.Tensor(
-            dtype=common_pb2.DTYPE_UINT8, shape=[1, 41_000_000, 1, 1], data=b"\0" * 16),
-            layer="stage1.pool"),
+        "huge tensor": pb.GetActivationsRequest(
+            images=common_pb2.Tensor(dtype=common_pb2.DTYPE_UINT8, shape=[1, 41_000_000, 1, 1], data=b"\0" * 16),
+            layer="stage1.pool",
+        ),
         "too many images": pb.GetActivationsRequest(images=codec.tensor_to_proto(images(9)), layer="stage1.pool"),
-        "too many encoded images": pb.GetActivationsRequest(encoded_images=[png(u8[0, :, :, 0])] * 9,
-                                                            layer="stage1.pool"),
+        "too many encoded images": pb.GetActivationsRequest(
+            encoded_images=[png(u8[0, :, :, 0])] * 9, layer="stage1.pool"
+        ),
         "no images": pb.GetActivationsRequest(layer="stage1.pool"),
-        "both kinds of images": pb.GetActivationsRequest(images=good, encoded_images=[png(u8[0, :, :, 0])],
-                                                         layer="stage1.pool"),
+        "both kinds of images": pb.GetActivationsRequest(
+            images=good, encoded_images=[png(u8[0, :, :, 0])], layer="stage1.pool"
+        ),
         "not a batch": pb.GetActivationsRequest(images=codec.tensor_to_proto(u8[0]), layer="stage1.pool"),
-        "nan": pb.GetActivationsRequest(images=codec.tensor_to_proto(np.full((1, 16, 16, 1), np.nan, np.float32)),
-                                        layer="stage1.pool"),
-        "bad dtype": pb.GetActivationsRequest(images=codec.tensor_to_proto(np.zeros((1, 16, 16, 1), np.int32)),
-                                              layer="stage1.pool"),
-        "short tensor": pb.GetActivationsRequest(images=pb.GetActivationsRequest().images.__class__(
-            dtype=good.dtype, shape=[1, 16, 16, 1], data=b"\0" * 10), layer="stage1.pool"),
+        "nan": pb.GetActivationsRequest(
+            images=codec.tensor_to_proto(np.full((1, 16, 16, 1), np.nan, np.float32)), layer="stage1.pool"
+        ),
+        "bad dtype": pb.GetActivationsRequest(
+            images=codec.tensor_to_proto(np.zeros((1, 16, 16, 1), np.int32)), layer="stage1.pool"
+        ),
+        "short tensor": pb.GetActivationsRequest(
+            images=pb.GetActivationsRequest().images.__class__(dtype=good.dtype, shape=[1, 16, 16, 1], data=b"\0" * 10),
+            layer="stage1.pool",
+        ),
     }[case]
     with client(random_server) as nc:
         e = _err(lambda: nc.stub.GetActivations(req, timeout=30))
@@ -193,8 +210,10 @@ def test_other_rpcs_reject_bad_requests(random_server):
         (lambda s: s.TopInputs(pb.TopInputsRequest(neuron=pb.NeuronRef(layer="nope"), k=3)), "unknown layer"),
         (lambda s: s.TopInputs(pb.TopInputsRequest(neuron=ref, k=100000)), "k=100000"),
         (lambda s: s.TopInputs(pb.TopInputsRequest(neuron=ref, k=3, dataset="/etc/passwd")), "unknown dataset"),
-        (lambda s: s.TopInputs(pb.TopInputsRequest(neuron=pb.NeuronRef(layer="stage3.output", map=0, y=50),
-                                                   k=3)), "outside layer"),
+        (
+            lambda s: s.TopInputs(pb.TopInputsRequest(neuron=pb.NeuronRef(layer="stage3.output", map=0, y=50), k=3)),
+            "outside layer",
+        ),
         (lambda s: s.OptimalStimulus(pb.OptimalStimulusRequest(neuron=pb.NeuronRef(layer="x.y"))), "unknown layer"),
         (lambda s: s.OptimalStimulus(pb.OptimalStimulusRequest(neuron=ref, steps=10**6)), "steps="),
         (lambda s: s.OptimalStimulus(pb.OptimalStimulusRequest(neuron=ref, learning_rate=-1)), "learning_rate"),
@@ -213,6 +232,7 @@ def test_other_rpcs_reject_bad_requests(random_server):
 
 # -- top inputs and optimal stimulus -------------------------------------------------------
 
+
 def test_top_inputs_are_the_k_best_of_the_split(random_server, local_model):
     with client(random_server) as nc:
         top = nc.top_inputs("stage3.output", (1, 0, 1), dataset="heldout", k=5, images=True, thumbnails=True)
@@ -229,13 +249,14 @@ def test_top_inputs_are_the_k_best_of_the_split(random_server, local_model):
         assert Image.open(io.BytesIO(t.thumbnail_png)).size == (W, H)
 
 
-@pytest.mark.parametrize("layer, neuron", [("stage1.filter", (2, 3, 4)), ("stage2.pool", (1, 2, 2)),
-                                           ("stage3.output", (0, 1, 1))])
+@pytest.mark.parametrize(
+    "layer, neuron", [("stage1.filter", (2, 3, 4)), ("stage2.pool", (1, 2, 2)), ("stage3.output", (0, 1, 1))]
+)
 def test_optimal_stimulus_has_unit_norm_and_beats_random_unit_inputs(random_server, local_model, layer, neuron):
     with client(random_server) as nc:
         s = nc.optimal_stimulus(layer, neuron, steps=60, seed=1)
         rand = np.random.default_rng(7).standard_normal((8, H, W, 1)).astype(np.float32)
-        rand /= np.sqrt((rand ** 2).sum(axis=(1, 2, 3), keepdims=True))
+        rand /= np.sqrt((rand**2).sum(axis=(1, 2, 3), keepdims=True))
         r = nc.activations(rand, layer, [neuron], raw=True)
         check = nc.activations(s.image[None], layer, [neuron], raw=True)
     assert s.image.shape == (H, W, 1)
@@ -251,25 +272,59 @@ def test_downpour_query_in_another_process(random_server, local_model, tmp_path)
     for i in range(2):
         files.append(tmp_path / f"im{i}.png")
         files[-1].write_bytes(png(u8[i, :, :, 0]))
-    out = subprocess.run([sys.executable, "-m", "downpour.client", "query", "--addr", random_server.address,
-                          "--image", *map(str, files), "--layer", "stage3.pool", "--neurons", "0,3", "--json"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "downpour.client",
+            "query",
+            "--addr",
+            random_server.address,
+            "--image",
+            *map(str, files),
+            "--layer",
+            "stage3.pool",
+            "--neurons",
+            "0,3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     want = expected(local_model, u8, "stage3.pool")[:, [0, 3]]
     np.testing.assert_allclose([im["activations"] for im in got["images"]], want, rtol=1e-5, atol=1e-5)
-    bad = subprocess.run([sys.executable, "-m", "downpour.client", "query", "--addr", random_server.address,
-                          "--image", str(files[0]), "--layer", "stage7.pool"], capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "downpour.client",
+            "query",
+            "--addr",
+            random_server.address,
+            "--image",
+            str(files[0]),
+            "--layer",
+            "stage7.pool",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "unknown layer" in bad.stderr
 
 
 # -- live shards and checkpoints -------------------------------------------------------------
 
+
 def test_live_shards_are_refreshed_and_checkpoints_are_served(procs, tmp_path):
     ckdir = tmp_path / "checkpoints"
-    shards = [procs.serve("paramserver", "--shard-index", str(i), "--checkpoint-dir", str(ckdir), "--lr", "0.5")
-              for i in range(2)]
+    shards = [
+        procs.serve("paramserver", "--shard-index", str(i), "--checkpoint-dir", str(ckdir), "--lr", "0.5")
+        for i in range(2)
+    ]
     addrs = [s.address for s in shards]
     net = Network(SPEC)
     params = net.init_params(11)
@@ -279,23 +334,46 @@ def test_live_shards_are_refreshed_and_checkpoints_are_served(procs, tmp_path):
     cfg_path = tmp_path / "job.yaml"
     cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 2})
     cfg_path.write_text(cfg.to_yaml())
-    live = procs.serve("neurons", "--shards", ",".join(addrs), "--config", str(cfg_path), "--refresh-seconds", "0.2",
-                 "--checkpoint-dir", str(ckdir))
+    live = procs.serve(
+        "neurons",
+        "--shards",
+        ",".join(addrs),
+        "--config",
+        str(cfg_path),
+        "--refresh-seconds",
+        "0.2",
+        "--checkpoint-dir",
+        str(ckdir),
+    )
     u8 = images(2, seed=9)
     with client(live) as nc:
         a0 = nc.activations(u8, "stage3.output")
-        np.testing.assert_allclose(a0.values, expected(NeuronModel(SPEC, params), u8, "stage3.output"),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            a0.values, expected(NeuronModel(SPEC, params), u8, "stage3.output"), rtol=1e-5, atol=1e-5
+        )
         # a committed checkpoint of the current parameters, as the coordinator writes it
         parts = ps.checkpoint("ck-1")
         (ckdir / "ck-1").mkdir(parents=True, exist_ok=True)
-        (ckdir / "ck-1" / "MANIFEST.json").write_text(json.dumps({
-            "checkpoint_id": "ck-1", "step": 1, "created": time.time(), "config": cfg.to_yaml(),
-            "placement": ps.placement, "shards": [{"shard": i, "path": p.path} for i, p in enumerate(parts)]}))
+        (ckdir / "ck-1" / "MANIFEST.json").write_text(
+            json.dumps(
+                {
+                    "checkpoint_id": "ck-1",
+                    "step": 1,
+                    "created": time.time(),
+                    "config": cfg.to_yaml(),
+                    "placement": ps.placement,
+                    "shards": [{"shard": i, "path": p.path} for i, p in enumerate(parts)],
+                }
+            )
+        )
         # training moves the shards; the service picks it up on its refresh interval
         ps.wait(ps.push({k: np.ones(np.size(v), np.float32) for k, v in params.items()}))
-        a1 = harness.wait_for(lambda: (a := nc.activations(u8, "stage3.output")).parameters_version
-                              != a0.parameters_version and a, 20, "the service to refresh its parameters", every=0.1)
+        a1 = harness.wait_for(
+            lambda: (a := nc.activations(u8, "stage3.output")).parameters_version != a0.parameters_version and a,
+            20,
+            "the service to refresh its parameters",
+            every=0.1,
+        )
         assert a1.parameters_version > a0.parameters_version
         assert not np.allclose(a1.values, a0.values)
         old = nc.activations(u8, "stage3.output", checkpoint_id="ck-1")
@@ -326,7 +404,8 @@ def test_coordinator_source_reads_the_job_and_its_shards(procs, tmp_path):
         def JobStatus(self, request, context):
             return coordinator_pb2.JobStatusResponse(
                 job=common_pb2.JobSpec(job_id="j", spec_yaml=cfg.to_yaml(), checkpoint_dir=str(tmp_path)),
-                shard_addresses=[shard.address])
+                shard_addresses=[shard.address],
+            )
 
     srv = grpc.server(futures.ThreadPoolExecutor(2))
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(Coordinator(), srv)
@@ -340,8 +419,9 @@ def test_coordinator_source_reads_the_job_and_its_shards(procs, tmp_path):
             assert d.normalize == "minmax" and d.source == f"shards {shard.address}"
             got = nc.activations(u8, "stage2.pool").values
         x = preprocess.normalize(np.moveaxis(u8.astype(np.float32) / 255.0, -1, 1), "minmax")
-        np.testing.assert_allclose(got, NeuronModel(SPEC, params).layer_activations(x, "stage2.pool"),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            got, NeuronModel(SPEC, params).layer_activations(x, "stage2.pool"), rtol=1e-5, atol=1e-5
+        )
     finally:
         srv.stop(0)
 

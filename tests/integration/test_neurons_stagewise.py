@@ -22,6 +22,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+
 from downpour import config as jobconfig
 from downpour.client import NeuronsClient
 from downpour.neurons import sources

@@ -12,17 +12,17 @@ import threading
 from pathlib import Path
 
 import grpc
-import harness
 import numpy as np
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import harness
 from downpour.paramserver.client import ParamClient, refusal
 from downpour.paramserver.server import PUSH_PAYLOAD
 from downpour.rpc import codec
 from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.v1 import common_pb2
 from downpour.v1 import paramserver_pb2 as pb
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 
 # Accumulators from zero (the job's default is 0.1): the expectations below are the formula's from acc = 0.
 FROM_ZERO = ("--initial-accumulator", "0")
@@ -150,9 +150,14 @@ def test_checkpoint_sigkill_restart_identical(shards, tmp_path):
 def _raw_push(address: str, chunks: list[tuple[common_pb2.TensorChunk, bytes]], worker="bad", seq=1, commit=True):
     ch = open_channel(address)
     try:
-        push = ch.stream_unary("/downpour.v1.ParameterServer/Push", request_serializer=None,
-                               response_deserializer=pb.PushResponse.FromString)
-        msgs = [codec.encode(pb.PushRequest(worker_id=worker, seq=seq, chunk=c), PUSH_PAYLOAD, data) for c, data in chunks]
+        push = ch.stream_unary(
+            "/downpour.v1.ParameterServer/Push",
+            request_serializer=None,
+            response_deserializer=pb.PushResponse.FromString,
+        )
+        msgs = [
+            codec.encode(pb.PushRequest(worker_id=worker, seq=seq, chunk=c), PUSH_PAYLOAD, data) for c, data in chunks
+        ]
         if commit:
             msgs.append(pb.PushRequest(worker_id=worker, seq=seq, commit=True).SerializeToString())
         return push(iter(msgs), timeout=30)
@@ -166,30 +171,65 @@ def _chunk(name, shape, dtype=common_pb2.DTYPE_FLOAT32, offset=0, last=True):
 
 GOOD = np.ones(4096, np.float32)
 BAD_INPUTS = {
-    "nan": ([(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 17, np.nan, 1).astype(np.float32).tobytes())],
-            grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': gradient contains NaN or Inf"),
-    "inf": ([(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 4095, -np.inf, 1).astype(np.float32).tobytes())],
-            grpc.StatusCode.INVALID_ARGUMENT, r"NaN or Inf"),
-    "wrong_shape": ([(_chunk("stage1.W1", [4096]), GOOD.tobytes())],
-                    grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': shape \[4096\] does not match the block's \[64, 64\]"),
-    "wrong_dtype": ([(_chunk("stage1.W1", [64, 64], dtype=common_pb2.DTYPE_FLOAT64), np.ones(4096).tobytes())],
-                    grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': dtype float64, expected float32"),
-    "unknown_block": ([(_chunk("stage9.W", [64, 64]), GOOD.tobytes())],
-                      grpc.StatusCode.NOT_FOUND, r"unknown block 'stage9.W'"),
-    "truncated_values": ([(_chunk("stage1.W1", [64, 64]), GOOD[:4095].tobytes())],
-                         grpc.StatusCode.INVALID_ARGUMENT, r"block 'stage1.W1': expected 4096 float32 values, got 4095"),
-    "truncated_bytes": ([(_chunk("stage1.W1", [64, 64]), GOOD.tobytes()[:-3])],
-                        grpc.StatusCode.INVALID_ARGUMENT, r"16381 bytes, not a whole number of float32 values"),
-    "out_of_order": ([(_chunk("stage1.W1", [64, 64], offset=2048, last=False), GOOD[:2048].tobytes())],
-                     grpc.StatusCode.INVALID_ARGUMENT, r"chunk at offset 2048, expected 0"),
-    "nan_in_second_chunk": ([(_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes()),
-                             (_chunk("stage1.W1", [64, 64], offset=2048), np.full(2048, np.nan, np.float32).tobytes())],
-                            grpc.StatusCode.INVALID_ARGUMENT, r"NaN or Inf \(chunk at offset 2048\)"),
-    "over_limit": ([(_chunk("stage1.W1", [64, 64]), np.ones(300_000, np.float32).tobytes())],
-                   grpc.StatusCode.RESOURCE_EXHAUSTED, r"(?i)larger than max"),
+    "nan": (
+        [(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 17, np.nan, 1).astype(np.float32).tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"block 'stage1.W1': gradient contains NaN or Inf",
+    ),
+    "inf": (
+        [(_chunk("stage1.W1", [64, 64]), np.where(np.arange(4096) == 4095, -np.inf, 1).astype(np.float32).tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"NaN or Inf",
+    ),
+    "wrong_shape": (
+        [(_chunk("stage1.W1", [4096]), GOOD.tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"block 'stage1.W1': shape \[4096\] does not match the block's \[64, 64\]",
+    ),
+    "wrong_dtype": (
+        [(_chunk("stage1.W1", [64, 64], dtype=common_pb2.DTYPE_FLOAT64), np.ones(4096).tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"block 'stage1.W1': dtype float64, expected float32",
+    ),
+    "unknown_block": (
+        [(_chunk("stage9.W", [64, 64]), GOOD.tobytes())],
+        grpc.StatusCode.NOT_FOUND,
+        r"unknown block 'stage9.W'",
+    ),
+    "truncated_values": (
+        [(_chunk("stage1.W1", [64, 64]), GOOD[:4095].tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"block 'stage1.W1': expected 4096 float32 values, got 4095",
+    ),
+    "truncated_bytes": (
+        [(_chunk("stage1.W1", [64, 64]), GOOD.tobytes()[:-3])],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"16381 bytes, not a whole number of float32 values",
+    ),
+    "out_of_order": (
+        [(_chunk("stage1.W1", [64, 64], offset=2048, last=False), GOOD[:2048].tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"chunk at offset 2048, expected 0",
+    ),
+    "nan_in_second_chunk": (
+        [
+            (_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes()),
+            (_chunk("stage1.W1", [64, 64], offset=2048), np.full(2048, np.nan, np.float32).tobytes()),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"NaN or Inf \(chunk at offset 2048\)",
+    ),
+    "over_limit": (
+        [(_chunk("stage1.W1", [64, 64]), np.ones(300_000, np.float32).tobytes())],
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        r"(?i)larger than max",
+    ),
     # a stream that stops before a block is complete and without commit
-    "no_commit": ([(_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes())],
-                  grpc.StatusCode.INVALID_ARGUMENT, r"push ended without commit"),
+    "no_commit": (
+        [(_chunk("stage1.W1", [64, 64], last=False), GOOD[:2048].tobytes())],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"push ended without commit",
+    ),
 }
 
 # what the shard's structured refusal names (None: refused by gRPC itself, before the shard saw it)
@@ -287,7 +327,10 @@ def test_metrics_health_and_graceful_sigterm(shards, tmp_path):
         with pytest.raises(grpc.RpcError):
             ps.wait(ps.push({"a": np.full(16, np.nan, np.float32)}))
     text = s.metrics()
-    assert re.search(r'grpc_server_handled_total\{grpc_code="OK",grpc_method="Push",grpc_service="downpour.v1.ParameterServer",grpc_type="client_stream"\} 2.0', text)
+    assert re.search(
+        r'grpc_server_handled_total\{grpc_code="OK",grpc_method="Push",grpc_service="downpour.v1.ParameterServer",grpc_type="client_stream"\} 2.0',
+        text,
+    )
     assert re.search(r'grpc_server_handled_total\{grpc_code="INVALID_ARGUMENT",grpc_method="Push",[^}]*\} 1.0', text)
     assert 'grpc_server_handling_seconds_count{grpc_method="Push"' in text
     assert 'downpour_paramserver_pushes_total{outcome="rejected",shard="0"} 1.0' in text
@@ -301,7 +344,9 @@ def test_reflection_lists_the_services(strict_shard):
     ch = open_channel(strict_shard.address)
     try:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        resp = next(
+            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        )
     finally:
         ch.close()
     names = {s.name for s in resp.list_services_response.service}

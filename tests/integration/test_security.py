@@ -7,14 +7,15 @@ The tests make their own CA and certificates (``downpour.rpc.certs``, on the
 from __future__ import annotations
 
 import grpc
-import harness
 import pytest
+
+import harness
 
 pytest.importorskip("cryptography")
 
-from downpour.rpc import certs  # noqa: E402 - after the importorskip above: certs needs cryptography
-from downpour.rpc.channel import ChannelConfig, open_channel  # noqa: E402 - after the importorskip above: certs needs cryptography
-from downpour.v1 import feeder_pb2, feeder_pb2_grpc, paramserver_pb2  # noqa: E402 - after the importorskip above: certs needs cryptography
+from downpour.rpc import certs
+from downpour.rpc.channel import ChannelConfig, open_channel
+from downpour.v1 import feeder_pb2, feeder_pb2_grpc, paramserver_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +34,24 @@ def pki(tmp_path_factory):
     rogue_pem, rogue_keyf = certs.write_pair(d, "rogue", rogue, rogue_key)
     token_file = d / "token"
     token = certs.write_token(token_file)
-    return {"ca": ca_pem, "cert": node_pem, "key": node_keyf, "other": (other_pem, other_keyf),
-            "rogue": (rogue_pem, rogue_keyf), "token_file": str(token_file), "token": token, "dir": d}
+    return {
+        "ca": ca_pem,
+        "cert": node_pem,
+        "key": node_keyf,
+        "other": (other_pem, other_keyf),
+        "rogue": (rogue_pem, rogue_keyf),
+        "token_file": str(token_file),
+        "token": token,
+        "dir": d,
+    }
 
 
 def _list_blocks(channel, timeout=5.0):
-    return channel.unary_unary("/downpour.v1.ParameterServer/ListBlocks",
-                               request_serializer=paramserver_pb2.ListBlocksRequest.SerializeToString,
-                               response_deserializer=paramserver_pb2.ListBlocksResponse.FromString)(
-        paramserver_pb2.ListBlocksRequest(), timeout=timeout)
+    return channel.unary_unary(
+        "/downpour.v1.ParameterServer/ListBlocks",
+        request_serializer=paramserver_pb2.ListBlocksRequest.SerializeToString,
+        response_deserializer=paramserver_pb2.ListBlocksResponse.FromString,
+    )(paramserver_pb2.ListBlocksRequest(), timeout=timeout)
 
 
 def _metric(service, name, **labels):
@@ -57,8 +67,18 @@ def _code(fn):
 
 
 def test_mutual_tls_and_token_let_in_only_the_right_clients_and_count_the_rest(pki, procs):
-    args = ["--tls-cert", pki["cert"], "--tls-key", pki["key"], "--tls-client-ca", pki["ca"],
-            "--token-file", pki["token_file"], "--tls-client-names", "node"]
+    args = [
+        "--tls-cert",
+        pki["cert"],
+        "--tls-key",
+        pki["key"],
+        "--tls-client-ca",
+        pki["ca"],
+        "--token-file",
+        pki["token_file"],
+        "--tls-client-names",
+        "node",
+    ]
     good = ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"], token=pki["token"])
     p = procs.serve("paramserver", *args, metrics=True, channel_config=good)
     addr = p.address
@@ -68,8 +88,9 @@ def test_mutual_tls_and_token_let_in_only_the_right_clients_and_count_the_rest(p
         "no token": ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"]),
         "wrong token": ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"], token=pki["token"] + "x"),
         "token of another length": ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"], token="x"),
-        "certificate for another name": ChannelConfig(ca=pki["ca"], cert=pki["other"][0], key=pki["other"][1],
-                                                      token=pki["token"]),
+        "certificate for another name": ChannelConfig(
+            ca=pki["ca"], cert=pki["other"][0], key=pki["other"][1], token=pki["token"]
+        ),
     }
     for what, cfg in cases.items():
         with open_channel(addr, cfg) as ch:
@@ -81,9 +102,12 @@ def test_mutual_tls_and_token_let_in_only_the_right_clients_and_count_the_rest(p
     assert _metric(p, name, grpc_method="ListBlocks") >= 4
     # Certificates the CA did not sign, or none at all, or no TLS: the handshake itself
     # fails (there is no call to answer), so the client sees UNAVAILABLE.
-    for what, cfg in {"certificate from another CA": ChannelConfig(ca=pki["ca"], cert=pki["rogue"][0],
-                                                                    key=pki["rogue"][1], token=pki["token"]),
-                      "no client certificate": ChannelConfig(ca=pki["ca"], token=pki["token"])}.items():
+    for what, cfg in {
+        "certificate from another CA": ChannelConfig(
+            ca=pki["ca"], cert=pki["rogue"][0], key=pki["rogue"][1], token=pki["token"]
+        ),
+        "no client certificate": ChannelConfig(ca=pki["ca"], token=pki["token"]),
+    }.items():
         with open_channel(addr, cfg) as ch:
             assert _code(lambda: _list_blocks(ch, 3)) == grpc.StatusCode.UNAVAILABLE, what
     with grpc.insecure_channel(addr) as ch:
@@ -101,15 +125,26 @@ def test_token_without_tls_is_checked_too(pki, procs):
 
 
 def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
-    p = procs.serve("feeder", "--data", "default", "--shape", "1,16,16", "--max-message-bytes", str(1 << 20),
-                    "--max-concurrent-rpcs", "3", metrics=True)
+    p = procs.serve(
+        "feeder",
+        "--data",
+        "default",
+        "--shape",
+        "1,16,16",
+        "--max-message-bytes",
+        str(1 << 20),
+        "--max-concurrent-rpcs",
+        "3",
+        metrics=True,
+    )
     addr = p.address
     with grpc.insecure_channel(addr) as ch:
         # A request over the limit.
         big = feeder_pb2.DatasetInfoRequest()
         raw = big.SerializeToString() + b"\xfa\x3f" + b"\x80\x80\x80\x01" + b"x" * (2 << 20)  # unknown field 1023
-        call = ch.unary_unary("/downpour.v1.DataFeeder/DatasetInfo", request_serializer=None,
-                              response_deserializer=None)
+        call = ch.unary_unary(
+            "/downpour.v1.DataFeeder/DatasetInfo", request_serializer=None, response_deserializer=None
+        )
         assert _code(lambda: call(raw, timeout=10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         # More concurrent calls than allowed: open streams that stay open, then one more.
         stub = feeder_pb2_grpc.DataFeederStub(ch)
@@ -117,7 +152,7 @@ def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
         streams = [stub.StreamBatches(req, timeout=30) for _ in range(3)]
         for s in streams:
             next(s)
-        info = lambda: _code(lambda: stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=5))  # noqa: E731 - a probe
+        info = lambda: _code(lambda: stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=5))
         harness.wait_for(lambda: info() == grpc.StatusCode.RESOURCE_EXHAUSTED, 10, "a call over the limit refused")
         for s in streams:
             s.cancel()
@@ -126,8 +161,22 @@ def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
 
 def test_downpour_up_secure_trains_with_mtls_and_a_token_everywhere(tmp_path):
     out = tmp_path / "run"
-    r = harness.run_cli("up", "--secure", "--quiet", "--out", str(out), "--preset", "tiny", "--replicas", "2",
-                        "--shards", "2", "--steps", "60", timeout=240)
+    r = harness.run_cli(
+        "up",
+        "--secure",
+        "--quiet",
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--replicas",
+        "2",
+        "--shards",
+        "2",
+        "--steps",
+        "60",
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # Each child says in its log whether it served TLS; once the run is over nothing else can tell.
     logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}

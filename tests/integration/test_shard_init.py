@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 
 import grpc
-import harness
 import numpy as np
 import pytest
+
+import harness
 from downpour import config as jobconfig
 from downpour.coordinator.server import Coordinator
 from downpour.coordinator.state import JobState
@@ -41,9 +42,9 @@ def job(grid: str, shards: int) -> jobconfig.JobConfig:
 
 def start_params(cfg, addresses):
     """Every block as the shards created it (the coordinator's InitBlocks), pulled back."""
-    coord = Coordinator(JobState(cfg, None), addresses[:cfg.shards], "127.0.0.1:1", "")
+    coord = Coordinator(JobState(cfg, None), addresses[: cfg.shards], "127.0.0.1:1", "")
     coord.init_parameters()
-    with ParamClient(addresses[:cfg.shards], placement=coord.place) as client:
+    with ParamClient(addresses[: cfg.shards], placement=coord.place) as client:
         blocks = client.pull(list(coord.place))
     return coord, {k: np.array(v).reshape(-1) for k, v in blocks.items()}
 
@@ -75,8 +76,9 @@ def test_init_blocks_refuses_an_unknown_block_and_a_bad_job(shard_addresses):
         stub.InitBlocks(pb.InitBlocksRequest(job_yaml=yaml_text, names=["stage9.W1"], overwrite=True), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stage9.W1" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
-        stub.InitBlocks(pb.InitBlocksRequest(job_yaml="preset: nosuch\n", names=["stage1.W1"], overwrite=True),
-                        timeout=30)
+        stub.InitBlocks(
+            pb.InitBlocksRequest(job_yaml="preset: nosuch\n", names=["stage1.W1"], overwrite=True), timeout=30
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nosuch" in e.value.details()
     stub.InitBlocks(pb.InitBlocksRequest(job_yaml=yaml_text, names=["stage1.W1"], overwrite=True), timeout=30)
     with pytest.raises(grpc.RpcError) as e:  # without overwrite an existing block is never replaced
@@ -88,8 +90,9 @@ def test_init_blocks_refuses_an_unknown_block_and_a_bad_job(shard_addresses):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no committed checkpoint" in e.value.details()
 
 
-def test_a_shard_that_restarts_empty_before_any_checkpoint_makes_its_initial_blocks_again(tmp_path, shard_addresses,
-                                                                                          procs):
+def test_a_shard_that_restarts_empty_before_any_checkpoint_makes_its_initial_blocks_again(
+    tmp_path, shard_addresses, procs
+):
     cfg = job("2x2", 2)
     coord, before = start_params(cfg, shard_addresses)
     # shard 1 "restarted": a new, empty process in its place
@@ -115,8 +118,9 @@ def test_the_neurons_service_pulls_and_keeps_the_encoders_only(shard_addresses):
         assert src.names and not any(".W2" in n for n in src.names)
         assert src.refresh()
         model = src.model
-        assert set(model.params) == set(net.encoder_names()) == {"stage1.W1", "stage2.W1", "stage3.W1", "head.W",
-                                                                 "head.b"}
+        assert (
+            set(model.params) == set(net.encoder_names()) == {"stage1.W1", "stage2.W1", "stage3.W1", "head.W", "head.b"}
+        )
         full = net.init_params(cfg.seed)
         for k in model.params:
             np.testing.assert_array_equal(model.params[k], full[k], err_msg=k)

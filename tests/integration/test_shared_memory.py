@@ -13,6 +13,7 @@ import os
 import grpc
 import numpy as np
 import pytest
+
 from downpour.paramserver import shared as shm
 from downpour.paramserver.client import ParamClient, refusal
 from downpour.rpc import lowp
@@ -30,18 +31,24 @@ PLACE = {"a": 0, "b": 0}
 
 
 def _blocks():
-    return {"a": np.linspace(-1, 1, 3000, dtype=np.float32).reshape(30, 100),
-            "b": np.array([1.0, 2.0, 3.0], np.float32)}
+    return {
+        "a": np.linspace(-1, 1, 3000, dtype=np.float32).reshape(30, 100),
+        "b": np.array([1.0, 2.0, 3.0], np.float32),
+    }
 
 
 def _stub(address: str):
     ch = open_channel(address)
-    attach = ch.unary_unary("/downpour.v1.ParameterServer/AttachShared",
-                            request_serializer=pb.AttachSharedRequest.SerializeToString,
-                            response_deserializer=pb.AttachSharedResponse.FromString)
-    pp = ch.unary_unary("/downpour.v1.ParameterServer/PushPullShared",
-                        request_serializer=pb.PushPullSharedRequest.SerializeToString,
-                        response_deserializer=pb.PushPullSharedResponse.FromString)
+    attach = ch.unary_unary(
+        "/downpour.v1.ParameterServer/AttachShared",
+        request_serializer=pb.AttachSharedRequest.SerializeToString,
+        response_deserializer=pb.AttachSharedResponse.FromString,
+    )
+    pp = ch.unary_unary(
+        "/downpour.v1.ParameterServer/PushPullShared",
+        request_serializer=pb.PushPullSharedRequest.SerializeToString,
+        response_deserializer=pb.PushPullSharedResponse.FromString,
+    )
     return ch, attach, pp
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import time
 
-import harness
 import pytest
 import yaml
+
+import harness
 from downpour.paramserver.client import ParamClient
 from downpour.rpc.options import KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS
 from tcpproxy import Proxy
@@ -41,26 +42,63 @@ def _rate(address: str, seconds: float) -> float:
 
 def test_latency_cuts_and_silence_between_workers_and_shards(tmp_path, procs):
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"preset": "tiny", "replicas": 2, "shards": 2, "steps": STEPS,
-                                   "shared_memory": False, "checkpoint_every": 10000}))
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "tiny",
+                "replicas": 2,
+                "shards": 2,
+                "steps": STEPS,
+                "shared_memory": False,
+                "checkpoint_every": 10000,
+            }
+        )
+    )
     proxies: list[Proxy] = []
     try:
-        shards = [procs.serve("paramserver", "--shard-index", str(i), "--checkpoint-dir", str(tmp_path / "ck"),
-                              metrics=True, wait=False) for i in range(2)]
+        shards = [
+            procs.serve(
+                "paramserver",
+                "--shard-index",
+                str(i),
+                "--checkpoint-dir",
+                str(tmp_path / "ck"),
+                metrics=True,
+                wait=False,
+            )
+            for i in range(2)
+        ]
         feeder = procs.serve("feeder", "--config", str(job), metrics=True, wait=False)
         for c in shards + [feeder]:
             c.wait_serving(90)
         proxies = [Proxy(s.address) for s in shards]
-        coord = procs.serve("coordinator", "--config", str(job), "--shards", ",".join(p.address for p in proxies),
-                            "--feeder", feeder.address, "--state-dir", str(tmp_path / "state"), "--checkpoint-dir",
-                            str(tmp_path / "ck"), metrics=True, deadline=90)
+        coord = procs.serve(
+            "coordinator",
+            "--config",
+            str(job),
+            "--shards",
+            ",".join(p.address for p in proxies),
+            "--feeder",
+            feeder.address,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
+            metrics=True,
+            deadline=90,
+        )
         workers = [procs.serve("worker", "--coordinator", coord.address, metrics=True, wait=False) for _ in range(2)]
         servers = [*shards, feeder, coord]
 
         def wait_for(pred, what, timeout, running=(*servers, *workers)):
             """A JobStatus that satisfies ``pred``; any of ``running`` exiting ends the wait."""
-            return harness.wait_for(lambda: (st := harness.job_status_at(coord.address)) is not None and pred(st)
-                                    and st, timeout, what, 0.2, running)
+            return harness.wait_for(
+                lambda: (st := harness.job_status_at(coord.address)) is not None and pred(st) and st,
+                timeout,
+                what,
+                0.2,
+                running,
+            )
 
         wait_for(lambda st: len(_steps(st)) == 2 and min(_steps(st)) >= 40, "both replicas training", 120)
         fast = _rate(coord.address, 3.0)
@@ -100,8 +138,10 @@ def test_latency_cuts_and_silence_between_workers_and_shards(tmp_path, procs):
         with ParamClient([s.address for s in shards]) as client:
             versions = {b.name: b.version for r in client.list_blocks() for b in r.blocks}
         assert versions and set(versions.values()) == {2 * STEPS}, versions
-        print(f"{sum(p.cuts for p in proxies)} cuts; pushes the shards recognised as retries of one already "
-              f"applied: {sum(s.metric('downpour_paramserver_pushes_total', outcome='duplicate') or 0 for s in shards):.0f}")
+        print(
+            f"{sum(p.cuts for p in proxies)} cuts; pushes the shards recognised as retries of one already "
+            f"applied: {sum(s.metric('downpour_paramserver_pushes_total', outcome='duplicate') or 0 for s in shards):.0f}"
+        )
     finally:
         for p in proxies:
             p.close()

@@ -7,12 +7,13 @@ import os
 import signal
 import socket
 
-import harness
 import numpy as np
 import pytest
+
+import harness
 from downpour import config as jobconfig
-from downpour.up import cluster as upmod
 from downpour.client import NeuronsClient
+from downpour.up import cluster as upmod
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +32,13 @@ def history(out):
 
 
 def reported_losses(hist, replica):
-    return [h["replicas"][replica]["loss"] for h in hist["history"]
-            if len(h["replicas"]) > replica and h["replicas"][replica]["loss"] is not None
-            and h["replicas"][replica]["step"] > 0]
+    return [
+        h["replicas"][replica]["loss"]
+        for h in hist["history"]
+        if len(h["replicas"]) > replica
+        and h["replicas"][replica]["loss"] is not None
+        and h["replicas"][replica]["step"] > 0
+    ]
 
 
 def test_two_replicas_two_shards_train_and_the_loss_falls(tmp_path, initial_loss):
@@ -53,8 +58,11 @@ def test_two_replicas_two_shards_train_and_the_loss_falls(tmp_path, initial_loss
     assert len(workers) == 2
     for shard in ("paramserver-0", "paramserver-1"):
         samples = m["shards"][shard]
-        pushers = {s["labels"].get("worker") for s in samples
-                   if s["name"] == "downpour_paramserver_worker_pushes_total" and s["value"] > 0}
+        pushers = {
+            s["labels"].get("worker")
+            for s in samples
+            if s["name"] == "downpour_paramserver_worker_pushes_total" and s["value"] > 0
+        }
         assert workers <= pushers, (shard, workers, pushers)
     # The run directory has what a user needs afterwards.
     for name in ("job.yaml", "loss.png", "cluster.json"):
@@ -67,8 +75,9 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_job_reaches_its_step_count(
     out = tmp_path / "run"
     env = {"DOWNPOUR_LEASE_SECONDS": "2", "DOWNPOUR_CHECKPOINT_EVERY": "50"}
     proc = procs.up(out, "--quiet", "--preset", "tiny", "--replicas", "2", "--shards", "1", "--steps", "300", env=env)
-    st = harness.wait_job(out, lambda st: any(s.replica == 1 and s.step >= 30 for s in st.slots), 90,
-                          "replica 1 at step 30", [proc])
+    st = harness.wait_job(
+        out, lambda st: any(s.replica == 1 and s.step >= 30 for s in st.slots), 90, "replica 1 at step 30", [proc]
+    )
     slot = {s.replica: s for s in st.slots}[1]
     # whichever worker process holds replica 1's slot
     victim = next(r for r in harness.cluster(out).values() if r["address"] == slot.address)
@@ -84,9 +93,12 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_job_reaches_its_step_count(
     # Slot hand-overs and the step a member starts from are told only in the coordinator's and workers' logs.
     coord_log = (out / "logs" / "coordinator.log").read_text()
     assert coord_log.count("-> replica 1 partition 0") >= 2
-    starts = [int(line.split("from step ")[1].split()[0])
-              for logf in (out / "logs").glob("worker-*.log") for line in logf.read_text().splitlines()
-              if "replica 1 partition 0: training from step" in line]
+    starts = [
+        int(line.split("from step ")[1].split()[0])
+        for logf in (out / "logs").glob("worker-*.log")
+        for line in logf.read_text().splitlines()
+        if "replica 1 partition 0: training from step" in line
+    ]
     assert max(starts) >= killed_at, starts
 
 
@@ -149,12 +161,14 @@ def test_children_die_with_a_killed_launcher(tmp_path, procs):
     out = tmp_path / "run"
     proc = procs.up(out, "--quiet", "--preset", "tiny", "--replicas", "1", "--shards", "1", "--steps", "100000")
     names = {"paramserver-0", "feeder", "coordinator", "worker-0", "neurons"}
-    rows = harness.wait_for(lambda: (r := harness.cluster(out)) and names <= set(r) and r, 90, "every child listed",
-                            0.2, [proc])
+    rows = harness.wait_for(
+        lambda: (r := harness.cluster(out)) and names <= set(r) and r, 90, "every child listed", 0.2, [proc]
+    )
     pids = [r["pid"] for r in rows.values()]
     # every child past its start-up: each answers its health check
-    harness.wait_for(lambda: all(harness.serving(r["address"]) for r in rows.values()), 60, "every child SERVING",
-                     0.2, [proc])
+    harness.wait_for(
+        lambda: all(harness.serving(r["address"]) for r in rows.values()), 60, "every child SERVING", 0.2, [proc]
+    )
     proc.kill()  # no chance to stop anything: the kernel must tell the children
     harness.wait_for(lambda: not _alive(pids), 30, "the children to die with their launcher", 0.3)
 

@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import subprocess
 
-import harness
 import numpy as np
+
+import harness
 
 
 def up(tmp_path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return harness.run_cli("up", "--preset", "tiny", "--steps", "2", "--replicas", "1", "--shards", "1",
-                           "--no-neurons", "--out", str(tmp_path / "run"), *flags, env=env, timeout=180)
+    return harness.run_cli(
+        "up",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--replicas",
+        "1",
+        "--shards",
+        "1",
+        "--no-neurons",
+        "--out",
+        str(tmp_path / "run"),
+        *flags,
+        env=env,
+        timeout=180,
+    )
 
 
 def test_a_missing_or_empty_dataset_is_refused_before_any_process_starts(tmp_path):

@@ -15,20 +15,21 @@ import io
 import json
 from pathlib import Path
 
-import downpour
 import grpc
-import harness
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from PIL import Image
+
+import downpour
+import harness
 from downpour import checkpoint as checkpoints
 from downpour.client import NeuronsClient
 from downpour.nn import Network
 from downpour.rpc import codec
 from downpour.v1 import common_pb2
 from downpour.v1 import neurons_pb2 as pb
-from google.protobuf import descriptor_pool, message_factory
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from PIL import Image
 
 LAYER = "stage2.output"
 
@@ -54,12 +55,13 @@ def reference(trained_run: Path, photo_bytes: bytes, layer: str = LAYER) -> np.n
     rh, rw = max(h, round(sh * s)), max(w, round(sw * s))
     big = np.asarray(Image.fromarray(grey, mode="F").resize((rw, rh), Image.Resampling.BILINEAR), np.float32)
     top, left = (rh - h) // 2, (rw - w) // 2
-    x = big[top:top + h, left:left + w].astype(np.float64)
+    x = big[top : top + h, left : left + w].astype(np.float64)
     x = ((x - x.mean()) / x.std()).astype(np.float32)[None, None]
     return np.asarray(Network(spec).forward(params, x)[layer]).reshape(1, -1)
 
 
 # -- 1. any image -------------------------------------------------------------------------
+
 
 def test_a_photo_of_any_size_gives_the_same_activations_everywhere(trained_run, photo, service):
     want = reference(trained_run, photo.read_bytes())
@@ -116,17 +118,30 @@ def test_bfloat16_tensors_are_read_as_bfloat16(service):
     bf16 = common_pb2.Tensor(dtype=common_pb2.DTYPE_BFLOAT16, shape=list(x.shape), data=bits.tobytes())
     with NeuronsClient(service.address) as nc:
         nc.wait_ready(60)
-        got = codec.tensor_from_proto(nc.stub.GetActivations(pb.GetActivationsRequest(
-            images=bf16, layer=LAYER, raw=True), timeout=60).activations)
+        got = codec.tensor_from_proto(
+            nc.stub.GetActivations(pb.GetActivationsRequest(images=bf16, layer=LAYER, raw=True), timeout=60).activations
+        )
         f32 = nc.activations(x, LAYER, raw=True).values
         half = nc.activations(np.full((1, 16, 16, 1), 0.5, np.float32), LAYER, raw=True).values
-        bf_half = codec.tensor_from_proto(nc.stub.GetActivations(pb.GetActivationsRequest(
-            images=common_pb2.Tensor(dtype=common_pb2.DTYPE_BFLOAT16, shape=[1, 16, 16, 1],
-                                     data=np.full(256, 0x3F00, "<u2").tobytes()), layer=LAYER, raw=True),
-            timeout=60).activations)
+        bf_half = codec.tensor_from_proto(
+            nc.stub.GetActivations(
+                pb.GetActivationsRequest(
+                    images=common_pb2.Tensor(
+                        dtype=common_pb2.DTYPE_BFLOAT16,
+                        shape=[1, 16, 16, 1],
+                        data=np.full(256, 0x3F00, "<u2").tobytes(),
+                    ),
+                    layer=LAYER,
+                    raw=True,
+                ),
+                timeout=60,
+            ).activations
+        )
         with pytest.raises(grpc.RpcError) as e:
-            nc.stub.GetActivations(pb.GetActivationsRequest(images=codec.tensor_to_proto(
-                np.zeros((1, 16, 16, 1), np.int64)), layer=LAYER), timeout=60)
+            nc.stub.GetActivations(
+                pb.GetActivationsRequest(images=codec.tensor_to_proto(np.zeros((1, 16, 16, 1), np.int64)), layer=LAYER),
+                timeout=60,
+            )
     np.testing.assert_array_equal(got, f32)
     np.testing.assert_array_equal(bf_half, half)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -136,6 +151,7 @@ def test_bfloat16_tensors_are_read_as_bfloat16(service):
 
 # -- 2. in process ----------------------------------------------------------------------------
 
+
 def test_in_process_answers_equal_the_service(trained_run, service):
     net = downpour.load(trained_run)
     info = net.describe()
@@ -143,15 +159,20 @@ def test_in_process_answers_equal_the_service(trained_run, service):
         nc.wait_ready(60)
         rinfo = nc.describe()
         assert [(l.name, l.shape) for l in info.layers] == [(l.name, l.shape) for l in rinfo.layers]
-        assert (info.input_shape, info.checkpoint_id, info.step, info.normalize) == \
-            (rinfo.input_shape, rinfo.checkpoint_id, rinfo.step, rinfo.normalize)
+        assert (info.input_shape, info.checkpoint_id, info.step, info.normalize) == (
+            rinfo.input_shape,
+            rinfo.checkpoint_id,
+            rinfo.step,
+            rinfo.normalize,
+        )
         u8 = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
         a, ra = net.activations(u8, "stage3.pool", [0, 5]), nc.activations(u8, "stage3.pool", [0, 5])
         np.testing.assert_array_equal(a.values, ra.values)
         assert a.neuron_ids == ra.neuron_ids == [0, 5] and a.layer_shape == ra.layer_shape
         top, rtop = (x.top_inputs("stage3.pool", (1, 0, 1), dataset="heldout", k=4, thumbnails=True) for x in (net, nc))
-        assert [(t.example_id, t.label, t.thumbnail_png) for t in top] == \
-            [(t.example_id, t.label, t.thumbnail_png) for t in rtop]
+        assert [(t.example_id, t.label, t.thumbnail_png) for t in top] == [
+            (t.example_id, t.label, t.thumbnail_png) for t in rtop
+        ]
         np.testing.assert_allclose([t.activation for t in top], [t.activation for t in rtop], rtol=1e-6)
         h, rh = (x.activation_histogram("stage3.pool", 5, dataset="heldout", bins=7) for x in (net, nc))
         np.testing.assert_array_equal(h.counts, rh.counts)
@@ -160,8 +181,9 @@ def test_in_process_answers_equal_the_service(trained_run, service):
         np.testing.assert_allclose(s.image, rs.image, rtol=1e-5, atol=1e-6)
     # the histogram counts every scanned example; its range is the activations' range
     assert h.counts.sum() == h.examples_scanned == len(downpour.load(trained_run).dataset("heldout", net.model()))
-    assert h.edges[0] == pytest.approx(min(t.activation for t in net.top_inputs(
-        "stage3.pool", 5, dataset="heldout", k=1000)), rel=1e-6)
+    assert h.edges[0] == pytest.approx(
+        min(t.activation for t in net.top_inputs("stage3.pool", 5, dataset="heldout", k=1000)), rel=1e-6
+    )
     assert h.edges[-1] == pytest.approx(top_activation(net, 5), rel=1e-6)
 
 
@@ -183,6 +205,7 @@ def test_load_refuses_what_it_cannot_read(tmp_path):
 
 
 # -- 3. export --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npz"])
 def test_export_is_self_describing_and_loads_to_the_same_activations(trained_run, photo, tmp_path, fmt):
@@ -224,6 +247,7 @@ def test_export_errors_name_the_problem(tmp_path):
 
 # -- CuPy where there is a GPU -------------------------------------------------------------
 
+
 def test_cupy_backend_matches_numpy(trained_run, photo):
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
     try:
@@ -231,8 +255,9 @@ def test_cupy_backend_matches_numpy(trained_run, photo):
     except Exception as e:  # noqa: BLE001 - any CUDA error means: no usable GPU here
         pytest.skip(f"no usable GPU: {e}")
     cpu, gpu = downpour.load(trained_run), downpour.load(trained_run, backend="cupy")
-    np.testing.assert_allclose(gpu.activations([photo], LAYER).values, cpu.activations([photo], LAYER).values,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        gpu.activations([photo], LAYER).values, cpu.activations([photo], LAYER).values, rtol=1e-4, atol=1e-5
+    )
     a, b = (n.optimal_stimulus("stage3.pool", (0, 0, 0), steps=10) for n in (cpu, gpu))
     assert b.activation == pytest.approx(a.activation, rel=1e-3)
 
@@ -248,8 +273,11 @@ def test_a_client_with_nothing_but_reflection_gets_the_same_activations(trained_
         method = pool.FindServiceByName("downpour.v1.Neurons").FindMethodByName("GetActivations")
         Req = message_factory.GetMessageClass(method.input_type)
         Resp = message_factory.GetMessageClass(method.output_type)
-        call = ch.unary_unary("/downpour.v1.Neurons/GetActivations", request_serializer=Req.SerializeToString,
-                              response_deserializer=Resp.FromString)
+        call = ch.unary_unary(
+            "/downpour.v1.Neurons/GetActivations",
+            request_serializer=Req.SerializeToString,
+            response_deserializer=Resp.FromString,
+        )
         r = call(Req(encoded_images=[photo.read_bytes()], layer=LAYER), timeout=60)
     assert pool.FindEnumTypeByName("downpour.v1.Dtype").values_by_number[r.activations.dtype].name == "DTYPE_FLOAT32"
     got = np.frombuffer(r.activations.data, "<f4").reshape(list(r.activations.shape))
@@ -258,7 +286,7 @@ def test_a_client_with_nothing_but_reflection_gets_the_same_activations(trained_
 
 def test_cupy_backend_without_cupy_says_how_to_get_it(trained_run):
     try:
-        import cupy  # noqa: F401
+        import cupy  # noqa: F401 - only whether it imports matters here
     except ImportError:
         with pytest.raises(ValueError, match="needs CuPy"):
             downpour.load(trained_run, backend="cupy")

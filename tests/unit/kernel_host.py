@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+
 from downpour.kernels.launch import Launcher, ctype_of
 from downpour.kernels.source import SOURCE, signatures
 

@@ -4,6 +4,7 @@ no gRPC. It records every call and fails on demand."""
 from __future__ import annotations
 
 import numpy as np
+
 from downpour.checkpoint import shardfile
 from downpour.checkpoint.errors import CheckpointInvalid
 from downpour.coordinator.shards import ShardError

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from downpour.feeder import bundled
 from downpour.feeder.datasets import open_dataset
 from downpour.feeder.preprocess import PreprocessSpec

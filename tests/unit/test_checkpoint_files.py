@@ -7,6 +7,8 @@ from contextlib import nullcontext
 
 import numpy as np
 import pytest
+from shard_fakes import FakeShards
+
 from downpour import checkpoint as cks
 from downpour.checkpoint import manifest, shardfile
 from downpour.config import JobConfig
@@ -14,7 +16,6 @@ from downpour.coordinator.manager import CheckpointManager
 from downpour.coordinator.params import Parameters
 from downpour.coordinator.state import JobState
 from downpour.paramserver.store import ShardStore
-from shard_fakes import FakeShards
 
 
 def committed(tmp_path, *ids):

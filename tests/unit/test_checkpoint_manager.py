@@ -12,13 +12,14 @@ import os
 from contextlib import nullcontext
 
 import pytest
+from shard_fakes import FakeShards
+
 from downpour import checkpoint as cks
 from downpour.config import JobConfig
 from downpour.coordinator.manager import FINAL_CHECKPOINT_ATTEMPTS, CheckpointFailed, CheckpointManager
 from downpour.coordinator.params import Parameters
 from downpour.coordinator.shards import ShardError
 from downpour.coordinator.state import JobState
-from shard_fakes import FakeShards
 
 
 class Clock:

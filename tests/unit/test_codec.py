@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from downpour.rpc import codec
-from downpour.v1 import common_pb2, paramserver_pb2 as pb
+from downpour.v1 import common_pb2
+from downpour.v1 import paramserver_pb2 as pb
 
 PUSH = (3, 15)
 

@@ -1,6 +1,7 @@
 """Job config precedence: defaults < YAML < DOWNPOUR_* environment < flags."""
 
 import pytest
+
 from downpour import config
 
 

@@ -16,8 +16,15 @@ class Clock:
 
 def make(replicas=2, partitions="1x1", warm_start=0, **kw):
     # Slot logic without the default warm start (tested on its own below).
-    cfg = JobConfig(preset="tiny", replicas=replicas, partitions=partitions, steps=10, lease_seconds=5.0,
-                    warm_start=warm_start, **kw)
+    cfg = JobConfig(
+        preset="tiny",
+        replicas=replicas,
+        partitions=partitions,
+        steps=10,
+        lease_seconds=5.0,
+        warm_start=warm_start,
+        **kw,
+    )
     clock = Clock()
     return JobState(cfg, None, clock), clock
 
@@ -126,10 +133,17 @@ def test_adopting_a_checkpoint_resumes_each_replica_at_its_step():
     assert [p.step for p in st.progress] == [4, 6, 4]
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ({"replicas": 0}, "replicas"), ({"partitions": "2by2"}, "partitions"), ({"optimizer": {"kind": "adam"}}, "adam"),
-    ({"preset": "huge"}, "huge"), ({"stepz": 3}, "stepz"), ({"steps": "many"}, "steps"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ({"replicas": 0}, "replicas"),
+        ({"partitions": "2by2"}, "partitions"),
+        ({"optimizer": {"kind": "adam"}}, "adam"),
+        ({"preset": "huge"}, "huge"),
+        ({"stepz": 3}, "stepz"),
+        ({"steps": "many"}, "steps"),
+    ],
+)
 def test_bad_job_configs_name_the_setting(bad, needle):
     import yaml
 

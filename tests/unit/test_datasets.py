@@ -6,10 +6,11 @@ import struct
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from downpour.feeder import idx
 from downpour.feeder.datasets import ArrayDataset, FolderDataset, open_dataset
 from downpour.feeder.preprocess import PreprocessSpec
-from PIL import Image
 
 IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}
 

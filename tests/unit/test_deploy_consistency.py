@@ -33,6 +33,7 @@ K8S_ONLY = {"worker": {"--advertise"}}
 
 # -- a minimal kustomize ------------------------------------------------------------
 
+
 def _load_all(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
@@ -120,12 +121,14 @@ def rendered(request) -> tuple[str, list[dict]]:
     directory = K8S / request.param
     docs = render_python(directory)
     if shutil.which("kubectl"):
-        assert _by_key(render_kubectl(directory)) == _by_key(docs), \
+        assert _by_key(render_kubectl(directory)) == _by_key(docs), (
             f"kubectl kustomize and the built-in renderer disagree on {request.param}"
+        )
     return request.param, docs
 
 
 # -- reading the two deployments --------------------------------------------------
+
 
 def _flags(args: list[str]) -> dict[str, str]:
     assert args[0] == "serve", args
@@ -175,6 +178,7 @@ def _port_of(address: str) -> int:
 
 # -- the checks ----------------------------------------------------------------------
 
+
 def test_manifests_validate_against_kubernetes_schemas(rendered, tmp_path):
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
     name, docs = rendered
@@ -198,7 +202,14 @@ def test_compose_and_k8s_run_the_same_roles_with_the_same_commands(rendered):
             extra = set(kflags) - set(cflags)
             allowed = K8S_ONLY.get(role, set())
             if name.endswith("secure"):
-                allowed = allowed | {"--tls-cert", "--tls-key", "--tls-ca", "--token-file", "--peer-ca", "--peer-token-file"}
+                allowed = allowed | {
+                    "--tls-cert",
+                    "--tls-key",
+                    "--tls-ca",
+                    "--token-file",
+                    "--peer-ca",
+                    "--peer-token-file",
+                }
             if name.endswith("gpu") and role == "worker":
                 allowed = allowed | {"--device"}
             assert extra <= allowed, f"{role}: only k8s passes {sorted(extra - allowed)}"
@@ -259,8 +270,12 @@ def test_compose_ports_prometheus_and_scaling():
     published = [p.split(":")[-1] for p in svcs["neurons"]["ports"]]
     assert str(PORTS["neurons"]) in published
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    static = {t.rsplit(":", 1)[0]: int(t.rsplit(":", 1)[1]) for job in prom["scrape_configs"]
-              for sc in job.get("static_configs", []) for t in sc["targets"]}
+    static = {
+        t.rsplit(":", 1)[0]: int(t.rsplit(":", 1)[1])
+        for job in prom["scrape_configs"]
+        for sc in job.get("static_configs", [])
+        for t in sc["targets"]
+    }
     dns = {n: sd["port"] for job in prom["scrape_configs"] for sd in job.get("dns_sd_configs", []) for n in sd["names"]}
     for name, svc in svcs.items():
         cmd = svc.get("command") or []
@@ -271,8 +286,9 @@ def test_compose_ports_prometheus_and_scaling():
             for dep, cond in (svc.get("depends_on") or {}).items():
                 assert cond == {"condition": "service_healthy"}, (name, dep)
     assert "checkpoints" in spec["volumes"]
-    dash = (ROOT / "deploy" / "grafana" / "dashboards" / "downpour.json")
+    dash = ROOT / "deploy" / "grafana" / "dashboards" / "downpour.json"
     import json
+
     assert json.loads(dash.read_text())["panels"]
 
 
@@ -289,7 +305,7 @@ def test_gpu_profile_and_overlay_run_the_worker_with_device_gpu():
     assert {k: v for k, v in cflags.items() if k != "--device"} == _flags(cpu["command"])
     dev = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert dev == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    (d, kflags), = k8s_roles(render_python(K8S / "overlays" / "gpu"))["worker"]
+    ((d, kflags),) = k8s_roles(render_python(K8S / "overlays" / "gpu"))["worker"]
     c = d["spec"]["template"]["spec"]["containers"][0]
     assert kflags["--device"] == "gpu" and c["image"] == "downpour:gpu"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1

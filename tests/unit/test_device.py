@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from downpour import device as devices
 from downpour.optim import OptimizerConfig
 from downpour.worker.loop import DownpourLoop, LocalStore
@@ -26,7 +27,7 @@ def _cupy_state() -> str:
         return "missing"
     try:
         return "gpu" if cupy.cuda.runtime.getDeviceCount() > 0 else "no-gpu"
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - any CUDA or driver failure means no usable GPU
         return "no-gpu"
 
 

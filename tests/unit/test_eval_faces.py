@@ -18,8 +18,8 @@ from downpour.feeder import bundled
 from downpour.feeder.datasets import ArrayDataset
 from downpour.feeder.preprocess import PreprocessSpec
 
-
 # -- measures ------------------------------------------------------------------------
+
 
 def test_paper_thresholds_match_a_naive_loop():
     rng = np.random.default_rng(0)
@@ -59,8 +59,10 @@ def test_choose_and_test_picks_on_validation_and_measures_on_test():
     y = np.r_[np.ones(60, bool), np.zeros(240, bool)]
     val = np.zeros(n, bool)
     val[::2] = True
-    layers = {"a": rng.standard_normal((n, 200)).astype(np.float32),
-              "b": rng.standard_normal((n, 40)).astype(np.float32)}
+    layers = {
+        "a": rng.standard_normal((n, 200)).astype(np.float32),
+        "b": rng.standard_normal((n, 40)).astype(np.float32),
+    }
     layers["b"][:, 7] += 3.0 * y  # a real detector
     # a neuron that is perfect on the test half only: it must never be chosen
     layers["a"][~val, 11] = np.where(y[~val], 10.0, -10.0)
@@ -72,6 +74,7 @@ def test_choose_and_test_picks_on_validation_and_measures_on_test():
 
 
 # -- data --------------------------------------------------------------------------------
+
 
 def test_heldout_split_is_stratified_disjoint_and_fixed():
     groups = np.repeat(np.arange(3), [50, 50, 200])
@@ -110,8 +113,8 @@ def test_pool_frames_are_views_of_the_training_faces(monkeypatch):
     nat, _ = train.get(np.arange(bundled.N_TRAIN_PATCHES))
     np.testing.assert_array_equal(pool.x[pool.source == 0], nat)
     lfw = bundled.lfw()
-    faces = np.stack([preprocess.resize(f, (16, 16)) for f in lfw[0:bundled.N_FACES:2]])
-    nonfaces = np.stack([preprocess.resize(f, (16, 16)) for f in lfw[bundled.N_FACES::2]])
+    faces = np.stack([preprocess.resize(f, (16, 16)) for f in lfw[0 : bundled.N_FACES : 2]])
+    nonfaces = np.stack([preprocess.resize(f, (16, 16)) for f in lfw[bundled.N_FACES :: 2]])
     for frames, want, k in ((pool.x[pool.source == 1], faces, 4), (pool.x[pool.source == 2], nonfaces, 1)):
         assert len(frames) == 50 * k
         for i, f in enumerate(frames):
@@ -166,12 +169,21 @@ def test_load_test_dir_names_what_is_wrong(tmp_path):
 
 # -- the eval ----------------------------------------------------------------------------
 
+
 def test_eval_faces_on_tiny(tmp_path):
     from downpour.evals import faces
 
     out = tmp_path / "faces"
-    res = faces.run(str(out), preset="tiny", steps=20, seeds=(0, 1), per_face=2, per_nonface=1,
-                    stimulus_steps=5, log=lambda *a: None)
+    res = faces.run(
+        str(out),
+        preset="tiny",
+        steps=20,
+        seeds=(0, 1),
+        per_face=2,
+        per_nonface=1,
+        stimulus_steps=5,
+        log=lambda *a: None,
+    )
     assert [r["row"] for r in res["rows"]] == list(faces.ROWS)
     assert res["validation"]["make_up"] == {"faces": 25, "LFW non-faces": 25, "distractors": 100}
     assert res["test"]["make_up"] == {"faces": 25, "LFW non-faces": 25, "distractors": 100}
@@ -194,7 +206,11 @@ def test_eval_faces_on_tiny(tmp_path):
         n = res["neurons"][tag]
         assert n["optimal_stimulus"]["activation"] >= n["optimal_stimulus"]["random_max"]
         assert len(n["top_inputs"]) == 16 and set(n["invariance"]) == {
-            "horizontal shift (pixels)", "vertical shift (pixels)", "scale (factor)", "in-plane rotation (degrees)"}
+            "horizontal shift (pixels)",
+            "vertical shift (pixels)",
+            "scale (factor)",
+            "in-plane rotation (degrees)",
+        }
         for f in (f"top_inputs_{tag}.png", f"optimal_stimulus_{tag}.png", f"invariance_{tag}.png"):
             assert (out / f).stat().st_size > 0
     for f in ("report.html", "results.json", "filters.png", "table.png", "params.npz"):
@@ -212,8 +228,18 @@ def test_eval_faces_on_a_users_test_folder_with_zca(tmp_path):
     for i in range(3):  # held-out faces and non-faces, saved as 8-bit files of another size
         _save(tmp_path / "mine" / "faces" / f"{i}.png", (255 * lfw[2 * i + 1, 0]).astype(np.uint8))
         _save(tmp_path / "mine" / "other" / f"{i}.jpg", (255 * lfw[101 + 2 * i, 0]).astype(np.uint8))
-    res = faces.run(str(tmp_path / "out"), test_dir=str(tmp_path / "mine"), preset="tiny", steps=5, seeds=(0,),
-                    per_face=1, per_nonface=1, whiten="zca", stimulus_steps=2, log=lambda *a: None)
+    res = faces.run(
+        str(tmp_path / "out"),
+        test_dir=str(tmp_path / "mine"),
+        preset="tiny",
+        steps=5,
+        seeds=(0,),
+        per_face=1,
+        per_nonface=1,
+        whiten="zca",
+        stimulus_steps=2,
+        log=lambda *a: None,
+    )
     assert res["test"] == {"source": str(tmp_path / "mine"), "faces": 3, "other": 3}
     assert res["chance"]["paper"] == 0.5 and res["whiten"] == "zca"
     assert res["neurons"]["best"]["top_inputs"][0]["what"]  # names of the user's files or validation groups
@@ -225,9 +251,9 @@ def test_eval_faces_on_a_users_test_folder_with_zca(tmp_path):
 def test_eval_faces_from_a_checkpoint_directory(tmp_path):
     """--checkpoint reads the blocks named by the newest MANIFEST.json."""
     from downpour import config as jobconfig
+    from downpour.checkpoint import shardfile as ckpt
     from downpour.evals import faces
     from downpour.nn import Network, presets
-    from downpour.checkpoint import shardfile as ckpt
     from downpour.paramserver.store import OptimizerConfig, ShardStore
 
     spec = presets.get("tiny")
@@ -239,15 +265,33 @@ def test_eval_faces_from_a_checkpoint_directory(tmp_path):
     path = ckpt.shard_path(tmp_path, "step-7", 0)
     path.parent.mkdir(parents=True)
     ckpt.save(store, path)
-    (path.parent / "MANIFEST.json").write_text(json.dumps({
-        "checkpoint_id": "step-7", "step": 7, "created": 1.0, "config": cfg.to_yaml(),
-        "shards": [{"shard": 0, "path": str(path)}], "placement": {k: 0 for k in params}}))
+    (path.parent / "MANIFEST.json").write_text(
+        json.dumps(
+            {
+                "checkpoint_id": "step-7",
+                "step": 7,
+                "created": 1.0,
+                "config": cfg.to_yaml(),
+                "shards": [{"shard": 0, "path": str(path)}],
+                "placement": {k: 0 for k in params},
+            }
+        )
+    )
     spec2, normalize, blocks, m = faces.load_checkpoint_dir(str(tmp_path))
     assert spec2 == spec and normalize == "standardize" and m["step"] == 7
     for k, v in params.items():
         np.testing.assert_array_equal(blocks[k], v)
-    res = faces.run(str(tmp_path / "out"), checkpoint=str(tmp_path), steps=5, seeds=(0, 1), per_face=1,
-                    per_nonface=1, stimulus_steps=2, whiten="zca", log=lambda *a: None)
+    res = faces.run(
+        str(tmp_path / "out"),
+        checkpoint=str(tmp_path),
+        steps=5,
+        seeds=(0, 1),
+        per_face=1,
+        per_nonface=1,
+        stimulus_steps=2,
+        whiten="zca",
+        log=lambda *a: None,
+    )
     assert res["checkpoint"]["id"] == "step-7" and res["seeds"] == [0] and res["whiten"] == "none"
     assert not any(k.startswith("trained/") for k in res["training"])
     # the checkpoint holds the seed-0 init: the trained and random-weights rows must agree

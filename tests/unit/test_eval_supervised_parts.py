@@ -73,7 +73,7 @@ def test_feature_readout_layers():
         f = S.features(net, p, x, readout)
         names = S.feature_layers(net, readout)
         assert f.shape == (3, sum(acts[k][0].size for k in names))
-        np.testing.assert_allclose(f[:, -acts[names[-1]][0].size:], acts[names[-1]].reshape(3, -1), rtol=1e-6)
+        np.testing.assert_allclose(f[:, -acts[names[-1]][0].size :], acts[names[-1]].reshape(3, -1), rtol=1e-6)
     # pooled and normalised differ: the readout is not the same layer under two names
     assert not np.allclose(S.features(net, p, x, "pooled"), S.features(net, p, x, "outputs"))
 
@@ -105,7 +105,7 @@ def test_softmax_regression_matches_finite_differences_at_its_optimum():
     def loss(W, b):
         z = f @ W + b
         z = z - z.max(1, keepdims=True)
-        return -np.mean(z[np.arange(30), y] - np.log(np.exp(z).sum(1))) + 0.5 * l2 * (W ** 2).sum()
+        return -np.mean(z[np.arange(30), y] - np.log(np.exp(z).sum(1))) + 0.5 * l2 * (W**2).sum()
 
     h = 1e-5
     for i, j in [(0, 0), (3, 2), (1, 1)]:
@@ -156,9 +156,8 @@ def _tiny_with_head():
 
 
 def test_head_only_zeroes_every_gradient_but_the_heads():
-    from downpour.worker.build import head_only
-
     from downpour.nn.spec import from_dict
+    from downpour.worker.build import head_only
 
     net = Network(from_dict(_tiny_with_head()))
     p = net.init_params(0)

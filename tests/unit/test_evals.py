@@ -31,8 +31,10 @@ def test_thresholds_match_brute_force_with_ties():
 def test_best_single_neuron_finds_a_planted_detector():
     rng = np.random.default_rng(1)
     y = np.r_[np.ones(40, bool), np.zeros(160, bool)]
-    layers = {"a": rng.standard_normal((200, 300)).astype(np.float32),
-              "b": rng.standard_normal((200, 50)).astype(np.float32)}
+    layers = {
+        "a": rng.standard_normal((200, 300)).astype(np.float32),
+        "b": rng.standard_normal((200, 50)).astype(np.float32),
+    }
     layers["b"][:, 17] += 3.0 * y
     groups = np.r_[np.zeros(40), np.ones(160)]
     half = C.stratified_halves(groups, 0)
@@ -43,7 +45,6 @@ def test_best_single_neuron_finds_a_planted_detector():
 
 
 def test_without_lcn_removes_every_lcn():
-    from downpour.nn import presets
 
     spec = C.without_lcn(presets.get("small"))
     assert all(s.lcn is None for s in spec.stages)
@@ -52,7 +53,7 @@ def test_without_lcn_removes_every_lcn():
 
 def test_training_lowers_the_tica_loss():
     from downpour.feeder import bundled
-    from downpour.nn import Network, presets
+    from downpour.nn import Network
 
     spec = presets.get("tiny")
     ds = bundled.build(C.preprocess_for(spec)).train
@@ -62,10 +63,10 @@ def test_training_lowers_the_tica_loss():
 
 def test_eval_supervised_bundled_fallback_loads_18_classes():
     from downpour.evals import supervised
-    from downpour.nn import presets
 
-    what, xu, xl, yl, xt, yt, k = supervised.load_data("bundled", presets.get("tiny"), normalize="standardize",
-                                                       n_unlabeled=10, n_labeled=10, n_test=10)
+    what, xu, xl, yl, xt, yt, k = supervised.load_data(
+        "bundled", presets.get("tiny"), normalize="standardize", n_unlabeled=10, n_labeled=10, n_test=10
+    )
     assert k == 18 and len(xl) == 2000 and len(xt) == 500 and set(np.unique(yt)) <= set(range(18))
     assert "bundled" in what
 
@@ -77,8 +78,9 @@ def test_eval_parsers():
 
     ap = argparse.ArgumentParser()
     add_eval_parser(ap.add_subparsers(dest="command"))
-    a = ap.parse_args(["eval", "faces", "--checkpoint", "runs/x/checkpoints", "--steps", "10", "--test", "mine",
-                       "--seeds", "3", "4"])
+    a = ap.parse_args(
+        ["eval", "faces", "--checkpoint", "runs/x/checkpoints", "--steps", "10", "--test", "mine", "--seeds", "3", "4"]
+    )
     assert a.checkpoint == "runs/x/checkpoints" and a.steps == 10 and callable(a.func)
     assert a.test_dir == "mine" and a.seeds == [3, 4] and a.whiten == "none" and not a.untied
     b = ap.parse_args(["eval", "supervised", "--data", "d.npz"])

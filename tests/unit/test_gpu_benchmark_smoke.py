@@ -19,10 +19,31 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_kernels_gpu_smoke_run_writes_its_json(tmp_path):
     out = tmp_path / "k.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "services"))
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_gpu.py"), "--smoke", "--no-torch",
-                        "--out", str(out), "--reps", "2", "--warmup", "1", "--le2012-batches", "8,100000",
-                        "--le2012-steps", "2", "--le2012-budget", "20"],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "kernels_gpu.py"),
+            "--smoke",
+            "--no-torch",
+            "--out",
+            str(out),
+            "--reps",
+            "2",
+            "--warmup",
+            "1",
+            "--le2012-batches",
+            "8,100000",
+            "--le2012-steps",
+            "2",
+            "--le2012-budget",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["smoke"] and d["device"].startswith("cpu")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from downpour import device as devices
 from downpour.nn import LCN, LocalFilter, Network, Pool, presets
 from downpour.nn.spec import from_dict

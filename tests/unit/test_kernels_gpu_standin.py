@@ -16,16 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from downpour.kernels import filtering, lcn, pooling
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernel_host  # noqa: E402
-import test_kernels_gpu as G  # noqa: E402
+import kernel_host
+import test_kernels_gpu as G
 
 pytestmark = pytest.mark.skipif(kernel_host.compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
 
 STANDIN = types.ModuleType("numpy_as_cupy")
-STANDIN.__getattr__ = lambda name: getattr(np, name)  # type: ignore[method-assign]
+STANDIN.__getattr__ = lambda name: getattr(np, name)  # type: ignore[method-assign]  # a module-level __getattr__ (PEP 562) set from outside
 STANDIN.asnumpy = np.asarray
 
 

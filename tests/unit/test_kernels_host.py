@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from downpour import kernels
 from downpour.kernels import filtering as kfiltering
 from downpour.nn import LCN, LocalFilter, Network, Pool, col2im, im2col, presets
 from downpour.nn.spec import from_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernel_host  # noqa: E402
+import kernel_host
 
 pytestmark = pytest.mark.skipif(kernel_host.compiler() is None, reason="no C++ compiler (g++ or clang++) on PATH")
 
@@ -174,7 +175,7 @@ def test_lcn_blur_kernels_match_numpy(host, geom, dtype):
 
 def accelerate(net: Network, host) -> Network:
     """Every layer of ``net`` on the GPU classes with host kernels."""
-    pick = lambda dt: host[np.dtype(dt).type]  # noqa: E731
+    pick = lambda dt: host[np.dtype(dt).type]
     for st in net.stages:
         if st.filter is not None:
             st.filter.accel = kernels.LocalFilterKernels(st.filter, launcher=pick)

@@ -10,6 +10,7 @@ the NVRTC wheel, no GPU); skipped with the reason where they are missing.
 from __future__ import annotations
 
 import pytest
+
 from downpour.kernels import KERNELS, SOURCE
 from downpour.kernels.launch import nvrtc_options
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from downpour.rpc import lowp
 from downpour.v1 import common_pb2
@@ -36,7 +37,7 @@ def test_bfloat16_round_trip_is_exact_for_representable_values_and_bounded_other
     x = rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10_000)
     back = lowp.from_bfloat16(lowp.to_bfloat16(x))
     rel = np.abs(back - x) / np.abs(x)
-    assert rel.max() <= 2.0 ** -8  # half an ulp of an 8-bit mantissa
+    assert rel.max() <= 2.0**-8  # half an ulp of an 8-bit mantissa
     again = lowp.from_bfloat16(lowp.to_bfloat16(back))
     np.testing.assert_array_equal(again, back)  # bfloat16 values survive unchanged
     special = np.array([np.inf, -np.inf, 0.0, -0.0, np.nan], np.float32)

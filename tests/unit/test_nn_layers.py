@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from downpour.nn import LCN, LocalFilter, Pool, col2im, im2col, to_external, to_internal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_nn_naive import (  # noqa: E402
+from test_nn_naive import (
     fd_grad,
     naive_decode,
     naive_filter,
@@ -99,7 +100,7 @@ def test_filter_forward_matches_naive(case):
 def test_filter_backward_matches_finite_differences(case):
     layer, w, x, rng = _filter_setup(case)
     R = rng.normal(size=(layer.Ho, layer.Wo, layer.M, x.shape[3]))
-    f = lambda: float(np.sum(layer.forward(w, x)[0] * R))  # noqa: E731
+    f = lambda: float(np.sum(layer.forward(w, x)[0] * R))
     _, P = layer.forward(w, x)
     dx, dw = layer.backward(w, P, R)
     assert dx.shape == x.shape and dw.shape == w.shape
@@ -129,7 +130,7 @@ def test_decode_backward_matches_finite_differences(case):
     w2 = rng.normal(size=layer.decoder_shape)
     z = rng.normal(size=(layer.Ho, layer.Wo, M, B))
     R = rng.normal(size=(H, W, C, B))
-    f = lambda: float(np.sum(layer.decode(w2, z) * R))  # noqa: E731
+    f = lambda: float(np.sum(layer.decode(w2, z) * R))
     dz, dw2 = layer.decode_backward(w2, z, R)
     assert dz.shape == z.shape and dw2.shape == w2.shape
     assert rel_err(dw2, fd_grad(f, w2)) < TOL
@@ -202,7 +203,7 @@ def test_pool_backward_matches_finite_differences(kind, case):
     x = distinct(rng, (H, W, C, B)) if kind == "max" else rng.normal(size=(H, W, C, B))
     layer = Pool((C, H, W), p, s, kind, eps=0.01)
     R = rng.normal(size=(layer.Ho, layer.Wo, C, B))
-    f = lambda: float(np.sum(layer.forward(x)[0] * R))  # noqa: E731
+    f = lambda: float(np.sum(layer.forward(x)[0] * R))
     _, ctx = layer.forward(x)
     dx = layer.backward(ctx, R)
     assert dx.shape == x.shape
@@ -286,7 +287,7 @@ def test_lcn_forward_matches_naive(case):
 
 def _lcn_fd(layer, x, rng):
     R = rng.normal(size=x.shape)
-    f = lambda: float(np.sum(layer.forward(x)[0] * R))  # noqa: E731
+    f = lambda: float(np.sum(layer.forward(x)[0] * R))
     _, ctx = layer.forward(x)
     dx = layer.backward(ctx, R)
     assert dx.shape == x.shape
@@ -333,7 +334,7 @@ def test_lcn_eps_regime_is_linear():
     np.testing.assert_allclose(layer.forward(x)[0], y, rtol=1e-7, atol=1e-12)
     np.testing.assert_allclose(y, v / 1e-4, rtol=1e-12)
     R = rng.normal(size=x.shape)
-    f = lambda: float(np.sum(layer.forward(x)[0] * R))  # noqa: E731
+    f = lambda: float(np.sum(layer.forward(x)[0] * R))
     _, ctx = layer.forward(x)
     dx = layer.backward(ctx, R)
     assert rel_err(dx, fd_grad(f, x, h=1e-7)) < TOL

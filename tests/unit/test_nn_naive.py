@@ -367,7 +367,7 @@ def test_naive_lcn_by_hand():
 
 def test_fd_helpers():
     a = np.array([1.0, -2.0, 0.5])
-    f = lambda: float(np.sum(a**3))  # noqa: E731
+    f = lambda: float(np.sum(a**3))
     assert rel_err(3 * a**2, fd_grad(f, a)) < 1e-9
     d = np.array([0.3, 0.1, -1.0])
     assert fd_directional(f, [a], [d]) == pytest.approx(float(np.dot(3 * a**2, d)), rel=1e-9)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from downpour.nn import FilterSpec, LCNSpec, Network, NetworkSpec, PoolSpec, StageSpec
 from downpour.nn.presets import get as preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_nn_naive import (  # noqa: E402
+from test_nn_naive import (
     fd_directional,
     fd_grad,
     hwcb_to_bchw,

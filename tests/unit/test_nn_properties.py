@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from downpour.nn import LCN, FilterSpec, LCNSpec, LocalFilter, Network, NetworkSpec, Pool, PoolSpec, StageSpec
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from downpour.nn import LCN, FilterSpec, LCNSpec, LocalFilter, Network, NetworkSpec, Pool, PoolSpec, StageSpec
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_nn_naive import (  # noqa: E402
+from test_nn_naive import (
     fd_directional,
     naive_decode,
     naive_filter,

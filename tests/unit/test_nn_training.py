@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from downpour.nn import Network
 from downpour.nn.presets import get as preset
 

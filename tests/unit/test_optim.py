@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from downpour import config, optim
 from downpour.evals import common
 from downpour.paramserver import server as paramserver_server

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+
 from downpour.checkpoint import shardfile as ckpt
 from downpour.paramserver import errors
 from downpour.paramserver.assembly import Assembly

@@ -29,17 +29,25 @@ SPECS = {
     # Strides and pools that leave rows and columns out (row 29 is in no filter field,
     # the last pool column is in no window), max pooling (a separate L2 sparsity
     # pool), a tied (convolution) stage without pooling, and a softmax head.
-    "uneven": NetworkSpec(input=(1, 30, 27), classes=3, stages=(
-        _st(FilterSpec(maps=3, field=5, stride=2), PoolSpec(size=3, stride=2), LCNSpec(size=3)),
-        _st(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1, kind="max"), LCNSpec(size=3)),
-        _st(FilterSpec(maps=2, field=2, tied=True), None, LCNSpec(size=3)),
-    )),
+    "uneven": NetworkSpec(
+        input=(1, 30, 27),
+        classes=3,
+        stages=(
+            _st(FilterSpec(maps=3, field=5, stride=2), PoolSpec(size=3, stride=2), LCNSpec(size=3)),
+            _st(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1, kind="max"), LCNSpec(size=3)),
+            _st(FilterSpec(maps=2, field=2, tied=True), None, LCNSpec(size=3)),
+        ),
+    ),
     # A filter alone, a stage without a filter (avg pool + LCN), a reconstruction-only stage.
-    "bare": NetworkSpec(input=(2, 16, 15), classes=2, stages=(
-        _st(FilterSpec(maps=2, field=3), None, None),
-        _st(None, PoolSpec(size=2, stride=2, kind="avg"), LCNSpec(size=3, sigma=1.0)),
-        _st(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1), None, lam=0.0),
-    )),
+    "bare": NetworkSpec(
+        input=(2, 16, 15),
+        classes=2,
+        stages=(
+            _st(FilterSpec(maps=2, field=3), None, None),
+            _st(None, PoolSpec(size=2, stride=2, kind="avg"), LCNSpec(size=3, sigma=1.0)),
+            _st(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1), None, lam=0.0),
+        ),
+    ),
 }
 
 
@@ -74,6 +82,7 @@ def reference_tica(net, params, x):
 
 
 # ---------------------------------------------------------------- plans
+
 
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("grid", GRIDS)
@@ -138,6 +147,7 @@ def test_plan_errors():
 
 # ---------------------------------------------------------------- blocks
 
+
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("grid", GRIDS)
 def test_split_join_round_trip(name, grid):
@@ -198,6 +208,7 @@ def test_split_join_errors():
 
 
 # ---------------------------------------------------------------- exactness
+
 
 def _check_tica(spec, grid, dtype, halo):
     net, params, x, _ = _data(spec, dtype)
@@ -295,6 +306,7 @@ def test_training_steps_equal(name, grid):
 
 # ---------------------------------------------------------------- messages
 
+
 def _run_collect(pl, blocks, x, dtype=np.float64):
     """Drive the runtimes by hand, keeping every message."""
     rep = P.LocalReplica(pl, dtype=dtype)
@@ -342,9 +354,18 @@ def test_messages_map_to_the_halo_proto():
             assert t[0] <= m.y0 < m.y1 <= t[1] and t[2] <= m.x0 < m.x1 <= t[3]
         else:
             assert (m.y0, m.y1, m.x0, m.x1) == (0, 1, 0, 1)
-    assert {("act", P.FORWARD), ("act", P.BACKWARD), ("v", P.FORWARD), ("v", P.BACKWARD),
-            ("recon", P.FORWARD), ("drecon", P.BACKWARD), ("sum", P.FORWARD), ("sum", P.BACKWARD),
-            ("param1", P.BACKWARD), ("param2", P.BACKWARD)} <= kinds
+    assert {
+        ("act", P.FORWARD),
+        ("act", P.BACKWARD),
+        ("v", P.FORWARD),
+        ("v", P.BACKWARD),
+        ("recon", P.FORWARD),
+        ("drecon", P.BACKWARD),
+        ("sum", P.FORWARD),
+        ("sum", P.BACKWARD),
+        ("param1", P.BACKWARD),
+        ("param2", P.BACKWARD),
+    } <= kinds
 
 
 def test_wrong_messages_are_refused():
@@ -362,7 +383,7 @@ def test_wrong_messages_are_refused():
     g = rep.runtimes[0].tica(rep._blocks(blocks, 0), tiles[0])
     ex0 = g.send(None)
     g1 = rep.runtimes[1].tica(rep._blocks(blocks, 1), tiles[1])
-    ex1 = g1.send(None)
+    g1.send(None)  # partition 1 reaches its exchange too
     bad = ex0.send[0]
     bad.y1 += 1
     with pytest.raises(ValueError, match="covers"):
@@ -378,7 +399,7 @@ def test_wrong_messages_are_refused():
 
 
 def test_halo_modes_trade_rounds_for_bytes():
-    """"stage" needs fewer synchronisation points than "layer" and sends more bytes."""
+    """ "stage" needs fewer synchronisation points than "layer" and sends more bytes."""
     spec = SPECS["tiny"]
     net, params, x, _ = _data(spec, np.float32, batch=8)
     stats = {}
@@ -392,8 +413,10 @@ def test_halo_modes_trade_rounds_for_bytes():
 
 
 def test_imports_no_grpc_and_no_threads():
-    code = ("import sys, downpour.partition as P; "
-            "bad = [m for m in ('grpc', 'downpour.rpc', 'downpour.worker', 'concurrent.futures') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, downpour.partition as P; "
+        "bad = [m for m in ('grpc', 'downpour.rpc', 'downpour.worker', 'concurrent.futures') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from downpour.feeder import preprocess
 from downpour.feeder.preprocess import PreprocessSpec
 

@@ -28,8 +28,11 @@ def upper_snake(name: str) -> str:
     or at the last upper-case letter of a run followed by a lower-case one ("DType" -> "D_TYPE")."""
     out = []
     for i, ch in enumerate(name):
-        if ch.isupper() and i > 0 and (name[i - 1].islower() or name[i - 1].isdigit()
-                                       or (i + 1 < len(name) and name[i + 1].islower())):
+        if (
+            ch.isupper()
+            and i > 0
+            and (name[i - 1].islower() or name[i - 1].isdigit() or (i + 1 < len(name) and name[i + 1].islower()))
+        ):
             out.append("_")
         out.append(ch.upper())
     return "".join(out)
@@ -39,8 +42,19 @@ def compile_protos(root: Path, files: list[Path], out: Path):
     pytest.importorskip("grpc_tools")
     from google.protobuf import descriptor_pb2
 
-    r = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", "--include_source_info",
-                        f"--descriptor_set_out={out}", *map(str, files)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{root}",
+            "--include_source_info",
+            f"--descriptor_set_out={out}",
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     fds = descriptor_pb2.FileDescriptorSet()
     fds.ParseFromString(out.read_bytes())
@@ -81,7 +95,7 @@ def lint(files) -> list[str]:
             fail("IMPORT_NO_PUBLIC", fd, "public or weak import")
         comments = _comments(fd)
 
-        def check_enum(e, path, scope):
+        def check_enum(e, path, scope, fd=fd, comments=comments):  # this file's, bound now
             if not PASCAL.match(e.name):
                 fail("ENUM_PASCAL_CASE", fd, e.name)
             prefix = upper_snake(e.name) + "_"
@@ -97,7 +111,7 @@ def lint(files) -> list[str]:
             if not comments.get(path, "").strip():
                 fail("COMMENT_ENUM", fd, f"{scope}{e.name} has no comment")
 
-        def check_message(m, path, scope):
+        def check_message(m, path, scope, fd=fd):  # this file's, bound now
             if not PASCAL.match(m.name):
                 fail("MESSAGE_PASCAL_CASE", fd, m.name)
             for f in m.field:
@@ -154,7 +168,7 @@ def test_upper_snake_is_bufs():
 def test_each_rule_fires_on_a_bad_contract(tmp_path):
     d = tmp_path / "bad" / "v1"
     d.mkdir(parents=True)
-    (d / "BadFile.proto").write_text('''syntax = "proto3";
+    (d / "BadFile.proto").write_text("""syntax = "proto3";
 package bad.v1;
 enum DType { DTYPE_UNSPECIFIED = 0; DTYPE_FLOAT32 = 1; }
 // An enum.
@@ -168,7 +182,7 @@ service Things {
   // Documented.
   rpc List(Other) returns (Other);
 }
-''')
+""")
     got = "\n".join(lint(compile_protos(tmp_path, [d / "BadFile.proto"], tmp_path / "bad.pb")))
     for rule, needle in [
         ("ENUM_VALUE_PREFIX", "DType.DTYPE_FLOAT32 does not start with D_TYPE_"),
@@ -221,9 +235,10 @@ def wire_table(files) -> dict[str, str]:
             enum(e, f"{fd.package}.{e.name}")
         for s in fd.service:
             for r in s.method:
-                out[f"/{fd.package}.{s.name}/{r.name}"] = \
-                    f"{r.input_type} {r.output_type} client_streaming={r.client_streaming} " \
+                out[f"/{fd.package}.{s.name}/{r.name}"] = (
+                    f"{r.input_type} {r.output_type} client_streaming={r.client_streaming} "
                     f"server_streaming={r.server_streaming}"
+                )
     return out
 
 
@@ -250,11 +265,13 @@ def test_a_renumbered_field_or_renamed_service_is_caught(tmp_path):
     root = tmp_path / "proto"
     shutil.copytree(PROTO_ROOT, root)
     p = root / "downpour" / "v1" / "neurons.proto"
-    p.write_text(p.read_text().replace("int32 k = 2;", "int32 k = 9;").replace("service Neurons {",
-                                                                                "service NeuronsService {"))
+    p.write_text(
+        p.read_text().replace("int32 k = 2;", "int32 k = 9;").replace("service Neurons {", "service NeuronsService {")
+    )
     files = sorted((root / "downpour" / "v1").glob("*.proto"))
-    broken = "\n".join(wire_breaks(json.loads(WIRE_SNAPSHOT.read_text()),
-                                   wire_table(compile_protos(root, files, tmp_path / "x.pb"))))
+    broken = "\n".join(
+        wire_breaks(json.loads(WIRE_SNAPSHOT.read_text()), wire_table(compile_protos(root, files, tmp_path / "x.pb")))
+    )
     assert "downpour.v1.TopInputsRequest#2: 'k type=5 label=1' -> 'removed'" in broken
     assert "/downpour.v1.Neurons/GetActivations" in broken
 

@@ -6,13 +6,14 @@ import threading
 from contextlib import nullcontext
 
 import numpy as np
+from shard_fakes import FakeShards
+
 from downpour.config import JobConfig
 from downpour.coordinator.manager import CheckpointManager
 from downpour.coordinator.params import Parameters
 from downpour.coordinator.shards import ShardError
 from downpour.coordinator.state import JobState
 from downpour.coordinator.supervisor import ShardSupervisor
-from shard_fakes import FakeShards
 
 
 def make(tmp_path, initialized=True):

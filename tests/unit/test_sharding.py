@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from downpour.feeder.sharding import batches, epoch_order, epochs, shard_indices
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from downpour.feeder.sharding import batches, epoch_order, epochs, shard_indices
 
 
 @settings(max_examples=200, deadline=None)

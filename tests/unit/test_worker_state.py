@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from downpour.v1 import common_pb2, worker_pb2
 from downpour.v1 import coordinator_pb2 as cpb
 from downpour.worker.state import (
