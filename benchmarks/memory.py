@@ -9,6 +9,12 @@ the last sample before a process exits is its peak. Prints, per process, the
 measured peak, the plan's number (``downpour.memplan``) and their ratio, then
 how memory per process grows with the model and falls with partitions and
 shards, and one JSON line. The plan is meant to be within 15% of every peak.
+
+The neurons service is planned for a query of 256 images at the top layer; in
+a ``downpour up`` run nobody queries it, so its peak there is its idle one
+(printed, not judged). After each run, a neurons service on the run's final
+checkpoint (the same role and plan entry) answers one 256-image
+GetActivations at the top stage's output, and that peak is the one compared.
 """
 
 from __future__ import annotations
@@ -16,13 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+import numpy as np
+
 from downpour import config as jobconfig
 from downpour import memplan
+from downpour.client import NeuronsClient
+from downpour.memshapes import NEURONS_QUERY_IMAGES
+from downpour.rpc.channel import open_channel, wait_ready
 
 # name: (preset, replicas, grid, shards, steps, batch size, learning rate)
 RUNS = {
@@ -46,6 +58,36 @@ def _status(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def queried_neurons_peak(run: str, cfg) -> int:
+    """VmHWM of a neurons service on ``run``'s checkpoints after one 256-image query at the top stage."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "downpour.cli", "serve", "neurons", "--port", str(port)]
+    cmd += ["--checkpoint-dir", os.path.join(run, "checkpoints")]
+    with open(os.path.join(run, "neurons-query.log"), "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        ch = open_channel(f"127.0.0.1:{port}")
+        wait_ready(ch, timeout=120)
+        ch.close()
+        spec = cfg.network_spec()
+        c, h, w = spec.input
+        top = f"stage{len(spec.stages)}.pool"
+        x = np.random.default_rng(0).integers(0, 256, (NEURONS_QUERY_IMAGES, h, w, c), np.uint8)
+        client = NeuronsClient(f"127.0.0.1:{port}", timeout=600)
+        client.activations(x if c > 1 else x[..., 0], top, neurons=[0])
+        client.close()
+        return _status(proc.pid).get("VmHWM", 0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def measure(name: str, out_dir: str) -> dict:
@@ -105,6 +147,13 @@ def measure(name: str, out_dir: str) -> dict:
     for p in plan.processes:
         if p.name not in peaks:
             continue
+        if p.role == "neurons":
+            idle = peaks[p.name]
+            peaks[p.name] = queried_neurons_peak(run, cfg)
+            print(
+                f"  ({name}: the neurons service peaked at {idle / 2**20:.0f} MiB idle in the run, "
+                f"{peaks[p.name] / 2**20:.0f} MiB answering a 256-image query)"
+            )
         rows.append(
             {
                 "process": p.name,

@@ -44,6 +44,10 @@ from downpour.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger("downpour.coordinator")
 
+# How long a stopping coordinator waits for a checkpoint in flight (under the 15 s a launcher
+# gives a child between SIGTERM and SIGKILL).
+STOP_SECONDS = 10.0
+
 
 class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(
@@ -67,6 +71,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self.manager = CheckpointManager(state, self.place, checkpoint_dir, self._connect)
         self.supervisor = ShardSupervisor(state, self.params, checkpoint_dir, self.manager.lock)
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
         self.shard_check_seconds = 1.0
 
     # ------------------------------------------------------------ shard calls
@@ -130,8 +135,21 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         """Periodic checkpoints, and the last one when the job reaches its step count (see ``manager``)."""
         self.manager.run(self._stop)
 
-    def stop(self) -> None:
+    def start_background(self) -> None:
+        """The checkpoint thread and the shard watchdog."""
+        self._threads = [
+            threading.Thread(target=self.background, name="checkpoints", daemon=True),
+            threading.Thread(target=self.watch_shards, name="shard-watchdog", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stop the background threads. A checkpoint in flight ends first (committed, or its files
+        removed): cut short by the process exiting, it would leave an uncommitted folder behind."""
         self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
 
     # ----------------------------------------------------------------- RPCs
     def _assignment(self, m) -> common_pb2.Assignment | None:
@@ -352,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("resumed from checkpoint %s at step %d", manifests[-1]["checkpoint_id"], manifests[-1]["step"])
     else:
         coord.init_parameters()
-    threading.Thread(target=coord.background, name="checkpoints", daemon=True).start()
-    threading.Thread(target=coord.watch_shards, name="shard-watchdog", daemon=True).start()
+    coord.start_background()
     server.set_serving()
     server.wait()
     coord.stop()
