@@ -82,7 +82,7 @@ def queried_neurons_peak(run: str, cfg) -> int:
         top = f"stage{len(spec.stages)}.pool"
         x = np.random.default_rng(0).integers(0, 256, (NEURONS_QUERY_IMAGES, h, w, c), np.uint8)
         client = NeuronsClient(f"127.0.0.1:{port}", timeout=600)
-        client.activations(x if c > 1 else x[..., 0], top, neurons=[0])
+        client.activations(x, top, neurons=[0])  # [batch, H, W, C], C = 1 too
         client.close()
         return _status(proc.pid).get("VmHWM", 0)
     finally:

@@ -9,9 +9,10 @@ Per process (bytes; n = the parameters it holds, B = the batch size):
 * paramserver shard: weights 4n and Adagrad accumulators 4n; the checkpoint
   snapshot 8n (a shard copies its blocks under the lock, then writes them);
   its largest block twice while it creates it (values and the store's copy);
-  transport buffers 8n per worker that maps its blocks (the co-located
-  shared-memory plane: a weight and a gradient region, paramserver/shared.py;
-  the shard's own pages of those files count in its resident set).
+  transport buffers 12n per worker that maps its blocks (the co-located
+  shared-memory plane: a weight and a gradient region, paramserver/shared.py,
+  whose pages the shard touches count in its resident set; and the shard's
+  private copy of the gradient region, validated before it is applied).
 * worker (one partition of one replica): its blocks only: gradients 4n,
   transport buffers 8n (its shared-memory files: it computes on views of
   their weight region; without shared memory, weights 4n of its own), and
@@ -158,7 +159,7 @@ def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
                     "weights": 4 * n,
                     "optimizer": 4 * n,
                     "checkpoint": 8 * n,
-                    "transport": 8 * mapped,
+                    "transport": 12 * mapped,
                     "copies": 8 * largest,
                 },
                 n,

@@ -21,6 +21,9 @@ FEEDER_EXAMPLES = 640
 # Most images one neurons query runs (the service's --max-images), and the slice a stage runs at once.
 NEURONS_QUERY_IMAGES = 256
 NEURONS_SLICE = 256
+# A query's own buffers: the request's images decoded, the response, gRPC's copies (fitted on the
+# tiny and small runs of benchmarks/memory.py).
+NEURONS_QUERY_OVERHEAD = 6 << 20
 
 
 def layer_values(spec, rows: int, cols: int, partition: int) -> int:
@@ -53,28 +56,34 @@ def shapes(spec, rows: int, cols: int):
 
 @functools.lru_cache(maxsize=64)
 def neurons_query(spec) -> tuple[int, int]:
-    """(values of the largest step's blocks: a stage's encoder or the head, float32 bytes of the
-    activations one query has in flight at most): one slice inside a stage (its input, the
-    filter, pool and LCN outputs; the filter builds its patches a block of rows at a time, in
-    scratch of its own) and every image's output between stages."""
+    """(values of the largest step's blocks: a stage's encoder or the head, bytes of what one query
+    has in flight at most besides them).
+
+    Inside a stage, for one slice of images: its input and output, the filter's output, its patch
+    scratch (the patch rows of one output row at a time, or of all rows when they are small:
+    ``LocalFilter._gemm_rows``), the pool's output and its argmax, and two LCN temporaries of the
+    output's size. Between stages: every image's stage output. Then the query's own buffers.
+    """
     net = Network(spec)
     sizes = net.block_sizes()
     steps = [[f"{st.name}.W1"] for st in net.stages if st.filter is not None]
     if spec.classes:
         steps.append(["head.W", "head.b"])
     largest = max((sum(sizes[n] for n in g) for g in steps), default=0)
+    b = min(NEURONS_SLICE, NEURONS_QUERY_IMAGES)
     inside, between = 0, 0
     for st in net.stages:
-        values = math.prod(st.in_shape) + math.prod(st.out_shape)
+        out = math.prod(st.out_shape)
+        values = b * (math.prod(st.in_shape) + 3 * out)  # input, output, two LCN temporaries
         if st.filter is not None:
             f = st.filter
-            values += f.L * f.M
+            rows = f.Ho if f.L * f.K * b * 4 <= f.GEMM_WHOLE_BYTES else 1
+            values += b * f.L * f.M + rows * f.Wo * f.K * b
         if st.pool is not None:
-            values += math.prod(st.pool.out_shape)
+            values += 2 * b * math.prod(st.pool.out_shape)  # pooled values and their argmax (int32)
         inside = max(inside, values)
-        between = max(between, math.prod(st.out_shape))
-    slice_ = min(NEURONS_SLICE, NEURONS_QUERY_IMAGES)
-    return largest, 4 * (slice_ * inside + NEURONS_QUERY_IMAGES * between)
+        between = max(between, out)
+    return largest, 4 * (inside + NEURONS_QUERY_IMAGES * between) + NEURONS_QUERY_OVERHEAD
 
 
 def feeder_data(cfg, values_per_example: int) -> int:
