@@ -2,8 +2,9 @@
 
 With a deadline (what a worker uses), a call that fails because a shard is
 down, restarting or not yet refilled (UNAVAILABLE, DEADLINE_EXCEEDED,
-NOT_FOUND, CANCELLED) is tried again with exponential backoff until it
-succeeds or the deadline has passed. Without one, only UNAVAILABLE and
+NOT_FOUND, CANCELLED), or because the connection broke mid-call (INTERNAL),
+is tried again with exponential backoff until it succeeds or the deadline has
+passed. Without one, only UNAVAILABLE and
 DEADLINE_EXCEEDED are retried, a fixed number of times, at once. A refusal
 (INVALID_ARGUMENT, ...) is never retried: the same request would be refused
 again.
@@ -25,8 +26,12 @@ from downpour import metrics
 T = TypeVar("T")
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-# A shard that restarted answers NOT_FOUND until the coordinator has refilled it.
-RETRYABLE_UNDER_DEADLINE = RETRYABLE + (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED)
+# A shard that restarted answers NOT_FOUND until the coordinator has refilled it. gRPC reports a
+# connection corrupted mid-call (a proxy or a NAT cutting it inside an HTTP/2 frame: "Failed
+# parsing HTTP/2") as INTERNAL: whether the shard applied the push is unknown, and only a retry
+# with the same (worker_id, seq) settles it exactly once. Given up on, the worker would take its
+# slot again and redo the step, applying that push twice where the first attempt had landed.
+RETRYABLE_UNDER_DEADLINE = RETRYABLE + (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)
 
 log = logging.getLogger("downpour.paramserver.client")
 
