@@ -45,6 +45,8 @@ T = TypeVar("T")
 
 LOG_TAIL = 6000  # characters of each log shown in a failure report: the end is where the reason is
 STOP_TIMEOUT = 15.0
+# The smallest cluster that still has everything twice: `downpour up` flags for tiny, 2 replicas, 2 shards.
+TINY_CLUSTER = ("--preset", "tiny", "--replicas", "2", "--shards", "2")
 _STARTED: list[Proc] = []
 
 

@@ -93,12 +93,7 @@ def run_job(
     proc = harness.up(
         out,
         "--quiet",
-        "--preset",
-        "tiny",
-        "--replicas",
-        "2",
-        "--shards",
-        "2",
+        *harness.TINY_CLUSTER,
         "--steps",
         str(steps),
         env={

@@ -109,12 +109,7 @@ def test_sigstop_of_each_role_is_detected_replaced_and_the_job_completes(tmp_pat
     proc = procs.up(
         out,
         "--quiet",
-        "--preset",
-        "tiny",
-        "--replicas",
-        "2",
-        "--shards",
-        "2",
+        *harness.TINY_CLUSTER,
         "--steps",
         "100000",
         env=env,
