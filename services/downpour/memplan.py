@@ -23,8 +23,9 @@ Per process (bytes; n = the parameters it holds, B = the batch size):
   before the next), its pieces once more while a partitioned job's blocks
   are joined into the whole layer, and the activations in flight of a
   query of ``memshapes.NEURONS_QUERY_IMAGES`` images (one slice of them
-  inside a stage: its input and outputs; every image's stage output between
-  stages). ``--hold-encoder`` (opt-in) keeps the whole encoder instead: 4E.
+  inside a stage: its input and outputs, the filter's patch rows, the pool's
+  argmax, LCN's temporaries; every image's stage output between stages) and
+  the query's own buffers. ``--hold-encoder`` (opt-in) keeps the whole encoder instead: 4E.
 * feeder: its data in memory (the bundled images at the model's input size).
 * coordinator: its interpreter, libraries and buffers only: it never holds a
   parameter.
