@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -206,49 +201,15 @@ def test_hold_encoder_keeps_the_whole_encoder_and_answers_the_same(cluster, tmp_
         src.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_the_service_exports_its_peak_parameter_bytes(cluster, tmp_path):
+def test_the_service_exports_its_peak_parameter_bytes(cluster, tmp_path, procs):
     """`downpour serve neurons --shards`: a query at the top layer, then /metrics."""
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(job().to_yaml())
-    metrics_port, log = _free_port(), tmp_path / "neurons.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "downpour.cli",
-        "serve",
-        "neurons",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        str(metrics_port),
-        "--shards",
-        ",".join(cluster["addresses"]),
-        "--config",
-        str(cfg_path),
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not (m := re.search(r"listening on port (\d+)", log.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        u8 = np.random.default_rng(1).integers(0, 256, (4, *SPEC.input[1:], 1), dtype=np.uint8)
-        with NeuronsClient(f"127.0.0.1:{m.group(1)}", timeout=60) as nc:
-            nc.wait_ready(60)
-            nc.activations(u8, "head.logits")
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        peak = float(re.search(r"^downpour_neurons_param_bytes_peak (\S+)$", text, re.M).group(1))
-        model = NeuronModel(SPEC, cluster["params"])
-        assert 0 < peak <= largest_stage(model) < sum(model.stage_bytes())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    svc = procs.serve("neurons", "--shards", ",".join(cluster["addresses"]), "--config", str(cfg_path), metrics=True)
+    u8 = np.random.default_rng(1).integers(0, 256, (4, *SPEC.input[1:], 1), dtype=np.uint8)
+    with NeuronsClient(svc.address, timeout=60) as nc:
+        nc.activations(u8, "head.logits")
+    peak = svc.metric("downpour_neurons_param_bytes_peak")
+    assert peak is not None
+    model = NeuronModel(SPEC, cluster["params"])
+    assert 0 < peak <= largest_stage(model) < sum(model.stage_bytes())
