@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import subprocess
-import sys
 import time
 from concurrent import futures
 
@@ -272,45 +270,31 @@ def test_downpour_query_in_another_process(random_server, local_model, tmp_path)
     for i in range(2):
         files.append(tmp_path / f"im{i}.png")
         files[-1].write_bytes(png(u8[i, :, :, 0]))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "downpour.client",
-            "query",
-            "--addr",
-            random_server.address,
-            "--image",
-            *map(str, files),
-            "--layer",
-            "stage3.pool",
-            "--neurons",
-            "0,3",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    out = harness.run_cli(
+        "query",
+        "--addr",
+        random_server.address,
+        "--image",
+        *map(str, files),
+        "--layer",
+        "stage3.pool",
+        "--neurons",
+        "0,3",
+        "--json",
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     want = expected(local_model, u8, "stage3.pool")[:, [0, 3]]
     np.testing.assert_allclose([im["activations"] for im in got["images"]], want, rtol=1e-5, atol=1e-5)
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "downpour.client",
-            "query",
-            "--addr",
-            random_server.address,
-            "--image",
-            str(files[0]),
-            "--layer",
-            "stage7.pool",
-        ],
-        capture_output=True,
-        text=True,
+    bad = harness.run_cli(
+        "query",
+        "--addr",
+        random_server.address,
+        "--image",
+        str(files[0]),
+        "--layer",
+        "stage7.pool",
         timeout=120,
     )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "unknown layer" in bad.stderr
