@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from downpour import config as jobconfig
 from downpour import memplan
 from downpour.client import NeuronsClient
 from downpour.memshapes import NEURONS_QUERY_IMAGES
-from downpour.rpc.channel import open_channel, wait_ready
+from downpour.up import free_port, wait_healthy
 
 # name: (preset, replicas, grid, shards, steps, batch size, learning rate)
 RUNS = {
@@ -60,23 +59,15 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
-
-
 def queried_neurons_peak(run: str, cfg) -> int:
     """VmHWM of a neurons service on ``run``'s checkpoints after one 256-image query at the top stage."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "downpour.cli", "serve", "neurons", "--port", str(port)]
     cmd += ["--checkpoint-dir", os.path.join(run, "checkpoints")]
     with open(os.path.join(run, "neurons-query.log"), "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        ch = open_channel(f"127.0.0.1:{port}")
-        wait_ready(ch, timeout=120)
-        ch.close()
+        wait_healthy(f"127.0.0.1:{port}", 120, proc)
         spec = cfg.network_spec()
         c, h, w = spec.input
         top = f"stage{len(spec.stages)}.pool"

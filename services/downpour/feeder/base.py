@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -169,9 +170,7 @@ class ConcatDataset(Dataset):
             for k, j in enumerate(sel):
                 slots[j] = raw[k]
             used[sel] = got + self.offsets[w]
-        images = [a for a in slots if a is not None]
-        assert len(images) == len(slots)
-        return images, used
+        return cast(list[np.ndarray], slots), used
 
     def _source_shape(self) -> tuple[int, int]:
         return self.parts[0]._source_shape()
