@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from downpour.v1 import common_pb2 as downpour_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ownpour/v1/coordinator.proto\x12\x0b\x64ownpour.v1\x1a\x18\x64ownpour/v1/common.proto\"|\n\x0fRegisterRequest\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.downpour.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x13\n\x0bshard_index\x18\x04 \x01(\x05\x12\x0f\n\x07has_gpu\x18\x05 \x01(\x08\"\x8c\x01\n\x10RegisterResponse\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12!\n\x03job\x18\x02 \x01(\x0b\x32\x14.downpour.v1.JobSpec\x12+\n\nassignment\x18\x03 \x01(\x0b\x32\x17.downpour.v1.Assignment\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"&\n\x11\x44\x65registerRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"G\n\x10HeartbeatRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x03\"|\n\x11HeartbeatResponse\x12#\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x13.downpour.v1.Action\x12+\n\nassignment\x18\x02 \x01(\x0b\x32\x17.downpour.v1.Assignment\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"\xee\x01\n\x15ReportProgressRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\x05\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x06 \x01(\x03\x12@\n\x07scalars\x18\x07 \x03(\x0b\x32/.downpour.v1.ReportProgressRequest.ScalarsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\".\n\x16ReportProgressResponse\x12\x14\n\x0ckeep_running\x18\x01 \x01(\x08\"\x12\n\x10JobStatusRequest\"\x91\x01\n\nSlotStatus\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x1f\n\x17seconds_since_heartbeat\x18\x07 \x01(\x01\"\xf5\x01\n\x11JobStatusResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.downpour.v1.JobSpec\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.downpour.v1.JobState\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12&\n\x05slots\x18\x04 \x03(\x0b\x32\x17.downpour.v1.SlotStatus\x12\x17\n\x0fshard_addresses\x18\x05 \x03(\t\x12\x1a\n\x12last_checkpoint_id\x18\x06 \x01(\t\x12\x1b\n\x13\x65xamples_per_second\x18\x07 \x01(\x01\x12\x0f\n\x07message\x18\x08 \x01(\t\"0\n\x17\x43reateCheckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"P\n\x0fShardCheckpoint\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"\x98\x01\n\x0e\x43heckpointInfo\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x15\n\rmanifest_path\x18\x03 \x01(\t\x12,\n\x06shards\x18\x04 \x03(\x0b\x32\x1c.downpour.v1.ShardCheckpoint\x12\x1c\n\x14\x63reated_unix_seconds\x18\x05 \x01(\x01\"K\n\x18\x43reateCheckpointResponse\x12/\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1b.downpour.v1.CheckpointInfo\"\x18\n\x16ListCheckpointsRequest\"K\n\x17ListCheckpointsResponse\x12\x30\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1b.downpour.v1.CheckpointInfo*f\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_WORKER\x10\x01\x12\x14\n\x10ROLE_PARAMSERVER\x10\x02\x12\x0f\n\x0bROLE_FEEDER\x10\x03\x12\x10\n\x0cROLE_NEURONS\x10\x04*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x16\n\x12JOB_STATE_DEGRADED\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x15\n\x11JOB_STATE_STOPPED\x10\x06*m\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TION_CONTINUE\x10\x01\x12\x13\n\x0f\x41\x43TION_REASSIGN\x10\x02\x12\x0f\n\x0b\x41\x43TION_STOP\x10\x03\x12\x10\n\x0c\x41\x43TION_PAUSE\x10\x04\x32\xd7\x04\n\x0b\x43oordinator\x12G\n\x08Register\x12\x1c.downpour.v1.RegisterRequest\x1a\x1d.downpour.v1.RegisterResponse\x12M\n\nDeregister\x12\x1e.downpour.v1.DeregisterRequest\x1a\x1f.downpour.v1.DeregisterResponse\x12J\n\tHeartbeat\x12\x1d.downpour.v1.HeartbeatRequest\x1a\x1e.downpour.v1.HeartbeatResponse\x12Y\n\x0eReportProgress\x12\".downpour.v1.ReportProgressRequest\x1a#.downpour.v1.ReportProgressResponse\x12J\n\tJobStatus\x12\x1d.downpour.v1.JobStatusRequest\x1a\x1e.downpour.v1.JobStatusResponse\x12_\n\x10\x43reateCheckpoint\x12$.downpour.v1.CreateCheckpointRequest\x1a%.downpour.v1.CreateCheckpointResponse\x12\\\n\x0fListCheckpoints\x12#.downpour.v1.ListCheckpointsRequest\x1a$.downpour.v1.ListCheckpointsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ownpour/v1/coordinator.proto\x12\x0b\x64ownpour.v1\x1a\x18\x64ownpour/v1/common.proto\"|\n\x0fRegisterRequest\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.downpour.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x13\n\x0bshard_index\x18\x04 \x01(\x05\x12\x0f\n\x07has_gpu\x18\x05 \x01(\x08\"\x8c\x01\n\x10RegisterResponse\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12!\n\x03job\x18\x02 \x01(\x0b\x32\x14.downpour.v1.JobSpec\x12+\n\nassignment\x18\x03 \x01(\x0b\x32\x17.downpour.v1.Assignment\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"&\n\x11\x44\x65registerRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"G\n\x10HeartbeatRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x03\"|\n\x11HeartbeatResponse\x12#\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x13.downpour.v1.Action\x12+\n\nassignment\x18\x02 \x01(\x0b\x32\x17.downpour.v1.Assignment\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"\xee\x01\n\x15ReportProgressRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\x05\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x06 \x01(\x03\x12@\n\x07scalars\x18\x07 \x03(\x0b\x32/.downpour.v1.ReportProgressRequest.ScalarsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\".\n\x16ReportProgressResponse\x12\x14\n\x0ckeep_running\x18\x01 \x01(\x08\"\x12\n\x10JobStatusRequest\"\xf8\x01\n\nSlotStatus\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x1f\n\x17seconds_since_heartbeat\x18\x07 \x01(\x01\x12\x35\n\x07scalars\x18\x08 \x03(\x0b\x32$.downpour.v1.SlotStatus.ScalarsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf5\x01\n\x11JobStatusResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.downpour.v1.JobSpec\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.downpour.v1.JobState\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12&\n\x05slots\x18\x04 \x03(\x0b\x32\x17.downpour.v1.SlotStatus\x12\x17\n\x0fshard_addresses\x18\x05 \x03(\t\x12\x1a\n\x12last_checkpoint_id\x18\x06 \x01(\t\x12\x1b\n\x13\x65xamples_per_second\x18\x07 \x01(\x01\x12\x0f\n\x07message\x18\x08 \x01(\t\"0\n\x17\x43reateCheckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"P\n\x0fShardCheckpoint\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"\x98\x01\n\x0e\x43heckpointInfo\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x15\n\rmanifest_path\x18\x03 \x01(\t\x12,\n\x06shards\x18\x04 \x03(\x0b\x32\x1c.downpour.v1.ShardCheckpoint\x12\x1c\n\x14\x63reated_unix_seconds\x18\x05 \x01(\x01\"K\n\x18\x43reateCheckpointResponse\x12/\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1b.downpour.v1.CheckpointInfo\"\x18\n\x16ListCheckpointsRequest\"K\n\x17ListCheckpointsResponse\x12\x30\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1b.downpour.v1.CheckpointInfo*f\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_WORKER\x10\x01\x12\x14\n\x10ROLE_PARAMSERVER\x10\x02\x12\x0f\n\x0bROLE_FEEDER\x10\x03\x12\x10\n\x0cROLE_NEURONS\x10\x04*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x16\n\x12JOB_STATE_DEGRADED\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x15\n\x11JOB_STATE_STOPPED\x10\x06*m\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TION_CONTINUE\x10\x01\x12\x13\n\x0f\x41\x43TION_REASSIGN\x10\x02\x12\x0f\n\x0b\x41\x43TION_STOP\x10\x03\x12\x10\n\x0c\x41\x43TION_PAUSE\x10\x04\x32\xd7\x04\n\x0b\x43oordinator\x12G\n\x08Register\x12\x1c.downpour.v1.RegisterRequest\x1a\x1d.downpour.v1.RegisterResponse\x12M\n\nDeregister\x12\x1e.downpour.v1.DeregisterRequest\x1a\x1f.downpour.v1.DeregisterResponse\x12J\n\tHeartbeat\x12\x1d.downpour.v1.HeartbeatRequest\x1a\x1e.downpour.v1.HeartbeatResponse\x12Y\n\x0eReportProgress\x12\".downpour.v1.ReportProgressRequest\x1a#.downpour.v1.ReportProgressResponse\x12J\n\tJobStatus\x12\x1d.downpour.v1.JobStatusRequest\x1a\x1e.downpour.v1.JobStatusResponse\x12_\n\x10\x43reateCheckpoint\x12$.downpour.v1.CreateCheckpointRequest\x1a%.downpour.v1.CreateCheckpointResponse\x12\\\n\x0fListCheckpoints\x12#.downpour.v1.ListCheckpointsRequest\x1a$.downpour.v1.ListCheckpointsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPORTPROGRESSREQUEST_SCALARSENTRY']._loaded_options = None
   _globals['_REPORTPROGRESSREQUEST_SCALARSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=1774
-  _globals['_ROLE']._serialized_end=1876
-  _globals['_JOBSTATE']._serialized_start=1879
-  _globals['_JOBSTATE']._serialized_end=2056
-  _globals['_ACTION']._serialized_start=2058
-  _globals['_ACTION']._serialized_end=2167
+  _globals['_SLOTSTATUS_SCALARSENTRY']._loaded_options = None
+  _globals['_SLOTSTATUS_SCALARSENTRY']._serialized_options = b'8\001'
+  _globals['_ROLE']._serialized_start=1877
+  _globals['_ROLE']._serialized_end=1979
+  _globals['_JOBSTATE']._serialized_start=1982
+  _globals['_JOBSTATE']._serialized_end=2159
+  _globals['_ACTION']._serialized_start=2161
+  _globals['_ACTION']._serialized_end=2270
   _globals['_REGISTERREQUEST']._serialized_start=72
   _globals['_REGISTERREQUEST']._serialized_end=196
   _globals['_REGISTERRESPONSE']._serialized_start=199
@@ -61,21 +63,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSTATUSREQUEST']._serialized_start=891
   _globals['_JOBSTATUSREQUEST']._serialized_end=909
   _globals['_SLOTSTATUS']._serialized_start=912
-  _globals['_SLOTSTATUS']._serialized_end=1057
-  _globals['_JOBSTATUSRESPONSE']._serialized_start=1060
-  _globals['_JOBSTATUSRESPONSE']._serialized_end=1305
-  _globals['_CREATECHECKPOINTREQUEST']._serialized_start=1307
-  _globals['_CREATECHECKPOINTREQUEST']._serialized_end=1355
-  _globals['_SHARDCHECKPOINT']._serialized_start=1357
-  _globals['_SHARDCHECKPOINT']._serialized_end=1437
-  _globals['_CHECKPOINTINFO']._serialized_start=1440
-  _globals['_CHECKPOINTINFO']._serialized_end=1592
-  _globals['_CREATECHECKPOINTRESPONSE']._serialized_start=1594
-  _globals['_CREATECHECKPOINTRESPONSE']._serialized_end=1669
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1671
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1695
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1697
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1772
-  _globals['_COORDINATOR']._serialized_start=2170
-  _globals['_COORDINATOR']._serialized_end=2769
+  _globals['_SLOTSTATUS']._serialized_end=1160
+  _globals['_SLOTSTATUS_SCALARSENTRY']._serialized_start=795
+  _globals['_SLOTSTATUS_SCALARSENTRY']._serialized_end=841
+  _globals['_JOBSTATUSRESPONSE']._serialized_start=1163
+  _globals['_JOBSTATUSRESPONSE']._serialized_end=1408
+  _globals['_CREATECHECKPOINTREQUEST']._serialized_start=1410
+  _globals['_CREATECHECKPOINTREQUEST']._serialized_end=1458
+  _globals['_SHARDCHECKPOINT']._serialized_start=1460
+  _globals['_SHARDCHECKPOINT']._serialized_end=1540
+  _globals['_CHECKPOINTINFO']._serialized_start=1543
+  _globals['_CHECKPOINTINFO']._serialized_end=1695
+  _globals['_CREATECHECKPOINTRESPONSE']._serialized_start=1697
+  _globals['_CREATECHECKPOINTRESPONSE']._serialized_end=1772
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1774
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1798
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1800
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1875
+  _globals['_COORDINATOR']._serialized_start=2273
+  _globals['_COORDINATOR']._serialized_end=2872
 # @@protoc_insertion_point(module_scope)

@@ -355,6 +355,26 @@ Global___JobStatusRequest: _TypeAlias = JobStatusRequest  # noqa: Y015
 class SlotStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ScalarsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REPLICA_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
     MEMBER_ID_FIELD_NUMBER: _builtins.int
@@ -362,6 +382,7 @@ class SlotStatus(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _builtins.int
+    SCALARS_FIELD_NUMBER: _builtins.int
     replica: _builtins.int
     partition: _builtins.int
     member_id: _builtins.str
@@ -370,6 +391,12 @@ class SlotStatus(_message.Message):
     step: _builtins.int
     loss: _builtins.float
     seconds_since_heartbeat: _builtins.float
+    @_builtins.property
+    def scalars(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The slot's latest named scalars, each the mean over the steps of its last
+        report (e.g. stage1.reconstruction, stage1.sparsity, stage1.W1.norm_mean).
+        """
+
     def __init__(
         self,
         *,
@@ -380,10 +407,11 @@ class SlotStatus(_message.Message):
         step: _builtins.int = ...,
         loss: _builtins.float = ...,
         seconds_since_heartbeat: _builtins.float = ...,
+        scalars: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "loss", b"loss", "member_id", b"member_id", "partition", b"partition", "replica", b"replica", "seconds_since_heartbeat", b"seconds_since_heartbeat", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "loss", b"loss", "member_id", b"member_id", "partition", b"partition", "replica", b"replica", "scalars", b"scalars", "seconds_since_heartbeat", b"seconds_since_heartbeat", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
