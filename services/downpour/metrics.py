@@ -68,6 +68,21 @@ STATE_SAVE_FAILURES = Counter(
 
 # -- training: coordinator and workers ------------------------------------------
 TRAINING_LOSS = Gauge("downpour_training_loss", "Last training loss reported, per replica.", ["replica"])
+# Per replica and stage, from the workers' reports (downpour.scalars; the coordinator sets them): the
+# TICA terms (reconstruction, sparsity, their ratio sparsity/reconstruction) and the fractions of dead
+# and always-on (dense) pooled units; the effective encoder rows' (W1) and decoder columns' (W2) norms.
+OBJECTIVE_TERM = Gauge(
+    "downpour_objective_term",
+    "Objective terms per replica and stage: reconstruction, sparsity, ratio (sparsity/reconstruction), "
+    "dead and dense (fractions of pooled units); the mean over the steps of the last report.",
+    ["replica", "stage", "term"],
+)
+WEIGHT_NORM = Gauge(
+    "downpour_weight_norm",
+    "Norms of a stage's effective encoder rows (W1) and decoder columns (W2), per replica: mean, min, max; "
+    "and the block's rms.",
+    ["replica", "stage", "block", "stat"],
+)
 WORKER_STEPS = Counter("downpour_worker_steps_total", "Minibatch steps computed by this worker.")
 WORKER_EXAMPLES = Counter("downpour_worker_examples_total", "Examples processed by this worker.")
 WORKER_HEARTBEATS = Counter("downpour_worker_heartbeats_total", "Heartbeats answered by the coordinator.")

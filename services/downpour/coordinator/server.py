@@ -30,7 +30,7 @@ import grpc
 
 from downpour import checkpoint as cks
 from downpour import config as jobconfig
-from downpour import metrics, optim
+from downpour import metrics, optim, scalars
 from downpour.coordinator.manager import CheckpointFailed, CheckpointManager
 from downpour.coordinator.params import Parameters
 from downpour.coordinator.shards import GrpcShards, ShardError, connect, disk_full
@@ -247,8 +247,10 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         return resp
 
     def ReportProgress(self, request, context):
-        keep = self.state.report(request.member_id, request.step, request.loss, request.examples)
+        keep = self.state.report(request.member_id, request.step, request.loss, request.examples, dict(request.scalars))
         metrics.TRAINING_LOSS.labels(str(request.replica)).set(request.loss)
+        if request.scalars:
+            export_scalars(str(request.replica), self.state.replica_scalars(request.replica))
         return pb.ReportProgressResponse(keep_running=keep)
 
     def JobStatus(self, request, context):
@@ -285,6 +287,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                     step=st.progress[r].step,
                     loss=st.progress[r].loss,
                     seconds_since_heartbeat=(now - s.last_heartbeat) if s.member_id else -1.0,
+                    scalars=st.slot_scalars.get((r, p), {}),
                 )
         return resp
 
@@ -308,6 +311,15 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     def ListCheckpoints(self, request, context):
         with self.state.lock:
             return pb.ListCheckpointsResponse(checkpoints=[_ck_info(c) for c in self.state.checkpoints])
+
+
+def export_scalars(replica: str, named: dict[str, float]) -> None:
+    """One replica's objective terms and weight norms as gauges (``downpour.scalars.gauges``)."""
+    terms, norms = scalars.gauges(named)
+    for stage, term, v in terms:
+        metrics.OBJECTIVE_TERM.labels(replica, stage, term).set(v)
+    for stage, block, stat, v in norms:
+        metrics.WEIGHT_NORM.labels(replica, stage, block, stat).set(v)
 
 
 def _ck_info(ck: Checkpoint) -> pb.CheckpointInfo:

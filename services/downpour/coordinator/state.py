@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from downpour import metrics
+from downpour import metrics, scalars
 from downpour.checkpoint.files import atomic_write
 from downpour.config import JobConfig, from_yaml
 
@@ -81,6 +81,9 @@ class JobState:
         self.replica_generation = [1] * cfg.replicas
         self.replica_start = [0] * cfg.replicas  # the step every partition restarts at in this generation
         self.slot_loss: dict[tuple[int, int], float] = {}
+        # Each slot's latest named scalars (``downpour.scalars``: validated, bounded); not persisted.
+        self.slot_scalars: dict[tuple[int, int], dict[str, float]] = {}
+        self.stages = len(cfg.network_spec().stages)  # keys of other stages are ignored
         self.slots = {(r, p): Slot(r, p) for r in range(cfg.replicas) for p in range(self.partitions)}
         self.progress = [ReplicaProgress() for _ in range(cfg.replicas)]
         self.members: dict[str, Member] = {}
@@ -175,8 +178,12 @@ class JobState:
             ]
 
     # --------------------------------------------------------------- progress
-    def report(self, member_id: str, step: int, loss: float, examples: int) -> bool:
-        """Record a replica's progress; False tells the worker to stop."""
+    def report(
+        self, member_id: str, step: int, loss: float, examples: int, named: dict[str, float] | None = None
+    ) -> bool:
+        """Record a replica's progress (and the slot's named scalars, when the report has any: keys
+        outside ``scalars.KEY``, non-finite values and keys past ``scalars.MAX_KEYS`` are ignored);
+        False tells the worker to stop."""
         with self.lock:
             m = self.members.get(member_id)
             if m is None or m.replica < 0:
@@ -184,6 +191,8 @@ class JobState:
             pr = self.progress[m.replica]
             # Partitions report their shares of the loss; partition 0 speaks for the step.
             self.slot_loss[(m.replica, m.partition)] = loss
+            if named:
+                self.slot_scalars[(m.replica, m.partition)] = scalars.clean(named, self.stages)
             if m.partition == 0:
                 if step > pr.step:
                     pr.examples += examples
@@ -191,6 +200,11 @@ class JobState:
                 pr.step = max(pr.step, step)
                 pr.loss = sum(self.slot_loss.get((m.replica, p), 0.0) for p in range(self.partitions))
             return not self.done
+
+    def replica_scalars(self, replica: int) -> dict[str, float]:
+        """One replica's latest scalars, its partitions' combined (``scalars.combine``)."""
+        with self.lock:
+            return scalars.combine(self.slot_scalars.get((replica, p), {}) for p in range(self.partitions))
 
     @property
     def step(self) -> int:

@@ -2,9 +2,10 @@
 
 ``build`` turns an assignment (replica, partition, shards, feeder, peers,
 start step) and the job's config into a ``Training``: a ``DownpourLoop``
-whose step function computes this worker's gradients, the parameter-server
-client, the batch stream and, for a partition of a model-parallel replica,
-the halo links to its peers. Running the loop is the server's business
+whose step function computes this worker's gradients and the objective's
+named scalars (``info``: per-stage terms and weight norms, reported to the
+coordinator), the parameter-server client, the batch stream and, for a
+partition of a model-parallel replica, the halo links to its peers. Running the loop is the server's business
 (``worker.server``); this module decides what one step computes:
 
 * one partition (a 1x1 grid): the whole network, on the CPU or the GPU;
@@ -100,17 +101,17 @@ def whole_network(cfg: jobconfig.JobConfig, xp: ModuleType, cursor: Cursor) -> C
     net = Network(cfg.network_spec(), xp=xp)
     on_device: dict[str, Any] = {"host": None, "params": None}
 
-    def compute(params: dict, x: Any, y: Any) -> tuple[float, dict]:
+    def compute(params: dict, x: Any, y: Any) -> tuple[float, dict, dict]:
         # The loop hands us the same host dict until its next pull: copy it to the device once.
         if params is not on_device["host"]:
             on_device["host"], on_device["params"] = params, devices.to_device(xp, params)
         if cfg.supervised:
-            loss, grads, _ = net.supervised(on_device["params"], x, y)
+            loss, grads, info = net.supervised(on_device["params"], x, y)
             if cursor.step < cfg.head_only_steps:
                 grads = head_only(grads)
         else:
-            loss, grads, _ = net.tica(on_device["params"], x)
-        return loss, grads
+            loss, grads, info = net.tica(on_device["params"], x)
+        return loss, grads, info
 
     return compute
 
@@ -130,7 +131,7 @@ def one_tile(
     runtime = PartitionRuntime(pl, a.partition, replica=a.replica, generation=a.generation)
     y0, y1, x0, x1 = pl.tile(0, a.partition)
 
-    def compute(params: dict, x: Any, y: Any) -> tuple[float, dict]:
+    def compute(params: dict, x: Any, y: Any) -> tuple[float, dict, dict]:
         tile = to_internal(np, x)[y0:y1, x0:x1]
         gen = (
             runtime.supervised(params, tile, y, cursor.step)
@@ -138,7 +139,8 @@ def one_tile(
             else runtime.tica(params, tile, cursor.step)
         )
         res = drive(gen, links, mailbox, a.generation, cursor.step, halo_timeout, cancelled=cancelled)
-        return res.loss, head_only(res.grads) if cursor.step < cfg.head_only_steps else res.grads
+        grads = head_only(res.grads) if cursor.step < cfg.head_only_steps else res.grads
+        return res.loss, grads, res.info  # the tile's scalars: its shares of the terms
 
     return compute
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,7 +51,11 @@ class ParamStore(Protocol):
     def push_pull(self, grads: dict[str, np.ndarray], views: bool = False) -> dict[str, np.ndarray]: ...
 
 
-Compute = Callable[[dict, Any, Any], tuple[float, dict]]
+# (params, x, y) -> (loss, grads) or (loss, grads, info): info is the objective's named float
+# scalars (``downpour.scalars``), handed on to the caller in the step's result.
+Compute = Callable[[dict, Any, Any], tuple]
+
+NO_INFO: dict[str, float] = {}  # shared, never written: a step without scalars allocates nothing
 
 
 @dataclass
@@ -60,6 +64,7 @@ class StepResult:
     loss: float
     examples: int
     seconds: float
+    info: dict = field(default_factory=lambda: NO_INFO)
 
 
 class LocalStore:
@@ -110,7 +115,7 @@ class DownpourLoop:
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
-        self.compute = compute  # (params, x, y) -> (loss, grads)
+        self.compute = compute  # (params, x, y) -> (loss, grads[, info])
         # Gradients on a GPU stay there while they accumulate; to_host copies them once per push.
         self.to_host = to_host
         self.store, self.names, self.batches = store, list(names), batches
@@ -170,7 +175,7 @@ class DownpourLoop:
         # Start the next fetch now so that it overlaps this step's compute.
         if (step + 1) % self.n_fetch == 0:
             self._pull = self._submit(self.store.pull, self.names)
-        x, loss = self._compute()
+        x, loss, info = self._compute()
         if self._nacc >= self.n_push:
             if self._push is not None:
                 t = time.perf_counter()
@@ -178,14 +183,14 @@ class DownpourLoop:
                 self.waited["push"] += time.perf_counter() - t
             self._push = self._submit(self._do_push, self._acc)
             self._acc, self._nacc = None, 0
-        return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0)
+        return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0, info)
 
     def _step_pushpull(self, step: int, first: bool) -> StepResult:
         t0 = time.perf_counter()
         if first or self.params is None:
             self.params = self.store.pull(self.names)
             self.waited["pull"] += time.perf_counter() - t0
-        x, loss = self._compute()
+        x, loss, info = self._compute()
         if self._nacc >= self.n_push and self._acc is not None:
             t = time.perf_counter()
             # The shards apply our gradients and hand back the result: the next
@@ -194,17 +199,18 @@ class DownpourLoop:
             self.params = {**(self.params or {}), **self.store.push_pull(self._host(self._acc), views=True)}
             self.waited["push"] += time.perf_counter() - t
             self._acc, self._nacc = None, 0
-        return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0)
+        return StepResult(step, float(loss), int(x.shape[0]), time.perf_counter() - t0, info)
 
-    def _compute(self) -> tuple[Any, float]:
+    def _compute(self) -> tuple[Any, float, dict]:
         """Take a batch, compute the step's gradients and add them to what is pending."""
         t = time.perf_counter()
         x, y = next(self.batches)
         self.waited["batch"] += time.perf_counter() - t
         assert self.params is not None, "a step pulls before it computes"
-        loss, grads = self.compute(self.params, x, y)
+        out = self.compute(self.params, x, y)
+        loss, grads = out[0], out[1]
         self._accumulate(grads)
-        return x, loss
+        return x, loss, (out[2] if len(out) > 2 else NO_INFO)
 
     def _accumulate(self, grads: dict) -> None:
         if self._acc is None:

@@ -48,6 +48,7 @@ from downpour import metrics
 from downpour.feeder.client import FeederUnavailable
 from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.rpc.server import Server, ServerConfig
+from downpour.scalars import Means
 from downpour.v1 import common_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from downpour.v1 import coordinator_pb2 as cpb
 from downpour.worker.build import Training, build, missing_peers
@@ -270,6 +271,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         log.info("replica %d partition %d: training from step %d to %d", a.replica, a.partition, step, cfg.steps)
         last_report, t_rate, n_rate = 0.0, time.perf_counter(), 0
         loss_sum, loss_n = 0.0, 0  # report the mean loss since the last report: less noise than one batch
+        means = Means()  # and the mean of each of the objective's scalars (per-stage terms, norms)
         n_steps, first = 0, True
         try:
             while step < cfg.steps:
@@ -283,6 +285,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
                 self.step, self.loss = step, res.loss
                 n_rate += res.examples
                 loss_sum, loss_n = loss_sum + res.loss, loss_n + 1
+                means.add(res.info)
                 metrics.WORKER_STEPS.inc()
                 metrics.WORKER_EXAMPLES.inc(res.examples)
                 metrics.TRAINING_LOSS.labels(str(a.replica)).set(res.loss)
@@ -291,7 +294,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
                     self.rate = n_rate / max(now - t_rate, 1e-9)
                     t_rate, n_rate, last_report = now, 0, now
                     loop.flush()  # what we report as done has reached the shards
-                    self._report(a, step, loss_sum / loss_n, n_steps * cfg.batch_size)
+                    self._report(a, step, loss_sum / loss_n, n_steps * cfg.batch_size, means.take())
                     loss_sum, loss_n, n_steps = 0.0, 0, 0
         finally:
             t.close()
@@ -305,7 +308,13 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         return Event.STOP if self._stop.is_set() or step < cfg.steps else Event.FINISHED
 
     def _report(
-        self, a: common_pb2.Assignment, step: int, loss: float, examples: int, until_answered: bool = False
+        self,
+        a: common_pb2.Assignment,
+        step: int,
+        loss: float,
+        examples: int,
+        scalars: dict[str, float] | None = None,
+        until_answered: bool = False,
     ) -> None:
         req = cpb.ReportProgressRequest(
             member_id=self.member_id,
@@ -314,6 +323,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
             step=step,
             loss=loss if np.isfinite(loss) else 0.0,
             examples=examples,
+            scalars=scalars or {},  # finite means only (scalars.Means)
         )
         try:
             r = (
