@@ -187,6 +187,27 @@ def _geometry(spec):
     return shapes, (c, h, w)
 
 
+def naive_effective(constraint, W1, raw_w2, w2_shape):
+    """The weights a stage computes with (see nn.constraint), one row or column at a time."""
+    W1 = W1.copy()
+    L, M, K = W1.shape
+    if constraint == "unit_encoder":
+        for l in range(L):
+            for m in range(M):
+                W1[l, m] /= np.sqrt(sum(float(v) ** 2 for v in W1[l, m]))
+    if constraint == "tied_decoder":
+        W2 = np.empty(w2_shape)
+        for l in range(L):
+            W2[l] = W1[l].T
+        return W1, W2
+    W2 = np.asarray(raw_w2, dtype=np.float64).reshape(w2_shape).copy()
+    if constraint == "unit_decoder":
+        for l in range(L):
+            for m in range(M):
+                W2[l, :, m] /= np.sqrt(sum(float(v) ** 2 for v in W2[l, :, m]))
+    return W1, W2
+
+
 def naive_forward(spec, params, x_bchw):
     """Every stage's activations: list of dicts with x (input), z, pooled, out (all HWCB)."""
     shapes, _ = _geometry(spec)
@@ -200,9 +221,10 @@ def naive_forward(spec, params, x_bchw):
             K = f.field * f.field * c
             L = 1 if f.tied else ((hh - f.field) // f.stride + 1) * ((ww - f.field) // f.stride + 1)
             W1 = np.asarray(params[f"stage{n}.W1"], dtype=np.float64).reshape(L, f.maps, K)
+            W1, W2 = naive_effective(st.constraint, W1, params.get(f"stage{n}.W2"), (L, K, f.maps))
             h = naive_filter(W1, h, f.field, f.stride, f.tied)
             rec["z"] = h
-            rec["W2"] = np.asarray(params[f"stage{n}.W2"], dtype=np.float64).reshape(L, K, f.maps)
+            rec["W2"] = W2
             rec["in_shape"] = in_shape
         if st.pool is not None:
             h = naive_pool(h, st.pool.size, st.pool.stride, st.pool.kind, st.pool.eps)

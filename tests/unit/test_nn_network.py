@@ -17,6 +17,7 @@ from test_nn_naive import (
     fd_grad,
     hwcb_to_bchw,
     naive_cross_entropy,
+    naive_effective,
     naive_forward,
     naive_logits,
     naive_tica_loss,
@@ -28,8 +29,8 @@ FULL_FD_MAX = 400  # blocks up to this size are checked entry by entry, larger o
 SAMPLE = 80
 
 
-def _stage(filter=None, pool=None, lcn=None, lam=0.1):
-    return StageSpec(filter=filter, pool=pool, lcn=lcn, lam=lam)
+def _stage(filter=None, pool=None, lcn=None, lam=0.1, constraint="free"):
+    return StageSpec(filter=filter, pool=pool, lcn=lcn, lam=lam, constraint=constraint)
 
 
 SPECS = {
@@ -61,7 +62,31 @@ SPECS = {
         ),
     ),
     "tiny": preset("tiny"),
+    # Each scale constraint (nn.constraint), on untied and tied (convolutional) filters, with a
+    # stride that does not divide the input.
+    "unit_decoder": NetworkSpec(
+        input=(2, 8, 8),
+        stages=(
+            _stage(FilterSpec(maps=3, field=3), PoolSpec(size=2), LCNSpec(size=3), 0.2, "unit_decoder"),
+            _stage(FilterSpec(maps=2, field=2, stride=2, tied=True), None, None, 0.1, "unit_decoder"),
+        ),
+    ),
+    "unit_encoder": NetworkSpec(
+        input=(2, 8, 8),
+        stages=(
+            _stage(FilterSpec(maps=3, field=3, tied=True), PoolSpec(size=2), LCNSpec(size=3), 0.2, "unit_encoder"),
+            _stage(FilterSpec(maps=2, field=2, stride=2), PoolSpec(size=2), None, 0.1, "unit_encoder"),
+        ),
+    ),
+    "tied_decoder": NetworkSpec(
+        input=(2, 8, 8),
+        stages=(
+            _stage(FilterSpec(maps=3, field=3), PoolSpec(size=2), LCNSpec(size=3), 0.2, "tied_decoder"),
+            _stage(FilterSpec(maps=2, field=2, stride=2, tied=True), PoolSpec(size=2), None, 0.1, "tied_decoder"),
+        ),
+    ),
 }
+TERMS = ("reconstruction", "sparsity")
 
 
 def _with_head(spec, classes=3):
@@ -110,14 +135,30 @@ def test_tica_loss_matches_naive(name):
     net, params, x, _ = _setup(spec)
     loss, grads, info = net.tica(params, x)
     assert loss == pytest.approx(naive_tica_loss(spec, params, x), rel=1e-10)
-    # info splits the loss per stage with a filter
+    # info splits the loss per stage with a filter, and watches each such stage's weights
     filtered = [i for i, st in enumerate(spec.stages, 1) if st.filter is not None]
-    assert set(info) == {f"stage{i}.{t}" for i in filtered for t in ("reconstruction", "sparsity")}
-    assert sum(info.values()) == pytest.approx(loss, rel=1e-12)
+    terms = {k: v for k, v in info.items() if k.endswith(TERMS)}
+    assert set(terms) == {f"stage{i}.{t}" for i in filtered for t in TERMS}
+    assert sum(terms.values()) == pytest.approx(loss, rel=1e-12)
     for i, st in enumerate(spec.stages, 1):
         if st.filter is not None and st.lam == 0:
             assert info[f"stage{i}.sparsity"] == 0.0
+        if st.filter is not None:
+            W1, W2 = naive_effective(st.constraint, *_raw(net, params, i))
+            for name, arr, axis in (("W1", W1, 2), ("W2", W2, 1)):
+                n = np.sqrt((arr**2).sum(axis=axis))
+                assert info[f"stage{i}.{name}.norm_mean"] == pytest.approx(n.mean(), rel=1e-9)
+                assert info[f"stage{i}.{name}.norm_min"] == pytest.approx(n.min(), rel=1e-9)
+                assert info[f"stage{i}.{name}.norm_max"] == pytest.approx(n.max(), rel=1e-9)
+                assert info[f"stage{i}.{name}.rms"] == pytest.approx(np.sqrt((arr**2).mean()), rel=1e-9)
+        if st.filter is not None and st.lam > 0:
+            assert 0.0 <= info[f"stage{i}.dead"] <= 1.0 and 0.0 <= info[f"stage{i}.dense"] <= 1.0
     assert set(grads) == {k for k in params if k.endswith((".W1", ".W2"))}
+
+
+def _raw(net, params, i):
+    st = net.stages[i - 1]
+    return params[f"stage{i}.W1"].reshape(st.filter.weight_shape), params.get(f"stage{i}.W2"), st.filter.decoder_shape
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -216,7 +257,10 @@ def test_param_shapes_and_init(name):
             L = 1 if f.tied else ho * wo
             K = f.field * f.field * c
             assert shapes[f"stage{i}.W1"] == (L, f.maps, K)
-            assert shapes[f"stage{i}.W2"] == (L, K, f.maps)
+            if st.constraint == "tied_decoder":
+                assert f"stage{i}.W2" not in shapes
+            else:
+                assert shapes[f"stage{i}.W2"] == (L, K, f.maps)
             c, h, w = f.maps, ho, wo
         else:
             assert f"stage{i}.W1" not in shapes
@@ -257,3 +301,25 @@ def test_bad_params_and_inputs_are_rejected():
     del missing["stage2.W2"]
     with pytest.raises(KeyError, match="stage2.W2"):
         net.tica(missing, x)
+
+
+@pytest.mark.parametrize("name", ["l2_then_nopool", "unit_encoder", "tied_decoder"])
+def test_layerwise_gradients_are_each_stages_own_terms(name):
+    # training: layerwise stops the gradient at each stage's input: a stage's blocks get the
+    # gradient of its own two terms alone (central differences of that stage's terms).
+    base = SPECS[name]
+    spec = NetworkSpec(input=base.input, stages=base.stages, training="layerwise")
+    net, params, x, rng = _setup(spec, seed=3)
+    joint = Network(base, dtype=np.float64)
+    loss, grads, info = net.tica(params, x)
+    assert loss == pytest.approx(joint.tica(params, x)[0], rel=1e-12)  # the same objective value
+    for i, st in enumerate(spec.stages, 1):
+        if st.filter is None:
+            continue
+
+        def own(i=i):
+            inf = net.tica(params, x)[2]
+            return inf[f"stage{i}.reconstruction"] + inf[f"stage{i}.sparsity"]
+
+        mine = {k: v.copy() for k, v in grads.items() if k.startswith(f"stage{i}.")}
+        _check_grads(own, {k: params[k] for k in mine}, mine, rng)

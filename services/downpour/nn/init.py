@@ -49,6 +49,7 @@ class ParamLayout:
 def layouts(net) -> dict[str, ParamLayout]:
     """Every parameter of a ``Network``: its layout and initial scale."""
     out: dict[str, ParamLayout] = {}
+    shapes = net.param_shapes()
     for st in net.stages:
         f = st.filter
         if f is None:
@@ -59,7 +60,8 @@ def layouts(net) -> dict[str, ParamLayout]:
             (f"{st.name}.W1", f.weight_shape, 1 / numpy.sqrt(f.K)),
             (f"{st.name}.W2", f.decoder_shape, 1 / numpy.sqrt(f.M * overlap * f.K)),
         ):
-            out[key] = ParamLayout(key, tuple(shape), grid, (), tuple(shape[1:]), float(std))
+            if key in shapes:  # a tied decoder (W2 = W1^T) has no block of its own
+                out[key] = ParamLayout(key, tuple(shape), grid, (), tuple(shape[1:]), float(std))
     if net.spec.classes:
         c, h, w = net.out_shape
         n = net.spec.classes

@@ -7,13 +7,17 @@ and pushes as they are. Layers see them reshaped, never copied.
 Objectives, each returning (loss, grads by block name, info):
 
 * ``tica``: reconstruction TICA per stage (Le et al. 2012), summed over the
-  stages and differentiated as one function, so every stage is trained
-  jointly (a stage's weights also get the gradient of the stages above it):
+  stages:
 
       sum_s  mean_i ||W2_s W1_s^T x_si - x_si||^2
              + lam_s * mean_i sum_j sqrt(eps + H_j (W1_s^T x_si)^2)
 
-  with x_s the stage's input and H the fixed L2-pooling neighbourhoods.
+  with x_s the stage's input and H the fixed L2-pooling neighbourhoods. W1_s
+  and W2_s are the stage's effective weights (``nn.constraint``: free, unit
+  decoder columns, unit encoder rows, or W2 = W1^T). With ``training:
+  joint`` the sum is differentiated as one function (a stage's weights also
+  get the gradient of the stages above it); ``layerwise`` stops the gradient
+  at each stage's input, so each stage learns from its own terms alone.
 * ``supervised``: softmax cross-entropy of a linear head over the last
   stage, back-propagated through every stage (fine-tuning).
 
@@ -27,7 +31,7 @@ from types import ModuleType
 
 import numpy
 
-from . import init
+from . import constraint, init
 from .filtering import LocalFilter
 from .lcn import LCN
 from .pooling import Pool
@@ -55,6 +59,31 @@ def softmax_cross_entropy(xp: ModuleType, logits, y):
     dlog[y, cols] -= 1
     dlog /= B
     return loss, dlog
+
+
+TERMS = ("reconstruction", "sparsity")  # a stage's two TICA terms, ``stageN.<term>`` in info
+
+
+def is_term(key: str) -> bool:
+    """Whether an info key is a loss term (additive over examples and partitions) rather than a
+    watched statistic of the weights or units."""
+    return key.rsplit(".", 1)[-1] in TERMS
+
+
+# A pooled unit is "near zero" on an input below this fraction of the stage's mean pooled
+# response, and "on" above the mean; dead: near zero on most inputs; dense (not sparse): on
+# for most. "Most" is this fraction of the batch.
+NEAR_ZERO = 0.1
+MOST = 0.9
+
+
+def pooled_activity(xp: ModuleType, h, prefix: str) -> dict[str, float]:
+    """Fractions of the pooled units (H, W, M) of ``h`` (H, W, M, B) that are dead and dense on this batch."""
+    mean = h.mean()
+    B = h.shape[-1]
+    dead = ((h < NEAR_ZERO * mean).sum(axis=-1) >= MOST * B).mean()
+    dense = ((h > mean).sum(axis=-1) >= MOST * B).mean()
+    return {f"{prefix}.dead": float(dead), f"{prefix}.dense": float(dense)}
 
 
 class Stage:
@@ -95,15 +124,30 @@ class Stage:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         if self.filter is None:
             return {}
-        return {f"{self.name}.W1": self.filter.weight_shape, f"{self.name}.W2": self.filter.decoder_shape}
+        shapes: dict[str, tuple[int, ...]] = {f"{self.name}.W1": self.filter.weight_shape}
+        if constraint.has_decoder_block(self.spec.constraint):
+            shapes[f"{self.name}.W2"] = self.filter.decoder_shape
+        return shapes
+
+    def encoder(self, params) -> constraint.Weights:
+        """The encoder this stage computes with (``nn.constraint``), from its stored block."""
+        assert self.filter is not None, f"{self.name} has no filter"
+        return constraint.encoder(self.spec.constraint, self.xp, params[f"{self.name}.W1"], self.filter.weight_shape)
+
+    def weights(self, params) -> constraint.Weights:
+        """Effective encoder and decoder: what the stage's TICA terms use."""
+        w = self.encoder(params)
+        assert self.filter is not None
+        return constraint.with_decoder(w, self.xp, params.get(f"{self.name}.W2"), self.filter.decoder_shape)
 
     def forward(self, params, x):
         """Returns (output, context). Context holds what backward needs."""
         ctx = {"x": x}
         h = x
         if self.filter is not None:
-            h, ctx["P"] = self.filter.forward(params[f"{self.name}.W1"], h)
-            ctx["z"] = h
+            w = self.encoder(params)
+            h, ctx["P"] = self.filter.forward(w.w1, h)
+            ctx["z"], ctx["w"] = h, w
         if self.pool is not None:
             h, ctx["pool"] = self.pool.forward(h)
             ctx["h"] = h
@@ -116,7 +160,8 @@ class Stage:
         xp = self.xp
         x, z = ctx["x"], ctx["z"]
         B = x.shape[3]
-        err = self.filter.decode(params[f"{self.name}.W2"], z) - x
+        w = constraint.with_decoder(ctx["w"], xp, params.get(f"{self.name}.W2"), self.filter.decoder_shape)
+        err = self.filter.decode(w.w2, z) - x
         rec = float(xp.vdot(err.ravel(), err.ravel())) / B
         if self.sparsity_pool is None:  # lam == 0: reconstruction only
             return rec, 0.0, (err, None, None)
@@ -126,6 +171,14 @@ class Stage:
             sp_out, sp_ctx = self.sparsity_pool.forward(z)
         sparsity = self.spec.lam * float(sp_out.sum()) / B
         return rec, sparsity, (err, sp_ctx, sp_out)
+
+    def watch(self, ctx, tica) -> dict[str, float]:
+        """What a run records of this stage besides its two terms: the effective weights' norms
+        and the pooled units that are dead or not sparse (``pooled_activity``)."""
+        out = constraint.norm_stats(self.xp, ctx["w"], self.name)
+        if tica is not None and tica[2] is not None:
+            out.update(pooled_activity(self.xp, tica[2], self.name))
+        return out
 
     def backward(self, params, ctx, dy, tica=None, need_dx=True):
         """Gradients given dL/d(output) ``dy`` (or None) and optional TICA terms.
@@ -145,21 +198,24 @@ class Stage:
             dz = dh
         if self.filter is None:
             return dz, grads
-        dx_direct = None
+        w = ctx["w"]
+        dx_direct = dW2 = None
         if tica is not None:
             err, sp_ctx, sp_out = tica
             if sp_ctx is not None:
                 g_sp = self.sparsity_pool.backward(sp_ctx, xp.full(sp_out.shape, self.spec.lam / B, dtype=sp_out.dtype))
                 dz = g_sp if dz is None else dz + g_sp
             dr = err * (2.0 / B)
-            dz_rec, dW2 = self.filter.decode_backward(params[f"{self.name}.W2"], ctx["z"], dr)
+            dz_rec, dW2 = self.filter.decode_backward(w.w2, ctx["z"], dr)
             dz = dz_rec if dz is None else dz + dz_rec
-            grads[f"{self.name}.W2"] = dW2.reshape(-1)
             dx_direct = -dr  # err = r - x: the stage input enters its own reconstruction error
         if dz is None:
             dz = xp.zeros(ctx["z"].shape, dtype=ctx["z"].dtype)
-        dx, dW1 = self.filter.backward(params[f"{self.name}.W1"], ctx["P"], dz, need_dx=need_dx)
+        dx, dW1 = self.filter.backward(w.w1, ctx["P"], dz, need_dx=need_dx)
+        dW1, dW2 = constraint.pullback(w, dW1, dW2)
         grads[f"{self.name}.W1"] = dW1.reshape(-1)
+        if dW2 is not None:
+            grads[f"{self.name}.W2"] = dW2.reshape(-1)
         if need_dx and dx_direct is not None:
             dx += dx_direct
         return dx, grads
@@ -274,11 +330,16 @@ class Network:
                 info[f"{st.name}.sparsity"] = sp
                 loss += rec + sp
             terms.append(t)
+        for st, ctx, t in zip(self.stages, ctxs, terms):
+            if st.has_tica:
+                info.update(st.watch(ctx, t))
         grads: dict = {}
         dy = None
+        joint = self.spec.training == "joint"
         for i in range(len(self.stages) - 1, -1, -1):
             st = self.stages[i]
-            dy, g = st.backward(params, ctxs[i], dy, tica=terms[i], need_dx=i > 0)
+            # layerwise: no gradient leaves a stage through its input (nor its target)
+            dy, g = st.backward(params, ctxs[i], dy, tica=terms[i], need_dx=joint and i > 0)
             grads.update(g)
         return loss, grads, info
 

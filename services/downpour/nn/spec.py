@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 POOL_KINDS = ("l2", "max", "avg")
+# How the stages' TICA objectives train: ``joint`` differentiates their sum as one function
+# (a stage's reconstruction error also reaches the stages below, through its input and its
+# target); ``layerwise`` stops the gradient at each stage's input, so each stage learns
+# from its own objective alone (greedy layer-wise training, run for every stage at once).
+TRAINING = ("joint", "layerwise")
+CONSTRAINTS = ("free", "unit_decoder", "unit_encoder", "tied_decoder")  # see nn.constraint
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,9 @@ class StageSpec:
     pool: PoolSpec | None = field(default_factory=PoolSpec)
     lcn: LCNSpec | None = field(default_factory=LCNSpec)
     lam: float = 0.1  # TICA sparsity weight (Le et al. 2012 use 0.1)
+    # What holds the encoder's and decoder's scale (``nn.constraint``): free (the paper's
+    # equation as written, which admits (a W1, W2 / a)), unit_decoder, unit_encoder or tied_decoder.
+    constraint: str = "free"
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class NetworkSpec:
     input: tuple[int, int, int] = (1, 32, 32)
     stages: tuple[StageSpec, ...] = (StageSpec(),)
     classes: int = 0  # > 0 adds a linear softmax head over the last stage
+    training: str = "joint"  # the TICA objective: joint or layerwise (see TRAINING)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -127,12 +137,16 @@ def validate(spec: NetworkSpec) -> None:
     if not spec.stages:
         raise ValueError("stages must list at least one stage")
     _check_int("classes", spec.classes, 0)
+    if spec.training not in TRAINING:
+        raise ValueError(f"training={spec.training!r} is unknown; allowed: {', '.join(TRAINING)}")
     _, h, w = spec.input
     for i, st in enumerate(spec.stages, 1):
         at = f"stages[{i}]"
         if not isinstance(st, StageSpec):
             raise ValueError(f"{at} must be a stage, got {type(st).__name__}")
         _check_float(f"{at}.lam", st.lam, 0.0)
+        if st.constraint not in CONSTRAINTS:
+            raise ValueError(f"{at}.constraint={st.constraint!r} is unknown; allowed: {', '.join(CONSTRAINTS)}")
         if st.filter is not None:
             f = st.filter
             _check_int(f"{at}.filter.maps", f.maps, 1)

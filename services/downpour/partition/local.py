@@ -14,7 +14,7 @@ from types import ModuleType
 
 import numpy
 
-from downpour.nn.network import to_external, to_internal
+from downpour.nn.network import is_term, to_external, to_internal
 
 from .halo import HALO_KINDS, Halo
 from .plan import PartitionPlan
@@ -126,7 +126,10 @@ class LocalReplica:
             assert not overlap, overlap
             grads.update(r.grads)
             for k, v in r.info.items():
-                info[k] = info.get(k, 0.0) + v
+                if is_term(k):  # each partition's share of a loss term: they add up
+                    info[k] = info.get(k, 0.0) + v
+                elif r is results[0]:  # the watched weights and units: partition 0's tile, as a worker reports
+                    info[k] = v
         acts = {}
         for lay in pl.layers:
             if lay.name not in results[0].acts:

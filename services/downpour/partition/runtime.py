@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy
 
+from downpour.nn import constraint
 from downpour.nn.filtering import LocalFilter
-from downpour.nn.network import softmax_cross_entropy
+from downpour.nn.network import pooled_activity, softmax_cross_entropy
 from downpour.nn.pooling import Pool
 
 from .comms import PartitionComms
@@ -147,12 +148,15 @@ class PartitionRuntime(PartitionComms):
         B = a.shape[3]
         if b.filt is not None:
             a_reg = yield from self._fetch(sl.input, "act", a, FORWARD)
-            z, _ = b.filt.forward(blocks[self._name(st, "W1")], a_reg)
-            ctx.update(a_reg=a_reg, z=z)
+            w = constraint.encoder(st.spec.constraint, xp, blocks[self._name(st, "W1")], b.filt.weight_shape)
+            z, _ = b.filt.forward(w.w1, a_reg)
+            ctx.update(a_reg=a_reg, z=z, w=w)
             acts[pl.layers[sl.filter].name] = z
             h = z
             if tica:
-                r_reg = b.filt.decode(blocks[self._name(st, "W2")], z)
+                w2 = blocks.get(self._name(st, "W2")) if constraint.has_decoder_block(st.spec.constraint) else None
+                constraint.with_decoder(w, xp, w2, b.filt.decoder_shape)
+                r_reg = b.filt.decode(w.w2, z)
                 r = yield from self._scatter(sl.input, "recon", r_reg, FORWARD)
                 err = r - a
                 rec = float(xp.vdot(err.ravel(), err.ravel())) / B
@@ -182,13 +186,14 @@ class PartitionRuntime(PartitionComms):
             else:
                 sp_out, ctx["sp"] = b.sp.forward(crop(z_reg, b.R_z, b.R_sp))
             sparsity = st.spec.lam * float(sp_out.sum()) / B
+            ctx["sp_out"] = sp_out
         return h, ctx, rec, sparsity
 
     def _stage_backward(self, b, blocks, ctx, dy, tica: bool, need_dx: bool):
         pl, st, sl, xp = self.plan, b.st, b.sl, self.xp
         grads: dict[str, Any] = {}
         B = ctx["a"].shape[3]
-        dz = None  # gradient of the layer below the pool, over R_z
+        dz = dW2 = None  # dz: gradient of the layer below the pool, over R_z
         if dy is not None:
             if b.lcn is not None:
                 dy = yield from self._lcn_backward(b, ctx["lcn"], dy)
@@ -216,13 +221,15 @@ class PartitionRuntime(PartitionComms):
         if tica:
             dr = ctx["err"] * (2.0 / B)
             dr_reg = yield from self._fetch(sl.input, "drecon", dr, BACKWARD)
-            dz_rec, dW2 = b.filt.decode_backward(blocks[self._name(st, "W2")], ctx["z"], dr_reg)
+            dz_rec, dW2 = b.filt.decode_backward(ctx["w"].w2, ctx["z"], dr_reg)
             dz = dz_rec if dz is None else dz + dz_rec
-            grads["W2"] = dW2.reshape(-1)
         if dz is None:
             dz = xp.zeros(ctx["z"].shape, dtype=ctx["z"].dtype)
-        dx, dW1 = b.filt.backward(blocks[self._name(st, "W1")], ctx["a_reg"], dz, need_dx=need_dx)
+        dx, dW1 = b.filt.backward(ctx["w"].w1, ctx["a_reg"], dz, need_dx=need_dx)
+        dW1, dW2 = constraint.pullback(ctx["w"], dW1, dW2)
         grads["W1"] = dW1.reshape(-1)
+        if dW2 is not None:
+            grads["W2"] = dW2.reshape(-1)
         if need_dx:
             dx = yield from self._scatter(sl.input, "act", dx, BACKWARD)
             if dr is not None:
@@ -255,11 +262,19 @@ class PartitionRuntime(PartitionComms):
                 info[f"{b.st.name}.reconstruction"] = rec
                 info[f"{b.st.name}.sparsity"] = sp
                 loss += rec + sp
+                # this tile's weights and pooled units (the Network's watch, over this partition's share)
+                info.update(constraint.norm_stats(self.xp, ctx["w"], b.st.name))
+                if "sp_out" in ctx:
+                    info.update(pooled_activity(self.xp, ctx["sp_out"], b.st.name))
         return h, ctxs, loss, info, acts
 
     def _backward_all(self, blocks, ctxs, dy, tica: bool, need_dx: bool, grads: dict):
+        # layerwise TICA: no gradient leaves a stage through its input (every partition skips the
+        # same exchanges, so the replica stays in lockstep)
+        down = not (tica and self.plan.spec.training == "layerwise")
         for i in range(len(self._stages) - 1, -1, -1):
-            dy, g = yield from self._stage_backward(self._stages[i], blocks, ctxs[i], dy, tica, need_dx or i > 0)
+            dx_here = need_dx if i == 0 else down
+            dy, g = yield from self._stage_backward(self._stages[i], blocks, ctxs[i], dy, tica, dx_here)
             grads.update(g)
         return dy if need_dx else None
 
