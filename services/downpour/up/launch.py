@@ -78,13 +78,13 @@ def run(
             cluster.stop()
             signal.signal(signal.SIGINT, old)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            write_outputs(cluster.out, history, cfg, shard_metrics)
+            write_outputs(cluster.out, history, cfg, shard_metrics, checkpoint_dir=cluster.ckpt_dir)
     if code == 0 and history:
         last = history[-1]
         losses = ", ".join(f"{r['loss']:.4g}" for r in last["replicas"])
         show.say(
             f"done: step {last['step']}, final loss per replica {losses}; "
-            f"checkpoints, metrics.json and loss.png in {cluster.out}"
+            f"checkpoints, metrics.json, loss.png and filters.png in {cluster.out}"
         )
     return code
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from downpour import scalars
 from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -27,15 +28,22 @@ def request_checkpoint(
 
 
 def snapshot(status: coordinator_pb2.JobStatusResponse) -> dict[str, Any]:
-    """One row of the run's history (metrics.json): time, step, rate and each replica's step and loss."""
+    """One row of the run's history (metrics.json): time, step, rate and each replica's step, loss
+    and named scalars (its partitions' combined, as its loss is, with each stage's
+    sparsity/reconstruction ratio: ``downpour.scalars``)."""
     reps: dict[int, dict[str, Any]] = {}
+    parts: dict[int, list[dict[str, float]]] = {}
     for s in status.slots:
+        if s.scalars:
+            parts.setdefault(s.replica, []).append(dict(s.scalars))
         if s.partition == 0:
             reps[s.replica] = {"step": int(s.step), "loss": float(s.loss), "member": s.member_id}
+    for r, rep in reps.items():
+        rep["scalars"] = scalars.with_ratios(scalars.combine(parts.get(r, [])))
     n = max(reps) + 1 if reps else 0
     return {
         "time": time.time(),
         "step": int(status.step),
         "examples_per_second": float(status.examples_per_second),
-        "replicas": [reps.get(r, {"step": 0, "loss": float("nan"), "member": ""}) for r in range(n)],
+        "replicas": [reps.get(r, {"step": 0, "loss": float("nan"), "member": "", "scalars": {}}) for r in range(n)],
     }
