@@ -3,6 +3,7 @@ loss.png's panels and filters.png from the last checkpoint."""
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from contextlib import nullcontext
@@ -17,6 +18,8 @@ from downpour.coordinator.params import Parameters
 from downpour.coordinator.state import JobState
 from downpour.nn.spec import FilterSpec, NetworkSpec, StageSpec
 from downpour.up import filters, plot
+from downpour.up.command import objective_lines
+from downpour.up.display import Bars
 from downpour.up.outputs import final_objective, write_outputs
 from downpour.up.status import snapshot
 from downpour.v1 import coordinator_pb2 as pb
@@ -124,3 +127,20 @@ def test_patches_are_the_centre_locations_rows_or_the_tied_set():
     assert patches.shape == (filters.MAX_MAPS, 3, 3, 3) and where.startswith("tied")
     img = filters.mosaic(patches)
     assert img.shape == (8 * 4 + 1, 8 * 4 + 1, 3)
+
+
+def test_status_prints_each_stages_ratio_and_fractions():
+    lines = objective_lines(_status(3, partitions=2))
+    assert lines[0].split() == ["replica", "stage", "sp/rec", "recon", "sparsity", "dead", "dense"]
+    assert lines[1].split() == ["0", "stage1", "0.8", "5", "4", "10.0%", "5.0%"]
+    assert len(lines) == 1 + 2 * 2
+    assert objective_lines(pb.JobStatusResponse(slots=[pb.SlotStatus(replica=0)])) == []
+
+
+def test_the_progress_bars_show_stage_ones_ratio():
+    from rich.console import Console
+
+    bars = Bars(Console(file=io.StringIO()), 2, 10, disable=True)
+    bars.update(snapshot(_status(4)))
+    info = bars._progress.tasks[0].fields["info"]
+    assert "s1 sp/rec 1" in info and "loss" in info and "ex/s" in info

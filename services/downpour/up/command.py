@@ -11,7 +11,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from downpour import config as jobconfig
-from downpour import jobflags
+from downpour import jobflags, scalars
 from downpour.up.launch import run
 from downpour.up.status import job_status
 from downpour.v1 import coordinator_pb2
@@ -111,4 +111,29 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"{s.replica:>7} {s.partition:>4} {s.step:>7} {s.loss:>10.4g} {hb:>10}  "
             f"{s.member_id or '(free)'} @ {s.address or '-'}"
         )
+    for line in objective_lines(st):
+        print(line)
     return 0
+
+
+def objective_lines(st: coordinator_pb2.JobStatusResponse) -> list[str]:
+    """Per replica with scalars, per stage: the sparsity/reconstruction ratio, both terms, and the
+    fractions of dead and dense pooled units (a model-parallel replica's partitions combined)."""
+    parts: dict[int, list[dict[str, float]]] = {}
+    for s in st.slots:
+        if s.scalars:
+            parts.setdefault(s.replica, []).append(dict(s.scalars))
+    if not parts:
+        return []
+    out = [f"{'replica':>7} {'stage':>6} {'sp/rec':>9} {'recon':>10} {'sparsity':>10} {'dead':>6} {'dense':>6}"]
+    for r in sorted(parts):
+        for stage, d in scalars.by_stage(scalars.with_ratios(scalars.combine(parts[r]))).items():
+
+            def num(key: str, fmt: str, d: dict[str, float] = d) -> str:
+                return format(d[key], fmt) if key in d else "-"
+
+            out.append(
+                f"{r:>7} {stage:>6} {num('ratio', '.4g'):>9} {num('reconstruction', '.4g'):>10} "
+                f"{num('sparsity', '.4g'):>10} {num('dead', '.1%'):>6} {num('dense', '.1%'):>6}"
+            )
+    return out

@@ -74,10 +74,14 @@ class Bars:
         self._progress.__exit__(*exc)
 
     def update(self, snap: dict[str, Any]) -> None:
-        """Each replica's step, loss and the job's examples/s from one status snapshot."""
+        """Each replica's step, loss (and stage 1's sparsity/reconstruction ratio, when reported) and
+        the job's examples/s from one status snapshot."""
         for bar, rep in zip(self._bars, snap["replicas"]):
+            ratio = (rep.get("scalars") or {}).get("stage1.ratio")
             self._progress.update(
                 bar,
                 completed=min(rep["step"], self.steps),
-                info=f"loss {rep['loss']:.4g}  {snap['examples_per_second']:.0f} ex/s",
+                info=f"loss {rep['loss']:.4g}"
+                + (f"  s1 sp/rec {ratio:.3g}" if ratio is not None else "")
+                + f"  {snap['examples_per_second']:.0f} ex/s",
             )
