@@ -64,8 +64,16 @@ def test_two_replicas_two_shards_train_and_the_loss_falls(tmp_path, initial_loss
             if s["name"] == "downpour_paramserver_worker_pushes_total" and s["value"] > 0
         }
         assert workers <= pushers, (shard, workers, pushers)
+    # Each replica reported the objective's terms per stage beside its loss.
+    rows = [h for h in m["history"] if h["step"] > 0]
+    assert rows
+    for h in rows:
+        for rep in h["replicas"]:
+            assert {"stage1.reconstruction", "stage1.sparsity", "stage1.ratio"} <= set(rep["scalars"]), rep
+    assert set(m["final_objective"]) == {"stage1", "stage2", "stage3"}
+    assert m["final_objective"]["stage1"]["reconstruction"] > 0
     # The run directory has what a user needs afterwards.
-    for name in ("job.yaml", "loss.png", "cluster.json"):
+    for name in ("job.yaml", "loss.png", "filters.png", "cluster.json"):
         assert (out / name).exists(), name
     manifests = list((out / "checkpoints").glob("*/MANIFEST.json"))
     assert manifests, "no committed checkpoint"
@@ -140,6 +148,25 @@ def test_status_shows_the_running_cluster_and_ctrl_c_stops_every_child(tmp_path,
         return None
 
     harness.wait_for(status, 90, "`downpour status` to show RUNNING with two workers and two shards", 0.3, [proc])
+    # Once both replicas have reported: the per-stage objective in the status and the coordinator's gauges.
+
+    def objective():
+        text = status()
+        return text if text and all(f"      {r} stage1" in text for r in (0, 1)) else None
+
+    text = harness.wait_for(
+        objective,
+        60,
+        "`downpour status` to show each replica's stage 1 objective",
+        0.3,
+        [proc],
+    )
+    assert "sp/rec" in text
+    coord = harness.cluster(out)["coordinator"]
+    ratio = harness.metric_value(
+        harness.scrape(coord["metrics_port"]), "downpour_objective_term", replica="0", stage="stage1", term="ratio"
+    )
+    assert ratio is not None and ratio > 0
     # ``up`` also serves the neurons of the live parameters, pulled from the shards
     rows = harness.cluster(out)
     assert rows["neurons"]["role"] == "neurons"

@@ -39,7 +39,7 @@ def snapshot(status: coordinator_pb2.JobStatusResponse) -> dict[str, Any]:
         if s.partition == 0:
             reps[s.replica] = {"step": int(s.step), "loss": float(s.loss), "member": s.member_id}
     for r, rep in reps.items():
-        rep["scalars"] = scalars.with_ratios(scalars.combine(parts.get(r, [])))
+        rep["scalars"] = dict(sorted(scalars.with_ratios(scalars.combine(parts.get(r, []))).items()))
     n = max(reps) + 1 if reps else 0
     return {
         "time": time.time(),
