@@ -23,7 +23,7 @@ import yaml
 
 from downpour import optim
 from downpour.nn import presets
-from downpour.nn.spec import NetworkSpec, from_dict
+from downpour.nn.spec import CONSTRAINTS, TRAINING, NetworkSpec, from_dict
 from downpour.optim import OptimizerConfig
 
 OPTIMIZERS = optim.KINDS
@@ -79,11 +79,21 @@ class JobConfig:
     hang_seconds: float = 5.0
     seed: int = 0
     device: str = "cpu"
+    # The TICA objective, over the preset's (or model's) own settings when not empty: every
+    # stage's scale constraint (nn.constraint: free | unit_decoder | unit_encoder | tied_decoder)
+    # and joint or layerwise training. Per-stage values (and per-stage lam) go in ``model:``.
+    constraint: str = ""
+    training: str = ""
 
     def network_spec(self) -> NetworkSpec:
-        if self.model is not None:
-            return from_dict(self.model)
-        return presets.get(self.preset)
+        spec = from_dict(self.model) if self.model is not None else presets.get(self.preset)
+        if self.constraint:
+            spec = dataclasses.replace(
+                spec, stages=tuple(dataclasses.replace(st, constraint=self.constraint) for st in spec.stages)
+            )
+        if self.training:
+            spec = dataclasses.replace(spec, training=self.training)
+        return spec
 
     def grid(self) -> tuple[int, int]:
         return parse_grid(self.partitions)
@@ -226,6 +236,10 @@ def validate(cfg: JobConfig) -> None:
     if cfg.device not in DEVICES:
         raise ValueError(f"device={cfg.device!r} is unknown; allowed: {', '.join(DEVICES)}")
     parse_grid(cfg.partitions)
+    if cfg.constraint and cfg.constraint not in CONSTRAINTS:
+        raise ValueError(f"constraint={cfg.constraint!r} is unknown; allowed: {', '.join(CONSTRAINTS)}")
+    if cfg.training and cfg.training not in TRAINING:
+        raise ValueError(f"training={cfg.training!r} is unknown; allowed: {', '.join(TRAINING)}")
     if cfg.supervised and not cfg.network_spec().classes:
         raise ValueError("supervised=true needs a model with classes > 0")
 

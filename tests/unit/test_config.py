@@ -78,3 +78,15 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
 def test_init_from_is_a_setting():
     assert config.load(env={"DOWNPOUR_INIT_FROM": "/runs/a/checkpoints"}).init_from == "/runs/a/checkpoints"
     assert config.JobConfig().init_from == ""
+
+
+def test_objective_settings_override_every_stage():
+    cfg = config.load(env={"DOWNPOUR_CONSTRAINT": "unit_encoder"}, overrides={"training": "layerwise"})
+    spec = cfg.network_spec()
+    assert spec.training == "layerwise"
+    assert {st.constraint for st in spec.stages} == {"unit_encoder"}
+    assert config.from_yaml(cfg.to_yaml()).network_spec() == spec  # it travels with the job
+    with pytest.raises(ValueError, match="constraint='unit'.*allowed: free, unit_decoder"):
+        config.load(env={}, overrides={"constraint": "unit"})
+    with pytest.raises(ValueError, match="training='greedy'.*allowed: joint, layerwise"):
+        config.load(env={}, overrides={"training": "greedy"})
