@@ -144,3 +144,12 @@ def test_the_progress_bars_show_stage_ones_ratio():
     bars.update(snapshot(_status(4)))
     info = bars._progress.tasks[0].fields["info"]
     assert "s1 sp/rec 1" in info and "loss" in info and "ex/s" in info
+
+
+def test_a_unit_encoder_stage_shows_its_effective_rows():
+    stage = StageSpec(filter=FilterSpec(maps=2, field=2, tied=True), pool=None, lcn=None, constraint="unit_encoder")
+    spec = NetworkSpec(input=(1, 4, 4), stages=(stage,))
+    w1 = np.array([[3.0, 0.0, 0.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    patches, _ = filters.stage1_patches(spec, w1.reshape(-1))
+    assert patches[0, :, :, 0] == pytest.approx(0.5 + 0.5 * np.array([[0.75, 0.0], [0.0, 1.0]]))
+    assert np.all(patches[1] == 0.5)  # an all-zero row stays zero (mid grey)

@@ -7,11 +7,11 @@ maps' rows as field x field patches (grey for one channel, RGB for three, the
 channels' mean otherwise) at the location nearest the image centre (untied)
 or of the single weight set (tied).
 
-Each patch is scaled by its own largest absolute weight (mid grey is zero):
-every encoder constraint (``StageSpec.constraint``) is a positive scale per
-row at most (unit encoder rows), so the patches are exactly those of the
-effective weights the stage computes with, and the stored rows are read as
-they are.
+The rows are the effective weights the stage computes with
+(``nn.constraint.encoder`` under the stage's ``constraint``: unit encoder
+rows are normalised, the other constraints use the stored block as it is).
+Each patch is then scaled by its own largest absolute weight, mid grey
+being zero.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from downpour import checkpoint as cks
+from downpour.nn import constraint
 from downpour.nn.spec import NetworkSpec, filter_out
 
 MAX_MAPS = 64
@@ -37,7 +38,7 @@ def stage1_patches(spec: NetworkSpec, w1: np.ndarray, max_maps: int = MAX_MAPS) 
     ho, wo = filter_out((h, w), f)
     locations = 1 if f.tied else ho * wo
     k = f.field * f.field * c
-    w3 = np.asarray(w1, np.float64).reshape(locations, f.maps, k)
+    w3 = constraint.encoder(st.constraint, np, np.asarray(w1, np.float64), (locations, f.maps, k)).w1
     if f.tied:
         where = "tied: one weight set"
         rows = w3[0]
