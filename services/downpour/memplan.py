@@ -18,6 +18,9 @@ Per process (bytes; n = the parameters it holds, B = the batch size):
   their weight region; without shared memory, weights 4n of its own), and
   activations at the batch size (every layer of its tile with contexts and
   gradients).
+  A stage whose weights are constrained (``nn.constraint``) computes with a
+  normalised (or transposed) copy of the block: 8 bytes per value of such a
+  block (the copy, and the gradient pullback's product).
 * neurons: one stage's encoder at a time (4S, S the largest stage's encoder
   or the head: a query fetches a stage's blocks, runs it and lets them go
   before the next), its pieces once more while a partitioned job's blocks
@@ -135,6 +138,21 @@ def _fmt(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
 
 
+# A block the stage computes with in a normalised (or transposed) form (nn.constraint): the
+# effective copy, alive through the step, and the pullback's product, alive while it is applied.
+CONSTRAINT_BYTES = 8
+
+
+def _normalised(spec, block: str) -> bool:
+    """Whether ``block`` (e.g. ``stage2.W1[p=3]``) has an effective copy under its stage's constraint."""
+    name, _, rest = block.partition(".")
+    if not name.startswith("stage") or not name[5:].isdigit():
+        return False
+    kind = spec.stages[int(name[5:]) - 1].constraint
+    which = rest.split("[")[0]
+    return (kind == "unit_decoder" and which == "W2") or (kind in ("unit_encoder", "tied_decoder") and which == "W1")
+
+
 def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
     """The memory plan of job ``cfg`` (a ``downpour.config.JobConfig``) run by ``downpour up``."""
     spec = cfg.network_spec()
@@ -175,6 +193,7 @@ def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
     for _ in range(cfg.replicas):
         for p in range(parts_n):
             n = sum(sizes[b] for b in pulled[p])
+            n_eff = sum(sizes[b] for b in pulled[p] if _normalised(spec, b))
             per_value = ACTIVATION_BYTES_PARTITION if parts_n > 1 else ACTIVATION_BYTES
             act = int(per_value * cfg.batch_size * memshapes.layer_values(spec, rows, cols, p))
             # Over shared memory the loop computes on views of the weight region (no copy of its own).
@@ -188,6 +207,7 @@ def plan(cfg, neurons: bool = True, preset: str = "") -> Plan:
                         "gradients": 4 * n,
                         "activations": act,
                         "transport": 8 * n if shared else 0,
+                        "copies": CONSTRAINT_BYTES * n_eff,
                     },
                     n,
                 )

@@ -47,16 +47,28 @@ def has_decoder_block(kind: str) -> bool:
     return kind != "tied_decoder"
 
 
+# Per-unit dot products over one axis of a 3-D block, without a block-sized temporary.
+DOT = {ENCODER_AXIS: "lmk,lmk->lm", DECODER_AXIS: "lkm,lkm->lm"}
+
+
+def _dot(xp: ModuleType, a, b, axis: int):
+    """sum(a * b) along ``axis``, kept for broadcasting."""
+    return xp.expand_dims(xp.einsum(DOT[axis], a, b), axis)
+
+
 def unit(xp: ModuleType, v, axis: int):
     """(v / |v|, |v|) with the norm taken along ``axis`` (kept for broadcasting)."""
-    n = xp.sqrt((v * v).sum(axis=axis, keepdims=True))
+    n = xp.sqrt(_dot(xp, v, v, axis))
     n = xp.maximum(n, v.dtype.type(TINY))
     return v / n, n
 
 
-def unit_grad(w, n, dw, axis: int):
-    """The gradient of a loss in V given its gradient dw in w = V / |V|: (dw - w (w . dw)) / |V|."""
-    return (dw - w * (w * dw).sum(axis=axis, keepdims=True)) / n
+def unit_grad(xp: ModuleType, w, n, dw, axis: int):
+    """The gradient of a loss in V given its gradient dw in w = V / |V|: (dw - w (w . dw)) / |V|.
+    Computed in ``dw``'s own buffer (a fresh gradient that the caller hands over)."""
+    dw -= w * _dot(xp, w, dw, axis)
+    dw /= n
+    return dw
 
 
 @dataclass
@@ -90,7 +102,7 @@ def with_decoder(w: Weights, xp: ModuleType, raw_w2, decoder_shape) -> Weights:
     return w
 
 
-def pullback(w: Weights, dw1, dw2):
+def pullback(xp: ModuleType, w: Weights, dw1, dw2):
     """Gradients in the stored blocks, (dW1, dW2 or None), from those in the effective weights
     (3-D, the shapes of ``w.w1`` and ``w.w2``; dw2 may be None when the decoder was not used)."""
     if w.kind == "tied_decoder":
@@ -98,9 +110,9 @@ def pullback(w: Weights, dw1, dw2):
             dw1 = dw1 + dw2.swapaxes(-1, -2)
         dw2 = None
     elif w.kind == "unit_decoder" and dw2 is not None:
-        dw2 = unit_grad(w.w2, w.n2, dw2, DECODER_AXIS)
+        dw2 = unit_grad(xp, w.w2, w.n2, dw2, DECODER_AXIS)
     if w.kind == "unit_encoder":
-        dw1 = unit_grad(w.w1, w.n1, dw1, ENCODER_AXIS)
+        dw1 = unit_grad(xp, w.w1, w.n1, dw1, ENCODER_AXIS)
     return dw1, dw2
 
 
@@ -108,10 +120,10 @@ def norm_stats(xp: ModuleType, w: Weights, prefix: str) -> dict[str, float]:
     """Mean, min and max of the effective encoder rows' and decoder columns' norms, and each
     block's rms: what a run records to see whether the scale drifts."""
     out: dict[str, float] = {}
-    for name, arr, sub in (("W1", w.w1, "lmk,lmk->lm"), ("W2", w.w2, "lkm,lkm->lm")):
+    for name, arr, axis in (("W1", w.w1, ENCODER_AXIS), ("W2", w.w2, DECODER_AXIS)):
         if arr is None:
             continue
-        sq = xp.einsum(sub, arr, arr)  # squared norms without an array-sized temporary
+        sq = xp.einsum(DOT[axis], arr, arr)
         n = xp.sqrt(sq)
         out[f"{prefix}.{name}.norm_mean"] = float(n.mean())
         out[f"{prefix}.{name}.norm_min"] = float(n.min())

@@ -212,7 +212,7 @@ class Stage:
         if dz is None:
             dz = xp.zeros(ctx["z"].shape, dtype=ctx["z"].dtype)
         dx, dW1 = self.filter.backward(w.w1, ctx["P"], dz, need_dx=need_dx)
-        dW1, dW2 = constraint.pullback(w, dW1, dW2)
+        dW1, dW2 = constraint.pullback(xp, w, dW1, dW2)
         grads[f"{self.name}.W1"] = dW1.reshape(-1)
         if dW2 is not None:
             grads[f"{self.name}.W2"] = dW2.reshape(-1)

@@ -226,7 +226,7 @@ class PartitionRuntime(PartitionComms):
         if dz is None:
             dz = xp.zeros(ctx["z"].shape, dtype=ctx["z"].dtype)
         dx, dW1 = b.filt.backward(ctx["w"].w1, ctx["a_reg"], dz, need_dx=need_dx)
-        dW1, dW2 = constraint.pullback(ctx["w"], dW1, dW2)
+        dW1, dW2 = constraint.pullback(xp, ctx["w"], dW1, dW2)
         grads["W1"] = dW1.reshape(-1)
         if dW2 is not None:
             grads["W2"] = dW2.reshape(-1)
