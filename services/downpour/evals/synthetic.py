@@ -186,7 +186,7 @@ def train_ica(
     n = data.n
     m = maps or n
     net = Network(ica_spec(n, m, constraint_kind, lam))
-    params = net.init_params(seed)
+    params: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in net.init_params(seed).items()}
     cfg = optim.OptimizerConfig(lr=lr)
     opt = optim.get(cfg.kind)
     state = {k: opt.init(v.size, cfg) for k, v in params.items()}
