@@ -171,3 +171,36 @@ def test_head_only_zeroes_every_gradient_but_the_heads():
             assert np.abs(g).max() > 0
         else:
             assert g.shape == grads[k].shape and not np.any(g) and np.any(grads[k])
+
+
+def test_quadrant_readout_sums_each_quarter_of_every_map():
+    from downpour.evals import linear
+
+    net = Network(presets.get("tiny"))
+    assert S.feature_layers(net, "quadrants") == S.feature_layers(net, "pooled") == linear.stage_layers(net)
+    assert "quadrants" in S.READOUTS
+    x = np.random.default_rng(0).random((3, 1, 16, 16), dtype=np.float32)
+    p = net.init_params(1)
+    acts = net.forward(p, x)
+    got = S.features(net, p, x, "quadrants")
+    naive = []
+    for k in linear.stage_layers(net):  # maps of 10x10, 6x6 and 3x3: the middle row/column goes up/left
+        a = np.asarray(acts[k], np.float64)
+        _, c, h, w = a.shape
+        assert linear.layer_shape(net, k) == (c, h, w)
+        hh, hw = (h + 1) // 2, (w + 1) // 2
+        for m in range(c):
+            for rows, cols in (((0, hh), (0, hw)), ((0, hh), (hw, w)), ((hh, h), (0, hw)), ((hh, h), (hw, w))):
+                naive.append([sum(a[i, m, r, q] for r in range(*rows) for q in range(*cols)) for i in range(len(a))])
+    assert got.shape == (3, 4 * sum(linear.layer_shape(net, k)[0] for k in linear.stage_layers(net)))
+    np.testing.assert_allclose(got, np.array(naive).T, rtol=1e-5, atol=1e-6)
+    # a hand-made 5x4 map: quarters of rows {0,1,2} / {3,4} and columns {0,1} / {2,3}
+    a = np.arange(20.0).reshape(1, 1, 5, 4)
+    np.testing.assert_array_equal(
+        linear.quadrant_sums(a),
+        [[0 + 1 + 4 + 5 + 8 + 9, 2 + 3 + 6 + 7 + 10 + 11, 12 + 13 + 16 + 17, 14 + 15 + 18 + 19]],
+    )
+    p2 = argparse.ArgumentParser()
+    S.add_arguments(p2)
+    assert p2.parse_args(["--readout", "quadrants"]).readout == "quadrants"
+
