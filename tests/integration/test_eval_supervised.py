@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from downpour.evals import supervised
+from downpour.evals import probes, supervised
 from downpour.nn import Network, presets
 
 pytestmark = pytest.mark.slow
@@ -37,20 +37,22 @@ def test_eval_supervised_on_tiny_trains_through_the_cluster(tmp_path):
     )
     assert res["seeds"] == [0, 1] and res["labels"] == [120, 30] and res["classes"] == 3
     rows = {(r["row"], r["labels"]): r for r in res["rows"]}
-    assert [r["row"] for r in res["rows"][:5]] == list(supervised.ROWS) and len(rows) == 10
+    names = [*supervised.ROWS, *probes.probe_rows(Network(presets.get("tiny")))]
+    assert [r["row"] for r in res["rows"]] == names + names and len(rows) == 2 * 12
     for r in res["rows"]:
         assert len(r["accuracies"]) == 2 and r["mean"] == pytest.approx(np.mean(r["accuracies"]))
         assert r["spread"] == pytest.approx(np.std(r["accuracies"], ddof=1))
     assert rows["linear classifier on pixels", 120]["mean"] > 0.9  # the task is learnable
     assert rows["network fine-tuned from unsupervised pretraining", 120]["mean"] > 0.6  # and learned (chance ~0.33)
-    assert len(res["comparisons"]) == 6 and {c["verdict"] for c in res["comparisons"]} <= {
+    assert len(res["comparisons"]) == 2 * (3 + 4) and {c["verdict"] for c in res["comparisons"]} <= {
         "gain",
         "loss",
         "within the spread",
     }
-    assert {c["l2"] for c in res["linear_choices"]} <= set(supervised.L2_GRID) and len(res["linear_choices"]) == 8
+    assert {c["l2"] for c in res["linear_choices"]} <= set(supervised.L2_GRID) and len(res["linear_choices"]) == 36
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
-    assert (out / "curve.png").stat().st_size > 1000
+    assert (out / "curve.png").stat().st_size > 1000 and (out / "probes.png").stat().st_size > 1000
+    assert res["probe_layers"] == ["stage1.pool", "stage2.pool", "stage3.pool"]
     jobs = out / "jobs"
     for s in (0, 1):
         for name in ("pretrain", "labels30/from_random", "labels120/fine_tune"):

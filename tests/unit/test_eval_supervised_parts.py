@@ -204,3 +204,97 @@ def test_quadrant_readout_sums_each_quarter_of_every_map():
     S.add_arguments(p2)
     assert p2.parse_args(["--readout", "quadrants"]).readout == "quadrants"
 
+
+def test_probe_rows_and_comparisons_name_every_stage():
+    from downpour.evals import probes
+
+    net = Network(presets.get("tiny"))
+    rows = probes.probe_rows(net)
+    assert rows[0] == "linear classifier on deep features, random weights (frozen)"
+    assert rows[1:] == tuple(
+        f"linear classifier on stage{i}.pool ({w}, frozen)" for i in (1, 2, 3) for w in ("pretrained", "random weights")
+    )
+    assert not set(rows) & set(S.ROWS)
+    comps = probes.probe_comparisons(net, S.ROWS[2])
+    assert comps[0] == (S.ROWS[2], rows[0], "features: pretrained vs random")
+    assert [c[2] for c in comps[1:]] == [f"stage{i}.pool: pretrained vs random" for i in (1, 2, 3)]
+    assert all(set(c[:2]) <= set(rows) | {S.ROWS[2]} for c in comps)
+
+
+def test_probe_feature_sets_read_each_stage_of_both_networks():
+    from downpour.evals import probes
+
+    net = Network(presets.get("tiny"))
+    rng = np.random.default_rng(0)
+    xl, xt = rng.random((5, 1, 16, 16), dtype=np.float32), rng.random((4, 1, 16, 16), dtype=np.float32)
+    pre, rand = net.init_params(7), net.init_params(3)
+    sets = probes.feature_sets(net, pre, rand, xl, xt, "pooled", S.ROWS[2])
+    assert set(sets) == {S.ROWS[2], *probes.probe_rows(net)}
+    np.testing.assert_array_equal(sets[S.ROWS[2]][0], S.features(net, pre, xl, "pooled"))
+    np.testing.assert_array_equal(sets[probes.RANDOM_FEATURES][1], S.features(net, rand, xt, "pooled"))
+    for params, row in ((pre, probes.pretrained_row), (rand, probes.random_row)):
+        acts = net.forward(params, xt)
+        for k in ("stage1.pool", "stage3.pool"):
+            np.testing.assert_array_equal(sets[row(k)][1], acts[k].reshape(4, -1))
+            assert sets[row(k)][0].shape == (5, acts[k][0].size)
+    quad = probes.feature_sets(net, pre, rand, xl, xt, "quadrants", S.ROWS[2])
+    assert quad[S.ROWS[2]][0].shape == (5, 48)  # the readout follows --readout, the stage probes do not
+    np.testing.assert_array_equal(quad[probes.random_row("stage2.pool")][0], sets[probes.random_row("stage2.pool")][0])
+
+
+def test_run_reports_probe_rows_against_the_jobs_initial_weights(tmp_path, monkeypatch):
+    """The whole eval with its training jobs replaced: a "pretraining" that returns the job's initial
+    weights makes every stage's pretrained and random probes the same classifier on the same features."""
+    from downpour.evals import probes
+    from downpour.evals.common import TrainResult
+
+    seeds_seen = []
+
+    def fake_job(run_dir, spec, x, y=None, *, steps, seed=0, **kw):
+        seeds_seen.append(seed)
+        return TrainResult(Network(spec).init_params(seed), steps, 0.0, [1.0, 0.5])
+
+    monkeypatch.setattr(S, "train_job", fake_job)
+    fit = S.linear_accuracy  # one penalty: the eval's bookkeeping is under test here, not the choice
+    monkeypatch.setattr(S, "linear_accuracy", lambda *a, **kw: fit(*a, l2_grid=(0.1,), **kw))
+    rng = np.random.default_rng(0)
+    x = rng.random((240, 1, 16, 16)).astype(np.float32) * 0.3
+    y = rng.integers(0, 3, 240)
+    for i, c in enumerate(y):
+        x[i, 0, 2 + 5 * c : 5 + 5 * c, :] += 0.7
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    lines = []
+    res = S.run(
+        str(tmp_path / "out"),
+        data=str(tmp_path / "d.npz"),
+        preset="tiny",
+        seeds=2,
+        labels=(30, 60),
+        pretrain_steps=5,
+        finetune_steps=5,
+        head_only_steps=1,
+        n_unlabeled=50,
+        n_test=40,
+        seed=4,
+        log=lines.append,
+    )
+    assert set(seeds_seen) == {4, 5}
+    net = Network(presets.get("tiny"))
+    names = (*S.ROWS, *probes.probe_rows(net))
+    assert [r["row"] for r in res["rows"]] == [*names, *names] and res["labels"] == [60, 30]
+    assert res["probe_layers"] == ["stage1.pool", "stage2.pool", "stage3.pool"]
+    rows = {(r["row"], r["labels"]): r["accuracies"] for r in res["rows"]}
+    for n in (60, 30):
+        assert rows[S.ROWS[2], n] == rows[probes.RANDOM_FEATURES, n]
+        for k in res["probe_layers"]:
+            assert rows[probes.pretrained_row(k), n] == rows[probes.random_row(k), n]
+    comps = [c for c in res["comparisons"] if "pretrained vs random" in c["what"]]
+    assert len(res["comparisons"]) == 2 * (len(S.COMPARISONS) + 4) and len(comps) == 8
+    assert all(c["difference"] == 0 and c["verdict"] == "within the spread" for c in comps)
+    assert len(res["linear_choices"]) == 2 * 2 * (2 + 7)
+    table = S.format_table(res)
+    for name in names:
+        assert name in table
+    assert "stage2.pool: pretrained vs random" in table
+    assert (tmp_path / "out" / "probes.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "curve.png").stat().st_size > 1000

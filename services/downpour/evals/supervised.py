@@ -10,7 +10,12 @@ reported as mean and spread (the sample standard deviation over the seeds):
   * the network trained from random weights (supervised, every layer);
   * the network fine-tuned from the unsupervised one: its fresh softmax head
     trains alone for ``--head-only-steps`` steps (the job's ``head_only_steps``),
-    then every layer (same steps in all, same data).
+    then every layer (same steps in all, same data);
+  * per-stage linear probes (``probes``), after those: a linear classifier on
+    every stage's pooled output of the pretrained network and on the same
+    stage of the same network at the weights its pretraining started from
+    (the job's seed), and on the random network's all-stage readout; each
+    pretrained row is compared with its random one.
 One row beats another only when the difference of their means exceeds the
 spread of that difference (sqrt(sd_a^2 + sd_b^2)); otherwise the table says
 "within the spread". Every seed pretrains its own network (its own initial
@@ -43,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from downpour.evals import common as C
-from downpour.evals import report
+from downpour.evals import probes, report
 from downpour.evals.jobs import train_job
 from downpour.evals.linear import (
     L2_GRID,
@@ -155,7 +160,9 @@ def run(
     base = presets.get(preset)
     jobs = os.path.join(os.path.abspath(out), "jobs")
     kw = dict(replicas=replicas, shards=shards, batch_size=batch_size, lr=lr, log=log)
-    acc: dict[int, dict[str, list[float]]] = {n: {r: [] for r in ROWS} for n in labels}
+    probe_net = Network(base)
+    all_rows = (*ROWS, *probes.probe_rows(probe_net))
+    acc: dict[int, dict[str, list[float]]] = {n: {r: [] for r in all_rows} for n in labels}
     training, choices = {}, []
     what = classes = None
     seed_list = list(range(seed, seed + seeds))
@@ -174,15 +181,17 @@ def run(
         if len(xl_all) < labels[0]:
             raise ValueError(f"--labels {labels[0]}: the data has only {len(xl_all)} labeled training examples")
         spec = NetworkSpec(input=base.input, stages=base.stages, classes=classes)
-        unsup_net, net = Network(base), Network(spec)
+        net = Network(spec)
         log(f"seed {s}: {what}")
         sdir = os.path.join(jobs, f"seed{s}")
         log(f"unsupervised pretraining: TICA on {len(xu)} unlabeled images")
         pre = train_job(os.path.join(sdir, "pretrain"), base, xu, steps=pretrain_steps, seed=s, **kw)
         training[f"seed{s}/pretrain"] = _training(pre, replicas, os.path.join(sdir, "pretrain"))
-        feats_l = features(unsup_net, pre.params, xl_all, readout)
-        feats_t = features(unsup_net, pre.params, xt, readout)
         pix_l, pix_t = xl_all.reshape(len(xl_all), -1).astype(np.float64), xt.reshape(len(xt), -1).astype(np.float64)
+        # the pretrained network's readout and stages, and the same at the job's initial weights
+        random_params = probe_net.init_params(s)
+        linear = {ROWS[1]: (pix_l, pix_t)}
+        linear.update(probes.feature_sets(probe_net, pre.params, random_params, xl_all, xt, readout, ROWS[2]))
         counts = np.bincount(yt, minlength=classes)
         for n in labels:
             idx = balanced_subset(yl_all, n, classes, s)
@@ -191,11 +200,12 @@ def run(
 
             def add(name, a, _row=row, _n=n, _s=s):
                 _row[name].append(a)
-                log(f"  seed {_s}, {_n} labels: {name:<56} {100 * a:5.1f}%")
+                log(f"  seed {_s}, {_n} labels: {name:<60} {100 * a:5.1f}%")
 
             add(ROWS[0], float(counts.max() / counts.sum()))
-            for name, (fl, ft) in ((ROWS[1], (pix_l, pix_t)), (ROWS[2], (feats_l, feats_t))):
-                a, l2, val = linear_accuracy(fl[idx], yl, ft, yt, classes, seed=s)
+            for name, (fl, ft) in linear.items():
+                fl, ft = np.asarray(fl[idx], np.float64), np.asarray(ft, np.float64)
+                a, l2, val = linear_accuracy(fl, yl, ft, yt, classes, seed=s)
                 choices.append(
                     {
                         "seed": s,
@@ -228,12 +238,12 @@ def run(
     rows = [
         {"row": r, "labels": n, "accuracies": acc[n][r], "mean": float(np.mean(acc[n][r])), "spread": spread(acc[n][r])}
         for n in labels
-        for r in ROWS
+        for r in all_rows
     ]
     comparisons = [
         dict(compare(acc[n][a], acc[n][b]), labels=n, what=what_, better=a, worse=b)
         for n in labels
-        for a, b, what_ in COMPARISONS
+        for a, b, what_ in (*COMPARISONS, *probes.probe_comparisons(probe_net, ROWS[2]))
     ]
     results = {
         "data": what,
@@ -243,6 +253,7 @@ def run(
         "labels": list(labels),
         "rows": rows,
         "comparisons": comparisons,
+        "probe_layers": probes.stage_layers(probe_net),
         "linear_choices": choices,
         "training": training,
         "settings": {
@@ -261,8 +272,11 @@ def run(
     }
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
+    caption = f"{what}; mean and spread over seeds {seed_list}"
     if len(labels) > 1:
-        report.label_curve(os.path.join(out, "curve.png"), results, f"{what}; mean and spread over seeds {seed_list}")
+        main = dict(results, rows=[r for r in rows if r["row"] in ROWS])
+        report.label_curve(os.path.join(out, "curve.png"), main, caption)
+    probes.chart(os.path.join(out, "probes.png"), results, ROWS[2], f"pretrained vs random weights: {caption}")
     log(format_table(results))
     return results
 
@@ -279,18 +293,21 @@ def _training(tr, replicas: int, run_dir: str) -> dict:
 
 
 def format_table(results: dict) -> str:
-    """Rows x labeled-set sizes, "mean ± spread" in percent, then the comparisons."""
+    """Rows (in the results' order) x labeled-set sizes, "mean ± spread" in percent, then the comparisons."""
     labels = results["labels"]
     cells = {(r["row"], r["labels"]): f"{100 * r['mean']:.1f} ± {100 * r['spread']:.1f}" for r in results["rows"]}
+    names = list(dict.fromkeys(r["row"] for r in results["rows"]))
+    w = max(56, *(len(k) + 1 for k in names))
+    ww = max(26, *(len(c["what"]) for c in results["comparisons"]))
     lines = [
         f"data: {results['data']}",
         f"test accuracy (%), mean ± spread over seeds {results['seeds']}",
-        f"{'row':<56}" + "".join(f"{f'{n} labels':>16}" for n in labels),
+        f"{'row':<{w}}" + "".join(f"{f'{n} labels':>16}" for n in labels),
     ]
-    lines += [f"{name:<56}" + "".join(f"{cells[name, n]:>16}" for n in labels) for name in ROWS]
+    lines += [f"{name:<{w}}" + "".join(f"{cells[name, n]:>16}" for n in labels) for name in names]
     for c in results["comparisons"]:
         lines.append(
-            f"{c['labels']:>5} labels, {c['what']:<26} {100 * c['difference']:+5.1f} points "
+            f"{c['labels']:>5} labels, {c['what']:<{ww}} {100 * c['difference']:+5.1f} points "
             f"(spread {100 * c['spread']:.1f}): {c['verdict']}"
         )
     lines.append(f"(trained by {results['trained_by']}; {results['seconds']:.0f}s)")
@@ -328,7 +345,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=READOUTS,
         default="pooled",
         help="what the linear classifier on deep features reads: every stage's pooled output (before "
-        "contrast normalisation), every stage's output, or the top stage's output",
+        "contrast normalisation), every stage's output, the top stage's output, or every stage's pooled "
+        "output summed over the four quarters of each map (4 features a map)",
     )
     p.add_argument("--replicas", type=int, default=2, help="model replicas of every training job")
     p.add_argument("--shards", type=int, default=2, help="parameter shards of every training job")
