@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from downpour.evals import common as C
-from downpour.nn import presets
+from downpour.nn import Network, presets
 
 
 def brute_force(a: np.ndarray, y: np.ndarray) -> float:
@@ -85,3 +85,29 @@ def test_eval_parsers():
     assert a.test_dir == "mine" and a.seeds == [3, 4] and a.whiten == "none" and not a.untied
     b = ap.parse_args(["eval", "supervised", "--data", "d.npz"])
     assert b.data == "d.npz" and callable(b.func)
+
+
+def test_in_process_training_records_the_objective():
+    # evals.common.train keeps, every OBJECTIVE_EVERY steps, each stage's terms, their ratio and
+    # the weights' norms, averaged over those steps (as downpour up's metrics.json does).
+    net = Network(presets.get("tiny"))
+
+    class Data:
+        x = np.random.default_rng(0).normal(size=(64, 1, 16, 16)).astype(np.float32)
+
+        def __len__(self):
+            return len(self.x)
+
+        def get(self, idx):
+            return self.x[idx], None
+
+    steps = C.OBJECTIVE_EVERY + 7
+    tr = C.train(net, Data(), steps=steps, batch_size=8)
+    assert [r["step"] for r in tr.objective] == [C.OBJECTIVE_EVERY, steps]
+    last = tr.objective[-1]
+    for s in ("stage1", "stage2", "stage3"):
+        assert last[f"{s}.ratio"] == pytest.approx(last[f"{s}.sparsity"] / last[f"{s}.reconstruction"])
+        assert last[f"{s}.W1.norm_min"] <= last[f"{s}.W1.norm_mean"] <= last[f"{s}.W1.norm_max"]
+    # the recorded terms are the mean of the steps' own: their sum over stages is the mean loss
+    total = sum(last[f"{s}.{t}"] for s in ("stage1", "stage2", "stage3") for t in ("reconstruction", "sparsity"))
+    assert total == pytest.approx(np.mean(tr.losses[C.OBJECTIVE_EVERY :]), rel=1e-6)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from downpour import scalars
 from downpour.feeder.preprocess import PreprocessSpec
 from downpour.nn import Network
 from downpour.nn.spec import NetworkSpec
@@ -31,6 +32,7 @@ from downpour.worker.loop import DownpourLoop, LocalStore
 OPTIMIZER = OptimizerConfig(kind="adagrad", lr=0.02, eps=1e-6, initial_accumulator=0.0)
 DEFAULT_LR = OPTIMIZER.lr
 DEFAULT_EPS = OPTIMIZER.eps
+OBJECTIVE_EVERY = 100  # steps between the rows of TrainResult.objective
 
 
 def preprocess_for(spec: NetworkSpec, normalize: str = "standardize") -> PreprocessSpec:
@@ -50,6 +52,9 @@ class TrainResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    # Every OBJECTIVE_EVERY steps: the step and each scalar of the objective (per-stage terms,
+    # weight norms, dead and dense units) averaged over those steps, as downpour up records them.
+    objective: list[dict] = field(default_factory=list)
 
     @property
     def first_loss(self) -> float:
@@ -94,33 +99,27 @@ def train(
     init = params if params is not None else net.init_params(seed)
     optimizer = dataclasses.replace(OPTIMIZER, lr=lr, eps=eps)
     store = LocalStore({k: np.asarray(v) for k, v in init.items()}, optimizer)
-    if supervised:
-
-        def compute(p, x, y):
-            loss, g, _ = net.supervised(p, x, y)
-            return loss, g
-    else:
-
-        def compute(p, x, y):
-            loss, g, _ = net.tica(p, x)
-            return loss, g
-
-    loop = DownpourLoop(compute, store, list(init), batches(dataset, batch_size, seed + 1), overlap=False)
-    losses = []
+    objective = net.supervised if supervised else (lambda p, x, y: net.tica(p, x))
+    loop = DownpourLoop(objective, store, list(init), batches(dataset, batch_size, seed + 1), overlap=False)
+    losses: list[float] = []
+    means, watched = scalars.Means(), []
     t0 = time.perf_counter()
     done = 0
     try:
         for step in range(steps):
             r = loop.step(step, first=step == 0)
             losses.append(r.loss)
+            means.add(r.info)
             done = step + 1
+            if done % OBJECTIVE_EVERY == 0 or done == steps:
+                watched.append({"step": done, **scalars.with_ratios(means.take())})
             if log is not None and (done % 500 == 0 or done == steps):
                 log(f"  step {done}/{steps}: loss {np.mean(losses[-50:]):.4g} ({time.perf_counter() - t0:.0f}s)")
             if time_budget is not None and time.perf_counter() - t0 > time_budget:
                 break
     finally:
         loop.close()
-    return TrainResult(store.pull(list(init)), done, time.perf_counter() - t0, losses)
+    return TrainResult(store.pull(list(init)), done, time.perf_counter() - t0, losses, watched)
 
 
 def activations(

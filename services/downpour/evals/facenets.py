@@ -155,4 +155,10 @@ def measure(nets: dict, prep: Prep, x_pool: np.ndarray, ev: D.EvalSet) -> dict:
 
 def train_info(tr: C.TrainResult) -> dict:
     """What results.json says about one training."""
-    return {"steps": tr.steps, "seconds": tr.seconds, "loss_first": tr.first_loss, "loss_last": tr.last_loss}
+    return {
+        "steps": tr.steps,
+        "seconds": tr.seconds,
+        "loss_first": tr.first_loss,
+        "loss_last": tr.last_loss,
+        "objective": tr.objective,  # per-stage terms, norms and units every OBJECTIVE_EVERY steps
+    }
