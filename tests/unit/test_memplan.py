@@ -34,10 +34,12 @@ def test_a_partition_worker_holds_only_its_blocks_and_the_neurons_one_stage_of_t
     assert all(w.parameters < N / 3 for w in workers)
     for w in workers:  # gradients 4 bytes and two shared regions of 4 bytes per parameter held
         assert w.parts["gradients"] == 4 * w.parameters and w.parts["transport"] == 8 * w.parameters
+        # the default tied decoder computes with W1's transposed copy: every block it holds is an encoder
+        assert w.parts["copies"] == memplan.CONSTRAINT_BYTES * w.parameters
     (neurons,) = [q for q in p.processes if q.role == "neurons"]
     # one stage's encoder at a time (the largest one), never all of them, never a decoder
     sizes = net.block_sizes()
-    assert neurons.parameters == max(sizes[f"{st.name}.W1"] for st in net.stages) < N // 2 // 2
+    assert neurons.parameters == max(sizes[f"{st.name}.W1"] for st in net.stages) < N // 2
     assert neurons.parts["weights"] == 4 * neurons.parameters == neurons.parts["copies"]  # 2x2: pieces joined
 
 
@@ -83,6 +85,17 @@ def test_a_job_that_does_not_fit_is_refused_with_the_numbers_and_a_layout_that_f
 def test_le2012_needs_several_machines_of_24_gb():
     c = cfg(preset="le2012", replicas=1)
     p = memplan.plan(c)
-    assert p.parameters > 2.4e9 and p.total > 24 << 30
+    assert p.parameters > 1.2e9 and p.total > 24 << 30  # 1.2 billion encoder weights (tied decoders)
     fit, machines = memplan.smallest_layout(c, 24 << 30)
     assert machines > 1 and all(q.total <= 24 << 30 for q in fit.processes)
+
+
+def test_constrained_blocks_are_counted_once_more_on_the_workers():
+    # unit_decoder normalises the decoder blocks (W2), unit_encoder and tied_decoder work from a
+    # copy of the encoder (W1); free computes on the blocks themselves.
+    net = Network(presets.get("small"))
+    w1 = sum(v for k, v in net.block_sizes().items() if k.endswith(".W1"))
+    for kind, held in (("free", 0), ("unit_decoder", w1), ("unit_encoder", w1), ("tied_decoder", w1)):
+        p = memplan.plan(cfg(preset="small", replicas=1, constraint=kind))
+        (worker,) = [q for q in p.processes if q.role == "worker"]
+        assert worker.parts["copies"] == memplan.CONSTRAINT_BYTES * held, kind

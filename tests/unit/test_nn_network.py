@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ SAMPLE = 80
 
 
 def _stage(filter=None, pool=None, lcn=None, lam=0.1, constraint="free"):
+    # free (untied, unconstrained W2) unless named: the decoder's own code paths stay covered;
+    # the specs train jointly, so that the gradient is the summed objective's (finite differences)
     return StageSpec(filter=filter, pool=pool, lcn=lcn, lam=lam, constraint=constraint)
 
 
@@ -38,6 +41,7 @@ SPECS = {
     # does not divide its input.
     "l2_then_nopool": NetworkSpec(
         input=(2, 8, 8),
+        training="joint",
         stages=(
             _stage(FilterSpec(maps=3, field=3), PoolSpec(size=2, stride=1), LCNSpec(size=3), lam=0.2),
             _stage(FilterSpec(maps=2, field=2, stride=2), None, LCNSpec(size=3), lam=0.1),
@@ -47,6 +51,7 @@ SPECS = {
     # use a separate L2 pool for sparsity.
     "conv_max_avg": NetworkSpec(
         input=(1, 9, 9),
+        training="joint",
         stages=(
             _stage(FilterSpec(maps=3, field=3, tied=True), PoolSpec(size=3, stride=2, kind="max"), LCNSpec(size=3)),
             _stage(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1, kind="avg", eps=0.05), None, lam=0.3),
@@ -55,17 +60,19 @@ SPECS = {
     # No pool and no LCN; a stage with no filter (pool + LCN only); a reconstruction-only stage.
     "bare_nofilter_lam0": NetworkSpec(
         input=(1, 8, 8),
+        training="joint",
         stages=(
             _stage(FilterSpec(maps=2, field=3), None, None, lam=0.1),
             _stage(None, PoolSpec(size=2, stride=2, kind="avg"), LCNSpec(size=3, sigma=1.0)),
             _stage(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1), None, lam=0.0),
         ),
     ),
-    "tiny": preset("tiny"),
+    "tiny": dataclasses.replace(preset("tiny"), training="joint"),
     # Each scale constraint (nn.constraint), on untied and tied (convolutional) filters, with a
     # stride that does not divide the input.
     "unit_decoder": NetworkSpec(
         input=(2, 8, 8),
+        training="joint",
         stages=(
             _stage(FilterSpec(maps=3, field=3), PoolSpec(size=2), LCNSpec(size=3), 0.2, "unit_decoder"),
             _stage(FilterSpec(maps=2, field=2, stride=2, tied=True), None, None, 0.1, "unit_decoder"),
@@ -73,6 +80,7 @@ SPECS = {
     ),
     "unit_encoder": NetworkSpec(
         input=(2, 8, 8),
+        training="joint",
         stages=(
             _stage(FilterSpec(maps=3, field=3, tied=True), PoolSpec(size=2), LCNSpec(size=3), 0.2, "unit_encoder"),
             _stage(FilterSpec(maps=2, field=2, stride=2), PoolSpec(size=2), None, 0.1, "unit_encoder"),
@@ -80,6 +88,7 @@ SPECS = {
     ),
     "tied_decoder": NetworkSpec(
         input=(2, 8, 8),
+        training="joint",
         stages=(
             _stage(FilterSpec(maps=3, field=3), PoolSpec(size=2), LCNSpec(size=3), 0.2, "tied_decoder"),
             _stage(FilterSpec(maps=2, field=2, stride=2, tied=True), PoolSpec(size=2), None, 0.1, "tied_decoder"),
@@ -298,9 +307,13 @@ def test_bad_params_and_inputs_are_rejected():
     with pytest.raises(ValueError, match="stage1.W1"):
         net.tica(short, x)
     missing = dict(params)
-    del missing["stage2.W2"]
-    with pytest.raises(KeyError, match="stage2.W2"):
+    del missing["stage2.W1"]
+    with pytest.raises(KeyError, match="stage2.W1"):
         net.tica(missing, x)
+    net_free, params_free, _, _ = _setup(SPECS["l2_then_nopool"])  # an untied decoder is a block of its own
+    del params_free["stage2.W2"]
+    with pytest.raises(KeyError, match="stage2.W2"):
+        net_free.tica(params_free, x[:, :2, :8, :8])
 
 
 @pytest.mark.parametrize("name", ["l2_then_nopool", "unit_encoder", "tied_decoder"])

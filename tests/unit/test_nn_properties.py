@@ -15,6 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from downpour.nn import LCN, FilterSpec, LCNSpec, LocalFilter, Network, NetworkSpec, Pool, PoolSpec, StageSpec
+from downpour.nn.spec import CONSTRAINTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_nn_naive import (
@@ -165,9 +166,13 @@ def small_specs(draw):
         )
     lcn = LCNSpec(size=draw(st.sampled_from([1, 3, 5]))) if draw(st.booleans()) else None
     lam = draw(st.sampled_from([0.0, 0.1, 0.5]))
-    stage = StageSpec(filter=FilterSpec(maps=maps, field=k, stride=s, tied=tied), pool=pool, lcn=lcn, lam=lam)
-    top = StageSpec(filter=FilterSpec(maps=2, field=1), pool=None, lcn=None, lam=0.1)
-    spec = NetworkSpec(input=(C, H, W), stages=(stage, top))
+    kinds = st.sampled_from(CONSTRAINTS)
+    stage = StageSpec(
+        filter=FilterSpec(maps=maps, field=k, stride=s, tied=tied), pool=pool, lcn=lcn, lam=lam, constraint=draw(kinds)
+    )
+    top = StageSpec(filter=FilterSpec(maps=2, field=1), pool=None, lcn=None, lam=0.1, constraint=draw(kinds))
+    # joint: the gradient checked is the summed objective's
+    spec = NetworkSpec(input=(C, H, W), stages=(stage, top), training="joint")
     return spec, draw(st.integers(1, 3)), draw(st.integers(0, 2**31 - 1))
 
 

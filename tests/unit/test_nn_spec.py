@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -154,8 +155,9 @@ def test_unknown_preset():
 # ------------------------------------------------------------------ counts and the CLI
 
 
-def _hand_count(input_chw, stages):
-    """Encoder connections, and parameters with decoders, from (maps, field, stride, pool) tuples."""
+def _hand_count(input_chw, stages, decoders=False):
+    """Encoder connections, and parameters (with untied decoders when ``decoders``), from
+    (maps, field, stride, pool) tuples."""
     c, h, w = input_chw
     connections = 0
     for maps, field, stride, pool in stages:
@@ -163,7 +165,7 @@ def _hand_count(input_chw, stages):
         connections += h * w * maps * field * field * c  # untied: one weight per location, map and input
         c = maps
         h, w = h - pool + 1, w - pool + 1  # pool stride 1
-    return connections, 2 * connections
+    return connections, (2 if decoders else 1) * connections
 
 
 def _model_json(name):
@@ -227,8 +229,10 @@ def test_summary_counts_head_and_tied_layers():
     info = summarize(spec)
     # tied: 7x7 locations share one 3x3x2 -> 3 weight set; the head sees 3x3x3 features
     assert info["connections"] == 7 * 7 * 3 * 18
-    assert info["total_parameters"] == 2 * 3 * 18 + 4 * 27 + 4
+    assert info["total_parameters"] == 3 * 18 + 4 * 27 + 4  # the default decoder: W1's transpose
     assert sum(Network(spec).block_sizes().values()) == info["total_parameters"]
+    free = dataclasses.replace(spec, stages=(dataclasses.replace(spec.stages[0], constraint="free"),))
+    assert summarize(free)["total_parameters"] == 2 * 3 * 18 + 4 * 27 + 4 == sum(Network(free).block_sizes().values())
     assert info["layers"][0]["kind"] == "conv" and info["layers"][1]["kind"] == "max_pool"
     assert info["layers"][-1]["kind"] == "softmax"
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -25,13 +26,21 @@ def _st(f=None, p=None, n=None, lam=0.1, constraint="free"):
 
 
 SPECS = {
-    "tiny": preset("tiny"),
+    # tiny with untied, free decoders trained jointly (every kind of exchange and block there
+    # is), and as the preset is (tied decoders, layer by layer)
+    "tiny": dataclasses.replace(
+        preset("tiny"),
+        training="joint",
+        stages=tuple(dataclasses.replace(s, constraint="free") for s in preset("tiny").stages),
+    ),
+    "tiny_preset": preset("tiny"),
     # Strides and pools that leave rows and columns out (row 29 is in no filter field,
     # the last pool column is in no window), max pooling (a separate L2 sparsity
     # pool), a tied (convolution) stage without pooling, and a softmax head.
     "uneven": NetworkSpec(
         input=(1, 30, 27),
         classes=3,
+        training="joint",
         stages=(
             _st(FilterSpec(maps=3, field=5, stride=2), PoolSpec(size=3, stride=2), LCNSpec(size=3)),
             _st(FilterSpec(maps=2, field=2), PoolSpec(size=2, stride=1, kind="max"), LCNSpec(size=3)),
@@ -42,6 +51,7 @@ SPECS = {
     "bare": NetworkSpec(
         input=(2, 16, 15),
         classes=2,
+        training="joint",
         stages=(
             _st(FilterSpec(maps=2, field=3), None, None),
             _st(None, PoolSpec(size=2, stride=2, kind="avg"), LCNSpec(size=3, sigma=1.0)),
@@ -252,7 +262,7 @@ def _check_tica(spec, grid, dtype, halo):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("halo", P.HALO_MODES)
 @pytest.mark.parametrize("grid", GRIDS)
-@pytest.mark.parametrize("name", ["tiny", "uneven", "constrained"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_preset", "uneven", "constrained"])
 def test_tica_equals_unpartitioned(name, grid, halo, dtype):
     r = _check_tica(SPECS[name], grid, dtype, halo)
     if grid == (1, 1):

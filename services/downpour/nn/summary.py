@@ -3,12 +3,15 @@
 Nothing is allocated, so this works for ``le2012`` (billions of parameters).
 FLOPs are per example for one forward pass (a multiply-add counts 2); a TICA
 training step costs about three times the forward of encoder plus decoder.
+Parameters count a decoder only where it is a block of its own (a tied decoder
+is the encoder's transpose: ``nn.constraint``).
 """
 
 from __future__ import annotations
 
 import numpy
 
+from .constraint import has_decoder_block
 from .filtering import LocalFilter
 from .lcn import LCN
 from .pooling import Pool
@@ -23,9 +26,9 @@ def summarize(spec: NetworkSpec) -> dict:
     for i, st in enumerate(spec.stages, 1):
         if st.filter is not None:
             f = LocalFilter(shape, st.filter.maps, st.filter.field, st.filter.stride, st.filter.tied)
-            n = int(numpy.prod(f.weight_shape))
+            n = int(numpy.prod(f.weight_shape)) * (2 if has_decoder_block(st.constraint) else 1)
             connections += f.connections
-            total += 2 * n  # encoder W1 + decoder W2
+            total += n  # encoder W1 (+ decoder W2)
             layers.append(
                 {
                     "name": f"stage{i}.filter",
@@ -34,7 +37,7 @@ def summarize(spec: NetworkSpec) -> dict:
                     "out_shape": list(f.out_shape),
                     "field": f.k,
                     "stride": f.s,
-                    "parameters": 2 * n,
+                    "parameters": n,
                     "connections": f.connections,
                     "flops": f.flops(),
                 }
@@ -109,6 +112,6 @@ def format_summary(name: str, info: dict) -> str:
         )
     rows.append("")
     rows.append(f"encoder connections: {info['connections']:,}")
-    rows.append(f"total parameters (decoders included): {info['total_parameters']:,}")
+    rows.append(f"total parameters (decoder blocks included): {info['total_parameters']:,}")
     rows.append(f"forward FLOPs per example: {_human(info['flops_per_example'])}")
     return "\n".join(rows)
