@@ -1,18 +1,19 @@
-"""Named network specs.
+"""Named network specs (the stages' objective is the default: tied decoders, layer by layer;
+parameter counts below are with tied decoders, twice that with untied ones).
 
 * ``tiny``: 1x16x16 input, three small stages; for tests (a step takes milliseconds).
-* ``small``: 1x32x32 input, three stages of 8 maps, about 2.7 million
+* ``small``: 1x32x32 input, three stages of 8 maps, about 1.35 million
   parameters; the default demo, trains in minutes on two cores.
 * ``medium``: 3x112x112 input, three stages of 8 maps over 12x12 fields with
-  the paper's 5x5 pooling and LCN: about 300 million parameters, between the
+  the paper's 5x5 pooling and LCN: about 150 million parameters, between the
   demo and the paper. It trains (a few steps) through ``downpour up`` on a
   24 GB machine with a 2x2 partition grid and 2 shards (see ``downpour model
   --preset medium --plan``), at learning rate 0.001: the default 0.01, tuned
-  on ``small``, diverges in its first Adagrad steps.
+  on ``small``, diverged in its first Adagrad steps (measured with untied decoders).
 * ``le2012``: the network of Le et al. (2012): 200x200x3 input, 18x18 fields,
   8 maps per location, 5x5 L2 pooling and 5x5 LCN, three stages, all strides
   1, which gives about 1.2 billion encoder connections (the paper's "one
-  billion"); twice that in parameters with the decoders. For clusters: only
+  billion"), as many parameters. For clusters: only
   its shapes are computed here, nothing is allocated.
 """
 
