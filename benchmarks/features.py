@@ -10,8 +10,11 @@ the rule the shards apply) and batch, from the seed's initial blocks. Then linea
 classifiers (``evals.linear.linear_accuracy``: the L2 penalty chosen on a validation fifth of the
 labeled set, then refitted on all of it) read: every stage's pooled output (the eval's readout),
 and each stage's pooled output alone, of the pretrained network and of the same network with its
-random initial weights; and the pixels. Reports validation accuracy (what a choice may look at)
-and test accuracy per row, labeled-set size and seed, and writes one JSON file. This is the
+random initial weights; every stage's pooled maps summed over their four quarters (the eval's
+``quadrants`` readout); and the pixels. ``--maps`` screens other widths (maps per stage),
+``--whiten zca`` ZCA-whitened images (``evals.facedata.ZCA``, fitted on the unlabeled pool).
+Reports validation accuracy (what a choice may look at) and test accuracy per row, labeled-set
+size and seed, and writes one JSON file. This is the
 quick, in-process screen of the variants; ``downpour eval supervised`` measures the chosen one
 through the cluster.
 """
@@ -19,6 +22,7 @@ through the cluster.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -32,7 +36,8 @@ from objective import variant_spec
 from downpour import config as jobconfig
 from downpour import optim
 from downpour.evals import common as C
-from downpour.evals.linear import linear_accuracy
+from downpour.evals.facedata import ZCA
+from downpour.evals.linear import from_activations, linear_accuracy
 from downpour.evals.supdata import balanced_subset, load_data
 from downpour.feeder.sharding import batches, shard_indices
 from downpour.nn import Network, presets
@@ -54,11 +59,13 @@ def pretrain(spec, x, steps: int, seed: int, cfg) -> tuple[Network, dict, float]
 
 
 def stage_features(net: Network, params: dict, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Each stage's pooled output (its output when it has no pool), flattened, and all of them."""
+    """Each stage's pooled output (its output when it has no pool), flattened; all of them; and all of
+    them summed over the four quarters of each map (the eval's ``quadrants`` readout)."""
     layers = [f"{st.name}.{'pool' if st.spec.pool is not None else 'output'}" for st in net.stages]
     acts = C.activations(net, params, x, layers=layers)
     out = {st.name: acts[k].astype(np.float64) for st, k in zip(net.stages, layers)}
     out["all stages"] = np.concatenate([out[st.name] for st in net.stages], axis=1)
+    out["all stages, quadrants"] = from_activations(net, acts, "quadrants")
     return out
 
 
@@ -80,11 +87,28 @@ def main() -> int:
     ap.add_argument("--labels", type=int, nargs="+", default=[2000, 300])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--unlabeled", type=int, default=20000)
+    ap.add_argument("--maps", type=int, nargs="+", default=None, help="maps per stage instead of the preset's")
+    ap.add_argument(
+        "--whiten", choices=("none", "zca"), default="none", help="ZCA-whiten every image, fitted on the unlabeled pool"
+    )
     ap.add_argument("--out", default="features.json")
     args = ap.parse_args()
     cfg = jobconfig.load(env={}, overrides={"preset": args.preset})
     base = presets.get(args.preset)
-    results: dict = {"preset": args.preset, "steps": args.steps, "seeds": {}}
+    if args.maps:
+        if len(args.maps) != len(base.stages):
+            raise SystemExit(f"--maps needs {len(base.stages)} values, one per stage")
+        stages = tuple(
+            dataclasses.replace(s, filter=dataclasses.replace(s.filter, maps=m)) for s, m in zip(base.stages, args.maps)
+        )
+        base = dataclasses.replace(base, stages=stages)
+    results: dict = {
+        "preset": args.preset,
+        "maps": [s.filter.maps for s in base.stages],
+        "steps": args.steps,
+        "whiten": args.whiten,
+        "seeds": {},
+    }
     for seed in args.seeds:
         what, xu, xl, yl, xt, yt, classes = load_data(
             "", base, normalize="standardize", n_unlabeled=args.unlabeled, n_labeled=max(args.labels),
@@ -95,6 +119,12 @@ def main() -> int:
         pix = {"pixels": xl.reshape(len(xl), -1).astype(np.float64)}
         pix_t = {"pixels": xt.reshape(len(xt), -1).astype(np.float64)}
         rows["pixels"] = probe(pix, yl, pix_t, yt, args.labels, seed, classes)
+        if args.whiten == "zca":  # the networks read whitened images; the pixel row stays the eval's
+            zca = ZCA(xu)
+            xu, xl, xt = zca(xu), zca(xl), zca(xt)
+            pix = {"whitened pixels": xl.reshape(len(xl), -1).astype(np.float64)}
+            pix_t = {"whitened pixels": xt.reshape(len(xt), -1).astype(np.float64)}
+            rows["whitened pixels"] = probe(pix, yl, pix_t, yt, args.labels, seed, classes)
         random_rows: dict = {}  # the random encoder is the same for every constraint but unit_encoder
         for v in args.variants:
             c, t = v.split("/")
@@ -120,11 +150,9 @@ def main() -> int:
                     if isinstance(x, dict)
                 )
                 print(f"  {v} {kind}: {cells}", flush=True)
-        p = rows["pixels"]
-        print(
-            "  pixels: "
-            + "  ".join(f"{k} {100 * x['test']:.1f} (val {100 * x['validation']:.1f})" for k, x in p.items())
-        )
+        for name in ("pixels", "whitened pixels"):
+            for k, x in rows.get(name, {}).items():
+                print(f"  {k} {100 * x['test']:.1f} (val {100 * x['validation']:.1f})")
         results["seeds"][str(seed)] = rows
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
