@@ -8,8 +8,8 @@ parameter counts below are with tied decoders, twice that with untied ones).
   the paper's 5x5 pooling and LCN: about 150 million parameters, between the
   demo and the paper. It trains (a few steps) through ``downpour up`` on a
   24 GB machine with a 2x2 partition grid and 2 shards (see ``downpour model
-  --preset medium --plan``), at learning rate 0.001: the default 0.01, tuned
-  on ``small``, diverged in its first Adagrad steps (measured with untied decoders).
+  --preset medium --plan``), at learning rate 0.001: at the default 0.01, tuned
+  on ``small``, its loss spikes fiftyfold in its first Adagrad steps (docs/benchmarks.md).
 * ``le2012``: the network of Le et al. (2012): 200x200x3 input, 18x18 fields,
   8 maps per location, 5x5 L2 pooling and 5x5 LCN, three stages, all strides
   1, which gives about 1.2 billion encoder connections (the paper's "one
