@@ -90,12 +90,73 @@ def test_load_blocks_returns_every_block_verified(tmp_path):
         cks.load_blocks(tmp_path, m)
 
 
+def _torn(folder) -> None:
+    """What a coordinator that died mid-checkpoint leaves: a shard file, a shard's temp file, a torn manifest's temp."""
+    os.makedirs(folder)
+    for name in ("shard-0.ckpt", ".shard-1.ckpt.tmp-4242", "MANIFEST.json.tmp.4242"):
+        (folder / name).write_bytes(b"x")
+
+
 def test_uncommitted_folders_go_and_committed_ones_stay(tmp_path):
     committed(tmp_path, "kept")
-    os.makedirs(tmp_path / "torn" / "sub")
+    _torn(tmp_path / "torn")
     os.makedirs(tmp_path / "spared")
     manifest.remove_uncommitted(tmp_path, keep={"spared"})
     assert sorted(os.listdir(tmp_path)) == ["kept", "spared"]
     manifest.discard_uncommitted(tmp_path, "kept")  # has a manifest: not discarded
     manifest.discard_uncommitted(tmp_path, "spared")
     assert sorted(os.listdir(tmp_path)) == ["kept"]
+
+
+def test_cleanup_deletes_only_the_files_it_writes(tmp_path):
+    committed(tmp_path, "kept")
+    # an operator's folders beside the checkpoints (the coordinator's own state among them)
+    os.makedirs(tmp_path / "coordinator")
+    (tmp_path / "coordinator" / "state.json").write_text("{}")
+    os.makedirs(tmp_path / "data" / "images")
+    (tmp_path / "notes.txt").write_text("a file at the top")
+    # a torn checkpoint someone also put a file into: our files go, theirs and the folder stay
+    _torn(tmp_path / "mixed")
+    (tmp_path / "mixed" / "keep-me.txt").write_text("theirs")
+    # a link to a folder elsewhere, named like a checkpoint: neither the link nor its target is touched
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    _torn(elsewhere)
+    os.symlink(elsewhere, tmp_path / "linked")
+    # a name no checkpoint can have
+    os.makedirs(tmp_path / ".hidden")
+    (tmp_path / ".hidden" / "shard-0.ckpt").write_bytes(b"x")
+    manifest.remove_uncommitted(tmp_path, keep=set())
+    assert sorted(os.listdir(tmp_path)) == [".hidden", "coordinator", "data", "kept", "linked", "mixed", "notes.txt"]
+    assert (tmp_path / "coordinator" / "state.json").read_text() == "{}"
+    assert os.path.isdir(tmp_path / "data" / "images")
+    assert os.listdir(tmp_path / "mixed") == ["keep-me.txt"]
+    assert sorted(os.listdir(elsewhere)) == [".shard-1.ckpt.tmp-4242", "MANIFEST.json.tmp.4242", "shard-0.ckpt"]
+    assert os.listdir(tmp_path / ".hidden") == ["shard-0.ckpt"]
+    # retention, too, removes a committed checkpoint's own files and leaves anything else in its folder
+    (tmp_path / "kept" / "keep-me.txt").write_text("theirs")
+    manifest.remove(str(tmp_path / "kept" / cks.MANIFEST))
+    assert os.listdir(tmp_path / "kept") == ["keep-me.txt"]
+
+
+def test_a_shard_file_is_written_once(tmp_path):
+    shards = committed(tmp_path, "once")
+    path = shardfile.shard_path(tmp_path, "once", 0)
+    before = path.read_bytes()
+    shards.stores[0].blocks[next(iter(shards.stores[0].blocks))].w[:] = 7.0  # the shard has moved on
+    with pytest.raises(cks.CheckpointExists, match="already exists"):
+        shardfile.save(shards.stores[0], path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == [cks.MANIFEST, "shard-0.ckpt", "shard-1.ckpt"]  # no temp left
+
+
+def test_a_name_taken_between_the_check_and_the_write_is_still_refused(tmp_path, monkeypatch):
+    """The last check is atomic: the file takes its name by a hard link, which fails if it exists."""
+    shards = committed(tmp_path, "race")
+    path = shardfile.shard_path(tmp_path, "race", 0)
+    before = path.read_bytes()
+    real_exists = type(path).exists
+    monkeypatch.setattr(type(path), "exists", lambda p: False if p == path else real_exists(p))
+    with pytest.raises(cks.CheckpointExists):
+        shardfile.save(shards.stores[0], path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == [cks.MANIFEST, "shard-0.ckpt", "shard-1.ckpt"]

@@ -19,7 +19,7 @@ from downpour.config import JobConfig
 from downpour.coordinator.manager import FINAL_CHECKPOINT_ATTEMPTS, CheckpointFailed, CheckpointManager
 from downpour.coordinator.params import Parameters
 from downpour.coordinator.shards import ShardError
-from downpour.coordinator.state import JobState
+from downpour.coordinator.state import Checkpoint, JobState
 
 
 class Clock:
@@ -179,3 +179,71 @@ def test_the_manifest_records_the_job(tmp_path):
     ck = mgr.checkpoint("j")
     body = json.loads(open(ck.manifest_path).read())
     assert body["job_id"] == state.job_id and "preset: tiny" in body["config"]
+
+
+# -- ids are written once -------------------------------------------------------------------
+
+
+def test_a_taken_id_is_refused_before_any_shard_is_asked_and_nothing_is_lost(tmp_path):
+    mgr, shards, state, _ = make(tmp_path)
+    mgr.cfg.keep_checkpoints = 1
+    mgr.checkpoint("nightly")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "nightly").iterdir()}
+    state.progress[0].step = state.progress[1].step = 20
+    with pytest.raises(cks.CheckpointExists, match="already exists"):
+        mgr.checkpoint("nightly")
+    assert shards.named("checkpoint") == [("checkpoint", "nightly")]  # the second was never sent
+    assert {p.name: p.read_bytes() for p in (tmp_path / "nightly").iterdir()} == before
+    [m] = cks.valid_manifests(tmp_path)
+    assert m["checkpoint_id"] == "nightly"
+    assert [c.checkpoint_id for c in state.checkpoints] == ["nightly"]
+
+
+def test_a_folder_of_that_name_is_not_written_into(tmp_path):
+    mgr, shards, state, _ = make(tmp_path)
+    os.makedirs(tmp_path / "mine")
+    (tmp_path / "mine" / "data.bin").write_bytes(b"theirs")
+    with pytest.raises(cks.CheckpointExists):
+        mgr.checkpoint("mine")
+    assert shards.calls == [] and state.checkpoints == []
+    assert os.listdir(tmp_path / "mine") == ["data.bin"]
+
+
+def test_generated_ids_never_collide(tmp_path, monkeypatch):
+    mgr, _, state, _ = make(tmp_path)
+    monkeypatch.setattr("downpour.coordinator.manager.time.time", lambda: 1234.5)  # the same millisecond
+    a, b = mgr.checkpoint(), mgr.checkpoint()  # and the same step
+    assert a.checkpoint_id != b.checkpoint_id and b.checkpoint_id.startswith(a.checkpoint_id)
+    assert [m["checkpoint_id"] for m in cks.valid_manifests(tmp_path)] == [a.checkpoint_id, b.checkpoint_id]
+
+
+def test_older_checkpoints_stay_until_the_new_one_reads_back(tmp_path, monkeypatch):
+    mgr, _, state, _ = make(tmp_path)  # keep_checkpoints=2
+    for i, name in enumerate(("a", "b")):
+        state.progress[0].step = state.progress[1].step = 10 * (i + 1)
+        mgr.checkpoint(name)
+    real = cks.verify
+
+    def corrupt_c(d, m):  # the new checkpoint's files do not verify once on the disk
+        if m["checkpoint_id"] == "c":
+            raise cks.CheckpointInvalid("checkpoint c: crc32 mismatch (corrupt)")
+        return real(d, m)
+
+    monkeypatch.setattr("downpour.checkpoint.manifest.verify", corrupt_c)
+    state.progress[0].step = state.progress[1].step = 30
+    with pytest.raises(CheckpointFailed, match="did not verify"):
+        mgr.checkpoint("c")
+    monkeypatch.setattr("downpour.checkpoint.manifest.verify", real)
+    assert [c.checkpoint_id for c in state.checkpoints] == ["a", "b"]
+    assert [m["checkpoint_id"] for m in cks.valid_manifests(tmp_path)] == ["a", "b"]
+    assert folders(tmp_path) == ["a", "b"]  # c withdrawn and cleaned up, a not deleted
+
+
+def test_the_job_state_records_an_id_once():
+    cfg = JobConfig(preset="tiny", replicas=1, steps=50, keep_checkpoints=1, warm_start=0)
+    state = JobState(cfg, None)
+    ck = Checkpoint("nightly", 1, "/x/nightly/MANIFEST.json", [1], [], 0.0)
+    assert state.add_checkpoint(ck) == []
+    again = Checkpoint("nightly", 2, "/x/nightly/MANIFEST.json", [2], [], 1.0)
+    assert state.add_checkpoint(again) == []  # the newest is never handed back for deletion
+    assert [c.step for c in state.checkpoints] == [2]

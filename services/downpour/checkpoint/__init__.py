@@ -1,8 +1,8 @@
 """Everything about checkpoints: the shard file, the manifest commit point, verification,
 retention, block layout, and reading (whole, or one block at a time for ``init_from``).
 
-    errors      CheckpointError > CheckpointNotFound, CheckpointInvalid
-    files       atomic_write, fsync_dir, file_crc32
+    errors      CheckpointError > CheckpointNotFound, CheckpointInvalid, CheckpointExists
+    files       atomic_write, write_new (never over a file), make_dir (durable), fsync_dir, file_crc32
     shardfile   one shard's file: save, load (verified), read_header, shard_path, valid_id
     manifest    MANIFEST.json: list_manifests, verify, newest_valid, commit, retention
     layout      a job's blocks: job_blocks, block_layout
@@ -18,7 +18,7 @@ The names below are the reading API most callers need:
 Nothing in this package imports the package itself, so its modules form no cycle.
 """
 
-from downpour.checkpoint.errors import CheckpointError, CheckpointInvalid, CheckpointNotFound
+from downpour.checkpoint.errors import CheckpointError, CheckpointExists, CheckpointInvalid, CheckpointNotFound
 from downpour.checkpoint.files import file_crc32
 from downpour.checkpoint.layout import block_layout
 from downpour.checkpoint.manifest import (
@@ -36,6 +36,7 @@ from downpour.checkpoint.shardfile import read_header, valid_id
 __all__ = [
     "MANIFEST",
     "CheckpointError",
+    "CheckpointExists",
     "CheckpointInvalid",
     "CheckpointNotFound",
     "block_layout",

@@ -8,6 +8,8 @@ import zlib
 
 # Write errors that mean "no room": the disk (or the quota, or the file size limit) is full.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# What os.link raises where the file system has no hard links (some FUSE, SMB and NFS mounts).
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -17,6 +19,53 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dir(path: str | os.PathLike) -> bool:
+    """Create folder ``path`` (its parents too) durably: the new entry is fsynced in its parent, so
+    a crash cannot lose the folder under files already fsynced inside it. True if it was created."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        return False
+    parent = os.path.dirname(path)
+    make_dir(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return False
+    fsync_dir(parent)
+    return True
+
+
+def write_new(path: str | os.PathLike, chunks) -> tuple[int, int]:
+    """Write ``chunks`` (bytes-like) to ``path`` whole or not at all, and never over an existing file:
+    temp file, fsync, then a hard link to the final name (which fails with FileExistsError if the
+    name is taken, atomically), fsync of the folder. Returns (crc32, size) of what was written."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    crc, size = 0, 0
+    try:
+        with open(tmp, "wb") as f:
+            for part in chunks:
+                f.write(part)
+                crc, size = zlib.crc32(part, crc), size + memoryview(part).nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except OSError as e:
+            if e.errno not in NO_HARD_LINKS:
+                raise
+            # a file system without hard links: check, then rename (not atomic against a second writer)
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    fsync_dir(folder or ".")
+    return crc, size
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
 from downpour.checkpoint.errors import CheckpointInvalid
-from downpour.checkpoint.files import atomic_write, file_crc32
-from downpour.checkpoint.shardfile import read_header
+from downpour.checkpoint.files import atomic_write, file_crc32, make_dir
+from downpour.checkpoint.shardfile import read_header, valid_id
 
 log = logging.getLogger("downpour.checkpoints")
 
@@ -138,21 +138,68 @@ def newest_valid(checkpoint_dir: str | os.PathLike, exclude: tuple[str, ...] = (
 def commit(checkpoint_dir: str | os.PathLike, checkpoint_id: str, body: dict[str, Any]) -> str:
     """Write a checkpoint's manifest (atomically, the commit point); returns its path."""
     folder = os.path.join(os.fspath(checkpoint_dir), checkpoint_id)
-    os.makedirs(folder, exist_ok=True)
+    make_dir(folder)
     path = os.path.join(folder, MANIFEST)
     atomic_write(path, json.dumps(body, indent=1).encode())
     return path
 
 
+# The only names this project writes inside a checkpoint folder: the shards' files and their temp
+# files (``files.write_new``), the manifest and its temp file (``files.atomic_write``). Cleanup
+# deletes these and nothing else, so a folder that holds anything more is left where it is.
+_OURS = re.compile(r"^(shard-\d+\.ckpt|\.shard-\d+\.ckpt\.tmp-\d+|MANIFEST\.json|MANIFEST\.json\.tmp\.\d+)$")
+
+
+def _remove_ours(folder: str) -> bool:
+    """Delete this project's files in ``folder``, then the folder if that emptied it; True if it is gone.
+    A folder that holds anything else keeps it (and is logged): cleanup never deletes what it did not write."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        log.warning("not cleaning %s: %s", folder, e)
+        return False
+    for name in names:
+        if _OURS.match(name):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # a folder of that name, or no permission: leave it
+                log.warning("not removing %s: %s", os.path.join(folder, name), e)
+    try:
+        os.rmdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        log.warning(
+            "left %s in place: it holds files this project did not write (%s)",
+            folder,
+            ", ".join(sorted(n for n in os.listdir(folder))[:5]),
+        )
+        return False
+    return True
+
+
+def _ours(checkpoint_dir: str, name: str) -> str | None:
+    """The folder of checkpoint ``name`` in ``checkpoint_dir`` if it can be one of ours: a valid id, a
+    real folder (not a link to one elsewhere)."""
+    folder = os.path.join(checkpoint_dir, name)
+    if not valid_id(name) or os.path.islink(folder) or not os.path.isdir(folder):
+        return None
+    return folder
+
+
 def discard_uncommitted(checkpoint_dir: str | os.PathLike, checkpoint_id: str) -> None:
     """Remove what the shards wrote for a checkpoint whose manifest was never written."""
-    folder = os.path.join(os.fspath(checkpoint_dir), checkpoint_id)
-    if not os.path.exists(os.path.join(folder, MANIFEST)):
-        shutil.rmtree(folder, ignore_errors=True)
+    folder = _ours(os.fspath(checkpoint_dir), checkpoint_id)
+    if folder is not None and not os.path.exists(os.path.join(folder, MANIFEST)):
+        _remove_ours(folder)
 
 
 def remove(manifest_path: str) -> None:
-    """Remove a committed checkpoint that fell out of retention: its whole folder.
+    """Remove a committed checkpoint that fell out of retention: its files, then its folder.
 
     The manifest goes first: a removal cut short (the coordinator killed) leaves an uncommitted
     folder, removed by a later ``remove_uncommitted``, never a manifest naming files that are gone.
@@ -161,20 +208,21 @@ def remove(manifest_path: str) -> None:
         os.remove(manifest_path)
     except FileNotFoundError:
         pass
-    shutil.rmtree(os.path.dirname(manifest_path), ignore_errors=True)
+    _remove_ours(os.path.dirname(manifest_path))
 
 
 def remove_uncommitted(checkpoint_dir: str | os.PathLike, keep: set[str]) -> None:
     """Folders the shards wrote for a checkpoint that was never committed (a coordinator died mid-way),
-    except those named in ``keep``."""
+    except those named in ``keep``. Only names a checkpoint can have, and only the files this project
+    writes: anything else under ``checkpoint_dir`` stays."""
     d = os.fspath(checkpoint_dir)
     try:
         names = os.listdir(d)
     except OSError:
         return
     for name in names:
-        folder = os.path.join(d, name)
-        if name in keep or not os.path.isdir(folder):
+        folder = _ours(d, name)
+        if name in keep or folder is None:
             continue
         if not os.path.exists(os.path.join(folder, MANIFEST)):
-            shutil.rmtree(folder, ignore_errors=True)
+            _remove_ours(folder)

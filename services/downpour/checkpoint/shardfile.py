@@ -29,8 +29,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from downpour.checkpoint.errors import CheckpointError, CheckpointInvalid, CheckpointNotFound
-from downpour.checkpoint.files import fsync_dir
+from downpour.checkpoint.errors import CheckpointError, CheckpointExists, CheckpointInvalid, CheckpointNotFound
+from downpour.checkpoint.files import make_dir, write_new
 from downpour.paramserver.store import Block, OptimizerConfig, ShardStore
 
 # The errors ``load`` raises, named here too: a shard restores with this module alone.
@@ -74,9 +74,13 @@ def _size(shape: list[int]) -> int:
 def save(store: ShardStore, path: Path) -> tuple[int, int, int]:
     """Write the store to ``path`` atomically; returns (num_blocks, num_bytes, crc32 of the file).
 
-    Holds the store exclusively while copying the arrays, so the checkpoint
-    is a consistent cut between pushes; the disk writes happen after.
+    Never over an existing file: a checkpoint id is written once (``CheckpointExists``, checked
+    before the copy and again, atomically, when the file takes its name). Holds the store
+    exclusively while copying the arrays, so the checkpoint is a consistent cut between pushes;
+    the disk writes happen after.
     """
+    if path.exists():
+        raise CheckpointExists(f"checkpoint file {path} already exists: checkpoint ids are written once")
     store.rw.acquire_exclusive()
     try:
         snap = [(b.name, b.shape, b.version, b.w.copy(), b.acc.copy()) for b in store.blocks.values()]
@@ -94,27 +98,18 @@ def save(store: ShardStore, path: Path) -> tuple[int, int, int]:
         ],
     }
     hdr = json.dumps(header, sort_keys=True).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    crc = 0
-    size = 0
+    make_dir(path.parent)
+
+    def chunks():
+        yield from (MAGIC, struct.pack("<Q", len(hdr)), hdr, struct.pack("<I", zlib.crc32(hdr)))
+        for _, _, _, w, a in snap:
+            yield w.data.cast("B")
+            yield a.data.cast("B")
+
     try:
-        with open(tmp, "wb") as f:
-            for part in (MAGIC, struct.pack("<Q", len(hdr)), hdr, struct.pack("<I", zlib.crc32(hdr))):
-                f.write(part)
-                crc, size = zlib.crc32(part, crc), size + len(part)
-            for _, _, _, w, a in snap:
-                for arr in (w, a):
-                    mv = arr.data.cast("B")
-                    f.write(mv)
-                    crc, size = zlib.crc32(mv, crc), size + mv.nbytes
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        crc, size = write_new(path, chunks())
+    except FileExistsError:
+        raise CheckpointExists(f"checkpoint file {path} already exists: checkpoint ids are written once") from None
     return len(snap), size, crc
 
 

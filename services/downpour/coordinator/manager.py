@@ -6,8 +6,11 @@ shard reported them, every placed block present on its shard) and writes the
 manifest (atomically, last), which records a crc32 per block. A checkpoint
 without a manifest never happened: whatever the shards wrote for a failed
 attempt is removed at once, so a full disk retried for hours leaves no folders
-behind. The newest ``keep_checkpoints`` are kept; uncommitted leftovers of a
-coordinator that died mid-way are removed on the next commit.
+behind. Ids are written once (the coordinator and every shard refuse a taken
+one). The newest ``keep_checkpoints`` are kept, and the older ones are deleted
+only after the new one reads back and verifies; uncommitted leftovers of a
+coordinator that died mid-way are removed on the next commit (this project's
+files only: a folder holding anything else stays).
 
 ``tick`` is one pass of the checkpoint thread: a checkpoint every
 ``checkpoint_every`` steps per replica (counted over all replicas together,
@@ -19,6 +22,7 @@ backoff while training goes on; the final one is tried
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -28,7 +32,7 @@ from contextlib import AbstractContextManager
 
 from downpour import metrics
 from downpour.checkpoint import manifest as mf
-from downpour.checkpoint.errors import CheckpointError
+from downpour.checkpoint.errors import CheckpointError, CheckpointExists
 from downpour.checkpoint.files import file_crc32
 from downpour.checkpoint.shardfile import valid_id
 from downpour.coordinator.shards import ShardError, Shards, disk_full
@@ -75,7 +79,12 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------- one checkpoint
     def checkpoint(self, checkpoint_id: str = "") -> Checkpoint:
-        """Each shard writes its part; verified, the manifest commits the checkpoint."""
+        """Each shard writes its part; verified, the manifest commits the checkpoint.
+
+        Ids are written once: a given id that is already taken (a committed checkpoint, or any
+        folder of that name) raises ``CheckpointExists`` before any shard writes a byte, and a
+        generated one is made unique. The older checkpoints that fall out of retention are
+        deleted only after the new one is read back and verifies."""
         if checkpoint_id and not valid_id(checkpoint_id):
             raise ValueError(
                 f"invalid checkpoint id {checkpoint_id!r}: letters, digits and ._- only, "
@@ -86,7 +95,15 @@ class CheckpointManager:
             with self.state.lock:
                 step = self.state.step
                 replica_steps = [p.step for p in self.state.progress]
-            ck_id = checkpoint_id or f"step-{step:08d}-{int(time.time() * 1000) % 100000:05d}"
+            if checkpoint_id:
+                if self._taken(checkpoint_id):
+                    raise CheckpointExists(
+                        f"checkpoint {checkpoint_id!r} already exists in {self.checkpoint_dir}: "
+                        "checkpoint ids are written once; choose another name"
+                    )
+                ck_id = checkpoint_id
+            else:
+                ck_id = self._new_id(step)
             manifest_path = os.path.join(self.checkpoint_dir, ck_id, mf.MANIFEST)
             try:
                 with self.connect() as shards:
@@ -96,6 +113,9 @@ class CheckpointManager:
                 body = dict(ck.__dict__, job_id=self.state.job_id, placement=self.place, config=self.cfg.to_yaml(),
                             blocks=blocks)  # fmt: skip
                 mf.commit(self.checkpoint_dir, ck_id, body)  # the commit point
+                if len(self.state.checkpoints) + 1 > self.cfg.keep_checkpoints:
+                    # older ones are about to go: first read the new one back from the disk
+                    self._verify_committed(ck_id, manifest_path)
             except BaseException as e:
                 mf.discard_uncommitted(self.checkpoint_dir, ck_id)
                 if isinstance(e, Exception):
@@ -109,6 +129,32 @@ class CheckpointManager:
             metrics.CHECKPOINT_SECONDS.labels("coordinator").observe(time.perf_counter() - t0)
             log.info("checkpoint %s committed at step %d", ck_id, step)
             return ck
+
+    def _taken(self, ck_id: str) -> bool:
+        with self.state.lock:
+            known = any(c.checkpoint_id == ck_id for c in self.state.checkpoints)
+        return known or os.path.lexists(os.path.join(self.checkpoint_dir, ck_id))
+
+    def _new_id(self, step: int) -> str:
+        """A generated id that no checkpoint (or folder) has: the step and the time, then a suffix if needed."""
+        base = f"step-{step:08d}-{int(time.time() * 1000) % 100000:05d}"
+        ck_id, n = base, 1
+        while self._taken(ck_id):
+            ck_id, n = f"{base}-{n}", n + 1
+        return ck_id
+
+    def _verify_committed(self, ck_id: str, manifest_path: str) -> None:
+        """The committed manifest and every file it names, as read back from the disk; if they do not
+        verify, the manifest is withdrawn (CheckpointFailed) and nothing older is deleted."""
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                mf.verify(self.checkpoint_dir, json.load(f))
+        except (CheckpointError, OSError, ValueError, KeyError) as e:
+            try:
+                os.remove(manifest_path)
+            except FileNotFoundError:
+                pass
+            raise CheckpointFailed(f"checkpoint {ck_id} did not verify once written, withdrawn: {e}") from e
 
     def verify_parts(self, ck_id: str, parts: list[dict]) -> dict[str, dict]:
         """The shards' files as written: sizes and crc32s as reported, every placed block there.

@@ -296,7 +296,11 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             ck = self.checkpoint(request.checkpoint_id)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except cks.CheckpointExists as e:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"checkpoint not created: {e}")
         except ShardError as e:
+            if e.code == grpc.StatusCode.ALREADY_EXISTS.name:  # a shard already holds a file of that id
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"checkpoint not created: {e.details}")
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED if e.disk_full else grpc.StatusCode.UNAVAILABLE,
                 f"checkpoint not committed: a shard failed to checkpoint: {e.details}",

@@ -228,6 +228,8 @@ class JobState:
     def add_checkpoint(self, ck: Checkpoint) -> list[Checkpoint]:
         """Record a committed checkpoint; returns those that fall out of retention."""
         with self.lock:
+            # one entry per id: an id recorded twice would be deleted as "old" while it is the newest
+            self.checkpoints = [c for c in self.checkpoints if c.checkpoint_id != ck.checkpoint_id]
             self.checkpoints.append(ck)
             dropped = self.checkpoints[: -self.cfg.keep_checkpoints]
             self.checkpoints = self.checkpoints[-self.cfg.keep_checkpoints :]

@@ -40,6 +40,7 @@ import grpc
 
 from downpour import metrics, optim
 from downpour.checkpoint import shardfile as ckpt
+from downpour.checkpoint.errors import CheckpointExists
 from downpour.checkpoint.files import DISK_FULL
 from downpour.paramserver import errors, initial
 from downpour.paramserver.assembly import Assembly
@@ -290,6 +291,9 @@ class ParameterServer(BlockCreation, SharedPlane):
         t0 = time.perf_counter()
         try:
             n, size, crc = ckpt.save(self.store, path)
+        except CheckpointExists as e:
+            # written once: a second checkpoint under a taken id would overwrite a committed one
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"shard {self.store.shard_index}: {e}")
         except OSError as e:
             # A full disk (or any other write error) fails this checkpoint cleanly: save() removed its
             # temp file, the folder goes if nothing else is in it, the shard's state is untouched.
