@@ -355,13 +355,13 @@ def test_reflection_lists_the_services(strict_shard):
 
 def test_bearer_token_hook(shards, tmp_path):
     token = tmp_path / "token"
-    token.write_text("s3cret\n")
+    token.write_text("a-token-of-24-characters\n")
     s = shards("--token-file", str(token))  # health needs no token: the fixture got SERVING
     with ParamClient([s.address], channel_config=ChannelConfig(token="wrong")) as ps:
         with pytest.raises(grpc.RpcError) as err:
             ps.list_blocks()
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    with ParamClient([s.address], channel_config=ChannelConfig(token="s3cret")) as ps:
+    with ParamClient([s.address], channel_config=ChannelConfig(token="a-token-of-24-characters")) as ps:
         ps.init({"a": np.zeros(4, np.float32)})
         assert [b.name for b in ps.list_blocks()[0].blocks] == ["a"]
 

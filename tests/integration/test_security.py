@@ -181,3 +181,72 @@ def test_downpour_up_secure_trains_with_mtls_and_a_token_everywhere(tmp_path):
     assert list((out / "checkpoints").glob("*/MANIFEST.json"))
     assert oct((out / "tls").stat().st_mode & 0o777) == "0o700"
     assert oct((out / "tls" / "node.key").stat().st_mode & 0o777) == "0o600"
+
+
+# -- holes a hostile client or a careless operator found ------------------------------------
+
+
+@pytest.mark.parametrize("content", ["", "   \n", "short\n"])
+def test_an_empty_or_short_token_file_is_refused_at_start_up(tmp_path, content):
+    """An empty token file used to turn authentication off, silently."""
+    token_file = tmp_path / "token"
+    token_file.write_text(content)
+    r = harness.run_cli("serve", "paramserver", "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file),
+                        timeout=60)  # fmt: skip
+    assert r.returncode != 0, r.stderr[-2000:]
+    assert str(token_file) in r.stderr and "at least 16 characters" in r.stderr, r.stderr[-2000:]
+    assert ("empty" if not content.strip() else "5 characters long") in r.stderr
+
+
+def _watch_first(channel, metadata=(), timeout=5.0):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stream = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(), metadata=metadata, timeout=timeout
+    )
+    try:
+        return next(iter(stream)).status
+    finally:
+        stream.cancel()
+
+
+def test_only_health_check_is_open_without_the_token(pki, procs):
+    """Health/Watch used to skip the token: unauthenticated streams could fill --max-concurrent-rpcs."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    s = procs.serve("paramserver", "--token-file", pki["token_file"], "--max-concurrent-rpcs", "4", metrics=True)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with open_channel(s.address) as ch:
+        assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status == serving
+        for _ in range(8):  # more than the slots: each is refused at once, none holds one
+            assert _code(lambda: _watch_first(ch)) == grpc.StatusCode.UNAUTHENTICATED
+        assert _watch_first(ch, metadata=(("authorization", f"Bearer {pki['token']}"),)) == serving
+        assert _code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED
+    with open_channel(s.address, ChannelConfig(token=pki["token"])) as ch:
+        assert _code(lambda: _list_blocks(ch)) == grpc.StatusCode.OK
+    assert (
+        _metric(s, "downpour_grpc_unauthenticated_total", grpc_service="grpc.health.v1.Health", grpc_method="Watch")
+        == 8
+    )
+
+
+def _listening(port: int) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp writes them) listening on ``port``."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table, encoding="ascii").read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                out.append(local.rsplit(":", 1)[0])
+    return out
+
+
+def test_metrics_listen_on_the_service_host_only(procs):
+    """/metrics used to listen on 0.0.0.0 whatever --host said."""
+    s = procs.serve("paramserver", metrics=True)  # --host 127.0.0.1
+    assert "downpour_" in s.metrics()
+    assert _listening(s.metrics_port) == ["0100007F"], _listening(s.metrics_port)  # 127.0.0.1, nothing else

@@ -16,7 +16,7 @@ import numpy as np
 
 from downpour import config as jobconfig
 from downpour.neurons import sources
-from downpour.rpc.channel import ChannelConfig, open_channel
+from downpour.rpc.channel import ChannelConfig, open_channel, read_token
 from downpour.rpc.server import ServerConfig
 from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -44,10 +44,7 @@ def channel_config(args: argparse.Namespace) -> ChannelConfig:
     """
     if not (args.peer_ca or args.peer_cert or args.peer_key or args.peer_token_file):
         return ServerConfig.from_args(args).channel_config()
-    token = ""
-    if args.peer_token_file:
-        with open(args.peer_token_file, encoding="utf-8") as f:
-            token = f.read().strip()
+    token = read_token(args.peer_token_file) if args.peer_token_file else ""
     return ChannelConfig(
         max_message_bytes=args.max_message_bytes, ca=args.peer_ca, cert=args.peer_cert, key=args.peer_key, token=token
     )

@@ -127,10 +127,23 @@ def add_channel_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--token-file", default="", help="file holding the service's bearer token")
 
 
+MIN_TOKEN_CHARS = 16  # downpour up --secure and compose write 43 (secrets.token_urlsafe(32))
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path``, refused when it is empty or short: an empty token file would
+    otherwise turn authentication off without a word."""
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if len(token) < MIN_TOKEN_CHARS:
+        what = "empty" if not token else f"{len(token)} characters long"
+        raise SystemExit(
+            f"--token-file {path}: the token is {what}; a token needs at least {MIN_TOKEN_CHARS} characters "
+            "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return token
+
+
 def channel_config_from_args(args: argparse.Namespace) -> ChannelConfig:
     """The ChannelConfig of the flags ``add_channel_arguments`` added (the token read from its file)."""
-    token = ""
-    if args.token_file:
-        with open(args.token_file, encoding="utf-8") as f:
-            token = f.read().strip()
+    token = read_token(args.token_file) if args.token_file else ""
     return ChannelConfig(ca=args.ca, cert=args.cert, key=args.key, token=token)

@@ -17,6 +17,7 @@ import grpc
 from downpour import metrics
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
+HEALTH_CHECK = f"/{HEALTH_SERVICE}/Check"  # the one method open without a token (probes)
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -169,15 +170,18 @@ def _deny(handler: grpc.RpcMethodHandler, method: str, reason: str, message: str
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Rejects RPCs without ``authorization: Bearer <token>`` (health is exempt,
-    so that orchestrators' probes need no secret). Every rejection is counted
-    in ``downpour_grpc_unauthenticated_total``."""
+    """Rejects RPCs without ``authorization: Bearer <token>``. Only ``Health/Check`` is exempt, so
+    that orchestrators' probes need no secret: ``Health/Watch`` is a stream that stays open, and
+    open to anyone it would let a client without the token fill the server's concurrent-RPC slots.
+    Every rejection is counted in ``downpour_grpc_unauthenticated_total``."""
 
     def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("TokenAuthInterceptor needs a token")
         self._expected = f"Bearer {token}".encode()
 
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(f"/{HEALTH_SERVICE}/"):
+        if handler_call_details.method == HEALTH_CHECK:
             return continuation(handler_call_details)
         got, present = b"", False
         for key, value in handler_call_details.invocation_metadata or ():
@@ -207,7 +211,7 @@ class ClientNameInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(f"/{HEALTH_SERVICE}/"):
+        if handler is None or handler_call_details.method == HEALTH_CHECK:
             return handler
         allowed, method = self._names, handler_call_details.method
         service, name = _split(method)

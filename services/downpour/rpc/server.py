@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from downpour import metrics
-from downpour.rpc.channel import ChannelConfig
+from downpour.rpc.channel import ChannelConfig, read_token
 from downpour.rpc.interceptors import (
     HEALTH_SERVICE,
     ClientNameInterceptor,
@@ -115,7 +115,7 @@ class ServerConfig:
 
     @classmethod
     def from_args(cls, args: Any) -> ServerConfig:
-        token = Path(args.token_file).read_text().strip() if args.token_file else ""
+        token = read_token(args.token_file) if args.token_file else ""
         return cls(
             host=args.host,
             port=args.port,
@@ -193,7 +193,8 @@ class Server:
         self._grpc.start()
         if self.config.metrics_port:
             try:
-                start_http_server(self.config.metrics_port)
+                # on the service's own address: --host 127.0.0.1 keeps /metrics off other machines too
+                start_http_server(self.config.metrics_port, addr=self.config.host)
             except OSError as e:
                 raise RuntimeError(f"{self.name}: cannot bind metrics port {self.config.metrics_port}: {e}") from None
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
