@@ -110,6 +110,11 @@ NEURONS_REFRESHES = Counter(
 NEURONS_IMAGES = Counter(
     "downpour_neurons_images_total", "Images run through the network by the neurons service.", ["method"]
 )
+NEURONS_CANCELLED = Counter(
+    "downpour_neurons_cancelled_total",
+    "Neurons queries stopped part-way because their caller was gone (deadline passed or cancelled).",
+    ["method"],
+)
 NEURONS_PARAM_BYTES = Gauge(
     "downpour_neurons_param_bytes", "Parameter bytes the neurons service holds now (one stage while a query runs)."
 )

@@ -33,8 +33,8 @@ from downpour import export
 from downpour.feeder import bundled, preprocess
 from downpour.feeder.datasets import open_dataset
 from downpour.feeder.preprocess import PreprocessSpec
+from downpour.neurons import cancel, sources
 from downpour.neurons import images as imagelib
-from downpour.neurons import sources
 from downpour.neurons.api import NeuronQueries, NeuronSpec, Probe, Scan, StimulusSettings
 from downpour.neurons.images import png_bytes
 from downpour.neurons.model import NeuronModel, QueryError, Unit
@@ -207,6 +207,7 @@ class TrainedNetwork(NeuronQueries):
         n = min(len(ds), max_examples or len(ds), self.max_scan)
         acts, idx = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
         for start in range(0, n, SCAN_BATCH):
+            cancel.check()
             i = np.arange(start, min(n, start + SCAN_BATCH))
             x, _ = ds.get(i)
             acts.append(model.activations(x, [u])[:, 0])

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from downpour.neurons import cancel
 from downpour.neurons.api import DEFAULT_STIMULUS, StimulusSettings
 from downpour.neurons.blocks import Blocks, HeldBlocks, Meter, nbytes
 from downpour.nn import Network
@@ -330,6 +331,7 @@ class NeuronModel:
         best_x, best_v = x[0].copy(), -np.inf
         step = settings.learning_rate * norm
         for _ in range(max(steps, 0) + 1):
+            cancel.check()  # a query whose caller is gone stops here, not thousands of steps later
             v, g = self._value_and_input_grad(x.astype(np.float32), u)
             i = int(np.argmax(v))
             if v[i] > best_v:

@@ -52,7 +52,7 @@ import numpy as np
 
 from downpour import device as devices
 from downpour import metrics
-from downpour.neurons import images, source_args, sources, wire
+from downpour.neurons import cancel, images, source_args, sources, wire
 from downpour.neurons.api import DEFAULT_STIMULUS, Scan, StimulusSettings
 from downpour.neurons.model import QueryError
 from downpour.rpc import codec, logs
@@ -112,12 +112,18 @@ def images_from_request(req: pb.GetActivationsRequest, max_images: int):
 
 
 def _rpc(method):
-    """An RPC whose errors become status codes (see ``Neurons._fail``)."""
+    """An RPC whose errors become status codes (see ``Neurons._fail``), and whose long loops stop
+    when its caller is gone (``neurons.cancel``)."""
 
     @functools.wraps(method)
     def call(self, request, context):
         try:
-            return method(self, request, context)
+            with cancel.active_while(context.is_active):
+                return method(self, request, context)
+        except cancel.Cancelled as e:
+            metrics.NEURONS_CANCELLED.labels(method.__name__).inc()
+            log.info("%s: %s", method.__name__, e)
+            context.abort(grpc.StatusCode.CANCELLED, str(e))
         except (QueryError, ValueError, KeyError, sources.SourceError) as e:  # the rest: INTERNAL, logged
             self._fail(context, e)
 
