@@ -20,8 +20,10 @@ def model():
     return NeuronModel(SPEC, Network(SPEC).init_params(3))
 
 
-def test_check_is_a_no_op_outside_a_handler():
-    cancel.check()  # nothing raised: no caller to lose
+def test_outside_a_handler_a_search_runs_to_its_end(model):
+    """No caller to lose (the library, the explorer over a local checkpoint): nothing stops the loop."""
+    r = model.optimal_stimulus(model.unit("stage3.pool", 0), StimulusSettings(steps=3, restarts=2))
+    assert r["stimulus"].shape == tuple(SPEC.input) and r["activation"] >= r["random_max"] - 1e-6
 
 
 def test_a_search_stops_at_the_first_step_after_its_caller_is_gone(model):

@@ -37,6 +37,18 @@ def make_dir(path: str | os.PathLike) -> bool:
     return True
 
 
+def _write_synced(tmp: str, chunks) -> tuple[int, int]:
+    """Write ``chunks`` (bytes-like) to the new file ``tmp`` and fsync it; (crc32, size) of what was written."""
+    crc, size = 0, 0
+    with open(tmp, "wb") as f:
+        for part in chunks:
+            f.write(part)
+            crc, size = zlib.crc32(part, crc), size + memoryview(part).nbytes
+        f.flush()
+        os.fsync(f.fileno())
+    return crc, size
+
+
 def write_new(path: str | os.PathLike, chunks) -> tuple[int, int]:
     """Write ``chunks`` (bytes-like) to ``path`` whole or not at all, and never over an existing file:
     temp file, fsync, then a hard link to the final name (which fails with FileExistsError if the
@@ -44,14 +56,8 @@ def write_new(path: str | os.PathLike, chunks) -> tuple[int, int]:
     path = os.fspath(path)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-    crc, size = 0, 0
     try:
-        with open(tmp, "wb") as f:
-            for part in chunks:
-                f.write(part)
-                crc, size = zlib.crc32(part, crc), size + memoryview(part).nbytes
-            f.flush()
-            os.fsync(f.fileno())
+        crc, size = _write_synced(tmp, chunks)
         try:
             os.link(tmp, path)
         except OSError as e:
@@ -76,10 +82,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     path = os.fspath(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, (data,))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
