@@ -75,7 +75,8 @@ class JobConfig:
     keep_checkpoints: int = 3
     lease_seconds: float = 6.0  # a worker silent this long loses its slot
     # A process that is alive but has not answered a health check for this long is hung: its
-    # supervisor (downpour up, compose's healthcheck, Kubernetes' liveness probe) kills and replaces it.
+    # supervisor (downpour up, compose's healthcheck) kills and replaces it. Kubernetes' liveness
+    # probes wait about a minute instead (deploy/k8s: a busy node's slow answer is not a hang).
     hang_seconds: float = 5.0
     seed: int = 0
     device: str = "cpu"

@@ -320,22 +320,44 @@ def test_gpu_profile_and_overlay_run_the_worker_with_device_gpu():
     assert "CUPY_CACHE_DIR=/tmp/" in text and gpu["tmpfs"] == ["/tmp"] and gpu["read_only"]
 
 
-def test_a_hung_service_is_replaced_within_the_jobs_hang_deadline(rendered):
-    """Kubernetes' liveness probes and compose's health check kill a process that stops answering
-    within the same deadline as ``downpour up`` (the job's hang_seconds)."""
+# Kubernetes: a hung process is replaced after about a minute of silence, never on one slow answer.
+K8S_LIVENESS_SECONDS = (45, 120)  # (at least, at most) seconds of silence before the kubelet restarts
+
+
+def _probe_window(p: dict) -> float:
+    """Seconds of unanswered probes before the kubelet acts (the last probe's own timeout included)."""
+    return p.get("periodSeconds", 10) * (p.get("failureThreshold", 3) - 1) + p.get("timeoutSeconds", 1)
+
+
+def test_kubernetes_liveness_is_lenient_and_readiness_is_quick(rendered):
+    """On a busy node one slow answer must not restart a shard (it would lose its updates since the
+    last checkpoint): liveness waits several probes, about a minute, and stays bounded so that a
+    hung process is still replaced; readiness takes a silent pod out of the endpoints far sooner."""
+    name, docs = rendered
+    low, high = K8S_LIVENESS_SECONDS
+    for role, items in k8s_roles(docs).items():
+        for d, _ in items:
+            c = d["spec"]["template"]["spec"]["containers"][0]
+            live, ready = c["livenessProbe"], c["readinessProbe"]
+            assert live["failureThreshold"] >= 3, (name, role, live)
+            assert low <= _probe_window(live) <= high, (name, role, live)
+            assert _probe_window(ready) * 3 <= _probe_window(live), (name, role, ready, live)
+            for p in (live, ready):
+                if "exec" in p:
+                    cmd = p["exec"]["command"]
+                    # its own deadline (healthcheck.py's default: 3 s) leaves the interpreter's start-up
+                    # inside the probe's
+                    own = float(cmd[cmd.index("--timeout") + 1]) if "--timeout" in cmd else 3.0
+                    assert own < p["timeoutSeconds"], cmd
+            assert "--liveness" in live.get("exec", {}).get("command", ["--liveness"]), live
+
+
+def test_compose_replaces_a_hung_service_within_the_jobs_hang_deadline():
+    """Compose's health check kills a process that stops answering within the same deadline as
+    ``downpour up`` (the job's hang_seconds): one machine, as ``downpour up``."""
     from downpour.config import JobConfig
 
     hang = JobConfig().hang_seconds
-    name, docs = rendered
-    for role, items in k8s_roles(docs).items():
-        for d, _ in items:
-            p = d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
-            # one probe without an answer within the deadline restarts the container
-            assert p["failureThreshold"] == 1 and p["timeoutSeconds"] <= hang and p["periodSeconds"] <= hang, (role, p)
-            if "exec" in p:
-                cmd = p["exec"]["command"]
-                # any answer is alive; its own deadline leaves the interpreter's start-up inside the probe's
-                assert "--liveness" in cmd and float(cmd[cmd.index("--timeout") + 1]) < p["timeoutSeconds"], cmd
     test = compose()["x-downpour"]["healthcheck"]["test"]
     assert float(test[test.index("--kill-hung") + 1]) == hang, test
     ours = [svc for svc in compose()["services"].values() if svc.get("image", "").startswith("${DOWNPOUR")]
