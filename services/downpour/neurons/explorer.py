@@ -20,24 +20,13 @@ The backend is anything with the methods of ``downpour.trained.TrainedNetwork``
 ``{"error": ...}`` naming the problem; bodies over ``MAX_UPLOAD_BYTES`` 413.
 At most ``MAX_IN_FLIGHT`` questions are computed at once (more: 429).
 
-Access, however the explorer starts (``guard``):
-
-- A session token of its own, made at start (``secrets.token_urlsafe(32)``)
-  or given (``--session-token-file``, ``DOWNPOUR_EXPLORER_TOKEN``); the URL
-  printed at start carries it once (``?token=``), which sets an HttpOnly,
-  SameSite=Strict cookie holding that session token. Every request without
-  it (cookie, ``?token=`` or ``Authorization: Bearer``) gets 401. The
-  service's own bearer token never reaches the browser: it stays in the
-  process, for the explorer's gRPC calls.
-- Only requests whose ``Host`` is the bound address, localhost, 127.0.0.1 or
-  [::1] (with the port), or a name given with ``--allow-host``, are served;
-  others get 403, so a page that rebinds its DNS name to this machine is
-  refused.
-- ``dataset=`` takes only the names the backend lists (the bundled splits and
-  those given at launch), never a path; others get 400 naming the allowed.
-- Where the service has a token, the page is not served over plain HTTP
-  (``downpour serve neurons``: at all; ``downpour explore --addr``: on an
-  address other than loopback), so a secured service gets it only with TLS.
+Access, however the explorer starts (``guard``, ``neurons.access``): a Host other than the bound
+address, the loopback names or an ``--allow-host`` name gets 403 (DNS rebinding); a request without
+the explorer's own session token (made at start, printed once in its URL; ``?token=`` sets an
+HttpOnly, SameSite=Strict cookie holding it) gets 401. The service's bearer token stays in this
+process for the gRPC calls. ``dataset=`` is a name the backend lists, never a path. Where the
+service has a token the page is not served in clear (``serve neurons``: at all; ``explore --addr``:
+beyond loopback).
 """
 
 from __future__ import annotations
@@ -52,7 +41,6 @@ import socket
 import ssl
 import sys
 import threading
-import time
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -62,16 +50,10 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 from PIL import Image
 
-from downpour import trained
-from downpour.client import NeuronsClient
 from downpour.neurons.access import (
     WILDCARD_HOSTS,
-    add_access_arguments,
     allowed_hosts,
-    is_loopback,
-    session_token,
 )
-from downpour.rpc.channel import add_channel_arguments, channel_config_from_args
 
 log = logging.getLogger("downpour.explorer")
 
@@ -294,7 +276,7 @@ class Explorer:
         host = request.headers.get("Host", "").strip().lower()
         if host not in self.hosts:
             return web.json_response(
-                {"error": f"Host {host!r} is not served here; start the explorer with --allow-host NAME to allow it"},
+                {"error": f"Host {host!r} is not served here; allow it with --allow-host (serve: --http-allow-host)"},
                 status=403,
             )
         if not self._has_token(request):
@@ -400,107 +382,7 @@ class ExplorerServer:
         self._thread.join(10)
 
 
-# -- downpour explore ----------------------------------------------------------------------------
-
-
-def parse_datasets(values: list[str]) -> dict[str, str]:
-    """``--dataset NAME=PATH`` flags as {name: path}; ValueError naming a malformed one."""
-    out = {}
-    for d in values:
-        name, sep, path = d.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--dataset {d!r} must be NAME=PATH")
-        out[name] = path
-    return out
-
-
 def print_url(srv: ExplorerServer, given: bool, prefix: str, suffix: str = "") -> None:
     """The URL to open, with the session token once (not when the token was given: the caller has it)."""
     url = f"{srv.url} (with the session token given)" if given else srv.login_url
     print(f"{prefix}neuron explorer at {url}{suffix}", file=sys.stderr, flush=True)
-
-
-def add_explore_parser(subparsers):
-    e = subparsers.add_parser("explore", help="the neuron explorer web page, over a service or a checkpoint")
-    g = e.add_mutually_exclusive_group(required=True)
-    g.add_argument("--addr", help="a running neurons service (gRPC address)")
-    g.add_argument("--checkpoint", metavar="PATH", help="a run folder, checkpoint directory or exported file")
-    e.add_argument("--host", default="127.0.0.1", help="address the page is served on")
-    e.add_argument("--port", type=int, default=8300, help="HTTP port (0: any free port)")
-    e.add_argument(
-        "--dataset",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="with --checkpoint: another dataset the page may scan, by NAME (repeatable); "
-        "a service scans the datasets it was started with",
-    )
-    e.add_argument("--https-cert", default="", metavar="PEM", help="serve the page over HTTPS with this certificate")
-    e.add_argument("--https-key", default="", metavar="PEM", help="the key of --https-cert")
-    add_access_arguments(e)
-    add_channel_arguments(e)
-    e.set_defaults(func=_cmd_explore)
-    return e
-
-
-def _cmd_explore(args) -> int:
-    def fail(msg: str) -> int:
-        print(f"downpour explore: {msg}", file=sys.stderr)
-        return 2
-
-    try:
-        token, given = session_token(args.session_token_file)
-        extra = parse_datasets(args.dataset)
-    except (OSError, ValueError) as e:
-        return fail(str(e))
-    tls_required = False
-    if args.addr:
-        if extra:
-            return fail("--dataset is for --checkpoint: a service scans the datasets it was started with")
-        cfg = channel_config_from_args(args)
-        if cfg.token and hmac.compare_digest(cfg.token.encode(), token.encode()):
-            return fail("the session token must not be the service's token (the browser holds the session token)")
-        # the browser's session token would cross the network in clear, in front of a secured service
-        tls_required = bool(cfg.token) and not is_loopback(args.host)
-        if tls_required and not args.https_cert:
-            return fail(
-                f"the service has a token: serve the page over HTTPS (--https-cert/--https-key) or on a "
-                f"loopback --host, not in clear on {args.host}"
-            )
-        backend: Any = NeuronsClient(args.addr, cfg)
-    else:
-        try:
-            backend = trained.load(args.checkpoint)
-        except (OSError, ValueError) as e:
-            return fail(str(e))
-        # the page names datasets; it never reads a path the browser gives
-        backend.allow_paths = False
-        backend.extra_datasets.update(extra)
-    try:
-        srv = ExplorerServer(
-            backend,
-            args.host,
-            args.port,
-            session_token=token,
-            tls_required=tls_required,
-            tls_cert=args.https_cert,
-            tls_key=args.https_key,
-            allow_hosts=tuple(args.allow_host),
-        ).start()
-    except (OSError, ValueError, ssl.SSLError) as e:
-        return fail(str(e))
-    if not srv.ssl and not is_loopback(args.host):
-        print(
-            f"downpour explore: warning: the page is served in clear on {args.host}: its session token "
-            "crosses the network unencrypted (--https-cert/--https-key serve HTTPS)",
-            file=sys.stderr,
-        )
-    print_url(srv, given, "", " (Ctrl-C to stop)")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        srv.stop()
-    return 0
