@@ -261,3 +261,48 @@ def test_explore_addr_over_a_secured_service_refuses_plain_http_beyond_loopback(
         "explore", "explore", "--addr", secured.address, "--token-file", pki["token_file"], "--host", "0.0.0.0"
     )
     assert p.wait(60) == 2 and "--https-cert" in p.text(), p.text()
+
+
+def test_a_given_session_token_is_used_and_not_printed(exported, procs, tmp_path):
+    """Scripted use: the token from a file or DOWNPOUR_EXPLORER_TOKEN; the printed URL leaves it out."""
+    f = tmp_path / "session"
+    f.write_text("from-a-file-0123456789abcdef\n")
+    by_file = procs.cli(
+        "explore", "explore", "--checkpoint", str(exported), "--port", "0", "--session-token-file", str(f)
+    )
+    by_env = procs.cli(
+        "explore",
+        "explore",
+        "--checkpoint",
+        str(exported),
+        "--port",
+        "0",
+        env={"DOWNPOUR_EXPLORER_TOKEN": "from-the-environment-0123456789"},
+    )
+    for p, token in ((by_file, "from-a-file-0123456789abcdef"), (by_env, "from-the-environment-0123456789")):
+        e = Explorer(p)
+        assert e.token == "" and token not in p.text()
+        e.token = token
+        assert e.call("api/model", token=True)[0] == 200
+        e.token = token[:-1]
+        assert e.call("api/model", token=True)[0] == 401
+
+
+def test_a_short_session_token_or_the_service_token_is_refused_at_start(exported, procs, tmp_path):
+    short = tmp_path / "short"
+    short.write_text("short\n")
+    p = procs.cli("explore", "explore", "--checkpoint", str(exported), "--session-token-file", str(short))
+    assert p.wait(60) == 2 and "at least 16" in p.text(), p.text()
+    pki = make_cluster_pki(tmp_path / "tls")
+    secured = procs.serve("neurons", "--random-seed", "0", "--preset", "tiny", "--token-file", pki["token_file"])
+    p = procs.cli(
+        "explore",
+        "explore",
+        "--addr",
+        secured.address,
+        "--token-file",
+        pki["token_file"],
+        "--session-token-file",
+        pki["token_file"],
+    )
+    assert p.wait(60) == 2 and "must not be the service's token" in p.text(), p.text()

@@ -290,7 +290,8 @@ class Explorer:
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error the page can show
             return _error_response(e)
-        if request.query.get("token") and request.cookies.get(self.cookie) != self.token:
+        query_token = request.query.get("token", "").encode("utf-8", "replace")
+        if hmac.compare_digest(query_token, self.token.encode()) and request.cookies.get(self.cookie) != self.token:
             # the session token, never the service's: the service token stays in this process
             resp.set_cookie(self.cookie, self.token, httponly=True, secure=request.secure, samesite="Strict", path="/")
         return resp
