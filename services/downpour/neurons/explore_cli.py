@@ -109,7 +109,7 @@ def _cmd_explore(args) -> int:
             "crosses the network unencrypted (--https-cert/--https-key serve HTTPS)",
             file=sys.stderr,
         )
-    print_url(srv, given, "", " (Ctrl-C to stop)")
+    print_url(srv, given, " (Ctrl-C to stop)")
     try:
         while True:
             time.sleep(3600)

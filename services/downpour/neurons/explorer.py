@@ -50,10 +50,7 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 from PIL import Image
 
-from downpour.neurons.access import (
-    WILDCARD_HOSTS,
-    allowed_hosts,
-)
+from downpour.neurons.access import WILDCARD_HOSTS, allowed_hosts
 
 log = logging.getLogger("downpour.explorer")
 
@@ -383,7 +380,7 @@ class ExplorerServer:
         self._thread.join(10)
 
 
-def print_url(srv: ExplorerServer, given: bool, prefix: str, suffix: str = "") -> None:
+def print_url(srv: ExplorerServer, given: bool, suffix: str = "") -> None:
     """The URL to open, with the session token once (not when the token was given: the caller has it)."""
     url = f"{srv.url} (with the session token given)" if given else srv.login_url
-    print(f"{prefix}neuron explorer at {url}{suffix}", file=sys.stderr, flush=True)
+    print(f"neuron explorer at {url}{suffix}", file=sys.stderr, flush=True)

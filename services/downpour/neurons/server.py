@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"neurons: --http-port {args.http_port}: cannot serve the explorer: {e}", file=sys.stderr)
             server.stop(0)
             return 2
-        print_url(explorer, token_given, "")
+        print_url(explorer, token_given)
     server.set_serving()
     server.wait()
     if explorer is not None:
