@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("downpour.up.command", "add_status_parser"),
     "query": ("downpour.client", "add_query_parser"),
     "export": ("downpour.export", "add_export_parser"),
-    "explore": ("downpour.neurons.explorer", "add_explore_parser"),
+    "explore": ("downpour.neurons.explore_cli", "add_explore_parser"),
     "eval": ("downpour.evals.cli", "add_eval_parser"),
 }
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,18 +38,30 @@ LAYER = "stage2.output"
 UNIT = "layer=stage3.pool&map=1&y=0&x=1"
 
 
-def explorer(procs: harness.Procs, *flags: str, scheme: str = "http") -> tuple[harness.Service, str]:
-    """`downpour serve neurons FLAGS` with its explorer page on a free port; the service and the page's URL."""
-    port = harness.free_port()
+def login(p: harness.Proc) -> tuple[str, str]:
+    """The page's URL and session token, from the URL the explorer printed at start (as a user reads it)."""
+    found = harness.wait_for(
+        lambda: re.search(r"neuron explorer at (\S+)", p.text()), 60, "the explorer's URL", procs=[p]
+    )
+    u = urllib.parse.urlsplit(found.group(1))
+    harness.wait_for(lambda: harness.accepts(u.port), 60, f"the explorer at {u.netloc}", procs=[p])
+    return f"{u.scheme}://{u.netloc}/", urllib.parse.parse_qs(u.query)["token"][0]
+
+
+def explorer(procs: harness.Procs, *flags: str) -> tuple[harness.Service, str, str]:
+    """`downpour serve neurons FLAGS` with its explorer page on a free port; the service, the page's URL
+    and its session token."""
     # the page is what these tests use (and a TLS service would refuse a plain health check)
-    p = procs.serve("neurons", *flags, "--http-port", str(port), wait=False)
-    url = f"{scheme}://127.0.0.1:{port}/"
-    harness.wait_for(lambda: harness.accepts(port), 60, f"the explorer at {url}", procs=[p])
-    return p, url
+    p = procs.serve("neurons", *flags, "--http-port", str(harness.free_port()), wait=False)
+    return (p, *login(p))
 
 
-def get(url: str, data: bytes | None = None, headers: dict | None = None, context=None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+def get(
+    url: str, data: bytes | None = None, headers: dict | None = None, context=None, token: str = ""
+) -> tuple[int, dict]:
+    """One request to the page (with the session token as a bearer header where given): status and JSON."""
+    headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=120, context=context) as r:
             return r.status, json.loads(r.read())
@@ -63,15 +77,15 @@ def served(trained_run, tmp_path_factory):
 
 
 def test_the_api_answers_what_the_network_answers_in_process(served, trained_run, photo):
-    _, url = served
+    _, url, token = served
     net = downpour.load(trained_run)
-    code, model = get(url + "api/model")
+    code, model = get(url + "api/model", token=token)
     assert code == 200
     assert [(x["name"], tuple(x["shape"])) for x in model["layers"]] == [
         (x.name, x.shape) for x in net.describe().layers
     ]
     assert model["checkpoint_id"] == net.describe().checkpoint_id and "heldout" in model["datasets"]
-    code, maps = get(url + f"api/maps?layer={LAYER}", data=photo.read_bytes())
+    code, maps = get(url + f"api/maps?layer={LAYER}", data=photo.read_bytes(), token=token)
     assert code == 200
     want = net.activations([photo], LAYER).values[0].reshape(net.describe().layer_shape(LAYER))
     assert maps["shape"] == list(want.shape) and len(maps["maps"]) == want.shape[0]
@@ -82,14 +96,14 @@ def test_the_api_answers_what_the_network_answers_in_process(served, trained_run
         assert img.shape == a.shape
         # the PNG is the map min-max scaled: its brightest pixel is where the map is highest
         assert np.unravel_index(img.argmax(), img.shape) == np.unravel_index(a.argmax(), a.shape)
-    code, hist = get(url + f"api/histogram?{UNIT}&dataset=heldout&bins=12")
+    code, hist = get(url + f"api/histogram?{UNIT}&dataset=heldout&bins=12", token=token)
     h = net.activation_histogram("stage3.pool", (1, 0, 1), dataset="heldout", bins=12)
     assert code == 200 and hist["counts"] == h.counts.tolist()
     np.testing.assert_allclose(hist["edges"], h.edges, rtol=1e-6)
-    code, top = get(url + f"api/top?{UNIT}&dataset=heldout&k=5")
+    code, top = get(url + f"api/top?{UNIT}&dataset=heldout&k=5", token=token)
     want_top = net.top_inputs("stage3.pool", (1, 0, 1), dataset="heldout", k=5)
     assert code == 200 and [t["example_id"] for t in top["inputs"]] == [t.example_id for t in want_top]
-    code, stim = get(url + f"api/stimulus?{UNIT}&steps=30")
+    code, stim = get(url + f"api/stimulus?{UNIT}&steps=30", token=token)
     s = net.optimal_stimulus("stage3.pool", (1, 0, 1), steps=30)
     assert code == 200 and stim["activation"] == pytest.approx(s.activation, rel=1e-4)
     assert stim["activation"] > stim["random_activation_max"]
@@ -113,19 +127,18 @@ def test_the_api_answers_what_the_network_answers_in_process(served, trained_run
     ],
 )
 def test_bad_requests_are_refused_with_the_reason(served, path, data, status, needle):
-    code, body = get(served[1] + path, data=data)
+    code, body = get(served[1] + path, data=data, token=served[2])
     assert code == status, body
     assert needle in body.get("error", ""), body
 
 
 def test_explore_over_a_service_and_over_a_checkpoint(served, trained_run, photo, procs):
-    service, url = served
-    direct = get(url + f"api/maps?layer={LAYER}", data=photo.read_bytes())[1]
+    service, url, token = served
+    direct = get(url + f"api/maps?layer={LAYER}", data=photo.read_bytes(), token=token)[1]
     for flags in (["--addr", service.address], ["--checkpoint", str(trained_run)]):
-        port = harness.free_port()
-        p = procs.cli("explore", "explore", *flags, "--port", str(port))
-        harness.wait_for(lambda port=port: harness.accepts(port), 60, "the explorer page", procs=[p])
-        code, maps = get(f"http://127.0.0.1:{port}/api/maps?layer={LAYER}", data=photo.read_bytes())
+        p = procs.cli("explore", "explore", *flags, "--port", "0")
+        page, page_token = login(p)
+        code, maps = get(page + f"api/maps?layer={LAYER}", data=photo.read_bytes(), token=page_token)
         assert code == 200
         np.testing.assert_allclose(
             [(x["min"], x["max"]) for x in maps["maps"]], [(x["min"], x["max"]) for x in direct["maps"]], rtol=1e-5
@@ -151,7 +164,7 @@ def test_with_a_token_the_explorer_needs_tls_and_the_token(trained_run, tmp_path
     )
     # The exit code says it refused; only its message says why.
     assert r.wait(60) == 2 and "token in clear" in r.text()
-    _, url = explorer(
+    _, url, token = explorer(
         procs,
         "--checkpoint-dir",
         ck,
@@ -161,14 +174,15 @@ def test_with_a_token_the_explorer_needs_tls_and_the_token(trained_run, tmp_path
         pki["cert"],
         "--tls-key",
         pki["key"],
-        scheme="https",
     )
     assert url.startswith("https://")
     ctx = ssl.create_default_context(cafile=pki["ca"])
     ctx.check_hostname = False  # the node certificate names the cluster, not 127.0.0.1
     assert get(url + "api/model", context=ctx)[0] == 401
     assert get(url + "api/model", headers={"Authorization": "Bearer wrong"}, context=ctx)[0] == 401
-    code, body = get(url + "api/model", headers={"Authorization": f"Bearer {pki['token']}"}, context=ctx)
+    # the page has a session token of its own: the service's opens nothing
+    assert get(url + "api/model", context=ctx, token=pki["token"])[0] == 401
+    code, body = get(url + "api/model", context=ctx, token=token)
     assert code == 200 and body["layers"]
     with pytest.raises(OSError):  # plain HTTP to the TLS port: no answer
         urllib.request.urlopen(url.replace("https://", "http://") + "api/model", timeout=10).read()
@@ -200,11 +214,13 @@ def test_the_page_in_a_headless_browser(served, trained_run, photo, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    _, url = served
+    _, url, token = served
     net = downpour.load(trained_run)
     browser = _browser()
     try:
-        browser.get(url)
+        browser.get(f"{url}?token={token}")  # the URL the explorer printed: it sets the session cookie
+        # the page takes the token out of the address bar once its cookie is set
+        WebDriverWait(browser, 30).until(lambda b: "token=" not in b.current_url)
         wait = WebDriverWait(browser, 120)
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
         # the page shows its default unit at once: let those answers land before asking for another
@@ -256,7 +272,7 @@ def test_the_explorer_follows_the_live_parameters_of_a_training_job(procs, tmp_p
     ps.init({k: np.asarray(v) for k, v in params.items()})
     cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 2})
     (tmp_path / "job.yaml").write_text(cfg.to_yaml())
-    _, url = explorer(
+    _, url, token = explorer(
         procs,
         "--shards",
         ",".join(s.address for s in shards),
@@ -268,12 +284,12 @@ def test_the_explorer_follows_the_live_parameters_of_a_training_job(procs, tmp_p
     img = np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
-    code, before = get(url + f"api/maps?layer={LAYER}", data=buf.getvalue())
+    code, before = get(url + f"api/maps?layer={LAYER}", data=buf.getvalue(), token=token)
     assert code == 200
     ps.wait(ps.push({k: np.ones(np.size(v), np.float32) for k, v in params.items()}))
 
     def moved():
-        after = get(url + f"api/maps?layer={LAYER}", data=buf.getvalue())[1]
+        after = get(url + f"api/maps?layer={LAYER}", data=buf.getvalue(), token=token)[1]
         return after if after["parameters_version"] != before["parameters_version"] else None
 
     after = harness.wait_for(moved, 20, "the page to answer with the pushed parameters", every=0.1)
@@ -286,7 +302,7 @@ def test_questions_beyond_the_in_flight_limit_are_answered_429(served):
     """Twelve slow questions at once (1000 ascent steps each): eight are computed, the rest refused at once."""
     url = served[1] + f"api/stimulus?{UNIT}&steps=1000"
     with ThreadPoolExecutor(12) as pool:
-        codes = sorted(c for c, _ in pool.map(lambda _: get(url), range(12)))
+        codes = sorted(c for c, _ in pool.map(lambda _: get(url, token=served[2]), range(12)))
     assert codes.count(200) >= 1 and codes.count(429) >= 12 - MAX_IN_FLIGHT, codes
     assert set(codes) <= {200, 429}
-    assert get(served[1] + "api/model")[0] == 200  # and it answers again
+    assert get(served[1] + "api/model", token=served[2])[0] == 200  # and it answers again

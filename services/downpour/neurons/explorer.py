@@ -19,9 +19,14 @@ The backend is anything with the methods of ``downpour.trained.TrainedNetwork``
 ``downpour.client.NeuronsClient``). Bad input is answered 400 with
 ``{"error": ...}`` naming the problem; bodies over ``MAX_UPLOAD_BYTES`` 413.
 At most ``MAX_IN_FLIGHT`` questions are computed at once (more: 429).
-With a token, every request needs it (``Authorization: Bearer``, or
-``?token=`` once, which sets a cookie); the server refuses to serve a token
-over plain HTTP, so a secured service gets the explorer only with TLS.
+
+Access, however the explorer starts (``guard``, ``neurons.access``): a Host other than the bound
+address, the loopback names or an ``--allow-host`` name gets 403 (DNS rebinding); a request without
+the explorer's own session token (made at start, printed once in its URL; ``?token=`` sets an
+HttpOnly, SameSite=Strict cookie holding it) gets 401. The service's bearer token stays in this
+process for the gRPC calls. ``dataset=`` is a name the backend lists, never a path. Where the
+service has a token the page is not served in clear (``serve neurons``: at all; ``explore --addr``:
+beyond loopback).
 """
 
 from __future__ import annotations
@@ -31,11 +36,11 @@ import base64
 import hmac
 import io
 import logging
+import secrets
 import socket
 import ssl
 import sys
 import threading
-import time
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -45,9 +50,7 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 from PIL import Image
 
-from downpour import trained
-from downpour.client import NeuronsClient
-from downpour.rpc.channel import add_channel_arguments, channel_config_from_args
+from downpour.neurons.access import WILDCARD_HOSTS, allowed_hosts
 
 log = logging.getLogger("downpour.explorer")
 
@@ -56,7 +59,7 @@ MAX_TOP_K = 64
 MAX_BINS = 200
 MAX_STEPS = 1000
 MAX_IN_FLIGHT = 8  # questions computed at once; more are answered 429 rather than queued without bound
-COOKIE = "downpour_token"
+COOKIE = "downpour_explorer"  # + "_PORT": cookies are not kept apart by port, two explorers on one host are
 
 
 class BadRequest(ValueError):
@@ -104,12 +107,24 @@ def _error_response(e: Exception) -> web.Response:
 
 
 class Explorer:
-    """The aiohttp application over a backend."""
+    """The aiohttp application over a backend; ``token`` is its session token (never a service's)."""
 
-    def __init__(self, backend: Any, token: str = "", max_in_flight: int = MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self,
+        backend: Any,
+        token: str,
+        *,
+        hosts: frozenset[str] = frozenset(),
+        cookie: str = COOKIE,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
+        if not token:
+            raise ValueError("the explorer needs a session token")
         self.backend = backend
         self.token = token
+        self.hosts, self.cookie = hosts, cookie
         self.max_in_flight, self.in_flight = max_in_flight, 0
+        self._datasets: frozenset[str] | None = None
 
     # -- request parsing ----------------------------------------------------------------
     @staticmethod
@@ -132,6 +147,18 @@ class Explorer:
         if not layer:
             raise BadRequest("layer is required")
         return layer, (self._int(q, "map"), self._int(q, "y"), self._int(q, "x"))
+
+    async def _dataset(self, q) -> str:
+        """The ``dataset=`` of a question: "" (the job's data) or a name the backend lists, never a path."""
+        name = q.get("dataset", "")
+        if name == "":
+            return ""
+        if self._datasets is None or name not in self._datasets:  # first use, or the list changed
+            self._datasets = frozenset((await self._call(self.backend.describe)).datasets)
+        if name not in self._datasets:
+            allowed = ", ".join(repr(n) for n in sorted(self._datasets))
+            raise BadRequest(f"unknown dataset {name!r}; allowed: {allowed} (empty: the job's data)")
+        return name
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         # the math (or a gRPC call) blocks: keep it off the event loop, and bound how much runs at once
@@ -176,7 +203,7 @@ class Explorer:
         q = request.query
         layer, unit = self._unit(q)
         k = self._int(q, "k", 16, 1, MAX_TOP_K)
-        dataset = q.get("dataset", "")
+        dataset = await self._dataset(q)
         top = await self._call(lambda: self.backend.top_inputs(layer, unit, dataset=dataset, k=k, thumbnails=True))
         return web.json_response(
             {
@@ -196,7 +223,7 @@ class Explorer:
         q = request.query
         layer, unit = self._unit(q)
         bins = self._int(q, "bins", 30, 1, MAX_BINS)
-        dataset = q.get("dataset", "")
+        dataset = await self._dataset(q)
         h = await self._call(lambda: self.backend.activation_histogram(layer, unit, dataset=dataset, bins=bins))
         return web.json_response(
             {
@@ -230,26 +257,40 @@ class Explorer:
         )
 
     # -- the application ----------------------------------------------------------------------
+    def _has_token(self, request: web.Request) -> bool:
+        want = self.token.encode()
+        given = (
+            request.cookies.get(self.cookie, ""),
+            request.query.get("token", ""),
+            request.headers.get("Authorization", "").removeprefix("Bearer ").strip(),
+        )
+        # every one compared, in constant time; a non-ASCII one cannot be the token
+        ok = [hmac.compare_digest(g.encode("utf-8", "replace"), want) for g in given]
+        return any(ok)
+
     @web.middleware
     async def guard(self, request: web.Request, handler) -> web.StreamResponse:
-        if self.token:
-            given = (
-                request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-                or request.query.get("token", "")
-                or request.cookies.get(COOKIE, "")
+        host = request.headers.get("Host", "").strip().lower()
+        if host not in self.hosts:
+            return web.json_response(
+                {"error": f"Host {host!r} is not served here; allow it with --allow-host (serve: --http-allow-host)"},
+                status=403,
             )
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
-                return web.json_response(
-                    {"error": "a token is required (Authorization: Bearer, or ?token=)"}, status=401
-                )
+        if not self._has_token(request):
+            return web.json_response(
+                {"error": "the explorer's session token is required: open the URL it printed at start (?token=...)"},
+                status=401,
+            )
         try:
             resp = await handler(request)
         except web.HTTPException:
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error the page can show
             return _error_response(e)
-        if self.token and "token" in request.query:
-            resp.set_cookie(COOKIE, self.token, httponly=True, secure=request.secure, samesite="Strict")
+        query_token = request.query.get("token", "").encode("utf-8", "replace")
+        if hmac.compare_digest(query_token, self.token.encode()) and request.cookies.get(self.cookie) != self.token:
+            # the session token, never the service's: the service token stays in this process
+            resp.set_cookie(self.cookie, self.token, httponly=True, secure=request.secure, samesite="Strict", path="/")
         return resp
 
     def app(self) -> web.Application:
@@ -268,24 +309,33 @@ class Explorer:
 
 
 class ExplorerServer:
-    """The explorer on its own port, in a background thread with its own event loop."""
+    """The explorer on its own port, in a background thread with its own event loop.
+
+    ``session_token`` is what the browser must show (a new random one when empty); ``tls_required``
+    refuses plain HTTP (a service with a token). The service's token is the backend's affair and is
+    never given here."""
 
     def __init__(
         self,
         backend: Any,
         host: str = "127.0.0.1",
         port: int = 0,
-        token: str = "",
+        *,
+        session_token: str = "",
+        tls_required: bool = False,
         tls_cert: str = "",
         tls_key: str = "",
+        allow_hosts: tuple[str, ...] = (),
     ) -> None:
-        if token and not tls_cert:
+        if tls_required and not tls_cert:
             raise ValueError(
                 "the explorer would send its token in clear: give it TLS (--tls-cert/--tls-key) "
                 "or leave its HTTP port off"
             )
-        self.explorer = Explorer(backend, token)
+        self.session_token = session_token or secrets.token_urlsafe(32)
+        self.explorer = Explorer(backend, self.session_token)
         self.host, self.port = host, port
+        self.allow_hosts = tuple(allow_hosts)
         self.ssl: ssl.SSLContext | None = None
         if tls_cert:
             self.ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -296,8 +346,15 @@ class ExplorerServer:
 
     @property
     def url(self) -> str:
-        host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        host = self.host if self.host not in WILDCARD_HOSTS else "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
         return f"{'https' if self.ssl else 'http'}://{host}:{self.port}/"
+
+    @property
+    def login_url(self) -> str:
+        """The URL with the session token, to print once: opening it sets the session cookie."""
+        return f"{self.url}?token={self.session_token}"
 
     def start(self) -> ExplorerServer:
         self._thread.start()
@@ -310,6 +367,8 @@ class ExplorerServer:
             (self.host, self.port), family=socket.AF_INET6 if ":" in self.host else socket.AF_INET, reuse_port=False
         )
         self.port = sock.getsockname()[1]
+        self.explorer.hosts = allowed_hosts(self.host, self.port, self.allow_hosts, 443 if self.ssl else 80)
+        self.explorer.cookie = f"{COOKIE}_{self.port}"
         self._runner = web.AppRunner(self.explorer.app(), access_log=None)
         await self._runner.setup()
         await web.SockSite(self._runner, sock, ssl_context=self.ssl).start()
@@ -321,37 +380,7 @@ class ExplorerServer:
         self._thread.join(10)
 
 
-# -- downpour explore ----------------------------------------------------------------------------
-
-
-def add_explore_parser(subparsers):
-    e = subparsers.add_parser("explore", help="the neuron explorer web page, over a service or a checkpoint")
-    g = e.add_mutually_exclusive_group(required=True)
-    g.add_argument("--addr", help="a running neurons service (gRPC address)")
-    g.add_argument("--checkpoint", metavar="PATH", help="a run folder, checkpoint directory or exported file")
-    e.add_argument("--host", default="127.0.0.1", help="address the page is served on")
-    e.add_argument("--port", type=int, default=8300, help="HTTP port (0: any free port)")
-    add_channel_arguments(e)
-    e.set_defaults(func=_cmd_explore)
-    return e
-
-
-def _cmd_explore(args) -> int:
-    if args.addr:
-        backend: Any = NeuronsClient(args.addr, channel_config_from_args(args))
-    else:
-        try:
-            backend = trained.load(args.checkpoint)
-        except (OSError, ValueError) as e:
-            print(f"downpour explore: {e}", file=sys.stderr)
-            return 2
-    srv = ExplorerServer(backend, args.host, args.port).start()
-    print(f"neuron explorer at {srv.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        srv.stop()
-    return 0
+def print_url(srv: ExplorerServer, given: bool, suffix: str = "") -> None:
+    """The URL to open, with the session token once (not when the token was given: the caller has it)."""
+    url = f"{srv.url} (with the session token given)" if given else srv.login_url
+    print(f"neuron explorer at {url}{suffix}", file=sys.stderr, flush=True)

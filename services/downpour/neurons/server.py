@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hmac
 import logging
 import sys
 import time
@@ -52,7 +53,7 @@ import numpy as np
 
 from downpour import device as devices
 from downpour import metrics
-from downpour.neurons import cancel, images, source_args, sources, wire
+from downpour.neurons import access, cancel, images, source_args, sources, wire
 from downpour.neurons.api import DEFAULT_STIMULUS, Scan, StimulusSettings
 from downpour.neurons.model import QueryError
 from downpour.rpc import codec, logs
@@ -273,8 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="serve the neuron explorer web page on this port (0: any free port; default: off). "
-        "With a token it needs TLS (--tls-cert/--tls-key), and then serves HTTPS",
+        "With a token it needs TLS (--tls-cert/--tls-key), and then serves HTTPS. The page has its "
+        "own session token (printed in its URL), never the service's",
     )
+    access.add_access_arguments(ap, prefix="http-")
     ap.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the first parameters")
     ap.add_argument(
         "--device",
@@ -312,11 +315,24 @@ def main(argv: list[str] | None = None) -> int:
     svc = Neurons(source, max_images=args.max_images, max_scan=args.max_scan, datasets=extra)
     explorer = None
     if args.http_port is not None:
-        from downpour.neurons.explorer import ExplorerServer  # noqa: PLC0415 - aiohttp (~0.3 s) only with --http-port
+        from downpour.neurons.explorer import (  # noqa: PLC0415 - aiohttp (~0.3 s) only with --http-port
+            ExplorerServer,
+            print_url,
+        )
 
-        try:  # the same parameters, limits, TLS certificate and token as the gRPC API
+        try:  # the same parameters, limits and TLS certificate as the gRPC API; a session token of its own
+            token, token_given = access.session_token(args.http_session_token_file)
+            if cfg.token and hmac.compare_digest(cfg.token.encode(), token.encode()):
+                raise ValueError("the session token must not be the service's token")
             explorer = ExplorerServer(
-                svc.net, cfg.host, args.http_port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key
+                svc.net,
+                cfg.host,
+                args.http_port,
+                session_token=token,
+                tls_required=bool(cfg.token),
+                tls_cert=cfg.tls_cert,
+                tls_key=cfg.tls_key,
+                allow_hosts=tuple(args.http_allow_host),
             )
         except (ValueError, OSError) as e:
             print(f"neurons: --http-port: {e}", file=sys.stderr)
@@ -339,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"neurons: --http-port {args.http_port}: cannot serve the explorer: {e}", file=sys.stderr)
             server.stop(0)
             return 2
-        print(f"neuron explorer at {explorer.url}", file=sys.stderr, flush=True)
+        print_url(explorer, token_given)
     server.set_serving()
     server.wait()
     if explorer is not None:
