@@ -7,7 +7,7 @@ with its session token; these tests read it from the log as a user reads the ter
 
 - without the session token every route (the page, the API, thumbnails, an unknown path) is 401;
 - the service's bearer token is never in a Set-Cookie, and opens nothing;
-- a Host header other than the bound address, the loopback names or an --allow-host name is 403
+- a Host header other than the bound address, a loopback name (any port) or an --allow-host name is 403
   (DNS rebinding: a page whose name now points at 127.0.0.1 sends its own name);
 - `dataset=` takes only the names the explorer lists, never a path (no thumbnails of /etc or a
   folder of the user's images);
@@ -212,11 +212,17 @@ def test_the_service_token_opens_nothing_and_is_never_in_a_cookie(explorers, kin
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_foreign_host_header_is_refused(explorers, kind):
     e = explorers[kind]
-    for host in (f"evil.example:{e.port}", "evil.example", f"127.0.0.1.nip.io:{e.port}", f"localhost:{e.port + 1}"):
+    for host in (
+        f"evil.example:{e.port}",
+        "evil.example",
+        f"127.0.0.1.nip.io:{e.port}",
+        f"localhost.evil.example:{e.port}",
+    ):
         code, body, _ = e.call("api/model", headers={"Host": host}, token=True)
         assert code == 403, (host, code, body)
         assert "Host" in body.get("error", ""), body
-    for host in (f"localhost:{e.port}", f"127.0.0.1:{e.port}"):
+    # a loopback name on another port is a local tunnel (ssh -L, kubectl port-forward), not a rebound name
+    for host in (f"localhost:{e.port}", f"127.0.0.1:{e.port}", "localhost:9000", "[::1]:9000"):
         assert e.call("api/model", headers={"Host": host}, token=True)[0] == 200, host
 
 

@@ -100,3 +100,10 @@ def add_access_arguments(ap: argparse.ArgumentParser, prefix: str = "") -> None:
         help="another Host header to answer, as NAME or NAME:PORT (repeatable; default: only the bound "
         "address and localhost, 127.0.0.1, [::1])",
     )
+
+
+def host_allowed(host: str, hosts: frozenset[str]) -> bool:
+    """Whether a request's ``Host`` header (lower case) is answered: one of ``hosts``, or a loopback
+    name on any port. A rebound DNS name is never a loopback name, so the port adds nothing against
+    rebinding, and a tunnel to another local port (``ssh -L``, ``kubectl port-forward``) just works."""
+    return host in hosts or _host_and_port(host)[0] in LOOPBACK_NAMES

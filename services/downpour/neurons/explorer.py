@@ -50,7 +50,7 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 from PIL import Image
 
-from downpour.neurons.access import WILDCARD_HOSTS, allowed_hosts
+from downpour.neurons.access import WILDCARD_HOSTS, allowed_hosts, host_allowed
 
 log = logging.getLogger("downpour.explorer")
 
@@ -271,7 +271,7 @@ class Explorer:
     @web.middleware
     async def guard(self, request: web.Request, handler) -> web.StreamResponse:
         host = request.headers.get("Host", "").strip().lower()
-        if host not in self.hosts:
+        if not host_allowed(host, self.hosts):
             return web.json_response(
                 {"error": f"Host {host!r} is not served here; allow it with --allow-host (serve: --http-allow-host)"},
                 status=403,
