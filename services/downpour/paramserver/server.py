@@ -252,7 +252,7 @@ class ParameterServer(BlockCreation, SharedPlane):
         duplicate = bool(applied) and not any(ok for _, ok in applied)
         metrics.PS_PUSHES.labels(self.shard, "duplicate" if duplicate else "applied").inc()
         if not duplicate:
-            metrics.PS_WORKER_PUSHES.labels(self.shard, worker).inc()
+            metrics.PS_WORKER_PUSHES.labels(self.shard, metrics.worker_label(worker)).inc()
         return pb.PushResponse(blocks=[_info(b) for b, _ in applied], duplicate=duplicate)
 
     def InitBlocks(self, request: pb.InitBlocksRequest, context: Any) -> pb.InitBlocksResponse:

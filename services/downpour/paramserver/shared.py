@@ -394,7 +394,7 @@ class SharedPlane:
                     duplicate = applied == 0
                     metrics.PS_PUSHES.labels(self.shard, "duplicate" if duplicate else "applied").inc()
                     if not duplicate:
-                        metrics.PS_WORKER_PUSHES.labels(self.shard, worker).inc()
+                        metrics.PS_WORKER_PUSHES.labels(self.shard, metrics.worker_label(worker)).inc()
                 versions = []
                 for blk, (a, b) in zip(blocks, att.offsets):
                     if request.pull:
