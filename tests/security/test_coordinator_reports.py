@@ -20,6 +20,7 @@ import pytest
 
 from downpour import config as jobconfig
 from downpour import metrics as dmetrics
+from downpour.coordinator.state import MAX_SPARES
 from downpour.nn import presets
 from downpour.nn.spec import to_dict
 from downpour.paramserver.client import ParamClient
@@ -38,7 +39,13 @@ def _series(text: str, name: str) -> list[str]:
 def coordinator(procs, tmp_path):
     shard = procs.serve("paramserver")
     cfg = jobconfig.JobConfig(
-        model=to_dict(presets.get("tiny")), replicas=2, shards=1, steps=100_000, warm_start=0, seed=1
+        model=to_dict(presets.get("tiny")),
+        replicas=2,
+        shards=1,
+        steps=100_000,
+        warm_start=0,
+        seed=1,
+        lease_seconds=600.0,  # nobody's lease runs out during a test: members are only added
     )
     path = tmp_path / "job.yaml"
     path.write_text(cfg.to_yaml())
@@ -147,3 +154,19 @@ def test_a_shards_worker_labels_are_bounded(procs):
     series = [x for x in _series(s.metrics(), "downpour_paramserver_worker_pushes_total")]
     assert len(series) == dmetrics.MAX_WORKER_LABELS + 1  # the first ids, then "other"
     assert s.metric("downpour_paramserver_worker_pushes_total", worker="other") == 200
+
+
+def test_registering_in_a_loop_is_bounded(coordinator):
+    c, stub = coordinator
+    room = 2 + MAX_SPARES  # the job's two slots, then spares
+    for start in range(0, room, 32):
+        futures = [
+            stub.Register.future(cpb.RegisterRequest(role=cpb.ROLE_WORKER, address=f"127.0.0.1:{i + 1}"), timeout=60)
+            for i in range(start, min(room, start + 32))
+        ]
+        for f in futures:
+            f.result()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Register(cpb.RegisterRequest(role=cpb.ROLE_WORKER, address="127.0.0.1:9"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "spares" in e.value.details()
+    assert c.metric("downpour_coordinator_members") == room

@@ -3,7 +3,7 @@
 import pytest
 
 from downpour.config import JobConfig, from_yaml
-from downpour.coordinator.state import Checkpoint, JobState, MemberKeyError
+from downpour.coordinator.state import MAX_SPARES, Checkpoint, JobState, MemberKeyError, TooManyMembers
 
 
 class Clock:
@@ -71,6 +71,20 @@ def test_nobody_takes_over_a_member_without_its_key():
             st.authorize(a.member_id, key)
     assert st.members[a.member_id].address == "h:1"
     assert st.authorize("nobody", "") is None
+
+
+def test_members_are_bounded_and_those_whose_lease_ran_out_go_first():
+    st, clock = make()
+    first = st.register("h:0")
+    for i in range(len(st.slots) + MAX_SPARES - 1):
+        st.register(f"s:{i}")
+    with pytest.raises(TooManyMembers):
+        st.register("one:more")
+    again = st.register("h:0", first.member_id, first.key)  # a known member is no new one
+    assert again is first
+    clock.t += st.cfg.lease_seconds + 1  # every lease runs out: room again
+    st.register("one:more")
+    assert len(st.members) == 1
 
 
 def test_job_step_is_the_slowest_replica_and_done_stops_everyone():

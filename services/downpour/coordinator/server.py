@@ -34,7 +34,7 @@ from downpour import metrics, optim, scalars
 from downpour.coordinator.manager import CheckpointFailed, CheckpointManager
 from downpour.coordinator.params import Parameters
 from downpour.coordinator.shards import GrpcShards, ShardError, connect, disk_full
-from downpour.coordinator.state import Checkpoint, JobState, Member, MemberKeyError
+from downpour.coordinator.state import Checkpoint, JobState, Member, MemberKeyError, TooManyMembers
 from downpour.coordinator.supervisor import ShardSupervisor
 from downpour.paramserver.client import ParamClient
 from downpour.rpc.channel import ChannelConfig
@@ -219,6 +219,8 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             m = self.state.register(request.address, request.member_id, request.member_key)
         except MemberKeyError as e:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except TooManyMembers as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         metrics.COORDINATOR_MEMBERS.set(len(self.state.members))
         resp = pb.RegisterResponse(
             member_id=m.member_id, job=self._job(), lease_seconds=self.cfg.lease_seconds, member_key=m.key

@@ -79,6 +79,15 @@ class MemberKeyError(Exception):
     """A call for a member without that member's key."""
 
 
+class TooManyMembers(Exception):
+    """A new member beyond the job's slots plus MAX_SPARES live spares."""
+
+
+# Members beyond the job's slots (spares, and members whose lease ran out): every Register with a
+# new id adds one, so they are bounded; those whose lease ran out go first.
+MAX_SPARES = 1024
+
+
 class JobState:
     def __init__(self, cfg: JobConfig, state_dir: str | None = None, clock=time.monotonic):
         self.cfg = cfg
@@ -136,6 +145,8 @@ class JobState:
             now = self.clock()
             self.authorize(member_id, key)
             mid = member_id if member_id in self.members else (member_id or uuid.uuid4().hex[:12])
+            if mid not in self.members:
+                self._make_room(now)
             m = self.members.get(mid) or Member(mid, address, key=secrets.token_hex(16))
             if not m.key:
                 m.key = secrets.token_hex(16)
@@ -147,6 +158,19 @@ class JobState:
                 self._place(m, now)
             self._save()
             return m
+
+    def _make_room(self, now: float) -> None:
+        """Room for one more member: forget those whose lease ran out, or refuse (TooManyMembers)."""
+        cap = len(self.slots) + MAX_SPARES
+        if len(self.members) < cap:
+            return
+        for mid in [mid for mid, m in self.members.items() if m.lease_until < now]:
+            del self.members[mid]  # its slot, if it had one, is free already; its heartbeat finds it unknown
+        if len(self.members) >= cap:
+            raise TooManyMembers(
+                f"the job already has {len(self.members)} live members ({len(self.slots)} slots and "
+                f"{MAX_SPARES} spares at most)"
+            )
 
     def _place(self, m: Member, now: float) -> bool:
         if self.done:
