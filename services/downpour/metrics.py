@@ -8,6 +8,8 @@ dashboards have one list to read.
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # -- every gRPC server (downpour.rpc.server's interceptor) ---------------------
@@ -33,10 +35,27 @@ PS_PUSH_BYTES = Counter("downpour_paramserver_push_bytes_total", "Gradient bytes
 PS_PUSHES = Counter(
     "downpour_paramserver_pushes_total", "Pushes by outcome (applied, duplicate, rejected).", ["shard", "outcome"]
 )
-# One series per worker id: bounded by the workers a job ever had (restarts included).
+# One series per worker id, for the first MAX_WORKER_LABELS ids a process sees (a job's workers,
+# restarts included); the ids are the client's choice, so any later one is counted as "other".
 PS_WORKER_PUSHES = Counter(
     "downpour_paramserver_worker_pushes_total", "Pushes applied, per pushing worker.", ["shard", "worker"]
 )
+MAX_WORKER_LABELS = 256
+_worker_labels: set[str] = set()
+_worker_labels_lock = threading.Lock()
+
+
+def worker_label(worker: str) -> str:
+    """The ``worker`` label of PS_WORKER_PUSHES for this id: itself, or "other" past MAX_WORKER_LABELS ids."""
+    with _worker_labels_lock:
+        if worker in _worker_labels:
+            return worker
+        if len(_worker_labels) < MAX_WORKER_LABELS:
+            _worker_labels.add(worker)
+            return worker
+    return "other"
+
+
 PS_UPDATES = Counter("downpour_paramserver_block_updates_total", "Block updates applied.", ["shard"])
 PS_STALENESS = Histogram(
     "downpour_paramserver_staleness_versions",

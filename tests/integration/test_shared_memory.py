@@ -1,6 +1,7 @@
 """The co-located data plane (paramserver.shared) against a real shard process.
 
-The shard maps the client's /dev/shm file; pulls and pushes through it must
+The shard makes a sealed region and sends it to the client's Unix socket in
+/dev/shm; pulls and pushes through it must
 give exactly what Pull and Push give (Adagrad checked against the formula in
 float64), a retried push must apply at most once, and every hostile attach
 or gradient must be refused with its status code and change nothing.
@@ -52,6 +53,18 @@ def _stub(address: str):
     return ch, attach, pp
 
 
+def attach_raw(attach, worker: str, names: list[str], n: int) -> tuple[shm.Region, pb.AttachSharedResponse]:
+    """AttachShared as ParamClient does it, by hand: listen, ask, take the region the shard sent."""
+    listener, path = shm.listen()
+    token = os.urandom(shm.TOKEN_BYTES)
+    try:
+        r = attach(pb.AttachSharedRequest(worker_id=worker, path=path, token=token, names=names), timeout=10)
+        return shm.receive(listener, token, n), r
+    finally:
+        listener.close()
+        os.unlink(path)
+
+
 def test_shared_pushes_and_pulls_are_exact_and_link_is_used(shards):
     s = shards(*FLAGS)
     w0 = _blocks()
@@ -65,7 +78,8 @@ def test_shared_pushes_and_pulls_are_exact_and_link_is_used(shards):
         assert ps.pull(["a", "b"])["b"].tolist() == [1.0, 2.0, 3.0]
         assert ps.links.links and all(isinstance(v, object) and v is not False for v in ps.links.links.values())
         link = ps.links.links[0]
-        assert set(link.names) == {"a", "b"} and not os.path.exists(link.region.path)  # unlinked once mapped
+        assert set(link.names) == {"a", "b"}
+        assert not [f for f in os.listdir(shm.SHM_DIR) if f.startswith(f"downpour-{os.getpid()}-")]  # socket gone
         ps.wait(ps.push(g1))
         got = ps.push_pull(g2)
         versions = {b.name: b.version for b in ps.list_blocks()[0].blocks}
@@ -89,9 +103,8 @@ def test_retried_shared_push_applies_once_and_bad_gradients_change_nothing(shard
         ps.init(w0)
     ch, attach, pp = _stub(s.address)
     n = 3003
-    region, token = shm.Region.create(n)
+    region, r = attach_raw(attach, "raw", ["a", "b"], n)
     try:
-        r = attach(pb.AttachSharedRequest(worker_id="raw", path=region.path, token=token, names=["a", "b"]), timeout=10)
         assert [b.name for b in r.blocks] == ["a", "b"]
         region.grads[:] = 1.0
         first = pp(pb.PushPullSharedRequest(worker_id="raw", seq=7, push=True, pull=True), timeout=10)
@@ -118,7 +131,7 @@ def test_retried_shared_push_applies_once_and_bad_gradients_change_nothing(shard
             pp(pb.PushPullSharedRequest(worker_id="nobody", pull=True), timeout=10)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
-        region.close(unlink=True)
+        region.close()
         ch.close()
 
 
@@ -127,19 +140,22 @@ def test_hostile_attach_requests_are_refused(shards, tmp_path):
     with ParamClient([s.address], worker_id="init") as ps:
         ps.init(_blocks())
     ch, attach, _ = _stub(s.address)
-    region, token = shm.Region.create(3003)
+    listener, sock = shm.listen()
+    token = os.urandom(shm.TOKEN_BYTES)
     link = os.path.join(shm.SHM_DIR, f"downpour-link-{os.getpid()}")
-    os.symlink(region.path, link)
+    os.symlink(sock, link)
+    plain = os.path.join(shm.SHM_DIR, f"downpour-plain-{os.getpid()}")
+    open(plain, "wb").close()
     cases = [
         ("/etc/passwd", token, ["a", "b"], grpc.StatusCode.INVALID_ARGUMENT),
         (str(tmp_path / "downpour-x"), token, ["a", "b"], grpc.StatusCode.INVALID_ARGUMENT),
         (os.path.join(shm.SHM_DIR, "..", "etc", "downpour-x"), token, ["a", "b"], grpc.StatusCode.INVALID_ARGUMENT),
-        (link, token, ["a", "b"], grpc.StatusCode.FAILED_PRECONDITION),  # O_NOFOLLOW
-        (region.path, b"\0" * 16, ["a", "b"], grpc.StatusCode.FAILED_PRECONDITION),
-        (region.path, b"short", ["a", "b"], grpc.StatusCode.INVALID_ARGUMENT),
-        (region.path, token, ["a"], grpc.StatusCode.INVALID_ARGUMENT),  # size does not match the blocks
-        (region.path, token, ["a", "a"], grpc.StatusCode.INVALID_ARGUMENT),
-        (region.path, token, ["nope"], grpc.StatusCode.NOT_FOUND),
+        (link, token, ["a", "b"], grpc.StatusCode.FAILED_PRECONDITION),  # a link, not a socket
+        (plain, token, ["a", "b"], grpc.StatusCode.FAILED_PRECONDITION),  # a file, not a socket
+        (sock, b"short", ["a", "b"], grpc.StatusCode.INVALID_ARGUMENT),
+        (sock, token, ["a", "a"], grpc.StatusCode.INVALID_ARGUMENT),
+        (sock, token, ["nope"], grpc.StatusCode.NOT_FOUND),
+        (sock, token, [], grpc.StatusCode.INVALID_ARGUMENT),
         (os.path.join(shm.SHM_DIR, "downpour-missing-0"), token, ["a", "b"], grpc.StatusCode.FAILED_PRECONDITION),
     ]
     try:
@@ -147,9 +163,13 @@ def test_hostile_attach_requests_are_refused(shards, tmp_path):
             with pytest.raises(grpc.RpcError) as e:
                 attach(pb.AttachSharedRequest(worker_id="h", path=path, token=tok, names=names), timeout=10)
             assert e.value.code() == code, (path, names, e.value.details())
+        with pytest.raises(ValueError, match="sent no region"):  # nothing was sent for any of them
+            shm.receive(listener, token, 3003)
     finally:
         os.unlink(link)
-        region.close(unlink=True)
+        os.unlink(plain)
+        listener.close()
+        os.unlink(sock)
         ch.close()
     with ParamClient([s.address], worker_id="reader", placement=PLACE) as ps:
         np.testing.assert_array_equal(ps.pull(["b"])["b"], [1.0, 2.0, 3.0])
@@ -161,22 +181,23 @@ def test_client_falls_back_to_grpc_where_the_shard_cannot_map_its_file(shards, m
     w0 = _blocks()
     with ParamClient([s.address], worker_id="init") as ps:
         ps.init(w0)
-    real_create = shm.Region.create
-    elsewhere = {}
+    real_listen = shm.listen
+    elsewhere = []
 
-    def create_and_hide(n, directory=shm.SHM_DIR):
-        region, token = real_create(n, directory)
-        hidden = region.path + "-moved"
-        os.rename(region.path, hidden)  # the shard looks for region.path and finds nothing
-        elsewhere[hidden] = region
-        return region, token
+    def listen_and_hide(directory=shm.SHM_DIR):
+        listener, path = real_listen(directory)
+        hidden = path + "-moved"
+        os.rename(path, hidden)  # the shard looks for the socket at path and finds nothing
+        elsewhere.append(hidden)
+        return listener, path
 
-    monkeypatch.setattr(shm.Region, "create", staticmethod(create_and_hide))
+    monkeypatch.setattr(shm, "listen", listen_and_hide)
     g = {"a": np.ones((30, 100), np.float32), "b": np.ones(3, np.float32)}
     with ParamClient([s.address], worker_id="w", shared=True, placement=PLACE) as ps:
         ps.pull(["a", "b"])
         got = ps.push_pull(g)
         assert ps.links.links == {0: False}
+    assert elsewhere
     for path in elsewhere:
         os.unlink(path)
     np.testing.assert_allclose(got["b"], w0["b"] - LR / (1 + EPS), rtol=1e-6)

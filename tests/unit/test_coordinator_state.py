@@ -3,7 +3,7 @@
 import pytest
 
 from downpour.config import JobConfig, from_yaml
-from downpour.coordinator.state import Checkpoint, JobState
+from downpour.coordinator.state import MAX_SPARES, Checkpoint, JobState, MemberKeyError, TooManyMembers
 
 
 class Clock:
@@ -55,9 +55,36 @@ def test_a_dead_workers_slot_goes_to_the_next_worker_with_the_replica_step():
 def test_a_registered_worker_that_registers_again_keeps_its_slot():
     st, _ = make()
     a = st.register("h:1")
-    again = st.register("h:1", a.member_id)
+    again = st.register("h:1", a.member_id, a.key)  # with its key: a known member_id needs it
     assert (again.replica, again.partition) == (a.replica, a.partition)
     assert st.register("h:2").replica == 1
+
+
+def test_nobody_takes_over_a_member_without_its_key():
+    st, _ = make()
+    a = st.register("h:1")
+    assert len(a.key) == 32 and st.authorize(a.member_id, a.key) is a
+    for key in ("", "0" * 32):
+        with pytest.raises(MemberKeyError):
+            st.register("evil:1", a.member_id, key)
+        with pytest.raises(MemberKeyError):
+            st.authorize(a.member_id, key)
+    assert st.members[a.member_id].address == "h:1"
+    assert st.authorize("nobody", "") is None
+
+
+def test_members_are_bounded_and_those_whose_lease_ran_out_go_first():
+    st, clock = make()
+    first = st.register("h:0")
+    for i in range(len(st.slots) + MAX_SPARES - 1):
+        st.register(f"s:{i}")
+    with pytest.raises(TooManyMembers):
+        st.register("one:more")
+    again = st.register("h:0", first.member_id, first.key)  # a known member is no new one
+    assert again is first
+    clock.t += st.cfg.lease_seconds + 1  # every lease runs out: room again
+    st.register("one:more")
+    assert len(st.members) == 1
 
 
 def test_job_step_is_the_slowest_replica_and_done_stops_everyone():

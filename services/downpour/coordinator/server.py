@@ -34,7 +34,7 @@ from downpour import metrics, optim, scalars
 from downpour.coordinator.manager import CheckpointFailed, CheckpointManager
 from downpour.coordinator.params import Parameters
 from downpour.coordinator.shards import GrpcShards, ShardError, connect, disk_full
-from downpour.coordinator.state import Checkpoint, JobState
+from downpour.coordinator.state import Checkpoint, JobState, Member, MemberKeyError, TooManyMembers
 from downpour.coordinator.supervisor import ShardSupervisor
 from downpour.paramserver.client import ParamClient
 from downpour.rpc.channel import ChannelConfig
@@ -201,15 +201,30 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             seed=c.seed,
         )
 
+    def _member(self, member_id: str, key: str, context) -> Member | None:
+        """The member if ``key`` is its key (None if unknown); PERMISSION_DENIED otherwise."""
+        try:
+            return self.state.authorize(member_id, key)
+        except MemberKeyError as e:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+            raise AssertionError("context.abort returned") from None
+
     def Register(self, request, context):
         if request.role not in (pb.ROLE_WORKER, pb.ROLE_UNSPECIFIED):
             name = pb.Role.Name(request.role) if request.role in pb.Role.values() else str(request.role)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"only workers register; got role {name}")
         if not request.address:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs the worker's address (host:port)")
-        m = self.state.register(request.address, request.member_id)
+        try:
+            m = self.state.register(request.address, request.member_id, request.member_key)
+        except MemberKeyError as e:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except TooManyMembers as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         metrics.COORDINATOR_MEMBERS.set(len(self.state.members))
-        resp = pb.RegisterResponse(member_id=m.member_id, job=self._job(), lease_seconds=self.cfg.lease_seconds)
+        resp = pb.RegisterResponse(
+            member_id=m.member_id, job=self._job(), lease_seconds=self.cfg.lease_seconds, member_key=m.key
+        )
         a = self._assignment(m)
         if a is not None:
             resp.assignment.CopyFrom(a)
@@ -217,11 +232,13 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         return resp
 
     def Deregister(self, request, context):
+        self._member(request.member_id, request.member_key, context)
         self.state.deregister(request.member_id)
         return pb.DeregisterResponse()
 
     def Heartbeat(self, request, context):
         metrics.COORDINATOR_HEARTBEATS.inc()
+        self._member(request.member_id, request.member_key, context)
         action, m = self.state.heartbeat(request.member_id, request.step)
         actions = {
             "continue": pb.ACTION_CONTINUE,
@@ -247,10 +264,29 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         return resp
 
     def ReportProgress(self, request, context):
+        """Progress of the caller's own slot. Metric labels come from the member's slot, never from the
+        request: a replica outside the job is INVALID_ARGUMENT, another member's slot PERMISSION_DENIED."""
+        rows, cols = self.cfg.grid()
+        if not (0 <= request.replica < self.cfg.replicas and 0 <= request.partition < rows * cols):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"replica {request.replica} partition {request.partition} is outside the job "
+                f"({self.cfg.replicas} replicas x {rows * cols} partitions)",
+            )
+        m = self._member(request.member_id, request.member_key, context)
+        if m is None or m.replica < 0:  # unknown, or a spare: nothing to record (as before)
+            return pb.ReportProgressResponse(keep_running=not self.state.done)
+        replica, partition = m.replica, m.partition
+        if (replica, partition) != (request.replica, request.partition):
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"member {m.member_id!r} holds replica {replica} partition {partition}, "
+                f"not replica {request.replica} partition {request.partition}",
+            )
         keep = self.state.report(request.member_id, request.step, request.loss, request.examples, dict(request.scalars))
-        metrics.TRAINING_LOSS.labels(str(request.replica)).set(request.loss)
+        metrics.TRAINING_LOSS.labels(str(replica)).set(request.loss)
         if request.scalars:
-            export_scalars(str(request.replica), self.state.replica_scalars(request.replica))
+            export_scalars(str(replica), self.state.replica_scalars(replica))
         return pb.ReportProgressResponse(keep_running=keep)
 
     def JobStatus(self, request, context):

@@ -10,13 +10,21 @@ The state is saved to ``state.json`` in the state directory (write to a
 temporary file, fsync, rename) whenever membership, progress or checkpoints
 change, so that a restarted coordinator re-adopts the running cluster: the
 workers' next heartbeats find their slots where they left them.
+
+Member ids are public (JobStatus lists them), so each member also gets a
+secret key when it first registers; every later call for that member_id must
+carry it (``authorize``): nobody else can report for, renew, deregister or
+take over another member. The keys are saved with the state, so the members
+of a re-adopted cluster keep theirs.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid
@@ -64,6 +72,20 @@ class Member:
     partition: int = -1
     lease_until: float = 0.0
     generation: int = 0
+    key: str = ""  # the member's secret (an adopted state of an older coordinator may have none)
+
+
+class MemberKeyError(Exception):
+    """A call for a member without that member's key."""
+
+
+class TooManyMembers(Exception):
+    """A new member beyond the job's slots plus MAX_SPARES live spares."""
+
+
+# Members beyond the job's slots (spares, and members whose lease ran out): every Register with a
+# new id adds one, so they are bounded; those whose lease ran out go first.
+MAX_SPARES = 1024
 
 
 class JobState:
@@ -104,11 +126,30 @@ class JobState:
             return range(1)
         return range(self.cfg.replicas)
 
-    def register(self, address: str, member_id: str = "") -> Member:
+    def authorize(self, member_id: str, key: str) -> Member | None:
+        """The member ``member_id`` if ``key`` is its key; None for an unknown member.
+
+        Raises MemberKeyError for a known member and any other key."""
+        with self.lock:
+            m = self.members.get(member_id)
+            if m is not None and m.key and not hmac.compare_digest(m.key.encode(), key.encode()):
+                raise MemberKeyError(
+                    f"member {member_id!r}: wrong or missing member_key (only the worker that registered "
+                    "it may speak for it)"
+                )
+            return m
+
+    def register(self, address: str, member_id: str = "", key: str = "") -> Member:
+        """Register (or re-register) a member; re-registering a known member needs its key (MemberKeyError)."""
         with self.lock:
             now = self.clock()
+            self.authorize(member_id, key)
             mid = member_id if member_id in self.members else (member_id or uuid.uuid4().hex[:12])
-            m = self.members.get(mid) or Member(mid, address)
+            if mid not in self.members:
+                self._make_room(now)
+            m = self.members.get(mid) or Member(mid, address, key=secrets.token_hex(16))
+            if not m.key:
+                m.key = secrets.token_hex(16)
             m.address = address
             m.lease_until = now + self.cfg.lease_seconds
             self.members[mid] = m
@@ -117,6 +158,19 @@ class JobState:
                 self._place(m, now)
             self._save()
             return m
+
+    def _make_room(self, now: float) -> None:
+        """Room for one more member: forget those whose lease ran out, or refuse (TooManyMembers)."""
+        cap = len(self.slots) + MAX_SPARES
+        if len(self.members) < cap:
+            return
+        for mid in [mid for mid, m in self.members.items() if m.lease_until < now]:
+            del self.members[mid]  # its slot, if it had one, is free already; its heartbeat finds it unknown
+        if len(self.members) >= cap:
+            raise TooManyMembers(
+                f"the job already has {len(self.members)} live members ({len(self.slots)} slots and "
+                f"{MAX_SPARES} spares at most)"
+            )
 
     def _place(self, m: Member, now: float) -> bool:
         if self.done:

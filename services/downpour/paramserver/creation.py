@@ -4,6 +4,11 @@ The stream is checked chunk by chunk as it arrives (assembly.py); nothing is
 created unless it ends with commit, so a stream cut short never passes for a
 complete one. The values are kept as they arrive and joined at the commit:
 memory follows the data actually sent, not the shape a message claims.
+
+Each block's declared size is reserved against the shard's quota (quota.py:
+bytes and count of blocks) when its first chunk arrives, before anything of
+it is kept, and checked again with the stored blocks at the commit; over the
+quota, the stream is refused with RESOURCE_EXHAUSTED and nothing is created.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 
 from downpour.paramserver import errors
 from downpour.paramserver.assembly import Assembly
+from downpour.paramserver.quota import BYTES_PER_VALUE, BlockQuota
 from downpour.paramserver.shared import block_info
 from downpour.paramserver.store import ShardStore, StoreError
 from downpour.v1 import paramserver_pb2 as pb
@@ -25,15 +31,23 @@ class BlockCreation:
 
     store: ShardStore
     max_block_bytes: int
+    quota: BlockQuota
 
     def _gauges(self) -> None:
         raise NotImplementedError("ParameterServer updates its metrics gauges")
+
+    def _stored(self) -> tuple[int, int]:
+        """(bytes, count) of the blocks this shard holds, as the quota counts them."""
+        blocks = list(self.store.blocks.values())  # a copy: other calls may add blocks meanwhile
+        return sum(b.size for b in blocks) * BYTES_PER_VALUE, len(blocks)
 
     def CreateBlocks(
         self, requests: Iterator[tuple[pb.CreateBlocksRequest, memoryview]], context: Any
     ) -> pb.CreateBlocksResponse:
         pending: dict[str, tuple[list[np.ndarray], Assembly, bool]] = {}
         committed = False
+        held = [0, 0]  # reserved against the quota by this stream: bytes, blocks
+        stored: tuple[int, int] | None = None
         try:
             for req, payload in requests:
                 if committed:
@@ -55,6 +69,17 @@ class BlockCreation:
                             f"block {c.name!r}: shape {list(shape)} is {n * 4} bytes, over "
                             f"this shard's limit of {self.max_block_bytes} per block",
                         )
+                    if stored is None:
+                        stored = self._stored()
+                    why = self.quota.reserve(
+                        f"CreateBlocks block {c.name!r} ({n} values, block {len(pending) + 1} of its stream)",
+                        stored,
+                        (n * BYTES_PER_VALUE, 1),
+                    )
+                    if why is not None:
+                        raise StoreError("exhausted", why)
+                    held[0] += n * BYTES_PER_VALUE
+                    held[1] += 1
                     # The values are kept as they arrive and joined at the commit: memory
                     # follows the data actually sent, not the shape a message claims.
                     pending[c.name] = ([], Assembly(c.name, shape, n), req.overwrite)
@@ -70,13 +95,19 @@ class BlockCreation:
                     raise StoreError("invalid", "block name is empty")
                 if not pending[asm.name][2] and asm.name in self.store.blocks:
                     raise StoreError("exists", f"block {asm.name!r} already exists on shard {self.store.shard_index}")
-            created = [
-                self.store.create(
-                    a.name, a.shape, np.concatenate(parts) if parts else np.empty(0, np.float32), overwrite=ow
-                )
-                for parts, a, ow in pending.values()
-            ]
+            with self.quota.lock:  # blocks stored since the stream began count too
+                why = self.quota.message(f"CreateBlocks of {len(pending)} blocks", self._stored(), (0, 0))
+                if why is not None:
+                    raise StoreError("exhausted", why)
+                created = [
+                    self.store.create(
+                        a.name, a.shape, np.concatenate(parts) if parts else np.empty(0, np.float32), overwrite=ow
+                    )
+                    for parts, a, ow in pending.values()
+                ]
         except StoreError as e:
             errors.abort(context, e)
+        finally:
+            self.quota.release((held[0], held[1]))
         self._gauges()
         return pb.CreateBlocksResponse(blocks=[block_info(b) for b in created])

@@ -33,6 +33,7 @@ CODES = {
     "exists": grpc.StatusCode.ALREADY_EXISTS,
     "precondition": grpc.StatusCode.FAILED_PRECONDITION,
     "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "permission": grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

@@ -14,7 +14,7 @@ overlap this block's tile are read, each verified against its crc32).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -33,10 +33,14 @@ class InitError(Exception):
         self.kind = kind
 
 
-def make_blocks(job_yaml: str, names: list[str]) -> Iterator[tuple[str, tuple[int], np.ndarray, bool]]:
+def make_blocks(
+    job_yaml: str, names: list[str], admit: Callable[[dict[str, int]], None] | None = None
+) -> Iterator[tuple[str, tuple[int], np.ndarray, bool]]:
     """Yield (name, shape, values, from_checkpoint) for each of ``names``, one block at a time.
 
-    Blocks are flat (shape (n,)), as ``Network.init_params`` gives them and checkpoints hold them."""
+    Blocks are flat (shape (n,)), as ``Network.init_params`` gives them and checkpoints hold them.
+    ``admit`` sees every block's number of values before anything is allocated, and may refuse
+    them all by raising."""
     try:
         cfg = jobconfig.from_yaml(job_yaml)
         net, blocks = job_blocks(cfg)
@@ -45,6 +49,8 @@ def make_blocks(job_yaml: str, names: list[str]) -> Iterator[tuple[str, tuple[in
     unknown = [n for n in names if n not in blocks]
     if unknown:
         raise InitError("invalid", f"the job has no block {unknown[0]!r} ({len(unknown)} unknown)")
+    if admit is not None:
+        admit({n: int(np.prod(blocks[n].shape, dtype=object)) for n in names})  # Python ints: no overflow
     lays = nninit.layouts(net)
     try:
         ck = CheckpointReader(cfg.init_from) if cfg.init_from else None

@@ -45,6 +45,13 @@ from downpour.checkpoint.files import DISK_FULL
 from downpour.paramserver import errors, initial
 from downpour.paramserver.assembly import Assembly
 from downpour.paramserver.creation import BlockCreation
+from downpour.paramserver.quota import (
+    BYTES_PER_VALUE,
+    DEFAULT_MAX_BLOCKS,
+    BlockQuota,
+    default_shared_bytes,
+    default_store_bytes,
+)
 from downpour.paramserver.shared import Attachments, SharedPlane
 from downpour.paramserver.shared import block_info as _info
 from downpour.paramserver.store import Block, OptimizerConfig, ShardStore, StoreError
@@ -77,7 +84,11 @@ class ParameterServer(BlockCreation, SharedPlane):
         max_message_bytes: int = 64 << 20,
         apply_threads: int = 2,
         max_pending_blocks: int = 2,
+        max_store_bytes: int = 0,
+        max_blocks: int = 0,
+        max_shared_bytes: int = 0,
     ) -> None:
+        """The ``max_*`` quotas (quota.py) are off at 0; ``downpour serve paramserver`` sets them from its flags."""
         self.store = store
         self._appliers = ThreadPoolExecutor(apply_threads, thread_name_prefix="apply") if apply_threads > 0 else None
         self.max_pending_blocks = max_pending_blocks
@@ -85,7 +96,9 @@ class ParameterServer(BlockCreation, SharedPlane):
         self.chunk_bytes = max(4, min(chunk_bytes, max_message_bytes - HEADER_ROOM))
         self.shard = str(store.shard_index)
         self.max_block_bytes = MAX_BLOCK_BYTES
-        self.attachments = Attachments()  # co-located clients' shared-memory files (shared.py)
+        self.quota = BlockQuota(max_store_bytes, max_blocks)
+        # co-located clients' shared-memory regions (shared.py)
+        self.attachments = Attachments(max_bytes=max_shared_bytes)
 
     # -- helpers ---------------------------------------------------------------
     def _gauges(self) -> None:
@@ -239,7 +252,7 @@ class ParameterServer(BlockCreation, SharedPlane):
         duplicate = bool(applied) and not any(ok for _, ok in applied)
         metrics.PS_PUSHES.labels(self.shard, "duplicate" if duplicate else "applied").inc()
         if not duplicate:
-            metrics.PS_WORKER_PUSHES.labels(self.shard, worker).inc()
+            metrics.PS_WORKER_PUSHES.labels(self.shard, metrics.worker_label(worker)).inc()
         return pb.PushResponse(blocks=[_info(b) for b, _ in applied], duplicate=duplicate)
 
     def InitBlocks(self, request: pb.InitBlocksRequest, context: Any) -> pb.InitBlocksResponse:
@@ -252,8 +265,21 @@ class ParameterServer(BlockCreation, SharedPlane):
                     f"block {exists[0]!r} already exists on shard {self.store.shard_index}",
                 )
         created, taken = [], []
+        held = (0, 0)
+
+        def admit(sizes: dict[str, int]) -> None:
+            # The spec's whole size against the quota, before the first block is allocated.
+            nonlocal held
+            want = (sum(sizes.values()) * BYTES_PER_VALUE, len(sizes))
+            why = self.quota.reserve(
+                f"InitBlocks of {len(sizes)} blocks ({sum(sizes.values())} values)", self._stored(), want
+            )
+            if why is not None:
+                raise StoreError("exhausted", why)
+            held = want
+
         try:
-            for name, shape, values, from_ck in initial.make_blocks(request.job_yaml, list(request.names)):
+            for name, shape, values, from_ck in initial.make_blocks(request.job_yaml, list(request.names), admit):
                 created.append(self.store.create(name, shape, values, overwrite=True))
                 if from_ck:
                     taken.append(name)
@@ -262,6 +288,8 @@ class ParameterServer(BlockCreation, SharedPlane):
             context.abort(code, str(e))
         except StoreError as e:
             errors.abort(context, e)
+        finally:
+            self.quota.release(held)
         self._gauges()
         log.info(
             "created %d blocks (%d parameters), %d of them from init_from",
@@ -361,6 +389,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--apply-threads", type=int, default=2, help="threads applying pushed blocks (0: apply on the receiving thread)"
     )
+    ap.add_argument(
+        "--max-store-bytes",
+        type=int,
+        default=None,
+        help="quota: bytes of blocks this shard holds, 8 per value (weights and accumulators); "
+        "CreateBlocks and InitBlocks over it are refused before anything is allocated "
+        "(default: three quarters of the machine's memory; 0: no quota)",
+    )
+    ap.add_argument(
+        "--max-blocks",
+        type=int,
+        default=DEFAULT_MAX_BLOCKS,
+        help="quota: blocks this shard holds (0: no quota)",
+    )
+    ap.add_argument(
+        "--max-shared-bytes",
+        type=int,
+        default=None,
+        help="quota: bytes of the shared-memory regions of co-located clients together "
+        "(default: half the machine's memory; 0: no quota)",
+    )
     logs.add_log_level_argument(ap)
     return ap
 
@@ -370,7 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level)
     cfg = ServerConfig.from_args(args)
     store = ShardStore(args.shard_index, OptimizerConfig(args.optimizer, args.lr, args.eps, args.initial_accumulator))
-    ps = ParameterServer(store, args.checkpoint_dir, args.chunk_bytes, cfg.max_message_bytes, args.apply_threads)
+    ps = ParameterServer(
+        store,
+        args.checkpoint_dir,
+        args.chunk_bytes,
+        cfg.max_message_bytes,
+        args.apply_threads,
+        max_store_bytes=default_store_bytes() if args.max_store_bytes is None else args.max_store_bytes,
+        max_blocks=args.max_blocks,
+        max_shared_bytes=default_shared_bytes() if args.max_shared_bytes is None else args.max_shared_bytes,
+    )
     server = Server(f"paramserver-{args.shard_index}", cfg)
     server.add(lambda s: s.add_generic_rpc_handlers((ps.handlers(),)), SERVICE)
     port = server.start()

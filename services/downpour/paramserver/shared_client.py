@@ -1,10 +1,10 @@
 """The client side of the shared-memory data plane (see shared.py for the shard's).
 
-After a client's first pull of a set of blocks, it creates a shared file for
-them with each shard on its host and asks the shard to map it
-(``AttachShared``); from then on a pull or push of that set is one
-``PushPullShared`` call carrying only control. A shard that cannot open the
-file (another host or container) keeps the client on Pull and Push for good; a
+After a client's first pull of a set of blocks, it asks each shard on its
+host for a shared region for them (``AttachShared``; the shard makes the
+region and sends it over a Unix socket the client listens on); from then on a pull or push of that set is one
+``PushPullShared`` call carrying only control. A shard that cannot reach the
+socket (another host or container) keeps the client on Pull and Push for good; a
 shard that is away or being refilled is asked again on the next call.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from downpour.paramserver import shared as shm
 from downpour.v1 import paramserver_pb2 as pb
 
 # An AttachShared that fails with these is asked again later (the shard is away or being
-# refilled); any other answer (FAILED_PRECONDITION: it cannot open our file) means gRPC for good.
+# refilled); any other answer (FAILED_PRECONDITION: it cannot reach our socket) means gRPC for good.
 NOT_YET = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -53,7 +54,7 @@ class SharedCall:
 
 
 class Link:
-    """A shared-memory file mapped by this client and one shard."""
+    """A shared-memory region mapped by this client and one shard."""
 
     def __init__(self, region: shm.Region, names: list[str], sizes: list[int]) -> None:
         self.region, self.names = region, names
@@ -80,7 +81,7 @@ class SharedLinks:
         self.shapes, self.versions = shapes, versions
         self.retrying = retrying
         self.lock = threading.Lock()
-        self.links: dict[int, Link | Literal[False]] = {}  # False: this shard cannot map our files
+        self.links: dict[int, Link | Literal[False]] = {}  # False: this shard cannot share memory with us
 
     def link(self, shard: int, names: list[str], exact: bool) -> Link | None:
         """This shard's link if it covers ``names`` (exactly, for a push); maps one if none yet."""
@@ -101,37 +102,51 @@ class SharedLinks:
     def attach(self, shard: int, names: list[str]) -> Link | Literal[False] | None:
         """A new link for ``names``; False if the shard cannot map it (gRPC for good), None to ask again later."""
         sizes = [int(np.prod(self.shapes[n], dtype=np.int64)) for n in names]
-        region, token = shm.Region.create(int(sum(sizes)))
         address = self.shards[shard].address
+        token = secrets.token_bytes(shm.TOKEN_BYTES)
         try:
-            self.shards[shard].attach_shared(
-                pb.AttachSharedRequest(worker_id=self.worker_id, path=region.path, token=token, names=names),
-                timeout=self.timeout,
-            )
-        except grpc.RpcError as e:
-            region.close(unlink=True)
-            if e.code() in NOT_YET:
-                # A shard that restarted and is still being refilled (or is away): ask again on the
-                # next call rather than keep to gRPC for good.
+            listener, path = shm.listen()
+        except OSError as e:
+            log.info("cannot listen for shard %d (%s) in %s (%s): gRPC for good", shard, address, shm.SHM_DIR, e)
+            return False
+        try:
+            try:
+                self.shards[shard].attach_shared(
+                    pb.AttachSharedRequest(worker_id=self.worker_id, path=path, token=token, names=names),
+                    timeout=self.timeout,
+                )
+            except grpc.RpcError as e:
+                if e.code() in NOT_YET:
+                    # A shard that restarted and is still being refilled (or is away): ask again on the
+                    # next call rather than keep to gRPC for good.
+                    log.info(
+                        "shard %d (%s) cannot map shared memory yet (%s: %s); asking again on the next call",
+                        shard, address, e.code().name, e.details(),
+                    )  # fmt: skip
+                    return None
                 log.info(
-                    "shard %d (%s) cannot map shared memory yet (%s: %s); asking again on the next call",
+                    "shard %d (%s) does not map shared memory (%s: %s): pulls and pushes go through gRPC",
                     shard, address, e.code().name, e.details(),
                 )  # fmt: skip
-                return None
-            log.info(
-                "shard %d (%s) does not map shared memory (%s: %s): pulls and pushes go through gRPC",
-                shard, address, e.code().name, e.details(),
-            )  # fmt: skip
-            return False
-        # Both sides hold the mapping now: the name can go, so nothing is left behind if either dies.
-        os.unlink(region.path)
+                return False
+            try:
+                region = shm.receive(listener, token, int(sum(sizes)))
+            except (OSError, ValueError) as e:
+                log.warning("shard %d (%s): no shared region (%s): pulls and pushes go through gRPC", shard, address, e)
+                return False
+        finally:
+            listener.close()
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         log.info("shard %d (%s): %d blocks through shared memory", shard, address, len(names))
         return Link(region, names, sizes)
 
     def call(self, shard: int, link: Link, job: SharedCall) -> pb.PushPullSharedResponse | None:
         """Push ``job.flat`` (if given) and/or pull ``job.group`` through the link; None to fall back to gRPC.
 
-        A shard that lost our mapping (it restarted) gets a fresh file; one that
+        A shard that lost our mapping (it restarted) gets a fresh region; one that
         cannot map it any more sends us back to Pull and Push.
         """
         now = link

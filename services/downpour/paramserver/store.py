@@ -30,6 +30,9 @@ from downpour import optim
 from downpour.optim import OptimizerConfig
 
 DEDUP_WINDOW = 4096  # sequence numbers remembered per worker
+# Workers remembered: worker ids are the client's choice, so the least recently pushing worker is
+# forgotten past this (a retry of its pushes from that far back could then apply twice).
+MAX_DEDUP_WORKERS = 1024
 
 
 class StoreError(Exception):
@@ -196,7 +199,11 @@ class ShardStore:
         with self._meta:
             self._in_flight.discard((worker_id, seq, name))
             if applied:
-                self._dedup.setdefault(worker_id, _Dedup()).add(seq, name)
+                d = self._dedup.pop(worker_id, None) or _Dedup()
+                self._dedup[worker_id] = d  # the most recent last
+                d.add(seq, name)
+                while len(self._dedup) > MAX_DEDUP_WORKERS:
+                    self._dedup.pop(next(iter(self._dedup)))
             self._flight_done.notify_all()
 
     def apply_once(self, worker_id: str, seq: int, blk: Block, chunks: list[tuple[int, np.ndarray]]) -> int | None:

@@ -112,6 +112,7 @@ class RegisterRequest(_message.Message):
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     SHARD_INDEX_FIELD_NUMBER: _builtins.int
     HAS_GPU_FIELD_NUMBER: _builtins.int
+    MEMBER_KEY_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     address: _builtins.str
     """Address at which the member serves (workers: their Exchange endpoint)."""
@@ -121,6 +122,10 @@ class RegisterRequest(_message.Message):
     """For shards: the shard index they own. -1 or absent: any."""
     has_gpu: _builtins.bool
     """Whether the member has a GPU (placement hint)."""
+    member_key: _builtins.str
+    """With the member_id of a member the coordinator knows: the member_key it
+    was given (PERMISSION_DENIED otherwise: nobody else takes over a member).
+    """
     def __init__(
         self,
         *,
@@ -129,10 +134,11 @@ class RegisterRequest(_message.Message):
         member_id: _builtins.str = ...,
         shard_index: _builtins.int = ...,
         has_gpu: _builtins.bool = ...,
+        member_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "has_gpu", b"has_gpu", "member_id", b"member_id", "role", b"role", "shard_index", b"shard_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "has_gpu", b"has_gpu", "member_id", b"member_id", "member_key", b"member_key", "role", b"role", "shard_index", b"shard_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -146,8 +152,14 @@ class RegisterResponse(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    MEMBER_KEY_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     lease_seconds: _builtins.float
+    member_key: _builtins.str
+    """The member's secret: every later call for this member_id (Register,
+    Heartbeat, Deregister, ReportProgress) carries it, or gets
+    PERMISSION_DENIED. member_ids are public (JobStatus); this is not.
+    """
     @_builtins.property
     def job(self) -> _common_pb2.JobSpec: ...
     @_builtins.property
@@ -159,10 +171,11 @@ class RegisterResponse(_message.Message):
         job: _common_pb2.JobSpec | None = ...,
         assignment: _common_pb2.Assignment | None = ...,
         lease_seconds: _builtins.float = ...,
+        member_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "job", b"job", "lease_seconds", b"lease_seconds", "member_id", b"member_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "job", b"job", "lease_seconds", b"lease_seconds", "member_id", b"member_id", "member_key", b"member_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -173,15 +186,18 @@ class DeregisterRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MEMBER_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_KEY_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
+    member_key: _builtins.str
     def __init__(
         self,
         *,
         member_id: _builtins.str = ...,
+        member_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "member_key", b"member_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -209,20 +225,23 @@ class HeartbeatRequest(_message.Message):
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    MEMBER_KEY_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     generation: _builtins.int
     """The generation of the assignment the member is working on."""
     step: _builtins.int
+    member_key: _builtins.str
     def __init__(
         self,
         *,
         member_id: _builtins.str = ...,
         generation: _builtins.int = ...,
         step: _builtins.int = ...,
+        member_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "member_id", b"member_id", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "member_id", b"member_id", "member_key", b"member_key", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -287,12 +306,18 @@ class ReportProgressRequest(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     EXAMPLES_FIELD_NUMBER: _builtins.int
     SCALARS_FIELD_NUMBER: _builtins.int
+    MEMBER_KEY_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     replica: _builtins.int
     partition: _builtins.int
     step: _builtins.int
     loss: _builtins.float
     examples: _builtins.int
+    member_key: _builtins.str
+    """The member's secret (RegisterResponse.member_key). replica and partition
+    must be the member's own slot: INVALID_ARGUMENT outside the job's range,
+    PERMISSION_DENIED for another member's slot or a wrong key.
+    """
     @_builtins.property
     def scalars(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Other named scalars (e.g. per-stage losses, accuracy)."""
@@ -307,10 +332,11 @@ class ReportProgressRequest(_message.Message):
         loss: _builtins.float = ...,
         examples: _builtins.int = ...,
         scalars: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        member_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "loss", b"loss", "member_id", b"member_id", "partition", b"partition", "replica", b"replica", "scalars", b"scalars", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "loss", b"loss", "member_id", b"member_id", "member_key", b"member_key", "partition", b"partition", "replica", b"replica", "scalars", b"scalars", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -659,13 +659,13 @@ class AttachSharedRequest(_message.Message):
     NAMES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     path: _builtins.str
-    """Absolute path of a regular file under the shard's shared-memory
-    directory (/dev/shm), named downpour-*, of exactly 64 + 8 * N bytes
-    for N float32 values in all.
+    """Absolute path of the Unix socket the client listens on, directly in the
+    shard's shared-memory directory (/dev/shm), named downpour-*. The shard
+    sends the region (64 + 8 * N bytes for N float32 values in all) there.
     """
     token: _builtins.bytes
-    """16 random bytes the client wrote at the start of the file: proves the
-    shard opened the client's file and not a namesake.
+    """16 random bytes the shard sends back with the region: tells the client's
+    socket the shard's message from anyone else's.
     """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...

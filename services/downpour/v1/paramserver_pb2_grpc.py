@@ -160,11 +160,14 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AttachShared(self, request, context):
-        """Co-located data plane (client and shard on one host): the client creates
-        a shared-memory file holding a weight region and a gradient region for a
-        list of blocks and asks the shard to map it. FAILED_PRECONDITION when the
-        shard cannot open that file (another host or container): the client then
-        keeps to Pull and Push.
+        """Co-located data plane (client and shard on one host): the shard makes a
+        sealed shared-memory region (memfd) holding a weight region and a
+        gradient region for a list of blocks, maps it, and sends its descriptor
+        to the client's Unix socket before answering. FAILED_PRECONDITION when
+        the shard cannot reach that socket (another host or container): nothing
+        is allocated and the client keeps to Pull and Push. RESOURCE_EXHAUSTED
+        over --max-shared-bytes or when the memory cannot be allocated;
+        PERMISSION_DENIED when the socket's process runs as another user.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -72,11 +72,14 @@ class ParameterServerStub:
     job has no block of; FAILED_PRECONDITION when init_from cannot be used.
     """
     AttachShared: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.AttachSharedRequest, _paramserver_pb2.AttachSharedResponse]
-    """Co-located data plane (client and shard on one host): the client creates
-    a shared-memory file holding a weight region and a gradient region for a
-    list of blocks and asks the shard to map it. FAILED_PRECONDITION when the
-    shard cannot open that file (another host or container): the client then
-    keeps to Pull and Push.
+    """Co-located data plane (client and shard on one host): the shard makes a
+    sealed shared-memory region (memfd) holding a weight region and a
+    gradient region for a list of blocks, maps it, and sends its descriptor
+    to the client's Unix socket before answering. FAILED_PRECONDITION when
+    the shard cannot reach that socket (another host or container): nothing
+    is allocated and the client keeps to Pull and Push. RESOURCE_EXHAUSTED
+    over --max-shared-bytes or when the memory cannot be allocated;
+    PERMISSION_DENIED when the socket's process runs as another user.
     """
     PushPullShared: _grpc.UnaryUnaryMultiCallable[_paramserver_pb2.PushPullSharedRequest, _paramserver_pb2.PushPullSharedResponse]
     """Apply the gradient region (push) and/or copy the current weights into the
@@ -123,11 +126,14 @@ class ParameterServerAsyncStub(ParameterServerStub):
     job has no block of; FAILED_PRECONDITION when init_from cannot be used.
     """
     AttachShared: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.AttachSharedRequest, _paramserver_pb2.AttachSharedResponse]  # type: ignore[assignment]
-    """Co-located data plane (client and shard on one host): the client creates
-    a shared-memory file holding a weight region and a gradient region for a
-    list of blocks and asks the shard to map it. FAILED_PRECONDITION when the
-    shard cannot open that file (another host or container): the client then
-    keeps to Pull and Push.
+    """Co-located data plane (client and shard on one host): the shard makes a
+    sealed shared-memory region (memfd) holding a weight region and a
+    gradient region for a list of blocks, maps it, and sends its descriptor
+    to the client's Unix socket before answering. FAILED_PRECONDITION when
+    the shard cannot reach that socket (another host or container): nothing
+    is allocated and the client keeps to Pull and Push. RESOURCE_EXHAUSTED
+    over --max-shared-bytes or when the memory cannot be allocated;
+    PERMISSION_DENIED when the socket's process runs as another user.
     """
     PushPullShared: _aio.UnaryUnaryMultiCallable[_paramserver_pb2.PushPullSharedRequest, _paramserver_pb2.PushPullSharedResponse]  # type: ignore[assignment]
     """Apply the gradient region (push) and/or copy the current weights into the
@@ -225,11 +231,14 @@ class ParameterServerServicer(metaclass=_abc_1.ABCMeta):
         request: _paramserver_pb2.AttachSharedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_paramserver_pb2.AttachSharedResponse, _abc.Awaitable[_paramserver_pb2.AttachSharedResponse]]:
-        """Co-located data plane (client and shard on one host): the client creates
-        a shared-memory file holding a weight region and a gradient region for a
-        list of blocks and asks the shard to map it. FAILED_PRECONDITION when the
-        shard cannot open that file (another host or container): the client then
-        keeps to Pull and Push.
+        """Co-located data plane (client and shard on one host): the shard makes a
+        sealed shared-memory region (memfd) holding a weight region and a
+        gradient region for a list of blocks, maps it, and sends its descriptor
+        to the client's Unix socket before answering. FAILED_PRECONDITION when
+        the shard cannot reach that socket (another host or container): nothing
+        is allocated and the client keeps to Pull and Push. RESOURCE_EXHAUSTED
+        over --max-shared-bytes or when the memory cannot be allocated;
+        PERMISSION_DENIED when the socket's process runs as another user.
         """
 
     @_abc_1.abstractmethod

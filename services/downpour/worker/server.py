@@ -84,6 +84,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
         self.xp = xp  # numpy, or cupy for --device gpu (checked at start by downpour.device)
         self.coord = coordinator_pb2_grpc.CoordinatorStub(open_channel(coordinator, chcfg))
         self.member_id = ""
+        self.member_key = ""  # the coordinator's secret for our member_id: every call for it carries it
         self.assignment: common_pb2.Assignment | None = None
         self.job: common_pb2.JobSpec | None = None
         self.life = State.REGISTERING
@@ -141,7 +142,9 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
             if not member_id:
                 continue
             try:
-                r = self.coord.Heartbeat(cpb.HeartbeatRequest(member_id=member_id, step=self.step), timeout=2.0)
+                r = self.coord.Heartbeat(
+                    cpb.HeartbeatRequest(member_id=member_id, step=self.step, member_key=self.member_key), timeout=2.0
+                )
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
                     self.inbox.put(Control(Event.REREGISTER))  # a coordinator that lost us: register again
@@ -195,9 +198,12 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
     def _register(self) -> Event:
         r = self._call(
             self.coord.Register,
-            cpb.RegisterRequest(role=cpb.ROLE_WORKER, address=self.address, member_id=self.member_id),
+            cpb.RegisterRequest(
+                role=cpb.ROLE_WORKER, address=self.address, member_id=self.member_id, member_key=self.member_key
+            ),
         )
         self.member_id, self.job, self.lease = r.member_id, r.job, r.lease_seconds or 5.0
+        self.member_key = r.member_key
         self.assignment = r.assignment if r.HasField("assignment") else None
         return Event.NO_SLOT if self.assignment is None else Event.SLOT
 
@@ -208,7 +214,9 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
             return Event.STOP
         gen = self.assignment.generation if self.assignment is not None else -1
         try:
-            self._call(self.coord.Deregister, cpb.DeregisterRequest(member_id=self.member_id))
+            self._call(
+                self.coord.Deregister, cpb.DeregisterRequest(member_id=self.member_id, member_key=self.member_key)
+            )
         except grpc.RpcError:
             pass
         self.assignment = None
@@ -318,6 +326,7 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
     ) -> None:
         req = cpb.ReportProgressRequest(
             member_id=self.member_id,
+            member_key=self.member_key,
             replica=a.replica,
             partition=a.partition,
             step=step,
