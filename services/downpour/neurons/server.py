@@ -33,6 +33,15 @@ queries (refreshed on the interval): faster queries for about half the
 model's size in memory. ``downpour_neurons_param_bytes_peak`` is the most
 parameter bytes the service has held at once.
 
+Work per request is bounded (``downpour.neurons.limits``): OptimalStimulus
+and TopInputs have a cost budget in forward GFLOP up to the queried layer
+(``--max-stimulus-gflop``, ``--max-scan-gflop``), checked before any work;
+the heavy queries (those two and GetActivations) run at most
+``--max-running-queries`` at once with ``--max-queued-queries`` waiting, and
+one more is refused at once; both refusals are RESOURCE_EXHAUSTED. Encoded
+images are parsed only as ``images.SERVICE_FORMATS``, at most
+``--max-decoding-images`` at a time, large ones reduced before any float copy.
+
 ``--device gpu`` runs the network on CuPy (each stage's blocks copied to the
 GPU as it is fetched); without CuPy or a visible GPU the service stops at
 start with the reason (exit 2).
