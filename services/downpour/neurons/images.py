@@ -114,6 +114,10 @@ def _shrink(im: Image.Image, fit: tuple[int, int]) -> Image.Image:
         im = im.convert("I")  # read back / 65535 by the caller, as the 16-bit mode would be
     elif im.mode not in ("L", "RGB", "RGBA", "I", "F"):  # palette, 1-bit, CMYK, LA, ...: averaged as colours
         im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA"):
+        # Pillow reduces these through a premultiplied full-size copy; band by band costs one band.
+        # Not premultiplied, as the full-size path reads them: the alpha is dropped, not composited.
+        return Image.merge(im.mode, [im.getchannel(i).reduce(factor) for i in range(len(im.getbands()))])
     return im.reduce(factor)
 
 
