@@ -102,7 +102,10 @@ def _return_large_frees() -> None:
     glibc (musl, macOS): nothing to do.
     """
     name = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    try:
+        mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    except OSError:
+        return
     if mallopt is not None:
         mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD, fixed: no dynamic raising
 
@@ -400,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
+    for flag in ("max_running_queries", "max_decoding_images"):
+        if getattr(args, flag) < 1:
+            print(f"neurons: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    for flag in ("max_queued_queries", "max_stimulus_gflop", "max_scan_gflop"):
+        if not getattr(args, flag) >= 0:
+            print(f"neurons: --{flag.replace('_', '-')} must be >= 0", file=sys.stderr)
+            return 2
     extra = {}
     for d in args.dataset:
         name, sep, path = d.partition("=")
@@ -420,14 +431,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, sources.SourceError, grpc.RpcError) as e:
         print(f"neurons: {e}", file=sys.stderr)
         return 2
-    for flag in ("max_running_queries", "max_decoding_images"):
-        if getattr(args, flag) < 1:
-            print(f"neurons: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    for flag in ("max_queued_queries", "max_stimulus_gflop", "max_scan_gflop"):
-        if not getattr(args, flag) >= 0:
-            print(f"neurons: --{flag.replace('_', '-')} must be >= 0", file=sys.stderr)
-            return 2
     _return_large_frees()
     svc = Neurons(
         source,
