@@ -60,6 +60,9 @@ def main() -> int:
                 args.preset,
                 "--max-concurrent-rpcs",
                 str(max(64, 2 * args.clients)),
+                # every client waits its turn (this measures throughput, not the refusals past the queue)
+                "--max-queued-queries",
+                str(args.clients),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

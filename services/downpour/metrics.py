@@ -134,6 +134,22 @@ NEURONS_CANCELLED = Counter(
     "Neurons queries stopped part-way because their caller was gone (deadline passed or cancelled).",
     ["method"],
 )
+NEURONS_QUERIES_RUNNING = Gauge(
+    "downpour_neurons_queries_running", "Heavy neurons queries (stimulus, top inputs, activations) running now."
+)
+NEURONS_QUERIES_QUEUED = Gauge(
+    "downpour_neurons_queries_queued", "Heavy neurons queries waiting for a slot (--max-queued-queries at most)."
+)
+NEURONS_QUERIES_REJECTED = Counter(
+    "downpour_neurons_queries_rejected_total",
+    "Heavy neurons queries refused at once (RESOURCE_EXHAUSTED): every slot taken and the queue full.",
+    ["method"],
+)
+NEURONS_OVER_BUDGET = Counter(
+    "downpour_neurons_over_budget_total",
+    "Neurons queries refused before any work because their cost was over the budget (RESOURCE_EXHAUSTED).",
+    ["method"],
+)
 NEURONS_PARAM_BYTES = Gauge(
     "downpour_neurons_param_bytes", "Parameter bytes the neurons service holds now (one stage while a query runs)."
 )

@@ -37,6 +37,7 @@ from downpour.neurons import cancel, sources
 from downpour.neurons import images as imagelib
 from downpour.neurons.api import NeuronQueries, NeuronSpec, Probe, Scan, StimulusSettings
 from downpour.neurons.images import png_bytes
+from downpour.neurons.limits import NO_BUDGETS, Budgets
 from downpour.neurons.model import NeuronModel, QueryError, Unit
 from downpour.neurons.results import Activations, Histogram, LayerInfo, ModelInfo, Stimulus, TopInput
 from downpour.nn import backend as nnbackend
@@ -63,9 +64,12 @@ class TrainedNetwork(NeuronQueries):
         datasets: dict[str, str] | None = None,
         allow_paths: bool = False,
         max_images: int = 0,
+        budgets: Budgets = NO_BUDGETS,
+        decode: imagelib.DecodeLimits = imagelib.DEFAULT_LIMITS,
     ) -> None:
         self.source = source
         self.max_scan, self.max_images = max_scan, max_images
+        self.budgets, self.decode = budgets, decode
         self.extra_datasets = dict(datasets or {})
         self.allow_paths = allow_paths
         self._ds_cache: dict[tuple, Any] = {}
@@ -124,7 +128,8 @@ class TrainedNetwork(NeuronQueries):
         images, checkpoint_id = probe.images, probe.checkpoint_id
         if self.max_images and isinstance(images, (list, tuple)) and len(images) > self.max_images:
             raise QueryError(f"too many images: {len(images)}; at most {self.max_images} per request")
-        items, names = imagelib.load(images)
+        _, h, w = self.model(checkpoint_id).spec.input
+        items, names = imagelib.load(images, self.decode, (int(h), int(w)) if probe.resize else None)
         return self.activations_of(
             self.prepare(items, names, raw=probe.raw, resize=probe.resize, checkpoint_id=checkpoint_id),
             probe.layer,
@@ -200,11 +205,25 @@ class TrainedNetwork(NeuronQueries):
                 self._ds_cache[key] = ds
         return ds
 
-    def _scan(self, model: NeuronModel, u: Unit, dataset: str, max_examples: int):
-        if max_examples < 0:
-            raise QueryError(f"max_examples={max_examples} must be >= 0 (0: all)")
-        ds = self.dataset(dataset, model)
-        n = min(len(ds), max_examples or len(ds), self.max_scan)
+    def scan_size(self, scan: Scan) -> int:
+        """How many examples ``scan`` runs through the network: the dataset, ``max_examples``,
+        ``max_scan`` and the budget (``OverBudget`` if an explicit ``max_examples`` is over it).
+        Checked before any example is read."""
+        model = self.model(scan.checkpoint_id)
+        u = self.unit(model, scan.layer, scan.neuron)
+        if not 1 <= scan.k <= MAX_K:
+            raise QueryError(f"k={scan.k} is out of range; allowed: 1..{MAX_K}")
+        if not 0 <= scan.bins <= MAX_BINS:
+            raise QueryError(f"histogram_bins={scan.bins} is out of range; allowed: 0..{MAX_BINS}")
+        if scan.max_examples < 0:
+            raise QueryError(f"max_examples={scan.max_examples} must be >= 0 (0: all)")
+        ds = self.dataset(scan.dataset, model)
+        n = min(len(ds), scan.max_examples or len(ds), self.max_scan)
+        return self.budgets.scan_examples(model.spec, u.layer, n, scan.max_examples)
+
+    def _scan(self, model: NeuronModel, u: Unit, scan: Scan):
+        ds = self.dataset(scan.dataset, model)
+        n = self.scan_size(scan)
         acts, idx = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
         for start in range(0, n, SCAN_BATCH):
             cancel.check()
@@ -219,11 +238,7 @@ class TrainedNetwork(NeuronQueries):
         model = self.model(scan.checkpoint_id)
         u = self.unit(model, scan.layer, scan.neuron)
         k, bins = scan.k, scan.bins
-        if not 1 <= k <= MAX_K:
-            raise QueryError(f"k={k} is out of range; allowed: 1..{MAX_K}")
-        if not 0 <= bins <= MAX_BINS:
-            raise QueryError(f"histogram_bins={bins} is out of range; allowed: 0..{MAX_BINS}")
-        ds, n, a, idx = self._scan(model, u, scan.dataset, scan.max_examples)
+        ds, n, a, idx = self._scan(model, u, scan)
         order = np.argsort(-a, kind="stable")[:k]
         out: list[TopInput] = []
         if len(order):
@@ -249,6 +264,22 @@ class TrainedNetwork(NeuronQueries):
         self, layer: str, neuron: NeuronSpec, settings: StimulusSettings, *, checkpoint_id: str = ""
     ) -> Stimulus:
         """The input of L2 norm ``settings.norm`` that excites the unit most (projected gradient ascent)."""
+        model, u = self.check_stimulus(layer, neuron, settings, checkpoint_id=checkpoint_id)
+        r = model.optimal_stimulus(u, settings)
+        return Stimulus(
+            np.ascontiguousarray(np.moveaxis(r["stimulus"], 0, -1)),
+            r["activation"],
+            r["random_mean"],
+            r["random_max"],
+            model.version,
+            png_bytes(r["stimulus"]),
+        )
+
+    def check_stimulus(
+        self, layer: str, neuron: NeuronSpec, settings: StimulusSettings, *, checkpoint_id: str = ""
+    ) -> tuple[NeuronModel, Unit]:
+        """The model and unit of a stimulus search, once its settings and cost are checked
+        (QueryError, ``OverBudget``): before any work starts."""
         model = self.model(checkpoint_id)
         u = self.unit(model, layer, neuron)
         st = settings
@@ -262,15 +293,8 @@ class TrainedNetwork(NeuronQueries):
             raise QueryError(f"norm={st.norm} must be a positive number")
         if st.seed < 0:
             raise QueryError(f"seed={st.seed} must be >= 0")
-        r = model.optimal_stimulus(u, st)
-        return Stimulus(
-            np.ascontiguousarray(np.moveaxis(r["stimulus"], 0, -1)),
-            r["activation"],
-            r["random_mean"],
-            r["random_max"],
-            model.version,
-            png_bytes(r["stimulus"]),
-        )
+        self.budgets.check_stimulus(model.spec, u.layer, st.steps, st.restarts)
+        return model, u
 
 
 # -- downpour.load ---------------------------------------------------------------------------

@@ -20,7 +20,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_abandoned_optimal_stimulus_searches_stop_and_free_their_slots(procs):
-    s = procs.serve("neurons", "--preset", "tiny", "--random-seed", "3", "--max-concurrent-rpcs", "4", metrics=True)
+    # no cost budget (--max-stimulus-gflop 0), no queue (each call its own slot): the searches must
+    # start and run, as an operator who raised the limits would let them, for their stop to be seen
+    s = procs.serve(
+        "neurons",
+        *("--preset", "tiny", "--random-seed", "3", "--max-concurrent-rpcs", "4"),
+        *("--max-stimulus-gflop", "0", "--max-running-queries", "4"),
+        metrics=True,
+    )
     with open_channel(s.address) as ch:
         stub = neurons_pb2_grpc.NeuronsStub(ch)
         layer = stub.DescribeModel(neurons_pb2.DescribeModelRequest(), timeout=30).layers[-1].name

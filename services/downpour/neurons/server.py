@@ -33,6 +33,15 @@ queries (refreshed on the interval): faster queries for about half the
 model's size in memory. ``downpour_neurons_param_bytes_peak`` is the most
 parameter bytes the service has held at once.
 
+Work per request is bounded (``downpour.neurons.limits``): OptimalStimulus
+and TopInputs have a cost budget in forward GFLOP up to the queried layer
+(``--max-stimulus-gflop``, ``--max-scan-gflop``), checked before any work;
+the heavy queries (those two and GetActivations) run at most
+``--max-running-queries`` at once with ``--max-queued-queries`` waiting, and
+one more is refused at once; both refusals are RESOURCE_EXHAUSTED. Encoded
+images are parsed only as ``images.SERVICE_FORMATS``, at most
+``--max-decoding-images`` at a time, large ones reduced before any float copy.
+
 ``--device gpu`` runs the network on CuPy (each stage's blocks copied to the
 GPU as it is fetched); without CuPy or a visible GPU the service stops at
 start with the reason (exit 2).
@@ -41,10 +50,13 @@ start with the reason (exit 2).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import functools
 import hmac
 import logging
 import sys
+import threading
 import time
 from typing import NoReturn
 
@@ -53,7 +65,7 @@ import numpy as np
 
 from downpour import device as devices
 from downpour import metrics
-from downpour.neurons import access, cancel, images, source_args, sources, wire
+from downpour.neurons import access, cancel, images, limits, source_args, sources, wire
 from downpour.neurons.api import DEFAULT_STIMULUS, Scan, StimulusSettings
 from downpour.neurons.model import QueryError
 from downpour.rpc import codec, logs
@@ -65,6 +77,40 @@ from downpour.v1 import neurons_pb2 as pb
 log = logging.getLogger("downpour.neurons")
 SERVICE = "downpour.v1.Neurons"
 DEFAULT_PORT = 7300
+# Heavy queries (stimulus, top inputs, activations) running at once, and waiting for a slot. The
+# model's stages run one query at a time anyway (one lock per parameter source): two let one
+# query decode or fetch while another computes; the queue absorbs a page's burst of questions.
+DEFAULT_RUNNING = 2
+DEFAULT_QUEUED = 8
+# Budgets (GFLOP, see downpour.neurons.limits): the defaults (200 steps x 8 restarts) and the
+# explorer's questions (up to 1,000 steps x 8 restarts, scans of --max-scan examples) on the
+# small presets fit; a 5,000-step x 64-restart search on tiny (67 GFLOP, ~30 s of CPU) does not.
+DEFAULT_STIMULUS_GFLOP = 20.0
+DEFAULT_SCAN_GFLOP = 100.0
+# Images decoded at once: the largest accepted one (images.MAX_PIXELS, RGBA) holds 160 MB of pixels
+# while it is decoded, so one at a time keeps the worst case at that whatever the callers send.
+DEFAULT_DECODING = 1
+# Freed blocks at least this large go back to the system at once (see _return_large_frees).
+MMAP_THRESHOLD = 4 << 20
+
+
+def _return_large_frees() -> None:
+    """Pin glibc's mmap threshold: a freed image buffer then leaves the process at once.
+
+    glibc raises the threshold after the first large block is freed, so later image buffers come
+    from its per-thread heaps, which keep what is freed: decoded one at a time on changing worker
+    threads, 10-megapixel images grew the service by over 200 MiB that it never gave back. Not
+    glibc (musl, macOS): nothing to do.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    except OSError:
+        return
+    if mallopt is not None:
+        mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD, fixed: no dynamic raising
+
+
 # The tensor dtypes images may come in, and how each is read (see images.ARRAY_DTYPES).
 IMAGE_DTYPES = {
     common_pb2.DTYPE_UINT8: "uint8",
@@ -75,8 +121,15 @@ IMAGE_DTYPES = {
 }
 
 
-def images_from_request(req: pb.GetActivationsRequest, max_images: int):
-    """The request's images as (C, H, W) float32 in [0, 1], any size (see ``downpour.neurons.images``)."""
+def images_from_request(
+    req: pb.GetActivationsRequest,
+    max_images: int,
+    limits: images.DecodeLimits = images.DEFAULT_LIMITS,
+    fit: tuple[int, int] | None = None,
+):
+    """The request's images as (C, H, W) float32 in [0, 1] (see ``downpour.neurons.images``):
+    encoded ones decoded within ``limits``, and (with ``fit``, the model's (height, width)) reduced
+    towards it as they are decoded."""
     has_tensor = req.HasField("images") and len(req.images.shape) > 0
     if has_tensor and req.encoded_images:
         raise QueryError("send images either as a tensor or as encoded_images, not both")
@@ -87,7 +140,9 @@ def images_from_request(req: pb.GetActivationsRequest, max_images: int):
         names = [f"encoded_images[{i}]" for i in range(n)]
         budget = images.PixelBudget()
         # a generator: each image is fitted to the input before the next one is decoded
-        return (images.from_encoded(d, names[i], budget) for i, d in enumerate(req.encoded_images)), names
+        return (
+            images.from_encoded(d, names[i], budget, limits=limits, fit=fit) for i, d in enumerate(req.encoded_images)
+        ), names
     if has_tensor:
         if req.images.dtype not in IMAGE_DTYPES:
             allowed = ", ".join(
@@ -125,6 +180,11 @@ def _rpc(method):
             metrics.NEURONS_CANCELLED.labels(method.__name__).inc()
             log.info("%s: %s", method.__name__, e)
             context.abort(grpc.StatusCode.CANCELLED, str(e))
+        except limits.OverBudget as e:
+            metrics.NEURONS_OVER_BUDGET.labels(method.__name__).inc()
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except limits.Busy as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except (QueryError, ValueError, KeyError, sources.SourceError) as e:  # the rest: INTERNAL, logged
             self._fail(context, e)
 
@@ -140,10 +200,22 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
         max_images: int = 256,
         max_scan: int = 20000,
         datasets: dict[str, str] | None = None,
+        budgets: limits.Budgets = limits.NO_BUDGETS,
+        admission: limits.Admission | None = None,
+        decode: images.DecodeLimits = images.DEFAULT_LIMITS,
     ) -> None:
         self.source = source
         self.max_images = max_images
-        self.net = TrainedNetwork(source, max_scan=max_scan, datasets=datasets, max_images=max_images)
+        self.admission = admission or limits.Admission(DEFAULT_RUNNING, DEFAULT_QUEUED)
+        self.decode = decode
+        self.net = TrainedNetwork(
+            source, max_scan=max_scan, datasets=datasets, max_images=max_images, budgets=budgets, decode=decode
+        )
+
+    def _heavy(self, method: str, context):
+        """A slot for a heavy query (``limits.Admission``); a caller that leaves wakes the queue."""
+        context.add_callback(self.admission.wake)
+        return self.admission.slot(method, context.is_active)
 
     @staticmethod
     def _fail(context, e: Exception) -> NoReturn:
@@ -163,7 +235,12 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
     @_rpc
     def GetActivations(self, request, context):
         model = self.net.model(request.checkpoint_id)
-        items, names = images_from_request(request, self.max_images)
+        fit = None if request.no_resize else (int(model.spec.input[1]), int(model.spec.input[2]))
+        with self._heavy("GetActivations", context):
+            return self._activations(request, model, fit)
+
+    def _activations(self, request, model, fit):
+        items, names = images_from_request(request, self.max_images, self.decode, fit)
         x = self.net.prepare(
             items, names, raw=request.raw, resize=not request.no_resize, checkpoint_id=request.checkpoint_id
         )
@@ -188,19 +265,20 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
     @_rpc
     def TopInputs(self, request, context):
         layer, neuron = self._neuron(request.neuron)
-        top, hist = self.net.top_and_histogram(
-            Scan(
-                layer,
-                neuron,
-                dataset=request.dataset,
-                k=request.k or 10,
-                max_examples=request.max_examples,
-                images=request.include_images,
-                thumbnails=request.include_thumbnails,
-                checkpoint_id=request.checkpoint_id,
-                bins=request.histogram_bins,
-            )
+        scan = Scan(
+            layer,
+            neuron,
+            dataset=request.dataset,
+            k=request.k or 10,
+            max_examples=request.max_examples,
+            images=request.include_images,
+            thumbnails=request.include_thumbnails,
+            checkpoint_id=request.checkpoint_id,
+            bins=request.histogram_bins,
         )
+        self.net.scan_size(scan)  # refused before it waits for a slot: bad or over budget
+        with self._heavy("TopInputs", context):
+            top, hist = self.net.top_and_histogram(scan)
         resp = pb.TopInputsResponse(
             examples_scanned=hist.examples_scanned,
             parameters_version=hist.parameters_version,
@@ -227,7 +305,9 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
             norm=request.norm or d.norm,
             seed=request.seed,
         )
-        s = self.net.stimulus(layer, neuron, settings, checkpoint_id=request.checkpoint_id)
+        self.net.check_stimulus(layer, neuron, settings, checkpoint_id=request.checkpoint_id)  # before it waits
+        with self._heavy("OptimalStimulus", context):
+            s = self.net.stimulus(layer, neuron, settings, checkpoint_id=request.checkpoint_id)
         return pb.OptimalStimulusResponse(
             stimulus=codec.tensor_to_proto(s.image),
             activation=s.activation,
@@ -263,6 +343,40 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-images", type=int, default=256, help="most images per GetActivations")
     ap.add_argument("--max-scan", type=int, default=20000, help="most examples one TopInputs scans")
     ap.add_argument(
+        "--max-stimulus-gflop",
+        type=float,
+        default=DEFAULT_STIMULUS_GFLOP,
+        help="most one OptimalStimulus may cost: steps x restarts x 3 x the forward FLOPs per image up to "
+        "the queried layer (as `downpour model` lists them), in GFLOP; more is refused RESOURCE_EXHAUSTED "
+        "(0: no limit)",
+    )
+    ap.add_argument(
+        "--max-scan-gflop",
+        type=float,
+        default=DEFAULT_SCAN_GFLOP,
+        help="most one TopInputs may cost: examples scanned x the forward FLOPs per image up to the queried "
+        "layer, in GFLOP; an explicit max_examples over it is refused RESOURCE_EXHAUSTED, max_examples=0 "
+        "scans as many as fit (0: no limit)",
+    )
+    ap.add_argument(
+        "--max-running-queries",
+        type=int,
+        default=DEFAULT_RUNNING,
+        help="heavy queries (OptimalStimulus, TopInputs, GetActivations) computed at once",
+    )
+    ap.add_argument(
+        "--max-queued-queries",
+        type=int,
+        default=DEFAULT_QUEUED,
+        help="heavy queries waiting for a slot; one more is refused RESOURCE_EXHAUSTED at once",
+    )
+    ap.add_argument(
+        "--max-decoding-images",
+        type=int,
+        default=DEFAULT_DECODING,
+        help="encoded images decoded at once, over every query (each holds its full-size pixels meanwhile)",
+    )
+    ap.add_argument(
         "--dataset",
         action="append",
         default=[],
@@ -292,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
+    for flag in ("max_running_queries", "max_decoding_images"):
+        if getattr(args, flag) < 1:
+            print(f"neurons: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    for flag in ("max_queued_queries", "max_stimulus_gflop", "max_scan_gflop"):
+        if not getattr(args, flag) >= 0:
+            print(f"neurons: --{flag.replace('_', '-')} must be >= 0", file=sys.stderr)
+            return 2
     extra = {}
     for d in args.dataset:
         name, sep, path = d.partition("=")
@@ -312,7 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, sources.SourceError, grpc.RpcError) as e:
         print(f"neurons: {e}", file=sys.stderr)
         return 2
-    svc = Neurons(source, max_images=args.max_images, max_scan=args.max_scan, datasets=extra)
+    _return_large_frees()
+    svc = Neurons(
+        source,
+        max_images=args.max_images,
+        max_scan=args.max_scan,
+        datasets=extra,
+        budgets=limits.Budgets(args.max_stimulus_gflop, args.max_scan_gflop),
+        admission=limits.Admission(args.max_running_queries, args.max_queued_queries),
+        decode=images.DecodeLimits(images.SERVICE_FORMATS, gate=threading.BoundedSemaphore(args.max_decoding_images)),
+    )
     explorer = None
     if args.http_port is not None:
         from downpour.neurons.explorer import (  # noqa: PLC0415 - aiohttp (~0.3 s) only with --http-port

@@ -23,7 +23,12 @@ Conventions every call follows:
   is allowed; NOT_FOUND for an unknown checkpoint_id; FAILED_PRECONDITION
   when the service has no parameters yet or no checkpoint directory;
   RESOURCE_EXHAUSTED for a message over the size limit or too many calls
-  at once; UNAUTHENTICATED for a missing or wrong bearer token.
+  at once, for an OptimalStimulus or TopInputs whose cost (forward FLOPs up
+  to the layer: steps x restarts x 3, or examples scanned, per image) is over
+  the service's budget, and for a heavy call (GetActivations, TopInputs,
+  OptimalStimulus) while every slot and queue place is taken, each with a
+  message naming the limit and its flag, before any work; UNAUTHENTICATED
+  for a missing or wrong bearer token.
 """
 
 from collections import abc as _abc
@@ -113,10 +118,11 @@ class GetActivationsRequest(_message.Message):
 
     @_builtins.property
     def encoded_images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """Encoded images (PNG, JPEG, GIF, BMP, TIFF, WebP, ...), instead of
-        `images`: any size and mode (grey, RGB, RGBA, palette, 16-bit); an EXIF
-        orientation is applied. A header claiming more than 40 000 000 pixels is
-        refused before decoding.
+        """Encoded images (PNG, JPEG, GIF or WebP; other formats are
+        INVALID_ARGUMENT), instead of `images`: any size and mode (grey, RGB,
+        RGBA, palette, 16-bit); an EXIF orientation is applied. A header claiming
+        more than 40 000 000 pixels is refused before decoding; one over 1 000 000
+        is reduced to about 4x the input before it is fitted.
         """
 
     @_builtins.property
@@ -200,7 +206,10 @@ class TopInputsRequest(_message.Message):
     DescribeModel.datasets (never a path).
     """
     max_examples: _builtins.int
-    """Scan at most this many examples; 0: all (the service caps a scan too)."""
+    """Scan at most this many examples; 0: all the service allows (it caps a scan
+    at --max-scan examples and at its cost budget; an explicit number over the
+    budget is RESOURCE_EXHAUSTED).
+    """
     checkpoint_id: _builtins.str
     include_images: _builtins.bool
     include_thumbnails: _builtins.bool
@@ -319,7 +328,9 @@ class OptimalStimulusRequest(_message.Message):
     RESTARTS_FIELD_NUMBER: _builtins.int
     NORM_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
-    """Steps of projected gradient ascent: 1..5000 (0: 200)."""
+    """Steps of projected gradient ascent: 1..5000 (0: 200). steps x restarts is
+    limited by the service's cost budget (RESOURCE_EXHAUSTED over it).
+    """
     learning_rate: _builtins.float
     """Step length as a fraction of `norm`, > 0 (0: 0.1)."""
     seed: _builtins.int

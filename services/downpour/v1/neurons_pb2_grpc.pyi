@@ -23,7 +23,12 @@ Conventions every call follows:
   is allowed; NOT_FOUND for an unknown checkpoint_id; FAILED_PRECONDITION
   when the service has no parameters yet or no checkpoint directory;
   RESOURCE_EXHAUSTED for a message over the size limit or too many calls
-  at once; UNAUTHENTICATED for a missing or wrong bearer token.
+  at once, for an OptimalStimulus or TopInputs whose cost (forward FLOPs up
+  to the layer: steps x restarts x 3, or examples scanned, per image) is over
+  the service's budget, and for a heavy call (GetActivations, TopInputs,
+  OptimalStimulus) while every slot and queue place is taken, each with a
+  message naming the limit and its flag, before any work; UNAUTHENTICATED
+  for a missing or wrong bearer token.
 """
 
 from collections import abc as _abc

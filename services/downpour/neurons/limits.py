@@ -1,0 +1,166 @@
+"""What one neurons query may cost, and how many heavy queries the service runs and queues at once.
+
+Cost is counted in forward FLOPs of the network up to the queried layer, per image, as
+``downpour model --preset NAME`` lists them per layer (``downpour.nn.summary``; a multiply-add
+counts 2), and is known from the request alone, before any work starts:
+
+    OptimalStimulus   steps x restarts x 3 x FLOPs(layer)   (a step is a forward and a backward pass,
+                                                             the backward counted as two forwards)
+    TopInputs         examples scanned x FLOPs(layer)
+
+A request over its budget is refused (``OverBudget``: RESOURCE_EXHAUSTED over gRPC) with the
+asked cost, the limit and the flag that sets it. A scan that asks for every example
+(``max_examples`` 0) is cut to what the budget allows instead: 0 already meant "as many as the
+service allows".
+
+``Admission`` bounds the heavy queries (OptimalStimulus, TopInputs, GetActivations): at most
+``running`` at once, at most ``queued`` waiting in arrival order; one more is refused at once
+(``Busy``), not after its deadline. A waiting query whose caller hangs up or whose deadline passes
+leaves the queue (``cancel.Cancelled``). Cheap calls (health, DescribeModel) never pass through it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from downpour import metrics
+from downpour.neurons import cancel
+from downpour.neurons.model import QueryError
+from downpour.nn.spec import NetworkSpec
+from downpour.nn.summary import summarize
+
+# A step of the optimal-stimulus ascent: the forward pass and the backward pass to the input.
+STEP_PASSES = 3
+# How often a queued query looks at its caller even when nothing woke it.
+POLL_SECONDS = 0.25
+
+
+class OverBudget(QueryError):
+    """A request whose cost, known before any work, is over the service's budget."""
+
+
+class Busy(Exception):
+    """Every slot for heavy queries is taken and the queue is full."""
+
+
+def layer_flops(spec: NetworkSpec, layer: str) -> int:
+    """Forward FLOPs per image of the network up to and including ``layer`` (``stageN.filter``,
+    ``stageN.pool``, ``stageN.output``: the stage's last row, ``head.logits``: every row)."""
+    stage, _, part = layer.partition(".")
+    rows = summarize(spec)["layers"]
+    total = 0
+    for i, row in enumerate(rows):
+        total += int(row["flops"])
+        if row["name"] == layer:
+            return total
+        last_of_stage = i + 1 == len(rows) or not rows[i + 1]["name"].startswith(stage + ".")
+        if part == "output" and row["name"].startswith(stage + ".") and last_of_stage:
+            return total
+    return total
+
+
+def _gflop(flops: float) -> str:
+    return f"{flops / 1e9:.3g} GFLOP"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """GFLOP one query may cost (0: no limit); see the module docstring for how cost is counted."""
+
+    stimulus_gflop: float = 0.0
+    scan_gflop: float = 0.0
+
+    def check_stimulus(self, spec: NetworkSpec, layer: str, steps: int, restarts: int) -> None:
+        if not self.stimulus_gflop:
+            return
+        per = layer_flops(spec, layer)
+        cost = steps * restarts * STEP_PASSES * per
+        if cost > self.stimulus_gflop * 1e9:
+            raise OverBudget(
+                f"optimal stimulus of steps={steps} x restarts={restarts} at {layer} costs {_gflop(cost)} "
+                f"({STEP_PASSES} x {per / 1e6:.3g} MFLOP per step and restart); the limit is "
+                f"{self.stimulus_gflop:g} GFLOP (--max-stimulus-gflop): ask for fewer steps or restarts"
+            )
+
+    def scan_examples(self, spec: NetworkSpec, layer: str, n: int, asked: int) -> int:
+        """How many of ``n`` examples a scan may run; ``asked``: the request's max_examples (0: all)."""
+        if not self.scan_gflop:
+            return n
+        per = max(layer_flops(spec, layer), 1)
+        allowed = int(self.scan_gflop * 1e9 // per)
+        if n <= allowed:
+            return n
+        if asked == 0:  # "as many as the service allows"
+            return allowed
+        raise OverBudget(
+            f"a scan of {n} examples at {layer} costs {_gflop(n * per)} ({per / 1e6:.3g} MFLOP per example); "
+            f"the limit is {self.scan_gflop:g} GFLOP (--max-scan-gflop), {allowed} examples at this layer: "
+            f"ask for max_examples <= {allowed} (0: as many as allowed)"
+        )
+
+
+NO_BUDGETS = Budgets()  # the library's: whatever the caller asks of its own process
+
+
+class Admission:
+    """At most ``running`` heavy queries at once and ``queued`` waiting, first come first served."""
+
+    def __init__(self, running: int, queued: int) -> None:
+        if running < 1 or queued < 0:
+            raise ValueError(f"running={running} must be >= 1 and queued={queued} >= 0")
+        self.running_max, self.queued_max = running, queued
+        self._cond = threading.Condition()
+        self._running = 0
+        self._queue: deque[object] = deque()
+
+    def _publish(self) -> None:
+        metrics.NEURONS_QUERIES_RUNNING.set(self._running)
+        metrics.NEURONS_QUERIES_QUEUED.set(len(self._queue))
+
+    def wake(self) -> None:
+        """Let the waiting queries look at their callers again (an RPC ended)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @contextmanager
+    def slot(self, method: str, is_active: Callable[[], bool]) -> Iterator[None]:
+        """Run the block in a slot: at once, after waiting in the queue, or not at all (``Busy``,
+        or ``cancel.Cancelled`` when the caller goes away while queued)."""
+        with self._cond:
+            if self._running < self.running_max and not self._queue:
+                self._running += 1
+            elif len(self._queue) >= self.queued_max:
+                metrics.NEURONS_QUERIES_REJECTED.labels(method).inc()
+                raise Busy(
+                    f"busy: {self._running} heavy queries running and {len(self._queue)} waiting, the most this "
+                    f"service takes (--max-running-queries {self.running_max}, --max-queued-queries "
+                    f"{self.queued_max}); try again later"
+                )
+            else:
+                ticket = object()
+                self._queue.append(ticket)
+                self._publish()
+                try:
+                    while not (self._queue[0] is ticket and self._running < self.running_max):
+                        if not is_active():
+                            raise cancel.Cancelled(
+                                "the caller is gone (its deadline passed or it cancelled) while queued"
+                            )
+                        self._cond.wait(POLL_SECONDS)
+                finally:
+                    self._queue.remove(ticket)
+                    self._publish()
+                    self._cond.notify_all()  # the next in line may be at the head now
+                self._running += 1
+            self._publish()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._publish()
+                self._cond.notify_all()
