@@ -34,6 +34,21 @@ def test_budgets_refuse_by_cost_and_cut_an_open_scan():
     limits.NO_BUDGETS.check_stimulus(TINY, "stage3.output", 5000, 64)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "small", "medium", "le2012"])
+def test_default_budgets_let_the_explorers_questions_through_on_every_model_and_nothing_40x_larger(preset):
+    from downpour.neurons.explorer import MAX_STEPS
+
+    spec = presets.get(preset)
+    top = summarize(spec)["layers"][-1]["name"]
+    b = limits.Budgets(stimulus_gflop=None, scan_gflop=None, scan_examples_default=20000)
+    assert b.stimulus_limit(spec) >= limits.MIN_STIMULUS_GFLOP and b.scan_limit(spec) >= limits.MIN_SCAN_GFLOP
+    assert limits.EXPLORER_LARGEST_SEARCH == (MAX_STEPS, limits.StimulusSettings().restarts)
+    b.check_stimulus(spec, top, MAX_STEPS, 8)
+    assert b.scan_examples(spec, top, 20000, 20000) == 20000
+    with pytest.raises(limits.OverBudget):
+        b.check_stimulus(spec, top, 5000, 64)
+
+
 def _until(cond, what: str, seconds: float = 10.0) -> None:
     end = time.monotonic() + seconds
     while not cond():

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from downpour import metrics
 from downpour.neurons import cancel
+from downpour.neurons.api import StimulusSettings
 from downpour.neurons.model import QueryError
 from downpour.nn.spec import NetworkSpec
 from downpour.nn.summary import summarize
@@ -67,38 +68,70 @@ def _gflop(flops: float) -> str:
     return f"{flops / 1e9:.3g} GFLOP"
 
 
+# The floors of the service's default budgets, and the largest search the explorer asks
+# (explorer.MAX_STEPS steps x the default restarts), which the default lets through on any model.
+MIN_STIMULUS_GFLOP = 20.0
+MIN_SCAN_GFLOP = 100.0
+EXPLORER_LARGEST_SEARCH = (1000, StimulusSettings.restarts)
+DEFAULT_SCAN_EXAMPLES = 20000  # serve neurons --max-scan
+
+
+def _top_flops(spec: NetworkSpec) -> int:
+    return sum(int(row["flops"]) for row in summarize(spec)["layers"])
+
+
 @dataclass(frozen=True)
 class Budgets:
-    """GFLOP one query may cost (0: no limit); see the module docstring for how cost is counted."""
+    """GFLOP one query may cost (0: no limit; None: the default for the served model, see
+    ``stimulus_limit``/``scan_limit``); the module docstring says how cost is counted."""
 
-    stimulus_gflop: float = 0.0
-    scan_gflop: float = 0.0
+    stimulus_gflop: float | None = 0.0
+    scan_gflop: float | None = 0.0
+    scan_examples_default: int = DEFAULT_SCAN_EXAMPLES  # the scan the default lets through
+
+    def stimulus_limit(self, spec: NetworkSpec) -> float:
+        """GFLOP of one OptimalStimulus on ``spec``. The default: the explorer's largest search at the
+        top layer, and at least 20, so that whatever the service's own page asks fits on every
+        model and nothing larger does (a 5,000-step x 64-restart search is 40x that)."""
+        if self.stimulus_gflop is not None:
+            return self.stimulus_gflop
+        steps, restarts = EXPLORER_LARGEST_SEARCH
+        return max(MIN_STIMULUS_GFLOP, steps * restarts * STEP_PASSES * _top_flops(spec) / 1e9)
+
+    def scan_limit(self, spec: NetworkSpec) -> float:
+        """GFLOP of one TopInputs on ``spec``. The default: ``scan_examples_default`` examples at the
+        top layer, and at least 100."""
+        if self.scan_gflop is not None:
+            return self.scan_gflop
+        return max(MIN_SCAN_GFLOP, self.scan_examples_default * _top_flops(spec) / 1e9)
 
     def check_stimulus(self, spec: NetworkSpec, layer: str, steps: int, restarts: int) -> None:
-        if not self.stimulus_gflop:
+        limit = self.stimulus_limit(spec)
+        if not limit:
             return
         per = layer_flops(spec, layer)
         cost = steps * restarts * STEP_PASSES * per
-        if cost > self.stimulus_gflop * 1e9:
+        if cost > limit * 1e9:
             raise OverBudget(
                 f"optimal stimulus of steps={steps} x restarts={restarts} at {layer} costs {_gflop(cost)} "
                 f"({STEP_PASSES} x {per / 1e6:.3g} MFLOP per step and restart); the limit is "
-                f"{self.stimulus_gflop:g} GFLOP (--max-stimulus-gflop): ask for fewer steps or restarts"
+                f"{limit:.4g} GFLOP (--max-stimulus-gflop): ask for fewer steps or restarts"
             )
 
     def scan_examples(self, spec: NetworkSpec, layer: str, n: int, asked: int) -> int:
         """How many of ``n`` examples a scan may run; ``asked``: the request's max_examples (0: all)."""
-        if not self.scan_gflop:
+        limit = self.scan_limit(spec)
+        if not limit:
             return n
         per = max(layer_flops(spec, layer), 1)
-        allowed = int(self.scan_gflop * 1e9 // per)
+        allowed = int(limit * 1e9 // per)
         if n <= allowed:
             return n
         if asked == 0:  # "as many as the service allows"
             return allowed
         raise OverBudget(
             f"a scan of {n} examples at {layer} costs {_gflop(n * per)} ({per / 1e6:.3g} MFLOP per example); "
-            f"the limit is {self.scan_gflop:g} GFLOP (--max-scan-gflop), {allowed} examples at this layer: "
+            f"the limit is {limit:.4g} GFLOP (--max-scan-gflop), {allowed} examples at this layer: "
             f"ask for max_examples <= {allowed} (0: as many as allowed)"
         )
 

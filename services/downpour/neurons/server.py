@@ -82,11 +82,6 @@ DEFAULT_PORT = 7300
 # query decode or fetch while another computes; the queue absorbs a page's burst of questions.
 DEFAULT_RUNNING = 2
 DEFAULT_QUEUED = 8
-# Budgets (GFLOP, see downpour.neurons.limits): the defaults (200 steps x 8 restarts) and the
-# explorer's questions (up to 1,000 steps x 8 restarts, scans of --max-scan examples) on the
-# small presets fit; a 5,000-step x 64-restart search on tiny (67 GFLOP, ~30 s of CPU) does not.
-DEFAULT_STIMULUS_GFLOP = 20.0
-DEFAULT_SCAN_GFLOP = 100.0
 # Images decoded at once: the largest accepted one (images.MAX_PIXELS, RGBA) holds 160 MB of pixels
 # while it is decoded, so one at a time keeps the worst case at that whatever the callers send.
 DEFAULT_DECODING = 1
@@ -345,18 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--max-stimulus-gflop",
         type=float,
-        default=DEFAULT_STIMULUS_GFLOP,
+        default=None,
         help="most one OptimalStimulus may cost: steps x restarts x 3 x the forward FLOPs per image up to "
         "the queried layer (as `downpour model` lists them), in GFLOP; more is refused RESOURCE_EXHAUSTED "
-        "(0: no limit)",
+        "(0: no limit; default: the explorer's largest search, 1,000 steps x 8 restarts at the top layer, "
+        "and at least 20)",
     )
     ap.add_argument(
         "--max-scan-gflop",
         type=float,
-        default=DEFAULT_SCAN_GFLOP,
+        default=None,
         help="most one TopInputs may cost: examples scanned x the forward FLOPs per image up to the queried "
         "layer, in GFLOP; an explicit max_examples over it is refused RESOURCE_EXHAUSTED, max_examples=0 "
-        "scans as many as fit (0: no limit)",
+        "scans as many as fit (0: no limit; default: --max-scan examples at the top layer, and at least 100)",
     )
     ap.add_argument(
         "--max-running-queries",
@@ -411,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"neurons: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     for flag in ("max_queued_queries", "max_stimulus_gflop", "max_scan_gflop"):
-        if not getattr(args, flag) >= 0:
+        if getattr(args, flag) is not None and not getattr(args, flag) >= 0:
             print(f"neurons: --{flag.replace('_', '-')} must be >= 0", file=sys.stderr)
             return 2
     extra = {}
@@ -440,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         max_images=args.max_images,
         max_scan=args.max_scan,
         datasets=extra,
-        budgets=limits.Budgets(args.max_stimulus_gflop, args.max_scan_gflop),
+        budgets=limits.Budgets(args.max_stimulus_gflop, args.max_scan_gflop, args.max_scan),
         admission=limits.Admission(args.max_running_queries, args.max_queued_queries),
         decode=images.DecodeLimits(images.SERVICE_FORMATS, gate=threading.BoundedSemaphore(args.max_decoding_images)),
     )
