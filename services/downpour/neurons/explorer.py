@@ -47,6 +47,7 @@ from PIL import Image
 
 from downpour import trained
 from downpour.client import NeuronsClient
+from downpour.rpc import rights
 from downpour.rpc.channel import add_channel_arguments, channel_config_from_args
 
 log = logging.getLogger("downpour.explorer")
@@ -57,6 +58,7 @@ MAX_BINS = 200
 MAX_STEPS = 1000
 MAX_IN_FLIGHT = 8  # questions computed at once; more are answered 429 rather than queued without bound
 COOKIE = "downpour_token"
+QUERY_METHOD = "/downpour.v1.Neurons/DescribeModel"  # whoever may call this may use the page
 
 
 class BadRequest(ValueError):
@@ -106,9 +108,18 @@ def _error_response(e: Exception) -> web.Response:
 class Explorer:
     """The aiohttp application over a backend."""
 
-    def __init__(self, backend: Any, token: str = "", max_in_flight: int = MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self,
+        backend: Any,
+        token: str = "",
+        max_in_flight: int = MAX_IN_FLIGHT,
+        roles: tuple[tuple[bytes, str], ...] = (),
+    ) -> None:
         self.backend = backend
         self.token = token
+        # With a roles file the page takes the tokens of the roles that may query the Neurons
+        # service (a reader, admin), as the gRPC API does; not the service's own token.
+        self.roles = roles
         self.max_in_flight, self.in_flight = max_in_flight, 0
 
     # -- request parsing ----------------------------------------------------------------
@@ -232,13 +243,17 @@ class Explorer:
     # -- the application ----------------------------------------------------------------------
     @web.middleware
     async def guard(self, request: web.Request, handler) -> web.StreamResponse:
-        if self.token:
+        given = ""
+        if self.token or self.roles:
             given = (
                 request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
                 or request.query.get("token", "")
                 or request.cookies.get(COOKIE, "")
             )
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
+            role = rights.role_of(given, self.roles) if self.roles else None
+            if self.roles and role is not None and not rights.allowed(role, QUERY_METHOD):
+                return web.json_response({"error": f"role {role!r} may not query neurons"}, status=403)
+            if (role is None) if self.roles else not hmac.compare_digest(given.encode(), self.token.encode()):
                 return web.json_response(
                     {"error": "a token is required (Authorization: Bearer, or ?token=)"}, status=401
                 )
@@ -248,8 +263,8 @@ class Explorer:
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error the page can show
             return _error_response(e)
-        if self.token and "token" in request.query:
-            resp.set_cookie(COOKIE, self.token, httponly=True, secure=request.secure, samesite="Strict")
+        if given and "token" in request.query:
+            resp.set_cookie(COOKIE, given, httponly=True, secure=request.secure, samesite="Strict")
         return resp
 
     def app(self) -> web.Application:
@@ -278,13 +293,14 @@ class ExplorerServer:
         token: str = "",
         tls_cert: str = "",
         tls_key: str = "",
+        roles: tuple[tuple[bytes, str], ...] = (),
     ) -> None:
-        if token and not tls_cert:
+        if (token or roles) and not tls_cert:
             raise ValueError(
                 "the explorer would send its token in clear: give it TLS (--tls-cert/--tls-key) "
                 "or leave its HTTP port off"
             )
-        self.explorer = Explorer(backend, token)
+        self.explorer = Explorer(backend, token, roles=roles)
         self.host, self.port = host, port
         self.ssl: ssl.SSLContext | None = None
         if tls_cert:

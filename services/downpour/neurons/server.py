@@ -316,7 +316,13 @@ def main(argv: list[str] | None = None) -> int:
 
         try:  # the same parameters, limits, TLS certificate and token as the gRPC API
             explorer = ExplorerServer(
-                svc.net, cfg.host, args.http_port, token=cfg.token, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key
+                svc.net,
+                cfg.host,
+                args.http_port,
+                token=cfg.token,
+                tls_cert=cfg.tls_cert,
+                tls_key=cfg.tls_key,
+                roles=cfg.roles,
             )
         except (ValueError, OSError) as e:
             print(f"neurons: --http-port: {e}", file=sys.stderr)

@@ -11,7 +11,8 @@
 Provides: grpc.health.v1 (NOT_SERVING until the service says it is ready,
 NOT_SERVING again while draining), server reflection, a metrics interceptor
 (``grpc_server_handled_total``, ``grpc_server_handling_seconds``), an optional
-bearer-token interceptor, TLS or mutual TLS, message-size and concurrency
+bearer-token interceptor (one shared token, or a token per role with the
+rights of ``downpour.rpc.rights``), TLS or mutual TLS, message-size and concurrency
 limits, and a Prometheus ``/metrics`` port.
 """
 
@@ -33,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from downpour import metrics
+from downpour.rpc import rights
 from downpour.rpc.channel import ChannelConfig, read_token
 from downpour.rpc.interceptors import (
     HEALTH_SERVICE,
@@ -68,7 +70,13 @@ _SECURITY_FLAGS = (
     (
         "--token-file",
         "DOWNPOUR_TOKEN_FILE",
-        "file holding the bearer token clients must send (and this service sends)",
+        "file holding the bearer token this service sends (and, without --roles-file, the one clients must send)",
+    ),
+    (
+        "--roles-file",
+        "DOWNPOUR_ROLES_FILE",
+        "file of '<role> <sha256 of its token>' lines: each client's token is a role, "
+        "allowed what downpour.rpc.rights says",
     ),
 )
 
@@ -84,7 +92,8 @@ class ServerConfig:
     tls_cert: str = ""  # PEM server certificate chain; with tls_key enables TLS
     tls_key: str = ""
     tls_client_ca: str = ""  # PEM CA; when set, clients must present a certificate (mTLS)
-    token: str = ""  # when set, every RPC but health needs "authorization: Bearer <token>"
+    token: str = ""  # this service's token; without roles, every RPC but Health/Check needs it
+    roles: tuple[tuple[bytes, str], ...] = ()  # (sha256 of a token, its role): per-role rights
     grace_seconds: float = 10.0
     tls_ca: str = ""  # PEM CA that signed the *servers* this service calls (its client side)
     tls_client_names: tuple[str, ...] = ()  # mTLS: client certificate names (CN or DNS SAN) allowed in
@@ -127,6 +136,7 @@ class ServerConfig:
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             token=token,
+            roles=rights.read_roles_file(args.roles_file) if getattr(args, "roles_file", "") else (),
             grace_seconds=args.grace_seconds,
             tls_ca=getattr(args, "tls_ca", ""),
             tls_client_names=tuple(n.strip() for n in getattr(args, "tls_client_names", "").split(",") if n.strip()),
@@ -143,7 +153,9 @@ class Server:
         self.name = name
         self.config = config
         chain: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
-        if config.token:
+        if config.roles:  # per-role tokens: this service's own token is only what it sends
+            chain.insert(0, TokenAuthInterceptor(roles=config.roles))
+        elif config.token:  # one shared token with every right
             chain.insert(0, TokenAuthInterceptor(config.token))
         if config.tls_client_names and config.tls_client_ca:
             chain.insert(0, ClientNameInterceptor(config.tls_client_names))
