@@ -146,10 +146,12 @@ def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
             "/downpour.v1.DataFeeder/DatasetInfo", request_serializer=None, response_deserializer=None
         )
         assert _code(lambda: call(raw, timeout=10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # More concurrent calls than allowed: open streams that stay open, then one more.
+        # More concurrent calls than allowed: open streams that stay open, then one more. Each on
+        # its own connection: one connection may hold only --max-streams-per-connection of them.
         stub = feeder_pb2_grpc.DataFeederStub(ch)
         req = feeder_pb2.StreamBatchesRequest(replica=0, num_replicas=1, batch_size=4)
-        streams = [stub.StreamBatches(req, timeout=30) for _ in range(3)]
+        conns = [grpc.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(3)]
+        streams = [feeder_pb2_grpc.DataFeederStub(c).StreamBatches(req, timeout=30) for c in conns]
         for s in streams:
             next(s)
         info = lambda: _code(lambda: stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=5))
@@ -157,6 +159,8 @@ def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
         for s in streams:
             s.cancel()
         harness.wait_for(lambda: info() == grpc.StatusCode.OK, 10, "room again once the streams are cancelled")
+        for c in conns:
+            c.close()
 
 
 def test_downpour_up_secure_trains_with_mtls_and_a_token_everywhere(tmp_path):

@@ -88,6 +88,7 @@ class ServerConfig:
     metrics_port: int = 0  # 0: no /metrics endpoint
     max_message_bytes: int = 64 << 20
     max_concurrent_rpcs: int = 64
+    max_streams_per_connection: int = 0  # HTTP/2 concurrent streams one connection may open (0: default)
     max_workers: int = 16
     tls_cert: str = ""  # PEM server certificate chain; with tls_key enables TLS
     tls_key: str = ""
@@ -117,6 +118,14 @@ class ServerConfig:
         ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
         ap.add_argument("--max-message-bytes", type=int, default=cls.max_message_bytes)
         ap.add_argument("--max-concurrent-rpcs", type=int, default=cls.max_concurrent_rpcs)
+        ap.add_argument(
+            "--max-streams-per-connection",
+            type=int,
+            default=0,
+            help="calls one client connection may have open at once (HTTP/2 streams; more wait in the client); "
+            "below --max-concurrent-rpcs, so one connection cannot take every slot "
+            "(0: half of --max-concurrent-rpcs, at most 16)",
+        )
         # Security comes from flags or, for every service at once, from DOWNPOUR_* variables.
         for flag, variable, help_text in _SECURITY_FLAGS:
             ap.add_argument(flag, default=os.environ.get(variable, ""), help=help_text)
@@ -131,6 +140,9 @@ class ServerConfig:
             metrics_port=args.metrics_port,
             max_message_bytes=args.max_message_bytes,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
+            max_streams_per_connection=streams_per_connection(
+                getattr(args, "max_streams_per_connection", 0), args.max_concurrent_rpcs
+            ),
             max_workers=max(4, args.max_concurrent_rpcs),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -141,6 +153,20 @@ class ServerConfig:
             tls_ca=getattr(args, "tls_ca", ""),
             tls_client_names=tuple(n.strip() for n in getattr(args, "tls_client_names", "").split(",") if n.strip()),
         )
+
+
+def streams_per_connection(given: int, max_concurrent_rpcs: int) -> int:
+    """The HTTP/2 stream cap of one connection: ``given``, or by default half of the server's
+    concurrent-RPC slots (at most 16); it must stay below them, or one connection can hold them all."""
+    most = max(1, max_concurrent_rpcs - 1)
+    if given == 0:
+        return max(1, min(16, max_concurrent_rpcs // 2))
+    if not 1 <= given <= most:
+        raise SystemExit(
+            f"--max-streams-per-connection {given}: must be between 1 and {most} "
+            f"(below --max-concurrent-rpcs {max_concurrent_rpcs}, so that one connection cannot take every slot)"
+        )
+    return given
 
 
 # -- the server -------------------------------------------------------------------
@@ -161,10 +187,13 @@ class Server:
             chain.insert(0, ClientNameInterceptor(config.tls_client_names))
         chain.extend(interceptors)
         chain.append(DecodeGuardInterceptor())  # innermost: wraps the service's own deserialisers
+        streams = config.max_streams_per_connection or streams_per_connection(0, config.max_concurrent_rpcs)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max(config.max_workers, 4), thread_name_prefix=name),
             interceptors=chain,
-            options=grpc_options(config.max_message_bytes),
+            # A client's streams beyond the cap wait in its own connection, not in the server's slots:
+            # one connection holding open streams (say, Health/Watch) cannot refuse everyone else.
+            options=[*grpc_options(config.max_message_bytes), ("grpc.max_concurrent_streams", streams)],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         self._health = health.HealthServicer(experimental_non_blocking=True)
