@@ -6,6 +6,8 @@ The tests make their own CA and certificates (``downpour.rpc.certs``, on the
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
@@ -13,7 +15,7 @@ import harness
 
 pytest.importorskip("cryptography")
 
-from downpour.rpc import certs
+from downpour.rpc import certs, rights
 from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.v1 import feeder_pb2, feeder_pb2_grpc, paramserver_pb2
 
@@ -185,6 +187,12 @@ def test_downpour_up_secure_trains_with_mtls_and_a_token_everywhere(tmp_path):
     assert list((out / "checkpoints").glob("*/MANIFEST.json"))
     assert oct((out / "tls").stat().st_mode & 0o777) == "0o700"
     assert oct((out / "tls" / "node.key").stat().st_mode & 0o777) == "0o600"
+    for role in rights.ROLES:  # a token per role, each readable by its owner only
+        assert oct((out / "tls" / f"token-{role}").stat().st_mode & 0o777) == "0o600", role
+    # the shards' /metrics answered the launcher over mutual TLS: their samples are in metrics.json
+    shards = json.loads((out / "metrics.json").read_text())["shards"]
+    assert sorted(shards) == ["paramserver-0", "paramserver-1"]
+    assert all(any(s["name"].startswith("downpour_paramserver") for s in samples) for samples in shards.values())
 
 
 # -- holes a hostile client or a careless operator found ------------------------------------

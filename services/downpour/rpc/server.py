@@ -13,7 +13,8 @@ NOT_SERVING again while draining), server reflection, a metrics interceptor
 (``grpc_server_handled_total``, ``grpc_server_handling_seconds``), an optional
 bearer-token interceptor (one shared token, or a token per role with the
 rights of ``downpour.rpc.rights``), TLS or mutual TLS, message-size and concurrency
-limits, and a Prometheus ``/metrics`` port.
+limits, and a Prometheus ``/metrics`` port (HTTPS with the service's certificate
+when it serves TLS; a client certificate required under mutual TLS).
 """
 
 from __future__ import annotations
@@ -219,6 +220,15 @@ class Server:
         ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
+    def _metrics_tls(self) -> dict[str, Any]:
+        """/metrics over HTTPS with the service's own certificate when it serves TLS, and with a
+        client certificate signed by --tls-client-ca required when that is set (mutual TLS)."""
+        c = self.config
+        if not (c.tls_cert and c.tls_key):
+            return {}
+        ca = c.tls_client_ca or None
+        return {"certfile": c.tls_cert, "keyfile": c.tls_key, "client_cafile": ca, "client_auth_required": bool(ca)}
+
     def start(self, install_signal_handlers: bool = True) -> int:
         """Bind, start serving (health NOT_SERVING) and return the bound port."""
         reflection.enable_server_reflection(self._service_names, self._grpc)
@@ -235,7 +245,7 @@ class Server:
         if self.config.metrics_port:
             try:
                 # on the service's own address: --host 127.0.0.1 keeps /metrics off other machines too
-                start_http_server(self.config.metrics_port, addr=self.config.host)
+                start_http_server(self.config.metrics_port, addr=self.config.host, **self._metrics_tls())
             except OSError as e:
                 raise RuntimeError(f"{self.name}: cannot bind metrics port {self.config.metrics_port}: {e}") from None
         if install_signal_handlers and threading.current_thread() is threading.main_thread():

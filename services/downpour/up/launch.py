@@ -74,7 +74,7 @@ def run(
         finally:
             if watch is not None:
                 watch.stop()
-            shard_metrics = scrape_shards(cluster.children)
+            shard_metrics = scrape_shards(cluster.children, chcfg)
             cluster.stop()
             signal.signal(signal.SIGINT, old)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
