@@ -9,6 +9,9 @@ SetOptimizer or Checkpoint the shards; any worker could CreateCheckpoint on the 
 from __future__ import annotations
 
 import os
+import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -17,7 +20,7 @@ import pytest
 
 import harness
 from downpour.paramserver.client import ParamClient
-from downpour.rpc import rights
+from downpour.rpc import certs, rights
 from downpour.rpc.channel import ChannelConfig, open_channel, read_token
 from downpour.v1 import coordinator_pb2, neurons_pb2, paramserver_pb2
 
@@ -185,3 +188,33 @@ def test_in_a_secure_cluster_each_child_holds_only_its_role(tmp_path, procs):
             procs=[up],
         )
         assert st.state in (cpb.JOB_STATE_RUNNING, cpb.JOB_STATE_DEGRADED)
+
+
+def _page(url: str, token: str, ctx) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=ctx) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_with_a_roles_file_the_explorer_page_takes_the_tokens_of_roles_that_may_query(tmp_path, procs):
+    """The page used to check the service's own token: with roles, that is the neurons role's,
+    which the people using the page must not hold; it takes a reader's (or admin's) instead."""
+    pki = certs.make_cluster_pki(tmp_path / "tls", token=False)
+    creds = rights.write_role_credentials(tmp_path / "creds")
+    token = {role: read_token(creds[role]) for role in rights.ROLES}
+    port = harness.free_port()
+    flags = ["--tls-cert", pki["cert"], "--tls-key", pki["key"], "--roles-file", creds["roles_file"],
+             "--token-file", creds["neurons"], "--preset", "tiny", "--random-seed", "3", "--http-port", str(port)]  # fmt: skip
+    p = procs.serve("neurons", *flags, wait=False)
+    harness.wait_for(lambda: harness.accepts(port), 60, "the explorer page", procs=[p])
+    ctx = ssl.create_default_context(cafile=pki["ca"])
+    url = f"https://127.0.0.1:{port}/api/model"
+    assert _page(url, token["reader"], ctx) == 200
+    assert _page(url, token["admin"], ctx) == 200
+    assert _page(url, token["worker"], ctx) == 403  # a valid token of a role that may not query
+    assert _page(url, token["neurons"], ctx) == 403
+    assert _page(url, token["reader"] + "x", ctx) == 401
+    assert _page(url, "", ctx) == 401
