@@ -28,7 +28,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from downpour.rpc.channel import ChannelConfig, open_channel
+from downpour.up.scrape import fetch_metrics
 from downpour.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 T = TypeVar("T")
@@ -217,7 +217,7 @@ class Service(Proc):
     def metrics(self) -> str:
         """Its Prometheus exposition text."""
         assert self.metrics_port, f"{self.role} was started without metrics=True"
-        return scrape(self.metrics_port)
+        return scrape(self.metrics_port, self.channel_config)
 
     def metric(self, name: str, **labels: str) -> float | None:
         """The sum of ``name``'s samples whose labels include ``labels`` (None: no such sample)."""
@@ -246,10 +246,10 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     return float(sum(found)) if found else None
 
 
-def scrape(metrics_port: int) -> str:
-    """The Prometheus exposition text of whatever serves metrics on 127.0.0.1:``metrics_port``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        return str(r.read().decode())
+def scrape(metrics_port: int, channel_config: ChannelConfig | None = None) -> str:
+    """The Prometheus exposition text of whatever serves metrics on 127.0.0.1:``metrics_port``
+    (over HTTPS, with its client certificate, when ``channel_config`` has a CA)."""
+    return fetch_metrics(metrics_port, channel_config)
 
 
 def run_cli(

@@ -6,7 +6,8 @@ the role's default). A service started with ``--tls-cert`` is checked over TLS:
 ``HEALTHCHECK_CA`` (default: its ``--tls-ca``, else ``--tls-client-ca``),
 ``HEALTHCHECK_CERT`` / ``HEALTHCHECK_KEY`` (a client certificate for mutual
 TLS; default: the service's own ``--tls-cert``/``--tls-key``) and
-``HEALTHCHECK_SERVER_NAME`` (the name in its certificate) say how.
+``HEALTHCHECK_SERVER_NAME`` (the name in its certificate) say how. The service's
+``DOWNPOUR_TLS_*`` variables stand for its flags where it has none.
 
 ``--liveness``: exit 0 on any answer (SERVING or not), 1 when the service does
 not answer within ``--timeout`` seconds: a hung process, for a liveness probe.
@@ -82,6 +83,12 @@ def _flag(argv: list[str], name: str) -> str:
     return ""
 
 
+def _setting(argv: list[str], name: str) -> str:
+    """A security flag of the service, or the DOWNPOUR_* variable that sets it (--tls-cert:
+    DOWNPOUR_TLS_CERT), as the service itself reads it (deploy/compose/secure.yml sets variables)."""
+    return _flag(argv, name) or os.environ.get("DOWNPOUR_" + name.lstrip("-").replace("-", "_").upper(), "")
+
+
 def main(args: list[str] | None = None) -> int:
     import argparse
 
@@ -102,15 +109,16 @@ def main(args: list[str] | None = None) -> int:
         print(f"healthcheck: cannot tell the port of role {role or '?'} (set HEALTHCHECK_PORT)")
         return 1
     target = f"127.0.0.1:{port}"
-    if _flag(argv, "--tls-cert"):
+    if _setting(argv, "--tls-cert"):
         def read(path: str) -> bytes | None:
             return open(path, "rb").read() if path else None
-        mutual = bool(_flag(argv, "--tls-client-ca"))
+        mutual = bool(_setting(argv, "--tls-client-ca"))
         creds = grpc.ssl_channel_credentials(
-            root_certificates=read(os.environ.get("HEALTHCHECK_CA") or _flag(argv, "--tls-ca")
-                                   or _flag(argv, "--tls-client-ca")),
-            private_key=read(os.environ.get("HEALTHCHECK_KEY") or (_flag(argv, "--tls-key") if mutual else "")),
-            certificate_chain=read(os.environ.get("HEALTHCHECK_CERT") or (_flag(argv, "--tls-cert") if mutual else "")))
+            root_certificates=read(os.environ.get("HEALTHCHECK_CA") or _setting(argv, "--tls-ca")
+                                   or _setting(argv, "--tls-client-ca")),
+            private_key=read(os.environ.get("HEALTHCHECK_KEY") or (_setting(argv, "--tls-key") if mutual else "")),
+            certificate_chain=read(os.environ.get("HEALTHCHECK_CERT")
+                                   or (_setting(argv, "--tls-cert") if mutual else "")))
         name = os.environ.get("HEALTHCHECK_SERVER_NAME", "")
         options = [("grpc.ssl_target_name_override", name)] if name else []
         channel = grpc.secure_channel(target, creds, options=options)

@@ -164,6 +164,11 @@ GRPC_UNAUTHENTICATED = Counter(
     "RPCs refused with UNAUTHENTICATED, by reason (missing_token, bad_token, client_certificate).",
     ["grpc_service", "grpc_method", "reason"],
 )
+GRPC_PERMISSION_DENIED = Counter(
+    "downpour_grpc_permission_denied_total",
+    "RPCs refused with PERMISSION_DENIED: a valid token of a role the rights table does not allow.",
+    ["grpc_service", "grpc_method", "role"],
+)
 COORDINATOR_SHARD_RECOVERIES = Counter(
     "downpour_coordinator_shard_recoveries_total",
     "Parameter shards found empty (restarted) and refilled, by source (checkpoint, initial).",

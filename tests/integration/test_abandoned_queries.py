@@ -32,7 +32,9 @@ def test_abandoned_optimal_stimulus_searches_stop_and_free_their_slots(procs):
         stub = neurons_pb2_grpc.NeuronsStub(ch)
         layer = stub.DescribeModel(neurons_pb2.DescribeModelRequest(), timeout=30).layers[-1].name
         heavy = neurons_pb2.OptimalStimulusRequest(neuron=neurons_pb2.NeuronRef(layer=layer), steps=5000, restarts=64)
-        calls = [stub.OptimalStimulus.future(heavy, timeout=0.3) for _ in range(4)]
+        # one connection each: a connection may hold only --max-streams-per-connection of the slots
+        conns = [grpc.insecure_channel(s.address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+        calls = [neurons_pb2_grpc.NeuronsStub(c).OptimalStimulus.future(heavy, timeout=0.3) for c in conns]
         for c in calls:
             with pytest.raises(grpc.RpcError) as exc:
                 c.result()
@@ -48,6 +50,8 @@ def test_abandoned_optimal_stimulus_searches_stop_and_free_their_slots(procs):
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
                 time.sleep(0.1)
         assert answered is not None, "abandoned searches still hold every slot 5 s after their callers left"
+        for c in conns:
+            c.close()
     harness.wait_for(
         lambda: (s.metric("downpour_neurons_cancelled_total", method="OptimalStimulus") or 0) >= 4,
         10,

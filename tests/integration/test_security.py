@@ -6,6 +6,8 @@ The tests make their own CA and certificates (``downpour.rpc.certs``, on the
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
@@ -13,7 +15,7 @@ import harness
 
 pytest.importorskip("cryptography")
 
-from downpour.rpc import certs
+from downpour.rpc import certs, rights
 from downpour.rpc.channel import ChannelConfig, open_channel
 from downpour.v1 import feeder_pb2, feeder_pb2_grpc, paramserver_pb2
 
@@ -146,10 +148,12 @@ def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
             "/downpour.v1.DataFeeder/DatasetInfo", request_serializer=None, response_deserializer=None
         )
         assert _code(lambda: call(raw, timeout=10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # More concurrent calls than allowed: open streams that stay open, then one more.
+        # More concurrent calls than allowed: open streams that stay open, then one more. Each on
+        # its own connection: one connection may hold only --max-streams-per-connection of them.
         stub = feeder_pb2_grpc.DataFeederStub(ch)
         req = feeder_pb2.StreamBatchesRequest(replica=0, num_replicas=1, batch_size=4)
-        streams = [stub.StreamBatches(req, timeout=30) for _ in range(3)]
+        conns = [grpc.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(3)]
+        streams = [feeder_pb2_grpc.DataFeederStub(c).StreamBatches(req, timeout=30) for c in conns]
         for s in streams:
             next(s)
         info = lambda: _code(lambda: stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=5))
@@ -157,6 +161,8 @@ def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
         for s in streams:
             s.cancel()
         harness.wait_for(lambda: info() == grpc.StatusCode.OK, 10, "room again once the streams are cancelled")
+        for c in conns:
+            c.close()
 
 
 def test_downpour_up_secure_trains_with_mtls_and_a_token_everywhere(tmp_path):
@@ -181,6 +187,12 @@ def test_downpour_up_secure_trains_with_mtls_and_a_token_everywhere(tmp_path):
     assert list((out / "checkpoints").glob("*/MANIFEST.json"))
     assert oct((out / "tls").stat().st_mode & 0o777) == "0o700"
     assert oct((out / "tls" / "node.key").stat().st_mode & 0o777) == "0o600"
+    for role in rights.ROLES:  # a token per role, each readable by its owner only
+        assert oct((out / "tls" / f"token-{role}").stat().st_mode & 0o777) == "0o600", role
+    # the shards' /metrics answered the launcher over mutual TLS: their samples are in metrics.json
+    shards = json.loads((out / "metrics.json").read_text())["shards"]
+    assert sorted(shards) == ["paramserver-0", "paramserver-1"]
+    assert all(any(s["name"].startswith("downpour_paramserver") for s in samples) for samples in shards.values())
 
 
 # -- holes a hostile client or a careless operator found ------------------------------------

@@ -206,9 +206,9 @@ def test_compose_and_k8s_run_the_same_roles_with_the_same_commands(rendered):
                     "--tls-cert",
                     "--tls-key",
                     "--tls-ca",
+                    "--tls-client-ca",
+                    "--roles-file",
                     "--token-file",
-                    "--peer-ca",
-                    "--peer-token-file",
                 }
             if name.endswith("gpu") and role == "worker":
                 allowed = allowed | {"--device"}
@@ -365,3 +365,37 @@ def test_compose_replaces_a_hung_service_within_the_jobs_hang_deadline():
     for svc in ours:
         # the check's kill only replaces the process where a restart policy acts on the exit
         assert svc["healthcheck"]["test"] == test and svc.get("restart") in ("unless-stopped", "on-failure"), svc
+
+
+def _secret_of(path: str, mounts: dict[str, str], secrets: dict[str, str]) -> str:
+    """The secret whose volume holds ``path`` in a container (mount path -> volume -> secret)."""
+    directory = path.rsplit("/", 1)[0]
+    assert directory in mounts, path
+    return secrets[mounts[directory]]
+
+
+def test_the_secure_overlay_is_mutual_tls_and_each_workload_holds_only_its_own_roles_token():
+    from downpour.rpc import rights
+
+    docs = render_python(K8S / "overlays" / "secure")
+    for role, items in k8s_roles(docs).items():
+        ((d, flags),) = items
+        pod = d["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+
+        # mutual TLS: a server certificate, and clients need one from the CA the servers also trust
+        assert flags["--tls-client-ca"] == flags["--tls-ca"], role
+        for flag in ("--tls-cert", "--tls-key", "--tls-client-ca"):
+            assert _secret_of(flags[flag], mounts, secrets) == "downpour-tls", (role, flag)
+        # its own role's token, the roles file of digests, and no other role's token
+        assert _secret_of(flags["--token-file"], mounts, secrets) == f"downpour-token-{role}", role
+        assert _secret_of(flags["--roles-file"], mounts, secrets) == "downpour-roles", role
+        tokens = {s for s in secrets.values() if s.startswith("downpour-token")}
+        assert tokens == {f"downpour-token-{role}"}, (role, tokens)
+        assert role in rights.ROLES
+        # no flag that would hand the service other credentials for its peers
+        assert not {f for f in flags if f.startswith("--peer-")}, role
+        # /metrics is HTTPS: Prometheus is told so
+        assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] == "https", role

@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.host,
                 args.http_port,
                 session_token=token,
-                tls_required=bool(cfg.token),
+                tls_required=bool(cfg.token or cfg.roles),
                 tls_cert=cfg.tls_cert,
                 tls_key=cfg.tls_key,
                 allow_hosts=tuple(args.http_allow_host),

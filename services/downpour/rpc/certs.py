@@ -121,8 +121,9 @@ def write_token(path: str | os.PathLike) -> str:
     return token
 
 
-def make_cluster_pki(directory: str | os.PathLike) -> dict[str, str]:
-    """A CA, one node certificate and a token in ``directory``; returns their paths (and the token)."""
+def make_cluster_pki(directory: str | os.PathLike, token: bool = True) -> dict[str, str]:
+    """A CA, one node certificate and (``token``) one shared token in ``directory``; returns their
+    paths (and the token). Per-role tokens: ``downpour.rpc.rights.write_role_credentials``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
@@ -130,6 +131,8 @@ def make_cluster_pki(directory: str | os.PathLike) -> dict[str, str]:
     ca_pem, _ = write_pair(d, "ca", ca_cert, ca_key)
     cert, key = issue(ca_cert, ca_key, "downpour-node")
     node_pem, node_key = write_pair(d, "node", cert, key)
-    token_path = str(d / "token")
-    token = write_token(token_path)
-    return {"ca": ca_pem, "cert": node_pem, "key": node_key, "token_file": token_path, "token": token}
+    files = {"ca": ca_pem, "cert": node_pem, "key": node_key}
+    if token:
+        files["token_file"] = str(d / "token")
+        files["token"] = write_token(files["token_file"])
+    return files

@@ -1,6 +1,6 @@
 """The server interceptors every downpour service runs, outermost first in ``Server``:
 
-client certificate names (mTLS), the bearer token, metrics (counted and timed the way
+client certificate names (mTLS), the bearer token (and its role's rights), metrics (counted and timed the way
 go-grpc-prometheus names them) and, innermost, a guard that answers INVALID_ARGUMENT to
 request bytes that do not decode.
 """
@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from downpour import metrics
+from downpour.rpc import rights
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 HEALTH_CHECK = f"/{HEALTH_SERVICE}/Check"  # the one method open without a token (probes)
@@ -173,28 +174,56 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Rejects RPCs without ``authorization: Bearer <token>``. Only ``Health/Check`` is exempt, so
     that orchestrators' probes need no secret: ``Health/Watch`` is a stream that stays open, and
     open to anyone it would let a client without the token fill the server's concurrent-RPC slots.
-    Every rejection is counted in ``downpour_grpc_unauthenticated_total``."""
+    Every rejection is counted in ``downpour_grpc_unauthenticated_total``.
 
-    def __init__(self, token: str) -> None:
-        if not token:
-            raise ValueError("TokenAuthInterceptor needs a token")
+    With ``roles`` ((sha256 digest, role) pairs of a roles file) each token stands for a role, and
+    a role may call only what ``downpour.rpc.rights`` allows it: another method is answered
+    PERMISSION_DENIED and counted in ``downpour_grpc_permission_denied_total``. With one ``token``
+    and no roles, that token may call everything."""
+
+    def __init__(self, token: str = "", roles: Iterable[tuple[bytes, str]] = ()) -> None:
+        self._roles = tuple(roles)
+        if not token and not self._roles:
+            raise ValueError("TokenAuthInterceptor needs a token or roles")
         self._expected = f"Bearer {token}".encode()
 
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method == HEALTH_CHECK:
+        method = handler_call_details.method
+        if method == HEALTH_CHECK:
             return continuation(handler_call_details)
         got, present = b"", False
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 got, present = (value.encode() if isinstance(value, str) else value), True
-        # compare_digest: the time taken must not reveal how much of the token matched.
-        if hmac.compare_digest(got, self._expected):
-            return continuation(handler_call_details)
+        if not self._roles:
+            # compare_digest: the time taken must not reveal how much of the token matched.
+            if hmac.compare_digest(got, self._expected):
+                return continuation(handler_call_details)
+            role = None
+        else:
+            bearer = got[len(b"Bearer ") :] if got.startswith(b"Bearer ") else b""
+            role = rights.role_of(bearer.decode(errors="replace"), self._roles) if bearer else None
+            if role is not None and rights.allowed(role, method):
+                return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        if role is not None:
+            return _forbid(handler, method, role)
         reason = "bad_token" if present else "missing_token"
-        return _deny(handler, handler_call_details.method, reason, "missing or invalid bearer token")
+        return _deny(handler, method, reason, "missing or invalid bearer token")
+
+
+def _forbid(handler: grpc.RpcMethodHandler, method: str, role: str) -> grpc.RpcMethodHandler:
+    """A handler that answers PERMISSION_DENIED (and counts it): a valid token of a role that the
+    rights table does not let call ``method``."""
+    service, name = _split(method)
+
+    def forbid(request: Any, context: grpc.ServicerContext) -> Any:
+        metrics.GRPC_PERMISSION_DENIED.labels(service, name, role).inc()
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} may not call {method}")
+
+    return _rewrap(handler, lambda fn: forbid)
 
 
 class ClientNameInterceptor(grpc.ServerInterceptor):

@@ -11,8 +11,10 @@
 Provides: grpc.health.v1 (NOT_SERVING until the service says it is ready,
 NOT_SERVING again while draining), server reflection, a metrics interceptor
 (``grpc_server_handled_total``, ``grpc_server_handling_seconds``), an optional
-bearer-token interceptor, TLS or mutual TLS, message-size and concurrency
-limits, and a Prometheus ``/metrics`` port.
+bearer-token interceptor (one shared token, or a token per role with the
+rights of ``downpour.rpc.rights``), TLS or mutual TLS, message-size and concurrency
+limits, and a Prometheus ``/metrics`` port (HTTPS with the service's certificate
+when it serves TLS; a client certificate required under mutual TLS).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from downpour import metrics
+from downpour.rpc import rights
 from downpour.rpc.channel import ChannelConfig, read_token
 from downpour.rpc.interceptors import (
     HEALTH_SERVICE,
@@ -68,7 +71,13 @@ _SECURITY_FLAGS = (
     (
         "--token-file",
         "DOWNPOUR_TOKEN_FILE",
-        "file holding the bearer token clients must send (and this service sends)",
+        "file holding the bearer token this service sends (and, without --roles-file, the one clients must send)",
+    ),
+    (
+        "--roles-file",
+        "DOWNPOUR_ROLES_FILE",
+        "file of '<role> <sha256 of its token>' lines: each client's token is a role, "
+        "allowed what downpour.rpc.rights says",
     ),
 )
 
@@ -80,11 +89,13 @@ class ServerConfig:
     metrics_port: int = 0  # 0: no /metrics endpoint
     max_message_bytes: int = 64 << 20
     max_concurrent_rpcs: int = 64
+    max_streams_per_connection: int = 0  # HTTP/2 concurrent streams one connection may open (0: default)
     max_workers: int = 16
     tls_cert: str = ""  # PEM server certificate chain; with tls_key enables TLS
     tls_key: str = ""
     tls_client_ca: str = ""  # PEM CA; when set, clients must present a certificate (mTLS)
-    token: str = ""  # when set, every RPC but health needs "authorization: Bearer <token>"
+    token: str = ""  # this service's token; without roles, every RPC but Health/Check needs it
+    roles: tuple[tuple[bytes, str], ...] = ()  # (sha256 of a token, its role): per-role rights
     grace_seconds: float = 10.0
     tls_ca: str = ""  # PEM CA that signed the *servers* this service calls (its client side)
     tls_client_names: tuple[str, ...] = ()  # mTLS: client certificate names (CN or DNS SAN) allowed in
@@ -108,6 +119,14 @@ class ServerConfig:
         ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
         ap.add_argument("--max-message-bytes", type=int, default=cls.max_message_bytes)
         ap.add_argument("--max-concurrent-rpcs", type=int, default=cls.max_concurrent_rpcs)
+        ap.add_argument(
+            "--max-streams-per-connection",
+            type=int,
+            default=0,
+            help="calls one client connection may have open at once (HTTP/2 streams; more wait in the client); "
+            "below --max-concurrent-rpcs, so one connection cannot take every slot "
+            "(0: half of --max-concurrent-rpcs, at most 16)",
+        )
         # Security comes from flags or, for every service at once, from DOWNPOUR_* variables.
         for flag, variable, help_text in _SECURITY_FLAGS:
             ap.add_argument(flag, default=os.environ.get(variable, ""), help=help_text)
@@ -122,15 +141,33 @@ class ServerConfig:
             metrics_port=args.metrics_port,
             max_message_bytes=args.max_message_bytes,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
+            max_streams_per_connection=streams_per_connection(
+                getattr(args, "max_streams_per_connection", 0), args.max_concurrent_rpcs
+            ),
             max_workers=max(4, args.max_concurrent_rpcs),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             token=token,
+            roles=rights.read_roles_file(args.roles_file) if getattr(args, "roles_file", "") else (),
             grace_seconds=args.grace_seconds,
             tls_ca=getattr(args, "tls_ca", ""),
             tls_client_names=tuple(n.strip() for n in getattr(args, "tls_client_names", "").split(",") if n.strip()),
         )
+
+
+def streams_per_connection(given: int, max_concurrent_rpcs: int) -> int:
+    """The HTTP/2 stream cap of one connection: ``given``, or by default half of the server's
+    concurrent-RPC slots (at most 16); it must stay below them, or one connection can hold them all."""
+    most = max(1, max_concurrent_rpcs - 1)
+    if given == 0:
+        return max(1, min(16, max_concurrent_rpcs // 2))
+    if not 1 <= given <= most:
+        raise SystemExit(
+            f"--max-streams-per-connection {given}: must be between 1 and {most} "
+            f"(below --max-concurrent-rpcs {max_concurrent_rpcs}, so that one connection cannot take every slot)"
+        )
+    return given
 
 
 # -- the server -------------------------------------------------------------------
@@ -143,16 +180,21 @@ class Server:
         self.name = name
         self.config = config
         chain: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
-        if config.token:
+        if config.roles:  # per-role tokens: this service's own token is only what it sends
+            chain.insert(0, TokenAuthInterceptor(roles=config.roles))
+        elif config.token:  # one shared token with every right
             chain.insert(0, TokenAuthInterceptor(config.token))
         if config.tls_client_names and config.tls_client_ca:
             chain.insert(0, ClientNameInterceptor(config.tls_client_names))
         chain.extend(interceptors)
         chain.append(DecodeGuardInterceptor())  # innermost: wraps the service's own deserialisers
+        streams = config.max_streams_per_connection or streams_per_connection(0, config.max_concurrent_rpcs)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max(config.max_workers, 4), thread_name_prefix=name),
             interceptors=chain,
-            options=grpc_options(config.max_message_bytes),
+            # A client's streams beyond the cap wait in its own connection, not in the server's slots:
+            # one connection holding open streams (say, Health/Watch) cannot refuse everyone else.
+            options=[*grpc_options(config.max_message_bytes), ("grpc.max_concurrent_streams", streams)],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         self._health = health.HealthServicer(experimental_non_blocking=True)
@@ -178,6 +220,15 @@ class Server:
         ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
+    def _metrics_tls(self) -> dict[str, Any]:
+        """/metrics over HTTPS with the service's own certificate when it serves TLS, and with a
+        client certificate signed by --tls-client-ca required when that is set (mutual TLS)."""
+        c = self.config
+        if not (c.tls_cert and c.tls_key):
+            return {}
+        ca = c.tls_client_ca or None
+        return {"certfile": c.tls_cert, "keyfile": c.tls_key, "client_cafile": ca, "client_auth_required": bool(ca)}
+
     def start(self, install_signal_handlers: bool = True) -> int:
         """Bind, start serving (health NOT_SERVING) and return the bound port."""
         reflection.enable_server_reflection(self._service_names, self._grpc)
@@ -194,7 +245,7 @@ class Server:
         if self.config.metrics_port:
             try:
                 # on the service's own address: --host 127.0.0.1 keeps /metrics off other machines too
-                start_http_server(self.config.metrics_port, addr=self.config.host)
+                start_http_server(self.config.metrics_port, addr=self.config.host, **self._metrics_tls())
             except OSError as e:
                 raise RuntimeError(f"{self.name}: cannot bind metrics port {self.config.metrics_port}: {e}") from None
         if install_signal_handlers and threading.current_thread() is threading.main_thread():

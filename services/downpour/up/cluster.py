@@ -24,7 +24,7 @@ class Cluster:
         cfg: jobconfig.JobConfig,
         out: str,
         resume: bool,
-        secure_env: dict[str, str] | None = None,
+        secure_env: dict[str, dict[str, str]] | None = None,
         chcfg: ChannelConfig | None = None,
         neurons: bool = True,
     ):
@@ -39,12 +39,18 @@ class Cluster:
         if not resume:
             with open(self.job_path, "w", encoding="utf-8") as f:
                 f.write(cfg.to_yaml())
-        self.env = secure_env or {}
+        self.env = secure_env or {}  # role -> its children's DOWNPOUR_* security variables
         self.chcfg = chcfg  # how the launcher itself calls the services (None: plaintext)
 
     def _child(self, name: str, role: str, args: list[str]) -> Child:
         c = Child(
-            name, role, args, free_port(), free_port(), os.path.join(self.logs, f"{name}.log"), extra_env=self.env
+            name,
+            role,
+            args,
+            free_port(),
+            free_port(),
+            os.path.join(self.logs, f"{name}.log"),
+            extra_env=self.env.get(role, {}),
         )
         self.children.append(c)
         return c

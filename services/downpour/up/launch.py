@@ -58,7 +58,7 @@ def run(
             show.say(
                 f"[bold]downpour up[/]: {cfg.replicas} replicas x {cfg.partitions} partitions, "
                 f"{cfg.shards} shards, {cfg.steps} steps, run dir {cluster.out}"
-                + (" (mutual TLS and a bearer token: certificates in tls/)" if secure else "")
+                + (" (mutual TLS and a bearer token per role: certificates and tokens in tls/)" if secure else "")
             )
             cluster.start(start_timeout)
             watch = HangWatch(cluster.children, cfg.hang_seconds, chcfg, start_timeout)
@@ -74,7 +74,7 @@ def run(
         finally:
             if watch is not None:
                 watch.stop()
-            shard_metrics = scrape_shards(cluster.children)
+            shard_metrics = scrape_shards(cluster.children, chcfg)
             cluster.stop()
             signal.signal(signal.SIGINT, old)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -97,7 +97,12 @@ def _tell_addresses(show: Display, cluster: Cluster, secure: bool) -> None:
     if cluster.neurons is not None:
         show.say(
             f"neurons at {cluster.neurons.address}  (downpour query --addr {cluster.neurons.address} "
-            "--image F --layer stage3.output" + (" with --ca/--cert/--key/--token-file from tls/)" if secure else ")")
+            "--image F --layer stage3.output"
+            + (
+                " --ca tls/ca.pem --cert tls/node.pem --key tls/node.key --token-file tls/token-reader)"
+                if secure
+                else ")"
+            )
         )
 
 
