@@ -10,7 +10,7 @@ import pytest
 
 from downpour import config as jobconfig
 from downpour import metrics, scalars
-from downpour.coordinator.server import export_scalars
+from downpour.coordinator.messages import export_scalars
 from downpour.coordinator.state import JobState
 from downpour.optim import OptimizerConfig
 from downpour.worker.loop import NO_INFO, DownpourLoop, LocalStore

@@ -15,7 +15,7 @@ This module is the gRPC servicer and the process; the work is done by
 ``state`` (membership, leases, progress), ``params`` (the blocks, their
 placement and creation), ``manager`` (the checkpoint commit protocol and its
 thread) and ``supervisor`` (the shard watchdog), which reach the shards
-through the ``shards.Shards`` interface.
+through the ``shards.Shards`` interface; ``messages`` builds the answers.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import grpc
 
 from downpour import checkpoint as cks
 from downpour import config as jobconfig
-from downpour import metrics, optim, scalars
+from downpour import metrics, optim
+from downpour.coordinator import messages
 from downpour.coordinator.manager import CheckpointFailed, CheckpointManager
 from downpour.coordinator.params import Parameters
 from downpour.coordinator.shards import GrpcShards, ShardError, connect, disk_full
@@ -179,28 +180,6 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
     def _optimizer(self) -> common_pb2.OptimizerSpec:
         return optim.to_proto(self.cfg.optimizer)
 
-    def _job(self) -> common_pb2.JobSpec:
-        c = self.cfg
-        rows, cols = c.grid()
-        return common_pb2.JobSpec(
-            job_id=self.state.job_id,
-            spec_yaml=c.to_yaml(),
-            num_replicas=c.replicas,
-            partition_rows=rows,
-            partition_cols=cols,
-            num_shards=len(self.shards),
-            optimizer=self._optimizer(),
-            n_fetch=c.n_fetch,
-            n_push=c.n_push,
-            batch_size=c.batch_size,
-            max_steps=c.steps,
-            dataset=c.data,
-            supervised=c.supervised,
-            checkpoint_dir=self.checkpoint_dir,
-            checkpoint_every_steps=c.checkpoint_every,
-            seed=c.seed,
-        )
-
     def _member(self, member_id: str, key: str, context) -> Member | None:
         """The member if ``key`` is its key (None if unknown); PERMISSION_DENIED otherwise."""
         try:
@@ -223,7 +202,10 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         metrics.COORDINATOR_MEMBERS.set(len(self.state.members))
         resp = pb.RegisterResponse(
-            member_id=m.member_id, job=self._job(), lease_seconds=self.cfg.lease_seconds, member_key=m.key
+            member_id=m.member_id,
+            job=messages.job_spec(self.cfg, self.state.job_id, len(self.shards), self.checkpoint_dir),
+            lease_seconds=self.cfg.lease_seconds,
+            member_key=m.key,
         )
         a = self._assignment(m)
         if a is not None:
@@ -286,7 +268,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         keep = self.state.report(request.member_id, request.step, request.loss, request.examples, dict(request.scalars))
         metrics.TRAINING_LOSS.labels(str(replica)).set(request.loss)
         if request.scalars:
-            export_scalars(str(replica), self.state.replica_scalars(replica))
+            messages.export_scalars(str(replica), self.state.replica_scalars(replica))
         return pb.ReportProgressResponse(keep_running=keep)
 
     def JobStatus(self, request, context):
@@ -306,7 +288,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
             else:
                 state = pb.JOB_STATE_RUNNING
             resp = pb.JobStatusResponse(
-                job=self._job(),
+                job=messages.job_spec(self.cfg, self.state.job_id, len(self.shards), self.checkpoint_dir),
                 state=state,
                 step=st.step,
                 shard_addresses=self.shards,
@@ -346,29 +328,11 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED if disk_full(e) else grpc.StatusCode.UNAVAILABLE,
                 f"checkpoint not committed: {e}",
             )
-        return pb.CreateCheckpointResponse(checkpoint=_ck_info(ck))
+        return pb.CreateCheckpointResponse(checkpoint=messages.checkpoint_info(ck))
 
     def ListCheckpoints(self, request, context):
         with self.state.lock:
-            return pb.ListCheckpointsResponse(checkpoints=[_ck_info(c) for c in self.state.checkpoints])
-
-
-def export_scalars(replica: str, named: dict[str, float]) -> None:
-    """One replica's objective terms and weight norms as gauges (``downpour.scalars.gauges``)."""
-    terms, norms = scalars.gauges(named)
-    for stage, term, v in terms:
-        metrics.OBJECTIVE_TERM.labels(replica, stage, term).set(v)
-    for stage, block, stat, v in norms:
-        metrics.WEIGHT_NORM.labels(replica, stage, block, stat).set(v)
-
-
-def _ck_info(ck: Checkpoint) -> pb.CheckpointInfo:
-    info = pb.CheckpointInfo(
-        checkpoint_id=ck.checkpoint_id, step=ck.step, manifest_path=ck.manifest_path, created_unix_seconds=ck.created
-    )
-    for s in ck.shards:
-        info.shards.add(shard=s["shard"], path=s["path"], num_bytes=s["num_bytes"], crc32=s["crc32"])
-    return info
+            return pb.ListCheckpointsResponse(checkpoints=[messages.checkpoint_info(c) for c in self.state.checkpoints])
 
 
 def main(argv: list[str] | None = None) -> int:
