@@ -20,8 +20,8 @@ import numpy as np
 
 from downpour.paramserver import errors
 from downpour.paramserver.assembly import Assembly
+from downpour.paramserver.blockinfo import block_info
 from downpour.paramserver.quota import BYTES_PER_VALUE, BlockQuota
-from downpour.paramserver.shared import block_info
 from downpour.paramserver.store import ShardStore, StoreError
 from downpour.v1 import paramserver_pb2 as pb
 

@@ -40,10 +40,11 @@ import grpc
 
 from downpour import metrics, optim
 from downpour.checkpoint import shardfile as ckpt
-from downpour.checkpoint.errors import CheckpointExists
-from downpour.checkpoint.files import DISK_FULL
 from downpour.paramserver import errors, initial
 from downpour.paramserver.assembly import Assembly
+from downpour.paramserver.attachments import Attachments
+from downpour.paramserver.blockinfo import block_info
+from downpour.paramserver.checkpointing import Checkpointing
 from downpour.paramserver.creation import BlockCreation
 from downpour.paramserver.quota import (
     BYTES_PER_VALUE,
@@ -52,8 +53,7 @@ from downpour.paramserver.quota import (
     default_shared_bytes,
     default_store_bytes,
 )
-from downpour.paramserver.shared import Attachments, SharedPlane
-from downpour.paramserver.shared import block_info as _info
+from downpour.paramserver.shared_plane import SharedPlane
 from downpour.paramserver.store import Block, OptimizerConfig, ShardStore, StoreError
 from downpour.rpc import codec, logs, lowp
 from downpour.rpc.server import Server, ServerConfig
@@ -73,8 +73,12 @@ MAX_BLOCK_BYTES = 8 << 30  # one block's weights; a larger shape is refused befo
 UNARY = ("ListBlocks", "Checkpoint", "Restore", "SetOptimizer", "InitBlocks", "AttachShared", "PushPullShared")
 
 
-class ParameterServer(BlockCreation, SharedPlane):
-    """One shard's RPCs: CreateBlocks (creation.py), shared memory (shared.py), the rest here."""
+class ParameterServer(BlockCreation, Checkpointing, SharedPlane):
+    """One shard's RPCs: Pull, Push, InitBlocks, ListBlocks and SetOptimizer here.
+
+    The rest come mixed in: CreateBlocks from creation.py, Checkpoint and Restore
+    from checkpointing.py, AttachShared and PushPullShared from shared_plane.py.
+    """
 
     def __init__(
         self,
@@ -97,7 +101,7 @@ class ParameterServer(BlockCreation, SharedPlane):
         self.shard = str(store.shard_index)
         self.max_block_bytes = MAX_BLOCK_BYTES
         self.quota = BlockQuota(max_store_bytes, max_blocks)
-        # co-located clients' shared-memory regions (shared.py)
+        # co-located clients' shared-memory regions (attachments.py)
         self.attachments = Attachments(max_bytes=max_shared_bytes)
 
     # -- helpers ---------------------------------------------------------------
@@ -253,7 +257,7 @@ class ParameterServer(BlockCreation, SharedPlane):
         metrics.PS_PUSHES.labels(self.shard, "duplicate" if duplicate else "applied").inc()
         if not duplicate:
             metrics.PS_WORKER_PUSHES.labels(self.shard, metrics.worker_label(worker)).inc()
-        return pb.PushResponse(blocks=[_info(b) for b, _ in applied], duplicate=duplicate)
+        return pb.PushResponse(blocks=[block_info(b) for b, _ in applied], duplicate=duplicate)
 
     def InitBlocks(self, request: pb.InitBlocksRequest, context: Any) -> pb.InitBlocksResponse:
         """This shard's blocks with their initial values, made here (see initial.py)."""
@@ -297,74 +301,14 @@ class ParameterServer(BlockCreation, SharedPlane):
             sum(b.size for b in created),
             len(taken),
         )
-        return pb.InitBlocksResponse(blocks=[_info(b) for b in created], from_checkpoint=taken)
+        return pb.InitBlocksResponse(blocks=[block_info(b) for b in created], from_checkpoint=taken)
 
     def ListBlocks(self, request: pb.ListBlocksRequest, context: Any) -> pb.ListBlocksResponse:
         return pb.ListBlocksResponse(
             shard_index=self.store.shard_index,
-            blocks=[_info(b) for b in list(self.store.blocks.values())],
+            blocks=[block_info(b) for b in list(self.store.blocks.values())],
             optimizer=optim.to_proto(self.store.optimizer),
         )
-
-    def _path(self, checkpoint_id: str, context: Any):
-        if not self.checkpoint_dir:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this shard has no --checkpoint-dir")
-        try:
-            return ckpt.shard_path(self.checkpoint_dir, checkpoint_id, self.store.shard_index)
-        except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-
-    def Checkpoint(self, request: pb.CheckpointRequest, context: Any) -> pb.CheckpointResponse:
-        path = self._path(request.checkpoint_id, context)
-        t0 = time.perf_counter()
-        try:
-            n, size, crc = ckpt.save(self.store, path)
-        except CheckpointExists as e:
-            # written once: a second checkpoint under a taken id would overwrite a committed one
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"shard {self.store.shard_index}: {e}")
-        except OSError as e:
-            # A full disk (or any other write error) fails this checkpoint cleanly: save() removed its
-            # temp file, the folder goes if nothing else is in it, the shard's state is untouched.
-            try:
-                path.parent.rmdir()
-            except OSError:
-                pass
-            full = e.errno in DISK_FULL
-            metrics.CHECKPOINT_FAILURES.labels("paramserver", "disk_full" if full else "error").inc()
-            log.error("checkpoint %s not written: %s", path, e)
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE,
-                f"shard {self.store.shard_index} could not write checkpoint {request.checkpoint_id}: "
-                f"{e.strerror or e}" + (" (the disk is full)" if full else ""),
-            )
-        metrics.CHECKPOINT_SECONDS.labels("paramserver").observe(time.perf_counter() - t0)
-        metrics.CHECKPOINT_BYTES.labels("paramserver").set(size)
-        log.info("checkpoint %s: %d blocks, %d bytes", path, n, size)
-        return pb.CheckpointResponse(path=str(path), num_blocks=n, num_bytes=size, crc32=crc)
-
-    def restore(self, path) -> list[Block]:
-        shard, opt, blocks, dedup = ckpt.load(path)
-        if shard != self.store.shard_index:
-            raise ckpt.CheckpointError(f"{path} belongs to shard {shard}, this is shard {self.store.shard_index}")
-        self.store.rw.acquire_exclusive()
-        try:
-            self.store.optimizer = opt
-            self.store.replace_all(blocks, dedup)
-        finally:
-            self.store.rw.release_exclusive()
-        self._gauges()
-        log.info("restored %s: %d blocks", path, len(blocks))
-        return blocks
-
-    def Restore(self, request: pb.RestoreRequest, context: Any) -> pb.RestoreResponse:
-        path = self._path(request.checkpoint_id, context)
-        try:
-            blocks = self.restore(path)
-        except ckpt.CheckpointNotFound as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except ckpt.CheckpointError as e:  # damaged, or another shard's file
-            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-        return pb.RestoreResponse(path=str(path), blocks=[_info(b) for b in blocks])
 
     def SetOptimizer(self, request: pb.SetOptimizerRequest, context: Any) -> pb.SetOptimizerResponse:
         try:

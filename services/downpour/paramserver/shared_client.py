@@ -1,4 +1,4 @@
-"""The client side of the shared-memory data plane (see shared.py for the shard's).
+"""The client side of the shared-memory data plane (see shared.py for the design and the region).
 
 After a client's first pull of a set of blocks, it asks each shard on its
 host for a shared region for them (``AttachShared``; the shard makes the
