@@ -1,6 +1,6 @@
 """How a model's description travels in the Neurons protos: one conversion each way.
 
-The service (``downpour.neurons.server``) writes a ``DescribeModelResponse``
+The service (``downpour.neurons.service``) writes a ``DescribeModelResponse``
 from a ``ModelInfo``; the client (``downpour.client``) reads one back into a
 ``ModelInfo``. The fields they share by name are listed once, here.
 """

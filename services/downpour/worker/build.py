@@ -5,8 +5,8 @@ start step) and the job's config into a ``Training``: a ``DownpourLoop``
 whose step function computes this worker's gradients and the objective's
 named scalars (``info``: per-stage terms and weight norms, reported to the
 coordinator), the parameter-server client, the batch stream and, for a
-partition of a model-parallel replica, the halo links to its peers. Running the loop is the server's business
-(``worker.server``); this module decides what one step computes:
+partition of a model-parallel replica, the halo links to its peers. Running the loop is
+``worker.life``'s business; this module decides what one step computes:
 
 * one partition (a 1x1 grid): the whole network, on the CPU or the GPU;
   each pull's parameters are copied to the device once;
