@@ -164,6 +164,12 @@ GRPC_UNAUTHENTICATED = Counter(
     "RPCs refused with UNAUTHENTICATED, by reason (missing_token, bad_token, client_certificate).",
     ["grpc_service", "grpc_method", "reason"],
 )
+GRPC_CONNECTION_CAPPED = Counter(
+    "downpour_grpc_connection_capped_total",
+    "RPCs refused with RESOURCE_EXHAUSTED because their connection already had "
+    "--max-streams-per-connection calls in the service.",
+    ["grpc_service", "grpc_method"],
+)
 GRPC_PERMISSION_DENIED = Counter(
     "downpour_grpc_permission_denied_total",
     "RPCs refused with PERMISSION_DENIED: a valid token of a role the rights table does not allow.",

@@ -114,9 +114,9 @@ def test_made_up_ids_create_no_label_sets(coordinator):
     c, stub = coordinator
     a = stub.Register(cpb.RegisterRequest(role=cpb.ROLE_WORKER, address="127.0.0.1:1"), timeout=10)
     scalars = {"stage1.reconstruction": 1.0, "stage1.sparsity": 0.5}
-    for start in range(0, MADE_UP, 32):  # 32 at a time: under the service's --max-concurrent-rpcs
+    for start in range(0, MADE_UP, 16):  # 16 at a time: under the service's streams per connection
         futures = []
-        for i in range(start, start + 32):
+        for i in range(start, start + 16):
             # Replicas outside the job, and members nobody registered: either way, no label.
             req = (
                 cpb.ReportProgressRequest(member_id=a.member_id, member_key=a.member_key, replica=2 + i, loss=1.0)
@@ -159,10 +159,10 @@ def test_a_shards_worker_labels_are_bounded(procs):
 def test_registering_in_a_loop_is_bounded(coordinator):
     c, stub = coordinator
     room = 2 + MAX_SPARES  # the job's two slots, then spares
-    for start in range(0, room, 32):
+    for start in range(0, room, 16):  # 16 at a time: under the service's streams per connection
         futures = [
             stub.Register.future(cpb.RegisterRequest(role=cpb.ROLE_WORKER, address=f"127.0.0.1:{i + 1}"), timeout=60)
-            for i in range(start, min(room, start + 32))
+            for i in range(start, min(room, start + 16))
         ]
         for f in futures:
             f.result()

@@ -7,7 +7,7 @@ import pytest
 from downpour.rpc.server import streams_per_connection
 
 
-@pytest.mark.parametrize(("slots", "cap"), [(64, 16), (8, 4), (4, 2), (3, 1), (1, 1)])
+@pytest.mark.parametrize(("slots", "cap"), [(64, 32), (8, 4), (4, 2), (3, 1), (1, 1)])
 def test_the_default_stays_below_the_slots(slots, cap):
     assert streams_per_connection(0, slots) == cap
 

@@ -1,14 +1,16 @@
 """The server interceptors every downpour service runs, outermost first in ``Server``:
 
 client certificate names (mTLS), the bearer token (and its role's rights), metrics (counted and timed the way
-go-grpc-prometheus names them) and, innermost, a guard that answers INVALID_ARGUMENT to
-request bytes that do not decode.
+go-grpc-prometheus names them), the cap on one connection's calls and, innermost, a guard that
+answers INVALID_ARGUMENT to request bytes that do not decode.
 """
 
 from __future__ import annotations
 
 import hmac
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -257,5 +259,80 @@ class ClientNameInterceptor(grpc.ServerInterceptor):
                 return fn(request, context)
 
             return guarded
+
+        return _rewrap(handler, wrap)
+
+
+class ConnectionCapInterceptor(grpc.ServerInterceptor):
+    """At most ``cap`` calls of one client connection (``context.peer()``: its address and port)
+    in the service at once; one more is answered RESOURCE_EXHAUSTED at once and counted.
+
+    So that one connection holding open streams (Health/Watch, say) cannot take every one of
+    ``--max-concurrent-rpcs``. HTTP/2's own ``max_concurrent_streams`` does not do this well:
+    grpc-python's client sends calls over the advertised limit anyway, and the server refuses them
+    as REFUSED_STREAM (UNAVAILABLE), sometimes below the limit too, since a stream stays counted
+    for a moment after its call ended. Counting calls while their handler runs never refuses a
+    client that has ``cap`` calls or fewer open. ``Health/Check`` (probes) is never refused."""
+
+    def __init__(self, cap: int) -> None:
+        if cap < 1:
+            raise ValueError(f"the calls of one connection must be capped at 1 or more, not {cap}")
+        self._cap, self._open, self._lock = cap, Counter[str](), threading.Lock()
+
+    def _enter(self, peer: str) -> bool:
+        with self._lock:
+            if self._open[peer] >= self._cap:
+                return False
+            self._open[peer] += 1
+            return True
+
+    def _leave(self, peer: str) -> None:
+        with self._lock:
+            self._open[peer] -= 1
+            if self._open[peer] <= 0:
+                del self._open[peer]  # the table holds only connections with calls in the service
+
+    def open_calls(self) -> int:
+        with self._lock:
+            return sum(self._open.values())
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method == HEALTH_CHECK:
+            return handler
+        service, method = _split(handler_call_details.method)
+
+        def refuse(context: grpc.ServicerContext) -> None:
+            metrics.GRPC_CONNECTION_CAPPED.labels(service, method).inc()
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this connection already has {self._cap} calls in the service (--max-streams-per-connection); "
+                "wait for one to end or open another channel",
+            )
+
+        def wrap(fn: Callable) -> Callable:
+            if handler.response_streaming:
+
+                def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    peer = context.peer()
+                    if not self._enter(peer):
+                        refuse(context)
+                    try:
+                        yield from fn(request, context)
+                    finally:
+                        self._leave(peer)
+
+                return streaming
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                peer = context.peer()
+                if not self._enter(peer):
+                    refuse(context)
+                try:
+                    return fn(request, context)
+                finally:
+                    self._leave(peer)
+
+            return unary
 
         return _rewrap(handler, wrap)

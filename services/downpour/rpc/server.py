@@ -40,6 +40,7 @@ from downpour.rpc.channel import ChannelConfig, read_token
 from downpour.rpc.interceptors import (
     HEALTH_SERVICE,
     ClientNameInterceptor,
+    ConnectionCapInterceptor,
     DecodeGuardInterceptor,
     MetricsInterceptor,
     TokenAuthInterceptor,
@@ -89,7 +90,7 @@ class ServerConfig:
     metrics_port: int = 0  # 0: no /metrics endpoint
     max_message_bytes: int = 64 << 20
     max_concurrent_rpcs: int = 64
-    max_streams_per_connection: int = 0  # HTTP/2 concurrent streams one connection may open (0: default)
+    max_streams_per_connection: int = 0  # calls one connection may have in the service (0: default)
     max_workers: int = 16
     tls_cert: str = ""  # PEM server certificate chain; with tls_key enables TLS
     tls_key: str = ""
@@ -123,9 +124,9 @@ class ServerConfig:
             "--max-streams-per-connection",
             type=int,
             default=0,
-            help="calls one client connection may have open at once (HTTP/2 streams; more wait in the client); "
-            "below --max-concurrent-rpcs, so one connection cannot take every slot "
-            "(0: half of --max-concurrent-rpcs, at most 16)",
+            help="calls one client connection may have in the service at once; one more is refused "
+            "RESOURCE_EXHAUSTED; below --max-concurrent-rpcs, so one connection cannot take every slot "
+            "(0: half of --max-concurrent-rpcs)",
         )
         # Security comes from flags or, for every service at once, from DOWNPOUR_* variables.
         for flag, variable, help_text in _SECURITY_FLAGS:
@@ -157,11 +158,12 @@ class ServerConfig:
 
 
 def streams_per_connection(given: int, max_concurrent_rpcs: int) -> int:
-    """The HTTP/2 stream cap of one connection: ``given``, or by default half of the server's
-    concurrent-RPC slots (at most 16); it must stay below them, or one connection can hold them all."""
+    """The calls one connection may have in the service (``ConnectionCapInterceptor``): ``given``, or
+    by default half of the server's concurrent-RPC slots; it must stay below them, or one connection
+    could hold them all."""
     most = max(1, max_concurrent_rpcs - 1)
     if given == 0:
-        return max(1, min(16, max_concurrent_rpcs // 2))
+        return max(1, max_concurrent_rpcs // 2)
     if not 1 <= given <= most:
         raise SystemExit(
             f"--max-streams-per-connection {given}: must be between 1 and {most} "
@@ -179,7 +181,9 @@ class Server:
     def __init__(self, name: str, config: ServerConfig, interceptors: Iterable[grpc.ServerInterceptor] = ()) -> None:
         self.name = name
         self.config = config
-        chain: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
+        streams = config.max_streams_per_connection or streams_per_connection(0, config.max_concurrent_rpcs)
+        # counted (Metrics first), after the token: a caller without one is refused before it holds anything
+        chain: list[grpc.ServerInterceptor] = [MetricsInterceptor(), ConnectionCapInterceptor(streams)]
         if config.roles:  # per-role tokens: this service's own token is only what it sends
             chain.insert(0, TokenAuthInterceptor(roles=config.roles))
         elif config.token:  # one shared token with every right
@@ -188,13 +192,10 @@ class Server:
             chain.insert(0, ClientNameInterceptor(config.tls_client_names))
         chain.extend(interceptors)
         chain.append(DecodeGuardInterceptor())  # innermost: wraps the service's own deserialisers
-        streams = config.max_streams_per_connection or streams_per_connection(0, config.max_concurrent_rpcs)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max(config.max_workers, 4), thread_name_prefix=name),
             interceptors=chain,
-            # A client's streams beyond the cap wait in its own connection, not in the server's slots:
-            # one connection holding open streams (say, Health/Watch) cannot refuse everyone else.
-            options=[*grpc_options(config.max_message_bytes), ("grpc.max_concurrent_streams", streams)],
+            options=grpc_options(config.max_message_bytes),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         self._health = health.HealthServicer(experimental_non_blocking=True)
