@@ -38,9 +38,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 
 from downpour.paramserver import shared as shm
@@ -348,10 +349,19 @@ class ParamClient:
         return [s.list_blocks(pb.ListBlocksRequest(), timeout=self.timeout) for s in self.shards]
 
     def checkpoint(self, checkpoint_id: str) -> list[pb.CheckpointResponse]:
+        """Every shard writes its part. Waits for every shard's answer before raising: a caller that
+        cleans up a failed attempt must not delete the folder under a shard still writing into it
+        (that shard then failed with "No such file or directory", hiding the first one's reason).
+        Of several failures, a full disk (RESOURCE_EXHAUSTED) is the one raised."""
         futs = [
             self._pool.submit(s.checkpoint, pb.CheckpointRequest(checkpoint_id=checkpoint_id), timeout=self.timeout)
             for s in self.shards
         ]
+        wait(futs)
+        errors = [e for e in (f.exception() for f in futs) if e is not None]
+        if errors:
+            full = [e for e in errors if getattr(e, "code", lambda: None)() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+            raise (full or errors)[0]
         return [f.result() for f in futs]
 
     def restore(self, checkpoint_id: str) -> list[pb.RestoreResponse]:
