@@ -139,31 +139,59 @@ class Budgets:
 NO_BUDGETS = Budgets()  # the library's: whatever the caller asks of its own process
 
 
+class _Ticket:
+    """A place in the queue: ``granted`` once a slot is handed to it; ``event`` wakes its waiter."""
+
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event, self.granted = threading.Event(), False
+
+
 class Admission:
-    """At most ``running`` heavy queries at once and ``queued`` waiting, first come first served."""
+    """At most ``running`` heavy queries at once and ``queued`` waiting, first come first served.
+
+    A query that ends hands its slot straight to the head of the queue and wakes only that waiter
+    (waking every waiter on every end made 30 queued callers cost a third of the throughput)."""
 
     def __init__(self, running: int, queued: int) -> None:
         if running < 1 or queued < 0:
             raise ValueError(f"running={running} must be >= 1 and queued={queued} >= 0")
         self.running_max, self.queued_max = running, queued
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._running = 0
-        self._queue: deque[object] = deque()
+        self._queue: deque[_Ticket] = deque()
 
     def _publish(self) -> None:
         metrics.NEURONS_QUERIES_RUNNING.set(self._running)
         metrics.NEURONS_QUERIES_QUEUED.set(len(self._queue))
 
     def wake(self) -> None:
-        """Let the waiting queries look at their callers again (an RPC ended)."""
-        with self._cond:
-            self._cond.notify_all()
+        """Let every waiting query look at its caller again."""
+        with self._lock:
+            for t in self._queue:
+                t.event.set()
+
+    def _release(self) -> None:
+        with self._lock:
+            if self._queue:  # the slot passes to the head of the queue; the running count stays
+                head = self._queue.popleft()
+                head.granted = True
+                head.event.set()
+            else:
+                self._running -= 1
+            self._publish()
 
     @contextmanager
-    def slot(self, method: str, is_active: Callable[[], bool]) -> Iterator[None]:
+    def slot(
+        self, method: str, is_active: Callable[[], bool], on_end: Callable[[Callable[[], None]], object] | None = None
+    ) -> Iterator[None]:
         """Run the block in a slot: at once, after waiting in the queue, or not at all (``Busy``,
-        or ``cancel.Cancelled`` when the caller goes away while queued)."""
-        with self._cond:
+        or ``cancel.Cancelled`` when the caller goes away while queued). ``on_end`` (an RPC's
+        ``context.add_callback``) wakes this waiter when its call ends, so that it leaves the queue
+        at once rather than at its next look (every ``POLL_SECONDS``)."""
+        ticket = None
+        with self._lock:
             if self._running < self.running_max and not self._queue:
                 self._running += 1
             elif len(self._queue) >= self.queued_max:
@@ -174,26 +202,30 @@ class Admission:
                     f"{self.queued_max}); try again later"
                 )
             else:
-                ticket = object()
+                ticket = _Ticket()
                 self._queue.append(ticket)
-                self._publish()
-                try:
-                    while not (self._queue[0] is ticket and self._running < self.running_max):
-                        if not is_active():
-                            raise cancel.Cancelled(
-                                "the caller is gone (its deadline passed or it cancelled) while queued"
-                            )
-                        self._cond.wait(POLL_SECONDS)
-                finally:
-                    self._queue.remove(ticket)
-                    self._publish()
-                    self._cond.notify_all()  # the next in line may be at the head now
-                self._running += 1
             self._publish()
+        if ticket is not None:
+            if on_end is not None:
+                on_end(ticket.event.set)
+            self._wait(ticket, is_active)
         try:
             yield
         finally:
-            with self._cond:
-                self._running -= 1
+            self._release()
+
+    def _wait(self, ticket: _Ticket, is_active: Callable[[], bool]) -> None:
+        while True:
+            ticket.event.wait(POLL_SECONDS)
+            with self._lock:
+                if ticket.granted:
+                    break
+                ticket.event.clear()
+                if is_active():
+                    continue
+                self._queue.remove(ticket)
                 self._publish()
-                self._cond.notify_all()
+            raise cancel.Cancelled("the caller is gone (its deadline passed or it cancelled) while queued")
+        if not is_active():  # handed a slot just as its caller left: pass it on
+            self._release()
+            raise cancel.Cancelled("the caller is gone (its deadline passed or it cancelled) while queued")

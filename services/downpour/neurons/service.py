@@ -140,9 +140,8 @@ class Neurons(neurons_pb2_grpc.NeuronsServicer):
         )
 
     def _heavy(self, method: str, context):
-        """A slot for a heavy query (``limits.Admission``); a caller that leaves wakes the queue."""
-        context.add_callback(self.admission.wake)
-        return self.admission.slot(method, context.is_active)
+        """A slot for a heavy query (``limits.Admission``); a caller that leaves wakes its own place."""
+        return self.admission.slot(method, context.is_active, context.add_callback)
 
     @staticmethod
     def _fail(context, e: Exception) -> NoReturn:
