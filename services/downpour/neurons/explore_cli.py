@@ -20,18 +20,8 @@ from downpour import trained
 from downpour.client import NeuronsClient
 from downpour.neurons.access import add_access_arguments, is_loopback, session_token
 from downpour.neurons.explorer import ExplorerServer, print_url
+from downpour.neurons.source_args import parse_datasets
 from downpour.rpc.channel import add_channel_arguments, channel_config_from_args
-
-
-def parse_datasets(values: list[str]) -> dict[str, str]:
-    """``--dataset NAME=PATH`` flags as {name: path}; ValueError naming a malformed one."""
-    out = {}
-    for d in values:
-        name, sep, path = d.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--dataset {d!r} must be NAME=PATH")
-        out[name] = path
-    return out
 
 
 def add_explore_parser(subparsers):

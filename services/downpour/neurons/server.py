@@ -183,13 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is not None and not getattr(args, flag) >= 0:
             print(f"neurons: --{flag.replace('_', '-')} must be >= 0", file=sys.stderr)
             return 2
-    extra = {}
-    for d in args.dataset:
-        name, sep, path = d.partition("=")
-        if not sep or not name or not path:
-            print(f"neurons: --dataset {d!r} must be NAME=PATH", file=sys.stderr)
-            return 2
-        extra[name] = path
+    try:
+        extra = source_args.parse_datasets(args.dataset)
+    except ValueError as e:
+        print(f"neurons: {e}", file=sys.stderr)
+        return 2
     try:
         xp = devices.array_module(args.device)
     except devices.DeviceError as e:

@@ -104,3 +104,14 @@ def make_source(args: argparse.Namespace, xp: ModuleType = np) -> sources.Source
     if args.checkpoint_dir:
         return sources.CheckpointSource(args.checkpoint_dir, backend=backend, hold=args.hold_encoder)
     raise ValueError("no parameters: give --coordinator, --shards, --checkpoint-dir, --params or --random-seed")
+
+
+def parse_datasets(values: list[str]) -> dict[str, str]:
+    """``--dataset NAME=PATH`` flags as {name: path}; ValueError naming a malformed one."""
+    out = {}
+    for d in values:
+        name, sep, path = d.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--dataset {d!r} must be NAME=PATH")
+        out[name] = path
+    return out
