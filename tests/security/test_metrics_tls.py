@@ -53,3 +53,18 @@ def test_with_tls_alone_metrics_are_https_without_a_client_certificate(pki, proc
     ctx = ssl.create_default_context(cafile=pki["ca"])
     with urllib.request.urlopen(f"https://127.0.0.1:{p.metrics_port}/metrics", timeout=5, context=ctx) as r:
         assert b"downpour_service_ready" in r.read()
+
+
+def test_a_client_that_never_finishes_its_handshake_does_not_stall_metrics(pki, procs):
+    """The TLS handshake of /metrics used to run in the HTTP server's one accept loop: a client that
+    connected and sent nothing held every later scrape until it went away."""
+    import socket
+
+    good = ChannelConfig(ca=pki["ca"], cert=pki["cert"], key=pki["key"], token=pki["token"])
+    p = procs.serve("paramserver", *_tls_flags(pki, mutual=True), metrics=True, channel_config=good)
+    silent = [socket.create_connection(("127.0.0.1", p.metrics_port), timeout=5) for _ in range(3)]
+    try:
+        assert "downpour_service_ready" in fetch_metrics(p.metrics_port, good)
+    finally:
+        for s in silent:
+            s.close()

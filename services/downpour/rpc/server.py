@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
@@ -32,7 +33,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from downpour import metrics
 from downpour.rpc import rights
@@ -45,6 +45,7 @@ from downpour.rpc.interceptors import (
     MetricsInterceptor,
     TokenAuthInterceptor,
 )
+from downpour.rpc.metrics_http import serve_metrics, tls_context
 from downpour.rpc.options import grpc_options
 
 log = logging.getLogger("downpour.rpc")
@@ -221,14 +222,13 @@ class Server:
         ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
-    def _metrics_tls(self) -> dict[str, Any]:
+    def _metrics_tls(self) -> ssl.SSLContext | None:
         """/metrics over HTTPS with the service's own certificate when it serves TLS, and with a
         client certificate signed by --tls-client-ca required when that is set (mutual TLS)."""
         c = self.config
         if not (c.tls_cert and c.tls_key):
-            return {}
-        ca = c.tls_client_ca or None
-        return {"certfile": c.tls_cert, "keyfile": c.tls_key, "client_cafile": ca, "client_auth_required": bool(ca)}
+            return None
+        return tls_context(c.tls_cert, c.tls_key, c.tls_client_ca)
 
     def start(self, install_signal_handlers: bool = True) -> int:
         """Bind, start serving (health NOT_SERVING) and return the bound port."""
@@ -246,7 +246,7 @@ class Server:
         if self.config.metrics_port:
             try:
                 # on the service's own address: --host 127.0.0.1 keeps /metrics off other machines too
-                start_http_server(self.config.metrics_port, addr=self.config.host, **self._metrics_tls())
+                serve_metrics(self.config.host, self.config.metrics_port, self._metrics_tls())
             except OSError as e:
                 raise RuntimeError(f"{self.name}: cannot bind metrics port {self.config.metrics_port}: {e}") from None
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
