@@ -234,6 +234,15 @@ def serving(address: str, channel_config: ChannelConfig | None = None) -> bool:
         return False
 
 
+def status_code(fn: Callable[[], object]) -> grpc.StatusCode:
+    """The status ``fn()`` (one RPC) ends with: OK, or the code of the RpcError it raised."""
+    try:
+        fn()
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
 def metric_value(text: str, name: str, **labels: str) -> float | None:
     """The sum of the samples of ``name`` whose labels include ``labels``, in Prometheus exposition
     ``text``; None when there is no such sample."""

@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from downpour import memshapes
+from downpour import hostmem, memshapes
 from downpour.paramserver.client import balanced_placement
 
 MiB = 1 << 20
@@ -244,30 +244,10 @@ def machine_memory(override: str = "") -> tuple[int, str]:
     """
     if override:
         return parse_bytes(override), "--memory"
-    best, where = None, ""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    best, where = int(line.split()[1]) * 1024, "available memory (/proc/meminfo)"
-    except OSError:
-        pass
-    for lim, cur in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            with open(lim, encoding="ascii") as f:
-                text = f.read().strip()
-            if text == "max":
-                continue
-            limit = int(text)
-            with open(cur, encoding="ascii") as f:
-                used = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit < (1 << 60) and (best is None or limit - used < best):
-            best, where = max(0, limit - used), f"the cgroup memory limit ({_fmt(limit)})"
+    best, where = hostmem.meminfo("MemAvailable"), "available memory (/proc/meminfo)"
+    cg = hostmem.cgroup_memory()
+    if cg is not None and (best is None or cg[0] - cg[1] < best):
+        best, where = max(0, cg[0] - cg[1]), f"the cgroup memory limit ({_fmt(cg[0])})"
     if best is None:
         raise OSError("cannot tell how much memory this machine has (no /proc/meminfo); give --memory")
     return best, where

@@ -60,14 +60,6 @@ def _metric(service, name, **labels):
     return service.metric(name, **labels) or 0.0
 
 
-def _code(fn):
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
-
-
 def test_mutual_tls_and_token_let_in_only_the_right_clients_and_count_the_rest(pki, procs):
     args = [
         "--tls-cert",
@@ -96,7 +88,7 @@ def test_mutual_tls_and_token_let_in_only_the_right_clients_and_count_the_rest(p
     }
     for what, cfg in cases.items():
         with open_channel(addr, cfg) as ch:
-            assert _code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED, what
+            assert harness.status_code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED, what
     name = "downpour_grpc_unauthenticated_total"
     assert _metric(p, name, reason="missing_token") >= 1
     assert _metric(p, name, reason="bad_token") >= 2
@@ -111,9 +103,9 @@ def test_mutual_tls_and_token_let_in_only_the_right_clients_and_count_the_rest(p
         "no client certificate": ChannelConfig(ca=pki["ca"], token=pki["token"]),
     }.items():
         with open_channel(addr, cfg) as ch:
-            assert _code(lambda: _list_blocks(ch, 3)) == grpc.StatusCode.UNAVAILABLE, what
+            assert harness.status_code(lambda: _list_blocks(ch, 3)) == grpc.StatusCode.UNAVAILABLE, what
     with grpc.insecure_channel(addr) as ch:
-        assert _code(lambda: _list_blocks(ch, 3)) == grpc.StatusCode.UNAVAILABLE
+        assert harness.status_code(lambda: _list_blocks(ch, 3)) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_token_without_tls_is_checked_too(pki, procs):
@@ -122,7 +114,7 @@ def test_token_without_tls_is_checked_too(pki, procs):
     with open_channel(addr, ChannelConfig(token=pki["token"])) as ch:
         _list_blocks(ch)
     with grpc.insecure_channel(addr) as ch:
-        assert _code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED
+        assert harness.status_code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED
     assert _metric(p, "downpour_grpc_unauthenticated_total", reason="missing_token") == 1
 
 
@@ -147,7 +139,7 @@ def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
         call = ch.unary_unary(
             "/downpour.v1.DataFeeder/DatasetInfo", request_serializer=None, response_deserializer=None
         )
-        assert _code(lambda: call(raw, timeout=10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert harness.status_code(lambda: call(raw, timeout=10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         # More concurrent calls than allowed: open streams that stay open, then one more. Each on
         # its own connection: one connection may hold only --max-streams-per-connection of them.
         stub = feeder_pb2_grpc.DataFeederStub(ch)
@@ -156,7 +148,7 @@ def test_message_size_and_concurrency_limits_answer_resource_exhausted(procs):
         streams = [feeder_pb2_grpc.DataFeederStub(c).StreamBatches(req, timeout=30) for c in conns]
         for s in streams:
             next(s)
-        info = lambda: _code(lambda: stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=5))
+        info = lambda: harness.status_code(lambda: stub.DatasetInfo(feeder_pb2.DatasetInfoRequest(), timeout=5))
         harness.wait_for(lambda: info() == grpc.StatusCode.RESOURCE_EXHAUSTED, 10, "a call over the limit refused")
         for s in streams:
             s.cancel()
@@ -231,11 +223,11 @@ def test_only_health_check_is_open_without_the_token(pki, procs):
     with open_channel(s.address) as ch:
         assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status == serving
         for _ in range(8):  # more than the slots: each is refused at once, none holds one
-            assert _code(lambda: _watch_first(ch)) == grpc.StatusCode.UNAUTHENTICATED
+            assert harness.status_code(lambda: _watch_first(ch)) == grpc.StatusCode.UNAUTHENTICATED
         assert _watch_first(ch, metadata=(("authorization", f"Bearer {pki['token']}"),)) == serving
-        assert _code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED
+        assert harness.status_code(lambda: _list_blocks(ch)) == grpc.StatusCode.UNAUTHENTICATED
     with open_channel(s.address, ChannelConfig(token=pki["token"])) as ch:
-        assert _code(lambda: _list_blocks(ch)) == grpc.StatusCode.OK
+        assert harness.status_code(lambda: _list_blocks(ch)) == grpc.StatusCode.OK
     assert (
         _metric(s, "downpour_grpc_unauthenticated_total", grpc_service="grpc.health.v1.Health", grpc_method="Watch")
         == 8

@@ -30,14 +30,6 @@ PS = "/downpour.v1.ParameterServer/"
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
-def _code(fn):
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
-
-
 def _unary(ch, method, request, response_type, timeout=10.0):
     call = ch.unary_unary(method, request_serializer=type(request).SerializeToString,
                           response_deserializer=response_type.FromString)  # fmt: skip
@@ -92,23 +84,23 @@ def test_a_shard_lets_each_role_call_only_its_rights_and_counts_the_rest(tmp_pat
     with open_channel(p.address, ChannelConfig(token=token["neurons"])) as ch:
         calls = _shard_calls(ch)
         for name in WRITES:
-            assert _code(calls[name]) == DENIED, name
-        assert _code(calls["ListBlocks"]) == grpc.StatusCode.OK
-        assert _code(calls["Pull"]) == grpc.StatusCode.OK
+            assert harness.status_code(calls[name]) == DENIED, name
+        assert harness.status_code(calls["ListBlocks"]) == grpc.StatusCode.OK
+        assert harness.status_code(calls["Pull"]) == grpc.StatusCode.OK
     with ParamClient([p.address], placement={"w": 0}, channel_config=ChannelConfig(token=token["neurons"])) as c:
         np.testing.assert_array_equal(c.pull(["w"])["w"], np.ones(8, np.float32))  # the neurons role reads
     for role in ("reader", "feeder", "paramserver"):
         with open_channel(p.address, ChannelConfig(token=token[role])) as ch:
             for name, call in _shard_calls(ch).items():
-                assert _code(call) == DENIED, (role, name)
+                assert harness.status_code(call) == DENIED, (role, name)
     with open_channel(p.address, ChannelConfig(token=token["worker"])) as ch:
         calls = _shard_calls(ch)
         for name in ("InitBlocks", "Restore", "SetOptimizer", "Checkpoint", "CreateBlocks"):
-            assert _code(calls[name]) == DENIED, ("worker", name)
-        assert _code(calls["Pull"]) == grpc.StatusCode.OK
+            assert harness.status_code(calls[name]) == DENIED, ("worker", name)
+        assert harness.status_code(calls["Pull"]) == grpc.StatusCode.OK
     # a token of no role is still unauthenticated, not merely denied
     with open_channel(p.address, ChannelConfig(token=token["admin"] + "x")) as ch:
-        assert _code(_shard_calls(ch)["ListBlocks"]) == grpc.StatusCode.UNAUTHENTICATED
+        assert harness.status_code(_shard_calls(ch)["ListBlocks"]) == grpc.StatusCode.UNAUTHENTICATED
     name = "downpour_grpc_permission_denied_total"
     assert p.metric(name, role="neurons", grpc_method="InitBlocks") == 1
     assert p.metric(name, role="neurons") == len(WRITES)
@@ -142,9 +134,9 @@ def test_in_a_secure_cluster_each_child_holds_only_its_role(tmp_path, procs):
     with open_channel(cl["paramserver-0"]["address"], cfg(neurons_token)) as ch:
         calls = _shard_calls(ch)
         for name in WRITES:
-            assert _code(calls[name]) == DENIED, name
-        assert _code(calls["ListBlocks"]) == grpc.StatusCode.OK
-        assert _code(calls["Pull"]) == grpc.StatusCode.OK
+            assert harness.status_code(calls[name]) == DENIED, name
+        assert harness.status_code(calls["ListBlocks"]) == grpc.StatusCode.OK
+        assert harness.status_code(calls["Pull"]) == grpc.StatusCode.OK
     assert neurons_token != worker_token
     # A worker cannot checkpoint the job or list its checkpoints.
     coord = cl["coordinator"]["address"]
@@ -154,8 +146,8 @@ def test_in_a_secure_cluster_each_child_holds_only_its_role(tmp_path, procs):
                                 cpb.CreateCheckpointResponse, 60)  # fmt: skip
         listing = lambda: _unary(ch, "/downpour.v1.Coordinator/ListCheckpoints", cpb.ListCheckpointsRequest(),
                                  cpb.ListCheckpointsResponse)  # fmt: skip
-        assert _code(create) == DENIED
-        assert _code(listing) == DENIED
+        assert harness.status_code(create) == DENIED
+        assert harness.status_code(listing) == DENIED
     # A reader queries the neurons service, and nothing else.
     reader_token = read_token(str(tls / "token-reader"))
     assert oct((tls / "token-reader").stat().st_mode & 0o777) == "0o600"
@@ -167,11 +159,11 @@ def test_in_a_secure_cluster_each_child_holds_only_its_role(tmp_path, procs):
         assert layers
     with open_channel(coord, cfg(reader_token)) as ch:
         status = lambda: _unary(ch, "/downpour.v1.Coordinator/JobStatus", cpb.JobStatusRequest(), cpb.JobStatusResponse)
-        assert _code(status) == DENIED
+        assert harness.status_code(status) == DENIED
     for shard in ("paramserver-0", "paramserver-1"):
         with open_channel(cl[shard]["address"], cfg(reader_token)) as ch:
             for name, call in _shard_calls(ch).items():
-                assert _code(call) == DENIED, (shard, name)
+                assert harness.status_code(call) == DENIED, (shard, name)
     # The launcher (admin) still may, and the run trained on meanwhile.
     admin = cfg(read_token(str(tls / "token-admin")))
     with open_channel(coord, admin) as ch:

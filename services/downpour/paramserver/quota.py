@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import threading
 
+from downpour import hostmem
+
 BYTES_PER_VALUE = 8  # a block's float32 weight and its float32 optimizer accumulator
 DEFAULT_MAX_BLOCKS = 1 << 20  # blocks per shard; each costs a few hundred bytes of bookkeeping besides its values
 _FALLBACK = 16 << 30  # where the machine's memory cannot be read
@@ -21,23 +23,9 @@ _FALLBACK = 16 << 30  # where the machine's memory cannot be read
 
 def machine_bytes() -> int:
     """This machine's memory: MemTotal, or the cgroup memory limit where that is smaller."""
-    best = _FALLBACK
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    best = int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path, encoding="ascii") as f:
-                text = f.read().strip()
-            if text != "max" and int(text) < best:
-                best = int(text)
-        except (OSError, ValueError):
-            continue
-    return best
+    best = hostmem.meminfo("MemTotal") or _FALLBACK
+    cg = hostmem.cgroup_memory()
+    return min(best, cg[0]) if cg is not None else best
 
 
 def default_store_bytes() -> int:

@@ -161,15 +161,16 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return _rewrap(handler, wrap)
 
 
-def _deny(handler: grpc.RpcMethodHandler, method: str, reason: str, message: str) -> grpc.RpcMethodHandler:
-    """A handler that answers UNAUTHENTICATED (and counts it) instead of running the RPC."""
-    service, name = _split(method)
+def _refuse(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, count: Callable[[], None]
+) -> grpc.RpcMethodHandler:
+    """A handler that counts (``count``) and answers ``code`` instead of running the RPC."""
 
-    def deny(request: Any, context: grpc.ServicerContext) -> Any:
-        metrics.GRPC_UNAUTHENTICATED.labels(service, name, reason).inc()
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        count()
+        context.abort(code, message)
 
-    return _rewrap(handler, lambda fn: deny)
+    return _rewrap(handler, lambda fn: refuse)
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
@@ -210,22 +211,21 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        if role is not None:
-            return _forbid(handler, method, role)
+        service, name = _split(method)
+        if role is not None:  # a valid token of a role the rights table does not let call this
+            return _refuse(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"role {role!r} may not call {method}",
+                metrics.GRPC_PERMISSION_DENIED.labels(service, name, role).inc,
+            )
         reason = "bad_token" if present else "missing_token"
-        return _deny(handler, method, reason, "missing or invalid bearer token")
-
-
-def _forbid(handler: grpc.RpcMethodHandler, method: str, role: str) -> grpc.RpcMethodHandler:
-    """A handler that answers PERMISSION_DENIED (and counts it): a valid token of a role that the
-    rights table does not let call ``method``."""
-    service, name = _split(method)
-
-    def forbid(request: Any, context: grpc.ServicerContext) -> Any:
-        metrics.GRPC_PERMISSION_DENIED.labels(service, name, role).inc()
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} may not call {method}")
-
-    return _rewrap(handler, lambda fn: forbid)
+        return _refuse(
+            handler,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or invalid bearer token",
+            metrics.GRPC_UNAUTHENTICATED.labels(service, name, reason).inc,
+        )
 
 
 class ClientNameInterceptor(grpc.ServerInterceptor):
