@@ -13,6 +13,7 @@ The model is a preset name, optionally replaced by a full ``model:`` mapping
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -41,6 +42,10 @@ class JobConfig:
     shards: int = 2
     partitions: str = "1x1"  # RxC spatial grid per replica
     steps: int = 300  # minibatch steps per replica
+    # A wall-clock budget for training, in seconds (0: none): counted from the job's first reported
+    # step (the cluster's start-up does not count), the job ends when it runs out as when every
+    # replica reaches ``steps``, which stays the upper bound.
+    max_seconds: float = 0.0
     batch_size: int = 32
     n_fetch: int = 1  # pull parameters every n_fetch steps
     n_push: int = 1  # push accumulated gradients every n_push steps
@@ -212,6 +217,8 @@ def validate(cfg: JobConfig) -> None:
     ):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if not (cfg.max_seconds >= 0 and math.isfinite(cfg.max_seconds)):
+        raise ValueError(f"max_seconds={cfg.max_seconds} must be a finite number of seconds >= 0 (0: no time budget)")
     if cfg.warm_start < 0:
         raise ValueError(f"warm_start={cfg.warm_start} must be >= 0")
     if cfg.head_only_steps < 0:

@@ -6,11 +6,13 @@ import json
 import os
 import signal
 import socket
+import time
 
 import numpy as np
 import pytest
 
 import harness
+from downpour import checkpoint as cks
 from downpour import config as jobconfig
 from downpour.client import NeuronsClient
 from downpour.up import cluster as upmod
@@ -108,6 +110,27 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_job_reaches_its_step_count(
         if "replica 1 partition 0: training from step" in line
     ]
     assert max(starts) >= killed_at, starts
+
+
+def test_a_time_budget_ends_the_job_short_of_its_steps_with_a_final_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    args = ["--preset", "tiny", "--replicas", "2", "--shards", "1", "--steps", "100000", "--max-seconds", "4"]
+    r = up([*args, "--no-neurons"], out)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert took < 90, took  # start-up, 4 s of training, the last checkpoint and the stop
+    final = history(out)["final"]
+    assert final["ended_by"] == "time_budget"
+    # the budget counts training only, and the end is seen within a tick of the checkpoint thread
+    assert 4.0 <= final["training_seconds"] < 6.0, final
+    manifest = cks.newest_valid(str(out / "checkpoints"))
+    assert manifest is not None, "no valid final checkpoint"
+    assert 0 < final["end_step"] <= manifest["step"] < 100000
+    # every replica's reached step: the steps it took until it was told to stop, as reported last
+    assert manifest["replica_steps"] == [rep["step"] for rep in final["replicas"]]
+    assert manifest["step"] == min(manifest["replica_steps"]) == final["step"]
+    assert jobconfig.from_yaml(manifest["config"]).max_seconds == 4.0
 
 
 def test_resume_continues_the_step_count_from_the_checkpoint(tmp_path, initial_loss):

@@ -15,7 +15,8 @@ files only: a folder holding anything else stays).
 ``tick`` is one pass of the checkpoint thread: a checkpoint every
 ``checkpoint_every`` steps per replica (counted over all replicas together,
 so a stalled replica does not hold them back), and the last one when the job
-reaches its step count. A failed checkpoint is retried with exponential
+is done (its step count reached or its time budget spent, once its replicas
+have stopped: ``JobState.settled``). A failed checkpoint is retried with exponential
 backoff while training goes on; the final one is tried
 ``FINAL_CHECKPOINT_ATTEMPTS`` times, then the job is FAILED with the reason.
 """
@@ -193,11 +194,15 @@ class CheckpointManager:
             return
         try:
             if self.state.done:
-                if not self.succeeded:
-                    if not self.state.checkpoints or self.state.checkpoints[-1].step < self.state.step:
+                # after a time-budget end, once the replicas have stopped (``JobState.settled``)
+                if not self.succeeded and self.state.settled():
+                    newest = self.state.checkpoints[-1] if self.state.checkpoints else None
+                    with self.state.lock:
+                        replica_steps = [p.step for p in self.state.progress]
+                    if newest is None or newest.replica_steps != replica_steps:
                         self.checkpoint()
                     self.succeeded = True
-                    log.info("job complete at step %d", self.state.step)
+                    log.info("job complete at step %d (%s)", self.state.step, self.state.ending.reason)
                 return
             if self._total() >= self._last + self.cfg.checkpoint_every * self.cfg.replicas:
                 self._last = sum(self.checkpoint().replica_steps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from downpour import config as jobconfig
 from downpour import metrics, optim, scalars
+from downpour.coordinator.ending import STEPS, TIME_BUDGET
 from downpour.coordinator.state import Checkpoint
 from downpour.v1 import common_pb2
 from downpour.v1 import coordinator_pb2 as pb
@@ -30,7 +31,12 @@ def job_spec(c: jobconfig.JobConfig, job_id: str, num_shards: int, checkpoint_di
         checkpoint_dir=checkpoint_dir,
         checkpoint_every_steps=c.checkpoint_every,
         seed=c.seed,
+        max_seconds=c.max_seconds,
     )
+
+
+# ``ending``'s reasons on the wire
+END_REASONS = {STEPS: pb.END_REASON_STEPS, TIME_BUDGET: pb.END_REASON_TIME_BUDGET}
 
 
 def checkpoint_info(ck: Checkpoint) -> pb.CheckpointInfo:

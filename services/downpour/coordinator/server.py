@@ -133,7 +133,7 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
         self.supervisor.run(self._stop, lambda: self._connect(timeout=60), self.shard_check_seconds)
 
     def background(self) -> None:
-        """Periodic checkpoints, and the last one when the job reaches its step count (see ``manager``)."""
+        """Periodic checkpoints, and the last one when the job is done (see ``manager``)."""
         self.manager.run(self._stop)
 
     def start_background(self) -> None:
@@ -295,6 +295,9 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
                 last_checkpoint_id=st.checkpoints[-1].checkpoint_id if st.checkpoints else "",
                 examples_per_second=st.examples_per_second(),
                 message=self.failed,
+                end_reason=messages.END_REASONS[st.ending.reason] if st.done else pb.END_REASON_UNSPECIFIED,
+                end_step=st.ending.step,
+                training_seconds=st.training_seconds(),
             )
             for (r, p), s in sorted(st.slots.items()):
                 resp.slots.add(

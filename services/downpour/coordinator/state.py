@@ -16,6 +16,13 @@ secret key when it first registers; every later call for that member_id must
 carry it (``authorize``): nobody else can report for, renew, deregister or
 take over another member. The keys are saved with the state, so the members
 of a re-adopted cluster keep theirs.
+
+The job is ``done`` when every replica has reached ``steps`` or when its
+wall-clock budget ``max_seconds`` (counted from the first reported step) has
+run out, whichever comes first (``ending``); the end is latched and saved. On a
+time-budget end the replicas stop wherever they are: ``settled`` says when
+every slot's holder has made its last report (or a lease has passed), so that
+the final checkpoint records the steps the shards really hold.
 """
 
 from __future__ import annotations
@@ -28,59 +35,15 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from downpour import metrics, scalars
 from downpour.checkpoint.files import atomic_write
 from downpour.config import JobConfig, from_yaml
+from downpour.coordinator.ending import TIME_BUDGET, Ending
+from downpour.coordinator.records import Checkpoint, Member, MemberKeyError, ReplicaProgress, Slot, TooManyMembers
 
 log = logging.getLogger("downpour.coordinator")
-
-
-@dataclass
-class Slot:
-    replica: int
-    partition: int
-    member_id: str = ""
-    address: str = ""
-    lease_until: float = 0.0
-    last_heartbeat: float = 0.0
-
-
-@dataclass
-class ReplicaProgress:
-    step: int = 0
-    loss: float = float("nan")
-    examples: int = 0
-
-
-@dataclass
-class Checkpoint:
-    checkpoint_id: str
-    step: int
-    manifest_path: str
-    replica_steps: list[int]
-    shards: list[dict]
-    created: float
-
-
-@dataclass
-class Member:
-    member_id: str
-    address: str
-    replica: int = -1  # -1: a spare waiting for a slot
-    partition: int = -1
-    lease_until: float = 0.0
-    generation: int = 0
-    key: str = ""  # the member's secret (an adopted state of an older coordinator may have none)
-
-
-class MemberKeyError(Exception):
-    """A call for a member without that member's key."""
-
-
-class TooManyMembers(Exception):
-    """A new member beyond the job's slots plus MAX_SPARES live spares."""
 
 
 # Members beyond the job's slots (spares, and members whose lease ran out): every Register with a
@@ -89,9 +52,10 @@ MAX_SPARES = 1024
 
 
 class JobState:
-    def __init__(self, cfg: JobConfig, state_dir: str | None = None, clock=time.monotonic):
+    def __init__(self, cfg: JobConfig, state_dir: str | None = None, clock=time.monotonic, wall=time.time):
         self.cfg = cfg
-        self.clock = clock
+        self.clock = clock  # leases and waits: monotonic
+        self.wall = wall  # the training clock (``ending``): wall time, which means the same after a restart
         self.state_dir = state_dir
         self.lock = threading.RLock()
         rows, cols = cfg.grid()
@@ -113,6 +77,9 @@ class JobState:
         self.started = time.time()
         self.initialized = False  # parameters created or restored on the shards
         self.stopped = False
+        self.ending = Ending()  # the training clock and, once ended, why and at which step
+        self._end_clock = 0.0  # self.clock() when the end was seen (here: a restart starts it again)
+        self._last_reports: set[tuple[int, int]] = set()  # slots whose holder has reported since the end
         self._examples_window: list[tuple[float, int]] = []
 
     # ------------------------------------------------------------- membership
@@ -251,9 +218,15 @@ class JobState:
                 if step > pr.step:
                     pr.examples += examples
                     self._examples_window.append((time.time(), examples))
+                    if self.ending.start(self.wall()):  # the budget counts from the first step reported
+                        self._save()
                 pr.step = max(pr.step, step)
                 pr.loss = sum(self.slot_loss.get((m.replica, p), 0.0) for p in range(self.partitions))
-            return not self.done
+            if self.done:
+                # the answer stops the worker: what it reported is all it pushed (it flushes first)
+                self._last_reports.add((m.replica, m.partition))
+                return False
+            return True
 
     def replica_scalars(self, replica: int) -> dict[str, float]:
         """One replica's latest scalars, its partitions' combined (``scalars.combine``)."""
@@ -267,7 +240,42 @@ class JobState:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.cfg.steps
+        """Whether the job's training has ended (``ending``): latched, and saved when it ends."""
+        with self.lock:
+            if self.ending.check(self.step, self.cfg.steps, self.cfg.max_seconds, self.wall()):
+                self._end_clock = self.clock()
+                log.info(
+                    "training ended (%s) at step %d after %.1f s",
+                    self.ending.reason,
+                    self.ending.step,
+                    self.ending.seconds(self.wall()),
+                )
+                self._save()
+            return bool(self.ending.reason)
+
+    def settled(self) -> bool:
+        """Whether the final checkpoint may be taken: the job is done and nothing is still stepping.
+
+        Replicas that reached ``steps`` stopped by themselves. After a time-budget end every slot's
+        holder is told to stop in the answer to its next report (or heartbeat: then it makes one
+        last report), so this waits until each has made that report, its lease has run out or one
+        lease has passed since the end: the checkpoint then records every replica's reached step."""
+        with self.lock:
+            if not self.done:
+                return False
+            if self.ending.reason != TIME_BUDGET:
+                return True
+            now = self.clock()
+            if now - self._end_clock >= self.cfg.lease_seconds:
+                return True
+            return all(
+                not s.member_id or s.lease_until < now or key in self._last_reports for key, s in self.slots.items()
+            )
+
+    def training_seconds(self) -> float:
+        """Seconds of training so far (or until the end): from the first reported step."""
+        with self.lock:
+            return self.ending.seconds(self.wall())
 
     def examples_per_second(self, window: float = 10.0) -> float:
         with self.lock:
@@ -313,6 +321,7 @@ class JobState:
             "replica_start": self.replica_start,
             "initialized": self.initialized,
             "started": self.started,
+            "ending": self.ending.to_json(),
             "slots": [dict(asdict(s), lease_until=s.lease_until + wall_offset) for s in self.slots.values()],
             "members": [dict(asdict(m), lease_until=m.lease_until + wall_offset) for m in self.members.values()],
             "progress": [asdict(p) for p in self.progress],
@@ -336,14 +345,14 @@ class JobState:
             self._save()
 
     @classmethod
-    def load(cls, state_dir: str, clock=time.monotonic) -> JobState | None:
+    def load(cls, state_dir: str, clock=time.monotonic, wall=time.time) -> JobState | None:
         """The state a previous coordinator left in ``state_dir``, or None."""
         path = os.path.join(state_dir, "state.json")
         if not os.path.exists(path):
             return None
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        st = cls(from_yaml(d["config"]), state_dir, clock)
+        st = cls(from_yaml(d["config"]), state_dir, clock, wall)
         offset = st.clock() - time.time()
         # Leases restart from now: the workers get a full lease to find us again.
         grace = st.clock() + st.cfg.lease_seconds
@@ -351,6 +360,8 @@ class JobState:
         st.replica_generation = d.get("replica_generation", st.replica_generation)
         st.replica_start = d.get("replica_start", st.replica_start)
         st.initialized, st.started = d["initialized"], d["started"]
+        st.ending = Ending.from_json(d.get("ending"))  # the budget goes on counting; an end stays
+        st._end_clock = st.clock()
         for s in d["slots"]:
             slot = Slot(**dict(s, lease_until=max(s["lease_until"] + offset, grace) if s["member_id"] else 0.0))
             st.slots[(slot.replica, slot.partition)] = slot

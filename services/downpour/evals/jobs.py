@@ -55,12 +55,15 @@ def train_job(
     eps: float = DEFAULT_EPS,
     seed: int = 0,
     init_from: str = "",
+    max_seconds: float = 0.0,
     settings: dict | None = None,
     log=None,
 ) -> TrainResult:
     """Train ``spec`` on ``x`` (TICA) or on ``x, y`` (supervised, ``spec.classes`` > 0) with a
-    ``downpour up`` cluster; ``steps`` per replica; ``settings``: further job settings
-    (e.g. ``head_only_steps``). Returns the last checkpoint's parameters."""
+    ``downpour up`` cluster; ``steps`` per replica, or fewer when ``max_seconds`` (> 0: a
+    wall-clock training budget, as the job setting) runs out first; ``settings``: further job
+    settings (e.g. ``head_only_steps``). Returns the last checkpoint's parameters, with its step
+    (the job's step at its end, ``steps`` or where the budget stopped it)."""
     os.makedirs(run_dir, exist_ok=True)
     data = os.path.join(run_dir, "data.npz")
     arrays: dict[str, Any] = {"x": np.ascontiguousarray(x, np.float32)}
@@ -77,6 +80,7 @@ def train_job(
             "replicas": replicas,
             "shards": shards,
             "steps": steps,
+            "max_seconds": max_seconds,
             "batch_size": batch_size,
             "seed": seed,
             "checkpoint_every": steps,
@@ -87,7 +91,9 @@ def train_job(
     )
     if log is not None:
         log(
-            f"  downpour up: {replicas} replicas x {steps} steps, {shards} shards"
+            f"  downpour up: {replicas} replicas x {steps} steps"
+            + (f" or {max_seconds:g} s of training" if max_seconds else "")
+            + f", {shards} shards"
             + (f", starting from {init_from}" if init_from else "")
             + f"; run folder {run_dir}"
         )

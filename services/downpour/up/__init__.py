@@ -6,8 +6,9 @@ workers and the neurons service (the live parameters, re-pulled every 5 s, for
 <role>`` process on free ports; waits for their health checks; shows the
 training progress per replica; restarts a child that dies (a killed worker's
 slot is taken by its replacement, which resumes the replica's step); and when
-the job reaches its step count, or on Ctrl-C, takes a last checkpoint and stops
-every child with SIGTERM.
+the job reaches its step count or its time budget (``--max-seconds``) runs out
+(the coordinator then takes the last checkpoint), or on Ctrl-C (a last
+checkpoint asked for here), stops every child with SIGTERM.
 
 The run directory (``--out``) gets the job spec (``job.yaml``), the
 checkpoints, every child's log, ``metrics.json`` (loss and examples/s per

@@ -25,6 +25,15 @@ def add_up_parser(subparsers: Any) -> argparse.ArgumentParser:
     jobflags.add_layout_flags(
         u, ("replicas", "shards", "partitions", "steps", "batch_size"), notes={"replicas": " (data parallelism)"}
     )
+    # Not a layout flag (jobflags.LAYOUT_FLAGS are shared with ``downpour model --plan``, where a
+    # time budget means nothing): the job's max_seconds, for ``up`` alone.
+    u.add_argument(
+        "--max-seconds",
+        type=float,
+        metavar="S",
+        help="train for at most S wall-clock seconds, counted from the first step (start-up does not "
+        "count); the job then ends as at --steps, which stays the upper bound. 0: no limit",
+    )
     u.add_argument("--data", help="'default' (bundled), a folder of images, .npy/.npz or IDX")
     u.add_argument(
         "--init-from",
@@ -67,7 +76,19 @@ def add_status_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     overrides = jobflags.overrides(
-        args, ("preset", "replicas", "shards", "steps", "data", "partitions", "batch_size", "init_from", "device")
+        args,
+        (
+            "preset",
+            "replicas",
+            "shards",
+            "steps",
+            "max_seconds",
+            "data",
+            "partitions",
+            "batch_size",
+            "init_from",
+            "device",
+        ),
     )
     if args.resume:
         # Continue a run: its own job spec, flags on top (e.g. more --steps).
@@ -101,6 +122,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         f"job {st.job.job_id}: {coordinator_pb2.JobState.Name(st.state)}, step {st.step}/{st.job.max_steps}, "
         f"{st.examples_per_second:.0f} examples/s, last checkpoint {st.last_checkpoint_id or '-'}"
     )
+    budget = ending_line(st)
+    if budget:
+        print(budget)
     if st.message:
         print(f"why: {st.message}")
     print("shards: " + ", ".join(st.shard_addresses))
@@ -114,6 +138,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for line in objective_lines(st):
         print(line)
     return 0
+
+
+def ending_line(st: coordinator_pb2.JobStatusResponse) -> str:
+    """How the training ended (its step count or its time budget, and at which step), or how much of
+    its time budget it has used; empty for a job without a budget that has not ended."""
+    limit = st.job.max_seconds
+    if st.end_reason == coordinator_pb2.END_REASON_TIME_BUDGET:
+        return f"ended on its time budget ({limit:g} s of training) at step {st.end_step}"
+    if st.end_reason == coordinator_pb2.END_REASON_STEPS:
+        return f"ended at its step count, step {st.end_step}, after {st.training_seconds:.1f} s of training"
+    if limit > 0:
+        return f"time budget: {st.training_seconds:.1f} s of {limit:g} s of training used"
+    return ""
 
 
 def objective_lines(st: coordinator_pb2.JobStatusResponse) -> list[str]:

@@ -43,18 +43,19 @@ class Display:
     def tell(self, *a: Any, **kw: Any) -> None:
         self.console.print(*a, **kw)
 
-    def progress(self, replicas: int, steps: int) -> Bars:
-        return Bars(self.console, replicas, steps, disable=self.quiet)
+    def progress(self, replicas: int, steps: int, max_seconds: float = 0.0) -> Bars:
+        return Bars(self.console, replicas, steps, disable=self.quiet, max_seconds=max_seconds)
 
 
 class Bars:
     """One progress bar per replica (a context manager: the bars are drawn while inside it)."""
 
-    def __init__(self, console: Any, replicas: int, steps: int, disable: bool) -> None:
+    def __init__(self, console: Any, replicas: int, steps: int, disable: bool, max_seconds: float = 0.0) -> None:
         # rich.progress: see Display for why it is imported here
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415 - as Console
 
         self.steps = steps
+        self.max_seconds = max_seconds  # a time budget: the bars also show how much of it is used
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -74,8 +75,9 @@ class Bars:
         self._progress.__exit__(*exc)
 
     def update(self, snap: dict[str, Any]) -> None:
-        """Each replica's step, loss (and stage 1's sparsity/reconstruction ratio, when reported) and
-        the job's examples/s from one status snapshot."""
+        """Each replica's step, loss (and stage 1's sparsity/reconstruction ratio, when reported),
+        the job's examples/s and, with a time budget, the seconds of it used, from one status snapshot."""
+        budget = f"  {snap.get('training_seconds', 0.0):.0f}/{self.max_seconds:g} s" if self.max_seconds else ""
         for bar, rep in zip(self._bars, snap["replicas"]):
             ratio = (rep.get("scalars") or {}).get("stage1.ratio")
             self._progress.update(
@@ -83,5 +85,6 @@ class Bars:
                 completed=min(rep["step"], self.steps),
                 info=f"loss {rep['loss']:.4g}"
                 + (f"  s1 sp/rec {ratio:.3g}" if ratio is not None else "")
-                + f"  {snap['examples_per_second']:.0f} ex/s",
+                + f"  {snap['examples_per_second']:.0f} ex/s"
+                + budget,
             )

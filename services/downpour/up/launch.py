@@ -35,7 +35,7 @@ def run(
     neurons: bool = True,
     memory: str = "",
 ) -> int:
-    """Run a job to its step count. Returns a process exit code.
+    """Run a job to its step count (or to the end of its time budget). Returns a process exit code.
 
     ``memory`` (e.g. "24G") replaces the memory this machine has in the fit check."""
     check_runnable(cfg, resume, neurons, memory)
@@ -57,7 +57,9 @@ def run(
         try:
             show.say(
                 f"[bold]downpour up[/]: {cfg.replicas} replicas x {cfg.partitions} partitions, "
-                f"{cfg.shards} shards, {cfg.steps} steps, run dir {cluster.out}"
+                f"{cfg.shards} shards, {cfg.steps} steps"
+                + (f" or {cfg.max_seconds:g} s of training, whichever ends first" if cfg.max_seconds else "")
+                + f", run dir {cluster.out}"
                 + (" (mutual TLS and a bearer token per role: certificates and tokens in tls/)" if secure else "")
             )
             cluster.start(start_timeout)
@@ -82,8 +84,13 @@ def run(
     if code == 0 and history:
         last = history[-1]
         losses = ", ".join(f"{r['loss']:.4g}" for r in last["replicas"])
+        why = (
+            f" (its time budget of {cfg.max_seconds:g} s ran out at step {last['end_step']})"
+            if last.get("ended_by") == "time_budget"
+            else ""
+        )
         show.say(
-            f"done: step {last['step']}, final loss per replica {losses}; "
+            f"done: step {last['step']}{why}, final loss per replica {losses}; "
             f"checkpoints, metrics.json, loss.png and filters.png in {cluster.out}"
         )
     return code
@@ -117,7 +124,7 @@ def _follow(
     """Poll the job until it ends (0), fails (1) or ``interrupted()``; restart what died meanwhile."""
     cfg = cluster.cfg
     assert cluster.coordinator is not None  # started by cluster.start
-    with show.progress(cfg.replicas, cfg.steps) as bars:
+    with show.progress(cfg.replicas, cfg.steps, cfg.max_seconds) as bars:
         while not interrupted():
             while watch.events:
                 show.tell(f"[yellow]hung[/] {watch.events.pop(0)}")

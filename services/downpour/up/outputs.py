@@ -61,7 +61,13 @@ def write_outputs(
     summary: dict[str, Any] = {"config": cfg.to_dict(), "history": history, "shards": shards or {}}
     if history:
         last = history[-1]
-        summary["final"] = {"step": last["step"], "replicas": last["replicas"]}
+        summary["final"] = {
+            "step": last["step"],
+            "replicas": last["replicas"],
+            "ended_by": last.get("ended_by", ""),
+            "end_step": last.get("end_step", 0),
+            "training_seconds": last.get("training_seconds", 0.0),
+        }
         summary["final_objective"] = final_objective(history)
         rates = [h["examples_per_second"] for h in history if h["examples_per_second"] > 0]
         summary["examples_per_second_mean"] = sum(rates) / len(rates) if rates else 0.0

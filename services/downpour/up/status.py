@@ -27,10 +27,19 @@ def request_checkpoint(
         )
 
 
+def ended_by(status: coordinator_pb2.JobStatusResponse) -> str:
+    """What ended the training, as the coordinator's state names it: "steps", "time_budget", or ""
+    while it goes on."""
+    if status.end_reason == coordinator_pb2.END_REASON_UNSPECIFIED:
+        return ""
+    return coordinator_pb2.EndReason.Name(status.end_reason).removeprefix("END_REASON_").lower()
+
+
 def snapshot(status: coordinator_pb2.JobStatusResponse) -> dict[str, Any]:
-    """One row of the run's history (metrics.json): time, step, rate and each replica's step, loss
-    and named scalars (its partitions' combined, as its loss is, with each stage's
-    sparsity/reconstruction ratio: ``downpour.scalars``)."""
+    """One row of the run's history (metrics.json): time, step, rate, seconds of training, what
+    ended it and at which step (once it has), and each replica's step, loss and named scalars (its
+    partitions' combined, as its loss is, with each stage's sparsity/reconstruction ratio:
+    ``downpour.scalars``)."""
     reps: dict[int, dict[str, Any]] = {}
     parts: dict[int, list[dict[str, float]]] = {}
     for s in status.slots:
@@ -45,5 +54,8 @@ def snapshot(status: coordinator_pb2.JobStatusResponse) -> dict[str, Any]:
         "time": time.time(),
         "step": int(status.step),
         "examples_per_second": float(status.examples_per_second),
+        "training_seconds": float(status.training_seconds),
+        "ended_by": ended_by(status),
+        "end_step": int(status.end_step),
         "replicas": [reps.get(r, {"step": 0, "loss": float("nan"), "member": "", "scalars": {}}) for r in range(n)],
     }

@@ -211,6 +211,7 @@ class JobSpec(_message.Message):
     CHECKPOINT_DIR_FIELD_NUMBER: _builtins.int
     CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    MAX_SECONDS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     spec_yaml: _builtins.str
     """The full job/model spec as YAML (or JSON, a subset of YAML)."""
@@ -231,6 +232,10 @@ class JobSpec(_message.Message):
     checkpoint_dir: _builtins.str
     checkpoint_every_steps: _builtins.int
     seed: _builtins.int
+    max_seconds: _builtins.float
+    """Wall-clock seconds of training (from the first reported step) after which the job
+    ends as if max_steps were reached; 0: no time budget.
+    """
     @_builtins.property
     def optimizer(self) -> Global___OptimizerSpec: ...
     def __init__(
@@ -252,10 +257,11 @@ class JobSpec(_message.Message):
         checkpoint_dir: _builtins.str = ...,
         checkpoint_every_steps: _builtins.int = ...,
         seed: _builtins.int = ...,
+        max_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "checkpoint_dir", b"checkpoint_dir", "checkpoint_every_steps", b"checkpoint_every_steps", "dataset", b"dataset", "job_id", b"job_id", "max_steps", b"max_steps", "n_fetch", b"n_fetch", "n_push", b"n_push", "num_replicas", b"num_replicas", "num_shards", b"num_shards", "optimizer", b"optimizer", "partition_cols", b"partition_cols", "partition_rows", b"partition_rows", "seed", b"seed", "spec_yaml", b"spec_yaml", "supervised", b"supervised"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "checkpoint_dir", b"checkpoint_dir", "checkpoint_every_steps", b"checkpoint_every_steps", "dataset", b"dataset", "job_id", b"job_id", "max_seconds", b"max_seconds", "max_steps", b"max_steps", "n_fetch", b"n_fetch", "n_push", b"n_push", "num_replicas", b"num_replicas", "num_shards", b"num_shards", "optimizer", b"optimizer", "partition_cols", b"partition_cols", "partition_rows", b"partition_rows", "seed", b"seed", "spec_yaml", b"spec_yaml", "supervised", b"supervised"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,6 +75,30 @@ JOB_STATE_FAILED: JobState.ValueType  # 5
 JOB_STATE_STOPPED: JobState.ValueType  # 6
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _EndReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EndReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    END_REASON_UNSPECIFIED: _EndReason.ValueType  # 0
+    """Still training (or never started)."""
+    END_REASON_STEPS: _EndReason.ValueType  # 1
+    """Every replica reached the job's max_steps."""
+    END_REASON_TIME_BUDGET: _EndReason.ValueType  # 2
+    """The job's wall-clock training budget (JobSpec.max_seconds) ran out."""
+
+class EndReason(_EndReason, metaclass=_EndReasonEnumTypeWrapper):
+    """What ended a job's training."""
+
+END_REASON_UNSPECIFIED: EndReason.ValueType  # 0
+"""Still training (or never started)."""
+END_REASON_STEPS: EndReason.ValueType  # 1
+"""Every replica reached the job's max_steps."""
+END_REASON_TIME_BUDGET: EndReason.ValueType  # 2
+"""The job's wall-clock training budget (JobSpec.max_seconds) ran out."""
+Global___EndReason: _TypeAlias = EndReason  # noqa: Y015
+
 class _Action:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -455,6 +479,9 @@ class JobStatusResponse(_message.Message):
     LAST_CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     EXAMPLES_PER_SECOND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    END_STEP_FIELD_NUMBER: _builtins.int
+    TRAINING_SECONDS_FIELD_NUMBER: _builtins.int
     state: Global___JobState.ValueType
     step: _builtins.int
     """Smallest step over all replicas."""
@@ -462,6 +489,16 @@ class JobStatusResponse(_message.Message):
     examples_per_second: _builtins.float
     message: _builtins.str
     """Why the job is FAILED (e.g. its final checkpoint could not be written); empty otherwise."""
+    end_reason: Global___EndReason.ValueType
+    """What ended the training; UNSPECIFIED while it goes on. The job is SUCCEEDED once
+    the final checkpoint is committed after that.
+    """
+    end_step: _builtins.int
+    """The job's step (its slowest replica's) when the training ended; 0 before. Steps in
+    flight then still count: the final checkpoint records every replica's reached step.
+    """
+    training_seconds: _builtins.float
+    """Wall-clock seconds of training, from the first reported step to now or to the end."""
     @_builtins.property
     def job(self) -> _common_pb2.JobSpec: ...
     @_builtins.property
@@ -479,10 +516,13 @@ class JobStatusResponse(_message.Message):
         last_checkpoint_id: _builtins.str = ...,
         examples_per_second: _builtins.float = ...,
         message: _builtins.str = ...,
+        end_reason: Global___EndReason.ValueType = ...,
+        end_step: _builtins.int = ...,
+        training_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_per_second", b"examples_per_second", "job", b"job", "last_checkpoint_id", b"last_checkpoint_id", "message", b"message", "shard_addresses", b"shard_addresses", "slots", b"slots", "state", b"state", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_reason", b"end_reason", "end_step", b"end_step", "examples_per_second", b"examples_per_second", "job", b"job", "last_checkpoint_id", b"last_checkpoint_id", "message", b"message", "shard_addresses", b"shard_addresses", "slots", b"slots", "state", b"state", "step", b"step", "training_seconds", b"training_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

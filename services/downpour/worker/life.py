@@ -280,15 +280,25 @@ class Worker(worker_pb2_grpc.ModelWorkerServicer):
                     self._report(a, step, loss_sum / loss_n, n_steps * cfg.batch_size, means.take())
                     loss_sum, loss_n, n_steps = 0.0, 0, 0
         finally:
-            t.close()
+            t.close()  # flushes: every step taken has reached the shards
         if step >= cfg.steps:
             # The last report is the one the job's completion waits for: a coordinator that is
             # down (restarting) now would otherwise never learn that this replica is done.
             self._report(a, step, self.loss, 0, until_answered=True)
+        elif self._told_to_stop(gen):
+            # The job ended before our steps did (its time budget): report where we stopped, so
+            # that the final checkpoint, which waits for this report, records the steps we pushed.
+            loss = loss_sum / loss_n if loss_n else self.loss
+            self._report(a, step, loss, n_steps * cfg.batch_size, means.take())
         c = self._control()
         if c is not None and c.event is not None:
             return c.event
         return Event.STOP if self._stop.is_set() or step < cfg.steps else Event.FINISHED
+
+    def _told_to_stop(self, generation: int) -> bool:
+        """Whether the coordinator (not our own shutdown) has told us to stop."""
+        c = self.inbox.pending(generation)
+        return c is not None and c.event is Event.STOP and not self._stop.is_set()
 
     def _report(
         self,
