@@ -11,6 +11,7 @@ from downpour import config as jobconfig
 from downpour.rpc.channel import ChannelConfig
 from downpour.up.children import Child, free_port
 from downpour.up.health import wait_healthy
+from downpour.up.threads import threads_env
 
 # Start order; stops run in reverse (the neurons service and the workers first).
 ROLE_ORDER = ("paramserver", "feeder", "coordinator", "worker", "neurons")
@@ -43,6 +44,7 @@ class Cluster:
         self.chcfg = chcfg  # how the launcher itself calls the services (None: plaintext)
 
     def _child(self, name: str, role: str, args: list[str]) -> Child:
+        rows, cols = self.cfg.grid()
         c = Child(
             name,
             role,
@@ -50,7 +52,7 @@ class Cluster:
             free_port(),
             free_port(),
             os.path.join(self.logs, f"{name}.log"),
-            extra_env=self.env.get(role, {}),
+            extra_env={**threads_env(role, self.cfg.replicas * rows * cols), **self.env.get(role, {})},
         )
         self.children.append(c)
         return c
