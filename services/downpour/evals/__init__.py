@@ -9,8 +9,12 @@ Modules: ``common`` (in-process training, activations, single-neuron
 classifiers), ``jobs`` (training through a ``downpour up`` cluster),
 ``neuronscore`` (the three measures of a face neuron), ``report`` (PNG
 figures); the faces eval in ``faces`` (the run), ``facedata`` (its pool and
-evaluation set), ``facenets`` (its networks and their scores) and
-``facereport`` (its table, pictures and report.html); the supervised eval in
+evaluation set), ``faceviews`` (its data by identity: folds, each fold's
+pool, test B and test A), ``facecategory`` (the faces or a user's object
+category), ``facenegatives`` (matched natural crops, phase-scrambled objects,
+the face cascade's hard negatives), ``viewjitter`` (the views of an object
+both the pool and test B draw), ``facenets`` (its networks and their scores)
+and ``facereport`` (its table, pictures and report.html); the supervised eval in
 ``supervised`` (the run), ``supdata`` (its data) and ``linear`` (the linear
 classifiers on fixed features).
 

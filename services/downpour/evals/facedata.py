@@ -1,5 +1,6 @@
 """The data of ``downpour eval faces``: a video-like unlabeled pool, the held-out
-validation and test splits, ZCA whitening, and a user's own test folder.
+validation and test splits, ZCA whitening, and a user's own test folder
+(read, like any folder of images, by ``read_folder``).
 
 The pool (``video_pool``) is built the way a video shows faces: one face
 appears in many frames, shifted, scaled, turned and lit differently, over
@@ -16,6 +17,9 @@ whatever scene surrounds it. Every frame is ``size`` (32x32 by default):
 - background frames: ``per_nonface`` views, made the same way, of each of
   the 50 training LFW non-faces (the scenery of the same photographs).
 
+The views are drawn by ``viewjitter.views`` with this module's constants
+(``faceviews`` draws its folds' pools with a wider jitter); ``positives=`` and
+``negatives=`` replace the training faces and non-faces with other images.
 ``faces=False`` gives the no-faces control: the same pool less every face
 frame. No held-out image (odd LFW positions, held-out columns) and no view of
 one is ever used: the pool is built from ``bundled.build``'s train split only.
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from downpour.evals.common import stratified_halves
+from downpour.evals.viewjitter import Jitter, views
 from downpour.feeder import bundled, preprocess
 from downpour.feeder.datasets import IMAGE_EXTENSIONS
 from downpour.feeder.preprocess import PreprocessSpec
@@ -66,34 +71,17 @@ class Pool:
         return float(self.has_face.mean())
 
 
-def _frames(images: np.ndarray, per_image: int, backgrounds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``per_image`` views of each (C, h, w) image over random backgrounds (N, C, H, W)."""
-    n = len(images)
-    _, c, H, W = backgrounds.shape
-    out = np.empty((n * per_image, c, H, W), np.float32)
-    for i in range(n):
-        img = preprocess.resize(images[i], (H, W))
-        for j in range(per_image):
-            # the draws' order (scale, rotation, shift, then the rest below) fixes the pool a seed gives
-            t = preprocess.similarity(
-                (H, W),
-                np.exp(rng.uniform(-LOG_SCALE, LOG_SCALE)),
-                rng.uniform(-MAX_ROTATION, MAX_ROTATION),
-                rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2) * (W, H),
-            )
-            gain = np.exp(rng.uniform(-LOG_CONTRAST, LOG_CONTRAST))
-            bias = rng.uniform(-MAX_BRIGHTNESS, MAX_BRIGHTNESS)
-            mirror = rng.random() < 0.5
-            bg = backgrounds[rng.integers(len(backgrounds))]
-            for k in range(c):
-                v = img[k]
-                m = v.mean()
-                v = np.clip(m + gain * (v - m) + bias, 0.0, 1.0)
-                # NaN marks the pixels the moved image no longer covers: the scene shows there
-                v = preprocess.warp(v, t, mode="constant", cval=np.nan)
-                v = np.where(np.isnan(v), bg[k], v)
-                out[i * per_image + j, k] = v[:, ::-1] if mirror else v
-    return out
+def today_jitter() -> Jitter:
+    """The pool's jitter from this module's constants, read at each call (tests switch them off)."""
+    return Jitter(
+        log_scale=(-LOG_SCALE, LOG_SCALE),
+        max_rotation=MAX_ROTATION,
+        shift_slack=0.0,
+        shift_frac=MAX_SHIFT,
+        shift_px=0.0,
+        log_contrast=LOG_CONTRAST,
+        max_brightness=MAX_BRIGHTNESS,
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -110,20 +98,34 @@ def video_pool(
     per_nonface: int = 10,
     faces: bool = True,
     seed: int = POOL_SEED,
+    positives: np.ndarray | None = None,
+    negatives: np.ndarray | None = None,
+    jitter: Jitter | None = None,
 ) -> Pool:
-    """The unlabeled training pool (module docstring); raw pixels in [0, 1]."""
+    """The unlabeled training pool (module docstring); raw pixels in [0, 1].
+
+    ``positives`` and ``negatives`` are the raw training images (N, C, h, w)
+    whose views are the object and background frames; by default the 50
+    training LFW faces and non-faces (even positions). ``jitter`` defaults to
+    this module's constants.
+    """
     train = _splits(tuple(size), channels).train
     n_nat = bundled.N_TRAIN_PATCHES
     natural, _ = train.get(np.arange(n_nat))
     lfw = bundled.lfw()
-    train_faces = preprocess.convert_channels(lfw[0 : bundled.N_FACES : 2], channels)  # even positions only
-    train_nonfaces = preprocess.convert_channels(lfw[bundled.N_FACES :: 2], channels)
+    if positives is None:
+        positives = lfw[0 : bundled.N_FACES : 2]  # even positions only
+    if negatives is None:
+        negatives = lfw[bundled.N_FACES :: 2]
+    pos = preprocess.convert_channels(np.asarray(positives, np.float32), channels)
+    neg = preprocess.convert_channels(np.asarray(negatives, np.float32), channels)
+    jit = jitter or today_jitter()
     rng = np.random.default_rng(seed)
     parts, src = [natural], [np.zeros(n_nat, np.int64)]
     # both kinds of frames are drawn whatever ``faces`` is, so the control's
     # background frames are the very frames of the full pool
-    fr = _frames(train_faces, per_face, natural, rng) if per_face else natural[:0]
-    bg = _frames(train_nonfaces, per_nonface, natural, rng) if per_nonface else natural[:0]
+    fr = views(pos, per_face, natural, rng, jit) if per_face else natural[:0]
+    bg = views(neg, per_nonface, natural, rng, jit) if per_nonface and len(neg) else natural[:0]
     if faces:
         parts.append(fr)
         src.append(np.ones(len(fr), np.int64))
@@ -193,12 +195,9 @@ def eval_set(size: tuple[int, int], channels: int, test_dir: str = "") -> EvalSe
 def load_test_dir(path: str, size: tuple[int, int], channels: int = 1):
     """A user's test folder with ``faces/`` and ``other/`` sub-folders: (x raw, y, names).
 
-    Any image Pillow reads, any size: each is fitted to ``size`` (scaled to
-    cover it, the centre kept: ``preprocess.fit``). Unreadable files are an
+    Any image Pillow reads, any size (``read_folder``). Unreadable files are an
     error naming the file; so are a missing or empty sub-folder.
     """
-    from PIL import Image  # noqa: PLC0415 - only a user's test folder needs Pillow here
-
     if not os.path.isdir(path):
         raise ValueError(f"--test {path}: not a directory")
     x, y, names = [], [], []
@@ -206,28 +205,45 @@ def load_test_dir(path: str, size: tuple[int, int], channels: int = 1):
         d = os.path.join(path, dirs[0])
         if not os.path.isdir(d):
             raise ValueError(f"--test {path}: needs sub-folders faces/ and other/; {dirs[0]}/ is missing")
-        files = sorted(f for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)) and not f.startswith("."))
-        if not files:
-            raise ValueError(
-                f"--test {path}: {dirs[0]}/ holds no images (any format Pillow reads: "
-                f"{', '.join(IMAGE_EXTENSIONS)}, ...)"
-            )
-        for f in files:
-            p = os.path.join(d, f)
-            try:
-                with Image.open(p) as im:
-                    img = im.convert("RGB") if im.mode not in ("L", "F", "I", "I;16") else im
-                    a = preprocess.to_chw(np.asarray(img))
-            except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
-                raise ValueError(
-                    f"--test {path}: cannot read {dirs[0]}/{f} as an image ({type(e).__name__}: {e})"
-                ) from None
-            if a.max() > 1.0:  # 32-bit integer grey ("I") arrives unscaled
-                a = a / a.max()
-            x.append(preprocess.fit(preprocess.convert_channels(a, channels), size))
-            y.append(label)
-            names.append(f"{dirs[0]}/{f}")
-    return np.stack(x).astype(np.float32), np.array(y, np.int64), names
+        xs, files = read_folder(d, size, channels, what=f"--test {path}:", shown=f"{dirs[0]}/")
+        x.append(xs)
+        y += [label] * len(xs)
+        names += files
+    return np.concatenate(x), np.array(y, np.int64), names
+
+
+def read_folder(
+    folder: str, size: tuple[int, int], channels: int = 1, *, what: str = "", shown: str = ""
+) -> tuple[np.ndarray, list[str]]:
+    """Every image in one folder, sorted by name: (x raw float32 (N, C, H, W) in [0, 1], names).
+
+    Any image Pillow reads, any size: each is fitted to ``size`` (scaled to
+    cover it, the centre kept: ``preprocess.fit``). Errors start with ``what``
+    and name the folder as ``shown`` (default: its path with a trailing
+    slash): a missing folder, one without images, a file that is no image.
+    Names are ``shown`` + the file name.
+    """
+    from PIL import Image  # noqa: PLC0415 - only a user's folders need Pillow here
+
+    shown = shown or folder.rstrip("/") + "/"
+    lead = f"{what} " if what else ""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{lead}{shown} is not a folder (no such directory)")
+    files = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)) and not f.startswith("."))
+    if not files:
+        raise ValueError(f"{lead}{shown} holds no images (any format Pillow reads: {', '.join(IMAGE_EXTENSIONS)}, ...)")
+    x = []
+    for f in files:
+        try:
+            with Image.open(os.path.join(folder, f)) as im:
+                img = im.convert("RGB") if im.mode not in ("L", "F", "I", "I;16") else im
+                a = preprocess.to_chw(np.asarray(img))
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+            raise ValueError(f"{lead}cannot read {shown}{f} as an image ({type(e).__name__}: {e})") from None
+        if a.max() > 1.0:  # 32-bit integer grey ("I") arrives unscaled
+            a = a / a.max()
+        x.append(preprocess.fit(preprocess.convert_channels(a, channels), size))
+    return np.stack(x).astype(np.float32), [f"{shown}{f}" for f in files]
 
 
 class ZCA:
