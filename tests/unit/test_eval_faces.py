@@ -169,81 +169,105 @@ def test_load_test_dir_names_what_is_wrong(tmp_path):
 
 # -- the eval ----------------------------------------------------------------------------
 
+QUICK = {"kmeans": {"k": 8}, "autoencoder": {"steps": 5}}
 
-def test_eval_faces_on_tiny(tmp_path):
+
+def _quick(out, **kw):
     from downpour.evals import faces
 
-    out = tmp_path / "faces"
-    res = faces.run(
-        str(out),
+    args = dict(
         preset="tiny",
-        steps=20,
-        seeds=(0, 1),
-        per_face=2,
+        budget=1.0,
+        steps=4,
+        in_process=True,
+        per_face=1,
         per_nonface=1,
-        stimulus_steps=5,
+        baselines=QUICK,
+        stimulus_steps=3,
         log=lambda *a: None,
     )
-    assert [r["row"] for r in res["rows"]] == list(faces.ROWS)
-    assert res["validation"]["make_up"] == {"faces": 25, "LFW non-faces": 25, "distractors": 100}
-    assert res["test"]["make_up"] == {"faces": 25, "LFW non-faces": 25, "distractors": 100}
-    assert res["chance"]["paper"] == pytest.approx(125 / 150)
-    pool = res["pool"]["per_seed"]
-    assert [p["seed"] for p in pool] == [0, 1]
-    assert pool[0]["face_frames"] == 100 and pool[0]["frames"] == 2000 + 100 + 50
-    assert pool[0]["control_face_frames"] == 0 and pool[0]["control_frames"] == 2000 + 50
+    args.update(kw)
+    return faces.run(str(out), **args)
+
+
+def test_eval_faces_on_tiny(tmp_path):
+    from downpour.evals import facefold
+
+    out = tmp_path / "faces"
+    res = _quick(out)
+    keys = [r["key"] for r in res["rows"]]
+    assert keys == ["chance"] + [k for k, *_ in facefold.ROWS]
+    # two folds by identity: every face held out exactly once, never on both sides of a fold
+    f0, f1 = res["folds"]
+    assert sorted(f0["heldout_identities"] + f1["heldout_identities"]) == list(range(100))
+    assert f0["training_identities"] == f1["heldout_identities"]
+    assert not set(f0["training_identities"]) & set(f0["heldout_identities"])
     for r in res["rows"][1:]:
-        for m in S.MEASURES:
-            assert len(r[m]["per_seed"]) == 2 and 0.0 <= r[m]["mean"] <= 1.0
-            assert r[m]["mean"] == pytest.approx(np.mean(r[m]["per_seed"]))
-    # the trained row is the trained network's overall choice; the first-stage row is its stage-1 choice
-    assert res["rows"][4]["balanced"]["per_seed"] == [s["trained"]["all"]["balanced"]["test"] for s in res["per_seed"]]
-    assert all(n.startswith("stage1.") for n in res["rows"][2]["neurons"])
+        for t in ("B", "A"):
+            b = r[t]["balanced"]
+            assert 0.0 <= b["lo"] <= b["mean"] <= b["hi"] <= 1.0 and b["se"] >= 0
+            assert len(r[t]["neurons"]) == 2 and len(r[t]["selection_balanced"]) == 2
+    by_key = {r["key"]: r for r in res["rows"]}
+    top = "stage3.pool#" if "stage3.pool" in str(res["network"]) else "stage3."
+    assert all(n.startswith(("stage3.",)) for n in by_key["trained_top"]["B"]["neurons"]), top
+    assert all(n.startswith("stage1.") for n in by_key["first_stage"]["B"]["neurons"])
+    assert all(n.startswith("kmeans.") for n in by_key["kmeans"]["B"]["neurons"])
+    assert all(n.startswith("ae.") for n in by_key["autoencoder"]["B"]["neurons"])
+    d = res["differences"]["B"]["trained - random weights (top stage)"]["balanced"]
+    want = by_key["trained_top"]["B"]["balanced"]["mean"] - by_key["random_top"]["B"]["balanced"]["mean"]
+    assert d["mean"] == pytest.approx(want) and d["lo"] <= d["mean"] <= d["hi"]
     assert set(res["best_neuron_by_stage"]) == {"trained", "random", "no_lcn", "no_faces"}
     assert set(res["best_neuron_by_stage"]["trained"]) == {"stage1", "stage2", "stage3"}
-    assert res["neurons"]["higher"]["layer"].startswith(("stage2.", "stage3."))
-    for tag in ("best", "higher"):
-        n = res["neurons"][tag]
-        assert n["optimal_stimulus"]["activation"] >= n["optimal_stimulus"]["random_max"]
-        assert len(n["top_inputs"]) == 16 and set(n["invariance"]) == {
-            "horizontal shift (pixels)",
-            "vertical shift (pixels)",
-            "scale (factor)",
-            "in-plane rotation (degrees)",
-        }
-        for f in (f"top_inputs_{tag}.png", f"optimal_stimulus_{tag}.png", f"invariance_{tag}.png"):
-            assert (out / f).stat().st_size > 0
-    for f in ("report.html", "results.json", "filters.png", "table.png", "params.npz"):
+    assert "trained_minus_random_points" in res["targets"] and res["power"]["B"]["paired_detectable_points"]
+    assert set(res["training"]) == {f"{n}/fold{k}" for n in ("trained", "no_lcn", "no_faces") for k in (0, 1)}
+    n = res["neuron"]
+    assert n["layer"].startswith("stage3.")
+    assert n["optimal_stimulus"]["activation"] >= n["optimal_stimulus"]["random_max"]
+    assert len(n["top_inputs"]) == 16 and len(n["invariance"]) == 4
+    for f in (
+        "report.html",
+        "results.json",
+        "filters.png",
+        "table.png",
+        "params.npz",
+        "top_inputs.png",
+        "optimal_stimulus.png",
+        "invariance.png",
+    ):
         assert (out / f).stat().st_size > 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["targets"] == res["targets"]
-    html = (out / "report.html").read_text()
-    assert "best stage-2 or stage-3 neuron" in html and "top_inputs_higher.png" in html
+    assert "Paired differences" in (out / "report.html").read_text()
 
 
-def test_eval_faces_on_a_users_test_folder_with_zca(tmp_path):
-    from downpour.evals import faces
+def test_eval_faces_on_a_users_category_and_test_folder(tmp_path):
+    """--positives/--negatives: any category (the coins of the bundled coins photo against the cloth
+    between them, written as image files), built into a pool and both tests the same way."""
+    from downpour.evals.facecategory import write_category_folders
 
     lfw = bundled.lfw()
-    for i in range(3):  # held-out faces and non-faces, saved as 8-bit files of another size
+    coins, cloth = write_category_folders(str(tmp_path), n_positives=8, n_negatives=8)
+    for i in range(3):  # an aligned test A of the user's own
         _save(tmp_path / "mine" / "faces" / f"{i}.png", (255 * lfw[2 * i + 1, 0]).astype(np.uint8))
         _save(tmp_path / "mine" / "other" / f"{i}.jpg", (255 * lfw[101 + 2 * i, 0]).astype(np.uint8))
-    res = faces.run(
-        str(tmp_path / "out"),
+    res = _quick(
+        tmp_path / "out",
+        positives=coins,
+        negatives=cloth,
         test_dir=str(tmp_path / "mine"),
-        preset="tiny",
-        steps=5,
-        seeds=(0,),
-        per_face=1,
-        per_nonface=1,
         whiten="zca",
-        stimulus_steps=2,
-        log=lambda *a: None,
     )
-    assert res["test"] == {"source": str(tmp_path / "mine"), "faces": 3, "other": 3}
-    assert res["chance"]["paper"] == 0.5 and res["whiten"] == "zca"
-    assert res["neurons"]["best"]["top_inputs"][0]["what"]  # names of the user's files or validation groups
-    assert any(t["what"].startswith(("faces/", "other/")) for t in res["neurons"]["best"]["top_inputs"])
+    assert res["category"]["name"] == "coins" and res["category"]["source"].startswith(coins)
+    assert (res["category"]["positives"], res["category"]["negatives"]) == (8, 8)
+    f0, f1 = res["folds"]
+    assert sorted(f0["heldout_identities"] + f1["heldout_identities"]) == list(range(8))
+    assert res["user_test"] == str(tmp_path / "mine") and res["whiten"] == "zca"
+    assert f0["test_A"]["heldout"]["aligned objects"] == 3
+    assert f0["test_B"]["heldout"]["hard negatives"] == 0  # the face cascade's hits only mean something for faces
+    with pytest.raises(ValueError, match="--negatives needs --positives"):
+        _quick(tmp_path / "x", negatives=cloth)
+    from downpour.evals import faces
+
     with pytest.raises(ValueError, match="--whiten"):
         faces.Prep("standardize", "pca")
 
@@ -257,7 +281,7 @@ def test_eval_faces_from_a_checkpoint_directory(tmp_path):
     from downpour.paramserver.store import OptimizerConfig, ShardStore
 
     spec = presets.get("tiny")
-    params = Network(spec).init_params(0)  # the random-weights row's seed-0 init
+    params = Network(spec).init_params(0)  # the random-weights row's init in fold 0
     cfg = jobconfig.load(None, env={}, overrides={"preset": "tiny", "shards": 1})
     store = ShardStore(0, OptimizerConfig())
     for k, v in params.items():
@@ -281,18 +305,36 @@ def test_eval_faces_from_a_checkpoint_directory(tmp_path):
     assert spec2 == spec and normalize == "standardize" and m["step"] == 7
     for k, v in params.items():
         np.testing.assert_array_equal(blocks[k], v)
-    res = faces.run(
-        str(tmp_path / "out"),
-        checkpoint=str(tmp_path),
-        steps=5,
-        seeds=(0, 1),
-        per_face=1,
-        per_nonface=1,
-        stimulus_steps=2,
-        whiten="zca",
-        log=lambda *a: None,
-    )
-    assert res["checkpoint"]["id"] == "step-7" and res["seeds"] == [0] and res["whiten"] == "none"
+    res = _quick(tmp_path / "out", checkpoint=str(tmp_path), whiten="zca")
+    assert res["checkpoint"]["id"] == "step-7" and res["whiten"] == "none"
     assert not any(k.startswith("trained/") for k in res["training"])
-    # the checkpoint holds the seed-0 init: the trained and random-weights rows must agree
-    assert res["rows"][3]["balanced"]["per_seed"] == res["rows"][4]["balanced"]["per_seed"]
+    # the checkpoint holds fold 0's random init: in fold 0 the trained and random networks choose alike
+    by_key = {r["key"]: r for r in res["rows"]}
+    assert by_key["trained_top"]["B"]["neurons"][0] == by_key["random_top"]["B"]["neurons"][0]
+
+
+def test_scored_picks_as_choose_and_test_does_for_every_candidate_set():
+    """facefold.Scored scores the selection side once and lets each candidate set pick: the same
+    neuron, threshold and figures as neuronscore.choose_and_test on those layers alone."""
+    from downpour.evals import facefold
+
+    rng = np.random.default_rng(3)
+    y_sel, y_held = rng.random(80) < 0.3, rng.random(70) < 0.3
+    shapes = {"stage1.filter": 50, "stage1.pool": 30, "stage2.pool": 12, "stage3.pool": 4}
+    sel = {
+        k: (rng.normal(size=(80, n)) + 0.8 * y_sel[:, None] * rng.random(n)).astype(np.float32)
+        for k, n in shapes.items()
+    }
+    held = {k: (rng.normal(size=(70, n)) + 0.8 * y_held[:, None]).astype(np.float32) for k, n in shapes.items()}
+    scored = facefold.Scored(sel, held, y_sel, y_held)
+    for layers in (list(shapes), ["stage3.pool"], ["stage1.filter", "stage1.pool"]):
+        got = scored.pick(layers)
+        both = {k: np.concatenate([sel[k], held[k]]) for k in layers}
+        want = S.choose_and_test(both, np.r_[y_sel, y_held], np.r_[np.ones(80, bool), np.zeros(70, bool)])
+        for m in S.MEASURES:
+            w = want[m]
+            assert (got.choice[m]["layer"], got.choice[m]["index"]) == (w.layer, w.index)
+            assert got.choice[m]["val"] == pytest.approx(w.val) and got.choice[m]["test"] == pytest.approx(w.test)
+        b = want["balanced"]
+        np.testing.assert_array_equal(got.correct, (held[b.layer][:, b.index] > b.threshold) == y_held)
+        np.testing.assert_array_equal(got.scores, held[want["auc"].layer][:, want["auc"].index])

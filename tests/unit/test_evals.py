@@ -79,10 +79,12 @@ def test_eval_parsers():
     ap = argparse.ArgumentParser()
     add_eval_parser(ap.add_subparsers(dest="command"))
     a = ap.parse_args(
-        ["eval", "faces", "--checkpoint", "runs/x/checkpoints", "--steps", "10", "--test", "mine", "--seeds", "3", "4"]
+        ["eval", "faces", "--checkpoint", "runs/x/checkpoints", "--steps", "10", "--test", "mine", "--seed", "3"]
     )
     assert a.checkpoint == "runs/x/checkpoints" and a.steps == 10 and callable(a.func)
-    assert a.test_dir == "mine" and a.seeds == [3, 4] and a.whiten == "none" and not a.untied
+    assert a.test_dir == "mine" and a.seed == 3 and a.whiten == "none" and not a.untied and not a.in_process
+    c = ap.parse_args(["eval", "faces", "--positives", "cats/", "--negatives", "rooms/", "--budget", "60"])
+    assert c.positives == "cats/" and c.negatives == "rooms/" and c.budget == 60.0
     b = ap.parse_args(["eval", "supervised", "--data", "d.npz"])
     assert b.data == "d.npz" and callable(b.func)
 

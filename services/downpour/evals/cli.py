@@ -1,6 +1,6 @@
 """The ``downpour eval`` command: its sub-commands and their arguments.
 
-    downpour eval faces [--checkpoint DIR] [--test DIR]   the face-neuron table, curves and report.html
+    downpour eval faces [--positives DIR] [--checkpoint DIR]   the object-neuron table, curves and report.html
     downpour eval supervised [--data D]        linear on features / from random / fine-tuned
 
 ``add_eval_parser(subparsers)`` adds both to the ``downpour`` command;
@@ -18,7 +18,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``downpour eval {faces,supervised}`` to a ``downpour`` subparsers object."""
     e = subparsers.add_parser("eval", help="reproduce the paper's evaluations (faces, supervised)")
     sub = e.add_subparsers(dest="eval_command", required=True)
-    f = sub.add_parser("faces", help="best single face neuron vs baselines; invariance; report.html")
+    f = sub.add_parser("faces", help="best single face (or any category) neuron vs baselines, by identity; report.html")
     faces.add_arguments(f)
     f.set_defaults(func=faces.cmd)
     s = sub.add_parser("supervised", help="unsupervised pretraining then supervised fine-tuning")

@@ -1,10 +1,13 @@
-"""The networks of ``downpour eval faces`` and how each is measured.
+"""The networks and data of one fold of ``downpour eval faces``.
 
 ``Prep`` turns raw images into a network's input (the job's per-example
-normalisation, then ZCA if asked); ``trainer`` trains a network in this
-process or through a ``downpour up`` cluster; ``measure`` scores every neuron
-of every network of one seed on the evaluation set (``neuronscore``), and
-the template-matching baseline beside them; ``invariance`` follows one
+normalisation, then ZCA if asked); ``fold_data`` builds a fold's pool, its
+no-objects control and both tests (selection and held-out sides);
+``trainer`` trains a network for a wall-clock budget, through a
+``downpour up`` cluster (2 replicas, 2 shards) or in this process;
+``train_networks`` trains the fold's networks; ``fold_activations`` gives
+every source's units (the networks, k-means, the autoencoder, the training
+frames as linear templates) on every test image; ``invariance`` follows one
 neuron's response as the test faces are shifted, scaled and rotated.
 """
 
@@ -12,13 +15,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from downpour.evals import common as C
 from downpour.evals import facedata as D
-from downpour.evals import neuronscore as S
+from downpour.evals import faceviews as V
+from downpour.evals.facebaselines import AutoencoderFeatures, KMeansFeatures
 from downpour.evals.jobs import train_job
 from downpour.feeder import preprocess
 from downpour.feeder.datasets import ArrayDataset
@@ -27,8 +32,8 @@ from downpour.neurons.sources import list_manifests, load_checkpoint
 from downpour.nn import Network
 from downpour.nn.spec import NetworkSpec
 
-# (name, spec, examples, steps, seed) -> the trained parameters
-Trainer = Callable[[str, NetworkSpec, np.ndarray, int, int], C.TrainResult]
+# (name, spec, examples, seed) -> the trained parameters
+Trainer = Callable[[str, NetworkSpec, np.ndarray, int], C.TrainResult]
 
 
 def load_checkpoint_dir(checkpoint_dir: str):
@@ -91,22 +96,23 @@ class Prep:
         return self.zca(x) if self.zca is not None else x
 
 
-def trainer(up: bool, out: str, batch_size: int, lr: float, time_budget, log) -> Trainer:
-    """How the eval trains a network: in this process, or through a ``downpour up`` cluster (``up``)."""
+def trainer(up: bool, out: str, batch_size: int, lr: float, budget: float, steps: int, log) -> Trainer:
+    """How the eval trains a network: ``budget`` seconds of training (at most ``steps`` per replica),
+    through a ``downpour up`` cluster of 2 replicas and 2 shards (``up``) or in this process."""
 
-    def train(name: str, spec: NetworkSpec, x: np.ndarray, steps: int, seed: int) -> C.TrainResult:
+    def train(name: str, spec: NetworkSpec, x: np.ndarray, seed: int) -> C.TrainResult:
         if up:
-            # one replica: the in-process run's examples and steps, through the system
             return train_job(
-                os.path.join(out, "runs", f"{name}-seed{seed}"),
+                os.path.join(out, "runs", name),
                 spec,
                 x,
                 steps=steps,
-                replicas=1,
+                replicas=2,
                 shards=2,
                 batch_size=batch_size,
                 lr=lr,
                 seed=seed,
+                max_seconds=budget,
                 log=log,
             )
         return C.train(
@@ -116,41 +122,116 @@ def trainer(up: bool, out: str, batch_size: int, lr: float, time_budget, log) ->
             batch_size=batch_size,
             lr=lr,
             seed=seed,
-            time_budget=time_budget,
+            time_budget=budget,
             log=log,
         )
 
     return train
 
 
-def scores(acts: dict, y, val) -> dict:
-    """Every measure's choice overall and restricted to each stage."""
-    out = {"all": S.as_dict(S.choose_and_test(acts, y, val))}
-    stages = sorted({k.split(".")[0] for k in acts if k.startswith("stage")})
-    for s in stages:
-        out[s] = S.as_dict(S.choose_and_test({k: v for k, v in acts.items() if k.startswith(s + ".")}, y, val))
-    higher = {k: v for k, v in acts.items() if k.split(".")[0] in stages[1:]}
-    if higher:
-        out["higher"] = S.as_dict(S.choose_and_test(higher, y, val))
-    return out
+@dataclass
+class FoldData:
+    """One fold's training pools and tests: ``tests[t]`` = (selection side, held-out side)."""
+
+    pool: D.Pool
+    control: D.Pool
+    tests: dict[str, tuple[V.Labelled, V.Labelled]]
+    identities: tuple[np.ndarray, np.ndarray]  # (training, held-out) positives
+
+    def info(self, fold: int) -> dict:
+        """What results.json says about this fold's data."""
+
+        b_sel, b_held = self.tests["B"]
+        a_sel, a_held = self.tests["A"]
+        return {
+            "fold": fold,
+            "training_identities": [int(i) for i in self.identities[0]],
+            "heldout_identities": [int(i) for i in self.identities[1]],
+            "pool_frames": len(self.pool.x),
+            "pool_object_frames": int(self.pool.has_face.sum()),
+            "pool_object_fraction": self.pool.face_fraction,
+            "control_frames": len(self.control.x),
+            "test_B": {
+                "selection": b_sel.sizes(),
+                "heldout": b_held.sizes(),
+                "notes": {"selection": _brief(b_sel.notes), "heldout": _brief(b_held.notes)},
+            },
+            "test_A": {"selection": a_sel.sizes(), "heldout": a_held.sizes()},
+        }
 
 
-def measure(nets: dict, prep: Prep, x_pool: np.ndarray, ev: D.EvalSet) -> dict:
-    """One seed's scores: every network's (``nets``: name -> (spec, params, prep)) best neurons
-    overall and per stage, the trained network's best first-stage neuron, and the best
-    training frame used as a linear template (``x_pool``, already prepared)."""
-    res = {}
-    for name, (sp, params, pr) in nets.items():
-        res[name] = scores(C.activations(Network(sp), params, pr(ev.x)), ev.y, ev.val)
-    res["first_stage"] = res["trained"]["stage1"]
-    xe = prep(ev.x)
-    templates = x_pool.reshape(len(x_pool), -1)
-    res["linear"] = {
-        "all": S.as_dict(
-            S.choose_and_test({"template": (xe.reshape(len(xe), -1) @ templates.T).astype(np.float32)}, ev.y, ev.val)
-        )
+def _brief(notes: dict) -> dict:
+    """A test's notes without its per-crop boxes (results.json stays readable)."""
+    return {k: v for k, v in notes.items() if not k.endswith("_boxes")}
+
+
+def _ids(ids) -> np.ndarray:
+    return np.zeros(0, np.int64) if ids is None else np.asarray(ids)
+
+
+def fold_data(category, ids, neg_ids, size, c, per_face: int, per_nonface: int, seed: int) -> FoldData:
+    """The pools (with and without the object) and both tests of one fold of identities."""
+    (tr, ho), (trn, hon) = ids, (_ids(neg_ids[0]), _ids(neg_ids[1]))
+    kw = {"per_positive": per_face, "per_negative": per_nonface, "seed": D.POOL_SEED + seed}
+    pool = V.fold_pool(category, tr, trn, size, c, **kw)
+    control = V.fold_pool(category, tr, trn, size, c, with_positives=False, **kw)
+    tests = {
+        "B": (
+            V.test_b(category, tr, trn, size, c, heldout=False, seed=seed),
+            V.test_b(category, ho, hon, size, c, heldout=True, seed=seed),
+        ),
+        "A": (V.test_a(category, tr, trn, size, c, heldout=False), V.test_a(category, ho, hon, size, c, heldout=True)),
     }
-    return res
+    return FoldData(pool, control, tests, (np.asarray(tr), np.asarray(ho)))
+
+
+def user_test(path: str, size, c) -> V.Labelled:
+    """A user's aligned test folder (``faces/``, ``other/``) as test A's held-out side: each image
+    its own cluster."""
+    x, y, names = D.load_test_dir(path, size, c)
+    group = np.where(y == 1, 0, 1)  # V.GROUPS_A: "aligned objects", "non-object photos"
+    return V.Labelled(x, y, group, np.arange(len(y)), np.full(len(y), -1), V.GROUPS_A, {"source": path, "names": names})
+
+
+def train_networks(train: Trainer, spec, data: FoldData, normalize: str, whiten: str, seed: int, ck_params, fold):
+    """The fold's networks, name -> (spec, params, prep), and what results.json says of their training."""
+    prep = Prep(normalize, whiten, data.pool.x)
+    prep_c = Prep(normalize, whiten, data.control.x)
+    xp = prep(data.pool.x)
+    nets: dict[str, tuple[NetworkSpec, dict, Prep]] = {}
+    info = {}
+    nolcn = C.without_lcn(spec)
+    todo = [("no_lcn", nolcn, xp, prep), ("no_faces", spec, prep_c(data.control.x), prep_c)]
+    if ck_params is None:
+        todo.insert(0, ("trained", spec, xp, prep))
+    else:
+        nets["trained"] = (spec, ck_params, prep)
+    for name, sp, x, pr in todo:
+        tr = train(f"{name}-fold{fold}", sp, x, seed)
+        nets[name] = (sp, tr.params, pr)
+        info[f"{name}/fold{fold}"] = train_info(tr)
+    nets["random"] = (spec, Network(spec).init_params(seed), prep)
+    return nets, info
+
+
+def fold_activations(nets: dict, data: FoldData, baselines: dict, seed: int, log) -> dict:
+    """acts[source][test] = (selection side, held-out side), each layer -> (images, units)."""
+    acts: dict[str, dict] = {}
+
+    def both(fn) -> dict:
+        return {t: (fn(data.tests[t][0].x), fn(data.tests[t][1].x)) for t in data.tests}
+
+    for name, (sp, params, pr) in nets.items():
+        acts[name] = both(lambda x, sp=sp, params=params, pr=pr: C.activations(Network(sp), params, pr(x)))
+    prep = nets["trained"][2]
+    xp = prep(data.pool.x)
+    templates = xp.reshape(len(xp), -1).T
+    acts["linear"] = both(lambda x: {"template": (prep(x).reshape(len(x), -1) @ templates).astype(np.float32)})
+    for name, cls in (("kmeans", KMeansFeatures), ("autoencoder", AutoencoderFeatures)):
+        learner = cls(seed=seed, **baselines.get(name, {})).fit(xp)
+        log(f"  {name}: {learner.info()}")
+        acts[name] = both(lambda x, m=learner: m.activations(prep(x)))
+    return acts
 
 
 def train_info(tr: C.TrainResult) -> dict:

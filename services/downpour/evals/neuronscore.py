@@ -108,5 +108,44 @@ def choose_and_test(layers: dict[str, np.ndarray], y: np.ndarray, val: np.ndarra
     return out
 
 
+@dataclass
+class Selection:
+    """Every column's figures on a selection set, computed once so that any subset of the columns
+    can then choose its best neuron per measure (``choose``) without scoring them again."""
+
+    thresholds: dict[str, np.ndarray]  # measure -> per-column threshold (AUC: none)
+    scores: dict[str, np.ndarray]  # measure -> per-column figure on the selection set
+
+
+def selection(A: np.ndarray, y: np.ndarray, chunk: int = 2048) -> Selection:
+    """Per column of ``A`` (selection images x neurons): the paper's and the balanced measure's
+    best threshold and accuracy, and the ROC AUC; in chunks of columns, so memory stays bounded."""
+    m = A.shape[1]
+    thr = {k: np.empty(m) for k in ("paper", "balanced")}
+    sc = {k: np.empty(m) for k in MEASURES}
+    for j in range(0, m, chunk):
+        a = np.asarray(A[:, j : j + chunk], np.float32)
+        thr["paper"][j : j + chunk], sc["paper"][j : j + chunk] = paper_thresholds(a, y)
+        thr["balanced"][j : j + chunk], sc["balanced"][j : j + chunk] = fit_thresholds(a, y)
+        sc["auc"][j : j + chunk] = auc(a, y)
+    return Selection(thr, sc)
+
+
+def choose(sel: Selection, columns: np.ndarray, A_test: np.ndarray, y_test: np.ndarray) -> dict[str, tuple]:
+    """Per measure, the best of ``columns`` on the selection set: (column, threshold, selection
+    figure, held-out figure on ``A_test``)."""
+    out = {}
+    for m in MEASURES:
+        j = int(columns[int(np.argmax(sel.scores[m][columns]))])
+        a = A_test[:, j]
+        if m == "auc":
+            out[m] = (j, None, float(sel.scores[m][j]), float(auc(a[:, None], y_test)[0]))
+            continue
+        t = float(sel.thresholds[m][j])
+        test = plain_accuracy(a, y_test, t) if m == "paper" else balanced_accuracy(a, y_test, t)
+        out[m] = (j, t, float(sel.scores[m][j]), test)
+    return out
+
+
 def as_dict(choices: dict[str, Choice]) -> dict:
     return {k: asdict(v) for k, v in choices.items()}
