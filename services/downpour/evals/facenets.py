@@ -172,7 +172,7 @@ def _ids(ids) -> np.ndarray:
 def fold_data(category, ids, neg_ids, size, c, per_face: int, per_nonface: int, seed: int) -> FoldData:
     """The pools (with and without the object) and both tests of one fold of identities."""
     (tr, ho), (trn, hon) = ids, (_ids(neg_ids[0]), _ids(neg_ids[1]))
-    kw = {"per_positive": per_face, "per_negative": per_nonface, "seed": D.POOL_SEED + seed}
+    kw: dict[str, Any] = {"per_positive": per_face, "per_negative": per_nonface, "seed": D.POOL_SEED + seed}
     pool = V.fold_pool(category, tr, trn, size, c, **kw)
     control = V.fold_pool(category, tr, trn, size, c, with_positives=False, **kw)
     tests = {

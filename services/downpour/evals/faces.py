@@ -180,7 +180,8 @@ def run(
     results = R.assemble(fold_results, held, fold_info)
     nets0, data0 = kept
     trained_spec, trained_params, prep0 = nets0["trained"]
-    np.savez(os.path.join(out, "params.npz"), **{k: np.asarray(v) for k, v in trained_params.items()})
+    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in trained_params.items()}
+    np.savez(os.path.join(out, "params.npz"), **arrays)
     best = fold_results[0]["rows"]["trained_top"]["B"].choice["balanced"]
     results["neuron"] = R.neuron_pictures(out, trained_spec, trained_params, prep0, data0, best, seed, stimulus_steps)
     R.filter_pictures(out, trained_spec, trained_params)

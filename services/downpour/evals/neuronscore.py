@@ -134,7 +134,7 @@ def selection(A: np.ndarray, y: np.ndarray, chunk: int = 2048) -> Selection:
 def choose(sel: Selection, columns: np.ndarray, A_test: np.ndarray, y_test: np.ndarray) -> dict[str, tuple]:
     """Per measure, the best of ``columns`` on the selection set: (column, threshold, selection
     figure, held-out figure on ``A_test``)."""
-    out = {}
+    out: dict[str, tuple[int, float | None, float, float]] = {}
     for m in MEASURES:
         j = int(columns[int(np.argmax(sel.scores[m][columns]))])
         a = A_test[:, j]
