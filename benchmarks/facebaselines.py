@@ -3,14 +3,15 @@
     python benchmarks/facebaselines.py [--kmeans '{"k": 1024}' ...] [--autoencoder '{"steps": 300}' ...]
                                        [--seeds 0 1 2] [--out facebaselines.json]
 
-The pool is the faces eval's (``facedata.video_pool()``: 4,000 32x32 grey frames), each frame
-standardised (``preprocess.normalize(x, "standardize")``); the scored set is
-``facedata.eval_set((32, 32), 1)`` prepared the same way. Every learner (its defaults unless
-settings are given as JSON, one learner per argument; the flag with nothing after it skips that
-kind) is fitted once per seed; its units are
-scored by ``neuronscore.choose_and_test`` (unit and threshold chosen on the validation half,
-measured on the test half) and the row reports the fit seconds, the learner's ``info()`` and,
-per measure, the validation and test score. Choose settings on the validation columns only.
+The pool is fold 0's of the faces eval (``faceviews.fold_pool``: 4,000 32x32 grey frames of the
+training identities), each frame standardised (``preprocess.normalize(x, "standardize")``); the
+scored sets are fold 0's test B, the training identities' side (which chooses) and the held-out
+identities' side, prepared the same way. Every learner (its defaults unless settings are given
+as JSON, one learner per argument; the flag with nothing after it skips that kind) is fitted
+once per seed; its units are scored by ``neuronscore.choose_and_test`` (unit and threshold
+chosen on the training identities, measured on the held-out ones) and the row reports the fit
+seconds, the learner's ``info()`` and, per measure, both scores. Choose settings on the
+training identities' scores only.
 """
 
 from __future__ import annotations
@@ -21,20 +22,21 @@ import time
 
 import numpy as np
 
-from downpour.evals import facedata
+from downpour.evals import facecategory, faceviews
 from downpour.evals.facebaselines import AutoencoderFeatures, KMeansFeatures
 from downpour.evals.neuronscore import choose_and_test
 from downpour.feeder.preprocess import normalize
 
 
-def row(learner, pool: np.ndarray, ev) -> dict:
+def row(learner, pool: np.ndarray, sel, held) -> dict:
     learner.fit(pool)
     t = time.perf_counter()
-    acts = learner.activations(normalize(ev.x, "standardize"))
+    acts = learner.activations(normalize(np.concatenate([sel.x, held.x]), "standardize"))
     seconds = time.perf_counter() - t
+    y, val = np.r_[sel.y, held.y], np.r_[np.ones(len(sel.y), bool), np.zeros(len(held.y), bool)]
     scores = {
         m: {"layer": c.layer, "unit": c.index, "val": round(c.val, 4), "test": round(c.test, 4)}
-        for m, c in choose_and_test(acts, ev.y, ev.val).items()
+        for m, c in choose_and_test(acts, y, val).items()
     }
     return {"info": learner.info(), "activation_seconds": round(seconds, 3), "scores": scores}
 
@@ -50,12 +52,18 @@ def main(argv=None) -> int:
     runs += [
         (AutoencoderFeatures, json.loads(s)) for s in (args.autoencoder if args.autoencoder is not None else ["{}"])
     ]
-    pool = normalize(facedata.video_pool().x, "standardize")
-    ev = facedata.eval_set((32, 32), 1)
+    cat = facecategory.face_category((32, 32), 1)
+    (tr, ho), (trn, hon) = (
+        faceviews.identity_folds(len(cat.positives))[0],
+        faceviews.identity_folds(len(cat.negatives))[0],
+    )
+    pool = normalize(faceviews.fold_pool(cat, tr, trn, (32, 32), 1).x, "standardize")
+    sel = faceviews.test_b(cat, tr, trn, (32, 32), 1, heldout=False, seed=0)
+    held = faceviews.test_b(cat, ho, hon, (32, 32), 1, heldout=True, seed=0)
     rows = []
     for cls, settings in runs:
         for seed in args.seeds:
-            r = row(cls(**{**settings, "seed": seed}), pool, ev)
+            r = row(cls(**{**settings, "seed": seed}), pool, sel, held)
             rows.append(r)
             s, i = r["scores"], r["info"]
             print(
@@ -64,7 +72,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     with open(args.out, "w") as f:
-        json.dump({"pool": list(pool.shape), "eval": int(len(ev.y)), "rows": rows}, f, indent=1)
+        json.dump({"pool": list(pool.shape), "scored": [len(sel.y), len(held.y)], "rows": rows}, f, indent=1)
     return 0
 
 

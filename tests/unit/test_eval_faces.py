@@ -76,13 +76,6 @@ def test_choose_and_test_picks_on_validation_and_measures_on_test():
 # -- data --------------------------------------------------------------------------------
 
 
-def test_heldout_split_is_stratified_disjoint_and_fixed():
-    groups = np.repeat(np.arange(3), [50, 50, 200])
-    val = D.heldout_split(groups)
-    assert [int(val[groups == g].sum()) for g in range(3)] == [25, 25, 100]
-    np.testing.assert_array_equal(val, D.heldout_split(groups))
-
-
 def test_pool_uses_no_heldout_lfw_image(monkeypatch):
     """Poison every held-out LFW image (odd positions) with NaN: no frame may contain one."""
     lfw = bundled.lfw().copy()

@@ -1,6 +1,6 @@
-"""The data of ``downpour eval faces``: a video-like unlabeled pool, the held-out
-validation and test splits, ZCA whitening, and a user's own test folder
-(read, like any folder of images, by ``read_folder``).
+"""The pool's frames of ``downpour eval faces``, ZCA whitening, and a user's own
+test folder (read, like any folder of images, by ``read_folder``); the folds,
+their pools and tests are ``faceviews``'.
 
 The pool (``video_pool``) is built the way a video shows faces: one face
 appears in many frames, shifted, scaled, turned and lit differently, over
@@ -23,13 +23,6 @@ The views are drawn by ``viewjitter.views`` with this module's constants
 ``faces=False`` gives the no-faces control: the same pool less every face
 frame. No held-out image (odd LFW positions, held-out columns) and no view of
 one is ever used: the pool is built from ``bundled.build``'s train split only.
-
-The held-out set (300 images: 50 faces, 50 LFW non-faces, 200 distractors
-matched to the faces' brightness and contrast; ``feeder.bundled``) is cut
-once, stratified by group with a fixed seed, into a validation half that
-chooses every setting, neuron and threshold, and a test half that is only
-reported (``heldout_split``). ``eval_set`` puts the validation half and the
-test images (the test half, or a user's folder: ``load_test_dir``) together.
 """
 
 from __future__ import annotations
@@ -40,20 +33,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from downpour.evals.common import stratified_halves
 from downpour.evals.viewjitter import Jitter, views
 from downpour.feeder import bundled, preprocess
 from downpour.feeder.datasets import IMAGE_EXTENSIONS
 from downpour.feeder.preprocess import PreprocessSpec
 
 POOL_SEED = 314  # draws the frames' jitter and backgrounds
-SPLIT_SEED = 2012  # the validation/test cut of the held-out set (fixed: never tuned)
 MAX_SHIFT = 3.0 / 32  # of the frame's side
 LOG_SCALE = 0.2  # scale factor within exp(+-0.2)
 MAX_ROTATION = 12.0  # degrees
 LOG_CONTRAST = 0.4  # face contrast within exp(+-0.4)
 MAX_BRIGHTNESS = 0.1  # added to the face, on the [0, 1] scale
-HELDOUT_GROUPS = ("faces", "LFW non-faces", "distractors")
 FACE_DIRS = ("faces",)
 OTHER_DIRS = ("other",)
 
@@ -133,63 +123,6 @@ def video_pool(
     src.append(np.full(len(bg), 2, np.int64))
     source = np.concatenate(src)
     return Pool(np.concatenate(parts).astype(np.float32), source == 1, source)
-
-
-def heldout(size: tuple[int, int] = (32, 32), channels: int = 1):
-    """The bundled held-out set, raw: (x (N, C, H, W) in [0, 1], y (N,), group (N,))."""
-    splits = _splits(tuple(size), channels)
-    x, y = splits.heldout.get(np.arange(len(splits.heldout)))
-    group = np.repeat(np.arange(3), [len(splits.heldout_faces), len(splits.heldout_nonfaces), len(splits.distractors)])
-    return x, np.asarray(y, np.int64), group
-
-
-def heldout_split(group: np.ndarray, seed: int = SPLIT_SEED) -> np.ndarray:
-    """Boolean mask: True for the validation half of every group, False for the test half."""
-    return stratified_halves(group, seed)
-
-
-@dataclass
-class EvalSet:
-    """The images every neuron is scored on: the held-out set's validation half, then the test
-    images (the held-out test half, or a user's folder)."""
-
-    x_heldout: np.ndarray  # raw, (N, C, H, W)
-    y_heldout: np.ndarray
-    groups: np.ndarray  # index into HELDOUT_GROUPS
-    val_mask: np.ndarray  # over the held-out set
-    x_test: np.ndarray
-    y_test: np.ndarray
-    test_names: list[str] | None  # the user's file names, None for the bundled test half
-    test_what: dict  # what results.json says about the test images
-    x: np.ndarray  # validation half then test images
-    y: np.ndarray
-    val: np.ndarray  # over x: True for the validation half
-    majority: float  # the test images' majority-class share: chance for plain accuracy
-
-
-def eval_set(size: tuple[int, int], channels: int, test_dir: str = "") -> EvalSet:
-    """The validation half of the held-out set, then the test half (or the user's ``test_dir``)."""
-    h, w = size
-    xh, yh, gh = heldout((h, w), channels)
-    val_mask = heldout_split(gh)
-    test_names: list[str] | None
-    if test_dir:
-        xt, yt, test_names = load_test_dir(test_dir, (h, w), channels)
-        test_what = {"source": test_dir, "faces": int(yt.sum()), "other": int(len(yt) - yt.sum())}
-    else:
-        xt, yt = xh[~val_mask], yh[~val_mask]
-        test_names = None
-        test_what = {
-            "source": "bundled held-out test half",
-            "faces": int(yt.sum()),
-            "other": int(len(yt) - yt.sum()),
-            "make_up": {g: int(((gh == i) & ~val_mask).sum()) for i, g in enumerate(HELDOUT_GROUPS)},
-        }
-    x_eval = np.concatenate([xh[val_mask], xt])
-    y_eval = np.concatenate([yh[val_mask], yt])
-    val = np.r_[np.ones(int(val_mask.sum()), bool), np.zeros(len(xt), bool)]
-    majority = float(max(yt.mean(), 1 - yt.mean()))
-    return EvalSet(xh, yh, gh, val_mask, xt, yt, test_names, test_what, x_eval, y_eval, val, majority)
 
 
 def load_test_dir(path: str, size: tuple[int, int], channels: int = 1):

@@ -182,6 +182,16 @@ class _Builder:
         return Labelled(x, column(1), column(2), column(3), column(4), self.names, notes)
 
 
+def _side(category: Category, pos_ids, neg_ids, size, channels: int, heldout: bool):
+    """One side's (size, split name, positive ids, negative ids, fitted positives, fitted negatives)."""
+    size = (int(size[0]), int(size[1]))
+    pid = _ids(pos_ids, len(category.positives), "pos_ids")
+    nid = _ids(neg_ids, len(category.negatives), "neg_ids")
+    pos = _fit(category.positives[pid], size, channels)
+    neg = _fit(category.negatives[nid], size, channels)
+    return size, ("heldout" if heldout else "train"), pid, nid, pos, neg
+
+
 def _stats(x: np.ndarray) -> np.ndarray:
     """(N, 2): each image's mean and standard deviation over all its pixels and channels."""
     flat = x.reshape(len(x), -1)
@@ -215,12 +225,7 @@ def test_b(
     than ``hard`` were found) and each one's hit and cut (``hard_boxes``:
     image name, row, col, side, mirrored, cut row, cut col, cut side).
     """
-    size = (int(size[0]), int(size[1]))
-    split = "heldout" if heldout else "train"
-    pid = _ids(pos_ids, len(category.positives), "pos_ids")
-    nid = _ids(neg_ids, len(category.negatives), "neg_ids")
-    pos = _fit(category.positives[pid], size, channels)
-    neg = _fit(category.negatives[nid], size, channels)
+    size, split, pid, nid, pos, neg = _side(category, pos_ids, neg_ids, size, channels, heldout)
 
     def rng(part: int) -> np.random.Generator:
         return np.random.default_rng([seed, int(heldout), part])
@@ -273,12 +278,7 @@ def test_a(category: Category, pos_ids, neg_ids, size: tuple[int, int], channels
     photos ``neg_ids``, and distractors: the category's own (the faces' bundled 200, halved:
     the held-out half when ``heldout``) or ``N_DISTRACTORS_A`` natural crops of the held-out
     (or training) columns matched to the positives' brightness and contrast."""
-    size = (int(size[0]), int(size[1]))
-    split = "heldout" if heldout else "train"
-    pid = _ids(pos_ids, len(category.positives), "pos_ids")
-    nid = _ids(neg_ids, len(category.negatives), "neg_ids")
-    pos = _fit(category.positives[pid], size, channels)
-    neg = _fit(category.negatives[nid], size, channels)
+    size, split, pid, nid, pos, neg = _side(category, pos_ids, neg_ids, size, channels, heldout)
     b = _Builder(GROUPS_A, size, channels)
     b.add(0, pos, 1, np.arange(len(pid)), pid)
     b.add(1, neg, 0, np.arange(len(nid)), nid)
