@@ -331,3 +331,16 @@ def test_scored_picks_as_choose_and_test_does_for_every_candidate_set():
         b = want["balanced"]
         np.testing.assert_array_equal(got.correct, (held[b.layer][:, b.index] > b.threshold) == y_held)
         np.testing.assert_array_equal(got.scores, held[want["auc"].layer][:, want["auc"].index])
+
+
+def test_the_default_baselines_are_the_measured_ones():
+    """docs/experiments.md's table was measured with k-means on whole frames (k = 1,024) and
+    1,000 autoencoder steps: the eval pins them, whatever the learners' own defaults become."""
+    from downpour.evals import faces
+    from downpour.evals.facebaselines import KMeansFeatures
+
+    assert faces.BASELINES["autoencoder"] == {"steps": 1000} and faces.BASELINES["kmeans"]["k"] == 1024
+    x = np.random.default_rng(0).normal(size=(40, 1, 12, 12)).astype(np.float32)
+    km = KMeansFeatures(**{**faces.BASELINES["kmeans"], "k": 4}).fit(x)
+    assert km.info()["patch"] == "frame"  # one unit per centroid over the whole frame, no pooling
+    assert km.activations(x)["kmeans.centroid"].shape == (40, 4)
