@@ -44,9 +44,14 @@ NETWORKS = ("trained", "random", "no_lcn", "no_faces")
 TESTS = ("B", "A")
 
 
+def stages_of(layers) -> list[str]:
+    """The stage names among the layer names, in order (stage1, stage2, ...)."""
+    return sorted({k.split(".")[0] for k in layers if k.startswith("stage")}, key=lambda s: int(s[5:]))
+
+
 def top_layer(layers) -> str:
     """The top stage's non-negative pooled units (its pool layer; its output if it has no pooling)."""
-    stages = sorted({k.split(".")[0] for k in layers if k.startswith("stage")}, key=lambda s: int(s[5:]))
+    stages = stages_of(layers)
     if not stages:
         raise ValueError(f"no stage layers among {sorted(layers)}")
     top = stages[-1]
@@ -99,10 +104,6 @@ class Scored:
         jb, tb = ch["balanced"][0], ch["balanced"][1]
         correct = (self.held[:, jb] > tb) == self.y_held.astype(bool)
         return Pick(choice, correct, self.held[:, ch["auc"][0]].astype(np.float64))
-
-
-def stages_of(layers) -> list[str]:
-    return sorted({k.split(".")[0] for k in layers if k.startswith("stage")}, key=lambda s: int(s[5:]))
 
 
 def score_fold(acts: dict, labels: dict) -> dict:
