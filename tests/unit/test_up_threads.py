@@ -1,21 +1,22 @@
-"""downpour up shares the cores among its workers' BLAS threads and leaves a user's choice alone."""
+"""downpour up shares the cores among its workers' BLAS threads, leaves the other children at the
+library's default and a user's choice alone."""
 
 from downpour import config as jobconfig
 from downpour.up.cluster import Cluster
 from downpour.up.threads import VARIABLES, threads_env
 
 
-def test_workers_share_the_cores_and_the_rest_take_one_thread():
+def test_workers_share_the_cores_and_the_rest_keep_the_default():
     assert threads_env("worker", 2, environ={}, ncores=8) == {v: "4" for v in VARIABLES}
     assert threads_env("worker", 3, environ={}, ncores=8) == {v: "2" for v in VARIABLES}
     assert threads_env("worker", 4, environ={}, ncores=2) == {v: "1" for v in VARIABLES}  # never 0
     for role in ("paramserver", "feeder", "coordinator", "neurons"):
-        assert threads_env(role, 2, environ={}, ncores=16) == {v: "1" for v in VARIABLES}
+        assert threads_env(role, 2, environ={}, ncores=16) == {}
 
 
 def test_a_users_setting_stands():
     assert threads_env("worker", 2, environ={"OMP_NUM_THREADS": "6"}, ncores=8) == {}
-    assert threads_env("paramserver", 2, environ={"OPENBLAS_NUM_THREADS": "3"}, ncores=8) == {}
+    assert threads_env("worker", 1, environ={"OPENBLAS_NUM_THREADS": "3"}, ncores=8) == {}
 
 
 def test_the_cluster_gives_each_child_its_share(tmp_path, monkeypatch):
@@ -27,4 +28,4 @@ def test_the_cluster_gives_each_child_its_share(tmp_path, monkeypatch):
     w = cl._child("worker-0", "worker", [])
     assert w.extra_env["OPENBLAS_NUM_THREADS"] == "2"  # 8 cores, 4 workers (2 replicas x 2 partitions)
     assert w.extra_env["DOWNPOUR_TOKEN_FILE"] == "t"  # the security variables still reach it
-    assert cl._child("paramserver-0", "paramserver", []).extra_env["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in cl._child("paramserver-0", "paramserver", []).extra_env

@@ -6,8 +6,10 @@ one host, so on a small machine the workers' BLAS threads outnumber the cores
 several times over, and OpenBLAS's spinning threads then wait on each other:
 measured on a 2-core machine, 2 workers of the faces eval's network took
 0.44 s a step with the default threads and 0.09 s with one thread each
-(docs/operations.md). So each worker gets an equal share of the cores and
-every other child one thread; a variable the user has set is left alone.
+(docs/operations.md). So each worker gets an equal share of the cores; the
+other children, which do little BLAS work, keep the library's default (one
+thread each measured a few percent slower on a 1-replica job); a variable the
+user has set is left alone.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ def cores() -> int:
 
 
 def threads_env(role: str, workers: int, environ: Mapping[str, str] | None = None, ncores: int | None = None) -> dict:
-    """The thread variables for one child of ``role`` among ``workers`` workers on this host;
-    empty when the user set any of them (their choice stands)."""
+    """The thread variables for one child of ``role`` among ``workers`` workers on this host:
+    a worker's share of the cores; empty for other roles and when the user set any of them
+    (their choice stands)."""
     environ = os.environ if environ is None else environ
-    if any(v in environ for v in VARIABLES):
+    if role != "worker" or any(v in environ for v in VARIABLES):
         return {}
-    n = max(1, (ncores or cores()) // max(1, workers)) if role == "worker" else 1
+    n = max(1, (ncores or cores()) // max(1, workers))
     return {v: str(n) for v in VARIABLES}
